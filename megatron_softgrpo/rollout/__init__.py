@@ -1,0 +1,1 @@
+"""Decoding on the Megatron model: soft thinking phase, discrete answer phase, trajectory records."""

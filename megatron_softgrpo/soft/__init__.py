@@ -1,0 +1,1 @@
+"""The soft-token math, model-free and TP-aware: mixtures, samplers, noises, log-densities."""

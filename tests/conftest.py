@@ -1,0 +1,35 @@
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).parent))
+warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*")
+
+
+@pytest.fixture(autouse=True)
+def _single_process_env(monkeypatch):
+    """Tests run as a single process unless they spawn ranks themselves."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    yield
+    from megatron_softgrpo.distributed import destroy_distributed
+
+    destroy_distributed()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir():
+    """SmolLM2-135M-Instruct dequantised once per machine (cached under $SOFTGRPO_CACHE)."""
+    from megatron_softgrpo.models.source import materialize_smollm2
+
+    return materialize_smollm2()
+
+
+@pytest.fixture
+def shared_data():
+    assert SHARED_DATA.is_dir(), f"{SHARED_DATA} missing: tests read ../shared/data beside the project"
+    return SHARED_DATA
