@@ -46,10 +46,10 @@ class LoadedRecipe:
     cfg: RecipeCfg
     path: Path
     raw: dict  # merged plain dict (what was validated), for logging and checkpoint metadata
-    provenance: dict[str, str] = field(default_factory=dict)  # dotted key -> file or "command line"
+    provenance: dict[str, str] = field(default_factory=dict)  # dotted leaf key -> file or "command line"
 
     def source_of(self, dotted_key: str) -> str:
-        """The file (or "command line") that set `dotted_key` or its nearest set parent."""
+        """The file (or "command line") that set `dotted_key`, else its nearest set parent, else the recipe."""
         key = dotted_key
         while key:
             if key in self.provenance:
@@ -99,30 +99,37 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _merge(base: dict, over: dict, prov: dict[str, str], source: str, prefix: str = "") -> dict:
-    """Deep-merge `over` into `base` (dicts merge, everything else replaces), recording provenance."""
-    out = dict(base)
-    for key, value in over.items():
+def _leaf_sources(value: dict, source: str, prefix: str = "") -> dict[str, str]:
+    """Provenance of every leaf (non-mapping value or empty mapping) in `value`: `source`."""
+    out: dict[str, str] = {}
+    for key, v in value.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            prov.setdefault(dotted, source)
-            out[key] = _merge(out[key], value, prov, source, dotted + ".")
+        if isinstance(v, dict) and v:
+            out.update(_leaf_sources(v, source, dotted + "."))
         else:
-            out[key] = value
-            for k in [k for k in prov if k == dotted or k.startswith(dotted + ".")]:
-                del prov[k]
-            _record(value, dotted, prov, source)
+            out[dotted] = source
     return out
 
 
-def _record(value: Any, dotted: str, prov: dict[str, str], source: str) -> None:
-    prov[dotted] = source
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _record(v, f"{dotted}.{k}", prov, source)
+def _deep_merge(base: dict, over: dict) -> dict:
+    """Dicts merge recursively; any other value in `over` replaces the one in `base`."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _merge(base: dict, prov: dict[str, str], over: dict, over_prov: dict[str, str]) -> dict:
+    """Merge `over` into `base`; update `prov` in place (a replaced subtree forgets its old sources)."""
+    merged = _deep_merge(base, over)
+    for key in [k for k in prov if _lookup(merged, k) is _MISSING]:
+        del prov[key]
+    prov.update(over_prov)
+    return merged
 
 
 def _load_chain(path: Path, prov: dict[str, str], seen: tuple[Path, ...]) -> dict:
+    """The file merged over its `defaults:` (in order); fills `prov` for every key it sets."""
     path = path.resolve()
     if path in seen:
         chain = " -> ".join(str(p) for p in (*seen, path))
@@ -135,11 +142,13 @@ def _load_chain(path: Path, prov: dict[str, str], seen: tuple[Path, ...]) -> dic
         raise ConfigError(f"{path}: defaults={defaults}: expected a file name or a list of file names")
     merged: dict = {}
     for parent in defaults or []:
-        parent_path = (path.parent / parent).with_suffix(".yaml") if not parent.endswith((".yaml", ".yml")) else path.parent / parent
+        parent_path = path.parent / (parent if parent.endswith((".yaml", ".yml")) else parent + ".yaml")
         if not parent_path.is_file():
             raise ConfigError(f"{path}: defaults: {parent}: file {parent_path} not found")
-        merged = _merge(merged, _load_chain(parent_path, prov, (*seen, path)), prov, str(parent_path))
-    return _merge(merged, data, prov, str(path))
+        parent_prov: dict[str, str] = {}
+        parent_data = _load_chain(parent_path, parent_prov, (*seen, path))
+        merged = _merge(merged, prov, parent_data, parent_prov)
+    return _merge(merged, prov, data, _leaf_sources(data, str(path)))
 
 
 def apply_overrides(raw: dict, overrides: list[str], prov: dict[str, str]) -> dict:
@@ -152,7 +161,7 @@ def apply_overrides(raw: dict, overrides: list[str], prov: dict[str, str]) -> di
         nested: Any = parse_value(text)
         for part in reversed(key.split(".")):
             nested = {part: nested}
-        raw = _merge(raw, nested, prov, COMMAND_LINE)
+        raw = _merge(raw, prov, nested, _leaf_sources(nested, COMMAND_LINE))
     return raw
 
 

@@ -159,8 +159,10 @@ class SoftGRPOCfg(Section):
 class DatasetCfg(Section):
     kind: Literal["json", "reasoning_gym"] = "json"
     path: Optional[str] = None  # JSON / JSONL / parquet file (kind=json)
-    problem_key: str = "problem"
-    answer_key: str = "answer"
+    # dotted paths into a row, integers index lists (e.g. "prompt.0.value"); null: the first of the
+    # known layouts present in the file's first row (problem/answer, or prompt.0.value/final_answer)
+    problem_key: Optional[str] = None
+    answer_key: Optional[str] = None
     task: Optional[str] = None  # reasoning-gym task name (kind=reasoning_gym)
     task_config: dict = {}
     size: int = Field(1000, ge=1)  # generated problems (kind=reasoning_gym)

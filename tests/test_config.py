@@ -1,0 +1,119 @@
+"""Recipes: defaults chains, dotted overrides, provenance, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megatron_softgrpo.cli import main
+from megatron_softgrpo.config import load_recipe
+from megatron_softgrpo.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def chain(tmp_path):
+    """grandparent <- parent <- child, the child also overriding a nested key."""
+    write(tmp_path / "grand.yaml", "policy:\n  model_name: a\n  precision: float32\n  megatron_cfg:\n    optimizer: {lr: 1.0e-5, weight_decay: 0.1}\ngrpo: {seed: 1}\n")
+    write(tmp_path / "parent.yaml", "defaults: grand\npolicy:\n  megatron_cfg:\n    optimizer: {lr: 2e-6}\ngrpo: {seed: 2, max_num_steps: 7}\n")
+    return write(tmp_path / "child.yaml", "defaults: [parent.yaml]\ngrpo: {seed: 3}\nloss_fn: {ratio_clip_max: 0.28}\n")
+
+
+def test_defaults_chain_merges_deeply_and_later_files_win(chain):
+    cfg = load_recipe(chain).cfg
+    assert cfg.policy.model_name == "a"  # from the grandparent
+    assert cfg.policy.megatron_cfg.optimizer.lr == 2e-6  # parent overrides grandparent ("2e-6" parsed as a float)
+    assert cfg.policy.megatron_cfg.optimizer.weight_decay == 0.1  # sibling key kept by the deep merge
+    assert cfg.grpo.seed == 3 and cfg.grpo.max_num_steps == 7
+    assert cfg.loss_fn.ratio_clip_max == 0.28 and cfg.loss_fn.ratio_clip_min == 0.2  # schema default
+
+
+def test_overrides_win_and_provenance_is_tracked(chain):
+    loaded = load_recipe(chain, ["policy.megatron_cfg.optimizer.lr=1e-7", "+grpo.val_period=5", "policy.generation.stop_strings=[a, b]"])
+    cfg = loaded.cfg
+    assert cfg.policy.megatron_cfg.optimizer.lr == 1e-7
+    assert cfg.grpo.val_period == 5
+    assert cfg.policy.generation.stop_strings == ["a", "b"]
+    assert loaded.source_of("policy.megatron_cfg.optimizer.lr") == "command line"
+    assert loaded.source_of("policy.megatron_cfg.optimizer.weight_decay").endswith("grand.yaml")
+    assert loaded.source_of("grpo.max_num_steps").endswith("parent.yaml")
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    code = main(["check", *map(str, args)])
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize(
+    "body, overrides, expected",
+    [
+        # unknown key: names the key and lists what is allowed
+        ("policy: {model_name: m, precison: float32}\n", [], ["policy.precison: unknown key", "precision"]),
+        # wrong type, from the command line
+        ("policy: {model_name: m}\n", ["grpo.num_prompts_per_step=many"], ["command line", "grpo.num_prompts_per_step=many", "integer"]),
+        # missing required field
+        ("grpo: {seed: 1}\n", [], ["policy: required key is missing"]),
+        # out of range
+        ("policy: {model_name: m}\nloss_fn: {reference_policy_kl_penalty: -1}\n", [], ["loss_fn.reference_policy_kl_penalty=-1", "greater than or equal to 0"]),
+        # not one of the allowed values
+        ("policy: {model_name: m}\nsoftgrpo: {algorithm: ppo}\n", [], ["softgrpo.algorithm=ppo", "'softgrpo'", "'grpo'"]),
+        # cross-field rule
+        ("policy: {model_name: m, megatron_cfg: {sequence_parallel: true}}\n", [], ["policy.megatron_cfg.sequence_parallel=true", "tensor_model_parallel_size > 1"]),
+        # malformed override
+        ("policy: {model_name: m}\n", ["grpo.seed"], ["command line", "dotted.key=value"]),
+    ],
+)
+def test_bad_recipes_get_one_line_errors_and_exit_2(tmp_path, capsys, body, overrides, expected):
+    recipe = write(tmp_path / "bad.yaml", body)
+    code, err = run_cli(capsys, recipe, *overrides)
+    assert code == 2
+    assert "\n" not in err and "Traceback" not in err
+    for fragment in expected:
+        assert fragment in err
+    if "command line" not in expected:
+        assert str(recipe) in err  # names the file that set the bad value
+
+
+def test_tp_not_dividing_heads_is_refused(capsys):
+    recipe = ROOT / "recipes" / "softgrpo-smollm2-135m-cpu.yaml"
+    code, err = run_cli(capsys, recipe, "policy.megatron_cfg.tensor_model_parallel_size=2")
+    assert code == 2 and "\n" not in err
+    assert "tensor_model_parallel_size=2" in err and "9 attention heads" in err
+
+
+def test_missing_recipe_file_and_missing_default(tmp_path, capsys):
+    code, err = run_cli(capsys, tmp_path / "nope.yaml")
+    assert code == 2 and "nope.yaml: recipe file not found" in err
+    recipe = write(tmp_path / "r.yaml", "defaults: ghost.yaml\npolicy: {model_name: m}\n")
+    code, err = run_cli(capsys, recipe)
+    assert code == 2 and "ghost.yaml" in err and "not found" in err
+
+
+def test_defaults_cycle_and_invalid_yaml(tmp_path):
+    write(tmp_path / "a.yaml", "defaults: b.yaml\n")
+    write(tmp_path / "b.yaml", "defaults: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_recipe(tmp_path / "a.yaml")
+    write(tmp_path / "c.yaml", "policy: {model_name: [\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: invalid YAML \(line"):
+        load_recipe(tmp_path / "c.yaml")
+
+
+def test_unknown_model_is_a_config_error(tmp_path, capsys):
+    recipe = write(tmp_path / "r.yaml", f"policy: {{model_name: {tmp_path / 'missing-model'}}}\n")
+    code, err = run_cli(capsys, recipe)
+    assert code == 2 and "policy.model_name=" in err and "no such model directory" in err
+
+
+@pytest.mark.parametrize("recipe", [p for p in RECIPES if p.name != "base.yaml"], ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(recipe, capsys):
+    code, err = run_cli(capsys, recipe)
+    assert code == 0, err

@@ -1,0 +1,109 @@
+"""Launcher detection (single process, torchrun, Slurm) and layout checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_softgrpo.distributed import (
+    ParallelLayout,
+    detect_launch_env,
+    expand_hostlist,
+    init_distributed,
+    slurm_master_port,
+    validate_layout,
+)
+from megatron_softgrpo.errors import UserError
+
+
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("node1", ["node1"]),
+        ("gpu[01-03]", ["gpu01", "gpu02", "gpu03"]),
+        ("gpu[08-10,12],login5", ["gpu08", "gpu09", "gpu10", "gpu12", "login5"]),
+        ("a[1,3],b[7-8]", ["a1", "a3", "b7", "b8"]),
+        ("dgx-h100-[001-002]", ["dgx-h100-001", "dgx-h100-002"]),
+    ],
+)
+def test_expand_hostlist(nodelist, hosts):
+    assert expand_hostlist(nodelist) == hosts
+
+
+def test_torchrun_environment():
+    env = detect_launch_env({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29511"})
+    assert (env.launcher, env.rank, env.world_size, env.local_rank) == ("torchrun", 5, 8, 1)
+    assert (env.master_addr, env.master_port) == ("10.0.0.7", 29511)
+
+
+def test_slurm_environment_derives_master_from_job():
+    slurm = {
+        "SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+        "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456",
+    }
+    env = detect_launch_env(slurm)
+    assert (env.launcher, env.rank, env.world_size, env.local_rank) == ("slurm", 9, 16, 1)
+    assert env.master_addr == "gpu07"  # the first host of the job
+    assert env.master_port == slurm_master_port("123456") == 20000 + 123456 % 20000
+    # every task of the job derives the same master, whatever its rank
+    assert detect_launch_env({**slurm, "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}).master_port == env.master_port
+    # an explicit MASTER_ADDR/PORT (e.g. exported by the sbatch script) wins
+    env = detect_launch_env({**slurm, "MASTER_ADDR": "head", "MASTER_PORT": "4000"})
+    assert (env.master_addr, env.master_port) == ("head", 4000)
+
+
+def test_single_process_without_launcher():
+    env = detect_launch_env({})
+    assert (env.launcher, env.rank, env.world_size, env.local_rank, env.master_addr) == ("single", 0, 1, 0, "127.0.0.1")
+    assert 0 < env.master_port < 65536
+
+
+def test_impossible_layouts_are_refused():
+    with pytest.raises(UserError, match="TP\\*PP = 2\\*2 = 4"):
+        validate_layout(6, ParallelLayout(2, 2))
+    with pytest.raises(UserError, match=">= 1"):
+        validate_layout(1, ParallelLayout(0, 1))
+    validate_layout(8, ParallelLayout(2, 2))
+
+
+def test_init_single_process_sets_megatron_state():
+    from megatron.core import parallel_state
+
+    env = init_distributed(ParallelLayout(1, 1), seed=7)
+    assert env.launcher == "single" and torch.distributed.get_world_size() == 1
+    assert torch.distributed.get_backend() == "gloo"
+    assert parallel_state.get_tensor_model_parallel_world_size() == 1
+    assert parallel_state.get_data_parallel_world_size() == 1
+
+
+def _slurm_rank(rank, job_id):
+    import os
+
+    from megatron.core import parallel_state
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(var)  # only Slurm's variables remain, as under srun
+    os.environ.update(
+        SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_JOB_ID=str(job_id), SLURM_JOB_NODELIST="localhost"
+    )
+    env = init_distributed(ParallelLayout(2, 1))
+    return (env.launcher, torch.distributed.get_rank(), torch.distributed.get_world_size(),
+            parallel_state.get_tensor_model_parallel_rank(), env.master_addr, env.master_port)
+
+
+@pytest.mark.multiproc
+def test_two_ranks_from_slurm_variables():
+    import socket
+
+    from distributed_helpers import run_ranks
+
+    for job_id in range(54321, 54321 + 200):  # find a job id whose derived port is free here
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", slurm_master_port(str(job_id))))
+                break
+            except OSError:
+                continue
+    results = run_ranks(2, _slurm_rank, job_id)
+    port = slurm_master_port(str(job_id))
+    assert results == [("slurm", 0, 2, 0, "localhost", port), ("slurm", 1, 2, 1, "localhost", port)]
