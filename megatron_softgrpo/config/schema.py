@@ -166,7 +166,7 @@ class DatasetCfg(Section):
     task: Optional[str] = None  # reasoning-gym task name (kind=reasoning_gym)
     task_config: dict = {}
     size: int = Field(1000, ge=1)  # generated problems (kind=reasoning_gym)
-    seed: int = 0
+    seed: int = 0  # reasoning-gym: different seeds give disjoint problem streams (up to 2**20 problems each)
 
 
 

@@ -1,0 +1,1 @@
+"""The RL algorithm's math: group advantages and the policy loss shared by every algorithm."""
