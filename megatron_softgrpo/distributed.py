@@ -106,6 +106,9 @@ def validate_layout(world_size: int, layout: ParallelLayout) -> None:
         raise UserError(f"{world_size} processes cannot hold TP*PP = {tp}*{pp} = {tp * pp}; TP*PP must divide it")
 
 
+_CPU_GROUP = None
+
+
 def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int = 30) -> LaunchEnv:
     """Initialise torch.distributed and Megatron's parallel_state (idempotent per process).
 
@@ -129,6 +132,9 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_minutes: 
             world_size=env.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
+    global _CPU_GROUP
+    if _CPU_GROUP is None:
+        _CPU_GROUP = torch.distributed.new_group(backend="gloo") if use_cuda else torch.distributed.group.WORLD
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -141,7 +147,14 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_minutes: 
     return env
 
 
+def cpu_group():
+    """A process group over all ranks for small CPU tensors (flags, counters): gloo even under NCCL."""
+    return _CPU_GROUP
+
+
 def destroy_distributed() -> None:
+    global _CPU_GROUP
+    _CPU_GROUP = None
     parallel_state = sys.modules.get("megatron.core.parallel_state")
     if parallel_state is not None and parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

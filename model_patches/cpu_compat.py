@@ -49,7 +49,15 @@ _MODULES_WITH_CUDA_TENSORS = (
     "megatron.core.optimizer.grad_scaler",  # loss-scale tensors (fp16 only)
     "megatron.core.dist_checkpointing.exchange_utils",  # resharding exchange buffers
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # verify-reuse flag
+    "megatron.core.utils",  # local_multi_tensor_l2_norm (grad-norm fallback without apex/TE)
 )
+
+
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
 
 
 def _cpu_rng_state(device=None, *args, **kwargs):
@@ -90,6 +98,17 @@ def apply() -> None:
 
     # optimizer.py / exchange_utils move state with .cuda(); on CPU it stays where it is.
     torch.Tensor.cuda = lambda self, *a, **k: self
+    # optimizer.py, distrib_optimizer.py and clip_grads.py dispatch on `param.type()` strings such
+    # as 'torch.cuda.FloatTensor'; report CPU float tensors under their CUDA names (no-arg form only).
+    original_type = torch.Tensor.type
+
+    def tensor_type(self, *args, **kwargs):
+        name = original_type(self, *args, **kwargs)
+        if args or kwargs or name not in _CUDA_TYPE_NAMES:
+            return name
+        return _CUDA_TYPE_NAMES[name]
+
+    torch.Tensor.type = tensor_type
 
     cpu_torch = _CpuTorch()
     for name in _MODULES_WITH_CUDA_TENSORS:
