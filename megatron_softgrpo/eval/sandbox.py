@@ -1,0 +1,211 @@
+"""Running untrusted Python programs (code-benchmark solutions) so that they cannot harm the evaluator or the machine.
+
+Each program runs in its own process, in layers (the strongest this machine allows is probed once):
+
+1. Process: `python -I -B` (no user site, no PYTHON* variables, no bytecode files) with a clean
+   environment (PATH, HOME=TMPDIR=its directory), stdin from /dev/null, a fresh private
+   directory as working directory (deleted afterwards), in a new session. On the wall-clock
+   timeout the program is killed with SIGKILL, and after every run its whole process group.
+2. Namespaces (`unshare`, util-linux): a new network namespace (no interfaces up: no network at
+   all, not even the host's loopback) and a new PID namespace whose init is the program;
+   when it exits or is killed, the kernel kills every process it started, even ones that
+   left the process group. As root the program also runs as an unprivileged user
+   (`setpriv`, uid/gid 65534, keeping only the read-everything capability so the interpreter
+   stays readable), so the file system refuses its writes outside its directory and world-writable
+   places, and RLIMIT_NPROC (which the kernel does not enforce for root) applies. Without root,
+   an unprivileged user namespace gives the same network/PID isolation where the kernel allows it.
+3. Resource limits (set by `sandbox_guard.py` before the program starts): CPU seconds, address
+   space (RLIMIT_AS), file size, open files, no core files, and a process count where the
+   kernel accounts it per sandbox (layer 2 present).
+4. Python guard (`sandbox_guard.py`, an audit hook): refuses process creation, signals,
+   sockets, ctypes, raising limits and file-system changes outside the working directory.
+
+Isolation names (`isolation().name`), strongest first: "namespaces+nobody" (root with
+setpriv), "namespaces" (root without setpriv: no process count), "user-namespaces" (not root),
+"none" (layers 1, 3 without the process count, and 4; the run log should say so). Residual risk
+of "none", and of a program that defeats the Python guard elsewhere: writes into
+world-writable directories such as /tmp, and reading files the evaluator can read (it cannot
+send them anywhere but its own output).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+logger = logging.getLogger(__name__)
+
+_GUARD = Path(__file__).with_name("sandbox_guard.py")
+_UNPRIVILEGED_ID = 65534  # nobody / nogroup
+_OUTPUT_TAIL_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    timeout_s: float = 30.0  # wall clock, whole program: generous, so a busy machine does not fail slow solutions
+    cpu_s: int = 10  # RLIMIT_CPU per process: the limit that counts for busy programs
+    memory_mb: int = 1024  # RLIMIT_AS per process
+    max_processes: int = 32  # RLIMIT_NPROC, where the kernel accounts it per sandbox
+    max_file_mb: int = 16  # RLIMIT_FSIZE: largest file it may write (its output included)
+    open_files: int = 64  # RLIMIT_NOFILE
+    python_guard: bool = True  # the audit-hook layer; False only to test the OS-level layers alone
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    status: Literal["passed", "failed", "timeout"]
+    returncode: int | None  # None on timeout
+    output: str  # the tail of stdout and stderr together
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+@dataclass(frozen=True)
+class Isolation:
+    name: str
+    prefix: tuple[str, ...]  # command that wraps the interpreter
+    run_as: int | None  # uid/gid that must own the working directory
+    limit_processes: bool  # RLIMIT_NPROC counts only this sandbox's processes
+
+
+def _candidates() -> list[Isolation]:
+    unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
+    found = []
+    namespaces = ("--net", "--pid", "--fork", "--kill-child")
+    if unshare and setpriv and os.geteuid() == 0:
+        caps = "-all,+dac_read_search"
+        drop = (setpriv, f"--reuid={_UNPRIVILEGED_ID}", f"--regid={_UNPRIVILEGED_ID}", "--clear-groups",
+                f"--inh-caps={caps}", f"--ambient-caps={caps}", f"--bounding-set={caps}", "--no-new-privs", "--")
+        found.append(Isolation("namespaces+nobody", (unshare, *namespaces, *drop), _UNPRIVILEGED_ID, True))
+    if unshare and os.geteuid() == 0:  # root without setpriv: RLIMIT_NPROC would not bind
+        found.append(Isolation("namespaces", (unshare, *namespaces), None, False))
+    if unshare and os.geteuid() != 0:
+        found.append(Isolation("user-namespaces", (unshare, "--user", "--map-root-user", *namespaces), None, True))
+    found.append(Isolation("none", (), None, False))
+    return found
+
+
+@functools.cache
+def isolation() -> Isolation:
+    """The strongest isolation that runs a small program here (probed once per process)."""
+    for candidate in _candidates():
+        # imports a module after start-up: the interpreter's files must be readable as run_as
+        probe = _run(candidate, "import hashlib, sys\nsys.exit(0 if hashlib.sha256(b'').digest() else 1)\n",
+                     SandboxLimits(timeout_s=60.0))
+        if probe.passed:
+            logger.info("code sandbox isolation: %s", candidate.name)
+            return candidate
+        logger.info("code sandbox isolation %s unavailable: %s", candidate.name, probe.output.strip()[-200:])
+    raise RuntimeError(f"the sandbox cannot run even an empty program: {probe.output}")
+
+
+def run_python(source: str, limits: SandboxLimits = SandboxLimits()) -> ExecResult:
+    """Run one program in the sandbox; passed = exit code 0 within the time limit."""
+    return _run(isolation(), source, limits)
+
+
+def run_python_many(
+    sources: Sequence[str], limits: SandboxLimits = SandboxLimits(), max_parallel: int = 2
+) -> list[ExecResult]:
+    """`run_python` over many programs, `max_parallel` at a time, results in order."""
+    isolation()  # probe once before the threads start
+    with ThreadPoolExecutor(max_workers=max_parallel) as executor:
+        return list(executor.map(lambda source: run_python(source, limits), sources))
+
+
+def _run(iso: Isolation, source: str, limits: SandboxLimits) -> ExecResult:
+    workdir = tempfile.mkdtemp(prefix="softgrpo-sandbox-")
+    try:
+        program = os.path.join(workdir, "main.py")
+        with open(program, "w", encoding="utf-8") as f:
+            f.write(source)
+        if iso.run_as is not None:
+            os.chown(workdir, iso.run_as, iso.run_as)
+        child_limits = asdict(limits)
+        if not iso.limit_processes:
+            child_limits["max_processes"] = None
+        settings = {"program": program, "workdir": workdir, "limits": child_limits, "python_guard": limits.python_guard}
+        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
+        command = [*iso.prefix, sys.executable, "-I", "-B", str(_GUARD), json.dumps(settings)]
+        with tempfile.TemporaryFile() as output:
+            process = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=output,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                returncode = process.wait(timeout=limits.timeout_s)
+            except subprocess.TimeoutExpired:
+                returncode = None
+                _kill_program(process, namespaced=bool(iso.prefix))
+            _kill_group(process)
+            output.seek(max(0, output.seek(0, os.SEEK_END) - _OUTPUT_TAIL_BYTES))
+            text = output.read().decode("utf-8", errors="replace")
+    finally:
+        _remove_tree(workdir)
+    if returncode is None:
+        return ExecResult("timeout", None, text)
+    return ExecResult("passed" if returncode == 0 else "failed", returncode, text)
+
+
+def _kill_program(process: subprocess.Popen, namespaced: bool) -> None:
+    """Kill a program that ran out of time, and return only once all its processes are gone.
+
+    Namespaced, the program is the child (PID-namespace init) of `unshare`: killing it makes the
+    kernel kill the rest of the namespace, and `unshare` exits only after reaping it, so waiting
+    for `unshare` waits for all of them. Otherwise the program is `process` itself.
+    """
+    children = _children(process.pid) if namespaced else []
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if not children:  # not namespaced, or still starting up
+        _kill_group(process)
+    process.wait()
+
+
+def _children(pid: int) -> list[int]:
+    """The direct children of `pid`, from /proc (stat field 4 is the parent's pid)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # exited meanwhile
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                children.append(int(entry.name))
+    return children
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL the program's process group (the session it leads), then reap the leader."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is already gone
+    process.wait()
+
+
+def _remove_tree(path: str) -> None:
+    """Delete the working directory even where the program removed permissions inside it."""
+
+    def make_writable_and_retry(function, failed_path, _exc_info):
+        os.chmod(os.path.dirname(failed_path), 0o700)
+        if os.path.isdir(failed_path) and not os.path.islink(failed_path):
+            os.chmod(failed_path, 0o700)
+        function(failed_path)
+
+    shutil.rmtree(path, onerror=make_writable_and_retry)
