@@ -1,1 +1,98 @@
-"""The soft-token math, model-free and TP-aware: mixtures, samplers, noises, log-densities."""
+"""The soft-token math, model-free and TP-aware: mixtures, samplers, noises, log-densities.
+
+Nothing here knows about GPTModel. Logits arrive as this TP rank's vocabulary shard
+[N, W] (W = padded vocabulary / TP; fp32 or bf16, computed in fp32), described by a
+`VocabShard`; every TP rank calls the same function and gets the same answer.
+
+Modules (each owns one concept):
+- `vocab`: `VocabShard` (global id range, real vocabulary size, TP group), padding
+  masking, collectives, vocabulary-wide logsumexp and K-logit gathers.
+- `truncation`: `Truncation` (temperature -> top-k -> top-p on the truncated
+  distribution -> min-p), exact cross-shard top candidates (ties: lower id wins).
+- `rng`: the sampling-noise state in Megatron's RNG tracker (`seed_noise_rng`,
+  `noise_rng`, `noise_seed`) and seed-recomputable Gaussian vectors.
+- `records`: `MixtureRows` (the per-position record) and `SampledStep`.
+- `noises`: the soft noise kinds `GumbelNoise`, `GaussianNoise`, `DirichletNoise`,
+  `EmbeddingNoise`: mixture weights, stored noise and log-density of each.
+- `samplers`: `DiscreteSampler`, `SoftSampler`, the registry `make_sampler(name, ...)`.
+- `logprob`: `Scorer`, `log_density_from_logits`, `log_density_from_hidden` (chunked).
+- `recipe`: samplers and scorer from a recipe's `softgrpo` / `policy.generation`.
+The mixture input embedding itself is a model patch: `model_patches.mixture_embedding`.
+
+Rollout (every TP rank of the last pipeline stage):
+    seed_noise_rng(noise_seed(grpo.seed, dp_rank))          # once, after init_distributed
+    shard = VocabShard.from_parallel_state(padded_vocab, vocab_size)
+    sampler = recipe.thinking_sampler(cfg.softgrpo, hidden_size)   # or recipe.answer_sampler(...)
+    step = sampler.sample(last_logits_shard, shard)          # per step -> SampledStep, [N] rows
+    offset = sampler.noise.input_offset(step)                # [N, h] for embedding noise, else None
+    x = mixture_embedding(word_embeddings, step.mix_ids[:, None], step.mix_weights[:, None],
+                          None if offset is None else offset[:, None])   # next decoder_input
+
+Samplers (`sample(logits [N, W], shard) -> SampledStep`), by name:
+    discrete          temperature / top-k / top-p / min-p / greedy (top_k=1); one-hot record
+    gumbel            SofT-GRPO: g = log(pt + 1e-6) + c * clamp(Gumbel, -1.5, 3), w = softmax(g / tau_g)
+    gaussian          x = pt + sigma * N(0, 1) on the support, w = x / sum(x)
+    dirichlet         x ~ Gamma(pt, 1) on the support, w = x / sum(x)
+    embedding_noise   w = pt; the input gets + sigma * N(0, I_h) drawn from a per-row seed
+Soft steps sort slots by weight descending (out-of-support last); slot 0 is the
+transcript token. Noise is drawn for the K selected slots after the global selection,
+from the tracker state, identically on every TP rank: same seed, same step at any TP.
+
+Record fields (`MixtureRows`; [N] for a step, [B, S] for a batch; K = mixture size):
+    tokens [...] int64        transcript token
+    mix_ids [..., K] int64    mixture ids (one-hot rows: slot 0 = token, others id 0)
+    mix_weights [..., K] fp32 exact weights fed to the model
+    noise [..., K] fp32       stored noisy value (gumbel: g; gaussian/dirichlet: x; else 0)
+    support [..., K] bool     slot in the truncated support
+    is_soft [...] bool        soft step (vs prompt / discrete)
+    noise_seed [...] int64    embedding-noise seed (else 0)
+`SampledStep` adds log_density [N]: the rollout's own log-density of the step.
+
+Trainer: with `scorer = recipe.scorer(cfg.softgrpo, cfg.policy.generation)`,
+    ell = log_density_from_hidden(hidden [s, b, h], output_weight_shard, rows [b, s], scorer, shard)
+scores record j+1 at position j (shift the records first). Discrete rows:
+log_softmax(l / T)[token]; soft rows: the noise kind's density from l[ids] / T (the
+embedding-noise density also needs `embedding=InputEmbedding(table_shard, shard)`).
+`log_density_from_logits` computes the same from given logits.
+"""
+
+from megatron_softgrpo.soft.logprob import Scorer, log_density_from_hidden, log_density_from_logits
+from megatron_softgrpo.soft.noises import (
+    NOISES,
+    DirichletNoise,
+    EmbeddingNoise,
+    GaussianNoise,
+    GumbelNoise,
+    InputEmbedding,
+    SoftNoise,
+)
+from megatron_softgrpo.soft.records import MixtureRows, SampledStep
+from megatron_softgrpo.soft.rng import noise_rng, noise_seed, seed_noise_rng
+from megatron_softgrpo.soft.samplers import SAMPLERS, DiscreteSampler, Sampler, SoftSampler, make_sampler
+from megatron_softgrpo.soft.truncation import Truncation
+from megatron_softgrpo.soft.vocab import VocabShard
+
+__all__ = [
+    "NOISES",
+    "SAMPLERS",
+    "DirichletNoise",
+    "DiscreteSampler",
+    "EmbeddingNoise",
+    "GaussianNoise",
+    "GumbelNoise",
+    "InputEmbedding",
+    "MixtureRows",
+    "SampledStep",
+    "Sampler",
+    "Scorer",
+    "SoftNoise",
+    "SoftSampler",
+    "Truncation",
+    "VocabShard",
+    "log_density_from_hidden",
+    "log_density_from_logits",
+    "make_sampler",
+    "noise_rng",
+    "noise_seed",
+    "seed_noise_rng",
+]

@@ -1,0 +1,256 @@
+"""Log-densities of scored positions for the policy update (SPEC.md section 2).
+
+Two entry points compute the same numbers:
+- `log_density_from_logits(logits, rows, scorer, shard)`: on given vocab-sharded logits.
+- `log_density_from_hidden(hidden, output_weight, rows, scorer, shard)`: the trainer's,
+  from the final hidden states [s, b, h] and this rank's output-weight shard [W, h]. It
+  never holds [s, b, W] logits: positions are processed in chunks, soft rows need only
+  their K logits (h . W[ids], no vocabulary-wide matmul), discrete rows' chunk logits
+  are recomputed in backward, so extra memory is bounded by one chunk.
+
+Discrete rows (is_soft False) score log_softmax(l / T_answer)[token] over the whole
+vocabulary; soft rows score the scorer's noise density from l[ids] / T_thinking. The
+rows are the records being scored: logits at position j score record j+1, so shift the
+records before calling. Gradients reach the logits (hence hidden states and output
+weight) only. Every TP rank gets the same values; each gets the gradient of its shard.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_softgrpo.soft.noises import InputEmbedding, SoftNoise
+from megatron_softgrpo.soft.records import MixtureRows
+from megatron_softgrpo.soft.vocab import (
+    VocabShard,
+    compute_dtype,
+    compute_dtype_of,
+    copy_to_group,
+    gather_logits,
+    log_normalizer,
+    reduce_sum,
+)
+
+DEFAULT_CHUNK_SIZE = 1024  # positions per chunk: a chunk of discrete rows holds [chunk, W] fp32 logits
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """How positions are scored: the soft rows' noise kind and each phase's temperature."""
+
+    noise: Optional[SoftNoise]  # None: no soft rows (discrete GRPO)
+    soft_temperature: float = 1.0
+    discrete_temperature: float = 1.0
+
+
+def discrete_terms(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, shard: VocabShard):
+    """(log_softmax(l / T)[token], logsumexp(l / T)) over the whole sharded vocabulary; logits [n, W]."""
+    scaled = shard.scaled(logits, temperature)
+    log_norm = log_normalizer(scaled, shard)
+    return gather_logits(scaled, tokens.unsqueeze(-1), shard).squeeze(-1) - log_norm, log_norm
+
+
+def discrete_log_density(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, shard: VocabShard) -> torch.Tensor:
+    """log_softmax(l / T)[token] over the whole sharded vocabulary: logits [n, W], tokens [n] -> [n]."""
+    return discrete_terms(logits, tokens, temperature, shard)[0]
+
+
+# ------------------------------------------------------------------ from given logits
+
+
+def _split(rows: MixtureRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the discrete and of the soft rows (identical on every TP rank)."""
+    return (~rows.is_soft).nonzero().squeeze(-1), rows.is_soft.nonzero().squeeze(-1)
+
+
+def _owned_only(values: torch.Tensor, ids: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    return torch.where(shard.owns(ids), values, torch.zeros_like(values))
+
+
+def _soft_log_density(partial: torch.Tensor, rows: MixtureRows, scorer: Scorer, shard: VocabShard, embedding):
+    """The noise density of soft rows from the K logits this rank owns [n_s, K] (zeros elsewhere)."""
+    if scorer.noise is None:
+        raise ValueError("soft rows to score, but the scorer has no soft noise (discrete GRPO)")
+    return scorer.noise.log_density(reduce_sum(partial, shard) / scorer.soft_temperature, rows, embedding)
+
+
+def log_density_from_logits(
+    logits: torch.Tensor,
+    rows: MixtureRows,
+    scorer: Scorer,
+    shard: VocabShard,
+    embedding: Optional[InputEmbedding] = None,
+) -> torch.Tensor:
+    """ell [...] of the records `rows` [...] scored by the sharded logits [..., W] (fp32 or bf16)."""
+    lead = rows.tokens.shape
+    flat = rows.flatten()
+    logits = logits.reshape(-1, logits.shape[-1])
+    discrete, soft = _split(flat)
+    ell = torch.zeros(flat.tokens.shape[0], dtype=compute_dtype_of(logits.dtype), device=logits.device)
+    if discrete.numel():
+        discrete_logits = logits if discrete.numel() == logits.shape[0] else logits[discrete]  # no copy when all are
+        values = discrete_log_density(discrete_logits, flat.tokens[discrete], scorer.discrete_temperature, shard)
+        ell = ell.index_put((discrete,), values)
+    if soft.numel():
+        ids = flat.mix_ids[soft]
+        partial = _owned_only(compute_dtype(logits[soft].gather(-1, shard.local_index(ids))), ids, shard)
+        ell = ell.index_put((soft,), _soft_log_density(partial, flat.map(lambda t: t[soft]), scorer, shard, embedding))
+    return ell.reshape(lead)
+
+
+# ------------------------------------------------------------------ chunked, from hidden states
+
+
+@dataclass
+class _Chunking:
+    """The chunked computation. Products are taken in the weight's dtype, as Megatron's output
+    layer does, so that bf16 models score the logits the rollout sampled from."""
+
+    rows: MixtureRows  # flat [N]
+    scorer: Scorer
+    shard: VocabShard
+    chunk_size: int
+    embedding: Optional[InputEmbedding]
+
+    @functools.cached_property
+    def pieces(self) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
+        """Per chunk: its rows, and the indices of its discrete and soft rows (one host sync in all)."""
+        is_soft = self.rows.is_soft.cpu()
+        device = self.rows.is_soft.device
+        out = []
+        for start in range(0, is_soft.shape[0], self.chunk_size):
+            piece = slice(start, min(start + self.chunk_size, is_soft.shape[0]))
+            soft = is_soft[piece]
+            out.append((piece, (~soft).nonzero().squeeze(-1).to(device), soft.nonzero().squeeze(-1).to(device)))
+        return out
+
+    def _soft_partial(self, h: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor):
+        """(owned K logits [n_s, K] in the compute dtype, the K weight rows [n_s, K, h])."""
+        k_rows = weight[self.shard.local_index(ids)]
+        dots = torch.bmm(k_rows, h.unsqueeze(-1)).squeeze(-1)
+        return _owned_only(compute_dtype(dots), ids, self.shard), k_rows
+
+    def forward_chunk(self, hidden, weight, piece, discrete, soft):
+        """(ell of the chunk's rows, logsumexp of its discrete rows for the backward)."""
+        rows = self.rows.map(lambda t: t[piece])
+        h = hidden[piece].to(weight.dtype)
+        ell = torch.zeros(h.shape[0], dtype=compute_dtype_of(weight.dtype), device=h.device)
+        log_norm = None
+        if discrete.numel():
+            full = h[discrete] @ weight.t()
+            values, log_norm = discrete_terms(full, rows.tokens[discrete], self.scorer.discrete_temperature, self.shard)
+            ell[discrete] = values.to(ell.dtype)
+        if soft.numel():
+            partial, _ = self._soft_partial(h[soft], weight, rows.mix_ids[soft])
+            values = _soft_log_density(partial, rows.map(lambda t: t[soft]), self.scorer, self.shard, self.embedding)
+            ell[soft] = values.to(ell.dtype)
+        return ell, log_norm
+
+    def backward_chunk(self, hidden, weight, piece, discrete, soft, grad_ell, log_norm, grad_hidden, grad_weight):
+        """One chunk's share of the output layer's gradients: grad_hidden rows set, grad_weight accumulated.
+
+        Discrete rows: d ell / d l = (onehot(token) - softmax(l / T)) / T, from recomputed logits
+        and the forward's logsumexp, in one fp32 [n_d, W] buffer. Soft rows: autograd through
+        the noise density down to their K logits only.
+        """
+        rows = self.rows.map(lambda t: t[piece])
+        h = hidden[piece].to(weight.dtype)
+        g_ell, g_h = grad_ell[piece], grad_hidden[piece]
+        if discrete.numel():
+            temperature = self.scorer.discrete_temperature
+            scale = (g_ell[discrete] / temperature).to(log_norm.dtype)
+            logits = h[discrete] @ weight.t()
+            probs = torch.add(-log_norm.unsqueeze(-1), logits, alpha=1.0 / temperature).exp_()  # softmax(l / T)
+            probs[:, self.shard.real_width :] = 0.0  # padding columns
+            d_full = torch.mul(probs, -scale.unsqueeze(-1), out=torch.empty_like(logits))  # in the weight dtype
+            del probs
+            tokens = rows.tokens[discrete]
+            mine = self.shard.owns(tokens)
+            rows_mine = mine.nonzero().squeeze(-1)
+            d_full.index_put_((rows_mine, tokens[mine] - self.shard.start), scale[mine].to(d_full.dtype), accumulate=True)
+            g_h[discrete] = (d_full @ weight).to(g_h.dtype)
+            _accumulate_product(grad_weight, d_full.t(), h[discrete])
+        if soft.numel():
+            ids = rows.mix_ids[soft]
+            partial, k_rows = self._soft_partial(h[soft], weight, ids)
+            partial = partial.detach().requires_grad_()
+            with torch.enable_grad():
+                values = _soft_log_density(partial, rows.map(lambda t: t[soft]), self.scorer, self.shard, self.embedding)
+                (d_partial,) = torch.autograd.grad(values, partial, g_ell[soft].to(values.dtype))
+            d_dots = _owned_only(d_partial, ids, self.shard).to(weight.dtype)  # [n_s, K]
+            g_h[soft] = torch.bmm(d_dots.unsqueeze(1), k_rows).squeeze(1).to(g_h.dtype)
+            per_slot = d_dots.unsqueeze(-1) * h[soft].unsqueeze(1)  # [n_s, K, h]
+            owned = self.shard.owns(ids)
+            grad_weight.index_add_(0, self.shard.local_index(ids)[owned], per_slot[owned].to(grad_weight.dtype))
+
+
+def _accumulate_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """total += a @ b, with half-precision products summed into the fp32 total by the GEMM itself on CUDA."""
+    if a.dtype == total.dtype:
+        total.addmm_(a, b)
+    elif total.is_cuda:
+        torch.addmm(total, a, b, total.dtype, out=total)
+    else:
+        total.add_((a @ b).to(total.dtype))
+
+
+def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+class _ChunkedLogDensity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, plan: _Chunking):
+        ctx.plan = plan
+        ctx.save_for_backward(hidden, weight)
+        with torch.no_grad():
+            pieces = [plan.forward_chunk(hidden, weight, *piece) for piece in plan.pieces]
+        ctx.log_norms = [log_norm for _, log_norm in pieces]
+        return torch.cat([ell for ell, _ in pieces])
+
+    @staticmethod
+    def backward(ctx, grad_ell):
+        hidden, weight = ctx.saved_tensors
+        grad_hidden = torch.zeros(hidden.shape, dtype=_accumulation_dtype(hidden), device=hidden.device)
+        grad_weight = torch.zeros(weight.shape, dtype=_accumulation_dtype(weight), device=weight.device)
+        for piece, log_norm in zip(ctx.plan.pieces, ctx.log_norms):
+            ctx.plan.backward_chunk(hidden, weight, *piece, grad_ell, log_norm, grad_hidden, grad_weight)
+        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None
+
+
+def log_density_from_hidden(
+    hidden: torch.Tensor,
+    output_weight: torch.Tensor,
+    rows: MixtureRows,
+    scorer: Scorer,
+    shard: VocabShard,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    embedding: Optional[InputEmbedding] = None,
+    sequence_parallel: bool = False,
+) -> torch.Tensor:
+    """ell [b, s] of the records `rows` [b, s] scored by the final hidden states [s, b, h].
+
+    `hidden` is Megatron's layout: the full sequence, or this rank's sequence slice when
+    `sequence_parallel` (it is gathered here, like the output layer would). The hidden
+    gradient is summed over the TP ranks as the output layer's would be.
+    `output_weight` is this rank's [W, h] shard (model.shared_embedding_or_output_weight()
+    or output_layer.weight).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if sequence_parallel and shard.distributed:
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        hidden = gather_from_sequence_parallel_region(hidden, group=shard.group)
+    else:
+        hidden = copy_to_group(hidden, shard)
+    b, s = rows.tokens.shape
+    if hidden.shape[:2] != (s, b):
+        raise ValueError(f"hidden states {tuple(hidden.shape)} do not match records [b={b}, s={s}] (expected [s, b, h])")
+    flat_hidden = hidden.transpose(0, 1).reshape(b * s, hidden.shape[-1])
+    plan = _Chunking(rows.flatten(), scorer, shard, chunk_size, embedding)
+    return _ChunkedLogDensity.apply(flat_hidden, output_weight, plan).view(b, s)

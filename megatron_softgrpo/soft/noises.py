@@ -1,0 +1,217 @@
+"""The noises of a soft step: how each perturbs the K-slot mixture, and its log-density.
+
+A noise kind owns three things for the K globally selected slots of a step:
+- `draw(pt, support)`: the raw randomness (called inside `rng.noise_rng()`, identically
+  on every TP rank);
+- `mix(pt, support, raw)`: the pure map to the mixture weights, the stored noise value
+  and the per-row seed;
+- `log_density(scaled, rows, embedding)`: the action log-density that the policy update
+  uses, from the K stored ids' logits / T of the model being evaluated (SPEC.md sections
+  2 and 5). `pt` is always the softmax of those logits over the in-support slots, so the
+  rollout's own density (`rollout_log_density`) is the same function at rollout logits.
+
+Inputs are rebuilt exactly as the rollout built them (stored weights; the reference's
+Gaussian/Dirichlet trainer used softmax(x / tau_g) instead, a defect not copied here).
+Masked means divide by max(1, mask count): a row with no slot in the mask scores 0
+rather than the reference's 0/0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+
+from megatron_softgrpo.soft import rng
+from megatron_softgrpo.soft.records import MixtureRows
+from megatron_softgrpo.soft.vocab import NEG_INF, VocabShard, copy_to_group, reduce_sum
+
+LOG_EPS = 1e-6  # g = log(pt + 1e-6) + c * eps
+GUMBEL_CLAMP = (-1.5, 3.0)  # clamp of the Gumbel noise, in the rollout and in the density
+GUMBEL_MASK_LOG_PROB = -3.0  # density slots: log(pt + 1e-6) > -3
+GAUSSIAN_MASK_PROB = 0.05  # Gaussian density slots: pt > 0.05
+GAUSSIAN_CLAMP_SIGMAS = 3.0  # x clamped to pt +- 3 sigma (the reference's +-0.15 at sigma 0.05)
+DIRICHLET_CLAMP = (-5.0, 3.0)  # clamp of the Gamma log-density
+
+
+def support_probs(scaled: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """pt: softmax of the K scaled logits over the in-support slots (0 elsewhere)."""
+    return torch.softmax(scaled.masked_fill(~support, NEG_INF), dim=-1)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)
+
+
+@dataclass
+class Mixture:
+    weights: torch.Tensor  # [N, K] fed to the model
+    noise: torch.Tensor  # [N, K] stored noisy value
+    noise_seed: torch.Tensor  # [N] int64
+
+
+@dataclass(frozen=True)
+class InputEmbedding:
+    """This rank's shard of the input embedding table (detached), for the embedding-noise density."""
+
+    table: torch.Tensor  # [W, h] (VocabParallelEmbedding.weight)
+    shard: VocabShard
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """E[ids] [..., K, h] for the ids this rank owns, zero rows for the others."""
+        rows = self.table.detach()[self.shard.local_index(ids)].to(dtype)
+        return rows * self.shard.owns(ids).unsqueeze(-1).to(dtype)
+
+
+class SoftNoise:
+    name: ClassVar[str]
+
+    def draw(self, pt: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mix(self, pt: torch.Tensor, support: torch.Tensor, raw: torch.Tensor) -> Mixture:
+        raise NotImplementedError
+
+    def log_density(self, scaled: torch.Tensor, rows: MixtureRows, embedding: Optional[InputEmbedding] = None):
+        raise NotImplementedError
+
+    def rollout_log_density(self, scaled: torch.Tensor, rows: MixtureRows) -> torch.Tensor:
+        return self.log_density(scaled, rows)
+
+    def input_offset(self, rows: MixtureRows) -> Optional[torch.Tensor]:
+        """What is added to the mixed input embedding [..., h] (None: nothing)."""
+        return None
+
+
+def _no_seed(pt: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(pt.shape[:-1], dtype=torch.int64, device=pt.device)
+
+
+@dataclass(frozen=True)
+class GumbelNoise(SoftNoise):
+    """SofT-GRPO: g = log(pt + 1e-6) + c * clamp(Gumbel, -1.5, 3); weights softmax(g / tau_g)."""
+
+    tau: float = 0.1
+    scale: float = 1.0
+    name: ClassVar[str] = "gumbel"
+
+    def __post_init__(self):
+        if not self.tau > 0 or not self.scale >= 0:
+            raise ValueError(f"gumbel noise needs tau > 0 and scale >= 0, got tau={self.tau} scale={self.scale}")
+
+    def draw(self, pt, support):
+        return rng.standard_gumbel(pt.shape, pt.device).clamp(*GUMBEL_CLAMP)
+
+    def mix(self, pt, support, raw):
+        g = torch.log(pt + LOG_EPS) + self.scale * raw
+        weights = torch.softmax((g / self.tau).masked_fill(~support, NEG_INF), dim=-1)
+        return Mixture(weights, g, _no_seed(pt))
+
+    def log_density(self, scaled, rows, embedding=None):
+        lam = torch.log(support_probs(scaled, rows.support) + LOG_EPS)
+        z = (rows.noise.to(lam.dtype) - lam).clamp(*GUMBEL_CLAMP)
+        return masked_mean(-z - torch.exp(-z), lam > GUMBEL_MASK_LOG_PROB)
+
+
+@dataclass(frozen=True)
+class GaussianNoise(SoftNoise):
+    """Reference ablation: x ~ N(pt, sigma^2) on the in-support slots; weights x / sum(x)."""
+
+    sigma: float = 0.05
+    name: ClassVar[str] = "gaussian"
+
+    def __post_init__(self):
+        if not self.sigma > 0:
+            raise ValueError(f"gaussian noise needs sigma > 0, got {self.sigma}")
+
+    def draw(self, pt, support):
+        return rng.standard_normal(pt.shape, pt.device)
+
+    def mix(self, pt, support, raw):
+        x = torch.where(support, pt + self.sigma * raw, torch.zeros_like(pt))
+        return Mixture(x / x.sum(dim=-1, keepdim=True), x, _no_seed(pt))
+
+    def log_density(self, scaled, rows, embedding=None):
+        pt = support_probs(scaled, rows.support)
+        half_width = GAUSSIAN_CLAMP_SIGMAS * self.sigma
+        x = torch.minimum(torch.maximum(rows.noise.to(pt.dtype), pt - half_width), pt + half_width)
+        log_n = -0.5 * ((x - pt) / self.sigma) ** 2 - math.log(self.sigma) - 0.5 * math.log(2 * math.pi)
+        return masked_mean(log_n, (pt > GAUSSIAN_MASK_PROB) & rows.support)
+
+
+@dataclass(frozen=True)
+class DirichletNoise(SoftNoise):
+    """Reference ablation: x ~ Gamma(pt, 1) on the in-support slots; weights x / sum(x) ~ Dirichlet(pt)."""
+
+    name: ClassVar[str] = "dirichlet"
+
+    def draw(self, pt, support):
+        return rng.gamma(torch.where(support, pt, torch.ones_like(pt)))
+
+    def mix(self, pt, support, raw):
+        # a Gamma sample with a small concentration can underflow to 0; keep log(x) finite
+        x = torch.where(support, raw.clamp(min=torch.finfo(raw.dtype).tiny), torch.zeros_like(raw))
+        return Mixture(x / x.sum(dim=-1, keepdim=True), x, _no_seed(pt))
+
+    def log_density(self, scaled, rows, embedding=None):
+        pt = support_probs(scaled, rows.support)
+        tiny = torch.finfo(pt.dtype).tiny
+        # out-of-support slots are masked below; give them harmless finite terms
+        alpha = torch.where(rows.support, pt.clamp(min=tiny), torch.ones_like(pt))
+        x = torch.where(rows.support, rows.noise.to(pt.dtype), torch.ones_like(pt)).clamp(min=tiny)
+        log_gamma = (alpha - 1) * torch.log(x) - x - torch.lgamma(alpha)
+        return masked_mean(log_gamma.clamp(*DIRICHLET_CLAMP), rows.support)
+
+
+@dataclass(frozen=True)
+class EmbeddingNoise(SoftNoise):
+    """Butt et al. (2025): input s = sum_k pt_k E[ids_k] + sigma * eps, eps ~ N(0, I_h) from a per-row seed.
+
+    The log-density is that of the perturbation, -|x - mu|^2 / (2 sigma^2) with
+    mu = sum_k pt_k E[ids_k] under the evaluated policy, without the constant
+    -(h/2) log(2 pi sigma^2) (it cancels in every ratio and KL). Slot 0 (the transcript
+    token) is the most probable in-support token.
+    """
+
+    sigma: float = 0.01
+    hidden_size: int = 0
+    name: ClassVar[str] = "embedding_noise"
+
+    def __post_init__(self):
+        if not self.sigma > 0 or self.hidden_size < 1:
+            raise ValueError(
+                "embedding noise needs sigma > 0 and hidden_size >= 1, "
+                f"got sigma={self.sigma} hidden_size={self.hidden_size}"
+            )
+
+    def draw(self, pt, support):
+        return rng.random_seeds(pt.shape[:-1], pt.device)
+
+    def mix(self, pt, support, raw):
+        return Mixture(pt, torch.zeros_like(pt), raw)
+
+    def noise_vectors(self, seeds: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.sigma * rng.gaussian_from_seeds(seeds, self.hidden_size, dtype)
+
+    def input_offset(self, rows):
+        return self.noise_vectors(rows.noise_seed) * rows.is_soft.unsqueeze(-1)
+
+    def rollout_log_density(self, scaled, rows):
+        eps = rng.gaussian_from_seeds(rows.noise_seed, self.hidden_size, torch.float64)
+        return (-0.5 * (eps * eps).sum(dim=-1)).to(scaled.dtype)
+
+    def log_density(self, scaled, rows, embedding=None):
+        if embedding is None:
+            raise ValueError("the embedding-noise density needs the input embedding table (InputEmbedding)")
+        # in float64: rounding of the weights, amplified by |E| / sigma, would otherwise reach 1e-5
+        pt = support_probs(scaled.double(), rows.support)
+        shift = copy_to_group(rows.mix_weights.double() - pt, embedding.shard)  # grads summed over ranks
+        own = torch.einsum("nk,nkh->nh", shift, embedding.rows(rows.mix_ids, torch.float64))
+        v = reduce_sum(own, embedding.shard) + self.noise_vectors(rows.noise_seed, torch.float64)
+        return (-0.5 * (v * v).sum(dim=-1) / self.sigma**2).to(scaled.dtype)
+
+
+NOISES: dict[str, type[SoftNoise]] = {n.name: n for n in (GumbelNoise, GaussianNoise, DirichletNoise, EmbeddingNoise)}

@@ -1,0 +1,154 @@
+"""Samplers: one decoding step from this rank's vocabulary shard of the last-position logits.
+
+Interface (every sampler): `sample(logits [N, W], shard) -> SampledStep`, called
+identically on every TP rank, which all return the same step. Selected by name from
+`SAMPLERS` via `make_sampler`:
+
+- `discrete`: temperature, top-k, top-p, min-p (greedy = top_k 1); a multinomial draw.
+  Records are one-hot; the log-density is log_softmax(l / T)[token] over the whole
+  vocabulary (the quantity the policy update scores).
+- `gumbel`, `gaussian`, `dirichlet`, `embedding_noise`: a soft step (SPEC.md section 1):
+  truncation, the top-K support, pt over it, the noise kind's mixture; slots sorted by
+  weight descending (out-of-support slots last), slot 0 is the transcript token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar, Protocol
+
+import torch
+
+from megatron_softgrpo.errors import UserError
+from megatron_softgrpo.soft import rng
+from megatron_softgrpo.soft.noises import NOISES, SoftNoise, support_probs
+from megatron_softgrpo.soft.records import MixtureRows, SampledStep
+from megatron_softgrpo.soft.truncation import Candidates, Truncation, candidates, full_support, top_logits
+from megatron_softgrpo.soft.vocab import NEG_INF, VocabShard, all_gather_last, gather_logits, log_normalizer
+
+
+class Sampler(Protocol):
+    name: str
+    mixture_size: int
+
+    def sample(self, logits: torch.Tensor, shard: VocabShard) -> SampledStep: ...
+
+
+def _step(rows: MixtureRows, log_density: torch.Tensor) -> SampledStep:
+    return SampledStep(**{f.name: getattr(rows, f.name) for f in fields(rows)}, log_density=log_density)
+
+
+def _check_mixture_size(mixture_size: int) -> None:
+    if mixture_size < 1:
+        raise ValueError(f"mixture_size must be >= 1, got {mixture_size}")
+
+
+# ------------------------------------------------------------------ discrete
+
+
+def _draw_from_candidates(found: Candidates, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw among the in-support candidates (identical on every rank)."""
+    mass = torch.exp(found.scaled - found.scaled[:, :1]) * found.support
+    cdf = mass.cumsum(dim=-1)
+    slot = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True)
+    slot = torch.minimum(slot, found.support.sum(dim=-1, keepdim=True) - 1)
+    return found.ids.gather(-1, slot).squeeze(-1)
+
+
+def _draw_from_shards(scaled: torch.Tensor, log_norm: torch.Tensor, u: torch.Tensor, shard: VocabShard):
+    """Inverse-CDF draw over the whole sharded vocabulary in id order, without gathering it.
+
+    Each rank's probability mass is all-gathered; the rank whose id range holds the
+    target u * total finds the token in its own cumulative sum and shares the id.
+    """
+    probs = torch.exp(scaled - log_norm.unsqueeze(-1))  # padding columns are exp(-inf) = 0
+    masses = all_gather_last(probs.sum(dim=-1, keepdim=True), shard)  # [N, TP]
+    ends = masses.cumsum(dim=-1)
+    target = u * ends[:, -1]
+    owner = (ends <= target.unsqueeze(-1)).sum(dim=-1).clamp(max=shard.world_size - 1)
+    local_target = target - (ends - masses).gather(-1, owner.unsqueeze(-1)).squeeze(-1)
+    column = torch.searchsorted(probs.cumsum(dim=-1), local_target.unsqueeze(-1), right=True).squeeze(-1)
+    token = column.clamp(max=shard.real_width - 1) + shard.start
+    token = torch.where(owner == shard.rank, token, torch.zeros_like(token))
+    if shard.distributed:
+        torch.distributed.all_reduce(token, group=shard.group)
+    return token
+
+
+@dataclass(frozen=True)
+class DiscreteSampler:
+    truncation: Truncation
+    mixture_size: int
+    name: ClassVar[str] = "discrete"
+
+    def __post_init__(self):
+        _check_mixture_size(self.mixture_size)
+
+    def sample(self, logits: torch.Tensor, shard: VocabShard) -> SampledStep:
+        trunc = self.truncation
+        scaled = shard.scaled(logits, trunc.temperature)
+        log_norm = log_normalizer(scaled, shard)
+        if trunc.top_k == 1:  # greedy: no randomness consumed
+            token = top_logits(logits, shard, 1)[0][:, 0]
+        else:
+            found = full_support(logits, shard, trunc, log_norm) if trunc.truncates else None
+            with rng.noise_rng():
+                u = rng.uniform(logits.shape[:1], logits.device)
+            token = _draw_from_candidates(found, u) if found is not None else _draw_from_shards(scaled, log_norm, u, shard)
+        log_density = gather_logits(scaled, token.unsqueeze(-1), shard).squeeze(-1) - log_norm
+        return _step(MixtureRows.discrete(token, self.mixture_size), log_density)
+
+
+# ------------------------------------------------------------------ soft
+
+
+@dataclass(frozen=True)
+class SoftSampler:
+    truncation: Truncation
+    mixture_size: int
+    noise: SoftNoise
+
+    def __post_init__(self):
+        _check_mixture_size(self.mixture_size)
+
+    @property
+    def name(self) -> str:
+        return self.noise.name
+
+    def sample(self, logits: torch.Tensor, shard: VocabShard) -> SampledStep:
+        k = self.mixture_size
+        found = candidates(logits, shard, self.truncation, max(k, self.truncation.top_k or 0))
+        ids, scaled, support = found.ids[:, :k], found.scaled[:, :k], found.support[:, :k]
+        pt = support_probs(scaled, support)
+        with rng.noise_rng():
+            raw = self.noise.draw(pt, support)
+        mixture = self.noise.mix(pt, support, raw)
+        # slots by weight descending, out-of-support last; stable, so ties keep the logit order
+        order = torch.sort(mixture.weights.masked_fill(~support, NEG_INF), dim=-1, descending=True, stable=True).indices
+        ids, scaled, support = ids.gather(-1, order), scaled.gather(-1, order), support.gather(-1, order)
+        rows = MixtureRows(
+            tokens=ids[:, 0],
+            mix_ids=ids,
+            mix_weights=mixture.weights.gather(-1, order),
+            noise=mixture.noise.gather(-1, order),
+            support=support,
+            is_soft=torch.ones_like(ids[:, 0], dtype=torch.bool),
+            noise_seed=mixture.noise_seed,
+        )
+        return _step(rows, self.noise.rollout_log_density(scaled, rows))
+
+
+# ------------------------------------------------------------------ registry
+
+SAMPLERS: tuple[str, ...] = ("discrete", *NOISES)
+
+
+def make_sampler(name: str, truncation: Truncation, mixture_size: int, **noise_params) -> Sampler:
+    """The sampler called `name`; `noise_params` are the noise kind's fields (e.g. tau, scale)."""
+    if name == "discrete":
+        if noise_params:
+            raise UserError(f"sampler 'discrete' takes no noise parameters, got {sorted(noise_params)}")
+        return DiscreteSampler(truncation, mixture_size)
+    if name not in NOISES:
+        raise UserError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
+    return SoftSampler(truncation, mixture_size, NOISES[name](**noise_params))

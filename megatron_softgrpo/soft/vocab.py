@@ -1,0 +1,191 @@
+"""One tensor-parallel rank's slice of the vocabulary, and the collectives over it.
+
+Logits, the output weight and the input embedding table are sharded along the
+vocabulary: TP rank r holds the global ids [start, end). Ids >= `vocab_size` are
+padding (Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by
+x TP): they are -inf before every softmax, top-k or noise and never enter a mixture.
+
+With `group=None` (one process, torch.distributed not needed) every collective is the
+identity. The autograd-aware reductions are Megatron's conjugate pair (reduce_from /
+copy_to_tensor_model_parallel_region): `reduce_sum` (forward all-reduce, backward
+identity) and `copy_to_group` (forward identity, backward all-reduce); a loss computed
+identically on every TP rank then gives each rank exactly the gradient of the logits it
+owns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    start: int  # first global id held by this rank
+    end: int  # one past the last global id held by this rank (padding included)
+    vocab_size: int  # real vocabulary size; ids >= vocab_size are padding
+    group: Any = None  # the tensor-parallel torch.distributed ProcessGroup; None: one process
+
+    @classmethod
+    def whole(cls, padded_vocab_size: int, vocab_size: int) -> "VocabShard":
+        """The entire (padded) vocabulary on one process."""
+        return cls(0, padded_vocab_size, vocab_size)
+
+    @classmethod
+    def of_rank(cls, padded_vocab_size: int, vocab_size: int, rank: int, world_size: int, group=None) -> "VocabShard":
+        """Megatron's partition: equal contiguous slices in rank order."""
+        if padded_vocab_size % world_size:
+            raise ValueError(f"padded vocabulary {padded_vocab_size} is not divisible by TP={world_size}")
+        width = padded_vocab_size // world_size
+        return cls(rank * width, (rank + 1) * width, vocab_size, group)
+
+    @classmethod
+    def from_parallel_state(cls, padded_vocab_size: int, vocab_size: int) -> "VocabShard":
+        """This rank's shard under Megatron's initialised tensor-parallel group."""
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_tensor_model_parallel_group()
+        return cls.of_rank(padded_vocab_size, vocab_size, group.rank(), group.size(), group)
+
+    @property
+    def width(self) -> int:
+        return self.end - self.start
+
+    @property
+    def real_width(self) -> int:
+        """Columns of this shard that are real tokens (the rest are padding)."""
+        return max(0, min(self.vocab_size, self.end) - self.start)
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.group is None else self.group.size()
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.group is None else self.group.rank()
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def check(self, logits: torch.Tensor) -> None:
+        if logits.shape[-1] != self.width:
+            raise ValueError(f"logits have {logits.shape[-1]} vocabulary columns; this shard holds {self.width}")
+
+    def owns(self, ids: torch.Tensor) -> torch.Tensor:
+        return (ids >= self.start) & (ids < self.end)
+
+    def local_index(self, ids: torch.Tensor) -> torch.Tensor:
+        """Column of each id in this shard (0 for ids another rank owns; mask them with `owns`)."""
+        return torch.where(self.owns(ids), ids - self.start, torch.zeros_like(ids))
+
+    def masked(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits in the compute dtype (fp32, or fp64 when given) with padding columns at -inf."""
+        self.check(logits)
+        x = compute_dtype(logits)
+        if self.real_width == self.width:
+            return x
+        pad = torch.arange(self.width, device=x.device) >= self.real_width
+        return x.masked_fill(pad, NEG_INF)
+
+    def scaled(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        """masked(logits) / temperature, as one new tensor (the form every softmax here starts from)."""
+        self.check(logits)
+        dtype = compute_dtype_of(logits.dtype)
+        # one pass: a half-precision input is divided in place in its fresh fp32 copy
+        x = logits / temperature if logits.dtype == dtype else logits.to(dtype).div_(temperature)
+        x[..., self.real_width :] = NEG_INF  # in place on a fresh tensor (neither op keeps its output)
+        return x
+
+
+def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """Half precision computes in fp32; fp32 and fp64 are kept (fp64 serves gradcheck)."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    return x.to(compute_dtype_of(x.dtype))
+
+
+# ------------------------------------------------------------------ collectives
+
+
+def all_gather_last(x: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """Concatenate every rank's `x` along the last dimension, in rank order (no autograd)."""
+    if not shard.distributed:
+        return x
+    parts = [torch.empty_like(x) for _ in range(shard.world_size)]
+    torch.distributed.all_gather(parts, x.contiguous(), group=shard.group)
+    return torch.cat(parts, dim=-1)
+
+
+def all_reduce_max(x: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """Element-wise max over ranks (no autograd)."""
+    if not shard.distributed:
+        return x
+    x = x.detach().clone()
+    torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX, group=shard.group)
+    return x
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Forward: all-reduce (sum). Backward: identity."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        total = x.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _SumGradsOverRanks(torch.autograd.Function):
+    """Forward: identity. Backward: all-reduce (sum) of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # (Megatron's copy_to_tensor_model_parallel_region would reduce a contiguous copy of a
+        # non-contiguous gradient and return the unreduced original; reduce our own copy.)
+        total = grad.contiguous().clone()
+        torch.distributed.all_reduce(total, group=ctx.group)
+        return total, None
+
+
+def reduce_sum(x: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """Sum over ranks; backward is the identity (each rank owns its share of the summands)."""
+    return _SumOverRanks.apply(x, shard.group) if shard.distributed else x
+
+
+def copy_to_group(x: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """Identity forward; backward sums the per-rank partial gradients."""
+    return _SumGradsOverRanks.apply(x, shard.group) if shard.distributed else x
+
+
+# ------------------------------------------------------------------ vocabulary-wide reductions
+
+
+def log_normalizer(scaled: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """logsumexp over the whole (sharded) vocabulary of padding-masked scaled logits [..., W] -> [...]."""
+    if not shard.distributed:
+        return torch.logsumexp(scaled, dim=-1)
+    peak = all_reduce_max(scaled.detach().amax(dim=-1), shard)  # a constant shift: no gradient needed
+    mass = reduce_sum(torch.exp(scaled - peak.unsqueeze(-1)).sum(dim=-1), shard)
+    return torch.log(mass) + peak
+
+
+def gather_logits(logits: torch.Tensor, ids: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """logits[..., ids] for global ids [..., K] from the sharded logits [..., W] (autograd-aware)."""
+    local = logits.gather(-1, shard.local_index(ids))
+    return reduce_sum(torch.where(shard.owns(ids), local, torch.zeros_like(local)), shard)

@@ -1,0 +1,227 @@
+"""Log-densities for the policy update: float64 references, gradcheck, chunked == plain, rollout == training."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+import torch
+import soft_reference as ref
+
+from megatron_softgrpo.soft import (
+    DirichletNoise,
+    DiscreteSampler,
+    EmbeddingNoise,
+    GaussianNoise,
+    GumbelNoise,
+    InputEmbedding,
+    MixtureRows,
+    Scorer,
+    SoftSampler,
+    Truncation,
+    VocabShard,
+    log_density_from_hidden,
+    log_density_from_logits,
+    seed_noise_rng,
+)
+from megatron_softgrpo.soft.rng import gaussian_from_seeds
+
+VOCAB, PADDED, HIDDEN, K = 200, 256, 16, 5
+SHARD = VocabShard.whole(PADDED, VOCAB)
+TOL = 1e-5
+NOISES = {
+    "gumbel": GumbelNoise(tau=0.1, scale=1.0),
+    "gaussian": GaussianNoise(sigma=0.05),
+    "dirichlet": DirichletNoise(),
+    # its density moves by |eps| |E| / sigma per unit of weight: sigma 0.1 keeps fp32 logit
+    # rounding (1e-7) below the 1e-5 tolerance at this hidden size
+    "embedding_noise": EmbeddingNoise(sigma=0.1, hidden_size=HIDDEN),
+}
+TRUNC = Truncation(temperature=0.8, top_k=K, top_p=0.95)
+
+
+def scorer(name):
+    return Scorer(NOISES[name], soft_temperature=0.8, discrete_temperature=1.1)
+
+
+SMALL = VocabShard.whole(32, 30)  # gradcheck perturbs every input: keep them few
+
+
+def table(seed=1, rows=PADDED):
+    return torch.randn(rows, HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
+def mixed_rows(name, logits, seed=0, drift=0.0, shard=SHARD):
+    """Records [B, S] as a rollout makes them: soft steps of the noise kind and discrete steps, mixed.
+
+    drift > 0 samples them from a slightly different (older) policy: the Gumbel density has
+    kinks where the recovered noise meets its clamp, which is exactly where it sits at the
+    sampling policy itself; gradient comparisons are made away from them.
+    """
+    b, s, _ = logits.shape
+    gen = torch.Generator().manual_seed(seed + 100)
+    flat = (logits + drift * torch.randn(logits.shape, generator=gen)).reshape(-1, shard.width)
+    seed_noise_rng(seed)
+    soft = SoftSampler(TRUNC, K, NOISES[name]).sample(flat, shard)
+    discrete = DiscreteSampler(Truncation(temperature=1.1), K).sample(flat, shard)
+    is_soft = torch.rand(b * s, generator=torch.Generator().manual_seed(seed)) < 0.7
+    step = soft.where(is_soft, discrete)
+    rows = MixtureRows(**{f.name: getattr(step, f.name) for f in fields(MixtureRows)})
+    return step, rows.map(lambda t: t.reshape(b, s, *t.shape[1:]))
+
+
+def random_logits(b=2, s=12, seed=0, dtype=torch.float32, width=PADDED):
+    return (torch.randn(b, s, width, generator=torch.Generator().manual_seed(seed)) * 2).to(dtype)
+
+
+def reference(name, logits, rows, emb_table):
+    """float64 ell [N] of flat rows: discrete at T=1.1, soft rows by SPEC 2/5 at T=0.8."""
+    flat = rows.flatten()
+    lg = logits.reshape(-1, PADDED).double()
+    out = ref.discrete_log_prob(lg, flat.tokens, 1.1, VOCAB)
+    k_logits = lg.gather(-1, flat.mix_ids)
+    if name == "gumbel":
+        soft = ref.gumbel_density(k_logits, flat.support, flat.noise, 0.8)
+    elif name == "gaussian":
+        soft = ref.gaussian_density(k_logits, flat.support, flat.noise, 0.8, 0.05)
+    elif name == "dirichlet":
+        soft = ref.dirichlet_density(k_logits, flat.support, flat.noise, 0.8)
+    else:
+        eps = torch.tensor([ref.gaussian_from_seed(int(s), HIDDEN) for s in flat.noise_seed], dtype=torch.float64)
+        soft = ref.embedding_density(k_logits, flat.support, flat.mix_weights, eps, emb_table[flat.mix_ids], 0.8, 0.1)
+    return torch.where(flat.is_soft, soft, out)
+
+
+@pytest.mark.parametrize("name", NOISES)
+def test_log_density_matches_reference(name):
+    logits = random_logits()
+    _, rows = mixed_rows(name, logits)
+    emb = table()
+    ell = log_density_from_logits(logits, rows, scorer(name), SHARD, InputEmbedding(emb, SHARD))
+    assert ell.shape == rows.tokens.shape and ell.dtype == torch.float32
+    assert 0 < int(rows.is_soft.sum()) < rows.is_soft.numel()
+    assert (ell.reshape(-1).double() - reference(name, logits, rows, emb)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("name", NOISES)
+def test_rollout_density_equals_training_density(name):
+    """The health metric of SPEC 2: the rollout's own ell equals the trainer's at the same logits."""
+    logits = random_logits()
+    step, rows = mixed_rows(name, logits)
+    ell = log_density_from_logits(logits, rows, scorer(name), SHARD, InputEmbedding(table(), SHARD))
+    assert (ell.reshape(-1) - step.log_density).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("name", NOISES)
+def test_old_equals_new_policy_gives_ratio_exactly_one(name):
+    logits = random_logits()
+    _, rows = mixed_rows(name, logits)
+    hidden, weight = torch.randn(12, 2, HIDDEN), torch.randn(PADDED, HIDDEN) * 0.3
+    args = (hidden, weight, rows, scorer(name), SHARD)
+    old = log_density_from_hidden(*args, chunk_size=7, embedding=InputEmbedding(table(), SHARD))
+    new = log_density_from_hidden(*args, chunk_size=7, embedding=InputEmbedding(table(), SHARD))
+    assert torch.equal(torch.exp(new - old), torch.ones_like(new))
+
+
+@pytest.mark.parametrize("name", NOISES)
+def test_gradcheck_with_respect_to_logits(name):
+    logits = random_logits(b=1, s=6, width=SMALL.width)
+    _, rows = mixed_rows(name, logits, drift=0.5, shard=SMALL)
+    emb = InputEmbedding(table(rows=SMALL.width).double(), SMALL)
+    x = logits.double().requires_grad_()
+    fn = lambda l: log_density_from_logits(l, rows, scorer(name), SMALL, emb)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NOISES)
+@pytest.mark.parametrize("chunk_size", [1, 5, 1024])
+def test_chunked_from_hidden_equals_plain_on_logits(name, chunk_size):
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(12, 2, HIDDEN, generator=gen, requires_grad=True)  # [s, b, h]
+    weight = (torch.randn(PADDED, HIDDEN, generator=gen) * 0.5).requires_grad_()
+    weight.data[VOCAB:] = 0.0  # Megatron's padding rows: logit 0, which must not count
+    logits = (hidden.transpose(0, 1) @ weight.t()).detach()
+    _, rows = mixed_rows(name, logits, drift=0.5)
+    emb = InputEmbedding(table(), SHARD)
+    coef = torch.randn(2, 12, generator=gen)
+
+    plain_logits = (hidden.transpose(0, 1) @ weight.t())
+    plain = log_density_from_logits(plain_logits, rows, scorer(name), SHARD, emb)
+    g_hidden, g_weight = torch.autograd.grad((coef * plain).sum(), (hidden, weight))
+    chunked = log_density_from_hidden(hidden, weight, rows, scorer(name), SHARD, chunk_size=chunk_size, embedding=emb)
+    c_hidden, c_weight = torch.autograd.grad((coef * chunked).sum(), (hidden, weight))
+    assert torch.all((chunked - plain).abs() <= TOL * plain.abs().clamp(min=1))  # fp32 rounding of both
+    assert (c_hidden - g_hidden).abs().max() <= 1e-4 * max(1.0, g_hidden.abs().max())
+    assert (c_weight - g_weight).abs().max() <= 1e-4 * max(1.0, g_weight.abs().max())
+    assert g_weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", NOISES)
+def test_gradcheck_chunked_from_hidden(name):
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(4, 2, HIDDEN, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(SMALL.width, HIDDEN, generator=gen, dtype=torch.float64) * 0.5).requires_grad_()
+    _, rows = mixed_rows(name, (hidden.transpose(0, 1) @ weight.t()).float().detach(), drift=0.5, shard=SMALL)
+    emb = InputEmbedding(table(rows=SMALL.width).double(), SMALL)
+    fn = lambda h, w: log_density_from_hidden(h, w, rows, scorer(name), SMALL, chunk_size=3, embedding=emb)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (hidden, weight), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_gradients_reach_only_the_logits():
+    logits = random_logits().requires_grad_()
+    _, rows = mixed_rows("embedding_noise", logits.detach())
+    emb_table = table().requires_grad_()
+    ell = log_density_from_logits(logits, rows, scorer("embedding_noise"), SHARD, InputEmbedding(emb_table, SHARD))
+    ell.sum().backward()
+    assert emb_table.grad is None and logits.grad.abs().sum() > 0
+    assert not any(t.requires_grad for t in vars(rows).values())
+
+
+def test_padding_columns_do_not_count():
+    logits = random_logits()
+    _, rows = mixed_rows("gumbel", logits)
+    junk = logits.clone()
+    junk[..., VOCAB:] = 1e4
+    clean = log_density_from_logits(logits, rows, scorer("gumbel"), SHARD)
+    assert torch.equal(clean, log_density_from_logits(junk, rows, scorer("gumbel"), SHARD))
+
+
+def test_bf16_logits_score_like_their_fp32_values():
+    logits = random_logits().bfloat16()
+    _, rows = mixed_rows("gumbel", logits.float())
+    a = log_density_from_logits(logits, rows, scorer("gumbel"), SHARD)
+    b = log_density_from_logits(logits.float(), rows, scorer("gumbel"), SHARD)
+    assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_bf16_weights_chunked_matches_plain_bf16_logits():
+    gen = torch.Generator().manual_seed(6)
+    hidden = torch.randn(12, 2, HIDDEN, generator=gen).bfloat16().requires_grad_()
+    weight = (torch.randn(PADDED, HIDDEN, generator=gen) * 0.5).bfloat16().requires_grad_()
+    logits = hidden.transpose(0, 1) @ weight.t()  # bf16, as Megatron's output layer returns them
+    _, rows = mixed_rows("gumbel", logits.float().detach(), drift=0.5)
+    plain = log_density_from_logits(logits, rows, scorer("gumbel"), SHARD)
+    chunked = log_density_from_hidden(hidden, weight, rows, scorer("gumbel"), SHARD, chunk_size=5)
+    assert (chunked - plain).abs().max() <= 1e-2  # bf16 products summed in another order: an ulp of bf16
+    chunked.sum().backward()
+    assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
+    assert bool(torch.isfinite(weight.grad.float()).all())
+
+
+def test_tiny_temperature_densities_stay_finite():
+    logits = random_logits().requires_grad_()
+    _, rows = mixed_rows("gumbel", logits.detach())
+    sharp = Scorer(NOISES["gumbel"], soft_temperature=1e-4, discrete_temperature=1e-4)
+    ell = log_density_from_logits(logits, rows, sharp, SHARD)
+    ell.sum().backward()
+    assert bool(torch.isfinite(ell).all() and torch.isfinite(logits.grad).all())
+
+
+def test_embedding_noise_offset_is_the_seeded_vector_on_soft_rows():
+    logits = random_logits()
+    _, rows = mixed_rows("embedding_noise", logits)
+    offset = NOISES["embedding_noise"].input_offset(rows)
+    assert offset.shape == (*rows.tokens.shape, HIDDEN)
+    assert not bool(offset[~rows.is_soft].any())
+    expected = 0.1 * gaussian_from_seeds(rows.noise_seed[rows.is_soft], HIDDEN)
+    assert torch.equal(offset[rows.is_soft], expected)
