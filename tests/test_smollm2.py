@@ -12,7 +12,8 @@ from megatron_softgrpo.models.arch import ModelArch
 from megatron_softgrpo.models.forward import forward_logits
 from megatron_softgrpo.models.loading import load_model
 from megatron_softgrpo.models.source import SMOLLM2_ARCH, load_tokenizer, resolve_model_source
-from megatron_softgrpo.rollout.greedy import greedy_generate
+from megatron_softgrpo.rollout.engine import RolloutEngine, RolloutSettings
+from megatron_softgrpo.soft import DiscreteSampler, Truncation, VocabShard
 
 pytestmark = pytest.mark.slow
 TEMPLATE = "{problem} Let's think step by step and output the final answer within \\boxed{{}}."
@@ -34,7 +35,7 @@ def test_builtin_architecture_matches_the_gguf(setup):
     assert source.arch == SMOLLM2_ARCH == ModelArch.from_hf_dir(source.path)
 
 
-def test_logits_and_greedy_decoding_match_transformers(setup):
+def test_logits_and_kv_cached_greedy_decoding_match_transformers(setup):
     source, tokenizer, prompt, hf = setup
     assert tokenizer.decode(prompt).startswith("<|im_start|>system")  # the real chat template was applied
     init_distributed(ParallelLayout(1, 1))
@@ -47,7 +48,11 @@ def test_logits_and_greedy_decoding_match_transformers(setup):
     rel = (ours - ref).norm() / ref.norm()
     assert rel <= 1e-3, float(rel)
 
-    ours_tokens = greedy_generate(model, prompt, 20, source.arch.vocab_size, {tokenizer.eos_token_id})
-    ref_tokens = hf.generate(tokens, max_new_tokens=20, do_sample=False)[0, len(prompt):].tolist()
-    assert len(ref_tokens) == 20  # no early EOS: all 20 positions are compared
+    greedy = DiscreteSampler(Truncation.greedy(), mixture_size=5)
+    settings = RolloutSettings(None, greedy, 1.0, "</think>", 32, frozenset({tokenizer.eos_token_id}))
+    engine = RolloutEngine(model, tokenizer, VocabShard.whole(model.vocab_size, source.arch.vocab_size), settings)
+    result = engine.generate([prompt])
+    ours_tokens = result.rows.tokens[0, len(prompt) : len(prompt) + int(result.response_lengths[0])].tolist()
+    ref_tokens = hf.generate(tokens, max_new_tokens=32, do_sample=False)[0, len(prompt):].tolist()
+    assert len(ref_tokens) == 32  # no early EOS: all 32 positions are compared
     assert ours_tokens == ref_tokens, (tokenizer.decode(ours_tokens), tokenizer.decode(ref_tokens))

@@ -1,0 +1,348 @@
+"""Batched generation with a soft thinking phase and a discrete answer phase (SPEC.md section 1).
+
+Every response starts in the thinking phase, sampled by the algorithm's soft sampler (or
+discretely for GRPO, which has no soft phase). The step whose transcript token completes the
+think-end marker is recorded as a discrete step (one-hot on its token, scored at the answer
+temperature), and every later step is sampled discretely with the answer-phase parameters.
+Optional: a thinking budget and the entropy "cold stop" force the marker's tokens (forced steps
+are not the policy's actions: they are fed and recorded, but not scored). A response ends at
+EOS (also during thinking, as a soft step), at a stop string, or at the length limit; finished
+rows leave the batch.
+
+Sampling and phase bookkeeping happen on the last pipeline stage (identically on its TP
+ranks); the resulting step is broadcast to every stage, so all ranks hold the same records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+
+from megatron_softgrpo.config.schema import RecipeCfg
+from megatron_softgrpo.rollout.model_runner import ModelRunner, broadcast_from_last_stage
+from megatron_softgrpo.rollout.text_match import TextMatcher
+from megatron_softgrpo.soft import MixtureRows, SampledStep, Sampler, VocabShard
+from megatron_softgrpo.soft import recipe as soft_recipe
+from megatron_softgrpo.soft.logprob import discrete_log_density
+from megatron_softgrpo.soft.vocab import log_normalizer, reduce_sum
+
+THINK, FORCE, ANSWER = 0, 1, 2
+SAMPLER_ALGORITHM = {"gumbel": "softgrpo", "discrete": "grpo"}  # other samplers share their algorithm's name
+REASONS = ("eos", "stop", "length")
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    thinking_sampler: Optional[Sampler]  # None: discrete from the first step (GRPO, plain decoding)
+    answer_sampler: Sampler
+    answer_temperature: float  # the discrete-row scoring temperature (marker step)
+    think_end: str
+    max_new_tokens: int
+    eos_ids: frozenset[int]
+    stop_strings: tuple[str, ...] = ()
+    max_thinking_tokens: Optional[int] = None
+    cold_stop_entropy: Optional[float] = None
+    cold_stop_steps: int = 256
+    use_kv_cache: bool = True
+
+    @classmethod
+    def from_recipe(cls, cfg: RecipeCfg, tokenizer, hidden_size: int, **overrides) -> "RolloutSettings":
+        soft, gen = cfg.softgrpo, cfg.policy.generation
+        if soft.sampler is not None:  # decode as another algorithm would (e.g. soft decoding of a GRPO model)
+            soft = soft.model_copy(update={"algorithm": SAMPLER_ALGORITHM.get(soft.sampler, soft.sampler)})
+        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        settings = dict(
+            thinking_sampler=soft_recipe.thinking_sampler(soft, hidden_size),
+            answer_sampler=soft_recipe.answer_sampler(soft, gen),
+            answer_temperature=gen.temperature,
+            think_end=soft.think_end,
+            max_new_tokens=gen.max_new_tokens,
+            eos_ids=frozenset(eos),
+            stop_strings=tuple(gen.stop_strings),
+            max_thinking_tokens=soft.thinking.max_thinking_tokens,
+            cold_stop_entropy=soft.thinking.cold_stop_entropy,
+            cold_stop_steps=soft.thinking.cold_stop_steps,
+        )
+        settings.update(overrides)
+        return cls(**settings)
+
+
+@dataclass
+class Trajectories:
+    """B = prompts x G responses, prompt-major (row p*G + g). [B, S] tensors are right-padded.
+
+    Position j of `rows` is the model input at j; a scored row j is predicted by the logits at
+    j - 1. Prompt rows and padding are one-hot and never scored.
+    """
+
+    rows: MixtureRows  # [B, S]
+    loss_mask: torch.Tensor  # [B, S] bool: generated rows the policy sampled (not forced, not padding)
+    rollout_logp: torch.Tensor  # [B, S] fp32: the rollout's own log-density of each scored row
+    prompt_lengths: torch.Tensor  # [B]
+    response_lengths: torch.Tensor  # [B]
+    think_lengths: torch.Tensor  # [B] response tokens before the answer phase (= length if never ended)
+    finish_reasons: list[str]  # "eos" | "stop" | "length"
+    texts: list[str]  # the whole response
+    thinking_texts: list[str]
+    answer_texts: list[str]
+
+    @property
+    def is_generated(self) -> torch.Tensor:
+        pos = torch.arange(self.rows.tokens.shape[1], device=self.prompt_lengths.device)
+        start = self.prompt_lengths[:, None]
+        return (pos >= start) & (pos < start + self.response_lengths[:, None])
+
+
+def _step_tensors(step: SampledStep) -> list[torch.Tensor]:
+    return [getattr(step, f.name) for f in fields(step)]
+
+
+class RolloutEngine:
+    def __init__(self, model, tokenizer, shard: VocabShard, settings: RolloutSettings, pad_id: int = 0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.shard = shard
+        self.s = settings
+        self.pad_id = pad_id
+        self.mixture_size = settings.answer_sampler.mixture_size
+        self.marker = TextMatcher(tokenizer, [settings.think_end])
+        self.stops = TextMatcher(tokenizer, list(settings.stop_strings))
+        self.marker_ids = tokenizer(settings.think_end, add_special_tokens=False)["input_ids"]
+        # embedding noise perturbs the mixed input; other noise kinds return no offset
+        self.input_noise = getattr(settings.thinking_sampler, "noise", None)
+
+    # ------------------------------------------------------------------ public
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], num_generations: int = 1) -> Trajectories:
+        """G responses per prompt (rows prompt-major); every rank of the model calls this."""
+        was_training = self.model.training
+        self.model.eval()  # Megatron's KV-cache path is for inference mode
+        try:
+            return self._generate(prompts, num_generations)
+        finally:
+            self.model.train(was_training)
+
+    def _generate(self, prompts: list[list[int]], num_generations: int) -> Trajectories:
+        from megatron.core import parallel_state
+
+        device = next(self.model.parameters()).device
+        last_stage = parallel_state.is_pipeline_last_stage()
+        prompt_rows = [p for p in prompts for _ in range(num_generations)]
+        b, plen = len(prompt_rows), max(len(p) for p in prompt_rows)
+        max_new = self.s.max_new_tokens
+        runner = ModelRunner(self.model, b, plen + max_new, self.s.use_kv_cache, self.input_noise)
+
+        tokens = torch.full((b, plen), self.pad_id, dtype=torch.long, device=device)
+        pad = torch.ones(b, plen, dtype=torch.bool, device=device)
+        for i, p in enumerate(prompt_rows):
+            tokens[i, plen - len(p) :] = torch.tensor(p, device=device)
+            pad[i, plen - len(p) :] = False
+        logits = runner.prefill(MixtureRows.discrete(tokens, self.mixture_size), pad)
+
+        out = _ResponseBuffer(b, max_new, self.mixture_size, device)
+        state = _RowState(b, prompt_rows, self.s.thinking_sampler is None, device)
+        active = torch.arange(b, device=device)
+        for t in range(max_new):
+            step = self._empty_step(len(active), device)
+            scored = torch.zeros(len(active), dtype=torch.bool, device=device)
+            finished = torch.zeros(len(active), dtype=torch.bool, device=device)
+            if last_stage:
+                step, scored, finished = self._sample(logits, state, active, t)
+            broadcast_from_last_stage(*_step_tensors(step), scored, finished)
+            out.record(active, t, step, scored)
+            if t == max_new - 1:
+                break
+            keep = ~finished
+            if not keep.all():
+                active = active[keep]
+                if len(active) == 0:
+                    break
+                runner.keep_rows(keep.nonzero().squeeze(-1))
+                step = step.map(lambda x: x[keep])
+            logits = runner.step(step)
+        state.share_from_last_stage(out)
+        return self._assemble(prompt_rows, out, state, device)
+
+    # ------------------------------------------------------------------ one step (last pipeline stage)
+
+    def _sample(self, logits: torch.Tensor, state: "_RowState", active: torch.Tensor, t: int):
+        n = len(active)
+        phase = state.phase[active]
+        step = self._empty_step(n, logits.device)
+        think = phase == THINK
+        answer = phase == ANSWER
+        if think.any():
+            step = self._fill(step, think, self.s.thinking_sampler.sample(logits[think], self.shard))
+        if answer.any():
+            step = self._fill(step, answer, self.s.answer_sampler.sample(logits[answer], self.shard))
+        scored = phase != FORCE
+        forced = (phase == FORCE).nonzero().squeeze(-1)
+        if len(forced):
+            ids = torch.tensor([self.marker_ids[state.forced_pos[int(active[i])]] for i in forced], device=logits.device)
+            step = self._fill(step, phase == FORCE, _discrete_step(ids, self.mixture_size))
+
+        finished = torch.zeros(n, dtype=torch.bool, device=logits.device)
+        cold = self._low_entropy(logits, think) if self.s.cold_stop_entropy is not None else None
+        for i in range(n):
+            row = int(active[i])
+            token = int(step.tokens[i])
+            state.transcripts[row].append(token)
+            if phase[i] == THINK:
+                if token in self.s.eos_ids:
+                    state.set(row, "eos", t + 1, finished, i)
+                    continue
+                if self.marker.completed(state.transcripts[row]):
+                    # the marker step is a discrete step, scored at the answer temperature
+                    lp = discrete_log_density(logits[i : i + 1], step.tokens[i : i + 1], self.s.answer_temperature, self.shard)
+                    step = self._fill(step, _index_mask(i, n, logits.device), _discrete_step(step.tokens[i : i + 1], self.mixture_size, lp))
+                    state.enter_answer(row, t + 1)
+                else:
+                    state.soft_steps[row] += 1
+                    state.low_entropy[row] = state.low_entropy[row] + 1 if cold is not None and bool(cold[i]) else 0
+                    budget = self.s.max_thinking_tokens is not None and state.soft_steps[row] >= self.s.max_thinking_tokens
+                    if budget or state.low_entropy[row] >= self.s.cold_stop_steps:
+                        state.start_forcing(row)
+            elif phase[i] == FORCE:
+                state.forced_pos[row] += 1
+                if state.forced_pos[row] == len(self.marker_ids):
+                    state.enter_answer(row, t + 1)
+            elif token in self.s.eos_ids:
+                state.set(row, "eos", t + 1, finished, i)
+                continue
+            if self.stops.completed(state.transcripts[row]):
+                state.set(row, "stop", t + 1, finished, i)
+            elif t + 1 == self.s.max_new_tokens:
+                state.set(row, "length", t + 1, finished, i)
+        return step, scored, finished
+
+    def _low_entropy(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Entropy of p = softmax(l / T_thinking) over the whole sharded vocabulary, below the threshold."""
+        scaled = self.shard.masked(logits) / self.s.thinking_sampler.truncation.temperature
+        log_z = log_normalizer(scaled, self.shard)
+        p = torch.exp(scaled - log_z[:, None])
+        expected = reduce_sum(torch.where(p > 0, p * scaled, torch.zeros_like(p)).sum(-1), self.shard)
+        return (log_z - expected < self.s.cold_stop_entropy) & rows
+
+    # ------------------------------------------------------------------ helpers
+
+    def _empty_step(self, n: int, device) -> SampledStep:
+        rows = MixtureRows.discrete(torch.full((n,), self.pad_id, dtype=torch.long, device=device), self.mixture_size)
+        return SampledStep(**{f.name: getattr(rows, f.name) for f in fields(rows)}, log_density=torch.zeros(n, device=device))
+
+    @staticmethod
+    def _fill(step: SampledStep, where: torch.Tensor, part: SampledStep) -> SampledStep:
+        """`step` with the rows selected by `where` replaced by `part` (in order)."""
+        idx = where.nonzero().squeeze(-1)
+
+        def put(dst, src):
+            dst = dst.clone()
+            dst[idx] = src.to(dst.dtype)
+            return dst
+
+        return SampledStep(**{f.name: put(getattr(step, f.name), getattr(part, f.name)) for f in fields(step)})
+
+    def _assemble(self, prompt_rows, out: "_ResponseBuffer", state: "_RowState", device) -> Trajectories:
+        b = len(prompt_rows)
+        lengths = torch.tensor(state.length, dtype=torch.long, device=device)
+        plens = torch.tensor([len(p) for p in prompt_rows], device=device)
+        total = int((plens + lengths).max())
+        rows = MixtureRows.discrete(torch.full((b, total), self.pad_id, dtype=torch.long, device=device), self.mixture_size)
+        loss_mask = torch.zeros(b, total, dtype=torch.bool, device=device)
+        logp = torch.zeros(b, total, device=device)
+        for i, p in enumerate(prompt_rows):
+            rows.tokens[i, : len(p)] = torch.tensor(p, device=device)
+            rows.mix_ids[i, : len(p), 0] = rows.tokens[i, : len(p)]
+            n, lo = int(lengths[i]), len(p)
+            for f in fields(rows):
+                getattr(rows, f.name)[i, lo : lo + n] = getattr(out.rows, f.name)[i, :n]
+            loss_mask[i, lo : lo + n] = out.scored[i, :n]
+            logp[i, lo : lo + n] = out.log_density[i, :n]
+        texts, thinking, answers = [], [], []
+        for i in range(b):
+            response = state.transcripts[i][: int(lengths[i])]
+            cut = min(state.think_length[i], len(response))
+            texts.append(self.tokenizer.decode(response, skip_special_tokens=True))
+            thinking.append(self.tokenizer.decode(response[:cut], skip_special_tokens=True))
+            answers.append(self.tokenizer.decode(response[cut:], skip_special_tokens=True))
+        return Trajectories(
+            rows=rows,
+            loss_mask=loss_mask,
+            rollout_logp=logp,
+            prompt_lengths=plens,
+            response_lengths=lengths,
+            think_lengths=torch.tensor([min(state.think_length[i], int(lengths[i])) for i in range(b)], device=device),
+            finish_reasons=list(state.reason),
+            texts=texts,
+            thinking_texts=thinking,
+            answer_texts=answers,
+        )
+
+
+def _discrete_step(tokens: torch.Tensor, mixture_size: int, log_density: torch.Tensor | None = None) -> SampledStep:
+    rows = MixtureRows.discrete(tokens, mixture_size)
+    lp = torch.zeros(len(tokens), device=tokens.device) if log_density is None else log_density
+    return SampledStep(**{f.name: getattr(rows, f.name) for f in fields(rows)}, log_density=lp)
+
+
+def _index_mask(i: int, n: int, device) -> torch.Tensor:
+    mask = torch.zeros(n, dtype=torch.bool, device=device)
+    mask[i] = True
+    return mask
+
+
+class _RowState:
+    """Per-response phase bookkeeping (last pipeline stage), indexed by the original row."""
+
+    def __init__(self, b: int, prompt_rows, discrete_only: bool, device):
+        self.phase = torch.full((b,), ANSWER if discrete_only else THINK, dtype=torch.long, device=device)
+        self.transcripts: list[list[int]] = [[] for _ in range(b)]
+        self.soft_steps = [0] * b
+        self.low_entropy = [0] * b
+        self.forced_pos = [0] * b
+        self.think_length = [0 if discrete_only else 1 << 30 for _ in range(b)]
+        self.length = [0] * b
+        self.reason = ["length"] * b
+
+    def enter_answer(self, row: int, length: int) -> None:
+        self.phase[row] = ANSWER
+        self.think_length[row] = length
+
+    def start_forcing(self, row: int) -> None:
+        self.phase[row] = FORCE
+
+    def set(self, row: int, reason: str, length: int, finished: torch.Tensor, i: int) -> None:
+        self.reason[row] = reason
+        self.length[row] = length
+        finished[i] = True
+
+    def share_from_last_stage(self, out: "_ResponseBuffer") -> None:
+        """Other pipeline stages only saw the steps: give them the outcome of each response."""
+        device = self.phase.device
+        summary = torch.tensor(
+            [self.length, [min(x, 1 << 30) for x in self.think_length], [REASONS.index(r) for r in self.reason]],
+            dtype=torch.long,
+            device=device,
+        )
+        broadcast_from_last_stage(summary)
+        self.length = summary[0].tolist()
+        self.think_length = summary[1].tolist()
+        self.reason = [REASONS[i] for i in summary[2].tolist()]
+        self.transcripts = [out.rows.tokens[i, : self.length[i]].tolist() for i in range(len(self.length))]
+
+
+class _ResponseBuffer:
+    """Generated rows by (original row, response position)."""
+
+    def __init__(self, b: int, max_new: int, k: int, device):
+        self.rows = MixtureRows.discrete(torch.zeros(b, max_new, dtype=torch.long, device=device), k)
+        self.scored = torch.zeros(b, max_new, dtype=torch.bool, device=device)
+        self.log_density = torch.zeros(b, max_new, device=device)
+
+    def record(self, active: torch.Tensor, t: int, step: SampledStep, scored: torch.Tensor) -> None:
+        for f in fields(self.rows):
+            getattr(self.rows, f.name)[active, t] = getattr(step, f.name).to(getattr(self.rows, f.name).dtype)
+        self.scored[active, t] = scored
+        self.log_density[active, t] = step.log_density.float()

@@ -1,0 +1,145 @@
+"""One decoding step of the (TP/PP-sharded) policy on mixtures of token embeddings.
+
+The runner owns everything model-side of decoding: the KV cache (Megatron's
+StaticInferenceContext), left padding, the mixture input embedding, hidden states sent between
+pipeline stages each step, and dropping finished rows from the cache. It returns this TP rank's
+vocabulary shard of the last-position logits on the last pipeline stage (None elsewhere).
+
+Left padding: every row ends at the same position, so one cache offset serves the batch. Padded
+keys are masked out explicitly (Megatron's local attention applies the mask we pass, also in
+decode mode). RoPE sees shifted absolute positions, which leaves attention unchanged because it
+depends only on relative positions.
+
+`use_kv_cache=False` recomputes the whole sequence every step: the reference that tests hold
+the cached path to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import torch
+
+from megatron_softgrpo.soft import MixtureRows
+from model_patches.mixture_embedding import mixture_embedding
+from model_patches.sharded_inference_logits import sharded_inference_logits
+
+
+def _pipeline():
+    from megatron.core import parallel_state as ps
+
+    return ps
+
+
+class ModelRunner:
+    def __init__(self, model, max_batch: int, max_len: int, use_kv_cache: bool = True, input_noise=None):
+        """`input_noise`: a soft noise kind whose `input_offset(rows)` perturbs the mixed embedding."""
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        ps = _pipeline()
+        if model.config.sequence_parallel:
+            raise NotImplementedError("decoding with sequence_parallel=true is not supported; disable it for rollouts")
+        self.model = model
+        self.input_noise = input_noise
+        self.max_len = max_len
+        self.use_kv_cache = use_kv_cache
+        self.first_stage = ps.is_pipeline_first_stage()
+        self.last_stage = ps.is_pipeline_last_stage()
+        self.pp = ps.get_pipeline_model_parallel_world_size()
+        self.dtype = next(model.parameters()).dtype
+        self.hidden_size = model.config.hidden_size
+        self.device = next(model.parameters()).device
+        self.ctx = StaticInferenceContext(max_batch, max_len) if use_kv_cache else None
+        self.key_pad: torch.Tensor | None = None  # [B, L] True where the key is left padding
+        self.history: MixtureRows | None = None  # recompute mode: every input so far [B, L]
+
+    @property
+    def length(self) -> int:
+        return 0 if self.key_pad is None else self.key_pad.shape[1]
+
+    @torch.no_grad()
+    def prefill(self, rows: MixtureRows, pad: torch.Tensor) -> torch.Tensor | None:
+        """Run the left-padded prompts (rows [B, P]); returns last-position logits [B, V/TP]."""
+        self.key_pad = pad.to(self.device)
+        if self.ctx is not None:
+            self.ctx.reset()
+            self.ctx.key_value_memory_dict.clear()
+        else:
+            self.history = rows
+        return self._run(rows, queries=pad.shape[1])
+
+    @torch.no_grad()
+    def step(self, rows: MixtureRows) -> torch.Tensor | None:
+        """Feed one new position per row (rows [B]); returns the next last-position logits."""
+        if self.length >= self.max_len:
+            raise RuntimeError(f"decoding past the KV cache length {self.max_len}")
+        b = self.key_pad.shape[0]
+        self.key_pad = torch.cat([self.key_pad, self.key_pad.new_zeros(b, 1)], dim=1)
+        new = rows.map(lambda t: t[:, None])
+        if self.ctx is None:
+            self.history = MixtureRows(**{k: torch.cat([getattr(self.history, k), getattr(new, k)], 1) for k in _FIELDS})
+            return self._run(self.history, queries=self.length)
+        self.ctx.enable_decode_mode()
+        return self._run(new, queries=1)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop finished rows: later steps cost only the rows still decoding."""
+        self.key_pad = self.key_pad[rows]
+        if self.ctx is None:
+            self.history = self.history.map(lambda t: t[rows])
+            return
+        for layer, (k, v) in self.ctx.key_value_memory_dict.items():
+            self.ctx.key_value_memory_dict[layer] = (k[:, rows].contiguous(), v[:, rows].contiguous())
+
+    def _mask(self, queries: int) -> torch.Tensor:
+        """[B, 1, q, L] True where attention is not allowed: future keys and left padding."""
+        length = self.length
+        causal = torch.ones(queries, length, dtype=torch.bool, device=self.device).triu(length - queries + 1)
+        return causal[None, None] | self.key_pad[:, None, None, :]
+
+    def _run(self, rows: MixtureRows, queries: int) -> torch.Tensor | None:
+        ps = _pipeline()
+        b = rows.tokens.shape[0]
+        decoder_input = None
+        if self.first_stage:
+            offset = self.input_noise.input_offset(rows) if self.input_noise is not None else None
+            decoder_input = mixture_embedding(self.model.embedding.word_embeddings, rows.mix_ids, rows.mix_weights, offset)
+        else:
+            hidden = torch.empty(queries, b, self.hidden_size, dtype=self.dtype, device=self.device)
+            torch.distributed.recv(hidden, ps.get_pipeline_model_parallel_prev_rank())
+            self.model.set_input_tensor(hidden)
+        position_ids = torch.arange(self.length - queries, self.length, device=self.device).expand(b, -1)
+        with sharded_inference_logits(self.model):
+            out = self.model(
+                None,
+                position_ids,
+                self._mask(queries),
+                decoder_input=decoder_input,
+                inference_context=self.ctx,
+                runtime_gather_output=True,
+            )
+        if self.ctx is not None:
+            self.ctx.sequence_len_offset += queries
+        if not self.last_stage:
+            torch.distributed.send(out.contiguous(), ps.get_pipeline_model_parallel_next_rank())
+            return None
+        return out[:, -1].float()
+
+
+def broadcast_from_last_stage(*tensors: torch.Tensor) -> None:
+    """Give every pipeline stage the last stage's values (in place), e.g. the sampled step."""
+    ps = _pipeline()
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return
+    src = ps.get_pipeline_model_parallel_last_rank()
+    group = ps.get_pipeline_model_parallel_group()
+    for t in tensors:
+        if t.dtype == torch.bool:  # not every backend broadcasts bool
+            wire = t.to(torch.uint8)
+            torch.distributed.broadcast(wire, src, group=group)
+            t.copy_(wire.bool())
+        else:
+            torch.distributed.broadcast(t, src, group=group)
+
+
+_FIELDS = [f.name for f in fields(MixtureRows)]
