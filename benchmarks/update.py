@@ -1,0 +1,191 @@
+"""Policy-update cost, measured side by side in one run on the same model and batch shapes.
+
+- one SofT-GRPO update step (soft Gumbel rows scored by the Gumbel density) vs one discrete
+  GRPO update step (every row scored by log_softmax): target ratio <= 1.15 (the reference
+  implementation's soft trainer was about 3x slower than its discrete one);
+- training forward+backward throughput (tokens/s) and model FLOPs utilisation on GPU.
+
+    .venv/bin/python benchmarks/update.py [--quick] [--model tiny|smollm2-shaped|qwen2-1.5b-shaped] [--seq-len N]
+
+Random weights (written once to a temporary Hugging Face directory): only timing matters.
+MFU counts 6 * N_params * tokens + 12 * layers * hidden * seq * tokens (causal attention,
+forward + backward) FLOPs per update, against the measured bf16 matmul peak of the device.
+Prints `name: value` lines; ratios are `ratio/<what>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+SHAPES = {
+    "tiny": dict(vocab_size=49152, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "smollm2-shaped": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3),
+    "qwen2-1.5b-shaped": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2),
+}
+
+
+def write_random_model(shape: dict, path: Path) -> None:
+    """A Qwen2 HF directory with N(0, 0.02) weights, generated on the fastest device."""
+    from safetensors.torch import save_file
+
+    from megatron_softgrpo.models.arch import ModelArch
+
+    config = dict(model_type="qwen2", hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768,
+                  tie_word_embeddings=False, architectures=["Qwen2ForCausalLM"], **shape)
+    arch = ModelArch.from_hf_config(config)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    h, f, hd = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
+    q, kv = arch.num_attention_heads * hd, arch.num_key_value_heads * hd
+    shapes = {"model.embed_tokens.weight": (arch.vocab_size, h), "lm_head.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,), p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.o_proj.weight": (h, q), p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
+        })
+    gen = torch.Generator(device=device).manual_seed(0)
+    tensors = {
+        name: (torch.ones(s) if name.endswith("norm.weight") else torch.randn(s, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu()
+        for name, s in shapes.items()
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def recipe(model_dir: Path, rows: int, micro: int, precision: str, algorithm: str):
+    from megatron_softgrpo.config.schema import RecipeCfg
+
+    return RecipeCfg.model_validate({
+        "policy": {
+            "model_name": str(model_dir), "precision": precision, "train_global_batch_size": rows,
+            "train_micro_batch_size": micro, "logprob_batch_size": micro, "max_total_sequence_length": 65536,
+        },
+        "grpo": {"num_prompts_per_step": rows, "num_generations_per_prompt": 1},
+        "loss_fn": {"reference_policy_kl_penalty": 0.0},
+        "softgrpo": {"algorithm": algorithm},
+    })
+
+
+def synthetic_batch(rows: int, seq: int, vocab: int, soft: bool, k: int = 5, prompt: int = 64):
+    """Trajectory-shaped records: a one-hot prompt, then generated rows (soft thinking or discrete)."""
+    from megatron_softgrpo.soft import MixtureRows
+    from megatron_softgrpo.train.batch import PolicyBatch
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (rows, seq), generator=g)
+    recs = MixtureRows.discrete(tokens, k)
+    if soft:
+        generated = torch.zeros(rows, seq, dtype=torch.bool)
+        generated[:, prompt:] = True
+        ids = torch.randint(0, vocab, (rows, seq, k), generator=g)
+        ids[..., 0] = tokens
+        weights = torch.softmax(torch.randn(rows, seq, k, generator=g) * 3, -1).sort(-1, descending=True).values
+        recs = MixtureRows(
+            tokens=tokens,
+            mix_ids=torch.where(generated[..., None], ids, recs.mix_ids),
+            mix_weights=torch.where(generated[..., None], weights, recs.mix_weights),
+            noise=torch.where(generated[..., None], torch.randn(rows, seq, k, generator=g), recs.noise),
+            support=torch.where(generated[..., None], torch.ones_like(recs.support), recs.support),
+            is_soft=generated,
+            noise_seed=recs.noise_seed,
+        )
+    mask = torch.zeros(rows, seq, dtype=torch.bool)
+    mask[:, prompt:] = True
+    return PolicyBatch(recs, mask, advantages=torch.randn(rows, 1, generator=g).expand(rows, seq) * mask,
+                       old_logp=torch.zeros(rows, seq))
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed_updates(worker, batch, repeats: int) -> float:
+    batch.old_logp = worker.compute_logprobs(batch)  # ratio 1 at the first step, as in training
+    worker.train_step(batch)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        worker.train_step(batch)
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def matmul_peak_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    sync()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    sync()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="reduced sizes (< 1 min on 2 CPU cores)")
+    p.add_argument("--model", default=None, choices=sorted(SHAPES))
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--rows", type=int, default=None)
+    p.add_argument("--json", help="also write the results to this JSON file")
+    args = p.parse_args()
+
+    from megatron_softgrpo.distributed import ParallelLayout, destroy_distributed, init_distributed
+    from megatron_softgrpo.models.arch import ModelArch
+    from megatron_softgrpo.train.policy import PolicyWorker
+
+    gpu = torch.cuda.is_available()
+    model = args.model or ("qwen2-1.5b-shaped" if gpu else "tiny")
+    seq = args.seq_len or (4096 if gpu else (256 if args.quick else 512))
+    rows = args.rows or (8 if gpu else 4)
+    precision = "bfloat16" if gpu else "float32"
+    reps = 1 if args.quick else 3
+    results: dict = {"device": torch.cuda.get_device_name() if gpu else "cpu", "model": model, "seq_len": seq, "rows": rows}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_random_model(SHAPES[model], Path(tmp) / "model")
+        arch = ModelArch.from_hf_dir(Path(tmp) / "model")
+        times = {}
+        for algorithm in ("grpo", "softgrpo"):
+            init_distributed(ParallelLayout(1, 1), seed=0)
+            worker = PolicyWorker(recipe(Path(tmp) / "model", rows, 1, precision, algorithm))
+            batch = synthetic_batch(rows, seq, arch.vocab_size, soft=algorithm == "softgrpo")
+            times[algorithm] = timed_updates(worker, batch, reps)
+            del worker
+            destroy_distributed()
+    tokens = rows * seq
+    results["update/grpo_step_s"] = times["grpo"]
+    results["update/softgrpo_step_s"] = times["softgrpo"]
+    results["ratio/softgrpo_over_grpo_update_step"] = times["softgrpo"] / times["grpo"]
+    results["update/train_tokens_per_s"] = tokens / times["grpo"]
+    flops = 6 * arch.num_parameters() * tokens + 12 * arch.num_layers * arch.hidden_size * seq * tokens
+    results["update/model_tflops_per_s"] = flops / times["grpo"] / 1e12
+    results["params"] = arch.num_parameters()
+    if gpu:
+        peak = matmul_peak_tflops()
+        results["device/bf16_matmul_peak_tflops"] = peak
+        results["update/mfu"] = results["update/model_tflops_per_s"] / peak
+    for key, value in results.items():
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

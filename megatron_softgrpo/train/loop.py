@@ -1,0 +1,313 @@
+"""The SofT-GRPO / GRPO loop (`softgrpo train`), one RL step at a time (ARCHITECTURE.md "Flow"):
+
+    prompts -> rollout (G per prompt; each data-parallel rank decodes its block of prompts)
+            -> rewards -> group advantages
+            -> old-policy and reference-policy log-probs (no grad, the training function)
+            -> mini-batched optimizer steps (Megatron schedule; TP, PP, DP)
+            -> metrics, periodic validation and checkpoints
+
+The algorithm only changes how the thinking phase is sampled and scored (the sampler and
+scorer built from `softgrpo.*`); everything else is shared.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megatron_softgrpo.algorithms.advantages import broadcast_to_positions, group_advantages
+from megatron_softgrpo.config import LoadedRecipe
+from megatron_softgrpo.data.datasets import PromptDataset, load_split
+from megatron_softgrpo.data.prompts import encode_prompt
+from megatron_softgrpo.data.sampler import PromptSampler
+from megatron_softgrpo.distributed import ParallelLayout, init_distributed, is_main_rank
+from megatron_softgrpo.models.source import load_tokenizer
+from megatron_softgrpo.rewards.registry import get_reward
+from megatron_softgrpo.rollout.engine import RolloutEngine, RolloutSettings, Trajectories
+from megatron_softgrpo.soft import MixtureRows, noise_seed, seed_noise_rng
+from megatron_softgrpo.train.batch import PolicyBatch
+from megatron_softgrpo.train.checkpointing import resume, save_training_checkpoint
+from megatron_softgrpo.train.metrics_log import MetricsLog
+from megatron_softgrpo.train.plots import plot_runs
+from megatron_softgrpo.train.policy import PolicyWorker
+from megatron_softgrpo.train.preemption import REQUEUE_EXIT_CODE, PreemptionWatcher
+
+
+def _ps():
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+@dataclass
+class Scored:
+    """One step's trajectories of the whole batch (identical on every rank) and their rewards."""
+
+    traj: Trajectories  # this rank's block (texts are local)
+    rows: MixtureRows  # [B, S] all data-parallel blocks
+    loss_mask: torch.Tensor
+    rollout_logp: torch.Tensor
+    response_lengths: torch.Tensor
+    think_lengths: torch.Tensor
+    truncated: torch.Tensor  # [B] finished by the length limit
+    rewards: torch.Tensor  # [B]
+
+
+class Trainer:
+    def __init__(self, loaded: LoadedRecipe):
+        cfg = self.cfg = loaded.cfg
+        mcfg = cfg.policy.megatron_cfg
+        if cfg.softgrpo.sampler is not None and _algorithm_of(cfg.softgrpo.sampler) != cfg.softgrpo.algorithm:
+            raise loaded.error("softgrpo.sampler", f"training samples as the algorithm does ({cfg.softgrpo.algorithm}); set null")
+        env = init_distributed(ParallelLayout(mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size), seed=cfg.grpo.seed)
+        ps = _ps()
+        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        seed_noise_rng(noise_seed(cfg.grpo.seed, self.dp_rank))
+        if cfg.grpo.num_prompts_per_step % self.dp:
+            raise loaded.error("grpo.num_prompts_per_step", f"must be divisible by the {self.dp} data-parallel ranks")
+        if cfg.data.train is None:
+            raise loaded.error("data.train", "training needs a dataset (a file or a reasoning-gym task)")
+        self.worker = PolicyWorker(cfg)
+        self.tokenizer = load_tokenizer(self.worker.source, cfg.policy.tokenizer.name)
+        self.train_data = self._load("train")
+        self.val_data = self._load("validation") if cfg.data.validation is not None else None
+        self.sampler = PromptSampler(self.train_data.problems, cfg.grpo.num_prompts_per_step, seed=cfg.grpo.seed, shuffle=cfg.data.shuffle)
+        settings = RolloutSettings.from_recipe(cfg, self.tokenizer, self.worker.source.arch.hidden_size)
+        self.engine = RolloutEngine(self.worker.model, self.tokenizer, self.worker.vocab, settings)
+        self.reward = get_reward(cfg.env.reward, num_workers=cfg.env.num_workers, timeout_s=cfg.env.timeout_s)
+        self.log = MetricsLog(cfg.logger, loaded.raw, enabled=is_main_rank())
+        self.step = 0
+        if env.launcher != "single" and is_main_rank():
+            print(f"[softgrpo] {env.world_size} ranks: TP={mcfg.tensor_model_parallel_size} "
+                  f"PP={mcfg.pipeline_model_parallel_size} DP={self.dp}", flush=True)
+
+    def _load(self, split: str) -> PromptDataset:
+        data = load_split(self.cfg.data, split, self.tokenizer)
+        if is_main_rank():
+            print(f"[softgrpo] {split}: {data.summary()}", flush=True)
+        return data
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> int:
+        cfg = self.cfg
+        restored = resume(cfg.checkpointing, self.worker) if cfg.checkpointing.enabled and cfg.checkpointing.resume else None
+        if restored is not None:
+            self.step = restored.step
+            self.sampler.load_state_dict(restored.extra["data"])
+            self.log.truncate_after(self.step)
+            if is_main_rank():
+                print(f"[softgrpo] resumed from {restored.path} (step {self.step})", flush=True)
+        watcher = PreemptionWatcher()
+        first_val = self._validate() if self.val_data is not None and cfg.grpo.val_at_start and self.step == 0 else None
+        try:
+            while self.step < cfg.grpo.max_num_steps and self.sampler.epoch < cfg.grpo.max_num_epochs:
+                metrics = self._rl_step()
+                self.step += 1
+                if self.val_data is not None and cfg.grpo.val_period and self.step % cfg.grpo.val_period == 0:
+                    metrics.update(_prefixed("val/", self._validate()))
+                if self.step == 1 and first_val is not None:
+                    metrics.update(_prefixed("val_at_start/", first_val))
+                self.log.log(self.step, metrics, cfg.grpo.max_num_steps)
+                stop = watcher.should_stop()
+                if cfg.checkpointing.enabled and (stop or self.step % cfg.checkpointing.save_period == 0):
+                    self._save()
+                if stop:
+                    if is_main_rank():
+                        print(f"[softgrpo] stopped by signal at step {self.step}; exit {REQUEUE_EXIT_CODE} (requeue to resume)", flush=True)
+                    return REQUEUE_EXIT_CODE
+            if cfg.checkpointing.enabled and self.step % cfg.checkpointing.save_period:
+                self._save()
+            self._finish(first_val)
+            return 0
+        finally:
+            watcher.restore()
+            self.log.close()
+            close = getattr(getattr(self.reward, "grader", None), "close", None)
+            if close is not None:
+                close()
+
+    def _save(self) -> None:
+        extra = {"data": self.sampler.state_dict()}
+        save_training_checkpoint(self.cfg.checkpointing, self.worker, self.step, extra, tokenizer=self.tokenizer)
+
+    def _finish(self, first_val: dict | None) -> None:
+        final = self._validate() if self.val_data is not None else None  # a collective: every rank
+        if not is_main_rank():
+            return
+        if final is not None:
+            self.log.log(self.step, _prefixed("val_final/", final), echo=False)
+            before = f"{first_val['accuracy']:.3f} -> " if first_val is not None else ""
+            print(f"[softgrpo] held-out accuracy: {before}{final['accuracy']:.3f} ({len(self.val_data.problems)} problems)", flush=True)
+        out = plot_runs([self.cfg.logger.log_dir], f"{self.cfg.logger.log_dir}/training_curves.png")
+        print(f"[softgrpo] curves: {out}", flush=True)
+
+    # ------------------------------------------------------------------ one RL step
+
+    def _rl_step(self) -> dict:
+        cfg, worker = self.cfg, self.worker
+        times: dict[str, float] = {}
+        t0 = time.perf_counter()
+        problems = self.sampler.next_batch()
+        epoch = self.sampler.epoch
+        scored = self._rollout_and_score(problems, cfg.grpo.num_generations_per_prompt, times)
+
+        t = time.perf_counter()
+        g = cfg.grpo.num_generations_per_prompt
+        advantages = broadcast_to_positions(group_advantages(scored.rewards, g, normalize=cfg.grpo.normalize_rewards), scored.loss_mask)
+        batch = PolicyBatch(scored.rows, scored.loss_mask, advantages=advantages)
+        batch.old_logp = worker.compute_logprobs(batch)
+        if worker.reference is not None:
+            batch.ref_logp = worker.compute_logprobs(batch, reference=True)
+        times["time/logprob"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        mb = cfg.policy.train_global_batch_size
+        updates = [worker.train_step(_trim(batch.row_slice(i, i + mb))) for i in range(0, batch.num_rows, mb)]
+        times["time/update"] = time.perf_counter() - t
+        times["time/step"] = time.perf_counter() - t0
+
+        mask = scored.loss_mask
+        generated = int(scored.response_lengths.sum())
+        kls = [u.kl_mean for u in updates if u.kl_mean is not None]
+        metrics = {
+            "epoch": epoch,
+            "reward/mean": float(scored.rewards.mean()),
+            "reward/std": float(scored.rewards.std()) if len(scored.rewards) > 1 else 0.0,
+            "accuracy": float((scored.rewards >= 0.5).float().mean()),
+            "response_length/mean": float(scored.response_lengths.float().mean()),
+            "response_length/max": int(scored.response_lengths.max()),
+            "think_length/mean": float(scored.think_lengths.float().mean()),
+            "truncated_fraction": float(scored.truncated.float().mean()),
+            "soft_fraction": float((scored.rows.is_soft & mask).sum() / mask.sum().clamp(min=1)),
+            "rollout_logp_mismatch": float(((scored.rollout_logp.exp() - batch.old_logp.exp()).abs() * mask).sum() / mask.sum().clamp(min=1)),
+            "loss": _mean(u.loss for u in updates),
+            "policy_loss": _mean(u.policy_loss for u in updates),
+            "kl/mean": _mean(kls) if kls else None,
+            "clip_fraction": _mean(u.clip_frac_low + u.clip_frac_high for u in updates),
+            "clip_fraction/low": _mean(u.clip_frac_low for u in updates),
+            "clip_fraction/high": _mean(u.clip_frac_high for u in updates),
+            "dual_clip_fraction": _mean(u.dual_clip_frac for u in updates),
+            "ratio/mean": _mean(u.ratio_mean for u in updates),
+            "grad_norm": _mean(u.grad_norm for u in updates),
+            "lr": updates[-1].lr,
+            "optimizer_steps": worker.optimizer_steps,
+            "skipped_steps": worker.skipped_steps,
+            "tokens_per_second": generated / times["time/step"],
+            **times,
+        }
+        return {k: v for k, v in metrics.items() if v is not None}
+
+    def _rollout_and_score(self, problems, g: int, times: dict) -> Scored:
+        """Rollout of this rank's block of prompts, rewards, then the whole batch on every rank."""
+        t = time.perf_counter()
+        block = len(problems) // self.dp
+        mine = problems[self.dp_rank * block : (self.dp_rank + 1) * block]
+        prompts = [encode_prompt(self.tokenizer, p.problem, self.cfg.data.prompt_template, self.cfg.data.system_prompt) for p in mine]
+        traj = self.engine.generate(prompts, g)
+        times["time/rollout"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        answers = [p.answer for p in mine for _ in range(g)]
+        metadata = [p.metadata for p in mine for _ in range(g)]
+        rewards = torch.tensor(self.reward(traj.texts, answers, metadata), dtype=torch.float32)
+        times["time/reward"] = time.perf_counter() - t
+        truncated = torch.tensor([r == "length" for r in traj.finish_reasons])
+        device = traj.rows.tokens.device
+        gathered = _gather_blocks(
+            [*[getattr(traj.rows, k) for k in _ROW_FIELDS], traj.loss_mask, traj.rollout_logp],
+            [traj.response_lengths, traj.think_lengths, truncated.to(device), rewards.to(device)],
+        )
+        rows = MixtureRows(**dict(zip(_ROW_FIELDS, gathered[: len(_ROW_FIELDS)])))
+        loss_mask, rollout_logp, lengths, think, trunc, rew = gathered[len(_ROW_FIELDS) :]
+        return Scored(traj, rows, loss_mask, rollout_logp, lengths, think, trunc, rew)
+
+    def _validate(self) -> dict:
+        """One sample per validation problem with the training decoding; accuracy and mean reward."""
+        problems = self.val_data.problems
+        per_rank = math.ceil(len(problems) / self.dp)
+        mine = problems[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
+        rewards, lengths = torch.zeros(per_rank), torch.zeros(per_rank)
+        if mine:
+            prompts = [encode_prompt(self.tokenizer, p.problem, self.cfg.data.prompt_template, self.cfg.data.system_prompt) for p in mine]
+            traj = self.engine.generate(prompts, 1)
+            got = self.reward(traj.texts, [p.answer for p in mine], [p.metadata for p in mine])
+            rewards[: len(mine)] = torch.tensor(got)
+            lengths[: len(mine)] = traj.response_lengths.float().cpu()
+        valid = torch.zeros(per_rank)
+        valid[: len(mine)] = 1
+        rewards, lengths, valid = (_gather_dp(x) for x in (rewards, lengths, valid))
+        n = valid.sum().clamp(min=1)
+        return {
+            "accuracy": float(((rewards >= 0.5).float() * valid).sum() / n),
+            "reward": float((rewards * valid).sum() / n),
+            "response_length": float((lengths * valid).sum() / n),
+        }
+
+
+_ROW_FIELDS = ("tokens", "mix_ids", "mix_weights", "noise", "support", "is_soft", "noise_seed")
+
+
+def _algorithm_of(sampler: str) -> str:
+    from megatron_softgrpo.rollout.engine import SAMPLER_ALGORITHM
+
+    return SAMPLER_ALGORITHM.get(sampler, sampler)
+
+
+def _prefixed(prefix: str, d: dict) -> dict:
+    return {prefix + k: v for k, v in d.items()}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _trim(batch: PolicyBatch) -> PolicyBatch:
+    """Drop trailing columns that are padding in every row of the mini-batch."""
+    used = batch.loss_mask.any(dim=0).nonzero()
+    length = int(used.max()) + 1 if len(used) else 1
+    return batch.map(lambda t: t[:, :length])
+
+
+def _gather_dp(x: torch.Tensor) -> torch.Tensor:
+    ps = _ps()
+    if ps.get_data_parallel_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(ps.get_data_parallel_world_size())]
+    torch.distributed.all_gather(parts, x.contiguous(), group=ps.get_data_parallel_group())
+    return torch.cat(parts)
+
+
+def _gather_blocks(per_position: list[torch.Tensor], per_row: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Concatenate every data-parallel rank's block of rows (in rank order); [B, S] tensors are
+    right-padded to the longest block first."""
+    ps = _ps()
+    if ps.get_data_parallel_world_size() == 1:
+        return per_position + per_row
+    length = torch.tensor([per_position[0].shape[1]], device=per_position[0].device)
+    torch.distributed.all_reduce(length, op=torch.distributed.ReduceOp.MAX, group=ps.get_data_parallel_group())
+    width = int(length)
+
+    def pad(t):
+        extra = width - t.shape[1]
+        return torch.cat([t, t.new_zeros((t.shape[0], extra, *t.shape[2:]))], dim=1) if extra else t
+
+    out = []
+    for t in [pad(t) for t in per_position] + per_row:
+        wire = t.to(torch.uint8) if t.dtype == torch.bool else t
+        wire = _gather_dp(wire)
+        out.append(wire.bool() if t.dtype == torch.bool else wire)
+    return out
+
+
+def train(loaded: LoadedRecipe) -> int:
+    try:
+        return Trainer(loaded).run()
+    except KeyboardInterrupt:
+        print("[softgrpo] interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,107 @@
+"""Per-step metrics: a progress line, `metrics.jsonl`, TensorBoard, and optional Weights & Biases.
+
+`metrics.jsonl` holds one JSON object per optimizer-step group (one RL step), with the key
+names documented in the README. On resume the file is cut back to the checkpoint's step, so
+an interrupted and resumed run writes exactly the lines an uninterrupted run would.
+Only the main rank writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from megatron_softgrpo.config.schema import LoggerCfg
+
+# key in metrics.jsonl -> label in the progress line (and its format)
+PROGRESS = (
+    ("reward/mean", "reward", "{:.3f}"),
+    ("accuracy", "acc", "{:.3f}"),
+    ("response_length/mean", "len", "{:.1f}"),
+    ("soft_fraction", "soft", "{:.2f}"),
+    ("kl/mean", "kl", "{:.2e}"),
+    ("clip_fraction", "clip", "{:.3f}"),
+    ("grad_norm", "gnorm", "{:.3f}"),
+    ("tokens_per_second", "tok/s", "{:.0f}"),
+    ("time/step", "s", "{:.1f}"),
+)
+
+
+def format_progress(step: int, max_steps: int, metrics: dict) -> str:
+    parts = [f"step {step}/{max_steps}"]
+    for key, label, fmt in PROGRESS:
+        value = metrics.get(key)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            parts.append(f"{label} {fmt.format(value)}")
+    return " | ".join(parts)
+
+
+class MetricsLog:
+    def __init__(self, cfg: LoggerCfg, run_config: dict, enabled: bool = True):
+        self.enabled = enabled
+        self.dir = Path(cfg.log_dir)
+        self.path = self.dir / "metrics.jsonl"
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.json").write_text(json.dumps(run_config, indent=2, sort_keys=True, default=str))
+        if cfg.tensorboard_enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+        if cfg.wandb_enabled:
+            try:
+                import wandb
+            except ImportError:
+                from megatron_softgrpo.errors import UserError
+
+                raise UserError("logger.wandb_enabled=true: the wandb package is not installed (pip install wandb)") from None
+            self._wandb = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, config=run_config, dir=str(self.dir))
+
+    def truncate_after(self, step: int) -> None:
+        """Forget lines of steps after `step` (they were logged after the checkpoint we resume from)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, step: int, metrics: dict, max_steps: int | None = None, echo: bool = True) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(record, step=step)
+        if echo:
+            print(format_progress(step, max_steps or step, record), flush=True)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _plain(value):
+    """Tensors and numpy scalars -> Python numbers (JSON-able)."""
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        from megatron_softgrpo.errors import UserError
+
+        raise UserError(f"{path}: no metrics.jsonl in this run directory")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

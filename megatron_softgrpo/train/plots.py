@@ -1,0 +1,41 @@
+"""Training curves as PNG: reward, accuracy, KL and response length per step, runs overlaid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_softgrpo.train.metrics_log import read_metrics
+
+PANELS = (
+    ("reward/mean", "reward"),
+    ("accuracy", "accuracy"),
+    ("kl/mean", "KL to reference"),
+    ("response_length/mean", "response length (tokens)"),
+)
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [read_metrics(d) for d in run_dirs]
+    labels = labels or [Path(d).name for d in run_dirs]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
+    for ax, (key, title) in zip(axes.flat, PANELS):
+        for rows, label in zip(runs, labels):
+            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    if len(runs) > 1 and handles:
+        fig.legend(handles, names, loc="lower center", ncol=min(4, len(runs)), bbox_to_anchor=(0.5, -0.04))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out

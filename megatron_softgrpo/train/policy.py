@@ -1,0 +1,322 @@
+"""PolicyWorker: this rank's shard of the policy (and of the frozen reference), its log-probs and updates.
+
+Every rank of the job builds one worker after `init_distributed` and calls every method
+(they are collectives). Everything runs through Megatron's `get_forward_backward_func`, so
+tensor, pipeline and data parallelism all work the same way:
+
+- Inputs: position j reads the mixture of stored record j (`mixture_embedding`, detached,
+  SPEC.md section 2) as `decoder_input` on the first pipeline stage; the causal mask is passed
+  explicitly and positions are 0..S-1 (rows are right-padded).
+- Scoring: the model returns its final hidden states (`model_patches.final_hidden_states`); the
+  output at position j - 1 scores record j with `soft.log_density_from_hidden`, only at the
+  positions of `loss_mask`, against this rank's vocabulary shard of the output weight.
+  `compute_logprobs` and the loss use this one function, so old, reference and new log-probs
+  agree when the weights do: bitwise (ratio exactly 1 on the first update) when each row is
+  computed in the same company, i.e. `logprob_batch_size == train_micro_batch_size` and
+  mini-batches are row slices of the batch the old log-probs were computed on (same length
+  S, micro-batch boundaries aligned); otherwise up to float rounding.
+- Data parallelism: every rank is given the **whole** batch (identical on all ranks). Data-
+  parallel rank r takes the contiguous block of rows [r B/D, (r+1) B/D) and splits it into
+  micro-batches of consecutive rows; gradients are averaged over the D ranks by DDP.
+  `compute_logprobs` pads the batch with unscored rows up to a multiple of D x micro-batch and
+  all-gathers the result, so every rank returns the log-probs of all B rows.
+- Loss normalisation (`loss_fn.aggregation`): Megatron divides each micro-batch's loss by the
+  number of micro-batches and DDP averages over ranks, which is exactly the reference
+  `token_mean_microbatch` (and `seq_mean_token_mean`); `token_mean_global` normalises by the
+  scored positions of the whole mini-batch, so the worker undoes Megatron's division there.
+  With these, one step at any TP/PP/DP gives the update of one rank on the same mini-batch,
+  provided the micro-batches hold the same rows (global rows / micro-batch size alike).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_softgrpo.algorithms.loss import LossScale, PolicyLossResult, policy_loss
+from megatron_softgrpo.config.schema import RecipeCfg
+from megatron_softgrpo.errors import UserError
+from megatron_softgrpo.models.forward import causal_mask, position_ids
+from megatron_softgrpo.models.loading import load_model
+from megatron_softgrpo.models.source import resolve_model_source
+from megatron_softgrpo.rollout.model_runner import broadcast_from_last_stage
+from megatron_softgrpo.soft import EmbeddingNoise, InputEmbedding, VocabShard, log_density_from_hidden
+from megatron_softgrpo.soft.recipe import scorer as recipe_scorer
+from megatron_softgrpo.train.batch import PolicyBatch
+from megatron_softgrpo.train.optimizer import build_optimizer, build_scheduler, guarded_step, planned_optimizer_steps, wrap_ddp
+from model_patches.final_hidden_states import final_hidden_states
+from model_patches.mixture_embedding import mixture_embedding
+
+
+@dataclass(frozen=True)
+class TrainStepMetrics:
+    """One optimizer step; identical on every rank."""
+
+    loss: float  # the objective whose gradient was applied (policy + kl coef * kl), per LossCfg.aggregation
+    policy_loss: float
+    kl_loss: Optional[float]  # None without a reference model
+    num_tokens: int  # scored positions of the mini-batch
+    clip_frac_low: float  # means over the scored positions, as PolicyLossMetrics
+    clip_frac_high: float
+    dual_clip_frac: float
+    ratio_mean: float
+    kl_mean: Optional[float]
+    grad_norm: float  # before clipping; not finite when the step was skipped
+    lr: float
+    updated: bool  # False: non-finite gradient norm, the weights were left unchanged
+    skipped_steps: int  # skipped optimizer steps so far in this run (kept across resumes)
+
+
+# per-micro-batch statistics (loss terms as the schedule backpropagates them, the rest token-weighted),
+# summed over micro-batches and data-parallel ranks
+_STATS = ("objective", "policy", "kl", "tokens", "clip_low", "clip_high", "dual_clip", "ratio", "kl_mean")
+
+
+def _parallel_state():
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+def _unwrapped(model_chunk):
+    return getattr(model_chunk, "module", model_chunk)  # DDP -> GPTModel
+
+
+class PolicyWorker:
+    def __init__(self, cfg: RecipeCfg):
+        ps = _parallel_state()
+        policy, mcfg = cfg.policy, cfg.policy.megatron_cfg
+        running = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+        wanted = (mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size)
+        if running != wanted:
+            raise ValueError(f"init_distributed set TP, PP = {running}; the recipe asks for {wanted}")
+        if cfg.loss_fn.entropy_coef > 0:
+            raise UserError(f"loss_fn.entropy_coef={cfg.loss_fn.entropy_coef}: the entropy term is not implemented in the trainer; set 0")
+        self.cfg = cfg
+        self.source = resolve_model_source(policy.model_name)
+        self.model, self.padded_vocab_size = load_model(self.source, mcfg, policy.precision)
+        self.ddp = wrap_ddp(self.model, mcfg)
+        self.optimizer = build_optimizer(self.ddp, mcfg, policy.precision)
+        self.scheduler = build_scheduler(self.optimizer, mcfg, planned_optimizer_steps(cfg))
+        self.reference = self._frozen_reference() if cfg.loss_fn.reference_policy_kl_penalty > 0 else None
+        arch = self.source.arch
+        self.scorer = recipe_scorer(cfg.softgrpo, policy.generation, arch.hidden_size)
+        if isinstance(self.scorer.noise, EmbeddingNoise) and running[1] > 1 and not arch.tie_word_embeddings:
+            raise UserError(
+                "softgrpo.algorithm=embedding_noise with policy.megatron_cfg.pipeline_model_parallel_size > 1 needs "
+                "tied embeddings (its density reads the input embedding on the last stage)"
+            )
+        self.vocab = VocabShard.from_parallel_state(self.padded_vocab_size, arch.vocab_size)
+        self.device = next(self.model.parameters()).device
+        self.optimizer_steps = 0  # updates applied (checkpointed)
+        self.skipped_steps = 0  # updates skipped for a non-finite gradient norm (checkpointed)
+
+    def _frozen_reference(self):
+        model, _ = load_model(self.source, self.cfg.policy.megatron_cfg, self.cfg.policy.precision)
+        model.requires_grad_(False)
+        return model
+
+    # ------------------------------------------------------------------ public API
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: PolicyBatch, *, reference: bool = False) -> torch.Tensor:
+        """Record-aligned log-densities [B, S] (fp32, 0 where loss_mask is False) under the
+        current policy, or under the frozen reference model; the same on every rank."""
+        model = self.reference if reference else self.ddp
+        if model is None:
+            raise ValueError("no reference model: loss_fn.reference_policy_kl_penalty is 0")
+        ps = _parallel_state()
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        per_rank = math.ceil(batch.num_rows / dp)
+        micro = min(self.cfg.policy.logprob_batch_size, per_rank)
+        per_rank = math.ceil(per_rank / micro) * micro
+        local = batch.without_targets().padded_rows(per_rank * dp).row_slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+        local = local.map(lambda t: t.to(self.device))
+        micro_batches = [local.row_slice(i, i + micro) for i in range(0, per_rank, micro)]
+        outputs = self._run(model, micro_batches, self._logp_output, forward_only=True)
+        if ps.is_pipeline_last_stage():
+            logp = torch.cat([o["logp"] for o in outputs]).float()
+        else:
+            logp = torch.empty(per_rank, batch.seq_len, device=self.device)
+        broadcast_from_last_stage(logp)
+        if dp > 1:
+            parts = [torch.empty_like(logp) for _ in range(dp)]
+            torch.distributed.all_gather(parts, logp, group=ps.get_data_parallel_group())
+            logp = torch.cat(parts)
+        return logp[: batch.num_rows]
+
+    def train_step(self, batch: PolicyBatch) -> TrainStepMetrics:
+        """One optimizer step on the mini-batch `batch` (gradient accumulation over micro-batches)."""
+        ps = _parallel_state()
+        loss_cfg = self.cfg.loss_fn
+        if batch.advantages is None or batch.old_logp is None:
+            raise ValueError("train_step needs advantages and old_logp")
+        if self.reference is not None and batch.ref_logp is None:
+            raise ValueError("train_step needs ref_logp: loss_fn.reference_policy_kl_penalty > 0")
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        micro = self.cfg.policy.train_micro_batch_size
+        if batch.num_rows % (dp * micro):
+            raise ValueError(
+                f"a mini-batch of {batch.num_rows} rows does not split into {dp} data-parallel ranks x "
+                f"micro-batches of policy.train_micro_batch_size={micro}"
+            )
+        per_rank = batch.num_rows // dp
+        local = batch.row_slice(dp_rank * per_rank, (dp_rank + 1) * per_rank).map(lambda t: t.to(self.device))
+        micro_batches = [local.row_slice(i, i + micro) for i in range(0, per_rank, micro)]
+        num_micro = len(micro_batches)
+        global_mean = loss_cfg.aggregation == "token_mean_global"
+        scale = LossScale(global_num_tokens=int(batch.loss_mask.sum()), data_parallel_size=dp) if global_mean else LossScale()
+        # Megatron divides each micro-batch's loss by num_micro; token_mean_global is normalised already
+        undo_division = num_micro if global_mean else 1
+
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss_output = functools.partial(self._loss_output, scale, undo_division, num_micro)
+        stats = self._reduce_stats(self._run(self.ddp, micro_batches, loss_output, forward_only=False))
+        outcome = guarded_step(self.optimizer, self.scheduler)
+        if outcome.updated:
+            self.optimizer_steps += 1
+        else:
+            self.skipped_steps += 1
+        s = dict(zip(_STATS, stats.tolist()))
+        tokens = max(s["tokens"], 1.0)
+        with_kl = self.reference is not None
+        return TrainStepMetrics(
+            loss=s["objective"] / dp,
+            policy_loss=s["policy"] / dp,
+            kl_loss=s["kl"] / dp if with_kl else None,
+            num_tokens=int(s["tokens"]),
+            clip_frac_low=s["clip_low"] / tokens,
+            clip_frac_high=s["clip_high"] / tokens,
+            dual_clip_frac=s["dual_clip"] / tokens,
+            ratio_mean=s["ratio"] / tokens,
+            kl_mean=s["kl_mean"] / tokens if with_kl else None,
+            grad_norm=outcome.grad_norm,
+            lr=outcome.lr,
+            updated=outcome.updated,
+            skipped_steps=self.skipped_steps,
+        )
+
+    # ------------------------------------------------------------------ forward pieces
+
+    def _run(self, model, micro_batches: list[PolicyBatch], output_fn, forward_only: bool) -> list[dict]:
+        """Megatron's schedule over the micro-batches; per-micro-batch dicts on the last stage ([] elsewhere)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        return get_forward_backward_func()(
+            forward_step_func=functools.partial(self._forward_step, output_fn),
+            data_iterator=iter(micro_batches),
+            model=[model],
+            num_microbatches=len(micro_batches),
+            seq_length=micro_batches[0].seq_len,
+            micro_batch_size=micro_batches[0].num_rows,
+            forward_only=forward_only,
+        )
+
+    def _forward_step(self, output_fn, data_iterator, model_chunk):
+        micro_batch = next(data_iterator)
+        gpt = _unwrapped(model_chunk)
+        b, s = micro_batch.num_rows, micro_batch.seq_len
+        decoder_input = self._inputs(gpt, micro_batch) if gpt.pre_process else None
+        with final_hidden_states(gpt):
+            output = model_chunk(
+                None, position_ids(b, s, self.device), causal_mask(s, str(self.device)), decoder_input=decoder_input
+            )
+        return output, functools.partial(output_fn, gpt, micro_batch)
+
+    def _inputs(self, gpt, micro_batch: PolicyBatch) -> torch.Tensor:
+        """decoder_input [s, b, h]: the stored mixtures (plus the embedding-noise offset), detached."""
+        rows, noise = micro_batch.rows, self.scorer.noise
+        offset = noise.input_offset(rows) if noise is not None else None
+        x = mixture_embedding(
+            gpt.embedding.word_embeddings, rows.mix_ids, rows.mix_weights, offset, sequence_parallel=gpt.config.sequence_parallel
+        )
+        # a leaf that requires grad, so activation recomputation still builds a graph; no weight sees it
+        return x.requires_grad_()
+
+    def _log_density(self, gpt, output: torch.Tensor, micro_batch: PolicyBatch) -> torch.Tensor:
+        """Record-aligned ell [b, s] of the scored records from the model output [b, s(/TP), h]."""
+        hidden = output.transpose(0, 1)  # [s, b, h]
+        if gpt.config.sequence_parallel and self.vocab.distributed:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            # backward only splits: log_density_from_hidden sums the TP ranks' gradients itself
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False, group=self.vocab.group)
+        b_idx, j_idx = micro_batch.loss_mask.nonzero(as_tuple=True)
+        ell = torch.zeros(micro_batch.loss_mask.shape, dtype=torch.float32, device=hidden.device)
+        if b_idx.numel() == 0:  # nothing scored: a zero that stays on the graph the schedule backpropagates
+            return ell + 0 * hidden.sum()
+        inputs = hidden[j_idx - 1, b_idx].unsqueeze(1)  # [n, 1, h]: the output at j - 1 scores record j
+        records = micro_batch.rows.map(lambda t: t[b_idx, j_idx].unsqueeze(0))  # [1, n]
+        scored = log_density_from_hidden(
+            inputs, self._output_weight(gpt), records, self.scorer, self.vocab, embedding=self._input_embedding(gpt)
+        )
+        return ell.index_put((b_idx, j_idx), scored[0].float())
+
+    @staticmethod
+    def _output_weight(gpt) -> torch.Tensor:
+        return gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight
+
+    def _input_embedding(self, gpt) -> Optional[InputEmbedding]:
+        """The input table shard, for the embedding-noise density only (tied on later stages: checked in __init__)."""
+        if not isinstance(self.scorer.noise, EmbeddingNoise):
+            return None
+        table = gpt.embedding.word_embeddings.weight if gpt.pre_process else gpt.shared_embedding_or_output_weight()
+        return InputEmbedding(table, self.vocab)
+
+    def _logp_output(self, gpt, micro_batch: PolicyBatch, output: torch.Tensor):
+        logp = self._log_density(gpt, output, micro_batch)
+        return logp.new_zeros(()), {"logp": logp}
+
+    def _loss_output(
+        self, scale: LossScale, undo_division: int, num_micro: int, gpt, micro_batch: PolicyBatch, output: torch.Tensor
+    ):
+        logp = self._log_density(gpt, output, micro_batch)
+        result = policy_loss(
+            logp,
+            micro_batch.old_logp,
+            micro_batch.advantages,
+            micro_batch.loss_mask,
+            self.cfg.loss_fn,
+            ref_logp=micro_batch.ref_logp,
+            scale=scale,
+        )
+        # the loss terms as the schedule backpropagates them: x undo_division / num_micro
+        return result.loss * undo_division, {"stats": _micro_batch_stats(result, undo_division / num_micro)}
+
+    def _reduce_stats(self, outputs: list[dict]) -> torch.Tensor:
+        """Sum of the micro-batch statistics over micro-batches and data-parallel ranks, on every rank."""
+        ps = _parallel_state()
+        if outputs:
+            stats = torch.stack([o["stats"] for o in outputs]).sum(dim=0)
+        else:
+            stats = torch.zeros(len(_STATS), dtype=torch.float64, device=self.device)
+        broadcast_from_last_stage(stats)
+        if ps.get_data_parallel_world_size() > 1:
+            torch.distributed.all_reduce(stats, group=ps.get_data_parallel_group())
+        return stats
+
+
+def _micro_batch_stats(result: PolicyLossResult, loss_share: float) -> torch.Tensor:
+    """The `_STATS` of one micro-batch: loss terms times their share of the step, the rest token-weighted."""
+    m = result.metrics
+    tokens = m.num_tokens.double()
+    zero = torch.zeros((), dtype=torch.float64, device=tokens.device)
+    kl = zero if result.kl_loss is None else result.kl_loss.double()
+    kl_mean = zero if m.kl_mean is None else m.kl_mean.double()
+    values = [
+        result.loss.detach().double() * loss_share,
+        result.policy_loss.double() * loss_share,
+        kl * loss_share,
+        tokens,
+        tokens * m.clip_frac_low.double(),
+        tokens * m.clip_frac_high.double(),
+        tokens * m.dual_clip_frac.double(),
+        tokens * m.ratio_mean.double(),
+        tokens * kl_mean,
+    ]
+    return torch.stack(values)

@@ -1,0 +1,426 @@
+"""PolicyWorker and training checkpoints on tiny models: log-probs against transformers (float64),
+the first update, gradient accumulation, the non-finite-gradient skip, TP/PP/DP against one rank,
+exact resume in a fresh process, and resharding a training checkpoint from TP=2 to TP=1."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from distributed_helpers import run_ranks
+from tiny_models import make_hf_model
+
+from megatron_softgrpo.config.schema import (
+    CheckpointingCfg,
+    GenerationCfg,
+    LossCfg,
+    MegatronCfg,
+    OptimizerCfg,
+    PolicyCfg,
+    RecipeCfg,
+    SchedulerCfg,
+    SoftGRPOCfg,
+)
+from megatron_softgrpo.distributed import ParallelLayout, init_distributed
+from megatron_softgrpo.soft import MixtureRows
+from megatron_softgrpo.train.batch import PolicyBatch
+
+VOCAB = 1000  # tiny_models' real vocabulary (padded to 1024)
+K = 3  # mixture size
+ANSWER_T = 0.7  # policy.generation.temperature: scores discrete rows
+THINKING_T = 1.0  # softgrpo.thinking.temperature: scores soft rows
+
+
+def recipe(
+    hf_dir, tp=1, pp=1, *, micro=1, kl=0.001, aggregation="token_mean_microbatch", warmup=0, ckpt=None, keep=3, distributed=True
+):
+    return RecipeCfg(
+        policy=PolicyCfg(
+            model_name=str(hf_dir),
+            precision="float32",
+            train_micro_batch_size=micro,
+            logprob_batch_size=micro,
+            generation=GenerationCfg(temperature=ANSWER_T),
+            megatron_cfg=MegatronCfg(
+                tensor_model_parallel_size=tp,
+                pipeline_model_parallel_size=pp,
+                # eps far above gradient rounding noise: some gradients are exactly 0 in exact arithmetic
+                # (the key bias: softmax is shift-invariant) and ~1e-9 numerically, which Adam with
+                # eps=1e-8 would turn into steps of ~lr that differ between layouts
+                optimizer=OptimizerCfg(lr=1e-3, adam_eps=1e-5, use_distributed_optimizer=distributed),
+                scheduler=SchedulerCfg(lr_warmup_iters=warmup),
+            ),
+        ),
+        loss_fn=LossCfg(reference_policy_kl_penalty=kl, aggregation=aggregation),
+        softgrpo=SoftGRPOCfg(algorithm="softgrpo", mixture_size=K),
+        checkpointing=CheckpointingCfg(checkpoint_dir=str(ckpt), keep_top_k=keep) if ckpt else CheckpointingCfg(),
+    )
+
+
+def make_batch(seed: int, rows: int = 4, seq: int = 12) -> PolicyBatch:
+    """Right-padded rows of different lengths: a discrete prompt, then soft and discrete steps."""
+    g = torch.Generator().manual_seed(seed)
+    records = MixtureRows.discrete(torch.randint(0, VOCAB, (rows, seq), generator=g), K)
+    loss_mask = torch.zeros(rows, seq, dtype=torch.bool)
+    for b in range(rows):
+        prompt, length = 3 + b % 2, seq - b % 3
+        loss_mask[b, prompt:length] = True
+        for j in range(length, seq):  # right padding: zero records
+            for f in ("tokens", "mix_ids", "mix_weights", "noise", "support"):
+                getattr(records, f)[b, j] = 0
+        for j in range(prompt, length):
+            if torch.rand((), generator=g) < 0.5:
+                continue  # a discrete step
+            ids = torch.randperm(VOCAB, generator=g)[:K]
+            support = torch.arange(K) < int(torch.randint(1, K + 1, (), generator=g))
+            noise = torch.where(support, torch.randn(K, generator=g) * 2 - 2, torch.zeros(K))
+            weights = torch.softmax((noise / 0.1).masked_fill(~support, -math.inf), dim=-1)
+            records.mix_ids[b, j], records.support[b, j], records.noise[b, j], records.mix_weights[b, j] = ids, support, noise, weights
+            records.tokens[b, j], records.is_soft[b, j] = ids[0], True
+    advantages = torch.randn(rows, 1, generator=g) * loss_mask
+    return PolicyBatch(records, loss_mask, advantages=advantages)
+
+
+def reference_logprobs(hf_model, batch: PolicyBatch) -> torch.Tensor:
+    """SPEC.md section 2 in float64 with transformers: inputs sum_k w_k E[ids_k], logits j-1 score record j."""
+    model = hf_model.double()
+    rows = batch.rows
+    table = model.get_input_embeddings().weight
+    inputs = (rows.mix_weights.double().unsqueeze(-1) * table[rows.mix_ids]).sum(dim=2)
+    with torch.no_grad():
+        logits = model(inputs_embeds=inputs).logits
+    out = torch.zeros(batch.loss_mask.shape, dtype=torch.float64)
+    for b, j in batch.loss_mask.nonzero().tolist():
+        lj = logits[b, j - 1]
+        if not rows.is_soft[b, j]:
+            out[b, j] = torch.log_softmax(lj / ANSWER_T, -1)[rows.tokens[b, j]]
+            continue
+        support = rows.support[b, j]
+        pt = torch.softmax((lj[rows.mix_ids[b, j]] / THINKING_T).masked_fill(~support, -math.inf), -1)
+        lam = torch.log(pt + 1e-6)
+        z = (rows.noise[b, j].double() - lam).clamp(-1.5, 3.0)
+        m = (lam > -3).double()
+        out[b, j] = (m * (-z - torch.exp(-z))).sum() / m.sum().clamp(min=1)
+    return out
+
+
+def with_old_logprobs(worker, batch: PolicyBatch) -> PolicyBatch:
+    batch.old_logp = worker.compute_logprobs(batch)
+    if worker.reference is not None:
+        batch.ref_logp = worker.compute_logprobs(batch, reference=True)
+    return batch
+
+
+def weights(worker) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in worker.model.parameters()]
+
+
+def adam_state(worker) -> list[torch.Tensor]:
+    """exp_avg, exp_avg_sq and step of every parameter shard, in the optimizer's order."""
+    out = []
+    for sub in worker.optimizer.chained_optimizers:
+        inner = sub.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                s = inner.state[p]
+                out += [s["exp_avg"].clone(), s["exp_avg_sq"].clone(), s["step"].clone().reshape(1)]
+    return out
+
+
+def sharded_pieces(model) -> list[tuple]:
+    """(key, global shape, global offset, prepended axes, data) of every tensor this rank holds."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    sd = model.sharded_state_dict()
+    apply_factories(sd)
+    return [
+        (t.key, t.global_shape, t.global_offset, t.prepend_axis_num, t.data.detach().clone())
+        for t in nested_values(sd)
+        if isinstance(t, ShardedTensor)
+    ]
+
+
+def assemble(per_rank_pieces) -> dict[str, torch.Tensor]:
+    """The full (layout-independent) tensors from every rank's pieces."""
+    full: dict[str, torch.Tensor] = {}
+    for pieces in per_rank_pieces:
+        for key, shape, offset, prepend, data in pieces:
+            t = full.setdefault(key, torch.full(shape, math.nan))
+            index = tuple(offset[:prepend]) + tuple(slice(o, o + n) for o, n in zip(offset[prepend:], data.shape))
+            t[index] = torch.as_tensor(data)
+    for key, t in full.items():
+        assert not t.isnan().any(), f"{key}: not covered by the ranks' shards"
+    return full
+
+
+def portable(tensors) -> list[np.ndarray]:
+    """Results of spawned ranks travel as numpy arrays: torch shares tensor storage with the
+    parent through a file descriptor that vanishes when the child exits first."""
+    return [torch.as_tensor(t).numpy() for t in tensors]
+
+
+def new_worker(cfg, tp=1, pp=1):
+    from megatron_softgrpo.train.policy import PolicyWorker
+
+    init_distributed(ParallelLayout(tp, pp))
+    return PolicyWorker(cfg)
+
+
+# ------------------------------------------------------------------ single process
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_logprobs_match_transformers_in_float64(kind, tmp_path):
+    hf = make_hf_model(kind, tmp_path)
+    batch = make_batch(seed=1)
+    assert batch.rows.is_soft.any() and (batch.loss_mask & ~batch.rows.is_soft).any()
+    worker = new_worker(recipe(tmp_path, micro=2))
+    expected = reference_logprobs(hf, batch)
+    for logp in (worker.compute_logprobs(batch), worker.compute_logprobs(batch, reference=True)):
+        assert logp.dtype == torch.float32 and logp.shape == batch.loss_mask.shape
+        assert (logp.double() - expected).abs().max() <= 1e-4
+        assert (logp[~batch.loss_mask] == 0).all()
+    # an odd number of rows is padded internally and trimmed again
+    assert torch.equal(worker.compute_logprobs(batch.row_slice(0, 3)), worker.compute_logprobs(batch)[:3])
+
+
+def test_first_update_ratio_is_exactly_one_and_kl_zero(tmp_path):
+    make_hf_model("qwen2", tmp_path)
+    worker = new_worker(recipe(tmp_path, micro=2, kl=0.5))
+    batch = with_old_logprobs(worker, make_batch(seed=2))
+    assert torch.equal(batch.old_logp, batch.ref_logp)
+    metrics = worker.train_step(batch)
+    assert metrics.updated and metrics.ratio_mean == 1.0 and metrics.kl_mean == 0.0 and metrics.kl_loss == 0.0
+    assert metrics.clip_frac_low == metrics.clip_frac_high == metrics.dual_clip_frac == 0.0
+    # at ratio 1 every surrogate is -A: token mean per micro-batch (2 rows), averaged over micro-batches
+    mask, adv = batch.loss_mask, batch.advantages.double()
+    per_micro = [-(adv[i : i + 2][mask[i : i + 2]]).mean() for i in (0, 2)]
+    assert metrics.loss == pytest.approx(float(sum(per_micro) / 2), abs=1e-6)
+    assert metrics.num_tokens == int(mask.sum())
+    # the update moved the policy away from the reference
+    assert not torch.equal(worker.compute_logprobs(batch), batch.ref_logp)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean_global", "seq_mean_token_mean"])
+def test_two_micro_batches_of_one_equal_one_micro_batch_of_two(aggregation, tmp_path):
+    make_hf_model("qwen2", tmp_path)
+    batch = make_batch(seed=3).row_slice(0, 2)
+    assert batch.loss_mask[0].sum() != batch.loss_mask[1].sum()  # unequal lengths: the modes differ
+    results = {}
+    for micro in (1, 2):
+        worker = new_worker(recipe(tmp_path, micro=micro, aggregation=aggregation))
+        metrics = worker.train_step(with_old_logprobs(worker, make_batch(seed=3).row_slice(0, 2)))
+        results[micro] = (metrics.loss, weights(worker))
+    assert results[1][0] == pytest.approx(results[2][0], abs=1e-6)
+    assert max((a - b).abs().max() for a, b in zip(results[1][1], results[2][1])) <= 1e-6
+
+
+def test_token_mean_microbatch_weighs_micro_batches_equally(tmp_path):
+    """The reference aggregation: with unequal lengths, 2 x 1 row differs from 1 x 2 rows."""
+    make_hf_model("qwen2", tmp_path)
+    losses = {}
+    for micro in (1, 2):
+        worker = new_worker(recipe(tmp_path, micro=micro))
+        losses[micro] = worker.train_step(with_old_logprobs(worker, make_batch(seed=3).row_slice(0, 2))).loss
+    batch = make_batch(seed=3).row_slice(0, 2)
+    adv, mask = batch.advantages.double(), batch.loss_mask
+    assert losses[1] == pytest.approx(float((-adv[0][mask[0]].mean() - adv[1][mask[1]].mean()) / 2), abs=1e-6)
+    assert losses[2] == pytest.approx(float(-adv[mask].mean()), abs=1e-6)
+    assert abs(losses[1] - losses[2]) > 1e-3
+
+
+@pytest.mark.parametrize("distributed", [True, False], ids=["distributed-optimizer", "fp32-optimizer"])
+def test_non_finite_gradient_skips_the_step(distributed, tmp_path):
+    make_hf_model("qwen2", tmp_path)
+    worker = new_worker(recipe(tmp_path, micro=2, warmup=4, distributed=distributed))
+    good = with_old_logprobs(worker, make_batch(seed=4))
+    assert worker.train_step(good).updated  # AdamW state exists from here on
+    before, state_before = weights(worker), adam_state(worker)
+    bad = with_old_logprobs(worker, make_batch(seed=5))
+    # on a discrete row (a soft row's density can be locally flat: clamped noise, no gradient at all)
+    b, j = (bad.loss_mask & ~bad.rows.is_soft).nonzero()[0].tolist()
+    bad.advantages[b, j] = math.nan
+    metrics = worker.train_step(bad)
+    assert not metrics.updated and not math.isfinite(metrics.grad_norm)
+    assert metrics.skipped_steps == 1 and worker.skipped_steps == 1 and worker.optimizer_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(worker)))
+    assert all(torch.equal(a, b) for a, b in zip(state_before, adam_state(worker)))
+    # the schedule did not advance, and the next finite step trains normally
+    after = worker.train_step(with_old_logprobs(worker, make_batch(seed=6)))
+    assert after.updated and math.isfinite(after.grad_norm) and after.lr == metrics.lr == pytest.approx(1e-3 / 4)
+    assert not all(torch.equal(a, b) for a, b in zip(before, weights(worker)))
+
+
+def _draws():
+    """One value from each RNG a checkpoint restores (Python, numpy, torch, Megatron's tracker)."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    with get_cuda_rng_tracker().fork():
+        tracker = torch.rand(2)
+    return [random.random(), float(np.random.rand()), torch.rand(2), tracker]
+
+
+def _train(rank, hf_dir, ckpt_dir, seeds, save):
+    """Resume from ckpt_dir if it has a checkpoint, train on `seeds` (saving after each step if `save`).
+    RNG draws are taken right after the resume, or right after the last save."""
+    from megatron_softgrpo.train import checkpointing
+
+    cfg = recipe(hf_dir, micro=2, warmup=3, ckpt=ckpt_dir, keep=1)
+    worker = new_worker(cfg)
+    restored = checkpointing.resume(cfg.checkpointing, worker)
+    draws = _draws() if restored else None
+    for step, seed in enumerate(seeds, start=restored.step + 1 if restored else 1):
+        worker.train_step(with_old_logprobs(worker, make_batch(seed)))
+        if save:
+            checkpointing.save_training_checkpoint(cfg.checkpointing, worker, step, {"data_position": step})
+    if save:
+        draws = _draws()
+    return restored, draws and portable(draws), portable(weights(worker)), portable(adam_state(worker)), worker.scheduler.num_steps
+
+
+@pytest.fixture
+def one_thread():
+    """Bitwise comparisons with spawned ranks (which run one thread) need the same thread count here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.multiproc
+def test_exact_resume_in_a_fresh_process(tmp_path, one_thread):
+    """4 steps straight vs 2 steps + save, then in a fresh process: load + 2 steps."""
+    make_hf_model("qwen2", tmp_path / "hf")
+    hf, ckpt, seeds = str(tmp_path / "hf"), tmp_path / "ckpt", [10, 11, 12, 13]
+    _, _, straight_weights, straight_state, straight_steps = _train(0, hf, str(tmp_path / "none"), seeds, False)
+    _, saved_draws, _, _, _ = _train(0, hf, str(ckpt), seeds[:2], True)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_0000002"]  # keep_top_k=1
+    [(restored, draws, final, state, steps)] = run_ranks(1, _train, hf, str(ckpt), seeds[2:], False)
+    assert restored.step == 2 and restored.extra == {"data_position": 2}
+    assert all(np.array_equal(a, b) for a, b in zip(draws, saved_draws))
+    assert all(np.array_equal(a, b) for a, b in zip(final, straight_weights))
+    assert all(np.array_equal(a, b) for a, b in zip(state, straight_state))
+    assert steps == straight_steps == 4
+
+
+@pytest.mark.parametrize("distributed", [True, False], ids=["distributed-optimizer", "fp32-optimizer"])
+def test_crash_during_save_leaves_the_previous_checkpoint(distributed, tmp_path, monkeypatch):
+    from megatron.core import dist_checkpointing
+
+    from megatron_softgrpo.train import checkpointing
+
+    make_hf_model("qwen2", tmp_path / "hf")
+    cfg = recipe(tmp_path / "hf", micro=2, ckpt=tmp_path / "ckpt", distributed=distributed)
+    worker = new_worker(cfg)
+    worker.train_step(with_old_logprobs(worker, make_batch(20)))
+    checkpointing.save_training_checkpoint(cfg.checkpointing, worker, 1, {})
+    saved, saved_state = weights(worker), adam_state(worker)
+    worker.train_step(with_old_logprobs(worker, make_batch(21)))
+
+    real_save = dist_checkpointing.save
+
+    def crash_on_optimizer(sharded, directory, *args, **kwargs):
+        if directory.endswith("optimizer"):
+            raise RuntimeError("simulated crash mid-save")
+        return real_save(sharded, directory, *args, **kwargs)
+
+    monkeypatch.setattr(dist_checkpointing, "save", crash_on_optimizer)
+    with pytest.raises(RuntimeError, match="simulated"):
+        checkpointing.save_training_checkpoint(cfg.checkpointing, worker, 2, {})
+    monkeypatch.undo()
+
+    assert checkpointing.latest_checkpoint(cfg.checkpointing.checkpoint_dir).name == "step_0000001"
+    fresh = new_worker(cfg)
+    assert checkpointing.resume(cfg.checkpointing, fresh).step == 1
+    assert all(torch.equal(a, b) for a, b in zip(saved, weights(fresh)))
+    assert all(torch.equal(a, b) for a, b in zip(saved_state, adam_state(fresh)))
+
+
+# ------------------------------------------------------------------ several ranks
+
+
+def _first_step(rank, hf_dir, tp, pp, seed):
+    worker = new_worker(recipe(hf_dir, tp, pp), tp, pp)
+    batch = with_old_logprobs(worker, make_batch(seed))
+    metrics = worker.train_step(batch)
+    pieces = [(key, shape, offset, prepend, data.numpy()) for key, shape, offset, prepend, data in sharded_pieces(worker.model)]
+    return metrics, batch.old_logp.numpy(), pieces
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("kind,tp,pp", [("qwen2", 2, 1), ("llama", 1, 2), ("qwen2", 1, 1)], ids=["tp2", "pp2", "dp2"])
+def test_one_step_on_two_ranks_matches_one_rank(kind, tp, pp, tmp_path):
+    make_hf_model(kind, tmp_path)
+    expected_metrics, expected_logp, expected_pieces = _first_step(0, str(tmp_path), 1, 1, seed=7)
+    expected = assemble([expected_pieces])
+    results = run_ranks(2, _first_step, str(tmp_path), tp, pp, 7)
+    got = assemble(pieces for _, _, pieces in results)
+    expected_logp = torch.from_numpy(expected_logp)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert (got[key] - expected[key]).abs().max() <= 1e-5, key
+    for metrics, logp, _ in results:  # every rank reports the same
+        assert metrics.updated
+        assert metrics.loss == pytest.approx(expected_metrics.loss, abs=1e-5)
+        assert metrics.grad_norm == pytest.approx(expected_metrics.grad_norm, rel=1e-5)
+        assert metrics.num_tokens == expected_metrics.num_tokens
+        assert (torch.from_numpy(logp) - expected_logp).abs().max() <= 1e-5
+    # the step changed the weights by far more than the tolerance
+    initial = assemble([sharded_pieces(new_worker(recipe(tmp_path)).model)])
+    assert max((expected[k] - initial[k]).abs().max() for k in expected) > 1e-4
+
+
+def _step_with_nan_on_rank_1(rank, hf_dir):
+    worker = new_worker(recipe(hf_dir))
+    batch = with_old_logprobs(worker, make_batch(8))
+    b, j = (batch.loss_mask & ~batch.rows.is_soft)[2:].nonzero()[0].tolist()  # rows 2-3 are data-parallel rank 1's
+    batch.advantages[2 + b, j] = math.inf
+    before = weights(worker)
+    metrics = worker.train_step(batch)
+    return metrics, all(torch.equal(a, b) for a, b in zip(before, weights(worker)))
+
+
+@pytest.mark.multiproc
+def test_non_finite_gradient_on_one_data_parallel_rank_skips_on_all(tmp_path):
+    make_hf_model("qwen2", tmp_path)
+    for metrics, unchanged in run_ranks(2, _step_with_nan_on_rank_1, str(tmp_path)):
+        assert not metrics.updated and not math.isfinite(metrics.grad_norm) and metrics.skipped_steps == 1
+        assert unchanged
+
+
+def _train_and_save_at_tp2(rank, hf_dir, ckpt_dir):
+    from megatron_softgrpo.train import checkpointing
+
+    cfg = recipe(hf_dir, 2, 1, ckpt=ckpt_dir)
+    worker = new_worker(cfg, 2, 1)
+    worker.train_step(with_old_logprobs(worker, make_batch(30)))
+    checkpointing.save_training_checkpoint(cfg.checkpointing, worker, 1, {"saved_at": "tp2"})
+
+
+@pytest.mark.multiproc
+def test_checkpoint_saved_at_tp2_restores_at_tp1(tmp_path, capsys):
+    from megatron_softgrpo.train import checkpointing
+
+    make_hf_model("qwen2", tmp_path / "hf")
+    run_ranks(2, _train_and_save_at_tp2, str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+    cfg = recipe(tmp_path / "hf", ckpt=tmp_path / "ckpt")
+
+    baseline = new_worker(cfg)  # the same step at TP=1
+    baseline.train_step(with_old_logprobs(baseline, make_batch(30)))
+    restored = new_worker(cfg)
+    assert checkpointing.resume(cfg.checkpointing, restored).extra == {"saved_at": "tp2"}
+    assert "RNG states left as seeded" in capsys.readouterr().out
+    assert restored.optimizer_steps == 1 and restored.scheduler.num_steps == 1
+    for a, b in zip(weights(restored), weights(baseline)):
+        assert (a - b).abs().max() <= 1e-5
+    for a, b in zip(adam_state(restored), adam_state(baseline)):  # moments: rounding-level differences only
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-12
+    # the restored moments drive the next update as the baseline's do
+    for worker in (restored, baseline):
+        worker.train_step(with_old_logprobs(worker, make_batch(31)))
+    for a, b in zip(weights(restored), weights(baseline)):
+        assert (a - b).abs().max() <= 1e-5
