@@ -40,6 +40,25 @@ def _load_checked(recipe: str, overrides: list[str]):
     return loaded
 
 
+def _load_engine(cfg, **settings):
+    """(RolloutEngine, tokenizer) of this rank's shard of the policy; initialises distributed state first."""
+    from megatron_softgrpo.distributed import ParallelLayout, init_distributed
+    from megatron_softgrpo.models.loading import load_model
+    from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
+    from megatron_softgrpo.rollout.engine import RolloutEngine, RolloutSettings
+    from megatron_softgrpo.soft import VocabShard
+
+    mcfg = cfg.policy.megatron_cfg
+    source = resolve_model_source(cfg.policy.model_name)
+    tokenizer = load_tokenizer(source, cfg.policy.tokenizer.name)
+    init_distributed(ParallelLayout(mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size), seed=cfg.grpo.seed)
+    model, padded = load_model(source, mcfg, cfg.policy.precision)
+    model.eval()
+    shard = VocabShard.from_parallel_state(padded, source.arch.vocab_size)
+    rollout = RolloutSettings.from_recipe(cfg, tokenizer, source.arch.hidden_size, **settings)
+    return RolloutEngine(model, tokenizer, shard, rollout), tokenizer
+
+
 def cmd_check(ns) -> int:
     import yaml
 
@@ -49,29 +68,66 @@ def cmd_check(ns) -> int:
     return 0
 
 
+def cmd_train(ns) -> int:
+    from megatron_softgrpo.train.loop import train
+
+    return train(_load_checked(ns.recipe, ns.overrides))
+
+
 def cmd_generate(ns) -> int:
     from megatron_softgrpo.data.prompts import encode_prompt
-    from megatron_softgrpo.distributed import ParallelLayout, init_distributed, is_main_rank
-    from megatron_softgrpo.models.loading import load_model
-    from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
-    from megatron_softgrpo.rollout.greedy import greedy_generate
+    from megatron_softgrpo.distributed import is_main_rank
+    from megatron_softgrpo.rollout.show import format_soft_steps
+    from megatron_softgrpo.soft import noise_seed, seed_noise_rng
 
     args, overrides = _split_overrides(ns.overrides, ("prompt",))
     if "prompt" not in args:
         raise UserError('generate: missing prompt="..." argument')
     loaded = _load_checked(ns.recipe, overrides)
     cfg = loaded.cfg
-    mcfg = cfg.policy.megatron_cfg
-    source = resolve_model_source(cfg.policy.model_name)
-    tokenizer = load_tokenizer(source, cfg.policy.tokenizer.name)
-    init_distributed(ParallelLayout(mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size), seed=cfg.grpo.seed)
-    model, _ = load_model(source, mcfg, cfg.policy.precision)
-    model.eval()
+    engine, tokenizer = _load_engine(cfg)
+    seed_noise_rng(noise_seed(ns.seed, 0))
     prompt = encode_prompt(tokenizer, args["prompt"], cfg.data.prompt_template, cfg.data.system_prompt)
-    stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    out = greedy_generate(model, prompt, cfg.policy.generation.max_new_tokens, source.arch.vocab_size, stop)
+    result = engine.generate([prompt])
     if is_main_rank():
-        print(tokenizer.decode(out, skip_special_tokens=True))
+        if ns.show_soft:
+            print(format_soft_steps(result, 0, tokenizer, top=ns.show_soft))
+        print(result.texts[0])
+        print(f"# {int(result.response_lengths[0])} tokens ({int(result.think_lengths[0])} thinking), "
+              f"finished by {result.finish_reasons[0]}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(ns) -> int:
+    from megatron_softgrpo.eval.runner import checkpoint_model_name, max_new_tokens, plan_eval, run_eval
+
+    args, overrides = _split_overrides(ns.overrides, ("checkpoint",))
+    if "checkpoint" in args:
+        overrides.append(f"policy.model_name={checkpoint_model_name(args['checkpoint'])}")
+    loaded = _load_checked(ns.recipe, overrides)
+    cfg = loaded.cfg
+    plans = plan_eval(loaded)
+    engine, tokenizer = _load_engine(cfg, max_new_tokens=max_new_tokens(cfg))
+    summary = run_eval(cfg, plans, engine, tokenizer)
+    if summary is not None:
+        from megatron_softgrpo.eval.report import markdown_table
+
+        print(markdown_table(summary).rstrip())
+    return 0
+
+
+def cmd_plot(ns) -> int:
+    from megatron_softgrpo.eval.plots import plot_kind, plot_pass_at_k
+
+    if ns.labels is not None and len(ns.labels) != len(ns.dirs):
+        raise UserError(f"plot: {len(ns.labels)} --labels for {len(ns.dirs)} directories")
+    if plot_kind(ns.dirs, ns.kind) == "train":
+        from megatron_softgrpo.train.plots import plot_runs
+
+        out = plot_runs(ns.dirs, ns.out, ns.labels)
+    else:
+        out = plot_pass_at_k(ns.dirs, ns.out, ns.labels, ns.metric)
+    print(f"# wrote {out}", file=sys.stderr)
     return 0
 
 
@@ -98,10 +154,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="dotted.key=value")
     c.set_defaults(func=cmd_check)
 
+    t = sub.add_parser("train", help="SofT-GRPO / GRPO / ablation training: train RECIPE [overrides]")
+    t.add_argument("recipe")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value")
+    t.set_defaults(func=cmd_train)
+
     g = sub.add_parser("generate", help='decode one prompt: generate RECIPE prompt="..." [overrides]')
     g.add_argument("recipe")
+    g.add_argument("--show-soft", type=int, nargs="?", const=3, default=0, metavar="N",
+                   help="print each soft thinking step's top N slots and weights (default 3)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("overrides", nargs="*", help='prompt="..." and dotted.key=value overrides')
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="Pass@k, mean@n, maj@k on the benchmarks: eval RECIPE [checkpoint=DIR] [overrides]")
+    e.add_argument("recipe")
+    e.add_argument("overrides", nargs="*", help="checkpoint=DIR and dotted.key=value overrides (eval.*, softgrpo.sampler, ...)")
+    e.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("plot", help="training curves (metrics.jsonl) or Pass@k curves (eval/summary.json) as PNG")
+    pl.add_argument("dirs", nargs="+", metavar="DIR", help="run directories (logger.log_dir) or eval directories")
+    pl.add_argument("--out", required=True, help="image file to write (.png)")
+    pl.add_argument("--kind", choices=["auto", "train", "passk"], default="auto",
+                    help="auto: Pass@k when every DIR has an eval summary, else training curves")
+    pl.add_argument("--labels", nargs="+", help="one legend label per DIR (default: DIR's name, and the decoding for Pass@k)")
+    pl.add_argument("--metric", choices=["pass_at_k", "pass_at_k_first", "maj_at_k"], default="pass_at_k",
+                    help="Pass@k curves: unbiased pass@k (default), first-k pass@k, or majority vote maj@k")
+    pl.set_defaults(func=cmd_plot)
 
     v = sub.add_parser("convert", help="convert between Hugging Face and megatron-softgrpo checkpoints")
     v.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
@@ -119,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # Megatron announces every missing optional kernel (Apex, TE) at import; the support table covers it.
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*")
+    warnings.filterwarnings("ignore", message="full scope is deprecated")
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)

@@ -31,8 +31,26 @@ def check_recipe(loaded: LoadedRecipe) -> None:
             raise loaded.error(f"data.{split}.path", "required when kind=json (a JSON, JSONL or parquet file)")
         if ds.kind == "reasoning_gym" and not ds.task:
             raise loaded.error(f"data.{split}.task", "required when kind=reasoning_gym (a reasoning-gym task name)")
+    responses = cfg.grpo.num_prompts_per_step * cfg.grpo.num_generations_per_prompt
+    if responses % cfg.policy.train_global_batch_size:
+        raise loaded.error(
+            "policy.train_global_batch_size",
+            f"must divide the {responses} responses of a step (grpo.num_prompts_per_step x num_generations_per_prompt)",
+        )
     if not cfg.softgrpo.think_end:
         raise loaded.error("softgrpo.think_end", "must be a non-empty marker string")
+    _check_eval(loaded)
+
+
+def _check_eval(loaded: LoadedRecipe) -> None:
+    ev = loaded.cfg.eval
+    for key, values in (("eval.benchmarks", ev.benchmarks), ("eval.ks", ev.ks)):
+        if not values:
+            raise loaded.error(key, "must list at least one entry")
+        if len(set(values)) != len(values):
+            raise loaded.error(key, "lists an entry twice")
+    if min(ev.ks) > ev.n:
+        raise loaded.error("eval.ks", f"needs a k <= eval.n ({ev.n}): larger ks are left out of the metrics")
 
 
 def check_model_fit(loaded: LoadedRecipe, arch: ModelArch, world_size: int | None = None) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 
 
@@ -143,6 +143,9 @@ class ThinkingCfg(Section):
 
 class SoftGRPOCfg(Section):
     algorithm: Literal["softgrpo", "grpo", "gaussian", "dirichlet", "embedding_noise"] = "softgrpo"
+    # decoding of the thinking phase for generate/eval; null: the algorithm's own
+    # (softgrpo -> gumbel, grpo -> discrete, an ablation -> its noise). Training requires null or the algorithm's.
+    sampler: Optional[Literal["gumbel", "discrete", "gaussian", "dirichlet", "embedding_noise"]] = None
     mixture_size: int = Field(5, ge=1)  # K: support size of a soft token
     gumbel_tau: float = Field(0.1, gt=0)
     noise_scale: float = Field(1.0, ge=0)  # c
@@ -207,13 +210,44 @@ class ClusterCfg(Section):
     gpu_mem_gib: float = Field(80.0, gt=0)
 
 
+class EnvCfg(Section):
+    """The environment that scores responses (NeMo-RL's `env`)."""
+
+    reward: Literal["math_verify", "exact_match", "reasoning_gym"] = "math_verify"
+    num_workers: int = Field(2, ge=1)  # grading processes
+    timeout_s: float = Field(10.0, gt=0)  # per response; a hang scores 0
+
+
+# ---------------------------------------------------------------- evaluation
+
+# the names of `eval/benchmarks.py`'s BENCHMARKS (a test keeps the two in step)
+BenchmarkName = Literal["aime2024", "aime2025", "amc23", "math500", "gsm8k", "humaneval", "mbpp"]
+
+
+class EvalCfg(Section):
+    """`softgrpo eval`: n samples per problem of each benchmark, graded (SPEC.md section 6)."""
+
+    benchmarks: list[BenchmarkName] = ["aime2024", "aime2025", "amc23", "math500", "gsm8k"]
+    # a directory with each benchmark's standard file (aime2024.json, ..., gsm8k_test.json, humaneval.json, mbpp.json)
+    data_dir: Optional[str] = None
+    files: dict[BenchmarkName, str] = {}  # a benchmark's own file (JSON list or JSONL), instead of data_dir's
+    n: int = Field(32, ge=1)  # samples per problem
+    ks: list[PositiveInt] = [1, 2, 4, 8, 16, 32]  # pass@k and maj@k; k > n is left out
+    num_problems: Optional[int] = Field(None, ge=1)  # only the first N problems of each benchmark (smoke runs)
+    batch_size: int = Field(1, ge=1)  # problems per generate call; each call decodes batch_size x n responses
+    max_new_tokens: Optional[int] = Field(None, ge=1)  # null: policy.generation.max_new_tokens
+    seed: int = 0  # sampling noise; every batch is seeded from (seed, benchmark, batch), so results do not depend on DP
+
+
 class RecipeCfg(Section):
     policy: PolicyCfg
     grpo: GRPOCfg = Field(default_factory=GRPOCfg)
     loss_fn: LossCfg = Field(default_factory=LossCfg)
+    env: EnvCfg = Field(default_factory=EnvCfg)
     softgrpo: SoftGRPOCfg = Field(default_factory=SoftGRPOCfg)
     data: DataCfg = Field(default_factory=DataCfg)
     logger: LoggerCfg = Field(default_factory=LoggerCfg)
     checkpointing: CheckpointingCfg = Field(default_factory=CheckpointingCfg)
     cluster: ClusterCfg = Field(default_factory=ClusterCfg)
+    eval: EvalCfg = Field(default_factory=EvalCfg)
 

@@ -1,0 +1,324 @@
+"""`softgrpo eval`: decode n samples per problem of each benchmark, grade them, write samples and summary.
+
+Per benchmark (`eval.benchmarks`, in order) under `logger.log_dir`/eval/<benchmark>/:
+1. The problems (`eval.files.<name>`, else the benchmark's file in `eval.data_dir`; the first
+   `eval.num_problems`) are cut into fixed batches of `eval.batch_size` problems.
+2. The main rank resumes the sample file (`samples.SampleFile`): finished batches are skipped.
+3. The remaining batches are dealt to the data-parallel replicas (`benchmarks.shard`); in each
+   round every replica decodes one batch (batch_size x n responses in one generate call), its
+   first rank grades them, and the main rank gathers and appends the samples.
+4. The main rank computes the metrics from the sample file and rewrites summary.json/summary.md.
+
+Every batch seeds the sampling noise from (eval.seed, benchmark, batch index), so the samples
+do not depend on the number of replicas nor on interruptions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megatron_softgrpo.config.loader import LoadedRecipe
+from megatron_softgrpo.config.schema import RecipeCfg, SoftGRPOCfg
+from megatron_softgrpo.errors import UserError
+from megatron_softgrpo.eval.benchmarks import Benchmark, Problem, get_benchmark, grade_responses, load_problems, shard
+from megatron_softgrpo.eval.metrics import BenchmarkMetrics, summarize
+from megatron_softgrpo.eval.report import EvalSummary, write_summary
+from megatron_softgrpo.eval.samples import SampleFile, SampleRecord, batches, sample_table
+
+
+@dataclass(frozen=True)
+class BenchmarkPlan:
+    benchmark: Benchmark
+    path: Path  # the problem file
+    problems: list[Problem]  # the evaluated ones: the first eval.num_problems of the file
+    template: str  # the prompt template with its {problem} placeholder
+
+
+@dataclass(frozen=True)
+class Responses:
+    """Decoded responses of a batch, prompt-major (row p * n + s)."""
+
+    texts: list[str]
+    lengths: list[int]
+    thinking_lengths: list[int]
+    finish_reasons: list[str]
+
+
+def decoding_mode(soft: SoftGRPOCfg) -> str:
+    """The thinking-phase sampler that decodes: `softgrpo.sampler`, else the algorithm's own."""
+    from megatron_softgrpo.rollout.engine import SAMPLER_ALGORITHM
+
+    own = {algorithm: sampler for sampler, algorithm in SAMPLER_ALGORITHM.items()}
+    return soft.sampler or own.get(soft.algorithm, soft.algorithm)
+
+
+def batch_seed(seed: int, benchmark: str, batch_index: int) -> int:
+    """The sampling-noise seed of one batch: a function of its identity only (not of rank or history)."""
+    digest = hashlib.sha256(f"{seed}/{benchmark}/{batch_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def checkpoint_model_name(checkpoint: str) -> str:
+    """`checkpoint=DIR`: a megatron-softgrpo checkpoint, or a checkpoint_dir whose `latest` names one."""
+    from megatron_softgrpo.models.checkpoint import is_checkpoint
+    from megatron_softgrpo.train.checkpointing import latest_checkpoint
+
+    path = Path(checkpoint).expanduser()
+    if is_checkpoint(path):
+        return str(path)
+    latest = latest_checkpoint(path) if path.is_dir() else None
+    if latest is None:
+        raise UserError(
+            f"checkpoint={checkpoint}: not a megatron-softgrpo checkpoint (softgrpo_checkpoint.json) "
+            "nor a checkpointing.checkpoint_dir with a `latest` checkpoint"
+        )
+    return str(latest)
+
+
+def plan_eval(loaded: LoadedRecipe) -> list[BenchmarkPlan]:
+    """The problems of every requested benchmark, read before any model is loaded (bad files fail fast)."""
+    ev, data = loaded.cfg.eval, loaded.cfg.data
+    plans = []
+    for name in ev.benchmarks:
+        benchmark = get_benchmark(name)
+        if name in ev.files:
+            path = Path(ev.files[name]).expanduser()
+        elif ev.data_dir is not None:
+            path = Path(ev.data_dir).expanduser() / benchmark.filename
+        else:
+            raise loaded.error("eval.data_dir", f"set it to the directory of the benchmark files, or set eval.files.{name}")
+        problems = load_problems(name, path)[: ev.num_problems]
+        plan = BenchmarkPlan(benchmark, path, problems, benchmark.prompt_template or data.prompt_template)
+        SampleFile(eval_dir(loaded.cfg) / name).check_settings(sample_settings(loaded.cfg, plan))
+        plans.append(plan)
+    return plans
+
+
+def eval_dir(cfg: RecipeCfg) -> Path:
+    return Path(cfg.logger.log_dir) / "eval"
+
+
+def max_new_tokens(cfg: RecipeCfg) -> int:
+    return cfg.eval.max_new_tokens or cfg.policy.generation.max_new_tokens
+
+
+def sample_settings(cfg: RecipeCfg, plan: BenchmarkPlan) -> dict:
+    """Everything that determines a benchmark's samples (a resumed evaluation must match them)."""
+    return {
+        "policy.model_name": cfg.policy.model_name,
+        "policy.tokenizer": cfg.policy.tokenizer.model_dump(),
+        "policy.precision": cfg.policy.precision,
+        "policy.generation": cfg.policy.generation.model_dump(exclude={"max_new_tokens"}),
+        "softgrpo": cfg.softgrpo.model_dump(),
+        "decoding": decoding_mode(cfg.softgrpo),
+        "max_new_tokens": max_new_tokens(cfg),
+        "prompt_template": plan.template,
+        "data.system_prompt": cfg.data.system_prompt,
+        "problem_file": str(plan.path.resolve()),
+        "eval.n": cfg.eval.n,
+        "eval.batch_size": cfg.eval.batch_size,
+        "eval.seed": cfg.eval.seed,
+    }
+
+
+# ---------------------------------------------------------------- grading (the first rank of each replica)
+
+
+def grade_batch(
+    benchmark: Benchmark,
+    rows: Sequence[int],
+    problems: Sequence[Problem],
+    responses: Responses,
+    n: int,
+    grader,
+    sandbox_workers: int = 2,
+) -> list[SampleRecord]:
+    """Records of the n responses to each problem (`rows`: their rows in the benchmark file).
+
+    `grader` is a `rewards.math.MathGrader` (math benchmarks; it also clusters the answers for
+    majority voting); code benchmarks run in the sandbox and do not vote.
+    """
+    expanded = [p for p in problems for _ in range(n)]
+    grades = grade_responses(benchmark.name, expanded, responses.texts, math_grader=grader, max_parallel=sandbox_workers)
+    answers = [g.answer for g in grades]
+    if benchmark.kind == "math":
+        classes = [c for group in grader.classes([answers[i * n : (i + 1) * n] for i in range(len(problems))]) for c in group]
+    else:
+        classes = [None] * len(grades)
+    return [
+        SampleRecord(
+            problem_id=problems[i // n].id,
+            problem_index=rows[i // n],
+            sample=i % n,
+            text=responses.texts[i],
+            answer=answers[i],
+            correct=grades[i].correct,
+            answer_class=classes[i],
+            length=responses.lengths[i],
+            thinking_length=responses.thinking_lengths[i],
+            finish_reason=responses.finish_reasons[i],
+        )
+        for i in range(len(grades))
+    ]
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run_eval(cfg: RecipeCfg, plans: Sequence[BenchmarkPlan], engine, tokenizer) -> Optional[EvalSummary]:
+    """Evaluate every planned benchmark (a collective: every rank calls it); the main rank returns the summary.
+
+    `engine` is this rank's `RolloutEngine`, built after `init_distributed` with `max_new_tokens(cfg)`.
+    """
+    from megatron_softgrpo.rewards.math import MathGrader
+
+    ctx = _Parallel.current()
+    ev = cfg.eval
+    out_dir = eval_dir(cfg)
+    needs_math = any(p.benchmark.kind == "math" for p in plans)
+    grader = MathGrader(cfg.env.num_workers, cfg.env.timeout_s) if ctx.grades and needs_math else None
+    if ctx.main and any(p.benchmark.kind == "code" for p in plans):
+        from megatron_softgrpo.eval.sandbox import isolation
+
+        name = isolation().name
+        caveat = " (no namespaces: eval/sandbox.py says what a program could still do)" if name == "none" else ""
+        _log(f"code sandbox isolation: {name}{caveat}")
+    metrics: dict[str, BenchmarkMetrics] = {}
+    try:
+        for plan in plans:
+            name = plan.benchmark.name
+            result = _run_benchmark(cfg, plan, engine, tokenizer, grader, ctx, out_dir / name)
+            if ctx.main:  # after each benchmark: a long evaluation reports as it goes
+                metrics[name] = result
+                summary = EvalSummary(
+                    cfg.policy.model_name, decoding_mode(cfg.softgrpo), ev.n, max_new_tokens(cfg), ev.seed, dict(metrics)
+                )
+                write_summary(out_dir, summary)
+    finally:
+        if grader is not None:
+            grader.close()
+    if ctx.main:
+        _log(f"wrote {out_dir / 'summary.md'}")
+        return summary
+    return None
+
+
+def _run_benchmark(
+    cfg: RecipeCfg, plan: BenchmarkPlan, engine, tokenizer, grader, ctx: "_Parallel", out_dir: Path
+) -> Optional[BenchmarkMetrics]:
+    """Decode, grade and record what is left of one benchmark; the main rank returns its metrics."""
+    from megatron_softgrpo.data.prompts import encode_prompt
+    from megatron_softgrpo.soft import seed_noise_rng
+
+    ev, name = cfg.eval, plan.benchmark.name
+    problem_batches = batches(len(plan.problems), ev.batch_size)
+    sample_file = SampleFile(out_dir)
+    done = ctx.from_main(lambda: sample_file.resume(sample_settings(cfg, plan), problem_batches, ev.n))
+    remaining = [b for b in range(len(problem_batches)) if b not in done]
+    mine = shard(remaining, ctx.dp_rank, ctx.dp_size)
+    problems_done = sum(len(problem_batches[b]) for b in done)
+    if ctx.main:
+        _log(f"{name}: {len(plan.problems)} problems x {ev.n} samples from {plan.path}"
+             + (f"; resuming with {problems_done} done" if done else ""))
+    start, decoded = time.monotonic(), 0
+    for round_index in range(math.ceil(len(remaining) / ctx.dp_size)):
+        records: list[SampleRecord] = []
+        if round_index < len(mine):
+            batch = mine[round_index]
+            rows = problem_batches[batch]
+            problems = [plan.problems[row] for row in rows]
+            prompts = [encode_prompt(tokenizer, p.prompt, plan.template, cfg.data.system_prompt) for p in problems]
+            seed_noise_rng(batch_seed(ev.seed, name, batch))
+            out = engine.generate(prompts, ev.n)
+            if ctx.grades:
+                lengths, thinking = out.response_lengths.tolist(), out.think_lengths.tolist()
+                responses = Responses(out.texts, lengths, thinking, list(out.finish_reasons))
+                records = grade_batch(plan.benchmark, rows, problems, responses, ev.n, grader, cfg.env.num_workers)
+        gathered = ctx.gather_to_main(records)
+        if ctx.main:
+            gathered.sort(key=lambda r: (r.problem_index, r.sample))
+            sample_file.append(gathered)
+            decoded += len(gathered)
+            problems_done += len(gathered) // ev.n
+            rate = decoded / max(time.monotonic() - start, 1e-9)
+            _log(f"{name}: {problems_done}/{len(plan.problems)} problems, {rate:.2f} samples/s")
+    if not ctx.main:
+        return None
+    metrics = summarize(sample_table(sample_file.records()), ev.ks, vote=plan.benchmark.kind == "math")
+    _log(f"{name}: {_headline(metrics)}")
+    return metrics
+
+
+def _headline(m: BenchmarkMetrics) -> str:
+    k = max(m.pass_at_k)
+    majority = f", maj@{k} {100 * m.maj_at_k[k]:.2f}%" if m.maj_at_k else ""
+    return (f"mean@{m.n} {100 * m.mean_at_n:.2f}%, pass@{k} {100 * m.pass_at_k[k]:.2f}%{majority}, "
+            f"mean length {m.mean_length:.1f}, truncated {100 * m.truncated_fraction:.1f}%")
+
+
+def _log(message: str) -> None:
+    print(f"[eval] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- data parallelism
+
+
+@dataclass(frozen=True)
+class _Parallel:
+    dp_rank: int
+    dp_size: int
+    main: bool  # global rank 0: reads and writes the files
+    grades: bool  # first rank of its model-parallel group: grades its replica's responses
+
+    @classmethod
+    def current(cls) -> "_Parallel":
+        import torch
+        from megatron.core import parallel_state as ps
+
+        main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        first = ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+        return cls(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), main, first)
+
+    @staticmethod
+    def _world() -> int:
+        import torch
+
+        return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+    def from_main(self, fn):
+        """fn() evaluated on the main rank and shared with all; its UserError is raised on every rank."""
+        import torch
+
+        from megatron_softgrpo.distributed import cpu_group
+
+        result: tuple = (None, None)
+        if self.main:
+            try:
+                result = (fn(), None)
+            except UserError as exc:
+                result = (None, str(exc))
+        if self._world() > 1:
+            box = [result]
+            torch.distributed.broadcast_object_list(box, src=0, group=cpu_group())
+            result = box[0]
+        if result[1] is not None:
+            raise UserError(result[1])
+        return result[0]
+
+    def gather_to_main(self, records: list) -> list:
+        """Everyone's records on the main rank (in rank order); [] elsewhere."""
+        import torch
+
+        from megatron_softgrpo.distributed import cpu_group
+
+        if self._world() == 1:
+            return list(records)
+        gathered = [None] * self._world() if self.main else None
+        torch.distributed.gather_object(records, gathered, dst=0, group=cpu_group())
+        return [r for part in gathered for r in part] if self.main else []
