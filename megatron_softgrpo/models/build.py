@@ -64,10 +64,10 @@ def transformer_config(arch: ModelArch, mcfg: MegatronCfg, precision: str = "flo
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu_initialization=not on_gpu,
-        # fused kernels need CUDA (and apex/TE); rope/bias-act fusion also cost accuracy on R1-Distill
+        # fused kernels need CUDA plus apex/TE extensions; rope/bias-act fusion also cost accuracy on R1-Distill
         gradient_accumulation_fusion=False,
         bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=False,  # apex's scaled_masked_softmax_cuda; TE's attention has its own
         persist_layer_norm=False,
         apply_rope_fusion=on_gpu and mcfg.apply_rope_fusion,
         bias_activation_fusion=on_gpu and mcfg.bias_activation_fusion,

@@ -1,0 +1,179 @@
+"""Correctness on CUDA: the soft-token core and the model path give the CPU's results.
+
+Each check computes the same thing on the CPU (fp32, the tested reference) and on the GPU
+(fp32 and bf16) from identical inputs, and compares within a stated tolerance:
+
+- samplers: greedy discrete, and Gumbel with noise scale 0 (deterministic): same ids/tokens,
+  weights within tolerance; a seeded noisy Gumbel step is reproducible on the GPU;
+- log-densities from logits and the chunked log-density from hidden states (values and
+  gradients), soft and discrete rows;
+- the mixture embedding on a Megatron model: one-hot equals the model's own embedding and a
+  soft mixture equals sum_k w_k E[ids_k] computed on the CPU;
+- KV-cached greedy decoding equals full recomputation on the GPU.
+
+Noise is drawn from the device's generator, so noisy samples are compared for
+reproducibility on the GPU, not against the CPU's stream.
+
+    python3 benchmarks/gpu/check_cuda.py [--json FILE]     (needs a GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+
+V, PADDED, N, K = 151_936, 152_064, 64, 5
+DEV = "cuda"  # --smoke-cpu runs every check CPU-vs-CPU, to test this script without a GPU
+results: dict[str, dict] = {}
+
+
+def record(name: str, diff: float, tol: float, extra: str = "") -> None:
+    ok = bool(diff <= tol)
+    results[name] = {"max_abs_diff": diff, "tolerance": tol, "ok": ok}
+    print(f"{'PASS' if ok else 'FAIL'} {name}: max|diff| {diff:.3g} (tol {tol:g}) {extra}", flush=True)
+
+
+def check_samplers():
+    from megatron_softgrpo.soft import DiscreteSampler, GumbelNoise, SoftSampler, Truncation, VocabShard, seed_noise_rng
+
+    shard = VocabShard.whole(PADDED, V)
+    logits = torch.randn(N, PADDED, generator=torch.Generator().manual_seed(0)) * 4
+    greedy = DiscreteSampler(Truncation.greedy(), K)
+    deterministic = SoftSampler(Truncation(1.0, K, 0.95), K, GumbelNoise(tau=0.1, scale=0.0))
+    noisy = SoftSampler(Truncation(1.0, K, 0.95), K, GumbelNoise(tau=0.1, scale=1.0))
+    seed_noise_rng(1)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-5)):
+        x = logits.to(dtype)
+        cpu_g, gpu_g = greedy.sample(x, shard), greedy.sample(x.to(DEV), shard)
+        record(f"sampler/greedy_tokens/{dtype}", float((cpu_g.tokens != gpu_g.tokens.cpu()).sum()), 0)
+        record(f"sampler/greedy_log_density/{dtype}", float((cpu_g.log_density - gpu_g.log_density.cpu()).abs().max()), 1e-4)
+        cpu_s, gpu_s = deterministic.sample(x, shard), deterministic.sample(x.to(DEV), shard)
+        record(f"sampler/gumbel_c0_ids/{dtype}", float((cpu_s.mix_ids != gpu_s.mix_ids.cpu()).sum()), 0)
+        record(f"sampler/gumbel_c0_weights/{dtype}", float((cpu_s.mix_weights - gpu_s.mix_weights.cpu()).abs().max()), tol)
+    seed_noise_rng(7)
+    a = noisy.sample(logits.to(DEV), shard)
+    seed_noise_rng(7)
+    b = noisy.sample(logits.to(DEV), shard)
+    record("sampler/gumbel_seeded_reproducible_on_gpu", float((a.mix_weights - b.mix_weights).abs().max()), 0)
+    return noisy, shard, logits
+
+
+def check_log_densities(noisy, shard, logits):
+    from megatron_softgrpo.soft import GumbelNoise, Scorer, log_density_from_hidden, log_density_from_logits, seed_noise_rng
+
+    scorer = Scorer(GumbelNoise(tau=0.1, scale=1.0), 1.0, 1.0)
+    seed_noise_rng(3)
+    rows = noisy.sample(logits, shard)  # soft rows; make every other row discrete
+    discrete = torch.arange(N) % 2 == 0
+    rows.is_soft = ~discrete
+    cpu = log_density_from_logits(logits, rows, scorer, shard)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
+        gpu = log_density_from_logits(logits.to(dtype).to(DEV), rows.map(lambda t: t.to(DEV)), scorer, shard).cpu()
+        ref = cpu if dtype == torch.float32 else log_density_from_logits(logits.to(dtype), rows, scorer, shard)
+        record(f"log_density_from_logits/{dtype}", float((gpu - ref).abs().max()), tol if dtype == torch.float32 else 1e-3)
+
+    # chunked from hidden states: values and gradients, [s, b] rows
+    s, b, h = 256, 2, 128
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(s, b, h, generator=g)
+    weight = torch.randn(PADDED, h, generator=g) * 0.1
+    tokens = torch.randint(0, V, (b, s), generator=g)
+    flat_logits = torch.einsum("sbh,vh->bsv", hidden, weight)
+    seed_noise_rng(4)
+    # sample from a slightly different policy: at old == new, recovered noise sits exactly on the
+    # clamp bounds for some slots and whether they get gradient depends on rounding (as in the reference)
+    behaviour = flat_logits + 0.3 * torch.randn(flat_logits.shape, generator=g)
+    step = noisy.sample(behaviour.reshape(-1, PADDED), shard)
+    seq_rows = step.map(lambda t: t.reshape(b, s, *t.shape[1:]))
+    seq_rows.tokens = torch.where(seq_rows.is_soft & (torch.arange(s) % 3 == 0), tokens, seq_rows.tokens)
+    seq_rows.is_soft = seq_rows.is_soft & (torch.arange(s) % 3 != 0)
+
+    def run(device):
+        hd = hidden.detach().to(device).clone().requires_grad_()
+        wt = weight.detach().to(device).clone().requires_grad_()
+        ell = log_density_from_hidden(hd, wt, seq_rows.map(lambda t: t.to(device)), scorer, shard)
+        ell.sum().backward()
+        return ell.detach().cpu(), hd.grad.cpu(), wt.grad.cpu()
+
+    (e_c, gh_c, gw_c), (e_g, gh_g, gw_g) = run("cpu"), run(DEV)
+    record("log_density_from_hidden/value/fp32", float((e_c - e_g).abs().max()), 1e-4)
+    record("log_density_from_hidden/grad_hidden/fp32", float((gh_c - gh_g).abs().max() / gh_c.abs().max()), 1e-4, "(relative)")
+    record("log_density_from_hidden/grad_weight/fp32", float((gw_c - gw_g).abs().max() / gw_c.abs().max()), 1e-4, "(relative)")
+
+
+def check_model_path():
+    from tiny_models import make_hf_model
+
+    from megatron_softgrpo.config.schema import MegatronCfg
+    from megatron_softgrpo.distributed import ParallelLayout, init_distributed
+    from megatron_softgrpo.models.loading import load_model
+    from megatron_softgrpo.models.source import resolve_model_source
+    from megatron_softgrpo.rollout.engine import RolloutEngine, RolloutSettings
+    from megatron_softgrpo.soft import DiscreteSampler, MixtureRows, Truncation, VocabShard
+    from model_patches.mixture_embedding import mixture_embedding
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_hf_model("qwen2", Path(tmp), vocab_size=1000)
+        init_distributed(ParallelLayout(1, 1))
+        model, padded = load_model(resolve_model_source(tmp), MegatronCfg())
+    model.eval()
+    emb = model.embedding.word_embeddings
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (3, 7, K), generator=g)
+    weights = torch.softmax(torch.randn(3, 7, K, generator=g), -1)
+    one_hot = MixtureRows.discrete(ids[..., 0], K)
+    ours = mixture_embedding(emb, one_hot.mix_ids.to(DEV), one_hot.mix_weights.to(DEV))
+    own = emb(ids[..., 0].to(DEV)).transpose(0, 1)
+    record("mixture_embedding/one_hot_equals_embedding", float((ours - own).abs().max()), 0)
+    table = emb.weight.detach().cpu()
+    expected = (weights[..., None] * table[ids]).sum(-2).transpose(0, 1)
+    got = mixture_embedding(emb, ids.to(DEV), weights.to(DEV)).cpu()
+    record("mixture_embedding/soft_vs_cpu", float((got - expected).abs().max()), 1e-5)
+
+    class _Tok:  # decoding is irrelevant here: no markers, no stop strings
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [0]}
+
+        def decode(self, ids, skip_special_tokens=False):
+            return ""
+
+    shard = VocabShard.whole(padded, 1000)
+    prompts = [[5, 17, 999, 3, 42], [7, 8]]
+    out = {}
+    for cache in (True, False):
+        settings = RolloutSettings(None, DiscreteSampler(Truncation.greedy(), K), 1.0, "\x00", 16, frozenset(), use_kv_cache=cache)
+        out[cache] = RolloutEngine(model, _Tok(), shard, settings).generate(prompts, 1).rows.tokens.cpu()
+    record("rollout/kv_cache_equals_recompute_greedy", float((out[True] != out[False]).sum()), 0)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--json")
+    p.add_argument("--smoke-cpu", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    global DEV
+    if args.smoke_cpu:
+        DEV = "cpu"
+    else:
+        assert torch.cuda.is_available(), "needs a GPU"
+    noisy, shard, logits = check_samplers()
+    check_log_densities(noisy, shard, logits)
+    check_model_path()
+    failed = [k for k, v in results.items() if not v["ok"]]
+    print(f"{len(results) - len(failed)}/{len(results)} checks passed" + (f"; failed: {failed}" if failed else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "checks": results}, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
