@@ -14,6 +14,16 @@ from pathlib import Path
 
 from megatron_softgrpo.config.schema import LoggerCfg
 
+# Keys of every metrics.jsonl line (besides "step"); documented in the README. "kl/mean" appears
+# when a reference model is used; validation adds "val/...", "val_at_start/...", "val_final/...".
+STEP_KEYS = (
+    "epoch", "reward/mean", "reward/std", "accuracy", "response_length/mean", "response_length/max",
+    "think_length/mean", "truncated_fraction", "soft_fraction", "rollout_logp_mismatch",
+    "loss", "policy_loss", "kl/mean", "clip_fraction", "clip_fraction/low", "clip_fraction/high",
+    "dual_clip_fraction", "ratio/mean", "grad_norm", "lr", "optimizer_steps", "skipped_steps",
+    "tokens_per_second", "time/rollout", "time/reward", "time/logprob", "time/update", "time/step",
+)
+
 # key in metrics.jsonl -> label in the progress line (and its format)
 PROGRESS = (
     ("reward/mean", "reward", "{:.3f}"),
