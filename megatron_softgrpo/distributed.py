@@ -115,8 +115,9 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_minutes: 
     Seeds the default generators and Megatron's model-parallel RNG tracker, so noise drawn
     inside `get_cuda_rng_tracker().fork()` is reproducible per tensor-parallel rank.
     """
-    import model_patches
     from megatron.core import parallel_state, tensor_parallel
+
+    import model_patches
 
     model_patches.apply_all()
     env = detect_launch_env()
@@ -150,6 +151,23 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_minutes: 
 def cpu_group():
     """A process group over all ranks for small CPU tensors (flags, counters): gloo even under NCCL."""
     return _CPU_GROUP
+
+
+def broadcast_from_last_stage(*tensors: torch.Tensor) -> None:
+    """Give every pipeline stage the last stage's values (in place), e.g. the sampled step."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return
+    src = ps.get_pipeline_model_parallel_last_rank()
+    group = ps.get_pipeline_model_parallel_group()
+    for t in tensors:
+        if t.dtype == torch.bool:  # not every backend broadcasts bool
+            wire = t.to(torch.uint8)
+            torch.distributed.broadcast(wire, src, group=group)
+            t.copy_(wire.bool())
+        else:
+            torch.distributed.broadcast(t, src, group=group)
 
 
 def destroy_distributed() -> None:

@@ -1,6 +1,8 @@
 """The only code that reaches into Megatron-Core internals.
 
 - `cpu_compat`: run Megatron on machines without CUDA (gloo, CPU tensors).
+- `mixture_embedding`: sum_k w_k E[ids_k] on the vocabulary-parallel embedding table, fed as `decoder_input`.
+- `output_layer`: vocab-sharded logits during decoding; final hidden states for the chunked log-densities.
 """
 
 from model_patches import cpu_compat

@@ -235,7 +235,7 @@ def test_length_filter_keeps_prompts_up_to_the_limit(tokenizer, tmp_path):
     assert len(split.problems) == 4 and split.dropped_too_long == 1
     assert split.summary() == f"data.train: 4 problems from {tmp_path / 'p.json'}; dropped 1 prompts longer than {lengths[3]} tokens"
 
-    with pytest.raises(UserError, match=rf"data\.max_input_seq_length=5: all 5 prompts of .*p\.json are longer"):
+    with pytest.raises(UserError, match=r"data\.max_input_seq_length=5: all 5 prompts of .*p\.json are longer"):
         load_split(data.model_copy(update={"max_input_seq_length": 5}), "train", tokenizer)
     with pytest.raises(UserError, match=r"data\.prompt_template=.*cannot be filled \(KeyError: 'answer'\)"):
         load_split(data.model_copy(update={"prompt_template": "{problem} {answer}"}), "train", tokenizer)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from megatron_softgrpo.eval import sandbox
 from megatron_softgrpo.eval.benchmarks import BENCHMARKS, load_problems
 from megatron_softgrpo.eval.code_grading import HumanEvalTests
-from megatron_softgrpo.eval import sandbox
 from megatron_softgrpo.eval.sandbox import SandboxLimits, isolation, run_python, run_python_many
 
 # Wall-clock limits in these tests are generous where a program must fail (or pass) by itself,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import fields
 
 import pytest
-import torch
 import soft_reference as ref
+import torch
 
 from megatron_softgrpo.soft import (
     DirichletNoise,

@@ -5,16 +5,16 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 import soft_reference as ref
+import torch
 
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.soft import (
+    DirichletNoise,
     DiscreteSampler,
     EmbeddingNoise,
     GaussianNoise,
     GumbelNoise,
-    DirichletNoise,
     SoftSampler,
     Truncation,
     VocabShard,

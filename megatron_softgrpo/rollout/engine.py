@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 
 from megatron_softgrpo.config.schema import RecipeCfg
-from megatron_softgrpo.rollout.model_runner import ModelRunner, broadcast_from_last_stage
+from megatron_softgrpo.distributed import broadcast_from_last_stage
+from megatron_softgrpo.rollout.model_runner import ModelRunner
 from megatron_softgrpo.rollout.text_match import TextMatcher
 from megatron_softgrpo.soft import MixtureRows, SampledStep, Sampler, VocabShard
 from megatron_softgrpo.soft import recipe as soft_recipe

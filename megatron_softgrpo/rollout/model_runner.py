@@ -22,7 +22,7 @@ import torch
 
 from megatron_softgrpo.soft import MixtureRows
 from model_patches.mixture_embedding import mixture_embedding
-from model_patches.sharded_inference_logits import sharded_inference_logits
+from model_patches.output_layer import sharded_inference_logits
 
 
 def _pipeline():
@@ -124,22 +124,6 @@ class ModelRunner:
             torch.distributed.send(out.contiguous(), ps.get_pipeline_model_parallel_next_rank())
             return None
         return out[:, -1].float()
-
-
-def broadcast_from_last_stage(*tensors: torch.Tensor) -> None:
-    """Give every pipeline stage the last stage's values (in place), e.g. the sampled step."""
-    ps = _pipeline()
-    if ps.get_pipeline_model_parallel_world_size() == 1:
-        return
-    src = ps.get_pipeline_model_parallel_last_rank()
-    group = ps.get_pipeline_model_parallel_group()
-    for t in tensors:
-        if t.dtype == torch.bool:  # not every backend broadcasts bool
-            wire = t.to(torch.uint8)
-            torch.distributed.broadcast(wire, src, group=group)
-            t.copy_(wire.bool())
-        else:
-            torch.distributed.broadcast(t, src, group=group)
 
 
 _FIELDS = [f.name for f in fields(MixtureRows)]

@@ -7,7 +7,7 @@ tensor, pipeline and data parallelism all work the same way:
 - Inputs: position j reads the mixture of stored record j (`mixture_embedding`, detached,
   SPEC.md section 2) as `decoder_input` on the first pipeline stage; the causal mask is passed
   explicitly and positions are 0..S-1 (rows are right-padded).
-- Scoring: the model returns its final hidden states (`model_patches.final_hidden_states`); the
+- Scoring: the model returns its final hidden states (`model_patches.output_layer.final_hidden_states`); the
   output at position j - 1 scores record j with `soft.log_density_from_hidden`, only at the
   positions of `loss_mask`, against this rank's vocabulary shard of the output weight.
   `compute_logprobs` and the loss use this one function, so old, reference and new log-probs
@@ -39,17 +39,17 @@ import torch
 
 from megatron_softgrpo.algorithms.loss import LossScale, PolicyLossResult, policy_loss
 from megatron_softgrpo.config.schema import RecipeCfg
+from megatron_softgrpo.distributed import broadcast_from_last_stage
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.forward import causal_mask, position_ids
 from megatron_softgrpo.models.loading import load_model
 from megatron_softgrpo.models.source import resolve_model_source
-from megatron_softgrpo.rollout.model_runner import broadcast_from_last_stage
 from megatron_softgrpo.soft import EmbeddingNoise, InputEmbedding, VocabShard, log_density_from_hidden
 from megatron_softgrpo.soft.recipe import scorer as recipe_scorer
 from megatron_softgrpo.train.batch import PolicyBatch
 from megatron_softgrpo.train.optimizer import build_optimizer, build_scheduler, guarded_step, planned_optimizer_steps, wrap_ddp
-from model_patches.final_hidden_states import final_hidden_states
 from model_patches.mixture_embedding import mixture_embedding
+from model_patches.output_layer import final_hidden_states
 
 
 @dataclass(frozen=True)
