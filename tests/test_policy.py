@@ -1,6 +1,7 @@
 """PolicyWorker and training checkpoints on tiny models: log-probs against transformers (float64),
-the first update, gradient accumulation, the non-finite-gradient skip, TP/PP/DP against one rank,
-exact resume in a fresh process, and resharding a training checkpoint from TP=2 to TP=1."""
+the first update, gradient accumulation, the non-finite-gradient skip, the entropy term (against
+transformers), TP/PP/DP against one rank, exact resume in a fresh process, and resharding a
+training checkpoint from TP=2 to TP=1."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ THINKING_T = 1.0  # softgrpo.thinking.temperature: scores soft rows
 
 
 def recipe(
-    hf_dir, tp=1, pp=1, *, micro=1, kl=0.001, aggregation="token_mean_microbatch", warmup=0, ckpt=None, keep=3, distributed=True
+    hf_dir, tp=1, pp=1, *, micro=1, kl=0.001, aggregation="token_mean_microbatch", warmup=0, ckpt=None, keep=3, distributed=True,
+    entropy=0.0,
 ):
     return RecipeCfg(
         policy=PolicyCfg(
@@ -54,7 +56,7 @@ def recipe(
                 scheduler=SchedulerCfg(lr_warmup_iters=warmup),
             ),
         ),
-        loss_fn=LossCfg(reference_policy_kl_penalty=kl, aggregation=aggregation),
+        loss_fn=LossCfg(reference_policy_kl_penalty=kl, aggregation=aggregation, entropy_coef=entropy),
         softgrpo=SoftGRPOCfg(algorithm="softgrpo", mixture_size=K),
         checkpointing=CheckpointingCfg(checkpoint_dir=str(ckpt), keep_top_k=keep) if ckpt else CheckpointingCfg(),
     )
@@ -105,6 +107,19 @@ def reference_logprobs(hf_model, batch: PolicyBatch) -> torch.Tensor:
         m = (lam > -3).double()
         out[b, j] = (m * (-z - torch.exp(-z))).sum() / m.sum().clamp(min=1)
     return out
+
+
+def reference_entropies(hf_model, batch: PolicyBatch) -> torch.Tensor:
+    """Float64 entropy [B, S] (0 off loss_mask) of softmax(logits_{j-1} / T) over the real vocabulary, T the
+    temperature record j was sampled at, differentiable in the weights; inputs detached as the trainer's are."""
+    model = hf_model.double()
+    rows = batch.rows
+    inputs = (rows.mix_weights.double().unsqueeze(-1) * model.get_input_embeddings().weight.detach()[rows.mix_ids]).sum(dim=2)
+    logits = model(inputs_embeds=inputs).logits
+    b, j = batch.loss_mask.nonzero(as_tuple=True)
+    temperature = torch.tensor([ANSWER_T, THINKING_T], dtype=torch.float64)[rows.is_soft[b, j].long()].unsqueeze(-1)
+    p = torch.softmax(logits[b, j - 1] / temperature, dim=-1)
+    return torch.zeros(batch.loss_mask.shape, dtype=torch.float64).index_put((b, j), torch.special.entr(p).sum(-1))
 
 
 def with_old_logprobs(worker, batch: PolicyBatch) -> PolicyBatch:
@@ -233,6 +248,35 @@ def test_token_mean_microbatch_weighs_micro_batches_equally(tmp_path):
     assert abs(losses[1] - losses[2]) > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_entropy_term_alone_follows_the_entropy_gradient(kind, tmp_path):
+    """Zero advantages and no KL: the only gradient is that of -coef x entropy. Its value, mean and
+    gradient norm match transformers in float64, the step raises the entropy, and coef 0 gives no gradient."""
+    hf = make_hf_model(kind, tmp_path)
+    coef = 0.1
+    batch = make_batch(seed=9)
+    batch.advantages = torch.zeros_like(batch.advantages)
+    worker = new_worker(recipe(tmp_path, micro=2, kl=0.0, entropy=coef))
+    before = weights(worker)
+    metrics = worker.train_step(with_old_logprobs(worker, batch))
+
+    entropy, mask = reference_entropies(hf, batch), batch.loss_mask
+    objective = -coef * sum(entropy[i : i + 2][mask[i : i + 2]].mean() for i in (0, 2)) / 2  # token mean per micro-batch
+    objective.backward()
+    grad_norm = math.sqrt(sum(float((p.grad**2).sum()) for p in hf.parameters() if p.grad is not None))
+    assert metrics.updated and metrics.policy_loss == 0.0 and metrics.kl_mean is None
+    assert metrics.ratio_mean == 1.0  # the log-densities computed alongside the entropy are the old ones, bitwise
+    assert metrics.loss == pytest.approx(float(objective.detach()), abs=1e-6)
+    assert metrics.entropy_mean == pytest.approx(float(entropy[mask].mean()), abs=1e-5)
+    assert metrics.grad_norm == pytest.approx(grad_norm, rel=1e-4)
+    assert max((a - b).abs().max() for a, b in zip(before, weights(worker))) > 1e-4
+    # the step ascended the entropy: the same batch now has a larger one
+    assert worker.train_step(batch).entropy_mean > metrics.entropy_mean + 1e-3
+    plain = new_worker(recipe(tmp_path, micro=2, kl=0.0))
+    without = plain.train_step(with_old_logprobs(plain, batch))
+    assert without.entropy_mean is None and without.loss == 0.0 and without.grad_norm == 0.0
+
+
 @pytest.mark.parametrize("distributed", [True, False], ids=["distributed-optimizer", "fp32-optimizer"])
 def test_non_finite_gradient_skips_the_step(distributed, tmp_path):
     make_hf_model("qwen2", tmp_path)
@@ -343,8 +387,8 @@ def test_crash_during_save_leaves_the_previous_checkpoint(distributed, tmp_path,
 # ------------------------------------------------------------------ several ranks
 
 
-def _first_step(rank, hf_dir, tp, pp, seed):
-    worker = new_worker(recipe(hf_dir, tp, pp), tp, pp)
+def _first_step(rank, hf_dir, tp, pp, seed, entropy=0.0):
+    worker = new_worker(recipe(hf_dir, tp, pp, entropy=entropy), tp, pp)
     batch = with_old_logprobs(worker, make_batch(seed))
     metrics = worker.train_step(batch)
     pieces = [(key, shape, offset, prepend, data.numpy()) for key, shape, offset, prepend, data in sharded_pieces(worker.model)]
@@ -372,6 +416,26 @@ def test_one_step_on_two_ranks_matches_one_rank(kind, tp, pp, tmp_path):
     # the step changed the weights by far more than the tolerance
     initial = assemble([sharded_pieces(new_worker(recipe(tmp_path)).model)])
     assert max((expected[k] - initial[k]).abs().max() for k in expected) > 1e-4
+
+
+@pytest.mark.multiproc
+def test_entropy_step_at_tp2_matches_one_rank(tmp_path):
+    """(Sequence parallelism needs Transformer Engine's norms: the entropy under it is checked in
+    test_soft_tensor_parallel.)"""
+    make_hf_model("qwen2", tmp_path)
+    coef = 1.0  # the entropy's gradient comparable to the policy term's
+    expected_metrics, _, expected_pieces = _first_step(0, str(tmp_path), 1, 1, 7, coef)
+    expected = assemble([expected_pieces])
+    results = run_ranks(2, _first_step, str(tmp_path), 2, 1, 7, coef)
+    got = assemble(pieces for _, _, pieces in results)
+    for key in expected:
+        assert (got[key] - expected[key]).abs().max() <= 1e-5, key
+    for metrics, _, _ in results:
+        assert metrics.loss == pytest.approx(expected_metrics.loss, abs=1e-5)
+        assert metrics.entropy_mean == pytest.approx(expected_metrics.entropy_mean, abs=1e-5)
+        assert metrics.grad_norm == pytest.approx(expected_metrics.grad_norm, rel=1e-5)
+    # the entropy term is a large part of the objective (KL is 0 on a first step)
+    assert expected_metrics.policy_loss - expected_metrics.loss > 0.5 * coef * expected_metrics.entropy_mean
 
 
 def _step_with_nan_on_rank_1(rank, hf_dir):

@@ -225,3 +225,15 @@ def test_same_seed_same_trajectory_at_tp2_and_pp2(tiny_dir, tokenizer, smollm2_h
         assert torch.equal(mask, reference.loss_mask)
         assert torch.allclose(weights, reference.rows.mix_weights, atol=1e-3)
         assert torch.allclose(logp, reference.rollout_logp, atol=1e-4)
+
+
+def test_entropy_cold_stop_forces_the_marker(tiny_dir, tokenizer):
+    model, shard = build(tiny_dir)
+    marker = tokenizer("</think>", add_special_tokens=False)["input_ids"]
+    # every distribution is below an entropy of 100 nats: the cold stop fires after 2 soft steps
+    result = run(model, shard, tokenizer, prompts=[PROMPTS[1]], g=1, cold_stop_entropy=100.0, cold_stop_steps=2)
+    assert response(result, 0)[2 : 2 + len(marker)].tolist() == marker
+    assert response(result, 0, "is_soft")[:2].all() and not response(result, 0, "is_soft")[2:].any()
+    # and never below a threshold of 1e-9 nats
+    result = run(model, shard, tokenizer, prompts=[PROMPTS[1]], g=1, cold_stop_entropy=1e-9, cold_stop_steps=2)
+    assert response(result, 0, "is_soft").all()

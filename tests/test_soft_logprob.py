@@ -1,4 +1,5 @@
-"""Log-densities for the policy update: float64 references, gradcheck, chunked == plain, rollout == training."""
+"""Log-densities (and entropies) for the policy update: float64 references, gradcheck, chunked == plain,
+rollout == training."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from megatron_softgrpo.soft import (
     SoftSampler,
     Truncation,
     VocabShard,
+    log_density_and_entropy_from_hidden,
     log_density_from_hidden,
     log_density_from_logits,
     seed_noise_rng,
@@ -225,3 +227,66 @@ def test_embedding_noise_offset_is_the_seeded_vector_on_soft_rows():
     assert not bool(offset[~rows.is_soft].any())
     expected = 0.1 * gaussian_from_seeds(rows.noise_seed[rows.is_soft], HIDDEN)
     assert torch.equal(offset[rows.is_soft], expected)
+
+
+# ------------------------------------------------------------------ the entropy term's entropies
+
+
+def reference_entropy(logits, rows, vocab=VOCAB):
+    """float64 entropy [b, s] of softmax(l / T) over the real vocabulary: T = 0.8 on soft rows, 1.1 on discrete."""
+    temperature = torch.where(rows.is_soft, torch.tensor(0.8, dtype=torch.float64), torch.tensor(1.1, dtype=torch.float64))
+    p = torch.softmax(logits.double()[..., :vocab] / temperature.unsqueeze(-1), dim=-1)
+    return torch.special.entr(p).sum(-1)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 1024])
+def test_chunked_entropy_matches_float64_reference_and_keeps_the_log_densities(chunk_size):
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.randn(12, 2, HIDDEN, generator=gen, requires_grad=True)  # [s, b, h]
+    weight = (torch.randn(PADDED, HIDDEN, generator=gen) * 0.5).requires_grad_()
+    weight.data[VOCAB:] *= 8.0  # large padding logits: counted, they would dominate the entropy
+    logits64 = hidden.double().transpose(0, 1) @ weight.double().t()
+    _, rows = mixed_rows("gumbel", logits64.float().detach(), drift=0.5)
+    assert 0 < int(rows.is_soft.sum()) < rows.is_soft.numel()
+    ell, entropy = log_density_and_entropy_from_hidden(hidden, weight, rows, scorer("gumbel"), SHARD, chunk_size=chunk_size)
+    expected = reference_entropy(logits64, rows)
+    assert entropy.shape == rows.tokens.shape and entropy.dtype == torch.float32
+    assert (entropy.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert torch.equal(ell, log_density_from_hidden(hidden, weight, rows, scorer("gumbel"), SHARD, chunk_size=chunk_size))
+    # the gradient of a mix of both outputs against float64 autograd through full logits
+    c_ell, c_entropy = torch.randn(2, 2, 12, generator=gen)
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    full = h64.transpose(0, 1) @ w64.t()
+    plain = (c_ell * log_density_from_logits(full, rows, scorer("gumbel"), SHARD)).sum()
+    want = torch.autograd.grad(plain + (c_entropy * reference_entropy(full, rows)).sum(), (h64, w64))
+    got = torch.autograd.grad((c_ell * ell + c_entropy * entropy).sum(), (hidden, weight))
+    for g, w in zip(got, want):
+        assert (g.double() - w).abs().max() <= 1e-4 * w.abs().max()
+    assert got[1][VOCAB:].abs().max() == 0 and got[1][:VOCAB].abs().sum() > 0  # padding rows: no gradient
+
+
+@pytest.mark.parametrize("name", ["gumbel", "embedding_noise"])
+def test_gradcheck_chunked_entropy_from_hidden(name):
+    gen = torch.Generator().manual_seed(8)
+    hidden = torch.randn(4, 2, HIDDEN, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(SMALL.width, HIDDEN, generator=gen, dtype=torch.float64) * 0.5).requires_grad_()
+    _, rows = mixed_rows(name, (hidden.transpose(0, 1) @ weight.t()).float().detach(), drift=0.5, shard=SMALL)
+    assert 0 < int(rows.is_soft.sum()) < rows.is_soft.numel()
+    emb = InputEmbedding(table(rows=SMALL.width).double(), SMALL)
+
+    def fn(h, w):
+        return log_density_and_entropy_from_hidden(h, w, rows, scorer(name), SMALL, chunk_size=3, embedding=emb)
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_entropy_at_tiny_temperature_stays_finite():
+    gen = torch.Generator().manual_seed(9)
+    hidden = torch.randn(6, 2, HIDDEN, generator=gen, requires_grad=True)
+    weight = torch.randn(PADDED, HIDDEN, generator=gen).requires_grad_()
+    _, rows = mixed_rows("gumbel", (hidden.transpose(0, 1) @ weight.t()).detach())
+    sharp = Scorer(NOISES["gumbel"], soft_temperature=1e-4, discrete_temperature=1e-4)
+    _, entropy = log_density_and_entropy_from_hidden(hidden, weight, rows, sharp, SHARD, chunk_size=5)
+    entropy.sum().backward()
+    assert bool(torch.isfinite(entropy).all() and (entropy >= 0).all() and entropy.max() < 1e-3)  # nearly one-hot
+    assert bool(torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all())

@@ -1,5 +1,5 @@
-"""TP=2 (two CPU ranks, gloo) equals TP=1: samplers, log-densities and their gradients (also under
-sequence parallelism)."""
+"""TP=2 (two CPU ranks, gloo) equals TP=1: samplers, log-densities, the entropy term's entropies and
+their gradients (also under sequence parallelism)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from megatron_softgrpo.soft import (
     SoftSampler,
     Truncation,
     VocabShard,
+    log_density_and_entropy_from_hidden,
     log_density_from_hidden,
     log_density_from_logits,
     seed_noise_rng,
@@ -100,6 +101,23 @@ def compute(shard: VocabShard, logits, hidden, weight, table, coef, rows):
             ell=ell.detach(), grad_logits=local.grad, chunked=chunked.detach(), grad_hidden=h.grad, grad_weight=w.grad,
             sequence_parallel=sp.detach(), grad_hidden_sp=h_sp.grad,
         )
+    out["entropy/gumbel"] = _entropy(shard, hidden, weight[cols], coef, rows["gumbel"], InputEmbedding(table[cols], shard))
+    return out
+
+
+def _entropy(shard: VocabShard, hidden, weight, coef, rows, emb):
+    """Log-densities and entropies from hidden states, with and without sequence parallelism, and the
+    gradients of a mix of both."""
+    out = {}
+    part = hidden.shape[0] // shard.world_size
+    for label, h, sp in (("", hidden, False), ("_sp", hidden[shard.rank * part : (shard.rank + 1) * part], True)):
+        h, w = h.clone().requires_grad_(), weight.clone().requires_grad_()
+        ell, entropy = log_density_and_entropy_from_hidden(
+            h, w, rows, scorer("gumbel"), shard, chunk_size=7, embedding=emb, sequence_parallel=sp
+        )
+        (coef * ell + coef.flip(-1) * entropy).sum().backward()
+        out |= {f"ell{label}": ell.detach(), f"entropy{label}": entropy.detach(), f"grad_hidden{label}": h.grad,
+                f"grad_weight{label}": w.grad}
     return out
 
 
@@ -108,7 +126,8 @@ def _rank(rank, inputs):
     return compute(VocabShard.from_parallel_state(PADDED, VOCAB), *inputs)
 
 
-SHARDED = {"grad_logits": -1, "grad_weight": 0, "grad_hidden_sp": 0}  # per-rank slices: vocabulary or sequence
+# per-rank slices: vocabulary or sequence
+SHARDED = {"grad_logits": -1, "grad_weight": 0, "grad_weight_sp": 0, "grad_hidden_sp": 0}
 
 
 @pytest.mark.multiproc
@@ -131,3 +150,6 @@ def test_tensor_parallel_2_equals_1():
     gumbel = single["sample/gumbel"]
     assert sorted(gumbel["mix_ids"][0, :2].tolist()) == [100, 600] and gumbel["mix_ids"][0, 2:].tolist() == [0, 1, 2]
     assert all(r["density/gumbel"]["grad_weight"].abs().sum() > 0 for r in ranks)  # both shards get gradient
+    entropy = single["entropy/gumbel"]
+    assert torch.equal(entropy["ell"], single["density/gumbel"]["chunked"])  # the log-densities are unchanged
+    assert bool((entropy["entropy"] > 0).all()) and all(r["entropy/gumbel"]["grad_weight"].abs().sum() > 0 for r in ranks)

@@ -83,12 +83,13 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("algorithm", ["softgrpo", "grpo", "gaussian", "dirichlet", "embedding_noise"])
 def test_every_algorithm_trains_and_logs_the_documented_keys(algorithm, tmp_path, tiny_model, smollm2_hf_dir):
     recipe = write_recipe(tmp_path, tiny_model, smollm2_hf_dir, grpo={"max_num_steps": 2})
-    assert main(["train", str(recipe), f"softgrpo.algorithm={algorithm}"]) == 0
+    assert main(["train", str(recipe), f"softgrpo.algorithm={algorithm}", "loss_fn.entropy_coef=0.001"]) == 0
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         assert set(STEP_KEYS) <= set(row), set(STEP_KEYS) - set(row)
         assert row["optimizer_steps"] == 2 * row["step"]  # 8 responses / 4 per optimizer step
+        assert row["entropy/mean"] > 0
     # only the thinking phase differs: GRPO has no soft rows, every soft algorithm has some
     assert (rows[0]["soft_fraction"] == 0) == (algorithm == "grpo")
     assert rows[0]["ratio/mean"] != 0 and rows[0]["kl/mean"] >= 0

@@ -27,7 +27,7 @@ from megatron_softgrpo.rollout.text_match import TextMatcher
 from megatron_softgrpo.soft import MixtureRows, SampledStep, Sampler, VocabShard
 from megatron_softgrpo.soft import recipe as soft_recipe
 from megatron_softgrpo.soft.logprob import discrete_log_density
-from megatron_softgrpo.soft.vocab import log_normalizer, reduce_sum
+from megatron_softgrpo.soft.vocab import log_normalizer, softmax_entropy
 
 THINK, FORCE, ANSWER = 0, 1, 2
 SAMPLER_ALGORITHM = {"gumbel": "softgrpo", "discrete": "grpo"}  # other samplers share their algorithm's name
@@ -221,11 +221,9 @@ class RolloutEngine:
 
     def _low_entropy(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Entropy of p = softmax(l / T_thinking) over the whole sharded vocabulary, below the threshold."""
-        scaled = self.shard.masked(logits) / self.s.thinking_sampler.truncation.temperature
-        log_z = log_normalizer(scaled, self.shard)
-        p = torch.exp(scaled - log_z[:, None])
-        expected = reduce_sum(torch.where(p > 0, p * scaled, torch.zeros_like(p)).sum(-1), self.shard)
-        return (log_z - expected < self.s.cold_stop_entropy) & rows
+        scaled = self.shard.scaled(logits, self.s.thinking_sampler.truncation.temperature)
+        entropy = softmax_entropy(scaled, log_normalizer(scaled, self.shard), self.shard)
+        return (entropy < self.s.cold_stop_entropy) & rows
 
     # ------------------------------------------------------------------ helpers
 

@@ -6,7 +6,7 @@ Nothing here knows about GPTModel. Logits arrive as this TP rank's vocabulary sh
 
 Modules (each owns one concept):
 - `vocab`: `VocabShard` (global id range, real vocabulary size, TP group), padding
-  masking, collectives, vocabulary-wide logsumexp and K-logit gathers.
+  masking, collectives, vocabulary-wide logsumexp, entropy and K-logit gathers.
 - `truncation`: `Truncation` (temperature -> top-k -> top-p on the truncated
   distribution -> min-p), exact cross-shard top candidates (ties: lower id wins).
 - `rng`: the sampling-noise state in Megatron's RNG tracker (`seed_noise_rng`,
@@ -15,7 +15,8 @@ Modules (each owns one concept):
 - `noises`: the soft noise kinds `GumbelNoise`, `GaussianNoise`, `DirichletNoise`,
   `EmbeddingNoise`: mixture weights, stored noise and log-density of each.
 - `samplers`: `DiscreteSampler`, `SoftSampler`, the registry `make_sampler(name, ...)`.
-- `logprob`: `Scorer`, `log_density_from_logits`, `log_density_from_hidden` (chunked).
+- `logprob`: `Scorer`, `log_density_from_logits`, `log_density_from_hidden` (chunked),
+  `log_density_and_entropy_from_hidden` (chunked, with the entropy term's entropies).
 - `recipe`: samplers and scorer from a recipe's `softgrpo` / `policy.generation`.
 The mixture input embedding itself is a model patch: `model_patches.mixture_embedding`.
 
@@ -53,10 +54,18 @@ Trainer: with `scorer = recipe.scorer(cfg.softgrpo, cfg.policy.generation)`,
 scores record j+1 at position j (shift the records first). Discrete rows:
 log_softmax(l / T)[token]; soft rows: the noise kind's density from l[ids] / T (the
 embedding-noise density also needs `embedding=InputEmbedding(table_shard, shard)`).
-`log_density_from_logits` computes the same from given logits.
+`log_density_from_logits` computes the same from given logits;
+    ell, entropy = log_density_and_entropy_from_hidden(...same arguments...)
+adds the entropy of softmax(l / T) over the whole vocabulary (T of the row's phase) for
+the loss's optional entropy term.
 """
 
-from megatron_softgrpo.soft.logprob import Scorer, log_density_from_hidden, log_density_from_logits
+from megatron_softgrpo.soft.logprob import (
+    Scorer,
+    log_density_and_entropy_from_hidden,
+    log_density_from_hidden,
+    log_density_from_logits,
+)
 from megatron_softgrpo.soft.noises import (
     NOISES,
     DirichletNoise,
@@ -89,6 +98,7 @@ __all__ = [
     "SoftSampler",
     "Truncation",
     "VocabShard",
+    "log_density_and_entropy_from_hidden",
     "log_density_from_hidden",
     "log_density_from_logits",
     "make_sampler",

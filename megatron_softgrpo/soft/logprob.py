@@ -1,12 +1,19 @@
-"""Log-densities of scored positions for the policy update (SPEC.md section 2).
+"""Log-densities (and, for the optional entropy term, entropies) of scored positions for the
+policy update (SPEC.md sections 2-3).
 
-Two entry points compute the same numbers:
+Two entry points compute the same log-densities:
 - `log_density_from_logits(logits, rows, scorer, shard)`: on given vocab-sharded logits.
 - `log_density_from_hidden(hidden, output_weight, rows, scorer, shard)`: the trainer's,
   from the final hidden states [s, b, h] and this rank's output-weight shard [W, h]. It
   never holds [s, b, W] logits: positions are processed in chunks, soft rows need only
   their K logits (h . W[ids], no vocabulary-wide matmul), discrete rows' chunk logits
   are recomputed in backward, so extra memory is bounded by one chunk.
+- `log_density_and_entropy_from_hidden(...)`: the same log-densities (bitwise) and, in the
+  same chunked pass, the entropy of softmax(l / T) over the whole vocabulary at each
+  position. T is the temperature the position was sampled at, as for its log-density:
+  the answer temperature for discrete rows, the thinking temperature for soft rows (whose
+  mixture was drawn from that distribution's truncation). Soft rows then need their
+  chunk's full logits too (in forward and, recomputed, in backward).
 
 Discrete rows (is_soft False) score log_softmax(l / T_answer)[token] over the whole
 vocabulary; soft rows score the scorer's noise density from l[ids] / T_thinking. The
@@ -33,6 +40,7 @@ from megatron_softgrpo.soft.vocab import (
     gather_logits,
     log_normalizer,
     reduce_sum,
+    softmax_entropy,
 )
 
 DEFAULT_CHUNK_SIZE = 1024  # positions per chunk: a chunk of discrete rows holds [chunk, W] fp32 logits
@@ -47,16 +55,16 @@ class Scorer:
     discrete_temperature: float = 1.0
 
 
-def discrete_terms(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, shard: VocabShard):
-    """(log_softmax(l / T)[token], logsumexp(l / T)) over the whole sharded vocabulary; logits [n, W]."""
-    scaled = shard.scaled(logits, temperature)
+def discrete_terms(scaled: torch.Tensor, tokens: torch.Tensor, shard: VocabShard):
+    """(log_softmax(s)[token], logsumexp(s)) over the whole sharded vocabulary; scaled logits s [n, W]
+    as `VocabShard.scaled` makes them."""
     log_norm = log_normalizer(scaled, shard)
     return gather_logits(scaled, tokens.unsqueeze(-1), shard).squeeze(-1) - log_norm, log_norm
 
 
 def discrete_log_density(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, shard: VocabShard) -> torch.Tensor:
     """log_softmax(l / T)[token] over the whole sharded vocabulary: logits [n, W], tokens [n] -> [n]."""
-    return discrete_terms(logits, tokens, temperature, shard)[0]
+    return discrete_terms(shard.scaled(logits, temperature), tokens, shard)[0]
 
 
 # ------------------------------------------------------------------ from given logits
@@ -105,6 +113,20 @@ def log_density_from_logits(
 # ------------------------------------------------------------------ chunked, from hidden states
 
 
+@dataclass(frozen=True)
+class _VocabTerms:
+    """What the backward of a vocabulary-wide softmax needs from the forward, per row."""
+
+    log_norm: torch.Tensor  # logsumexp(l / T)
+    entropy: Optional[torch.Tensor] = None  # H, when the entropy is computed
+
+
+@dataclass(frozen=True)
+class _ChunkSaved:
+    discrete: Optional[_VocabTerms] = None  # the chunk's discrete rows (when it has any)
+    soft: Optional[_VocabTerms] = None  # its soft rows (with the entropy only: their density needs K logits)
+
+
 @dataclass
 class _Chunking:
     """The chunked computation. Products are taken in the weight's dtype, as Megatron's output
@@ -115,6 +137,7 @@ class _Chunking:
     shard: VocabShard
     chunk_size: int
     embedding: Optional[InputEmbedding]
+    with_entropy: bool
 
     @functools.cached_property
     def pieces(self) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
@@ -135,57 +158,101 @@ class _Chunking:
         return _owned_only(compute_dtype(dots), ids, self.shard), k_rows
 
     def forward_chunk(self, hidden, weight, piece, discrete, soft):
-        """(ell of the chunk's rows, logsumexp of its discrete rows for the backward)."""
+        """(ell of the chunk's rows, their entropy or None, what the backward needs)."""
         rows = self.rows.map(lambda t: t[piece])
         h = hidden[piece].to(weight.dtype)
         ell = torch.zeros(h.shape[0], dtype=compute_dtype_of(weight.dtype), device=h.device)
-        log_norm = None
+        entropy = torch.zeros_like(ell) if self.with_entropy else None
+        saved_discrete = saved_soft = None
         if discrete.numel():
-            full = h[discrete] @ weight.t()
-            values, log_norm = discrete_terms(full, rows.tokens[discrete], self.scorer.discrete_temperature, self.shard)
+            scaled = self.shard.scaled(h[discrete] @ weight.t(), self.scorer.discrete_temperature)
+            values, log_norm = discrete_terms(scaled, rows.tokens[discrete], self.shard)
             ell[discrete] = values.to(ell.dtype)
+            saved_discrete = _VocabTerms(log_norm, self._entropy_into(entropy, discrete, scaled, log_norm))
         if soft.numel():
             partial, _ = self._soft_partial(h[soft], weight, rows.mix_ids[soft])
             values = _soft_log_density(partial, rows.map(lambda t: t[soft]), self.scorer, self.shard, self.embedding)
             ell[soft] = values.to(ell.dtype)
-        return ell, log_norm
+            if self.with_entropy:
+                scaled = self.shard.scaled(h[soft] @ weight.t(), self.scorer.soft_temperature)
+                log_norm = log_normalizer(scaled, self.shard)
+                saved_soft = _VocabTerms(log_norm, self._entropy_into(entropy, soft, scaled, log_norm))
+        return ell, entropy, _ChunkSaved(saved_discrete, saved_soft)
 
-    def backward_chunk(self, hidden, weight, piece, discrete, soft, grad_ell, log_norm, grad_hidden, grad_weight):
+    def _entropy_into(self, entropy, index, scaled, log_norm) -> Optional[torch.Tensor]:
+        """Writes the entropy of softmax(scaled) into entropy[index] and returns it (None without entropy)."""
+        if entropy is None:
+            return None
+        values = softmax_entropy(scaled, log_norm, self.shard)
+        entropy[index] = values.to(entropy.dtype)
+        return values
+
+    def _vocab_gradient(self, logits, terms: _VocabTerms, temperature, g_ell, g_entropy) -> torch.Tensor:
+        """d/dl of  -g_ell logsumexp(l / T) + g_entropy H  for logits [n, W], in their dtype.
+
+        = -(p / T) (g_ell + g_entropy (log p + H)) with p = softmax(l / T) from the recomputed
+        logits and the forward's logsumexp, 0 on padding columns. g_ell or g_entropy may be
+        None (no such term). Without the entropy it takes one fp32 [n, W] buffer, with it two.
+        """
+        log_p = torch.add(-terms.log_norm.unsqueeze(-1), logits, alpha=1.0 / temperature)  # fp32
+        dtype = log_p.dtype
+        if g_entropy is None:
+            probs = log_p.exp_()
+            probs[:, self.shard.real_width :] = 0.0  # padding columns
+            row_scale = -(g_ell / temperature).to(dtype)
+            return torch.mul(probs, row_scale.unsqueeze(-1), out=torch.empty_like(logits))
+        probs = log_p.exp()
+        probs[:, self.shard.real_width :] = 0.0
+        factor = log_p.add_(terms.entropy.unsqueeze(-1)).mul_(g_entropy.to(dtype).unsqueeze(-1))  # in place
+        if g_ell is not None:
+            factor.add_(g_ell.to(dtype).unsqueeze(-1))
+        factor.mul_(probs)
+        del probs
+        return torch.mul(factor, -1.0 / temperature, out=torch.empty_like(logits))
+
+    def backward_chunk(self, hidden, weight, piece, discrete, soft, saved: _ChunkSaved, grads, grad_hidden, grad_weight):
         """One chunk's share of the output layer's gradients: grad_hidden rows set, grad_weight accumulated.
 
-        Discrete rows: d ell / d l = (onehot(token) - softmax(l / T)) / T, from recomputed logits
-        and the forward's logsumexp, in one fp32 [n_d, W] buffer. Soft rows: autograd through
-        the noise density down to their K logits only.
+        `grads` are (grad_ell, grad_entropy or None). Discrete rows: d ell / d l = (onehot(token)
+        - softmax(l / T)) / T (plus the entropy's term) from recomputed logits, in one fp32 [n_d, W]
+        buffer (two with the entropy). Soft rows: autograd through the noise density down to
+        their K logits only, plus, with the entropy, its term on their recomputed full logits.
         """
         rows = self.rows.map(lambda t: t[piece])
         h = hidden[piece].to(weight.dtype)
+        grad_ell, grad_entropy = grads
         g_ell, g_h = grad_ell[piece], grad_hidden[piece]
+        g_entropy = None if grad_entropy is None else grad_entropy[piece]
         if discrete.numel():
             temperature = self.scorer.discrete_temperature
-            scale = (g_ell[discrete] / temperature).to(log_norm.dtype)
-            logits = h[discrete] @ weight.t()
-            probs = torch.add(-log_norm.unsqueeze(-1), logits, alpha=1.0 / temperature).exp_()  # softmax(l / T)
-            probs[:, self.shard.real_width :] = 0.0  # padding columns
-            d_full = torch.mul(probs, -scale.unsqueeze(-1), out=torch.empty_like(logits))  # in the weight dtype
-            del probs
+            h_d, g = h[discrete], g_ell[discrete]
+            d_full = self._vocab_gradient(
+                h_d @ weight.t(), saved.discrete, temperature, g, None if g_entropy is None else g_entropy[discrete]
+            )
             tokens = rows.tokens[discrete]
             mine = self.shard.owns(tokens)
             rows_mine = mine.nonzero().squeeze(-1)
-            d_full.index_put_((rows_mine, tokens[mine] - self.shard.start), scale[mine].to(d_full.dtype), accumulate=True)
+            at_token = (g[mine] / temperature).to(d_full.dtype)
+            d_full.index_put_((rows_mine, tokens[mine] - self.shard.start), at_token, accumulate=True)
             g_h[discrete] = (d_full @ weight).to(g_h.dtype)
-            _accumulate_product(grad_weight, d_full.t(), h[discrete])
+            _accumulate_product(grad_weight, d_full.t(), h_d)
         if soft.numel():
-            ids = rows.mix_ids[soft]
-            partial, k_rows = self._soft_partial(h[soft], weight, ids)
+            h_s, ids = h[soft], rows.mix_ids[soft]
+            partial, k_rows = self._soft_partial(h_s, weight, ids)
             partial = partial.detach().requires_grad_()
             with torch.enable_grad():
                 values = _soft_log_density(partial, rows.map(lambda t: t[soft]), self.scorer, self.shard, self.embedding)
                 (d_partial,) = torch.autograd.grad(values, partial, g_ell[soft].to(values.dtype))
             d_dots = _owned_only(d_partial, ids, self.shard).to(weight.dtype)  # [n_s, K]
-            g_h[soft] = torch.bmm(d_dots.unsqueeze(1), k_rows).squeeze(1).to(g_h.dtype)
-            per_slot = d_dots.unsqueeze(-1) * h[soft].unsqueeze(1)  # [n_s, K, h]
+            g_h_soft = torch.bmm(d_dots.unsqueeze(1), k_rows).squeeze(1).to(g_h.dtype)
+            per_slot = d_dots.unsqueeze(-1) * h_s.unsqueeze(1)  # [n_s, K, h]
             owned = self.shard.owns(ids)
             grad_weight.index_add_(0, self.shard.local_index(ids)[owned], per_slot[owned].to(grad_weight.dtype))
+            if g_entropy is not None:
+                d_full = self._vocab_gradient(h_s @ weight.t(), saved.soft, self.scorer.soft_temperature, None, g_entropy[soft])
+                g_h_soft += (d_full @ weight).to(g_h.dtype)
+                _accumulate_product(grad_weight, d_full.t(), h_s)
+            g_h[soft] = g_h_soft
 
 
 def _accumulate_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -202,24 +269,45 @@ def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-class _ChunkedLogDensity(torch.autograd.Function):
+class _ChunkedScores(torch.autograd.Function):
+    """hidden [N, h], weight [W, h] -> ell [N] (and entropy [N] when the plan asks for it)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, plan: _Chunking):
         ctx.plan = plan
         ctx.save_for_backward(hidden, weight)
         with torch.no_grad():
             pieces = [plan.forward_chunk(hidden, weight, *piece) for piece in plan.pieces]
-        ctx.log_norms = [log_norm for _, log_norm in pieces]
-        return torch.cat([ell for ell, _ in pieces])
+        ctx.chunk_saved = [saved for _, _, saved in pieces]
+        ell = torch.cat([ell for ell, _, _ in pieces])
+        return (ell, torch.cat([entropy for _, entropy, _ in pieces])) if plan.with_entropy else ell
 
     @staticmethod
-    def backward(ctx, grad_ell):
+    def backward(ctx, grad_ell, grad_entropy=None):
         hidden, weight = ctx.saved_tensors
         grad_hidden = torch.zeros(hidden.shape, dtype=_accumulation_dtype(hidden), device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=_accumulation_dtype(weight), device=weight.device)
-        for piece, log_norm in zip(ctx.plan.pieces, ctx.log_norms):
-            ctx.plan.backward_chunk(hidden, weight, *piece, grad_ell, log_norm, grad_hidden, grad_weight)
+        for piece, saved in zip(ctx.plan.pieces, ctx.chunk_saved):
+            ctx.plan.backward_chunk(hidden, weight, *piece, saved, (grad_ell, grad_entropy), grad_hidden, grad_weight)
         return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None
+
+
+def _scores_from_hidden(hidden, output_weight, rows, scorer, shard, chunk_size, embedding, sequence_parallel, with_entropy):
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if sequence_parallel and shard.distributed:
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        hidden = gather_from_sequence_parallel_region(hidden, group=shard.group)
+    else:
+        hidden = copy_to_group(hidden, shard)
+    b, s = rows.tokens.shape
+    if hidden.shape[:2] != (s, b):
+        raise ValueError(f"hidden states {tuple(hidden.shape)} do not match records [b={b}, s={s}] (expected [s, b, h])")
+    flat_hidden = hidden.transpose(0, 1).reshape(b * s, hidden.shape[-1])
+    plan = _Chunking(rows.flatten(), scorer, shard, chunk_size, embedding, with_entropy)
+    out = _ChunkedScores.apply(flat_hidden, output_weight, plan)
+    return tuple(t.view(b, s) for t in out) if with_entropy else out.view(b, s)
 
 
 def log_density_from_hidden(
@@ -240,17 +328,22 @@ def log_density_from_hidden(
     `output_weight` is this rank's [W, h] shard (model.shared_embedding_or_output_weight()
     or output_layer.weight).
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if sequence_parallel and shard.distributed:
-        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+    return _scores_from_hidden(hidden, output_weight, rows, scorer, shard, chunk_size, embedding, sequence_parallel, False)
 
-        hidden = gather_from_sequence_parallel_region(hidden, group=shard.group)
-    else:
-        hidden = copy_to_group(hidden, shard)
-    b, s = rows.tokens.shape
-    if hidden.shape[:2] != (s, b):
-        raise ValueError(f"hidden states {tuple(hidden.shape)} do not match records [b={b}, s={s}] (expected [s, b, h])")
-    flat_hidden = hidden.transpose(0, 1).reshape(b * s, hidden.shape[-1])
-    plan = _Chunking(rows.flatten(), scorer, shard, chunk_size, embedding)
-    return _ChunkedLogDensity.apply(flat_hidden, output_weight, plan).view(b, s)
+
+def log_density_and_entropy_from_hidden(
+    hidden: torch.Tensor,
+    output_weight: torch.Tensor,
+    rows: MixtureRows,
+    scorer: Scorer,
+    shard: VocabShard,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    embedding: Optional[InputEmbedding] = None,
+    sequence_parallel: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ell [b, s], entropy [b, s]): `log_density_from_hidden`'s values (bitwise) and the entropy
+    of softmax(l / T) over the whole vocabulary (padding excluded) at each position, T being the
+    scorer's discrete temperature on discrete rows and its soft (thinking) temperature on soft
+    rows; both differentiable, computed in one chunked pass. Arguments as `log_density_from_hidden`.
+    """
+    return _scores_from_hidden(hidden, output_weight, rows, scorer, shard, chunk_size, embedding, sequence_parallel, True)

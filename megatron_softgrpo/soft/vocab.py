@@ -189,3 +189,14 @@ def gather_logits(logits: torch.Tensor, ids: torch.Tensor, shard: VocabShard) ->
     """logits[..., ids] for global ids [..., K] from the sharded logits [..., W] (autograd-aware)."""
     local = logits.gather(-1, shard.local_index(ids))
     return reduce_sum(torch.where(shard.owns(ids), local, torch.zeros_like(local)), shard)
+
+
+def softmax_entropy(scaled: torch.Tensor, log_norm: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """Entropy -sum_v p_v log p_v of p = softmax(scaled) over the whole (sharded) vocabulary [..., W] -> [...].
+
+    `scaled` are padding-masked scaled logits (`VocabShard.scaled`) and `log_norm` their
+    `log_normalizer`. Summing p log p (each term small) rather than logZ - E_p[scaled] avoids
+    cancelling two large numbers when the logits are large. Autograd-aware.
+    """
+    log_p = scaled[..., : shard.real_width] - log_norm.unsqueeze(-1)  # padding columns: p = 0, left out
+    return -reduce_sum(torch.linalg.vecdot(log_p.exp(), log_p), shard)

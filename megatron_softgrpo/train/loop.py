@@ -26,6 +26,7 @@ from megatron_softgrpo.data.prompts import encode_prompt
 from megatron_softgrpo.data.sampler import PromptSampler
 from megatron_softgrpo.distributed import ParallelLayout, init_distributed, is_main_rank
 from megatron_softgrpo.models.source import load_tokenizer
+from megatron_softgrpo.rewards.boxed import last_boxed
 from megatron_softgrpo.rewards.registry import get_reward
 from megatron_softgrpo.rollout.engine import RolloutEngine, RolloutSettings, Trajectories
 from megatron_softgrpo.soft import MixtureRows, noise_seed, seed_noise_rng
@@ -54,7 +55,9 @@ class Scored:
     response_lengths: torch.Tensor
     think_lengths: torch.Tensor
     truncated: torch.Tensor  # [B] finished by the length limit
-    rewards: torch.Tensor  # [B]
+    correct: torch.Tensor  # [B] the named reward (correctness)
+    answered: torch.Tensor  # [B] the response gives a \\boxed{} answer
+    rewards: torch.Tensor  # [B] correct + env.format_reward * answered: what the advantages use
 
 
 class Trainer:
@@ -174,11 +177,13 @@ class Trainer:
         mask = scored.loss_mask
         generated = int(scored.response_lengths.sum())
         kls = [u.kl_mean for u in updates if u.kl_mean is not None]
+        entropies = [u.entropy_mean for u in updates if u.entropy_mean is not None]
         metrics = {
             "epoch": epoch,
             "reward/mean": float(scored.rewards.mean()),
             "reward/std": float(scored.rewards.std()) if len(scored.rewards) > 1 else 0.0,
-            "accuracy": float((scored.rewards >= 0.5).float().mean()),
+            "accuracy": float((scored.correct >= 0.5).float().mean()),
+            "answer_rate": float(scored.answered.float().mean()),
             "response_length/mean": float(scored.response_lengths.float().mean()),
             "response_length/max": int(scored.response_lengths.max()),
             "think_length/mean": float(scored.think_lengths.float().mean()),
@@ -188,6 +193,7 @@ class Trainer:
             "loss": _mean(u.loss for u in updates),
             "policy_loss": _mean(u.policy_loss for u in updates),
             "kl/mean": _mean(kls) if kls else None,
+            "entropy/mean": _mean(entropies) if entropies else None,
             "clip_fraction": _mean(u.clip_frac_low + u.clip_frac_high for u in updates),
             "clip_fraction/low": _mean(u.clip_frac_low for u in updates),
             "clip_fraction/high": _mean(u.clip_frac_high for u in updates),
@@ -212,39 +218,44 @@ class Trainer:
         times["time/rollout"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        answers = [p.answer for p in mine for _ in range(g)]
-        metadata = [p.metadata for p in mine for _ in range(g)]
-        rewards = torch.tensor(self.reward(traj.texts, answers, metadata), dtype=torch.float32)
+        correct, answered = self._grade(traj.texts, [p for p in mine for _ in range(g)])
         times["time/reward"] = time.perf_counter() - t
         truncated = torch.tensor([r == "length" for r in traj.finish_reasons])
         device = traj.rows.tokens.device
         gathered = _gather_blocks(
             [*[getattr(traj.rows, k) for k in _ROW_FIELDS], traj.loss_mask, traj.rollout_logp],
-            [traj.response_lengths, traj.think_lengths, truncated.to(device), rewards.to(device)],
+            [traj.response_lengths, traj.think_lengths, *(x.to(device) for x in (truncated, correct, answered))],
         )
         rows = MixtureRows(**dict(zip(_ROW_FIELDS, gathered[: len(_ROW_FIELDS)])))
-        loss_mask, rollout_logp, lengths, think, trunc, rew = gathered[len(_ROW_FIELDS) :]
-        return Scored(traj, rows, loss_mask, rollout_logp, lengths, think, trunc, rew)
+        loss_mask, rollout_logp, lengths, think, trunc, correct, answered = gathered[len(_ROW_FIELDS) :]
+        rewards = correct + self.cfg.env.format_reward * answered.float()
+        return Scored(traj, rows, loss_mask, rollout_logp, lengths, think, trunc, correct, answered, rewards)
+
+    def _grade(self, texts: list[str], problems) -> tuple[torch.Tensor, torch.Tensor]:
+        """(named reward, has a \\boxed{} answer) per response."""
+        correct = self.reward(texts, [p.answer for p in problems], [p.metadata for p in problems])
+        answered = [last_boxed(t) is not None for t in texts]
+        return torch.tensor(correct, dtype=torch.float32), torch.tensor(answered)
 
     def _validate(self) -> dict:
         """One sample per validation problem with the training decoding; accuracy and mean reward."""
         problems = self.val_data.problems
         per_rank = math.ceil(len(problems) / self.dp)
         mine = problems[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
-        rewards, lengths = torch.zeros(per_rank), torch.zeros(per_rank)
+        correct, answered, lengths = torch.zeros(per_rank), torch.zeros(per_rank), torch.zeros(per_rank)
         if mine:
             prompts = [encode_prompt(self.tokenizer, p.problem, self.cfg.data.prompt_template, self.cfg.data.system_prompt) for p in mine]
             traj = self.engine.generate(prompts, 1)
-            got = self.reward(traj.texts, [p.answer for p in mine], [p.metadata for p in mine])
-            rewards[: len(mine)] = torch.tensor(got)
+            got, has = self._grade(traj.texts, mine)
+            correct[: len(mine)], answered[: len(mine)] = got, has.float()
             lengths[: len(mine)] = traj.response_lengths.float().cpu()
         valid = torch.zeros(per_rank)
         valid[: len(mine)] = 1
-        rewards, lengths, valid = (_gather_dp(x) for x in (rewards, lengths, valid))
+        correct, answered, lengths, valid = (_gather_dp(x) for x in (correct, answered, lengths, valid))
         n = valid.sum().clamp(min=1)
         return {
-            "accuracy": float(((rewards >= 0.5).float() * valid).sum() / n),
-            "reward": float((rewards * valid).sum() / n),
+            "accuracy": float(((correct >= 0.5).float() * valid).sum() / n),
+            "answer_rate": float((answered * valid).sum() / n),
             "response_length": float((lengths * valid).sum() / n),
         }
 

@@ -16,8 +16,10 @@ from megatron_softgrpo.config.schema import LoggerCfg
 
 # Keys of every metrics.jsonl line (besides "step"); documented in the README. "kl/mean" appears
 # when a reference model is used; validation adds "val/...", "val_at_start/...", "val_final/...".
+# "entropy/mean" (not in STEP_KEYS: the mean entropy of the scored positions' sampling distributions,
+# from the update's forward passes) appears when loss_fn.entropy_coef > 0.
 STEP_KEYS = (
-    "epoch", "reward/mean", "reward/std", "accuracy", "response_length/mean", "response_length/max",
+    "epoch", "reward/mean", "reward/std", "accuracy", "answer_rate", "response_length/mean", "response_length/max",
     "think_length/mean", "truncated_fraction", "soft_fraction", "rollout_logp_mismatch",
     "loss", "policy_loss", "kl/mean", "clip_fraction", "clip_fraction/low", "clip_fraction/high",
     "dual_clip_fraction", "ratio/mean", "grad_norm", "lr", "optimizer_steps", "skipped_steps",
@@ -28,9 +30,11 @@ STEP_KEYS = (
 PROGRESS = (
     ("reward/mean", "reward", "{:.3f}"),
     ("accuracy", "acc", "{:.3f}"),
+    ("answer_rate", "boxed", "{:.2f}"),
     ("response_length/mean", "len", "{:.1f}"),
     ("soft_fraction", "soft", "{:.2f}"),
     ("kl/mean", "kl", "{:.2e}"),
+    ("entropy/mean", "ent", "{:.3f}"),
     ("clip_fraction", "clip", "{:.3f}"),
     ("grad_norm", "gnorm", "{:.3f}"),
     ("tokens_per_second", "tok/s", "{:.0f}"),

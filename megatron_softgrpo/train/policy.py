@@ -9,7 +9,10 @@ tensor, pipeline and data parallelism all work the same way:
   explicitly and positions are 0..S-1 (rows are right-padded).
 - Scoring: the model returns its final hidden states (`model_patches.output_layer.final_hidden_states`); the
   output at position j - 1 scores record j with `soft.log_density_from_hidden`, only at the
-  positions of `loss_mask`, against this rank's vocabulary shard of the output weight.
+  positions of `loss_mask`, against this rank's vocabulary shard of the output weight. With
+  `loss_fn.entropy_coef > 0` the training forward uses `soft.log_density_and_entropy_from_hidden`
+  instead: the same log-densities plus each scored position's entropy (at the temperature the
+  position was sampled at), in the same chunked pass, for the loss's entropy term.
   `compute_logprobs` and the loss use this one function, so old, reference and new log-probs
   agree when the weights do: bitwise (ratio exactly 1 on the first update) when each row is
   computed in the same company, i.e. `logprob_batch_size == train_micro_batch_size` and
@@ -44,7 +47,13 @@ from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.forward import causal_mask, position_ids
 from megatron_softgrpo.models.loading import load_model
 from megatron_softgrpo.models.source import resolve_model_source
-from megatron_softgrpo.soft import EmbeddingNoise, InputEmbedding, VocabShard, log_density_from_hidden
+from megatron_softgrpo.soft import (
+    EmbeddingNoise,
+    InputEmbedding,
+    VocabShard,
+    log_density_and_entropy_from_hidden,
+    log_density_from_hidden,
+)
 from megatron_softgrpo.soft.recipe import scorer as recipe_scorer
 from megatron_softgrpo.train.batch import PolicyBatch
 from megatron_softgrpo.train.optimizer import build_optimizer, build_scheduler, guarded_step, planned_optimizer_steps, wrap_ddp
@@ -56,7 +65,8 @@ from model_patches.output_layer import final_hidden_states
 class TrainStepMetrics:
     """One optimizer step; identical on every rank."""
 
-    loss: float  # the objective whose gradient was applied (policy + kl coef * kl), per LossCfg.aggregation
+    # the objective whose gradient was applied (policy + kl coef * kl - entropy coef * entropy), per LossCfg.aggregation
+    loss: float
     policy_loss: float
     kl_loss: Optional[float]  # None without a reference model
     num_tokens: int  # scored positions of the mini-batch
@@ -65,6 +75,7 @@ class TrainStepMetrics:
     dual_clip_frac: float
     ratio_mean: float
     kl_mean: Optional[float]
+    entropy_mean: Optional[float]  # None when loss_fn.entropy_coef is 0 (not computed)
     grad_norm: float  # before clipping; not finite when the step was skipped
     lr: float
     updated: bool  # False: non-finite gradient norm, the weights were left unchanged
@@ -73,7 +84,7 @@ class TrainStepMetrics:
 
 # per-micro-batch statistics (loss terms as the schedule backpropagates them, the rest token-weighted),
 # summed over micro-batches and data-parallel ranks
-_STATS = ("objective", "policy", "kl", "tokens", "clip_low", "clip_high", "dual_clip", "ratio", "kl_mean")
+_STATS = ("objective", "policy", "kl", "tokens", "clip_low", "clip_high", "dual_clip", "ratio", "kl_mean", "entropy_mean")
 
 
 def _parallel_state():
@@ -94,8 +105,6 @@ class PolicyWorker:
         wanted = (mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size)
         if running != wanted:
             raise ValueError(f"init_distributed set TP, PP = {running}; the recipe asks for {wanted}")
-        if cfg.loss_fn.entropy_coef > 0:
-            raise UserError(f"loss_fn.entropy_coef={cfg.loss_fn.entropy_coef}: the entropy term is not implemented in the trainer; set 0")
         self.cfg = cfg
         self.source = resolve_model_source(policy.model_name)
         self.model, self.padded_vocab_size = load_model(self.source, mcfg, policy.precision)
@@ -195,6 +204,7 @@ class PolicyWorker:
             dual_clip_frac=s["dual_clip"] / tokens,
             ratio_mean=s["ratio"] / tokens,
             kl_mean=s["kl_mean"] / tokens if with_kl else None,
+            entropy_mean=s["entropy_mean"] / tokens if self._with_entropy else None,
             grad_norm=outcome.grad_norm,
             lr=outcome.lr,
             updated=outcome.updated,
@@ -238,8 +248,15 @@ class PolicyWorker:
         # a leaf that requires grad, so activation recomputation still builds a graph; no weight sees it
         return x.requires_grad_()
 
-    def _log_density(self, gpt, output: torch.Tensor, micro_batch: PolicyBatch) -> torch.Tensor:
-        """Record-aligned ell [b, s] of the scored records from the model output [b, s(/TP), h]."""
+    @property
+    def _with_entropy(self) -> bool:
+        return self.cfg.loss_fn.entropy_coef > 0
+
+    def _scores(
+        self, gpt, output: torch.Tensor, micro_batch: PolicyBatch, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Record-aligned (ell [b, s], entropy [b, s] or None) of the scored records from the model
+        output [b, s(/TP), h]; 0 at unscored positions."""
         hidden = output.transpose(0, 1)  # [s, b, h]
         if gpt.config.sequence_parallel and self.vocab.distributed:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
@@ -247,15 +264,18 @@ class PolicyWorker:
             # backward only splits: log_density_from_hidden sums the TP ranks' gradients itself
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False, group=self.vocab.group)
         b_idx, j_idx = micro_batch.loss_mask.nonzero(as_tuple=True)
-        ell = torch.zeros(micro_batch.loss_mask.shape, dtype=torch.float32, device=hidden.device)
-        if b_idx.numel() == 0:  # nothing scored: a zero that stays on the graph the schedule backpropagates
-            return ell + 0 * hidden.sum()
+        zeros = torch.zeros(micro_batch.loss_mask.shape, dtype=torch.float32, device=hidden.device)
+        if b_idx.numel() == 0:  # nothing scored: zeros that stay on the graph the schedule backpropagates
+            on_graph = zeros + 0 * hidden.sum()
+            return on_graph, on_graph if with_entropy else None
         inputs = hidden[j_idx - 1, b_idx].unsqueeze(1)  # [n, 1, h]: the output at j - 1 scores record j
         records = micro_batch.rows.map(lambda t: t[b_idx, j_idx].unsqueeze(0))  # [1, n]
-        scored = log_density_from_hidden(
-            inputs, self._output_weight(gpt), records, self.scorer, self.vocab, embedding=self._input_embedding(gpt)
-        )
-        return ell.index_put((b_idx, j_idx), scored[0].float())
+        args = (inputs, self._output_weight(gpt), records, self.scorer, self.vocab)
+        embedding = self._input_embedding(gpt)
+        if not with_entropy:
+            return zeros.index_put((b_idx, j_idx), log_density_from_hidden(*args, embedding=embedding)[0].float()), None
+        ell, entropy = log_density_and_entropy_from_hidden(*args, embedding=embedding)
+        return zeros.index_put((b_idx, j_idx), ell[0].float()), zeros.index_put((b_idx, j_idx), entropy[0].float())
 
     @staticmethod
     def _output_weight(gpt) -> torch.Tensor:
@@ -269,13 +289,13 @@ class PolicyWorker:
         return InputEmbedding(table, self.vocab)
 
     def _logp_output(self, gpt, micro_batch: PolicyBatch, output: torch.Tensor):
-        logp = self._log_density(gpt, output, micro_batch)
+        logp, _ = self._scores(gpt, output, micro_batch)
         return logp.new_zeros(()), {"logp": logp}
 
     def _loss_output(
         self, scale: LossScale, undo_division: int, num_micro: int, gpt, micro_batch: PolicyBatch, output: torch.Tensor
     ):
-        logp = self._log_density(gpt, output, micro_batch)
+        logp, entropy = self._scores(gpt, output, micro_batch, with_entropy=self._with_entropy)
         result = policy_loss(
             logp,
             micro_batch.old_logp,
@@ -283,6 +303,7 @@ class PolicyWorker:
             micro_batch.loss_mask,
             self.cfg.loss_fn,
             ref_logp=micro_batch.ref_logp,
+            entropy=entropy,
             scale=scale,
         )
         # the loss terms as the schedule backpropagates them: x undo_division / num_micro
@@ -308,6 +329,7 @@ def _micro_batch_stats(result: PolicyLossResult, loss_share: float) -> torch.Ten
     zero = torch.zeros((), dtype=torch.float64, device=tokens.device)
     kl = zero if result.kl_loss is None else result.kl_loss.double()
     kl_mean = zero if m.kl_mean is None else m.kl_mean.double()
+    entropy_mean = zero if m.entropy_mean is None else m.entropy_mean.double()
     values = [
         result.loss.detach().double() * loss_share,
         result.policy_loss.double() * loss_share,
@@ -318,5 +340,6 @@ def _micro_batch_stats(result: PolicyLossResult, loss_share: float) -> torch.Ten
         tokens * m.dual_clip_frac.double(),
         tokens * m.ratio_mean.double(),
         tokens * kl_mean,
+        tokens * entropy_mean,
     ]
     return torch.stack(values)
