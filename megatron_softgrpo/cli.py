@@ -24,19 +24,22 @@ def _split_overrides(items: list[str], known: tuple[str, ...]) -> tuple[dict[str
     return args, overrides
 
 
-def _load_checked(recipe: str, overrides: list[str]):
-    """Recipe validated against its model's architecture, before any weights are read."""
+def _load_checked(recipe: str, overrides: list[str], for_cluster: bool = False, training: bool = False):
+    """Recipe validated against its model's architecture, before any weights are read.
+
+    `for_cluster`: outside a launcher, check the layout against the recipe's `cluster` section
+    instead of this single process. `training`: also the data-parallel batch rules."""
     from megatron_softgrpo.config import load_recipe
-    from megatron_softgrpo.config.checks import check_model_fit
+    from megatron_softgrpo.config.checks import check_data_parallel, check_model_fit, cluster_world_size, recipe_model_arch
     from megatron_softgrpo.distributed import detect_launch_env
-    from megatron_softgrpo.models.source import model_arch_of
 
     loaded = load_recipe(recipe, overrides)
-    try:
-        arch = model_arch_of(loaded.cfg.policy.model_name)
-    except UserError as e:
-        raise loaded.error("policy.model_name", str(e)) from None
-    check_model_fit(loaded, arch, world_size=detect_launch_env().world_size)
+    arch = recipe_model_arch(loaded)
+    env = detect_launch_env()
+    world_size = cluster_world_size(loaded.cfg.cluster) if for_cluster and env.launcher == "single" else env.world_size
+    check_model_fit(loaded, arch, world_size=world_size)
+    if training:
+        check_data_parallel(loaded, world_size)
     return loaded
 
 
@@ -62,7 +65,7 @@ def _load_engine(cfg, **settings):
 def cmd_check(ns) -> int:
     import yaml
 
-    loaded = _load_checked(ns.recipe, ns.overrides)
+    loaded = _load_checked(ns.recipe, ns.overrides, for_cluster=True, training=True)
     print(yaml.safe_dump(loaded.cfg.model_dump(), sort_keys=False).rstrip())
     print(f"# {ns.recipe}: valid", file=sys.stderr)
     return 0
@@ -71,7 +74,7 @@ def cmd_check(ns) -> int:
 def cmd_train(ns) -> int:
     from megatron_softgrpo.train.loop import train
 
-    return train(_load_checked(ns.recipe, ns.overrides))
+    return train(_load_checked(ns.recipe, ns.overrides, training=True))
 
 
 def cmd_generate(ns) -> int:
@@ -114,6 +117,12 @@ def cmd_eval(ns) -> int:
 
         print(markdown_table(summary).rstrip())
     return 0
+
+
+def cmd_plan(ns) -> int:
+    from megatron_softgrpo.plan import run_plan
+
+    return run_plan(ns.recipe, ns.overrides, gpus=ns.gpus, gpu_mem_gib=ns.gpu_mem_gib)
 
 
 def cmd_plot(ns) -> int:
@@ -172,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="checkpoint=DIR and dotted.key=value overrides (eval.*, softgrpo.sampler, ...)")
     e.set_defaults(func=cmd_eval)
 
+    pn = sub.add_parser("plan", help="per-GPU memory and layout check: plan [--gpus N] [--gpu-mem-gib G] RECIPE [overrides]; "
+                        "exit 0 fits, 1 does not fit, 2 invalid")
+    pn.add_argument("recipe")
+    pn.add_argument("--gpus", type=int, default=None, help="total GPUs (default: cluster.num_nodes x cluster.gpus_per_node)")
+    pn.add_argument("--gpu-mem-gib", type=float, default=None, help="memory per GPU in GiB (default: cluster.gpu_mem_gib)")
+    pn.add_argument("overrides", nargs="*", help="dotted.key=value")
+    pn.set_defaults(func=cmd_plan)
+
     pl = sub.add_parser("plot", help="training curves (metrics.jsonl) or Pass@k curves (eval/summary.json) as PNG")
     pl.add_argument("dirs", nargs="+", metavar="DIR", help="run directories (logger.log_dir) or eval directories")
     pl.add_argument("--out", required=True, help="image file to write (.png)")
@@ -199,7 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     # Megatron announces every missing optional kernel (Apex, TE) at import; the support table covers it.
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*")
     warnings.filterwarnings("ignore", message="full scope is deprecated")
-    ns = build_parser().parse_args(argv)
+    # Megatron's optimizer probes .grad of non-leaf views; torch's collectives renamed a function
+    warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
+    parser = build_parser()
+    # flags may come after the overrides (`plan RECIPE --gpus 8 a.b=1`): argparse leaves the
+    # overrides that follow a flag unparsed, and they join the others here
+    ns, extra = parser.parse_known_args(argv)
+    unknown_flags = [e for e in extra if e.startswith("-")]
+    if unknown_flags or (extra and not hasattr(ns, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown_flags or extra)}")
+    if extra:
+        ns.overrides = [*ns.overrides, *extra]
     try:
         return ns.func(ns)
     except UserError as e:

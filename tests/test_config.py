@@ -66,7 +66,7 @@ def run_cli(capsys, *args) -> tuple[int, str]:
         # not one of the allowed values
         ("policy: {model_name: m}\nsoftgrpo: {algorithm: ppo}\n", [], ["softgrpo.algorithm=ppo", "'softgrpo'", "'grpo'"]),
         # cross-field rule
-        ("policy: {model_name: m, megatron_cfg: {sequence_parallel: true}}\n", [], ["policy.megatron_cfg.sequence_parallel=true", "tensor_model_parallel_size > 1"]),
+        ("policy: {model_name: m, megatron_cfg: {sequence_parallel: true}}\n", [], ["policy.megatron_cfg.sequence_parallel=true", "not supported"]),
         # malformed override
         ("policy: {model_name: m}\n", ["grpo.seed"], ["command line", "dotted.key=value"]),
     ],

