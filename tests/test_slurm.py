@@ -1,0 +1,413 @@
+"""slurm/softgrpo.sbatch + slurm/launch.sh and the NeMo-Run launcher, checked twice:
+
+- with fake `srun`/`scontrol`/`sbatch` on PATH that record their arguments and environment: the
+  flags, environment, run directories, requeue and signal forwarding for 1, 2 and 8 nodes, with and
+  without a container;
+- on a real single-node Slurm cluster started by this test session (tests/local_slurm.py): a
+  2-task CPU job (TP=2) completes under `sbatch --wait`; a job sent SIGTERM checkpoints, is requeued
+  and resumes to completion; NeMo-Run submits the same job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from local_slurm import missing_binaries, start_local_slurm
+from test_train import write_recipe
+from tiny_models import make_hf_model
+
+from megatron_softgrpo.distributed import detect_launch_env, slurm_master_port
+from megatron_softgrpo.launch.nemo_run_launcher import TrainJob, train_command
+from megatron_softgrpo.train.preemption import REQUEUE_EXIT_CODE
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "slurm" / "softgrpo.sbatch"
+NEMO_RUN_LAUNCHER = ROOT / "slurm" / "nemo_run_launcher.py"
+IMAGE = "nvcr.io/nvidia/pytorch:25.01-py3"
+MOUNTS = "/data:/data,/scratch:/scratch"
+JOB_ID = "4242"
+STALE_TORCHRUN_ENV = {"RANK": "3", "WORLD_SIZE": "9", "LOCAL_RANK": "1"}
+
+FAKE_COMMAND = """\
+#!{python}
+# A fake Slurm command: records its arguments and environment as one JSON line in $FAKE_SLURM_LOG.
+import json, os, signal, sys, time
+
+name, args = os.path.basename(sys.argv[0]), sys.argv[1:]
+
+
+def record(**extra):
+    with open(os.environ["FAKE_SLURM_LOG"], "a") as f:
+        f.write(json.dumps({{"cmd": name, "argv": args, "env": dict(os.environ), **extra}}) + "\\n")
+
+
+if name == "scontrol":
+    record()
+    if args[:2] == ["show", "hostnames"]:
+        print("\\n".join(os.environ["FAKE_HOSTNAMES"].split()))
+elif name == "sbatch":
+    record(script=open(args[-1]).read())
+    print("{job_id}")
+else:  # srun: FAKE_SRUN=exit:<code>, or preempt: wait for a signal and exit as the trainer does
+    mode = os.environ.get("FAKE_SRUN", "exit:0")
+    if mode.startswith("exit:"):
+        record()
+        sys.exit(int(mode[5:]))
+    got = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda n, f: got.append(signal.Signals(n).name))
+    record()
+    deadline = time.monotonic() + 60
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.02)
+    record(signals=got)
+    sys.exit({requeue} if got else 1)
+"""
+
+
+class FakeSlurm:
+    def __init__(self, tmp_path: Path):
+        self.bin, self.log = tmp_path / "fake-bin", tmp_path / "fake-slurm.jsonl"
+        self.bin.mkdir()
+        for name in ("srun", "scontrol", "sbatch"):
+            path = self.bin / name
+            path.write_text(FAKE_COMMAND.format(python=sys.executable, job_id=JOB_ID, requeue=REQUEUE_EXIT_CODE))
+            path.chmod(0o755)
+        base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        self.env = {**base, "PATH": f"{self.bin}{os.pathsep}{base['PATH']}", "FAKE_SLURM_LOG": str(self.log)}
+
+    def calls(self, cmd: str) -> list[dict]:
+        if not self.log.exists():
+            return []
+        return [c for c in map(json.loads, self.log.read_text().splitlines()) if c["cmd"] == cmd]
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    return FakeSlurm(tmp_path)
+
+
+def job_env(fake: FakeSlurm, submit_dir: Path, nodes: int = 1, gpus: str = "8", ntasks: str = "8", **extra) -> dict:
+    """The environment Slurm gives the batch script of job JOB_ID on `nodes` nodes gpu01, gpu02, ..."""
+    hosts = [f"gpu{i:02d}" for i in range(1, nodes + 1)]
+    return {
+        **fake.env, **STALE_TORCHRUN_ENV,
+        "FAKE_HOSTNAMES": " ".join(hosts),
+        "SLURM_JOB_ID": JOB_ID, "SLURM_JOB_NAME": "softgrpo", "SLURM_SUBMIT_DIR": str(submit_dir),
+        "SLURM_JOB_NUM_NODES": str(nodes), "SLURM_JOB_NODELIST": f"gpu[01-{nodes:02d}]" if nodes > 1 else "gpu01",
+        "SLURM_GPUS_PER_NODE": gpus, "SLURM_NTASKS_PER_NODE": ntasks,
+        "SOFTGRPO_HOME": str(ROOT), "SOFTGRPO_PYTHON": "/opt/venv/bin/python",
+        **extra,
+    }
+
+
+def run_batch(env: dict, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run the template as Slurm runs a batch script: bash, in the submit directory, with the job's env."""
+    return subprocess.run(["bash", str(TEMPLATE), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+
+
+def run_dir(submit_dir: Path) -> Path:
+    return submit_dir / "runs" / "softgrpo" / JOB_ID
+
+
+# ---------------------------------------------------------------- the template with fake Slurm commands
+
+
+def sbatch_header() -> dict[str, str]:
+    flags = {}
+    for line in TEMPLATE.read_text().splitlines():
+        if line.startswith("#SBATCH "):
+            key, _, value = line.split()[1].partition("=")
+            flags[key] = value
+    return flags
+
+
+def test_template_header_requests_one_task_per_gpu_requeue_and_a_preemption_signal():
+    flags = sbatch_header()
+    assert flags["--gpus-per-node"] == flags["--ntasks-per-node"] == "8"
+    assert flags["--nodes"] == "1" and "--time" in flags
+    assert "--requeue" in flags and flags["--open-mode"] == "append"  # a requeued job appends to its output
+    # SIGUSR1 to the job steps (the trainer's tasks), early enough to finish a step and save
+    signal_spec = re.fullmatch(r"USR1@(\d+)", flags["--signal"])
+    assert signal_spec and int(signal_spec.group(1)) >= 60
+    header = TEMPLATE.read_text()
+    for knob in ("--nodes", "--gpus-per-node", "--account", "--partition", "--time", "RECIPE", "overrides",
+                 "SOFTGRPO_CONTAINER_IMAGE", "SOFTGRPO_CONTAINER_MOUNTS", "--gpus-per-node=0"):
+        assert knob in header, knob
+
+
+@pytest.mark.parametrize("container", [None, "image", "image+mounts"])
+@pytest.mark.parametrize("nodes", [1, 2, 8])
+def test_batch_script_sruns_one_task_per_gpu_with_master_and_run_dirs(fake_slurm, tmp_path, nodes, container):
+    extra = {}
+    if container:
+        extra["SOFTGRPO_CONTAINER_IMAGE"] = IMAGE
+    if container == "image+mounts":
+        extra["SOFTGRPO_CONTAINER_MOUNTS"] = MOUNTS
+    done = run_batch(job_env(fake_slurm, tmp_path, nodes, **extra), tmp_path, "recipes/r.yaml", "grpo.max_num_steps=5")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (srun,) = fake_slurm.calls("srun")
+    run = run_dir(tmp_path)
+    expected_container = []
+    if container:
+        expected_container = [f"--container-image={IMAGE}", f"--container-workdir={tmp_path}"]
+    if container == "image+mounts":
+        expected_container.append(f"--container-mounts={MOUNTS}")
+    assert srun["argv"] == [
+        f"--nodes={nodes}", "--ntasks-per-node=8", *expected_container,
+        "/opt/venv/bin/python", "-m", "megatron_softgrpo", "train", "recipes/r.yaml", "grpo.max_num_steps=5",
+        f"logger.log_dir={run}", f"checkpointing.checkpoint_dir={run}/checkpoints",
+    ]
+    env = srun["env"]
+    assert env["MASTER_ADDR"] == "gpu01" and env["MASTER_PORT"] == str(slurm_master_port(JOB_ID))
+    assert not set(STALE_TORCHRUN_ENV) & set(env)  # would make the trainer take a torchrun launch
+    # what the trainer's last task makes of it
+    world = 8 * nodes
+    task_env = {**env, "SLURM_PROCID": str(world - 1), "SLURM_NTASKS": str(world), "SLURM_LOCALID": "7"}
+    launch = detect_launch_env(task_env)
+    assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank) == ("slurm", world - 1, world, 7)
+    assert (launch.master_addr, launch.master_port) == ("gpu01", slurm_master_port(JOB_ID))
+    # Slurm's own output file points at the run directory, which holds everything else
+    assert f"output in {run}/slurm.out" in done.stdout
+    log = (run / "slurm.out").read_text()
+    assert f"{nodes} node(s) x 8 task(s), master gpu01:{slurm_master_port(JOB_ID)}" in log
+    assert not fake_slurm.calls("scontrol")[1:]  # only `show hostnames`: no requeue
+
+
+@pytest.mark.parametrize(
+    ("gpus", "ntasks", "tasks_knob", "expected"),
+    [("0", "2", None, 2),  # CPU job: sbatch --gpus-per-node=0 --ntasks-per-node=2
+     ("4", "8", None, 4),  # --gpus-per-node=4 under the header's 8 tasks: still one task per GPU
+     ("a100:4", "8", None, 4),  # a typed GPU request
+     ("8", "8", "3", 3)],  # SOFTGRPO_TASKS_PER_NODE decides
+)
+def test_tasks_per_node_follow_the_gpus_or_the_cpu_task_count(fake_slurm, tmp_path, gpus, ntasks, tasks_knob, expected):
+    extra = {"SOFTGRPO_TASKS_PER_NODE": tasks_knob} if tasks_knob else {}
+    done = run_batch(job_env(fake_slurm, tmp_path, 2, gpus=gpus, ntasks=ntasks, **extra), tmp_path, "r.yaml")
+    assert done.returncode == 0, done.stderr
+    assert fake_slurm.calls("srun")[0]["argv"][:2] == ["--nodes=2", f"--ntasks-per-node={expected}"]
+
+
+def test_run_directories_given_as_overrides_are_kept(fake_slurm, tmp_path):
+    done = run_batch(job_env(fake_slurm, tmp_path), tmp_path, "r.yaml", "logger.log_dir=/elsewhere")
+    assert done.returncode == 0, done.stderr
+    argv = fake_slurm.calls("srun")[0]["argv"]
+    assert [a for a in argv if a.startswith("logger.log_dir=")] == ["logger.log_dir=/elsewhere"]
+    assert f"checkpointing.checkpoint_dir={run_dir(tmp_path)}/checkpoints" in argv
+
+
+@pytest.mark.parametrize("exit_code", [0, 1, REQUEUE_EXIT_CODE])
+def test_only_the_preemption_exit_code_requeues_the_job(fake_slurm, tmp_path, exit_code):
+    done = run_batch(job_env(fake_slurm, tmp_path, FAKE_SRUN=f"exit:{exit_code}"), tmp_path, "r.yaml")
+    assert done.returncode == exit_code
+    requeues = [c["argv"] for c in fake_slurm.calls("scontrol") if c["argv"][0] == "requeue"]
+    assert requeues == ([["requeue", JOB_ID]] if exit_code == REQUEUE_EXIT_CODE else [])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_signal_to_the_batch_shell_reaches_the_tasks_as_sigusr1(fake_slurm, tmp_path, sig):
+    """`sbatch --signal=B:USR1@...`, `scancel --batch --signal=...` and Slurm preemption signal the
+    batch shell; srun would answer SIGTERM by killing the tasks, so the launcher sends SIGUSR1."""
+    env = job_env(fake_slurm, tmp_path, FAKE_SRUN="preempt")
+    proc = subprocess.Popen(["bash", str(TEMPLATE), "r.yaml"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while not fake_slurm.calls("srun") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fake_slurm.calls("srun"), "srun never started"
+    proc.send_signal(sig)  # the template execs the launcher: same process
+    proc.communicate(timeout=60)
+    assert proc.returncode == REQUEUE_EXIT_CODE, (run_dir(tmp_path) / "slurm.out").read_text()
+    assert fake_slurm.calls("srun")[-1]["signals"] == ["SIGUSR1"]
+    assert ["requeue", JOB_ID] in [c["argv"] for c in fake_slurm.calls("scontrol")]
+
+
+def test_launcher_refuses_to_run_without_a_recipe_or_outside_a_job(fake_slurm, tmp_path):
+    no_recipe = run_batch(job_env(fake_slurm, tmp_path), tmp_path)
+    assert no_recipe.returncode == 2 and "usage: sbatch" in no_recipe.stderr
+    env = {k: v for k, v in job_env(fake_slurm, tmp_path).items() if k != "SLURM_JOB_ID"}
+    outside = run_batch(env, tmp_path, "r.yaml")
+    assert outside.returncode == 2 and "inside a Slurm job" in outside.stderr
+    assert not fake_slurm.calls("srun")
+
+
+# ---------------------------------------------------------------- NeMo-Run launcher, fake Slurm
+
+
+def test_train_command_uses_an_absolute_recipe_and_fixed_run_dirs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("r.yaml").write_text("{}")
+    cmd = train_command(TrainJob("r.yaml", ("a.b=1",), run_dir="out"), "softgrpo")
+    assert cmd == ["train", str(tmp_path / "r.yaml"), "a.b=1", f"logger.log_dir={tmp_path / 'out'}",
+                   f"checkpointing.checkpoint_dir={tmp_path / 'out' / 'checkpoints'}"]
+    given = train_command(TrainJob("missing.yaml", ("logger.log_dir=/x", "checkpointing.checkpoint_dir=/y")), "n")
+    assert given == ["train", "missing.yaml", "logger.log_dir=/x", "checkpointing.checkpoint_dir=/y"]
+    default = train_command(TrainJob("r.yaml"), "n")
+    assert re.fullmatch(rf"logger\.log_dir={tmp_path}/runs/n/\d{{8}}-\d{{6}}", default[2])
+
+
+def nemo_run_cli(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(NEMO_RUN_LAUNCHER), *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
+@pytest.mark.parametrize("layout", ["8 nodes x 8 GPUs, container", "1 node x 2 CPU tasks"])
+def test_nemo_run_slurm_executor_batch_script(fake_slurm, tmp_path, layout):
+    pytest.importorskip("nemo_run")
+    Path(tmp_path / "r.yaml").write_text("{}")
+    gpu = layout.startswith("8")
+    args = ["slurm", "r.yaml", "a.b=1", "--python", "/opt/venv/bin/python", "--run-dir", "out", "--detach"]
+    if gpu:
+        args += ["--nodes", "8", "--gpus-per-node", "8", "--account", "acct", "--partition", "batch",
+                 "--time", "01:00:00", "--container-image", IMAGE, "--container-mounts", *MOUNTS.split(",")]
+    else:
+        args += ["--gpus-per-node", "0", "--tasks-per-node", "2"]
+    done = nemo_run_cli(*args, env={**fake_slurm.env, "NEMORUN_HOME": str(tmp_path / "nemo")}, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1].split()[0].endswith(f"/{JOB_ID}")
+    (sbatch,) = fake_slurm.calls("sbatch")
+    assert "--requeue" in sbatch["argv"]
+    script = sbatch["script"]
+    flags = set(re.findall(r"^#SBATCH (\S+)", script, re.MULTILINE))
+    expected = {f"--nodes={8 if gpu else 1}", f"--ntasks-per-node={8 if gpu else 2}", "--signal=USR1@300"}
+    if gpu:
+        expected |= {"--gpus-per-node=8", "--account=acct", "--partition=batch", "--time=01:00:00"}
+    assert expected <= flags, flags
+    assert gpu == any(f.startswith("--gpus-per-node") for f in flags)
+    assert "export TORCHX_MAX_RETRIES=3" in script  # NeMo-Run's batch script requeues a failed job
+    (srun_line,) = [line for line in script.splitlines() if line.startswith("srun ") and "megatron_softgrpo" in line]
+    srun = shlex.split(srun_line)
+    if gpu:
+        assert srun[srun.index("--container-image") + 1] == IMAGE
+        assert srun[srun.index("--container-mounts") + 1].startswith(MOUNTS + ",")  # + NeMo-Run's job dir
+    else:
+        assert not [a for a in srun if a.startswith("--container")]
+    out = tmp_path / "out"
+    assert srun[srun.index("/opt/venv/bin/python"):] == [
+        "/opt/venv/bin/python", "-m", "megatron_softgrpo", "train", str(tmp_path / "r.yaml"), "a.b=1",
+        f"logger.log_dir={out}", f"checkpointing.checkpoint_dir={out / 'checkpoints'}",
+    ]
+
+
+# ---------------------------------------------------------------- a real local Slurm cluster
+
+
+@pytest.fixture(scope="session")
+def local_slurm(tmp_path_factory):
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"Slurm/munge binaries absent ({', '.join(missing)}): run scripts/slurm_ci_setup.sh")
+    cluster = start_local_slurm(tmp_path_factory.mktemp("slurm"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_hf_model("llama", path, vocab_size=49152)  # 4 heads, 2 KV heads: TP=2 divides them
+    return path
+
+
+TP2 = "policy.megatron_cfg.tensor_model_parallel_size=2"
+CPU_JOB = ("--gpus-per-node=0", "--ntasks-per-node=2")
+
+
+def cluster_env(cluster, **extra) -> dict:
+    """What a user's shell exports to the job: the project's Python and root."""
+    env = {k: v for k, v in cluster.env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "SOFTGRPO_HOME": str(ROOT), "SOFTGRPO_PYTHON": sys.executable, **extra}
+
+
+def steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_sbatch_wait_runs_a_two_task_cpu_job_to_completion(local_slurm, tmp_path, tiny_model, smollm2_hf_dir):
+    recipe = write_recipe(tmp_path, tiny_model, smollm2_hf_dir, grpo={"max_num_steps": 3})
+    done = subprocess.run(["sbatch", "--parsable", "--wait", *CPU_JOB, str(TEMPLATE), str(recipe), TP2],
+                          env=cluster_env(local_slurm), cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                          check=False)
+    job_id = done.stdout.split()[0] if done.stdout.strip() else "?"
+    run = tmp_path / "runs" / "softgrpo" / job_id
+    log = (run / "slurm.out").read_text() if (run / "slurm.out").exists() else done.stderr + local_slurm.logs()
+    assert done.returncode == 0, log
+    assert "[softgrpo] 2 ranks: TP=2 PP=1 DP=1" in log
+    assert steps(run) == [1, 2, 3]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_sigterm_checkpoints_requeues_and_the_job_resumes_to_completion(local_slurm, tmp_path, tiny_model, smollm2_hf_dir):
+    """`scancel --signal=TERM JOB` signals the job's steps (the tasks), not the batch shell or srun;
+    with --full it would also reach srun, which answers SIGTERM by killing the tasks."""
+    max_steps = 8
+    recipe = write_recipe(tmp_path, tiny_model, smollm2_hf_dir, grpo={"max_num_steps": max_steps},
+                          checkpointing={"save_period": 100})
+    sbatch = subprocess.Popen(["sbatch", "--parsable", "--wait", *CPU_JOB, str(TEMPLATE), str(recipe), TP2],
+                              env=cluster_env(local_slurm), cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    job_id = sbatch.stdout.readline().strip()
+    run = tmp_path / "runs" / "softgrpo" / job_id
+    log = run / "slurm.out"
+    deadline = time.monotonic() + 600
+    while not (log.exists() and re.search(r"^step 1/", log.read_text(), re.MULTILINE)):
+        assert time.monotonic() < deadline and sbatch.poll() is None, (log.read_text() if log.exists() else "") + local_slurm.logs()
+        time.sleep(0.5)
+    local_slurm.run("scancel", "--signal=TERM", job_id)
+    _, err = sbatch.communicate(timeout=900)
+    text = log.read_text()
+    assert sbatch.returncode == 0, text + err
+    stopped = re.search(r"stopped by signal at step (\d+); exit 75", text)
+    assert stopped, text
+    step = int(stopped.group(1))
+    assert 1 <= step < max_steps
+    assert "received signal SIGTERM" in text and f"requeueing job {job_id}" in text
+    assert f"job {job_id} restart 1:" in text
+    assert f"resumed from {run / 'checkpoints' / f'step_{step:07d}'} (step {step})" in text
+    assert steps(run) == list(range(1, max_steps + 1))  # no step lost or repeated
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_nemo_run_submits_the_cpu_job_to_local_slurm(local_slurm, tmp_path, tiny_model, smollm2_hf_dir):
+    pytest.importorskip("nemo_run")
+    recipe = write_recipe(tmp_path, tiny_model, smollm2_hf_dir, grpo={"max_num_steps": 3})
+    env = {**cluster_env(local_slurm), "NEMORUN_HOME": str(tmp_path / "nemo")}
+    # detached: NeMo-Run follows a job with `sacct`, which needs accounting this cluster does not run
+    done = nemo_run_cli("slurm", str(recipe), TP2, "--gpus-per-node", "0", "--tasks-per-node", "2",
+                        "--time", "00:30:00", "--python", sys.executable, "--run-dir", "run", "--detach",
+                        env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = done.stdout.strip().splitlines()[-1].split()[0].rsplit("/", 1)[-1]
+    fields = local_slurm.wait_finished(job_id, timeout_s=900)
+    logs = "".join(p.read_text() for p in (tmp_path / "nemo").rglob("*.out"))
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), logs
+    assert "[softgrpo] 2 ranks: TP=2 PP=1 DP=1" in logs
+    assert steps(tmp_path / "run") == [1, 2, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_nemo_run_local_executor_runs_the_cpu_job_with_torchrun(tmp_path, tiny_model, smollm2_hf_dir):
+    pytest.importorskip("nemo_run")
+    recipe = write_recipe(tmp_path, tiny_model, smollm2_hf_dir, grpo={"max_num_steps": 2})
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # python and torchrun of this venv
+    env = {**os.environ, "PATH": path, "NEMORUN_HOME": str(tmp_path / "nemo")}
+    done = nemo_run_cli("local", str(recipe), TP2, "--tasks-per-node", "2", "--run-dir", "run", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1].endswith(" SUCCEEDED")
+    assert "2 ranks: TP=2 PP=1 DP=1" in done.stdout + done.stderr
+    assert steps(tmp_path / "run") == [1, 2]
