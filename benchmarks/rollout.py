@@ -30,6 +30,8 @@ QWEN2_1P5B = dict(
 
 
 def load(model_name: str, precision: str, tokenizer_path: str | None = None):
+    from transformers import AutoTokenizer
+
     from megatron_softgrpo.config.schema import MegatronCfg
     from megatron_softgrpo.distributed import ParallelLayout, init_distributed
     from megatron_softgrpo.models.arch import ModelArch
@@ -37,8 +39,6 @@ def load(model_name: str, precision: str, tokenizer_path: str | None = None):
     from megatron_softgrpo.models.loading import load_model
     from megatron_softgrpo.models.source import SMOLLM2, load_tokenizer, resolve_model_source
     from megatron_softgrpo.soft import VocabShard
-
-    from transformers import AutoTokenizer
 
     init_distributed(ParallelLayout(1, 1))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path) if tokenizer_path else load_tokenizer(resolve_model_source(SMOLLM2))

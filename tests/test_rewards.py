@@ -224,3 +224,15 @@ def test_reasoning_gym_reward_uses_the_task_scorer():
     assert scores[0] == 1.0
     assert scores == [scorer(entries[0]["answer"], entries[0]), scorer("123456789", entries[1]), 0.0]
     assert scores[1] < 1.0
+
+
+def test_format_bonus_needs_a_boxed_answer_and_a_finished_response():
+    import torch
+
+    from megatron_softgrpo.rewards.format import with_format_bonus
+
+    correct = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0])
+    answered = torch.tensor([True, True, False, True, True])
+    truncated = torch.tensor([False, False, False, True, True])
+    assert with_format_bonus(correct, answered, truncated, 0.5).tolist() == [1.5, 0.5, 0.0, 1.0, 0.0]
+    assert torch.equal(with_format_bonus(correct, answered, truncated, 0.0), correct)

@@ -216,8 +216,9 @@ class EnvCfg(Section):
     """The environment that scores responses (NeMo-RL's `env`)."""
 
     reward: Literal["math_verify", "exact_match", "reasoning_gym"] = "math_verify"
-    # added to the reward of a response that gives a \\boxed{} answer at all (an R1-style format
-    # reward; 0 = the reference's pure correctness reward). Accuracy is always correctness alone.
+    # added to the reward of a response that gives a \\boxed{} answer and ends before the length
+    # limit (an R1-style format reward; 0 = the reference's pure correctness reward). Accuracy is
+    # always correctness alone.
     format_reward: float = Field(0.0, ge=0)
     num_workers: int = Field(2, ge=1)  # grading processes
     timeout_s: float = Field(10.0, gt=0)  # per response; a hang scores 0

@@ -27,6 +27,7 @@ from megatron_softgrpo.data.sampler import PromptSampler
 from megatron_softgrpo.distributed import ParallelLayout, init_distributed, is_main_rank
 from megatron_softgrpo.models.source import load_tokenizer
 from megatron_softgrpo.rewards.boxed import last_boxed
+from megatron_softgrpo.rewards.format import with_format_bonus
 from megatron_softgrpo.rewards.registry import get_reward
 from megatron_softgrpo.rollout.engine import RolloutEngine, RolloutSettings, Trajectories
 from megatron_softgrpo.soft import MixtureRows, noise_seed, seed_noise_rng
@@ -57,7 +58,7 @@ class Scored:
     truncated: torch.Tensor  # [B] finished by the length limit
     correct: torch.Tensor  # [B] the named reward (correctness)
     answered: torch.Tensor  # [B] the response gives a \\boxed{} answer
-    rewards: torch.Tensor  # [B] correct + env.format_reward * answered: what the advantages use
+    rewards: torch.Tensor  # [B] correct + env.format_reward * (answered and finished): what the advantages use
 
 
 class Trainer:
@@ -228,7 +229,7 @@ class Trainer:
         )
         rows = MixtureRows(**dict(zip(_ROW_FIELDS, gathered[: len(_ROW_FIELDS)])))
         loss_mask, rollout_logp, lengths, think, trunc, correct, answered = gathered[len(_ROW_FIELDS) :]
-        rewards = correct + self.cfg.env.format_reward * answered.float()
+        rewards = with_format_bonus(correct, answered, trunc, self.cfg.env.format_reward)
         return Scored(traj, rows, loss_mask, rollout_logp, lengths, think, trunc, correct, answered, rewards)
 
     def _grade(self, texts: list[str], problems) -> tuple[torch.Tensor, torch.Tensor]:
