@@ -9,9 +9,10 @@ from megatron_softgrpo.train.metrics_log import read_metrics
 PANELS = (
     ("reward/mean", "reward"),
     ("accuracy", "accuracy"),
-    ("kl/mean", "KL to reference"),
+    ("kl/mean", "KL to reference"),  # runs without a reference model show the boxed-answer rate instead
     ("response_length/mean", "response length (tokens)"),
 )
+NO_KL_PANEL = ("answer_rate", "boxed-answer rate")
 
 
 def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | None = None) -> Path:
@@ -23,7 +24,9 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
     runs = [read_metrics(d) for d in run_dirs]
     labels = labels or [Path(d).name for d in run_dirs]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
-    for ax, (key, title) in zip(axes.flat, PANELS):
+    with_kl = any("kl/mean" in r for rows in runs for r in rows)
+    panels = [p if p[0] != "kl/mean" or with_kl else NO_KL_PANEL for p in PANELS]
+    for ax, (key, title) in zip(axes.flat, panels):
         for rows, label in zip(runs, labels):
             points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             if points:
