@@ -40,9 +40,8 @@ update (1F1B pipeline schedule: stage i holds min(PP - i, micro-batches) in flig
   Engine's flash attention, k = a under the local spec, which expands them); m f for SwiGLU
   (m = 3 fused: the 2f input and the f product; m = 5 unfused, which also keeps silu's output
   and its linear half: policy.megatron_cfg.bias_activation_fusion=false, the recipes' setting).
-  Flash attention keeps no s x s scores; the local spec keeps [b, a/t, s, s] scores for the
-  backward (fp32 softmax output, plus its D copy when D < 4) and needs D more (its matmul
-  buffer) and 4 more (the fp32 copy, when D < 4) while a layer runs. The last stage adds the
+  Neither spec keeps s x s attention scores (TE's flash attention; torch SDPA in the local
+  spec, model_patches/sdpa_attention.py). The last stage adds the
   final norm (h; 2h local). With full recompute (policy.megatron_cfg.activation_checkpointing)
   only each layer's input (s b h D [/t]) is kept and one layer is recomputed at a time. One
   more layer covers the gradients in flight.
@@ -215,7 +214,7 @@ def norm_factor(te_spec: bool) -> int:
 
 
 def layer_activation_bytes_per_token(arch: ModelArch, tp: int, w: Workload) -> float:
-    """Activations one layer keeps for its backward, per token (attention scores aside)."""
+    """Activations one layer keeps for its backward, per token."""
     h, hd = arch.hidden_size, arch.head_dim
     kv_heads = arch.num_key_value_heads if w.te_spec else arch.num_attention_heads
     replicated = 2 * norm_factor(w.te_spec) * h / (tp if w.sequence_parallel else 1)
@@ -224,16 +223,9 @@ def layer_activation_bytes_per_token(arch: ModelArch, tp: int, w: Workload) -> f
     return w.dtype_bytes * (replicated + sharded / tp)
 
 
-def attention_scores(arch: ModelArch, tp: int, rows: int, seq_len: int) -> int:
-    """Elements of one layer's [rows, a/t, s, s] attention scores (local spec only)."""
-    return rows * (arch.num_attention_heads // tp) * seq_len * seq_len
-
-
-def score_bytes(dtype_bytes: int) -> tuple[int, int]:
-    """(kept for the backward, held while the layer runs) bytes per attention score, local spec."""
-    half = dtype_bytes < FP32
-    saved = FP32 + (dtype_bytes if half else 0)  # fp32 softmax output (+ its half copy for the PV matmul)
-    return saved, saved + dtype_bytes + (FP32 if half else 0)  # + the scores buffer (+ its fp32 copy)
+def prefill_mask_bytes(w: Workload) -> int:
+    """The prefill's [rows, 1, p, p] padding mask: bool, plus the local spec's additive D copy."""
+    return w.rollout_rows * w.rollout_prompt_len**2 * (1 + (0 if w.te_spec else w.dtype_bytes))
 
 
 def kv_cache_bytes(arch: ModelArch, tp: int, layers: int, rows: int, length: int, dtype_bytes: int) -> int:
@@ -280,9 +272,8 @@ def _rollout(out: _Items, arch: ModelArch, w: Workload, tp: int, layers: int, la
     q_kv = (arch.num_attention_heads + 2 * arch.num_key_value_heads) * arch.head_dim
     mlp = swiglu_factor(w.fused_swiglu) * arch.ffn_hidden_size
     working = rows * prompt * (2 * arch.hidden_size + (q_kv + mlp) / tp) * D + kv / layers
-    if not w.te_spec:
-        working += attention_scores(arch, tp, rows, prompt) * score_bytes(D)[1]
-    what = f"one prefill layer ({rows} x {prompt} tokens) + one layer's cache copy"
+    working += prefill_mask_bytes(w)
+    what = f"one prefill layer ({rows} x {prompt} tokens, its padding mask) + one layer's cache copy"
     if last:
         vocab_shard = w.padded_vocab // tp
         working += rows * vocab_shard * FP32 * SAMPLING_LOGIT_COPIES
@@ -294,8 +285,6 @@ def _logprob(out: _Items, arch: ModelArch, w: Workload, tp: int, last: bool) -> 
     """Old/reference log-probs: forward only, so one layer's activations at a time."""
     D, tokens = w.dtype_bytes, w.logprob_batch * w.seq_len
     nbytes = tokens * (layer_activation_bytes_per_token(arch, tp, w) + arch.hidden_size * D)
-    if not w.te_spec:
-        nbytes += attention_scores(arch, tp, w.logprob_batch, w.seq_len) * score_bytes(D)[1]
     what = f"one layer for {w.logprob_batch} x {w.seq_len} tokens"
     if last:
         chunk, vocab_shard = min(w.chunk_size, tokens), w.padded_vocab // tp
@@ -312,20 +301,14 @@ def stored_activation_bytes(arch: ModelArch, w: Workload, tp: int, layers: int, 
     final_norm = tokens * (norm_factor(w.te_spec) - 1) * h * D / sp if last else 0  # no projection after it
     if w.recompute:
         return in_flight * (layers * tokens * h * D / sp + final_norm)  # each layer's input
-    scores = 0 if w.te_spec else attention_scores(arch, tp, w.micro_batch, w.seq_len) * score_bytes(D)[0]
-    return in_flight * (layers * (tokens * layer_activation_bytes_per_token(arch, tp, w) + scores) + final_norm)
+    return in_flight * (layers * tokens * layer_activation_bytes_per_token(arch, tp, w) + final_norm)
 
 
 def backward_working_bytes(arch: ModelArch, w: Workload, tp: int) -> float:
     """Beyond the stored activations, during the backward: the gradients of one layer's
-    activations, plus the recomputed layer under full recompute, and the local spec's
-    attention scores of the layer being (re)computed."""
+    activations, plus the recomputed layer under full recompute."""
     one_layer = w.micro_batch * w.seq_len * layer_activation_bytes_per_token(arch, tp, w)
-    scores = 0
-    if not w.te_spec:
-        saved, working = score_bytes(w.dtype_bytes)
-        scores = attention_scores(arch, tp, w.micro_batch, w.seq_len) * (working if w.recompute else working - saved)
-    return (2 if w.recompute else 1) * one_layer + scores
+    return (2 if w.recompute else 1) * one_layer
 
 
 def _update(out: _Items, arch: ModelArch, w: Workload, layout: Layout, stage: int, layers: int, last: bool) -> None:
@@ -336,7 +319,7 @@ def _update(out: _Items, arch: ModelArch, w: Workload, layout: Layout, stage: in
     out.add("activations", (UPDATE,),
             stored_activation_bytes(arch, w, tp, layers, in_flight, last) + backward_working_bytes(arch, w, tp),
             f"{in_flight} in flight x {layers} {kept} + backward working memory; "
-            f"{tokens} tokens per micro-batch" + ("" if w.te_spec else "; local attention keeps s x s scores"))
+            f"{tokens} tokens per micro-batch")
     if last:
         chunk, vocab_shard = min(w.chunk_size, tokens), w.padded_vocab // tp
         out.add("log-prob chunk (fwd+bwd)", (UPDATE,),
@@ -383,7 +366,7 @@ def format_plan(plan: Plan, arch: ModelArch, recipe: str, cfg: RecipeCfg) -> str
         f"{w.micro_batches} micro-batches per optimizer step per DP rank; {w.rollout_rows} rollout rows per DP rank",
         f"precision: {cfg.policy.precision}"
         + (f", FP8 {fp8.fp8}/{fp8.fp8_recipe} decoder GEMMs (counted as bf16)" if fp8.enabled else "")
-        + f"; attention: {'Transformer Engine (flash)' if w.te_spec else 'local (materialised scores)'}"
+        + f"; attention: {'Transformer Engine (flash)' if w.te_spec else 'local (torch SDPA)'}"
         + f"; recompute: {'full' if w.recompute else 'none'}; sequence parallel: {'on' if w.sequence_parallel else 'off'}",
         f"per-GPU memory of pipeline stage {fullest.stage} "
         f"({'the only stage' if lay.pp == 1 else f'the fullest of {lay.pp}'}), GiB:",

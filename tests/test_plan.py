@@ -167,7 +167,7 @@ def test_gradient_buffer_is_fp32_and_as_large_as_the_parameters(tiny_model):
 @pytest.mark.parametrize("recompute", [False, True])
 def test_stored_activations_match_what_autograd_keeps(tiny_model, recompute):
     """Local spec, fp32: every tensor the forward saves for the backward, by storage, minus weights."""
-    from megatron_softgrpo.models.forward import causal_mask, position_ids
+    from megatron_softgrpo.models.forward import CAUSAL, position_ids
     from model_patches.output_layer import final_hidden_states
 
     arch, model = tiny_model(activation_checkpointing=recompute)
@@ -184,7 +184,7 @@ def test_stored_activations_match_what_autograd_keeps(tiny_model, recompute):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), final_hidden_states(model):
-        model(None, position_ids(b, s, "cpu"), causal_mask(s), decoder_input=x)
+        model(None, position_ids(b, s, "cpu"), CAUSAL, decoder_input=x)
     w = workload(dtype_bytes=4, micro_batch=b, seq_len=s, te_spec=False, recompute=recompute, master_weights=False)
     expected = stored_activation_bytes(arch, w, 1, arch.num_layers, 1, last=True)
     # what the formula leaves out: RoPE tables, the mask and the norms' 1/rms (s or s x b sized)

@@ -11,7 +11,7 @@ from tiny_models import make_hf_model
 
 from megatron_softgrpo.config.schema import MegatronCfg
 from megatron_softgrpo.distributed import ParallelLayout, init_distributed
-from megatron_softgrpo.models.forward import causal_mask, position_ids
+from megatron_softgrpo.models.forward import CAUSAL, position_ids
 from megatron_softgrpo.models.loading import load_model
 from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
 from megatron_softgrpo.rollout.engine import RolloutEngine, RolloutSettings
@@ -191,7 +191,7 @@ def rescore(model, shard, result, scorer):
     b, s = rows.tokens.shape
     x = mixture_embedding(model.embedding.word_embeddings, rows.mix_ids, rows.mix_weights)
     with torch.no_grad():
-        logits = model(None, position_ids(b, s, "cpu"), causal_mask(s), decoder_input=x)
+        logits = model(None, position_ids(b, s, "cpu"), CAUSAL, decoder_input=x)
     shifted = rows.map(lambda t: t[:, 1:])  # logits at j score row j + 1
     ell = log_density_from_logits(logits[:, :-1], shifted, scorer, shard)
     return torch.cat([torch.zeros(b, 1), ell], dim=1)

@@ -9,7 +9,7 @@ from tiny_models import make_hf_model
 
 from megatron_softgrpo.config.schema import MegatronCfg
 from megatron_softgrpo.distributed import ParallelLayout, init_distributed
-from megatron_softgrpo.models.forward import causal_mask, position_ids
+from megatron_softgrpo.models.forward import CAUSAL, position_ids
 from megatron_softgrpo.models.loading import load_model
 from megatron_softgrpo.models.source import resolve_model_source
 from model_patches.mixture_embedding import mixture_embedding
@@ -41,7 +41,7 @@ def build(model_dir, tp):
 
 def run_model(model, decoder_input=None):
     with torch.no_grad():
-        return model(TOKENS, position_ids(B, S, "cpu"), causal_mask(S), decoder_input=decoder_input)
+        return model(TOKENS, position_ids(B, S, "cpu"), CAUSAL, decoder_input=decoder_input)
 
 
 @pytest.fixture(scope="module")

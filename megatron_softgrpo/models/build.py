@@ -81,6 +81,8 @@ def transformer_config(arch: ModelArch, mcfg: MegatronCfg, precision: str = "flo
 def layer_spec(mcfg: MegatronCfg):
     from megatron.core.models.gpt import gpt_layer_specs
 
+    from model_patches.sdpa_attention import SdpaDotProductAttention
+
     if mcfg.transformer_impl == "transformer_engine":
         if not have_transformer_engine():
             raise UserError(
@@ -88,7 +90,9 @@ def layer_spec(mcfg: MegatronCfg):
                 "here; install the 'gpu' extra on a CUDA machine or use transformer_impl=local"
             )
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SdpaDotProductAttention
+    return spec
 
 
 def build_gpt_model(arch: ModelArch, mcfg: MegatronCfg, precision: str = "float32", padded_vocab_size: int | None = None):

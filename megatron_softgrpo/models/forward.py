@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-
-@functools.lru_cache(maxsize=8)
-def causal_mask(seq_len: int, device: str = "cpu") -> torch.Tensor:
-    """[1, 1, s, s] boolean mask, True where attention is NOT allowed (Megatron's convention).
-
-    Passed explicitly: Megatron's default causal mask path needs CUDA kernels.
-    """
-    return torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device).triu(1)
+# Full-sequence passes give no attention mask: both layer specs then attend causally (the local
+# spec's SDPA core attention with is_causal, TE by its causal mask type), which lets the GPU use
+# flash attention instead of materialising an [s, s] mask and scores.
+CAUSAL = None
 
 
 def position_ids(batch: int, seq_len: int, device) -> torch.Tensor:
@@ -31,11 +25,10 @@ def forward_logits(model, tokens: torch.Tensor, gather_tp: bool = True) -> torch
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     b, s = tokens.shape
-    mask = causal_mask(s, str(tokens.device))
     pos = position_ids(b, s, tokens.device)
 
     def step(data_iterator, m):
-        return m(next(data_iterator), pos, mask), None
+        return m(next(data_iterator), pos, CAUSAL), None
 
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         # hidden states travel between stages inside Megatron's schedule
@@ -49,7 +42,7 @@ def forward_logits(model, tokens: torch.Tensor, gather_tp: bool = True) -> torch
             forward_only=True,
         )
     else:
-        outputs = [model(tokens, pos, mask)]
+        outputs = [model(tokens, pos, CAUSAL)]
     if not parallel_state.is_pipeline_last_stage():
         return None
     logits = outputs[0]

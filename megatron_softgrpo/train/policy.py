@@ -5,8 +5,8 @@ Every rank of the job builds one worker after `init_distributed` and calls every
 tensor, pipeline and data parallelism all work the same way:
 
 - Inputs: position j reads the mixture of stored record j (`mixture_embedding`, detached,
-  SPEC.md section 2) as `decoder_input` on the first pipeline stage; the causal mask is passed
-  explicitly and positions are 0..S-1 (rows are right-padded).
+  SPEC.md section 2) as `decoder_input` on the first pipeline stage; attention is causal with
+  no explicit mask (flash attention on GPU) and positions are 0..S-1 (rows are right-padded).
 - Scoring: the model returns its final hidden states (`model_patches.output_layer.final_hidden_states`); the
   output at position j - 1 scores record j with `soft.log_density_from_hidden`, only at the
   positions of `loss_mask`, against this rank's vocabulary shard of the output weight. With
@@ -44,7 +44,7 @@ from megatron_softgrpo.algorithms.loss import LossScale, PolicyLossResult, polic
 from megatron_softgrpo.config.schema import RecipeCfg
 from megatron_softgrpo.distributed import broadcast_from_last_stage
 from megatron_softgrpo.errors import UserError
-from megatron_softgrpo.models.forward import causal_mask, position_ids
+from megatron_softgrpo.models.forward import CAUSAL, position_ids
 from megatron_softgrpo.models.loading import load_model
 from megatron_softgrpo.models.source import resolve_model_source
 from megatron_softgrpo.soft import (
@@ -234,7 +234,7 @@ class PolicyWorker:
         decoder_input = self._inputs(gpt, micro_batch) if gpt.pre_process else None
         with final_hidden_states(gpt):
             output = model_chunk(
-                None, position_ids(b, s, self.device), causal_mask(s, str(self.device)), decoder_input=decoder_input
+                None, position_ids(b, s, self.device), CAUSAL, decoder_input=decoder_input
             )
         return output, functools.partial(output_fn, gpt, micro_batch)
 
