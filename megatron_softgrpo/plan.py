@@ -36,12 +36,12 @@ update (1F1B pipeline schedule: stage i holds min(PP - i, micro-batches) in flig
   Recomputation in Large Transformer Models") applied to a SwiGLU / GQA block without
   dropout: D x (n h [/t with sequence parallelism] + (2ad + 2kd + m f)/t):
   n h: the two norms' inputs and outputs (n = 4; 6 under the local spec, whose torch RMSNorm
-  also keeps x / rms); q, the attention output, k and v (k = g heads under Transformer
-  Engine's flash attention, k = a under the local spec, which expands them); m f for SwiGLU
+  also keeps x / rms); q, the attention output, k and v (k = a: the SDPA core attention of
+  both specs expands the g key/value heads); m f for SwiGLU
   (m = 3 fused: the 2f input and the f product; m = 5 unfused, which also keeps silu's output
   and its linear half: policy.megatron_cfg.bias_activation_fusion=false, the recipes' setting).
-  Neither spec keeps s x s attention scores (TE's flash attention; torch SDPA in the local
-  spec, model_patches/sdpa_attention.py). The last stage adds the
+  No s x s attention scores are kept (torch SDPA core attention in both specs,
+  model_patches/sdpa_attention.py). The last stage adds the
   final norm (h; 2h local). With full recompute (policy.megatron_cfg.activation_checkpointing)
   only each layer's input (s b h D [/t]) is kept and one layer is recomputed at a time. One
   more layer covers the gradients in flight.
@@ -101,7 +101,7 @@ class Workload:
     mixture_size: int
     padded_vocab: int
     sequence_parallel: bool
-    te_spec: bool  # transformer_impl: transformer_engine (flash attention, fused norm + linear)
+    te_spec: bool  # transformer_impl: transformer_engine (fused norm + linear layers)
     fused_swiglu: bool  # policy.megatron_cfg.bias_activation_fusion
     recompute: bool
     reference_model: bool
@@ -216,16 +216,15 @@ def norm_factor(te_spec: bool) -> int:
 def layer_activation_bytes_per_token(arch: ModelArch, tp: int, w: Workload) -> float:
     """Activations one layer keeps for its backward, per token."""
     h, hd = arch.hidden_size, arch.head_dim
-    kv_heads = arch.num_key_value_heads if w.te_spec else arch.num_attention_heads
     replicated = 2 * norm_factor(w.te_spec) * h / (tp if w.sequence_parallel else 1)
     mlp = swiglu_factor(w.fused_swiglu) * arch.ffn_hidden_size
-    sharded = 2 * arch.num_attention_heads * hd + 2 * kv_heads * hd + mlp
+    sharded = 4 * arch.num_attention_heads * hd + mlp  # q, output, and k, v expanded to every head
     return w.dtype_bytes * (replicated + sharded / tp)
 
 
 def prefill_mask_bytes(w: Workload) -> int:
-    """The prefill's [rows, 1, p, p] padding mask: bool, plus the local spec's additive D copy."""
-    return w.rollout_rows * w.rollout_prompt_len**2 * (1 + (0 if w.te_spec else w.dtype_bytes))
+    """The prefill's [rows, 1, p, p] padding mask: bool, and SDPA's additive copy in D."""
+    return w.rollout_rows * w.rollout_prompt_len**2 * (1 + w.dtype_bytes)
 
 
 def kv_cache_bytes(arch: ModelArch, tp: int, layers: int, rows: int, length: int, dtype_bytes: int) -> int:
@@ -366,7 +365,7 @@ def format_plan(plan: Plan, arch: ModelArch, recipe: str, cfg: RecipeCfg) -> str
         f"{w.micro_batches} micro-batches per optimizer step per DP rank; {w.rollout_rows} rollout rows per DP rank",
         f"precision: {cfg.policy.precision}"
         + (f", FP8 {fp8.fp8}/{fp8.fp8_recipe} decoder GEMMs (counted as bf16)" if fp8.enabled else "")
-        + f"; attention: {'Transformer Engine (flash)' if w.te_spec else 'local (torch SDPA)'}"
+        + f"; layers: {'Transformer Engine' if w.te_spec else 'local'} spec, torch SDPA attention"
         + f"; recompute: {'full' if w.recompute else 'none'}; sequence parallel: {'on' if w.sequence_parallel else 'off'}",
         f"per-GPU memory of pipeline stage {fullest.stage} "
         f"({'the only stage' if lay.pp == 1 else f'the fullest of {lay.pp}'}), GiB:",

@@ -89,8 +89,12 @@ def layer_spec(mcfg: MegatronCfg):
                 "policy.megatron_cfg.transformer_impl=transformer_engine: Transformer Engine is not importable "
                 "here; install the 'gpu' extra on a CUDA machine or use transformer_impl=local"
             )
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    # One core attention for both specs: SDPA honours the decoding's explicit left-padding mask
+    # (TE's attention follows its mask type and would ignore it) and runs flash attention for
+    # full-sequence passes. TE keeps the fused norm + linear layers and their FP8 GEMMs.
     spec.submodules.self_attention.submodules.core_attention = SdpaDotProductAttention
     return spec
 
