@@ -220,6 +220,37 @@ def test_first_update_ratio_is_exactly_one_and_kl_zero(tmp_path):
     assert not torch.equal(worker.compute_logprobs(batch), batch.ref_logp)
 
 
+def test_fp8_token_alignment_pads_positions_without_changing_logprobs_or_the_update(tmp_path):
+    """FP8 GEMMs need tokens in multiples of 16 (32 for MXFP8): the worker appends unscored
+    zero positions after every record, which causal attention never lets the real ones see."""
+    from types import SimpleNamespace
+
+    from megatron.core.enums import Fp8Recipe
+
+    from megatron_softgrpo.models.build import token_alignment
+
+    assert token_alignment(SimpleNamespace(fp8=None)) == 1
+    assert token_alignment(SimpleNamespace(fp8="e4m3", fp8_recipe=Fp8Recipe.blockwise)) == 16
+    assert token_alignment(SimpleNamespace(fp8="e4m3", fp8_recipe=Fp8Recipe.mxfp8)) == 32
+    make_hf_model("qwen2", tmp_path)
+    results = {}
+    for alignment in (1, 16):
+        worker = new_worker(recipe(tmp_path, micro=2))
+        worker.seq_alignment = alignment
+        run, lengths = worker._run, set()
+        worker._run = lambda model, micro_batches, *a, **k: (lengths.add(micro_batches[0].seq_len), run(model, micro_batches, *a, **k))[1]
+        batch = with_old_logprobs(worker, make_batch(seed=4))  # 12 positions, run as 16
+        metrics = worker.train_step(batch)
+        assert lengths == {max(12, alignment)}  # log-probs and the update both ran aligned
+        results[alignment] = (batch.old_logp, metrics, weights(worker))
+    (logp1, m1, w1), (logp16, m16, w16) = results[1], results[16]
+    assert logp16.shape == logp1.shape == (4, 12)
+    # equal up to fp32 rounding: longer rows change the GEMMs' summation order
+    assert (logp16 - logp1).abs().max() <= 1e-5
+    assert m16.loss == pytest.approx(m1.loss, abs=1e-5) and m16.num_tokens == m1.num_tokens
+    assert max((a - b).abs().max() for a, b in zip(w1, w16)) <= 1e-5
+
+
 @pytest.mark.parametrize("aggregation", ["token_mean_global", "seq_mean_token_mean"])
 def test_two_micro_batches_of_one_equal_one_micro_batch_of_two(aggregation, tmp_path):
     make_hf_model("qwen2", tmp_path)

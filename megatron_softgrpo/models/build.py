@@ -78,6 +78,16 @@ def transformer_config(arch: ModelArch, mcfg: MegatronCfg, precision: str = "flo
     )
 
 
+def token_alignment(config) -> int:
+    """Tokens per forward must be a multiple of this: Transformer Engine's FP8 GEMMs assert it
+    (16; 32 for MXFP8). 1 without FP8."""
+    if not config.fp8:
+        return 1
+    from megatron.core.fp8_utils import get_fp8_align_size
+
+    return get_fp8_align_size(config.fp8_recipe)
+
+
 def layer_spec(mcfg: MegatronCfg):
     from megatron.core.models.gpt import gpt_layer_specs
 

@@ -74,6 +74,14 @@ class PolicyBatch:
             return self
         return self.map(lambda t: torch.cat([t, t.new_zeros((extra, *t.shape[1:]))]))
 
+    def padded_positions(self, seq_len: int) -> "PolicyBatch":
+        """Append all-zero positions (unscored, zero input weights) up to `seq_len`: after every
+        real record, so causal attention leaves the real positions' outputs unchanged."""
+        extra = seq_len - self.seq_len
+        if extra <= 0:
+            return self
+        return self.map(lambda t: torch.cat([t, t.new_zeros((t.shape[0], extra, *t.shape[2:]))], dim=1))
+
     def without_targets(self) -> "PolicyBatch":
         """Records and mask only: what scoring needs."""
         return replace(self, advantages=None, old_logp=None, ref_logp=None)

@@ -44,6 +44,7 @@ from megatron_softgrpo.algorithms.loss import LossScale, PolicyLossResult, polic
 from megatron_softgrpo.config.schema import RecipeCfg
 from megatron_softgrpo.distributed import broadcast_from_last_stage
 from megatron_softgrpo.errors import UserError
+from megatron_softgrpo.models.build import token_alignment
 from megatron_softgrpo.models.forward import CAUSAL, position_ids
 from megatron_softgrpo.models.loading import load_model
 from megatron_softgrpo.models.source import resolve_model_source
@@ -121,6 +122,8 @@ class PolicyWorker:
             )
         self.vocab = VocabShard.from_parallel_state(self.padded_vocab_size, arch.vocab_size)
         self.device = next(self.model.parameters()).device
+        # FP8: every pass runs rows padded to a multiple of this length (b x s then is one too)
+        self.seq_alignment = token_alignment(self.model.config)
         self.optimizer_steps = 0  # updates applied (checkpointed)
         self.skipped_steps = 0  # updates skipped for a non-finite gradient norm (checkpointed)
 
@@ -144,19 +147,19 @@ class PolicyWorker:
         micro = min(self.cfg.policy.logprob_batch_size, per_rank)
         per_rank = math.ceil(per_rank / micro) * micro
         local = batch.without_targets().padded_rows(per_rank * dp).row_slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
-        local = local.map(lambda t: t.to(self.device))
+        local = self._aligned(local).map(lambda t: t.to(self.device))
         micro_batches = [local.row_slice(i, i + micro) for i in range(0, per_rank, micro)]
         outputs = self._run(model, micro_batches, self._logp_output, forward_only=True)
         if ps.is_pipeline_last_stage():
             logp = torch.cat([o["logp"] for o in outputs]).float()
         else:
-            logp = torch.empty(per_rank, batch.seq_len, device=self.device)
+            logp = torch.empty(per_rank, local.seq_len, device=self.device)
         broadcast_from_last_stage(logp)
         if dp > 1:
             parts = [torch.empty_like(logp) for _ in range(dp)]
             torch.distributed.all_gather(parts, logp, group=ps.get_data_parallel_group())
             logp = torch.cat(parts)
-        return logp[: batch.num_rows]
+        return logp[: batch.num_rows, : batch.seq_len]
 
     def train_step(self, batch: PolicyBatch) -> TrainStepMetrics:
         """One optimizer step on the mini-batch `batch` (gradient accumulation over micro-batches)."""
@@ -174,7 +177,7 @@ class PolicyWorker:
                 f"micro-batches of policy.train_micro_batch_size={micro}"
             )
         per_rank = batch.num_rows // dp
-        local = batch.row_slice(dp_rank * per_rank, (dp_rank + 1) * per_rank).map(lambda t: t.to(self.device))
+        local = self._aligned(batch.row_slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)).map(lambda t: t.to(self.device))
         micro_batches = [local.row_slice(i, i + micro) for i in range(0, per_rank, micro)]
         num_micro = len(micro_batches)
         global_mean = loss_cfg.aggregation == "token_mean_global"
@@ -212,6 +215,9 @@ class PolicyWorker:
         )
 
     # ------------------------------------------------------------------ forward pieces
+
+    def _aligned(self, batch: PolicyBatch) -> PolicyBatch:
+        return batch.padded_positions(math.ceil(batch.seq_len / self.seq_alignment) * self.seq_alignment)
 
     def _run(self, model, micro_batches: list[PolicyBatch], output_fn, forward_only: bool) -> list[dict]:
         """Megatron's schedule over the micro-batches; per-micro-batch dicts on the last stage ([] elsewhere)."""
