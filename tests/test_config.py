@@ -59,6 +59,11 @@ def run_cli(capsys, *args) -> tuple[int, str]:
         ("policy: {model_name: m, precison: float32}\n", [], ["policy.precison: unknown key", "precision"]),
         # wrong type, from the command line
         ("policy: {model_name: m}\n", ["grpo.num_prompts_per_step=many"], ["command line", "grpo.num_prompts_per_step=many", "integer"]),
+        # strict types: YAML booleans and quoted numbers are not coerced
+        ("policy: {model_name: m}\n", ["grpo.seed=true"], ["command line", "grpo.seed=true", "integer"]),
+        ("policy: {model_name: m}\n", ["loss_fn.ratio_clip_max=true"], ["command line", "loss_fn.ratio_clip_max=true", "number"]),
+        ("policy: {model_name: m}\ngrpo: {seed: '7'}\n", [], ["grpo.seed=7", "integer"]),
+        ("policy: {model_name: m, megatron_cfg: {sequence_parallel: 1}}\n", [], ["policy.megatron_cfg.sequence_parallel=1", "boolean"]),
         # missing required field
         ("grpo: {seed: 1}\n", [], ["policy: required key is missing"]),
         # out of range
@@ -87,6 +92,17 @@ def test_tp_not_dividing_heads_is_refused(capsys):
     code, err = run_cli(capsys, recipe, "policy.megatron_cfg.tensor_model_parallel_size=2")
     assert code == 2 and "\n" not in err
     assert "tensor_model_parallel_size=2" in err and "9 attention heads" in err
+
+
+def test_tp_error_names_the_heads_before_the_vocabulary_padding(capsys):
+    """28 heads at TP=3: the heads are the cause (make_vocab_size_divisible_by=128 is not a multiple of 3 either)."""
+    recipe = ROOT / "recipes" / "softgrpo-r1-distill-qwen-7b-1n8g.yaml"
+    code, err = run_cli(capsys, recipe, "policy.megatron_cfg.tensor_model_parallel_size=3", "cluster.gpus_per_node=6")
+    assert code == 2 and "\n" not in err
+    assert "tensor_model_parallel_size=3" in err and "28 attention heads" in err and "make_vocab" not in err
+    # with heads that TP splits, the padding rule still applies
+    code, err = run_cli(capsys, recipe, "policy.megatron_cfg.tensor_model_parallel_size=2", "policy.megatron_cfg.make_vocab_size_divisible_by=3")
+    assert code == 2 and "policy.megatron_cfg.make_vocab_size_divisible_by=3" in err and "multiple of tensor_model_parallel_size (2)" in err
 
 
 def test_missing_recipe_file_and_missing_default(tmp_path, capsys):
