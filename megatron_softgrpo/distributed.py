@@ -12,6 +12,7 @@ gloo on CPU, NCCL on GPU.
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import re
 import socket
@@ -44,23 +45,24 @@ class ParallelLayout:
 
 
 def expand_hostlist(nodelist: str) -> list[str]:
-    """Expand a Slurm node list such as ``gpu[01-03,07],login1`` into host names."""
+    """Expand a Slurm node list such as ``gpu[01-03,07]-ib,login1`` into host names."""
     hosts: list[str] = []
-    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
-        if plain:
-            hosts.append(plain)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            if not hi:
-                hosts.append(prefix + lo)
-                continue
-            width = len(lo)
-            hosts.extend(f"{prefix}{i:0{width}d}" for i in range(int(lo), int(hi) + 1))
+    for pattern in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist):  # split at commas outside brackets
+        pieces = re.split(r"\[([^\]]*)\]", pattern)  # text, ranges, text, ..., text
+        choices = [[text] if i % 2 == 0 else _expand_ranges(text) for i, text in enumerate(pieces)]
+        hosts.extend("".join(parts) for parts in itertools.product(*choices))
     return hosts
 
 
-def slurm_master_port(job_id: str) -> int:
+def _expand_ranges(ranges: str) -> list[str]:
+    out: list[str] = []
+    for part in ranges.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend([lo] if not hi else [f"{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1)])
+    return out
+
+
+def slurm_master_port(job_id: int | str) -> int:
     """A port every task of a job derives alike; different jobs on one node rarely collide."""
     return 20000 + int(job_id) % 20000
 
@@ -71,28 +73,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _int_var(environ: Mapping[str, str], name: str, default: int | None = None) -> int:
+    value = environ.get(name)
+    if value is None or (value == "" and default is not None):
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r}: expected an integer") from None
+
+
 def detect_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
     """Read rank/world/master from torchrun or Slurm variables; fall back to one local process."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
         return LaunchEnv(
             launcher="torchrun",
-            rank=int(environ["RANK"]),
-            world_size=int(environ["WORLD_SIZE"]),
-            local_rank=int(environ.get("LOCAL_RANK", 0)),
+            rank=_int_var(environ, "RANK"),
+            world_size=_int_var(environ, "WORLD_SIZE"),
+            local_rank=_int_var(environ, "LOCAL_RANK", 0),
             master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(environ.get("MASTER_PORT", 29500)),
+            master_port=_int_var(environ, "MASTER_PORT", 29500),
         )
     if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
         nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "")
         hosts = expand_hostlist(nodelist) if nodelist else []
-        job_id = environ.get("SLURM_JOB_ID", "0")
         return LaunchEnv(
             launcher="slurm",
-            rank=int(environ["SLURM_PROCID"]),
-            world_size=int(environ["SLURM_NTASKS"]),
-            local_rank=int(environ.get("SLURM_LOCALID", 0)),
+            rank=_int_var(environ, "SLURM_PROCID"),
+            world_size=_int_var(environ, "SLURM_NTASKS"),
+            local_rank=_int_var(environ, "SLURM_LOCALID", 0),
             master_addr=environ.get("MASTER_ADDR") or (hosts[0] if hosts else "127.0.0.1"),
-            master_port=int(environ.get("MASTER_PORT") or slurm_master_port(job_id)),
+            master_port=_int_var(environ, "MASTER_PORT", 0) or slurm_master_port(_int_var(environ, "SLURM_JOB_ID", 0)),
         )
     return LaunchEnv("single", 0, 1, 0, "127.0.0.1", _free_port())
 

@@ -24,6 +24,8 @@ from megatron_softgrpo.errors import UserError
         ("gpu[08-10,12],login5", ["gpu08", "gpu09", "gpu10", "gpu12", "login5"]),
         ("a[1,3],b[7-8]", ["a1", "a3", "b7", "b8"]),
         ("dgx-h100-[001-002]", ["dgx-h100-001", "dgx-h100-002"]),
+        ("node[1-2]-ib", ["node1-ib", "node2-ib"]),
+        ("a[1-2]b[3-4],c", ["a1b3", "a1b4", "a2b3", "a2b4", "c"]),
     ],
 )
 def test_expand_hostlist(nodelist, hosts):
@@ -50,6 +52,13 @@ def test_slurm_environment_derives_master_from_job():
     # an explicit MASTER_ADDR/PORT (e.g. exported by the sbatch script) wins
     env = detect_launch_env({**slurm, "MASTER_ADDR": "head", "MASTER_PORT": "4000"})
     assert (env.master_addr, env.master_port) == ("head", 4000)
+
+
+@pytest.mark.parametrize("var, value", [("MASTER_PORT", "notaport"), ("SLURM_JOB_ID", "12a"), ("SLURM_PROCID", "")])
+def test_malformed_launcher_variables_are_one_line_errors(var, value):
+    slurm = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "gpu1", "SLURM_JOB_ID": "7"}
+    with pytest.raises(UserError, match=f"environment variable {var}='{value}': expected an integer"):
+        detect_launch_env({**slurm, var: value})
 
 
 def test_single_process_without_launcher():
