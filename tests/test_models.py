@@ -147,6 +147,24 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.relative_to(ckpt) for p in ckpt.rglob("*")) == before
     assert (megatron_logits(str(ckpt)) - ref).abs().max() <= 1e-4
 
+    # a crash between the two renames of an overwrite: the old checkpoint is set aside, the new
+    # one not yet in place; readers move the old one back
+    replace, calls = checkpoint.os.replace, []
+
+    def crash_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash between the renames")
+        replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash_on_second)
+    with pytest.raises(RuntimeError, match="between the renames"):
+        checkpoint.save_checkpoint(ckpt, {"model": model.sharded_state_dict()}, checkpoint.read_meta(ckpt))
+    monkeypatch.undo()
+    assert not ckpt.exists() and (tmp_path / "ckpt.old").is_dir()
+    assert checkpoint.is_checkpoint(ckpt) and not (tmp_path / "ckpt.old").exists()
+    assert sorted(p.relative_to(ckpt) for p in ckpt.rglob("*")) == before
+
 
 def test_unsupported_layout_is_refused_before_building(tmp_path, capsys):
     from megatron_softgrpo.cli import main
@@ -157,3 +175,13 @@ def test_unsupported_layout_is_refused_before_building(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--tp 4" in err and "2 key/value heads" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--tp", "0"), ("--pp", "-1")])
+def test_non_positive_layout_flags_are_usage_errors(flag, value, tmp_path, capsys):
+    from megatron_softgrpo.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "hf-to-megatron", "--hf", str(tmp_path), "--out", str(tmp_path / "o"), flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: expected a positive integer, got '{value}'" in capsys.readouterr().err

@@ -8,7 +8,9 @@ Layout of a checkpoint directory:
     <extra>/                   other sharded states a caller adds (optimizer, ...)
 
 Saves are atomic: everything is written to `<dir>.partial` and renamed into place only when
-complete, so a crash during a save leaves the previous checkpoint untouched and loadable.
+complete, so a crash during a save leaves the previous checkpoint untouched and loadable. A crash
+between moving an existing `<dir>` aside to `<dir>.old` and moving the new one in leaves only
+`<dir>.old`; readers move it back.
 """
 
 from __future__ import annotations
@@ -46,11 +48,22 @@ class CheckpointMeta:
         return ModelArch.from_dict(self.arch)
 
 
+def _restore_interrupted_replace(path: Path) -> None:
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and (old / META_FILE).is_file():
+        try:
+            os.replace(old, path)
+        except FileNotFoundError:
+            pass  # another rank restored it first
+
+
 def is_checkpoint(path: str | Path) -> bool:
+    _restore_interrupted_replace(Path(path))
     return (Path(path) / META_FILE).is_file()
 
 
 def read_meta(path: str | Path) -> CheckpointMeta:
+    _restore_interrupted_replace(Path(path))
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
         raise UserError(f"{path}: not a megatron-softgrpo checkpoint ({META_FILE} missing)")
