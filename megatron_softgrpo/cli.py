@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 from megatron_softgrpo.errors import UserError
 
@@ -28,9 +29,15 @@ def _load_checked(recipe: str, overrides: list[str], for_cluster: bool = False, 
     """Recipe validated against its model's architecture, before any weights are read.
 
     `for_cluster`: outside a launcher, check the layout against the recipe's `cluster` section
-    instead of this single process. `training`: also the data-parallel batch rules."""
+    instead of this single process. `training`: also the data, reward and data-parallel batch rules."""
     from megatron_softgrpo.config import load_recipe
-    from megatron_softgrpo.config.checks import check_data_parallel, check_model_fit, cluster_world_size, recipe_model_arch
+    from megatron_softgrpo.config.checks import (
+        check_data_parallel,
+        check_model_fit,
+        check_training,
+        cluster_world_size,
+        recipe_model_arch,
+    )
     from megatron_softgrpo.distributed import detect_launch_env
 
     loaded = load_recipe(recipe, overrides)
@@ -40,6 +47,7 @@ def _load_checked(recipe: str, overrides: list[str], for_cluster: bool = False, 
     check_model_fit(loaded, arch, world_size=world_size)
     if training:
         check_data_parallel(loaded, world_size)
+        check_training(loaded)
     return loaded
 
 
@@ -127,15 +135,20 @@ def cmd_plan(ns) -> int:
 
 def cmd_plot(ns) -> int:
     from megatron_softgrpo.eval.plots import plot_kind, plot_pass_at_k
+    from megatron_softgrpo.train.plots import TRAINING_CURVES, plot_runs
 
     if ns.labels is not None and len(ns.labels) != len(ns.dirs):
         raise UserError(f"plot: {len(ns.labels)} --labels for {len(ns.dirs)} directories")
-    if plot_kind(ns.dirs, ns.kind) == "train":
-        from megatron_softgrpo.train.plots import plot_runs
-
-        out = plot_runs(ns.dirs, ns.out, ns.labels)
+    kind = plot_kind(ns.dirs, ns.kind)
+    out = ns.out
+    if out is None:
+        if len(ns.dirs) > 1:
+            raise UserError(f"plot: --out FILE is required with {len(ns.dirs)} directories")
+        out = Path(ns.dirs[0]) / (TRAINING_CURVES if kind == "train" else "pass_at_k.png")
+    if kind == "train":
+        out = plot_runs(ns.dirs, out, ns.labels)
     else:
-        out = plot_pass_at_k(ns.dirs, ns.out, ns.labels, ns.metric)
+        out = plot_pass_at_k(ns.dirs, out, ns.labels, ns.metric)
     print(f"# wrote {out}", file=sys.stderr)
     return 0
 
@@ -152,6 +165,12 @@ def cmd_convert(ns) -> int:
             raise UserError("convert megatron-to-hf: --ckpt DIR is required")
         convert.megatron_to_hf(ns.ckpt, ns.out, dtype=ns.dtype)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plot", help="training curves (metrics.jsonl) or Pass@k curves (eval/summary.json) as PNG")
     pl.add_argument("dirs", nargs="+", metavar="DIR", help="run directories (logger.log_dir) or eval directories")
-    pl.add_argument("--out", required=True, help="image file to write (.png)")
+    pl.add_argument("--out", help="image file to write (.png); default with one DIR: DIR/training_curves.png "
+                    "(training curves) or DIR/pass_at_k.png (Pass@k)")
     pl.add_argument("--kind", choices=["auto", "train", "passk"], default="auto",
                     help="auto: Pass@k when every DIR has an eval summary, else training curves")
     pl.add_argument("--labels", nargs="+", help="one legend label per DIR (default: DIR's name, and the decoding for Pass@k)")
@@ -204,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--hf", help="Hugging Face model directory, or smollm2-135m-instruct (hf-to-megatron)")
     v.add_argument("--ckpt", help="megatron-softgrpo checkpoint directory (megatron-to-hf)")
     v.add_argument("--out", required=True, help="output directory (must be new or empty)")
-    v.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the conversion processes")
-    v.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the conversion processes")
+    v.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size of the conversion processes")
+    v.add_argument("--pp", type=_positive_int, default=1, help="pipeline-parallel size of the conversion processes")
     v.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
     v.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="export dtype (default: as stored)")
     v.set_defaults(func=cmd_convert)

@@ -251,6 +251,18 @@ def test_fp8_token_alignment_pads_positions_without_changing_logprobs_or_the_upd
     assert max((a - b).abs().max() for a, b in zip(w1, w16)) <= 1e-5
 
 
+def test_kl_coefficient_zero_builds_no_reference_model(tmp_path):
+    make_hf_model("qwen2", tmp_path)
+    worker = new_worker(recipe(tmp_path, micro=2, kl=0.0))
+    assert worker.reference is None
+    batch = make_batch(seed=2)
+    with pytest.raises(ValueError, match="no reference model"):
+        worker.compute_logprobs(batch, reference=True)
+    batch.old_logp = worker.compute_logprobs(batch)  # no ref_logp needed without a reference model
+    metrics = worker.train_step(batch)
+    assert metrics.updated and metrics.kl_loss is None and metrics.kl_mean is None
+
+
 @pytest.mark.parametrize("aggregation", ["token_mean_global", "seq_mean_token_mean"])
 def test_two_micro_batches_of_one_equal_one_micro_batch_of_two(aggregation, tmp_path):
     make_hf_model("qwen2", tmp_path)

@@ -1,4 +1,6 @@
-"""`softgrpo train` end to end on a tiny model: every algorithm, exact resume, preemption."""
+"""`softgrpo train` end to end on a tiny model: every algorithm, DP=2 and PP=2 on CPU ranks, exact
+resume (with validation), preemption (also during start-up), early configuration errors, the
+progress line and the strict-JSON metrics writer."""
 
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed_helpers import run_ranks
 from tiny_models import make_hf_model
 
 from megatron_softgrpo.cli import main
-from megatron_softgrpo.train.metrics_log import STEP_KEYS
+from megatron_softgrpo.train.metrics_log import STEP_KEYS, format_progress, json_line
 from megatron_softgrpo.train.preemption import REQUEUE_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +61,11 @@ def write_recipe(tmp_path: Path, model: Path, tokenizer: Path, **sections) -> Pa
     path = tmp_path / "recipe.yaml"
     path.write_text(json.dumps(body))  # JSON is YAML
     return path
+
+
+# a small held-out set, disjoint from the training problems (another generator seed)
+VALIDATION = {"validation": {"kind": "reasoning_gym", "task": "basic_arithmetic", "size": 3, "seed": 2,
+                             "task_config": {"min_terms": 2, "max_terms": 2, "max_digits": 1}}}
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -112,14 +120,17 @@ def test_grpo_and_softgrpo_share_data_and_differ_in_the_thinking_phase(tmp_path,
 
 
 @pytest.mark.slow
-def test_exact_resume_gives_the_same_metrics_and_weights(tmp_path, tiny_model, smollm2_hf_dir):
-    straight = write_recipe(tmp_path / "straight", tiny_model, smollm2_hf_dir)
+@pytest.mark.parametrize("validation", [False, True], ids=["plain", "with-validation"])
+def test_exact_resume_gives_the_same_metrics_and_weights(validation, tmp_path, tiny_model, smollm2_hf_dir):
+    sections = {"data": VALIDATION, "grpo": {"val_at_start": True, "val_period": 2}} if validation else {}
+    straight = write_recipe(tmp_path / "straight", tiny_model, smollm2_hf_dir, **sections)
     assert main(["train", str(straight)]) == 0
-    resumed = write_recipe(tmp_path / "resumed", tiny_model, smollm2_hf_dir)
+    resumed = write_recipe(tmp_path / "resumed", tiny_model, smollm2_hf_dir, **sections)
     assert main(["train", str(resumed), "grpo.max_num_steps=2"]) == 0
     assert main(["train", str(resumed)]) == 0  # resumes from step 2's checkpoint, runs 3 and 4
     a, b = metrics(tmp_path / "straight" / "run"), metrics(tmp_path / "resumed" / "run")
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    # exactly one line per step, in both
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
         assert {k: v for k, v in x.items() if k not in TIMING_KEYS} == {k: v for k, v in y.items() if k not in TIMING_KEYS}
     wa, wb = final_weights(tmp_path / "straight" / "run"), final_weights(tmp_path / "resumed" / "run")
@@ -127,6 +138,14 @@ def test_exact_resume_gives_the_same_metrics_and_weights(tmp_path, tiny_model, s
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
     assert a[-1]["reward/mean"] == b[-1]["reward/mean"]
+    if validation:
+        assert "val_at_start/accuracy" in a[0] and "val/accuracy" in a[1] and "val/accuracy" not in a[2]
+        summaries = [json.loads((tmp_path / run / "run" / "final_validation.json").read_text()) for run in ("straight", "resumed")]
+        # the resumed run takes the before-training accuracy from step 1's line
+        assert summaries[0] == summaries[1]
+        assert summaries[0]["step"] == 4 and summaries[0]["num_problems"] == 3
+        assert summaries[0]["at_start"]["accuracy"] == a[0]["val_at_start/accuracy"]
+        assert summaries[0]["final"]["accuracy"] == a[3]["val/accuracy"]  # the last step's validation
 
 
 @pytest.mark.slow
@@ -162,3 +181,147 @@ def test_training_refuses_a_sampler_that_contradicts_the_algorithm(tmp_path, tin
     assert main(["train", str(recipe), "softgrpo.sampler=discrete"]) == 2
     err = capsys.readouterr().err
     assert "softgrpo.sampler=discrete" in err and "set null" in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=lambda s: s.name)
+def test_signal_during_start_up_exits_for_requeue(sig, tmp_path, tiny_model, smollm2_hf_dir, monkeypatch, capsys):
+    """A preemption signal while the model loads: no step runs, nothing is saved, the requeue exit code."""
+    import megatron_softgrpo.train.loop as loop
+
+    received = []
+    previous = signal.signal(sig, lambda signum, frame: received.append(signum))  # stands in for "killed"
+    try:
+        build_worker = loop.PolicyWorker
+
+        def signalled_while_loading(cfg):
+            os.kill(os.getpid(), sig)
+            return build_worker(cfg)
+
+        monkeypatch.setattr(loop, "PolicyWorker", signalled_while_loading)
+        recipe = write_recipe(tmp_path, tiny_model, smollm2_hf_dir)
+        assert main(["train", str(recipe)]) == REQUEUE_EXIT_CODE
+        assert received == []  # the trainer's handler took it
+        handler_after = signal.getsignal(sig)
+    finally:
+        signal.signal(sig, previous)
+    assert handler_after is not None and handler_after.__name__ == "<lambda>"  # ours again: restored
+    assert "stopped by signal at step 0" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "ckpt").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_reward_that_needs_reasoning_gym_data_is_refused_before_loading(tmp_path, tiny_model, smollm2_hf_dir, monkeypatch, capsys):
+    import megatron_softgrpo.train.policy as policy
+
+    monkeypatch.setattr(policy, "load_model", _no_model_loading)
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"problem": "1+1", "answer": "2"}\n')
+    recipe = write_recipe(tmp_path, tiny_model, smollm2_hf_dir, data={"validation": {"kind": "json", "path": str(data)}})
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "env.reward=reasoning_gym" in err and "data.validation has kind=json" in err
+
+
+def test_malformed_data_file_fails_before_the_model_loads(tmp_path, tiny_model, smollm2_hf_dir, monkeypatch, capsys):
+    import megatron_softgrpo.train.policy as policy
+
+    monkeypatch.setattr(policy, "load_model", _no_model_loading)
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2"}\n')
+    recipe = write_recipe(tmp_path, tiny_model, smollm2_hf_dir, env={"reward": "math_verify"},
+                          data={"train": {"kind": "json", "path": str(data)}})
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "train.jsonl" in err and "line 2" in err
+    # the preemption handlers installed at start-up are removed again on failure
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == handlers
+
+
+def _no_model_loading(*args, **kwargs):
+    raise AssertionError("the model was loaded before the configuration error was found")
+
+
+# ------------------------------------------------------------------ several ranks
+
+
+def _train_on_ranks(rank, recipe, overrides):
+    return main(["train", recipe, *overrides])
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.parametrize("tp,pp,steps", [(1, 1, 2), (1, 2, 1)], ids=["dp2", "pp2"])
+def test_train_command_on_two_ranks(tp, pp, steps, tmp_path, tiny_model, smollm2_hf_dir):
+    recipe = write_recipe(tmp_path, tiny_model, smollm2_hf_dir, data=VALIDATION,
+                          grpo={"max_num_steps": steps, "val_period": 1})
+    layout = [f"policy.megatron_cfg.tensor_model_parallel_size={tp}", f"policy.megatron_cfg.pipeline_model_parallel_size={pp}"]
+    assert run_ranks(2, _train_on_ranks, str(recipe), layout) == [0, 0]
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    for row in rows:
+        assert set(STEP_KEYS) <= set(row), set(STEP_KEYS) - set(row)
+        assert {"val/accuracy", "val/answer_rate", "val/response_length"} <= set(row)
+        assert 0 <= row["val/accuracy"] <= 1 and row["val/response_length"] > 0
+        assert row["optimizer_steps"] == 2 * row["step"]
+    assert json.loads((tmp_path / "run" / "final_validation.json").read_text())["num_problems"] == 3
+
+
+def test_validation_gathers_on_the_model_device_and_prints_samples(monkeypatch, capsys):
+    """The data-parallel group is NCCL on GPU: every tensor gathered must be on the model's device
+    ("meta" stands in for a GPU here)."""
+    from types import SimpleNamespace
+
+    import megatron_softgrpo.train.loop as loop
+    from megatron_softgrpo.data.datasets import Problem
+
+    gathered = []
+
+    def fake_gather(x):
+        gathered.append(x.device)
+        return torch.ones(x.shape)  # every problem correct, answered, length 1
+
+    monkeypatch.setattr(loop, "_gather_dp", fake_gather)
+    monkeypatch.setattr(loop, "encode_prompt", lambda tokenizer, problem, *a: [1, 2])
+    problems = [Problem(f"p:{i}", f"{i}+1", str(i + 1), {}) for i in range(3)]
+    trainer = object.__new__(loop.Trainer)
+    trainer.cfg = SimpleNamespace(data=SimpleNamespace(prompt_template="{problem}", system_prompt=None),
+                                  logger=SimpleNamespace(num_val_samples_to_print=1))
+    trainer.val_data = SimpleNamespace(problems=problems)
+    trainer.dp, trainer.dp_rank, trainer.step, trainer.tokenizer = 2, 1, 0, None
+    trainer.worker = SimpleNamespace(device=torch.device("meta"))
+    trainer.engine = SimpleNamespace(generate=lambda prompts, g: SimpleNamespace(
+        texts=["\\boxed{3}"] * len(prompts), response_lengths=torch.full((len(prompts),), 5)))
+    trainer.reward = lambda texts, answers, metadata: [1.0] * len(texts)
+    assert trainer._validate() == {"accuracy": 1.0, "answer_rate": 1.0, "response_length": 1.0}
+    assert gathered == [torch.device("meta")] * 4
+    out = capsys.readouterr().out
+    assert "validation sample 1: p:2 | answer 3 | reward 1.00" in out and "response: \\boxed{3}" in out
+    assert "validation sample 2" not in out
+
+
+# ------------------------------------------------------------------ progress line and metrics.jsonl
+
+
+def test_progress_line_reports_a_skipped_optimizer_step():
+    line = format_progress(3, 10, {"reward/mean": 0.5, "loss": float("nan"), "grad_norm": float("nan"), "time/step": 2.0})
+    assert line == "step 3/10 | reward 0.500 | skipped (grad norm nan) | s 2.0"
+    assert "skipped (grad norm inf)" in format_progress(1, 1, {"grad_norm": float("inf")})
+    assert format_progress(1, 1, {"grad_norm": 0.25, "kl/mean": None}) == "step 1/1 | gnorm 0.250"
+
+
+def test_metrics_lines_are_strict_json_with_null_for_non_finite_values():
+    line = json_line({"step": 2, "grad_norm": float("nan"), "loss": float("-inf"), "lr": 1e-4, "reward/mean": torch.tensor(0.5)})
+    assert "\n" not in line and "NaN" not in line and "Infinity" not in line
+    assert json.loads(line) == {"step": 2, "grad_norm": None, "loss": None, "lr": 1e-4, "reward/mean": 0.5}
+
+
+def test_plot_without_out_writes_training_curves_into_the_run_directory(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "reward/mean": 0.1 * s, "accuracy": 0.2, "answer_rate": 0.5, "response_length/mean": 7.0} for s in (1, 2)]
+    rows[1]["grad_norm"] = None  # a skipped step's null
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["plot", str(run)]) == 0
+    assert (run / "training_curves.png").stat().st_size > 0
+    assert main(["plot", str(run), str(run)]) == 2
+    assert "--out FILE is required with 2 directories" in capsys.readouterr().err

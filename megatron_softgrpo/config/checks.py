@@ -14,12 +14,6 @@ from megatron_softgrpo.models.known import KNOWN_HF_CONFIGS, known_arch
 def check_recipe(loaded: LoadedRecipe) -> None:
     cfg = loaded.cfg
     mcfg = cfg.policy.megatron_cfg
-    tp = mcfg.tensor_model_parallel_size
-    if mcfg.make_vocab_size_divisible_by % tp:
-        raise loaded.error(
-            "policy.megatron_cfg.make_vocab_size_divisible_by",
-            f"must be a multiple of tensor_model_parallel_size ({tp})",
-        )
     if mcfg.sequence_parallel:
         # the rollout decodes one position per step on the training model, which SP cannot split
         raise loaded.error("policy.megatron_cfg.sequence_parallel", "not supported yet: rollouts decode on the training model")
@@ -93,9 +87,14 @@ def check_model_fit(loaded: LoadedRecipe, arch: ModelArch, world_size: int | Non
     tp, pp = mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size
     tp_key = "policy.megatron_cfg.tensor_model_parallel_size"
     pp_key = "policy.megatron_cfg.pipeline_model_parallel_size"
-    problem = arch.layout_problem(tp, pp)
+    problem = arch.layout_problem(tp, pp)  # first: heads that TP cannot split are the real cause
     if problem:
         raise loaded.error(tp_key if problem[0] == "tp" else pp_key, problem[1])
+    if mcfg.make_vocab_size_divisible_by % tp:
+        raise loaded.error(
+            "policy.megatron_cfg.make_vocab_size_divisible_by",
+            f"must be a multiple of tensor_model_parallel_size ({tp})",
+        )
     fp8 = mcfg.fp8_cfg
     if fp8.enabled and fp8.first_last_layers_bf16:
         per_stage = arch.num_layers // pp
@@ -106,6 +105,21 @@ def check_model_fit(loaded: LoadedRecipe, arch: ModelArch, world_size: int | Non
                 )
     if world_size is not None and world_size % (tp * pp):
         raise loaded.error(tp_key, f"TP*PP={tp * pp} must divide the number of processes ({world_size})")
+
+
+def check_training(loaded: LoadedRecipe) -> None:
+    """Rules of `softgrpo train` alone (data and reward), checked before any model is loaded."""
+    cfg = loaded.cfg
+    if cfg.data.train is None:
+        raise loaded.error("data.train", "training needs a dataset (a file or a reasoning-gym task)")
+    if cfg.env.reward == "reasoning_gym":
+        # the task's own scorer needs the metadata of a reasoning-gym entry
+        for split in ("train", "validation"):
+            ds = getattr(cfg.data, split)
+            if ds is not None and ds.kind != "reasoning_gym":
+                raise loaded.error(
+                    "env.reward", f"needs reasoning_gym datasets; data.{split} has kind={ds.kind} (use math_verify or exact_match)"
+                )
 
 
 def check_data_parallel(loaded: LoadedRecipe, world_size: int | None) -> None:

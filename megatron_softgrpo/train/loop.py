@@ -6,6 +6,9 @@
             -> mini-batched optimizer steps (Megatron schedule; TP, PP, DP)
             -> metrics, periodic validation and checkpoints
 
+At the end the held-out accuracy before and after training goes to `final_validation.json` in
+`logger.log_dir` (metrics.jsonl keeps exactly one line per step).
+
 The algorithm only changes how the thinking phase is sampled and scored (the sampler and
 scorer built from `softgrpo.*`); everything else is shared.
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -25,7 +28,7 @@ from megatron_softgrpo.data.datasets import PromptDataset, load_split
 from megatron_softgrpo.data.prompts import encode_prompt
 from megatron_softgrpo.data.sampler import PromptSampler
 from megatron_softgrpo.distributed import ParallelLayout, init_distributed, is_main_rank
-from megatron_softgrpo.models.source import load_tokenizer
+from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
 from megatron_softgrpo.rewards.boxed import last_boxed
 from megatron_softgrpo.rewards.format import with_format_bonus
 from megatron_softgrpo.rewards.registry import get_reward
@@ -34,7 +37,7 @@ from megatron_softgrpo.soft import MixtureRows, noise_seed, seed_noise_rng
 from megatron_softgrpo.train.batch import PolicyBatch
 from megatron_softgrpo.train.checkpointing import resume, save_training_checkpoint
 from megatron_softgrpo.train.metrics_log import MetricsLog
-from megatron_softgrpo.train.plots import plot_runs
+from megatron_softgrpo.train.plots import TRAINING_CURVES, plot_runs
 from megatron_softgrpo.train.policy import PolicyWorker
 from megatron_softgrpo.train.preemption import REQUEUE_EXIT_CODE, PreemptionWatcher
 
@@ -62,8 +65,12 @@ class Scored:
 
 
 class Trainer:
-    def __init__(self, loaded: LoadedRecipe):
+    """Built and run on every rank; `watcher` is installed by the caller before construction so that
+    a preemption signal during start-up (model loading) still ends in a requeue."""
+
+    def __init__(self, loaded: LoadedRecipe, watcher: PreemptionWatcher):
         cfg = self.cfg = loaded.cfg
+        self.watcher = watcher
         mcfg = cfg.policy.megatron_cfg
         if cfg.softgrpo.sampler is not None and _algorithm_of(cfg.softgrpo.sampler) != cfg.softgrpo.algorithm:
             raise loaded.error("softgrpo.sampler", f"training samples as the algorithm does ({cfg.softgrpo.algorithm}); set null")
@@ -73,18 +80,18 @@ class Trainer:
         seed_noise_rng(noise_seed(cfg.grpo.seed, self.dp_rank))
         if cfg.grpo.num_prompts_per_step % self.dp:
             raise loaded.error("grpo.num_prompts_per_step", f"must be divisible by the {self.dp} data-parallel ranks")
-        if cfg.data.train is None:
-            raise loaded.error("data.train", "training needs a dataset (a file or a reasoning-gym task)")
-        self.worker = PolicyWorker(cfg)
-        self.tokenizer = load_tokenizer(self.worker.source, cfg.policy.tokenizer.name)
+        # data first: a bad data file fails in seconds, before the minutes of model loading
+        self.tokenizer = load_tokenizer(resolve_model_source(cfg.policy.model_name), cfg.policy.tokenizer.name)
         self.train_data = self._load("train")
         self.val_data = self._load("validation") if cfg.data.validation is not None else None
+        self.worker = PolicyWorker(cfg)
         self.sampler = PromptSampler(self.train_data.problems, cfg.grpo.num_prompts_per_step, seed=cfg.grpo.seed, shuffle=cfg.data.shuffle)
         settings = RolloutSettings.from_recipe(cfg, self.tokenizer, self.worker.source.arch.hidden_size)
         self.engine = RolloutEngine(self.worker.model, self.tokenizer, self.worker.vocab, settings)
         self.reward = get_reward(cfg.env.reward, num_workers=cfg.env.num_workers, timeout_s=cfg.env.timeout_s)
         self.log = MetricsLog(cfg.logger, loaded.raw, enabled=is_main_rank())
         self.step = 0
+        self._last_val: tuple[int, dict] | None = None  # (step, result) of the latest validation
         if env.launcher != "single" and is_main_rank():
             print(f"[softgrpo] {env.world_size} ranks: TP={mcfg.tensor_model_parallel_size} "
                   f"PP={mcfg.pipeline_model_parallel_size} DP={self.dp}", flush=True)
@@ -98,17 +105,18 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> int:
-        cfg = self.cfg
-        restored = resume(cfg.checkpointing, self.worker) if cfg.checkpointing.enabled and cfg.checkpointing.resume else None
-        if restored is not None:
-            self.step = restored.step
-            self.sampler.load_state_dict(restored.extra["data"])
-            self.log.truncate_after(self.step)
-            if is_main_rank():
-                print(f"[softgrpo] resumed from {restored.path} (step {self.step})", flush=True)
-        watcher = PreemptionWatcher()
-        first_val = self._validate() if self.val_data is not None and cfg.grpo.val_at_start and self.step == 0 else None
+        cfg, watcher = self.cfg, self.watcher
         try:
+            restored = resume(cfg.checkpointing, self.worker) if cfg.checkpointing.enabled and cfg.checkpointing.resume else None
+            if restored is not None:
+                self.step = restored.step
+                self.sampler.load_state_dict(restored.extra["data"])
+                self.log.truncate_after(self.step)
+                if is_main_rank():
+                    print(f"[softgrpo] resumed from {restored.path} (step {self.step})", flush=True)
+            if watcher.should_stop():  # signalled during start-up: nothing new to save
+                return self._requeue()
+            first_val = self._validate() if self.val_data is not None and cfg.grpo.val_at_start and self.step == 0 else None
             while self.step < cfg.grpo.max_num_steps and self.sampler.epoch < cfg.grpo.max_num_epochs:
                 metrics = self._rl_step()
                 self.step += 1
@@ -121,33 +129,44 @@ class Trainer:
                 if cfg.checkpointing.enabled and (stop or self.step % cfg.checkpointing.save_period == 0):
                     self._save()
                 if stop:
-                    if is_main_rank():
-                        print(f"[softgrpo] stopped by signal at step {self.step}; exit {REQUEUE_EXIT_CODE} (requeue to resume)", flush=True)
-                    return REQUEUE_EXIT_CODE
+                    return self._requeue()
             if cfg.checkpointing.enabled and self.step % cfg.checkpointing.save_period:
                 self._save()
             self._finish(first_val)
             return 0
         finally:
-            watcher.restore()
             self.log.close()
             close = getattr(getattr(self.reward, "grader", None), "close", None)
             if close is not None:
                 close()
+
+    def _requeue(self) -> int:
+        if is_main_rank():
+            print(f"[softgrpo] stopped by signal at step {self.step}; exit {REQUEUE_EXIT_CODE} (requeue to resume)", flush=True)
+        return REQUEUE_EXIT_CODE
 
     def _save(self) -> None:
         extra = {"data": self.sampler.state_dict()}
         save_training_checkpoint(self.cfg.checkpointing, self.worker, self.step, extra, tokenizer=self.tokenizer)
 
     def _finish(self, first_val: dict | None) -> None:
-        final = self._validate() if self.val_data is not None else None  # a collective: every rank
+        """Held-out accuracy after training (and before it, from step 1's line after a resume)
+        to final_validation.json and the console; the training curves."""
+        final = None
+        if self.val_data is not None:
+            # the last step's own validation when it had one; else a fresh one (a collective: every rank)
+            final = self._last_val[1] if self._last_val is not None and self._last_val[0] == self.step else self._validate()
         if not is_main_rank():
             return
         if final is not None:
-            self.log.log(self.step, _prefixed("val_final/", final), echo=False)
+            if first_val is None:
+                first_val = self.log.at_start_validation()
+            record = FinalValidation(self.step, len(self.val_data.problems), first_val, final)
+            self.log.write_json(FINAL_VALIDATION, asdict(record))
             before = f"{first_val['accuracy']:.3f} -> " if first_val is not None else ""
-            print(f"[softgrpo] held-out accuracy: {before}{final['accuracy']:.3f} ({len(self.val_data.problems)} problems)", flush=True)
-        out = plot_runs([self.cfg.logger.log_dir], f"{self.cfg.logger.log_dir}/training_curves.png")
+            print(f"[softgrpo] held-out accuracy: {before}{final['accuracy']:.3f} ({record.num_problems} problems)", flush=True)
+        log_dir = self.cfg.logger.log_dir
+        out = plot_runs([log_dir], f"{log_dir}/{TRAINING_CURVES}")
         print(f"[softgrpo] curves: {out}", flush=True)
 
     # ------------------------------------------------------------------ one RL step
@@ -243,22 +262,47 @@ class Trainer:
         problems = self.val_data.problems
         per_rank = math.ceil(len(problems) / self.dp)
         mine = problems[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
-        correct, answered, lengths = torch.zeros(per_rank), torch.zeros(per_rank), torch.zeros(per_rank)
+        # on the model's device: the data-parallel group is NCCL on GPU
+        correct, answered, lengths, valid = (torch.zeros(per_rank, device=self.worker.device) for _ in range(4))
         if mine:
             prompts = [encode_prompt(self.tokenizer, p.problem, self.cfg.data.prompt_template, self.cfg.data.system_prompt) for p in mine]
             traj = self.engine.generate(prompts, 1)
             got, has = self._grade(traj.texts, mine)
             correct[: len(mine)], answered[: len(mine)] = got, has.float()
-            lengths[: len(mine)] = traj.response_lengths.float().cpu()
-        valid = torch.zeros(per_rank)
+            lengths[: len(mine)] = traj.response_lengths.float()
+            if is_main_rank():
+                _print_samples(mine, traj.texts, got.tolist(), self.cfg.logger.num_val_samples_to_print)
         valid[: len(mine)] = 1
         correct, answered, lengths, valid = (_gather_dp(x) for x in (correct, answered, lengths, valid))
         n = valid.sum().clamp(min=1)
-        return {
+        result = {
             "accuracy": float(((correct >= 0.5).float() * valid).sum() / n),
             "answer_rate": float((answered * valid).sum() / n),
             "response_length": float((lengths * valid).sum() / n),
         }
+        self._last_val = (self.step, result)
+        return result
+
+
+FINAL_VALIDATION = "final_validation.json"
+
+
+@dataclass(frozen=True)
+class FinalValidation:
+    """`final_validation.json`: held-out results after the last step, and before the first (None
+    without `grpo.val_at_start`)."""
+
+    step: int
+    num_problems: int
+    at_start: dict | None  # {"accuracy", "answer_rate", "response_length"}
+    final: dict
+
+
+def _print_samples(problems, texts: list[str], rewards: list[float], count: int) -> None:
+    """The first `count` validation responses of this rank (logger.num_val_samples_to_print)."""
+    for i, (p, text, reward) in enumerate(list(zip(problems, texts, rewards))[:count]):
+        print(f"[softgrpo] validation sample {i + 1}: {p.id} | answer {p.answer} | reward {reward:.2f}\n"
+              f"  problem: {p.problem}\n  response: {text}", flush=True)
 
 
 _ROW_FIELDS = ("tokens", "mix_ids", "mix_weights", "noise", "support", "is_soft", "noise_seed")
@@ -318,8 +362,12 @@ def _gather_blocks(per_position: list[torch.Tensor], per_row: list[torch.Tensor]
 
 
 def train(loaded: LoadedRecipe) -> int:
+    # installed first: SIGTERM/SIGUSR1 during start-up (model loading) must still end in a requeue
+    watcher = PreemptionWatcher()
     try:
-        return Trainer(loaded).run()
+        return Trainer(loaded, watcher).run()
     except KeyboardInterrupt:
         print("[softgrpo] interrupted", file=sys.stderr)
         return 130
+    finally:
+        watcher.restore()

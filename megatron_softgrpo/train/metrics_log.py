@@ -1,8 +1,10 @@
 """Per-step metrics: a progress line, `metrics.jsonl`, TensorBoard, and optional Weights & Biases.
 
-`metrics.jsonl` holds one JSON object per optimizer-step group (one RL step), with the key
-names documented in the README. On resume the file is cut back to the checkpoint's step, so
-an interrupted and resumed run writes exactly the lines an uninterrupted run would.
+`metrics.jsonl` holds exactly one JSON object per RL step (strict JSON: a value that is not a
+finite number, such as the gradient norm of a skipped optimizer step, is written as null), with
+the key names documented in the README. On resume the file is cut back to the checkpoint's
+step, so an interrupted and resumed run writes exactly the lines an uninterrupted run would.
+Run-level results (`final_validation.json`) go to their own files in the same directory.
 Only the main rank writes.
 """
 
@@ -15,7 +17,7 @@ from pathlib import Path
 from megatron_softgrpo.config.schema import LoggerCfg
 
 # Keys of every metrics.jsonl line (besides "step"); documented in the README. "kl/mean" appears
-# when a reference model is used; validation adds "val/...", "val_at_start/...", "val_final/...".
+# when a reference model is used; validation adds "val/..." and, on step 1, "val_at_start/...".
 # "entropy/mean" (not in STEP_KEYS: the mean entropy of the scored positions' sampling distributions,
 # from the update's forward passes) appears when loss_fn.entropy_coef > 0.
 STEP_KEYS = (
@@ -43,12 +45,24 @@ PROGRESS = (
 
 
 def format_progress(step: int, max_steps: int, metrics: dict) -> str:
+    """One console line; a non-finite gradient norm means the optimizer step was skipped."""
     parts = [f"step {step}/{max_steps}"]
     for key, label, fmt in PROGRESS:
         value = metrics.get(key)
-        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+        if key == "grad_norm" and _non_finite(value):
+            parts.append(f"skipped (grad norm {value})")
+        elif value is not None:
             parts.append(f"{label} {fmt.format(value)}")
     return " | ".join(parts)
+
+
+def json_line(record: dict) -> str:
+    """`record` as one line of strict JSON: non-finite floats become null, keys sorted."""
+    return json.dumps(_strict(record), sort_keys=True, allow_nan=False)
+
+
+def _non_finite(value) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 class MetricsLog:
@@ -82,21 +96,36 @@ class MetricsLog:
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
-    def log(self, step: int, metrics: dict, max_steps: int | None = None, echo: bool = True) -> None:
+    def log(self, step: int, metrics: dict, max_steps: int | None = None) -> None:
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.write(json_line(record) + "\n")
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, step)
+                    self._tb.add_scalar(key, value, step)  # TensorBoard takes NaN
             self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(record, step=step)
-        if echo:
-            print(format_progress(step, max_steps or step, record), flush=True)
+        print(format_progress(step, max_steps or step, record), flush=True)
+
+    def write_json(self, name: str, record: dict) -> None:
+        """A run-level result (e.g. final_validation.json) beside metrics.jsonl, as strict JSON."""
+        if self.enabled:
+            (self.dir / name).write_text(json.dumps(_strict(record), indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+    def at_start_validation(self) -> dict | None:
+        """The validation before training, from step 1's line (for the summary of a resumed run)."""
+        if not self.enabled or not self.path.is_file():
+            return None
+        prefix = "val_at_start/"
+        for row in read_metrics(self.dir):
+            found = {k[len(prefix) :]: v for k, v in row.items() if k.startswith(prefix)}
+            if found:
+                return found
+        return None
 
     def close(self) -> None:
         if self._tb is not None:
@@ -110,6 +139,15 @@ def _plain(value):
     if hasattr(value, "item"):
         return value.item()
     return value
+
+
+def _strict(value):
+    """Nested dicts/lists with non-finite floats replaced by None (strict JSON)."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return None if _non_finite(_plain(value)) else _plain(value)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

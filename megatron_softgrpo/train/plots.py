@@ -13,6 +13,7 @@ PANELS = (
     ("response_length/mean", "response length (tokens)"),
 )
 NO_KL_PANEL = ("answer_rate", "boxed-answer rate")
+TRAINING_CURVES = "training_curves.png"  # what training writes into its log_dir; `softgrpo plot DIR`'s default
 
 
 def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | None = None) -> Path:

@@ -2,7 +2,10 @@
 
 The handler only raises a flag; the training loop checks it at a safe point (between RL
 steps), where all ranks agree on it, save a checkpoint, and exit with REQUEUE_EXIT_CODE so
-the job script can requeue and the next run resumes from that checkpoint.
+the job script can requeue and the next run resumes from that checkpoint. `softgrpo train`
+installs the watcher before anything else (a signal while the model loads is checked before
+the first step: exit REQUEUE_EXIT_CODE with nothing new to save) and restores the previous
+handlers however the run ends.
 """
 
 from __future__ import annotations
