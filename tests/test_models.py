@@ -102,6 +102,29 @@ def test_hf_megatron_hf_round_trip_is_bit_exact(kind, tmp_path):
     assert torch.equal(hf_logits(reloaded), hf_logits(expected))
 
 
+def test_sharded_export_loads_in_transformers_and_imports_back(tmp_path, monkeypatch):
+    """7B+ models export and import as several safetensors files with an index."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_softgrpo.distributed import destroy_distributed
+    from megatron_softgrpo.models import convert
+
+    ref = hf_logits(make_hf_model("qwen2", tmp_path / "hf"))
+    convert.hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "mcore"))
+    destroy_distributed()
+    monkeypatch.setattr(convert, "SHARD_BYTES", 64 * 1024)
+    back = convert.megatron_to_hf(str(tmp_path / "mcore"), str(tmp_path / "back"))
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) > 2 and not (back / "model.safetensors").exists()
+    assert all((back / f).stat().st_mode & 0o777 == 0o644 for f in files)
+    config = json.loads((back / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and "_name_or_path" not in config
+    assert torch.equal(hf_logits(AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32)), ref)
+    destroy_distributed()
+    assert (megatron_logits(str(back)) - ref).abs().max() <= 1e-4  # read through the index
+
+
 @pytest.mark.multiproc
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_checkpoint_saved_parallel_loads_at_tp1(tp, pp, tmp_path):

@@ -8,6 +8,7 @@ megatron-to-hf runs in one process: dist_checkpointing reshards any saved layout
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from megatron_softgrpo.models.loading import load_model
 from megatron_softgrpo.models.source import ModelSource, has_tokenizer, load_tokenizer, resolve_model_source
 
 SHARD_BYTES = 4 * 1024**3
+HF_CLASSES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
 def _layout_mcfg(source: ModelSource, tp: int, pp: int) -> MegatronCfg:
@@ -66,13 +68,17 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path) -> None:
             size = 0
         shards[-1][name] = t.contiguous()
         size += nbytes
+    def save(shard: dict[str, torch.Tensor], fname: str) -> None:
+        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+        os.chmod(out_dir / fname, 0o644)  # safetensors writes 0600; exports are shared files
+
     if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        save(shards[0], "model.safetensors")
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+        save(shard, fname)
         weight_map.update({k: fname for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -96,6 +102,8 @@ def megatron_to_hf(ckpt: str, out: str, dtype: str | None = None) -> Path:
     _write_safetensors(hf_state, out_dir)
     config = dict(meta.hf_config)
     config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)  # a path on the machine that converted it
+    config["architectures"] = config.get("architectures") or [HF_CLASSES[source.arch.model_type]]
     config["dtype"] = str(next(iter(hf_state.values())).dtype).replace("torch.", "")
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     if has_tokenizer(source.tokenizer_path):
