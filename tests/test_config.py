@@ -133,3 +133,13 @@ def test_unknown_model_is_a_config_error(tmp_path, capsys):
 def test_every_shipped_recipe_validates(recipe, capsys):
     code, err = run_cli(capsys, recipe)
     assert code == 0, err
+
+
+def test_errors_name_the_default_and_the_command_line_that_built_a_mapping(capsys):
+    recipe = ROOT / "recipes" / "softgrpo-smollm2-135m-cpu.yaml"
+    # 9 heads and 3 KV heads split 3 ways; the unset vocabulary padding (128) does not
+    code, err = run_cli(capsys, recipe, "policy.megatron_cfg.tensor_model_parallel_size=3")
+    assert code == 2 and "policy.megatron_cfg.make_vocab_size_divisible_by=128 (the default)" in err
+    # an override that turns the recipe's string into a mapping is the command line's doing
+    code, err = run_cli(capsys, recipe, "policy.model_name.x=3")
+    assert code == 2 and err.startswith("softgrpo check: error: command line: policy.model_name=")

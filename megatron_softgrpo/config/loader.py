@@ -49,17 +49,23 @@ class LoadedRecipe:
     provenance: dict[str, str] = field(default_factory=dict)  # dotted leaf key -> file or "command line"
 
     def source_of(self, dotted_key: str) -> str:
-        """The file (or "command line") that set `dotted_key`, else its nearest set parent, else the recipe."""
+        """The file (or "command line") that set `dotted_key`, else its nearest set parent, else what
+        set a key under it (a mapping built from overrides), else the recipe."""
         key = dotted_key
         while key:
             if key in self.provenance:
                 return self.provenance[key]
             key = key.rpartition(".")[0]
-        return str(self.path)
+        below = sorted({src for k, src in self.provenance.items() if k.startswith(dotted_key + ".")})
+        return below[0] if len(below) == 1 else str(self.path)
 
     def error(self, dotted_key: str, message: str) -> ConfigError:
         value = _lookup(self.raw, dotted_key)
-        shown = f"{dotted_key}={_show(value)}" if value is not _MISSING else dotted_key
+        if value is not _MISSING:
+            shown = f"{dotted_key}={_show(value)}"
+        else:  # not set anywhere: name the schema default the check saw
+            default = _attribute(self.cfg, dotted_key)
+            shown = dotted_key if default is _MISSING else f"{dotted_key}={_show(default)} (the default)"
         return ConfigError(f"{self.source_of(dotted_key)}: {shown}: {message}")
 
 
@@ -73,6 +79,14 @@ def _lookup(d: dict, dotted: str) -> Any:
             return _MISSING
         cur = cur[part]
     return cur
+
+
+def _attribute(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part, _MISSING)
+        if obj is _MISSING:
+            break
+    return obj
 
 
 def _show(value: Any) -> str:
@@ -122,7 +136,8 @@ def _deep_merge(base: dict, over: dict) -> dict:
 def _merge(base: dict, prov: dict[str, str], over: dict, over_prov: dict[str, str]) -> dict:
     """Merge `over` into `base`; update `prov` in place (a replaced subtree forgets its old sources)."""
     merged = _deep_merge(base, over)
-    for key in [k for k in prov if _lookup(merged, k) is _MISSING]:
+    # forget sources of keys that are gone, or that were values and are now mappings (a.b=1 then a.b.c=2)
+    for key in [k for k in prov if _lookup(merged, k) is _MISSING or isinstance(_lookup(merged, k), dict)]:
         del prov[key]
     prov.update(over_prov)
     return merged
