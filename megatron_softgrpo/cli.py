@@ -156,13 +156,15 @@ def cmd_plot(ns) -> int:
 def cmd_convert(ns) -> int:
     from megatron_softgrpo.models import convert
 
-    if ns.direction == "hf-to-megatron":
-        if not ns.hf:
-            raise UserError("convert hf-to-megatron: --hf DIR is required")
+    to_megatron = ns.direction == "hf-to-megatron"
+    needed, unused = ("--hf", "--ckpt") if to_megatron else ("--ckpt", "--hf")
+    if not getattr(ns, needed.lstrip("-")):
+        raise UserError(f"convert {ns.direction}: {needed} DIR is required")
+    if getattr(ns, unused.lstrip("-")):
+        raise UserError(f"convert {ns.direction}: {unused} does not apply (the source is {needed})")
+    if to_megatron:
         convert.hf_to_megatron(ns.hf, ns.out, tp=ns.tp, pp=ns.pp, precision=ns.precision)
     else:
-        if not ns.ckpt:
-            raise UserError("convert megatron-to-hf: --ckpt DIR is required")
         convert.megatron_to_hf(ns.ckpt, ns.out, dtype=ns.dtype)
     return 0
 

@@ -200,6 +200,15 @@ def test_unsupported_layout_is_refused_before_building(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_convert_refuses_the_other_directions_source(tmp_path, capsys):
+    from megatron_softgrpo.cli import main
+
+    assert main(["convert", "hf-to-megatron", "--hf", str(tmp_path), "--ckpt", "z", "--out", str(tmp_path / "o")]) == 2
+    assert "--ckpt does not apply" in capsys.readouterr().err
+    assert main(["convert", "megatron-to-hf", "--out", str(tmp_path / "o")]) == 2
+    assert "--ckpt DIR is required" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag, value", [("--tp", "0"), ("--pp", "-1")])
 def test_non_positive_layout_flags_are_usage_errors(flag, value, tmp_path, capsys):
     from megatron_softgrpo.cli import main
