@@ -12,8 +12,9 @@
 #   a requeue, so a requeued job finds its own checkpoints and resumes.
 # - MASTER_ADDR = first node of the job, MASTER_PORT = 20000 + job id % 20000 (as
 #   megatron_softgrpo.distributed.slurm_master_port derives it), exported to every task.
-# - srun --nodes=<job nodes> --ntasks-per-node=<tasks>, tasks = SOFTGRPO_TASKS_PER_NODE, else the
-#   job's GPUs per node, else its --ntasks-per-node; pyxis flags only when set: SOFTGRPO_CONTAINER_IMAGE
+# - srun --nodes=<job nodes> --ntasks-per-node=<tasks> [--cpus-per-task=<job's>], tasks =
+#   SOFTGRPO_TASKS_PER_NODE, else the job's GPUs per node, else its --ntasks-per-node (srun of Slurm
+#   >= 22.05 does not inherit --cpus-per-task from sbatch); pyxis flags only when set: SOFTGRPO_CONTAINER_IMAGE
 #   (--container-image, --container-workdir=$PWD), SOFTGRPO_CONTAINER_MOUNTS (--container-mounts).
 # - SIGUSR1 or SIGTERM to this shell (sbatch --signal=B:..., scancel --batch) is passed on to the
 #   tasks as SIGUSR1 (srun itself would answer SIGTERM by killing them). The trainer then saves a
@@ -70,6 +71,9 @@ has_override logger.log_dir || overrides+=("logger.log_dir=$run_dir")
 has_override checkpointing.checkpoint_dir || overrides+=("checkpointing.checkpoint_dir=$run_dir/checkpoints")
 
 srun_args=(--nodes="$num_nodes" --ntasks-per-node="$tasks_per_node")
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+  srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+fi
 if [ -n "${SOFTGRPO_CONTAINER_IMAGE:-}" ]; then
   srun_args+=(--container-image="$SOFTGRPO_CONTAINER_IMAGE" --container-workdir="$PWD")
   if [ -n "${SOFTGRPO_CONTAINER_MOUNTS:-}" ]; then

@@ -6,12 +6,18 @@ The configuration lists this host on loopback with at least 2 CPUs (2 CPU tasks 
 smaller machine), tracks processes without cgroups (proctrack/linuxproc, task/none), and makes
 requeues quick: a requeued job may start again cred_expire + 1 s after the requeue (Slurm's
 default is 121 s) and the scheduler looks every 2 s. MinJobAge=10 keeps a finished job visible to
-`scontrol show job` for 10 s and makes `sbatch --wait` poll every 8 s (not 32 s).
+`scontrol show job` for 10 s and makes `sbatch --wait` poll every 8 s (not 32 s). The daemons run
+as the current user (SlurmUser, SlurmdUser): root, or a user without privileges whose jobs are its own.
+
+Tests that need the cluster or NeMo-Run skip when they are missing, except where
+SOFTGRPO_REQUIRE_SLURM=1 (CI, .ci/run): there they fail, so a green run has run them.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import pwd
 import random
 import re
 import shutil
@@ -22,7 +28,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
+import pytest
+
+REQUIRE_SLURM = "SOFTGRPO_REQUIRE_SLURM"
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "scancel", "squeue", "sinfo")
 SBIN = ("/usr/sbin", "/sbin")
@@ -37,13 +48,39 @@ def missing_binaries() -> list[str]:
     return [name for name in DAEMONS + CLIENTS if find_binary(name) is None]
 
 
+def require_binaries() -> None:
+    """Return when every daemon and client is installed, else skip_unless_required."""
+    missing = missing_binaries()
+    if missing:
+        skip_unless_required(f"Slurm/munge binaries absent ({', '.join(missing)}): run scripts/slurm_ci_setup.sh")
+
+
+def skip_unless_required(reason: str) -> NoReturn:
+    """Skip the test, or fail it where SOFTGRPO_REQUIRE_SLURM=1 (CI must not pass without running it)."""
+    if os.environ.get(REQUIRE_SLURM) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_SLURM}=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+def import_nemo_run() -> ModuleType:
+    """`nemo_run`, or skip_unless_required when it is not installed."""
+    try:
+        return importlib.import_module("nemo_run")
+    except ImportError as e:
+        skip_unless_required(f'nemo-run is not importable ({e}): pip install -e ".[launch]"')
+
+
+def current_user() -> str:
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def slurm_conf(root: Path, host: str, cpus: int, munge_socket: Path) -> str:
+def slurm_conf(root: Path, host: str, cpus: int, munge_socket: Path, user: str) -> str:
     # FirstJobId: jobs derive their master port from the job id, so concurrent test clusters differ
     return f"""\
 ClusterName=softgrpo-test
@@ -53,8 +90,8 @@ SlurmdPort={_free_port()}
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={munge_socket},cred_expire=10
-SlurmUser=root
-SlurmdUser=root
+SlurmUser={user}
+SlurmdUser={user}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid
@@ -143,7 +180,7 @@ def start_local_slurm(root: Path) -> LocalSlurm:
     (root / "plugstack.conf").write_text("")  # not the system's SPANK plugins (pyxis, ...)
     host = socket.gethostname().split(".")[0]
     conf = root / "slurm.conf"
-    conf.write_text(slurm_conf(root, host, max(2, os.cpu_count() or 1), munge_socket))
+    conf.write_text(slurm_conf(root, host, max(2, os.cpu_count() or 1), munge_socket, current_user()))
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
     env["SLURM_CONF"] = str(conf)

@@ -3,12 +3,17 @@
 The same job as slurm/softgrpo.sbatch, for users who launch through NeMo-Run:
 
 - `SlurmExecutor`: one task per GPU on every node (`--ntasks-per-node` = GPUs per node; CPU jobs:
-  `gpus_per_node=0` and the task count), account, partition, time, pyxis container image and mounts,
-  and `--signal=USR1@<lead>` so the trainer checkpoints before the time limit. NeMo-Run submits with
+  `gpus_per_node=0` and the task count), CPUs per task, account, partition, time, pyxis container
+  image and mounts, and `--signal=USR1@<lead>` so the trainer checkpoints before the time limit (the
+  lead must exceed one RL step plus a checkpoint save; see slurm/softgrpo.sbatch). NeMo-Run submits with
   `--requeue`, and its batch script requeues a job that exits non-zero (up to `requeues` times); the
   trainer's preemption exit (75) is one, and the requeued job resumes from the run directory's
   checkpoints.
 - `LocalExecutor`: this machine, `torchrun` when there are several tasks.
+
+Before submitting, `main` validates the recipe as `softgrpo check` does, for the job's nodes x
+tasks (a bad recipe would otherwise fail in the job and be requeued), and prints a rejected
+submission as one line with sbatch's error.
 
 Each task runs `PYTHON -m megatron_softgrpo train RECIPE [overrides]`; the tasks find their rank,
 world and master from Slurm's (or torchrun's) variables, as with the sbatch template. The run's
@@ -20,6 +25,8 @@ Submission is through a `LocalTunnel`: run this where `sbatch` works (a login no
 
     python slurm/nemo_run_launcher.py slurm RECIPE [overrides] --nodes 2 --gpus-per-node 8 \\
         --account ACCOUNT --partition PARTITION --time 04:00:00 [--container-image IMAGE]
+    python slurm/nemo_run_launcher.py slurm RECIPE [overrides] --gpus-per-node 0 --tasks-per-node 2 \\
+        --cpus-per-task 1 --time 00:30:00 --signal-lead-s 60      # a CPU job
     python slurm/nemo_run_launcher.py local RECIPE [overrides] --tasks-per-node 2
 """
 
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -37,6 +45,10 @@ from megatron_softgrpo.errors import UserError
 
 if TYPE_CHECKING:
     import nemo_run as run
+
+# The sbatch template's defaults (#SBATCH --signal, --cpus-per-task in slurm/softgrpo.sbatch).
+SIGNAL_LEAD_S = 1800  # meant to exceed one GPU RL step (rollout + update) plus a checkpoint save
+CPUS_PER_TASK = 8  # a task and its env.num_workers math-verify grading processes (8 in the GPU recipes)
 
 
 @dataclass(frozen=True)
@@ -54,13 +66,48 @@ class SlurmResources:
     nodes: int = 1
     gpus_per_node: int = 8  # 0: a CPU job (gloo)
     tasks_per_node: int | None = None  # None: one per GPU
+    cpus_per_task: int = CPUS_PER_TASK
     account: str | None = None
     partition: str | None = None
     time: str = "04:00:00"
     container_image: str | None = None  # pyxis/enroot image; None: no container flags
     container_mounts: tuple[str, ...] = ()
     requeues: int = 3  # NeMo-Run requeues a job that exits non-zero this many times
-    signal_lead_s: int = 300  # SIGUSR1 this long before the time limit: checkpoint and exit 75
+    signal_lead_s: int = SIGNAL_LEAD_S  # SIGUSR1 this long before the time limit: checkpoint and exit 75
+
+    def __post_init__(self):
+        if self.tasks < 1:
+            raise UserError("a CPU job (gpus_per_node=0) needs tasks_per_node >= 1")
+        limit_s = slurm_time_s(self.time)
+        if limit_s is not None and self.signal_lead_s >= limit_s:
+            raise UserError(f"--signal-lead-s {self.signal_lead_s} must be shorter than --time {self.time} ({limit_s} s): "
+                            "the job would be told to checkpoint and exit as soon as it starts")
+
+    @property
+    def tasks(self) -> int:
+        return self.tasks_per_node or self.gpus_per_node
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks
+
+
+def slurm_time_s(spec: str) -> int | None:
+    """Seconds of a Slurm time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS); None: unlimited."""
+    if spec.upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    days, dash, clock = spec.rpartition("-")
+    fields = clock.split(":")
+    if not re.fullmatch(r"\d*", days) or (dash and not days) or len(fields) > 3 or not all(f.isdigit() for f in fields):
+        raise UserError(f"--time {spec!r}: expected MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
+    values = [int(f) for f in fields]
+    if dash:  # D-HH[:MM[:SS]]
+        hours, minutes, seconds = (values + [0, 0])[:3]
+    elif len(values) == 3:
+        hours, minutes, seconds = values
+    else:  # MM[:SS]
+        hours, (minutes, seconds) = 0, (values + [0])[:2]
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
 def _import_nemo_run():
@@ -89,15 +136,14 @@ def train_script(job: TrainJob, name: str = "softgrpo") -> run.Script:
 
 def slurm_executor(res: SlurmResources) -> run.SlurmExecutor:
     run = _import_nemo_run()
-    tasks = res.tasks_per_node or res.gpus_per_node
-    if tasks < 1:
-        raise UserError("a CPU job (gpus_per_node=0) needs tasks_per_node >= 1")
     return run.SlurmExecutor(
         account=res.account,
         partition=res.partition,
         job_name_prefix="softgrpo.",  # NeMo-Run would derive it from the account, which may be unset
         nodes=res.nodes,
-        ntasks_per_node=tasks,
+        ntasks_per_node=res.tasks,
+        cpus_per_task=res.cpus_per_task,
+        srun_args=[f"--cpus-per-task={res.cpus_per_task}"],  # srun of Slurm >= 22.05 does not inherit it
         gpus_per_node=res.gpus_per_node or None,
         time=res.time,
         container_image=res.container_image,
@@ -132,6 +178,28 @@ def submit(job: TrainJob, executor, name: str = "softgrpo", detach: bool = False
     return Submission(launched.handle, launched.state.name)
 
 
+def check_recipe(job: TrainJob, world_size: int) -> None:
+    """Refuse (UserError) a recipe that `softgrpo train` would refuse in a job of `world_size` processes:
+    the checks of cli._load_checked(training=True), with the job's world size instead of this process's."""
+    from megatron_softgrpo.config import load_recipe
+    from megatron_softgrpo.config.checks import check_data_parallel, check_model_fit, check_training, recipe_model_arch
+
+    loaded = load_recipe(job.recipe, list(job.overrides))
+    check_training(loaded)
+    check_model_fit(loaded, recipe_model_arch(loaded), world_size=world_size)
+    check_data_parallel(loaded, world_size)
+
+
+def submission_error(error: Exception) -> str:
+    """One line for a failed submission; for a command that failed (sbatch), its exit code and stderr."""
+    from invoke.exceptions import UnexpectedExit  # what NeMo-Run's tunnels raise for a failed command
+
+    if isinstance(error, UnexpectedExit):
+        result = error.result
+        return f"`{result.command}` exited {result.exited}: " + (" ".join(result.stderr.split()) or "(no stderr)")
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nemo_run_launcher", description="softgrpo train through NeMo-Run")
     p.add_argument("executor", choices=["slurm", "local"])
@@ -146,13 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nodes", type=int, default=1)
     s.add_argument("--gpus-per-node", type=int, default=8, help="0: CPU job (gloo)")
     s.add_argument("--tasks-per-node", type=int, default=None, help="default: one per GPU (slurm), 1 (local)")
+    s.add_argument("--cpus-per-task", type=int, default=CPUS_PER_TASK,
+                   help="for the task and its env.num_workers grading processes (CPU job on a small node: 1)")
     s.add_argument("--account")
     s.add_argument("--partition")
     s.add_argument("--time", default="04:00:00")
     s.add_argument("--container-image")
     s.add_argument("--container-mounts", nargs="+", default=[], metavar="SRC:DST")
     s.add_argument("--requeues", type=int, default=3)
-    s.add_argument("--signal-lead-s", type=int, default=300)
+    s.add_argument("--signal-lead-s", type=int, default=SIGNAL_LEAD_S,
+                   help="SIGUSR1 this long before --time: must exceed one RL step plus a checkpoint save")
     return p
 
 
@@ -162,16 +233,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     job = TrainJob(ns.recipe, tuple(ns.overrides), ns.run_dir, ns.python if ns.executor == "slurm" else "python")
     try:
         if ns.executor == "slurm":
-            executor = slurm_executor(SlurmResources(
+            res = SlurmResources(
                 nodes=ns.nodes, gpus_per_node=ns.gpus_per_node, tasks_per_node=ns.tasks_per_node,
-                account=ns.account, partition=ns.partition, time=ns.time,
+                cpus_per_task=ns.cpus_per_task, account=ns.account, partition=ns.partition, time=ns.time,
                 container_image=ns.container_image, container_mounts=tuple(ns.container_mounts),
-                requeues=ns.requeues, signal_lead_s=ns.signal_lead_s))
+                requeues=ns.requeues, signal_lead_s=ns.signal_lead_s)
+            check_recipe(job, res.world_size)
+            executor = slurm_executor(res)
         else:
-            executor = local_executor(ns.tasks_per_node or 1)
+            tasks = ns.tasks_per_node or 1
+            check_recipe(job, tasks)
+            executor = local_executor(tasks)
         submission = submit(job, executor, ns.name, detach=ns.detach)
     except UserError as e:
         print(f"nemo_run_launcher: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:  # NeMo-Run's failures (a rejected sbatch, ...) arrive as long tracebacks
+        print(f"nemo_run_launcher: submission failed: {submission_error(e)}", file=sys.stderr)
+        return 1
     print(f"{submission.handle} {submission.state}")
     return 0 if ns.detach or submission.state == "SUCCEEDED" else 1
