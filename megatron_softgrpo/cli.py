@@ -31,24 +31,15 @@ def _load_checked(recipe: str, overrides: list[str], for_cluster: bool = False, 
     `for_cluster`: outside a launcher, check the layout against the recipe's `cluster` section
     instead of this single process. `training`: also the data, reward and data-parallel batch rules."""
     from megatron_softgrpo.config import load_recipe
-    from megatron_softgrpo.config.checks import (
-        check_data_parallel,
-        check_model_fit,
-        check_training,
-        cluster_world_size,
-        recipe_model_arch,
-    )
+    from megatron_softgrpo.config.checks import cluster_world_size, load_checked_recipe
     from megatron_softgrpo.distributed import detect_launch_env
 
-    loaded = load_recipe(recipe, overrides)
-    arch = recipe_model_arch(loaded)
     env = detect_launch_env()
-    world_size = cluster_world_size(loaded.cfg.cluster) if for_cluster and env.launcher == "single" else env.world_size
-    check_model_fit(loaded, arch, world_size=world_size)
-    if training:
-        check_data_parallel(loaded, world_size)
-        check_training(loaded)
-    return loaded
+    if for_cluster and env.launcher == "single":
+        world_size = cluster_world_size(load_recipe(recipe, overrides).cfg.cluster)
+    else:
+        world_size = env.world_size
+    return load_checked_recipe(recipe, overrides, world_size, training)
 
 
 def _load_engine(cfg, **settings):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatron_softgrpo.config.loader import LoadedRecipe
+from megatron_softgrpo.config.loader import LoadedRecipe, load_recipe
 from megatron_softgrpo.config.schema import ClusterCfg
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.arch import ModelArch
@@ -137,3 +137,14 @@ def check_data_parallel(loaded: LoadedRecipe, world_size: int | None) -> None:
             "policy.train_global_batch_size",
             f"must be divisible by {dp} data-parallel ranks x policy.train_micro_batch_size={micro}",
         )
+
+
+def load_checked_recipe(recipe: str, overrides: list[str], world_size: int, training: bool = False) -> LoadedRecipe:
+    """The recipe validated against its model's architecture for a job of `world_size` processes,
+    before any weights are read. `training`: also the data, reward and data-parallel batch rules."""
+    loaded = load_recipe(recipe, overrides)
+    check_model_fit(loaded, recipe_model_arch(loaded), world_size=world_size)
+    if training:
+        check_data_parallel(loaded, world_size)
+        check_training(loaded)
+    return loaded

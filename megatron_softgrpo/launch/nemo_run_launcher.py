@@ -180,14 +180,10 @@ def submit(job: TrainJob, executor, name: str = "softgrpo", detach: bool = False
 
 def check_recipe(job: TrainJob, world_size: int) -> None:
     """Refuse (UserError) a recipe that `softgrpo train` would refuse in a job of `world_size` processes:
-    the checks of cli._load_checked(training=True), with the job's world size instead of this process's."""
-    from megatron_softgrpo.config import load_recipe
-    from megatron_softgrpo.config.checks import check_data_parallel, check_model_fit, check_training, recipe_model_arch
+    the same checks, for the job's world size instead of this process's."""
+    from megatron_softgrpo.config.checks import load_checked_recipe
 
-    loaded = load_recipe(job.recipe, list(job.overrides))
-    check_training(loaded)
-    check_model_fit(loaded, recipe_model_arch(loaded), world_size=world_size)
-    check_data_parallel(loaded, world_size)
+    load_checked_recipe(job.recipe, list(job.overrides), world_size, training=True)
 
 
 def submission_error(error: Exception) -> str:
