@@ -32,6 +32,7 @@ from megatron_softgrpo.eval.runner import (
     decoding_mode,
     grade_batch,
     plan_eval,
+    progress,
     run_eval,
 )
 from megatron_softgrpo.eval.samples import SampleFile, SampleRecord, batches
@@ -82,9 +83,23 @@ def test_eval_section_defaults_and_bad_values():
             load_recipe(RECIPE, overrides)
 
 
-def test_cli_names_a_missing_data_dir_before_loading_any_model(capsys):
+def test_the_default_data_dir_is_the_shared_benchmark_files(monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)  # relative to the current directory, like data.train.path
+    loaded = load_recipe(RECIPE, ["eval.benchmarks=[gsm8k,humaneval]", f"logger.log_dir={tmp_path}"])
+    assert loaded.cfg.eval.data_dir == "../shared/data/eval"
+    plans = plan_eval(loaded)
+    assert [len(p.problems) for p in plans] == [1319, 164]
+    assert plans[0].path.resolve() == (ROOT.parent / "shared" / "data" / "eval" / "gsm8k_test.json").resolve()
+
+
+def test_cli_names_a_missing_data_dir_before_loading_any_model(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # ../shared/data/eval is not there
     assert cli.main(["eval", RECIPE, "eval.benchmarks=[gsm8k]"]) == 2
-    assert "eval.data_dir: set it to the directory of the benchmark files, or set eval.files.gsm8k" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "base.yaml: eval.data_dir=../shared/data/eval: no such directory" in err and str(tmp_path) in err
+    assert len(err.strip().splitlines()) == 1
+    assert cli.main(["eval", RECIPE, "eval.benchmarks=[gsm8k]", "eval.data_dir=null"]) == 2
+    assert "eval.data_dir=null: set it to the directory of the benchmark files, or set eval.files.gsm8k" in capsys.readouterr().err
 
 
 def test_decoding_mode_and_batch_seeds():
@@ -175,6 +190,16 @@ def test_sample_file_resume_keeps_only_finished_batches(tmp_path):
     assert len(store.records()) == 4
 
 
+def test_sample_file_resume_with_fewer_problems_keeps_the_later_samples(tmp_path):
+    store = SampleFile(tmp_path / "gsm8k")
+    store.resume({"eval.n": 2}, batches(6, 2), 2)
+    everything = [_record(p, s) for p in range(6) for s in (0, 1)]
+    store.append(everything)
+    assert store.resume({"eval.n": 2}, batches(2, 2), 2) == {0}
+    assert store.records() == everything  # the file keeps all six problems
+    assert store.records(2) == everything[:4]
+
+
 def test_sample_file_refuses_samples_of_other_settings(tmp_path):
     store = SampleFile(tmp_path)
     store.resume({"eval.n": 2, "decoding": "gumbel"}, batches(1, 1), 2)
@@ -249,6 +274,26 @@ def test_plot_command_draws_pass_at_k_and_training_curves(tmp_path, capsys):
     assert curves.read_bytes().startswith(PNG_SIGNATURE)
     assert cli.main(["plot", str(train), "--labels", "a", "b", "--out", str(curves)]) == 2
     assert "2 --labels for 1 directories" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["passk", "train"])
+def test_plot_command_refuses_an_output_it_cannot_write(kind, tmp_path, capsys):
+    run = tmp_path / "run"
+    if kind == "passk":
+        _write_eval(run, "gumbel", 1.0)
+    else:
+        run.mkdir()
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/mean": 0.5}) + "\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    for out, message in [
+        (tmp_path / "plot.txt", f"--out {tmp_path / 'plot.txt'}: expected a .png file name"),
+        (blocker / "plot.png", f"--out {blocker / 'plot.png'}: cannot write it"),
+    ]:
+        assert cli.main(["plot", str(run), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
 
 
 # ---------------------------------------------------------------- the runner, with a stand-in engine
@@ -336,6 +381,36 @@ def test_runner_samples_do_not_depend_on_the_batch_history(tmp_path, shared_data
     _fake_eval(tmp_path / "seed1", data_dir, tokenizer, FakeEngine(), "eval.benchmarks=[gsm8k]", "eval.num_problems=4",
                "eval.seed=1")
     assert (tmp_path / "seed1" / "eval" / "gsm8k" / "samples.jsonl").read_text().splitlines() != few
+
+
+def test_progress_line_shows_problems_rate_and_time_left():
+    # 8 samples in 4 s: 2 samples/s; 5 problems x 4 samples left: 10 s
+    assert progress(2, 7, 4, 8, 4.0) == "2/7 problems, 2.00 samples/s, ETA 0:00:10"
+    assert progress(10, 1000, 32, 320, 100.0) == "10/1000 problems, 3.20 samples/s, ETA 2:45:00"  # 9900 s
+    assert progress(7, 7, 4, 28, 2.0).endswith("ETA 0:00:00")
+    assert progress(0, 7, 4, 0, 1.0).endswith("0.00 samples/s, ETA unknown")
+
+
+def test_runner_logs_progress_each_round(tmp_path, shared_data, tokenizer, capsys):
+    _fake_eval(tmp_path, shared_data / "eval", tokenizer, FakeEngine(), "eval.benchmarks=[gsm8k]")
+    lines = re.findall(r"\[eval\] gsm8k: (\d+)/7 problems, \d+\.\d\d samples/s, ETA \d+:\d\d:\d\d", capsys.readouterr().err)
+    assert [int(done) for done in lines] == [2, 4, 6, 7]  # one line per batch of 2 problems
+
+
+def test_runner_with_fewer_problems_keeps_the_samples_and_summarises_the_current_problems(tmp_path, shared_data, tokenizer):
+    data_dir, args = shared_data / "eval", ("eval.benchmarks=[gsm8k]", "eval.n=2")
+    _fake_eval(tmp_path, data_dir, tokenizer, FakeEngine(), *args, "eval.num_problems=6")
+    path = tmp_path / "eval" / "gsm8k" / "samples.jsonl"
+    six = path.read_text()
+    engine = FakeEngine()
+    summary = _fake_eval(tmp_path, data_dir, tokenizer, engine, *args, "eval.num_problems=2")
+    assert engine.calls == 0 and path.read_text() == six  # nothing decoded, nothing deleted
+    samples = read_jsonl(path)
+    assert len(samples) == 12
+    first_two = [r for r in samples if r["problem_index"] < 2]
+    data = json.loads((tmp_path / "eval" / "summary.json").read_text())["benchmarks"]["gsm8k"]
+    assert summary.benchmarks["gsm8k"].problems == data["problems"] == 2
+    assert flat(data) == pytest.approx(flat(_recomputed(first_two, 2, [1, 2, 4, 8, 16, 32])))
 
 
 # ---------------------------------------------------------------- end to end on SmolLM2-135M-Instruct
@@ -461,6 +536,41 @@ def test_an_interrupted_eval_resumes_to_the_same_summary(e2e_runs, tmp_path, cap
 
 
 # ---------------------------------------------------------------- data parallel
+
+
+@pytest.mark.slow  # 14 s on an idle machine, 24 s on a busy one
+def test_eval_of_a_training_checkpoint(tmp_path, smollm2_hf_dir, shared_data):
+    """`checkpoint=DIR` (a checkpoint_dir) evaluates its latest step, and the summary names that step."""
+    model = tmp_path / "tiny-llama"
+    make_hf_model("llama", model, vocab_size=49152)
+    run = tmp_path / "run"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({  # JSON is YAML
+        "defaults": str(ROOT / "recipes" / "base.yaml"),
+        "policy": {"model_name": str(model), "tokenizer": {"name": str(smollm2_hf_dir)}, "precision": "float32",
+                   "train_global_batch_size": 4, "train_micro_batch_size": 2, "logprob_batch_size": 2,
+                   "max_total_sequence_length": 160, "generation": {"max_new_tokens": 4}},
+        "grpo": {"num_prompts_per_step": 2, "num_generations_per_prompt": 2, "max_num_steps": 1},
+        "loss_fn": {"reference_policy_kl_penalty": 0.0},
+        "data": {"max_input_seq_length": 128,
+                 "train": {"kind": "reasoning_gym", "task": "basic_arithmetic", "size": 8, "seed": 1,
+                           "task_config": {"min_terms": 2, "max_terms": 2, "max_digits": 1}}},
+        "env": {"reward": "reasoning_gym", "num_workers": 1},
+        "logger": {"log_dir": str(run), "tensorboard_enabled": False},
+        "checkpointing": {"checkpoint_dir": str(run / "ckpt"), "save_period": 1},
+        "cluster": {"gpus_per_node": 0},
+    }))
+    assert cli.main(["train", str(recipe)]) == 0
+    step = run / "ckpt" / "step_0000001"
+    assert (step / "softgrpo_checkpoint.json").is_file()
+    log_dir = tmp_path / "eval-run"
+    assert cli.main(["eval", str(recipe), f"checkpoint={run / 'ckpt'}", "eval.benchmarks=[gsm8k]", "eval.num_problems=1",
+                     "eval.n=2", "eval.max_new_tokens=4", f"eval.data_dir={shared_data / 'eval'}",
+                     f"logger.log_dir={log_dir}"]) == 0
+    summary = json.loads((log_dir / "eval" / "summary.json").read_text())
+    assert summary["model"] == str(step)
+    assert summary["benchmarks"]["gsm8k"]["problems"] == 1 and summary["n"] == 2
+    assert len(read_jsonl(log_dir / "eval" / "gsm8k" / "samples.jsonl")) == 2
 
 
 def _eval_on_ranks(rank, recipe_overrides):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from megatron_softgrpo.eval import sandbox
-from megatron_softgrpo.eval.benchmarks import BENCHMARKS, load_problems
+from megatron_softgrpo.eval.benchmarks import BENCHMARKS, grade_responses, load_problems
 from megatron_softgrpo.eval.code_grading import HumanEvalTests
 from megatron_softgrpo.eval.sandbox import SandboxLimits, isolation, run_python, run_python_many
 
@@ -89,6 +89,39 @@ def test_wrong_solutions_fail(code_problems, name):
     assert all("Error" in r.output for r in results)
 
 
+EARLY_EXITS = {
+    "sys.exit": "import sys\nsys.exit(0)\n",
+    "os._exit": "import os\nos._exit(0)\n",
+    "raise SystemExit": "raise SystemExit\n",
+}
+
+
+@pytest.mark.parametrize("name", ["humaneval", "mbpp"])
+def test_early_exit_does_not_pass(code_problems, name):
+    """A solution that exits with status 0 before the tests run is graded wrong; the references still pass."""
+    problems = code_problems[name][:2]
+    exits = [f"```python\n{code}```" for code in EARLY_EXITS.values()]
+    responses, expanded = [], []
+    for p in problems:
+        reference = p.reference.canonical_solution if name == "humaneval" else p.reference.reference_code
+        responses += [*exits, f"```python\n{reference}\n```"]
+        expanded += [p] * (len(exits) + 1)
+    grades = grade_responses(name, expanded, responses, sandbox_limits=PATIENT)
+    assert [g.correct for g in grades] == [False, False, False, True] * len(problems)
+
+
+@pytest.mark.parametrize("variant", list(EARLY_EXITS))
+def test_an_early_exit_with_status_zero_fails_in_the_sandbox(variant):
+    result = run_python(EARLY_EXITS[variant] + "raise AssertionError('the tests')\n", PATIENT)
+    assert result.status == "failed" and "before it ran to its end" in result.output
+
+
+def test_the_completion_marker_is_not_readable_from_stdin_nor_the_environment():
+    result = run_python("import os, sys\nprint(repr(sys.stdin.read()), sorted(os.environ))\n", PATIENT)
+    assert result.passed, result.output
+    assert result.output.strip() == "'' ['HOME', 'LANG', 'PATH', 'TMPDIR']"  # the marker itself is removed
+
+
 # ---------------------------------------------------------------- hostile programs
 
 INFINITE_LOOP = "while True:\n    pass\n"
@@ -146,15 +179,40 @@ def test_writes_and_deletions_outside_the_sandbox_fail(tmp_path, guard):
     outside = tmp_path / "outside.txt"
     keep = tmp_path / "keep.txt"
     keep.write_text("precious")
+    directory = f"os.open({str(tmp_path)!r}, os.O_RDONLY)"  # the `open` audit event does not carry dir_fd
     for program in (
         f"open({str(outside)!r}, 'w').write('pwned')\n",
         f"import os\nos.remove({str(keep)!r})\n",
         f"import os\nos.rename({str(keep)!r}, 'stolen.txt')\n",
+        f"import os\nos.write(os.open('outside.txt', os.O_CREAT | os.O_WRONLY, dir_fd={directory}), b'pwned')\n",
+        f"import os\nos.write(os.open('keep.txt', os.O_WRONLY | os.O_TRUNC, dir_fd={directory}), b'pwned')\n",
+        f"import os\nos.remove('keep.txt', dir_fd={directory})\n",
+        f"import os\nos.chdir({str(tmp_path)!r})\nopen('outside.txt', 'w').write('pwned')\n",
     ):
         result = run_python(program, SandboxLimits(timeout_s=120.0, python_guard=guard))
-        assert result.status == "failed" and "PermissionError" in result.output
+        # refused, or (with a private /tmp) the directory is not even there
+        assert result.status == "failed", program
+        assert "PermissionError" in result.output or "FileNotFoundError" in result.output, result.output
     assert not outside.exists()
     assert keep.read_text() == "precious"
+
+
+@pytest.mark.parametrize("guard", LAYERS, indirect=True)
+def test_writes_to_shared_memory_fail_or_stay_private(guard):
+    """/dev/shm is world-writable: the guard refuses the write; namespaces give the program its own /dev/shm."""
+    if not guard and not isolation().private_tmp:
+        pytest.skip(f"isolation {isolation().name}: no mount namespace here, /dev/shm is the host's")
+    target = Path("/dev/shm") / f"softgrpo-sandbox-escape-{os.getpid()}"
+    program = f"open({str(target)!r}, 'w').write('x')\nprint(open({str(target)!r}).read())\n"
+    try:
+        result = run_python(program, SandboxLimits(timeout_s=120.0, python_guard=guard))
+        assert not target.exists()
+    finally:
+        target.unlink(missing_ok=True)
+    if guard:
+        assert result.status == "failed" and "outside the working directory" in result.output
+    else:  # written into the program's own /dev/shm, gone with it
+        assert result.passed and result.output.strip() == "x", result.output
 
 
 def test_python_guard_refuses_writes_to_world_writable_places():

@@ -3,8 +3,8 @@
 A response's solution is its last fenced code block tagged python (```python, ```py,
 ```python3) or untagged; an unterminated final block (a truncated response) does not count.
 The test program is the benchmark's own test (HumanEval: `check(entry_point)` from its `test`
-field; MBPP: its test imports and `assert` lines) and passes when it exits with status 0 in
-the sandbox.
+field; MBPP: its test imports and `assert` lines) and passes when it runs to its end (so every
+test ran: an early `sys.exit(0)` or `os._exit(0)` fails) and exits with status 0 in the sandbox.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from typing import Literal, Sequence
 
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.eval.report import EvalSummary, read_summary, summary_path
+from megatron_softgrpo.plotting import png_path, save_png
 
 METRIC_TITLES = {
     "pass_at_k": "pass@k (unbiased)",
@@ -46,6 +47,7 @@ def plot_pass_at_k(
 
     if metric not in METRIC_TITLES:
         raise UserError(f"metric {metric!r}: expected one of {', '.join(METRIC_TITLES)}")
+    out = png_path(out)
     summaries = [read_summary(d) for d in eval_dirs]
     labels = list(labels) if labels else [default_label(d, s) for d, s in zip(eval_dirs, summaries)]
     panels = list(dict.fromkeys(name for s in summaries for name in s.benchmarks)) + ["average"]
@@ -77,8 +79,9 @@ def plot_pass_at_k(
     if legend:
         names, handles = list(legend), list(legend.values())
         fig.legend(handles, names, loc="outside lower center", ncol=min(4, len(names)))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        save_png(fig, out)
+    finally:
+        plt.close(fig)
     return out
+

@@ -90,7 +90,11 @@ def plan_eval(loaded: LoadedRecipe) -> list[BenchmarkPlan]:
         if name in ev.files:
             path = Path(ev.files[name]).expanduser()
         elif ev.data_dir is not None:
-            path = Path(ev.data_dir).expanduser() / benchmark.filename
+            data_dir = Path(ev.data_dir).expanduser()
+            if not data_dir.is_dir():
+                raise loaded.error("eval.data_dir", f"no such directory (a relative path is resolved from the current "
+                                   f"directory, {Path.cwd()}); point it at the benchmark files, or set eval.files.{name}")
+            path = data_dir / benchmark.filename
         else:
             raise loaded.error("eval.data_dir", f"set it to the directory of the benchmark files, or set eval.files.{name}")
         problems = load_problems(name, path)[: ev.num_problems]
@@ -246,13 +250,21 @@ def _run_benchmark(
             sample_file.append(gathered)
             decoded += len(gathered)
             problems_done += len(gathered) // ev.n
-            rate = decoded / max(time.monotonic() - start, 1e-9)
-            _log(f"{name}: {problems_done}/{len(plan.problems)} problems, {rate:.2f} samples/s")
+            _log(f"{name}: " + progress(problems_done, len(plan.problems), ev.n, decoded, time.monotonic() - start))
     if not ctx.main:
         return None
-    metrics = summarize(sample_table(sample_file.records()), ev.ks, vote=plan.benchmark.kind == "math")
+    current = sample_file.records(len(plan.problems))  # the file may hold more (an earlier, larger eval)
+    metrics = summarize(sample_table(current), ev.ks, vote=plan.benchmark.kind == "math")
     _log(f"{name}: {_headline(metrics)}")
     return metrics
+
+
+def progress(problems_done: int, problems: int, n: int, decoded: int, elapsed_s: float) -> str:
+    """The per-round progress line: problems done/total, this session's samples/s, and the time left at that rate."""
+    rate = decoded / max(elapsed_s, 1e-9)
+    left_s = round((problems - problems_done) * n / rate) if rate > 0 else None
+    eta = f"{left_s // 3600}:{left_s // 60 % 60:02d}:{left_s % 60:02d}" if left_s is not None else "unknown"
+    return f"{problems_done}/{problems} problems, {rate:.2f} samples/s, ETA {eta}"
 
 
 def _headline(m: BenchmarkMetrics) -> str:

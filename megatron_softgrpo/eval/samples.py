@@ -7,9 +7,12 @@ graded. `settings.json` beside it records what produced the samples (model, deco
 batch size, seed, ...): samples made otherwise are never mixed in.
 
 Resuming (`SampleFile.resume`): the file's lines are read, a torn last line (an interrupted
-write) is ignored; a batch is done when each of its problems has all n samples. Everything
-else is dropped (the file is rewritten without it) and decoded again: each batch is seeded
-from its index, so a resumed evaluation writes the samples an uninterrupted one would.
+write) is ignored; a batch is done when each of its problems has all n samples. The samples of
+the current problems' unfinished batches are dropped (the file is rewritten without them) and
+decoded again: each batch is seeded from its index, so a resumed evaluation writes the samples
+an uninterrupted one would. Samples of problems beyond the current ones (an earlier run with a
+larger `eval.num_problems`) stay in the file for a later run; the metrics cover only the
+current problems (`SampleFile.records(num_problems)`).
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ class SampleFile:
         self.settings_path = directory / SETTINGS_FILE
 
     def resume(self, settings: dict, problem_batches: Sequence[range], n: int) -> set[int]:
-        """Indices of the batches already done; leaves only their samples in the file.
+        """Indices of the batches already done; drops the samples of the other batches from the file.
 
         Raises UserError when the existing samples were produced with other settings.
         """
@@ -102,7 +105,8 @@ class SampleFile:
         done = set(_complete_problems(records, n))
         done_batches = {b for b, rows in enumerate(problem_batches) if all(row in done for row in rows)}
         done_rows = {row for b in done_batches for row in problem_batches[b]}
-        kept = [r for r in records if r.problem_index in done_rows]
+        current_rows = {row for rows in problem_batches for row in rows}
+        kept = [r for r in records if r.problem_index in done_rows or r.problem_index not in current_rows]
         if torn or len(kept) != len(records):
             _write_atomically(self.path, "".join(r.to_json() + "\n" for r in kept))
         return done_batches
@@ -116,8 +120,10 @@ class SampleFile:
             f.flush()
             os.fsync(f.fileno())
 
-    def records(self) -> list[SampleRecord]:
-        return read_records(self.path)[0] if self.path.exists() else []
+    def records(self, num_problems: int | None = None) -> list[SampleRecord]:
+        """The records of the first `num_problems` problems of the benchmark file (None: all)."""
+        records = read_records(self.path)[0] if self.path.exists() else []
+        return [r for r in records if num_problems is None or r.problem_index < num_problems]
 
     def check_settings(self, settings: dict) -> None:
         """Raise UserError when samples exist that were produced with other settings."""

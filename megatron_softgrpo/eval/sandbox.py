@@ -6,10 +6,16 @@ Each program runs in its own process, in layers (the strongest this machine allo
    environment (PATH, HOME=TMPDIR=its directory), stdin from /dev/null, a fresh private
    directory as working directory (deleted afterwards), in a new session. On the wall-clock
    timeout the program is killed with SIGKILL, and after every run its whole process group.
+   A run passes when it exits with status 0 *and* printed the per-run random marker that
+   `sandbox_guard.py` prints only once the program (with the benchmark's tests at its end) ran
+   to completion: exiting early with status 0 is a failure.
 2. Namespaces (`unshare`, util-linux): a new network namespace (no interfaces up: no network at
    all, not even the host's loopback) and a new PID namespace whose init is the program;
    when it exits or is killed, the kernel kills every process it started, even ones that
-   left the process group. As root the program also runs as an unprivileged user
+   left the process group. Where `mount` works there (as root, or in a user namespace) also a
+   mount namespace with its own small tmpfs over /tmp, /var/tmp and /dev/shm (the program's
+   directory bound back in): what it writes to those world-writable places is private to it
+   and gone when it ends. As root the program also runs as an unprivileged user
    (`setpriv`, uid/gid 65534, keeping only the read-everything capability so the interpreter
    stays readable), so the file system refuses its writes outside its directory and world-writable
    places, and RLIMIT_NPROC (which the kernel does not enforce for root) applies. Without root,
@@ -22,10 +28,17 @@ Each program runs in its own process, in layers (the strongest this machine allo
 
 Isolation names (`isolation().name`), strongest first: "namespaces+nobody" (root with
 setpriv), "namespaces" (root without setpriv: no process count), "user-namespaces" (not root),
-"none" (layers 1, 3 without the process count, and 4; the run log should say so). Residual risk
-of "none", and of a program that defeats the Python guard elsewhere: writes into
-world-writable directories such as /tmp, and reading files the evaluator can read (it cannot
-send them anywhere but its own output).
+each with "+private-tmp" where the mount namespace works, and "none" (layers 1, 3 without the
+process count, and 4; the run log should say so). Residual risk, for a program that defeats the
+Python guard (ctypes is refused, but the guard is Python code in the program's own
+interpreter; a path can also be swapped between the guard's check and the open by another
+thread):
+- in every mode: reading files the evaluator can read (it cannot send them anywhere but its own
+  output), and using CPU and memory up to the limits;
+- without "+private-tmp": writing into world-writable directories (/tmp, /var/tmp, /dev/shm);
+- in "namespaces" (root, no setpriv) and "user-namespaces": it runs as root of its namespace
+  or as the evaluator's user, so it can write wherever the evaluator can;
+- in "none": the above and the network and the evaluator's other processes.
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ import functools
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -73,28 +87,58 @@ class ExecResult:
         return self.status == "passed"
 
 
+# Run by `sh` as the mount namespace's root: private tmpfs over the world-writable directories,
+# then the program's directory (kept open as fd 3, since it may lie under one of them) bound back
+# in at its path, then the rest of the command (`setpriv ...` and the interpreter).
+_PRIVATE_TMP_SCRIPT = """set -e
+exec 3<"$1"
+for d in /tmp /var/tmp /dev/shm; do mount -t tmpfs -o size=64m,nr_inodes=4096,mode=1777 softgrpo-sandbox "$d"; done
+mkdir -p "$1"
+mount --no-canonicalize --bind /proc/self/fd/3 "$1"
+exec 3<&-
+cd "$1"
+unset PWD OLDPWD
+shift
+exec "$@"
+"""
+
+
 @dataclass(frozen=True)
 class Isolation:
     name: str
-    prefix: tuple[str, ...]  # command that wraps the interpreter
+    namespaces: tuple[str, ...]  # the `unshare ...` command, () for none
+    drop: tuple[str, ...]  # the `setpriv ... --` command that drops privileges, () for none
     run_as: int | None  # uid/gid that must own the working directory
     limit_processes: bool  # RLIMIT_NPROC counts only this sandbox's processes
+    private_tmp: bool  # a mount namespace with private /tmp, /var/tmp, /dev/shm
+
+    def command(self, workdir: str, argv: Sequence[str]) -> list[str]:
+        """`argv` wrapped in this isolation's layers."""
+        if self.private_tmp:
+            return [*self.namespaces, "/bin/sh", "-c", _PRIVATE_TMP_SCRIPT, "sh", workdir, *self.drop, *argv]
+        return [*self.namespaces, *self.drop, *argv]
 
 
 def _candidates() -> list[Isolation]:
-    unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
-    found = []
+    unshare, setpriv, mount = shutil.which("unshare"), shutil.which("setpriv"), shutil.which("mount")
+    plain = []
     namespaces = ("--net", "--pid", "--fork", "--kill-child")
     if unshare and setpriv and os.geteuid() == 0:
         caps = "-all,+dac_read_search"
         drop = (setpriv, f"--reuid={_UNPRIVILEGED_ID}", f"--regid={_UNPRIVILEGED_ID}", "--clear-groups",
                 f"--inh-caps={caps}", f"--ambient-caps={caps}", f"--bounding-set={caps}", "--no-new-privs", "--")
-        found.append(Isolation("namespaces+nobody", (unshare, *namespaces, *drop), _UNPRIVILEGED_ID, True))
+        plain.append(Isolation("namespaces+nobody", (unshare, *namespaces), drop, _UNPRIVILEGED_ID, True, False))
     if unshare and os.geteuid() == 0:  # root without setpriv: RLIMIT_NPROC would not bind
-        found.append(Isolation("namespaces", (unshare, *namespaces), None, False))
+        plain.append(Isolation("namespaces", (unshare, *namespaces), (), None, False, False))
     if unshare and os.geteuid() != 0:
-        found.append(Isolation("user-namespaces", (unshare, "--user", "--map-root-user", *namespaces), None, True))
-    found.append(Isolation("none", (), None, False))
+        plain.append(Isolation("user-namespaces", (unshare, "--user", "--map-root-user", *namespaces), (), None, True, False))
+    found = []
+    for candidate in plain:  # each first with its private /tmp, where mount works in the namespace
+        if mount and os.path.exists("/bin/sh"):
+            found.append(Isolation(candidate.name + "+private-tmp", (*candidate.namespaces, "--mount", "--propagation", "private"),
+                                   candidate.drop, candidate.run_as, candidate.limit_processes, True))
+        found.append(candidate)
+    found.append(Isolation("none", (), (), None, False, False))
     return found
 
 
@@ -103,8 +147,7 @@ def isolation() -> Isolation:
     """The strongest isolation that runs a small program here (probed once per process)."""
     for candidate in _candidates():
         # imports a module after start-up: the interpreter's files must be readable as run_as
-        probe = _run(candidate, "import hashlib, sys\nsys.exit(0 if hashlib.sha256(b'').digest() else 1)\n",
-                     SandboxLimits(timeout_s=60.0))
+        probe = _run(candidate, "import hashlib\nassert hashlib.sha256(b'').digest()\n", SandboxLimits(timeout_s=60.0))
         if probe.passed:
             logger.info("code sandbox isolation: %s", candidate.name)
             return candidate
@@ -113,7 +156,7 @@ def isolation() -> Isolation:
 
 
 def run_python(source: str, limits: SandboxLimits = SandboxLimits()) -> ExecResult:
-    """Run one program in the sandbox; passed = exit code 0 within the time limit."""
+    """Run one program in the sandbox; passed = ran to its end and exited with status 0 within the time limit."""
     return _run(isolation(), source, limits)
 
 
@@ -139,15 +182,21 @@ def _run(iso: Isolation, source: str, limits: SandboxLimits) -> ExecResult:
             child_limits["max_processes"] = None
         settings = {"program": program, "workdir": workdir, "limits": child_limits, "python_guard": limits.python_guard}
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
-        command = [*iso.prefix, sys.executable, "-I", "-B", str(_GUARD), json.dumps(settings)]
+        command = iso.command(workdir, [sys.executable, "-I", "-B", str(_GUARD), json.dumps(settings)])
+        marker = f"softgrpo-sandbox-completed-{secrets.token_hex(16)}\n"
         with tempfile.TemporaryFile() as output:
-            process = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=output,
+            process = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=output,
                                        stderr=subprocess.STDOUT, start_new_session=True)
+            try:  # fits the pipe's buffer: does not block
+                process.stdin.write(marker.encode())
+                process.stdin.close()
+            except BrokenPipeError:
+                pass  # the guard died before reading it: the run fails without the marker
             try:
                 returncode = process.wait(timeout=limits.timeout_s)
             except subprocess.TimeoutExpired:
                 returncode = None
-                _kill_program(process, namespaced=bool(iso.prefix))
+                _kill_program(process, namespaced=bool(iso.namespaces))
             _kill_group(process)
             output.seek(max(0, output.seek(0, os.SEEK_END) - _OUTPUT_TAIL_BYTES))
             text = output.read().decode("utf-8", errors="replace")
@@ -155,7 +204,11 @@ def _run(iso: Isolation, source: str, limits: SandboxLimits) -> ExecResult:
         _remove_tree(workdir)
     if returncode is None:
         return ExecResult("timeout", None, text)
-    return ExecResult("passed" if returncode == 0 else "failed", returncode, text)
+    completed = marker in text
+    text = text.replace(marker, "")
+    if returncode == 0 and not completed:
+        text += "\nsandbox: the program exited with status 0 before it ran to its end\n"
+    return ExecResult("passed" if returncode == 0 and completed else "failed", returncode, text)
 
 
 def _kill_program(process: subprocess.Popen, namespaced: bool) -> None:

@@ -3,9 +3,17 @@
 Started by `sandbox.py` as `python -I -B sandbox_guard.py SETTINGS_JSON` in the program's private
 directory. It imports nothing from the project (the child must not depend on it) and is the
 innermost of the sandbox's layers (see `sandbox.py`): the Python guard refuses, with
-PermissionError, process creation and signals, sockets, raising resource limits, ctypes, and any
-change to the file system outside the program's directory. A determined program could get past
-a Python-level guard; the OS-level layers in `sandbox.py` do not depend on it.
+PermissionError, process creation and signals, sockets, raising resource limits, ctypes, any
+change to the file system outside the program's directory, opening a directory outside it (a
+directory descriptor would let `dir_fd=` calls reach outside) and changing into one. A
+determined program could get past a Python-level guard; the OS-level layers in `sandbox.py` do
+not depend on it.
+
+Completion: the evaluator writes a random marker line on the guard's stdin; the guard reads it,
+puts /dev/null in its place, and writes the marker to stdout only after the program ran to its
+end. An early exit (`sys.exit(0)`, `raise SystemExit`, `os._exit(0)`) therefore leaves no
+marker, and the evaluator grades the run failed. (The marker defends against programs that stop
+early, not against one that searches the guard's memory for it.)
 """
 
 import builtins
@@ -61,6 +69,12 @@ def _install_guard(workdir: str) -> None:
             writes = (flags & _WRITE_FLAGS) or (mode is not None and any(c in mode for c in "wax+"))
             if writes and not inside(path):
                 raise PermissionError(f"sandbox: writing {path!r} outside the working directory is not allowed")
+            # the event does not carry dir_fd: a descriptor of an outside directory would open a way out
+            if not isinstance(path, int) and not inside(path) and os.path.isdir(path):
+                raise PermissionError(f"sandbox: opening the directory {path!r} outside the working directory is not allowed")
+        elif event == "os.chdir":
+            if not inside(args[0]):
+                raise PermissionError(f"sandbox: changing into {args[0]!r} outside the working directory is not allowed")
         elif event in _PATH_EVENTS:
             for position in _PATH_EVENTS[event]:
                 if not inside(args[position]):
@@ -71,7 +85,23 @@ def _install_guard(workdir: str) -> None:
     sys.addaudithook(hook)
 
 
+def _read_marker() -> bytes:
+    """The completion marker line from stdin (the evaluator's pipe), then /dev/null as stdin."""
+    marker = b""
+    while not marker.endswith(b"\n"):
+        chunk = os.read(0, 256)
+        if not chunk:
+            break
+        marker += chunk
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    return marker
+
+
 def main() -> None:
+    marker = _read_marker()
+    write = os.write  # bound before the program runs: it could replace os.write
     settings = json.loads(sys.argv[1])
     _set_limits(settings["limits"])
     with open(settings["program"], encoding="utf-8") as f:
@@ -80,7 +110,15 @@ def main() -> None:
     if settings["python_guard"]:
         _install_guard(settings["workdir"])
     sys.argv = [settings["program"]]
-    exec(code, {"__name__": "__main__", "__file__": settings["program"], "__builtins__": builtins})
+    try:
+        exec(code, {"__name__": "__main__", "__file__": settings["program"], "__builtins__": builtins})
+    except SystemExit as exc:
+        # an exit before the end skips the tests that follow it
+        print(f"sandbox: the program exited (SystemExit({exc.code!r})) before it ran to its end", file=sys.stderr)
+        sys.exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    write(1, marker)
 
 
 if __name__ == "__main__":

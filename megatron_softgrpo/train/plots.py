@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megatron_softgrpo.plotting import png_path, save_png
 from megatron_softgrpo.train.metrics_log import read_metrics
 
 PANELS = (
@@ -17,6 +18,7 @@ TRAINING_CURVES = "training_curves.png"  # what training writes into its log_dir
 
 
 def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | None = None) -> Path:
+    out = png_path(out)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,8 +40,8 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
     handles, names = axes.flat[0].get_legend_handles_labels()
     if len(runs) > 1 and handles:
         fig.legend(handles, names, loc="lower center", ncol=min(4, len(runs)), bbox_to_anchor=(0.5, -0.04))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        save_png(fig, out)
+    finally:
+        plt.close(fig)
     return out
