@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import json
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,16 +13,19 @@ from tiny_models import make_hf_model
 
 from megatron_softgrpo.config.schema import MegatronCfg
 from megatron_softgrpo.distributed import ParallelLayout, init_distributed
+from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.forward import CAUSAL, position_ids
 from megatron_softgrpo.models.loading import load_model
 from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
 from megatron_softgrpo.rollout.engine import RolloutEngine, RolloutSettings
+from megatron_softgrpo.rollout.text_match import TextMatcher
 from megatron_softgrpo.soft import (
     DiscreteSampler,
+    EmbeddingNoise,
     GumbelNoise,
+    InputEmbedding,
     MixtureRows,
     SampledStep,
-    Scorer,
     SoftSampler,
     Truncation,
     VocabShard,
@@ -81,19 +86,64 @@ def response(result, i, field="tokens"):
     return getattr(result.rows, field)[i, start : start + int(result.response_lengths[i])]
 
 
-@pytest.mark.parametrize("thinking", ["gumbel", "discrete"])
+def thinking_sampler(kind):
+    return {"gumbel": gumbel(), "embedding_noise": SoftSampler(Truncation(1.0, 5, 0.95), 5, EmbeddingNoise(0.01, 64)), "discrete": None}[kind]
+
+
+def first_new_token(result, min_pos: int, exclude) -> tuple[int, int]:
+    """(token, response position >= min_pos): the earliest sampled token that no row has produced
+    before or at that position. Made an EOS id, it ends its row at that step, and nothing earlier
+    changes (the random draws only change once a row leaves the batch)."""
+    b = result.rows.tokens.shape[0]
+    seen = set()
+    for t in range(int(result.response_lengths.max())):
+        at_t = []
+        for i in range(b):
+            j = int(result.prompt_lengths[i]) + t
+            if t < int(result.response_lengths[i]):
+                at_t.append((int(result.rows.tokens[i, j]), bool(result.loss_mask[i, j])))
+        counts = [tok for tok, _ in at_t]
+        for tok, scored in at_t:
+            if t >= min_pos and scored and tok not in exclude and tok not in seen and counts.count(tok) == 1:
+                return tok, t
+        seen.update(counts)
+    raise AssertionError("no fresh token to end a row with")
+
+
+def staggered_eos(model, shard, tokenizer, marker, **kwargs) -> frozenset[int]:
+    """EOS ids that end three rows at three different steps (found by re-running with each added)."""
+    eos, pos = {EOS}, 0
+    for _ in range(3):
+        token, pos = first_new_token(run(model, shard, tokenizer, eos_ids=frozenset(eos), **kwargs), pos + 1, set(marker) | eos)
+        eos.add(token)
+    return frozenset(eos)
+
+
+@pytest.mark.parametrize("thinking", ["gumbel", "embedding_noise", "discrete"])
 def test_kv_cache_matches_recomputation(tiny_dir, tokenizer, thinking):
+    """Rows finish at different steps (the cache drops them) and switch phase after a thinking budget."""
     model, shard = build(tiny_dir)
-    sampler = gumbel() if thinking == "gumbel" else None
-    cached = run(model, shard, tokenizer, thinking_sampler=sampler)
-    recomputed = run(model, shard, tokenizer, thinking_sampler=sampler, use_kv_cache=False)
-    assert torch.equal(cached.rows.tokens, recomputed.rows.tokens)
-    assert torch.equal(cached.rows.mix_ids, recomputed.rows.mix_ids)
-    assert torch.equal(cached.loss_mask, recomputed.loss_mask)
-    # tau_g = 0.1 amplifies the last-ulp differences of two attention orders step after step
+    marker = tokenizer("</think>", add_special_tokens=False)["input_ids"]
+    kwargs = {"thinking_sampler": thinking_sampler(thinking), "max_thinking_tokens": 3}
+    eos = staggered_eos(model, shard, tokenizer, marker, **kwargs)
+    cached = run(model, shard, tokenizer, eos_ids=eos, **kwargs)
+    recomputed = run(model, shard, tokenizer, eos_ids=eos, use_kv_cache=False, **kwargs)
+    lengths = cached.response_lengths.tolist()
+    assert "eos" in cached.finish_reasons and len(set(lengths)) >= 3  # rows left the batch at different steps
+    soft = cached.rows.is_soft
+    if thinking != "discrete":
+        assert soft.any() and (cached.think_lengths < cached.response_lengths).any()  # the phase switched
+    assert cached.finish_reasons == recomputed.finish_reasons
+    for name in ("response_lengths", "think_lengths", "loss_mask"):
+        assert torch.equal(getattr(cached, name), getattr(recomputed, name)), name
+    for name in ("tokens", "mix_ids", "support", "is_soft", "noise_seed"):
+        assert torch.equal(getattr(cached.rows, name), getattr(recomputed.rows, name)), name
+    # tau_g = 0.1 amplifies the last-ulp logit differences of two attention orders step after step
+    # (~1e-6 -> 1e-4 in the weights); embedding noise's density magnifies them by |E| / sigma ~ 160
     assert torch.allclose(cached.rows.mix_weights, recomputed.rows.mix_weights, atol=1e-3)
-    assert torch.allclose(cached.rollout_logp, recomputed.rollout_logp, atol=1e-4)
-    assert bool(cached.rows.is_soft.any()) == (thinking == "gumbel")
+    assert torch.allclose(cached.rows.noise, recomputed.rows.noise, atol=1e-3)
+    assert torch.allclose(cached.rollout_logp, recomputed.rollout_logp, atol=1e-3 if thinking == "embedding_noise" else 1e-4)
+    assert bool(soft.any()) == (thinking != "discrete")
 
 
 @pytest.mark.parametrize("thinking", ["deterministic_soft", "greedy"])
@@ -151,10 +201,26 @@ def test_multi_token_marker_switches_phase_at_the_right_step(tiny_dir, tokenizer
     assert result.rows.mix_weights[0, j].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
     assert result.rows.support[0, j].tolist() == [True, False, False, False, False]
     assert result.rows.mix_ids[0, j, 0] == marker[-1] and result.loss_mask[0, j]
-    # soft rows keep their sorted slots
-    w = response(result, 0, "mix_weights")[0]
-    assert torch.all(w[:-1] >= w[1:])
     assert result.thinking_texts[0].endswith("</think>") and "</think>" not in result.answer_texts[0]
+
+
+def test_gumbel_soft_records_follow_the_spec(tiny_dir, tokenizer):
+    """SPEC.md section 1 on a real Gumbel rollout: weights softmax(g / tau_g) over the support,
+    slots sorted by weight, out-of-support slots last with weight 0, slot 0 the transcript token."""
+    model, shard = build(tiny_dir)
+    result = run(model, shard, tokenizer, max_new_tokens=16)
+    soft = result.rows.is_soft
+    assert soft.sum() >= 20
+    w, g, support = result.rows.mix_weights[soft], result.rows.noise[soft], result.rows.support[soft]
+    ids, tokens = result.rows.mix_ids[soft], result.rows.tokens[soft]
+    assert (~support).any() and support.all(-1).any()  # both truncated and full supports occur
+    assert torch.equal(ids[:, 0], tokens)
+    assert torch.all(w[:, :-1] >= w[:, 1:])  # sorted, descending
+    assert torch.all(support[:, :-1] >= support[:, 1:])  # in-support slots first
+    assert torch.all(w[~support] == 0) and torch.allclose(w.sum(-1), torch.ones(len(w)))
+    expected = torch.softmax((g.double() / 0.1).masked_fill(~support, -torch.inf), -1)
+    assert torch.allclose(w.double(), expected, atol=1e-6)
+    assert len(set(ids[support].tolist())) > 1 and all(len(set(r[m].tolist())) == int(m.sum()) for r, m in zip(ids, support))
 
 
 def test_eos_during_thinking_ends_the_response_as_a_soft_step(tiny_dir, tokenizer):
@@ -185,27 +251,116 @@ def test_stop_strings_and_length_limit(tiny_dir, tokenizer):
     assert result.finish_reasons == ["length"] and int(result.response_lengths[0]) == 5
 
 
-def rescore(model, shard, result, scorer):
-    """The training-side log-density of every row, from one uncached forward on the stored mixtures."""
-    rows = result.rows
+class RecordingSampler:
+    """A sampler that keeps the logits of every call (the rollout's own logits) and delegates."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls: list[torch.Tensor] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def sample(self, logits, shard):
+        self.calls.append(logits.clone())
+        return self.inner.sample(logits, shard)
+
+
+def sampled_logits(result, think_calls, answer_calls) -> torch.Tensor:
+    """[B, S, W]: at each scored record, the logits the rollout sampled it from.
+
+    Step t calls the thinking sampler on the rows still thinking (scored and before the end of the
+    thinking part; forced marker steps are unscored) and the answer sampler on the others, each in
+    ascending row order; so every call's rows are found from the finished records.
+    """
+    b, s = result.rows.tokens.shape
+    out = torch.zeros(b, s, think_calls[0].shape[-1] if think_calls else answer_calls[0].shape[-1])
+    think_calls, answer_calls = list(think_calls), list(answer_calls)
+    for t in range(int(result.response_lengths.max())):
+        alive = result.response_lengths > t
+        j = result.prompt_lengths + t
+        scored = alive & result.loss_mask[torch.arange(b), j.clamp(max=s - 1)]
+        thinking = scored & (result.think_lengths > t)
+        for rows, calls in ((thinking, think_calls), (scored & ~thinking, answer_calls)):
+            if rows.any():
+                logits = calls.pop(0)
+                assert logits.shape[0] == int(rows.sum())
+                out[rows.nonzero().squeeze(-1), j[rows]] = logits
+    assert not think_calls and not answer_calls  # every call was placed
+    return out
+
+
+def rescoring_recipe(tiny_dir, algorithm):
+    from test_policy import recipe
+
+    cfg = recipe(tiny_dir, kl=0)  # answer temperature 0.7
+    # thinking temperature 1.3 != 0.7: each row must be scored at its own phase's temperature
+    thinking = cfg.softgrpo.thinking.model_copy(update={"temperature": 1.3, "max_thinking_tokens": 3})
+    return cfg.model_copy(update={"softgrpo": cfg.softgrpo.model_copy(update={"algorithm": algorithm, "mixture_size": 5, "thinking": thinking})})
+
+
+@pytest.mark.parametrize("algorithm", ["softgrpo", "gaussian", "dirichlet", "embedding_noise", "grpo"])
+def test_rescoring_reproduces_the_rollout_log_densities(tiny_dir, tokenizer, algorithm):
+    """The trainer's log-prob function (PolicyWorker.compute_logprobs) on a finished rollout gives the
+    rollout's own log-densities, soft rows at the thinking temperature and discrete ones at the answer's."""
+    from test_policy import new_worker
+
+    from megatron_softgrpo.train.batch import PolicyBatch
+
+    cfg = rescoring_recipe(tiny_dir, algorithm)
+    worker = new_worker(cfg)
+    base = RolloutSettings.from_recipe(cfg, tokenizer, worker.source.arch.hidden_size, max_new_tokens=10, eos_ids=frozenset({EOS}))
+    think = RecordingSampler(base.thinking_sampler) if base.thinking_sampler is not None else None
+    answer = RecordingSampler(base.answer_sampler)
+    engine = RolloutEngine(worker.model, tokenizer, worker.vocab, replace(base, thinking_sampler=think, answer_sampler=answer))
+    seed_noise_rng(7)
+    result = engine.generate(PROMPTS[:2], 2)
+    ell = worker.compute_logprobs(PolicyBatch(result.rows, result.loss_mask))
+
+    mask, soft = result.loss_mask, result.rows.is_soft
+    assert bool((mask & ~soft).any()) and bool((mask & soft).any()) == (algorithm != "grpo")
+    if algorithm != "grpo":  # the budget forced the marker: answer-phase rows come after it
+        assert (result.think_lengths < result.response_lengths).all()
+    # 1. the rollout's density is the trainer's function at the rollout's own logits
+    logits = sampled_logits(result, think.calls if think else [], answer.calls)
+    embedding = InputEmbedding(worker.model.embedding.word_embeddings.weight, worker.vocab)
+    at_rollout = log_density_from_logits(logits, result.rows, worker.scorer, worker.vocab, embedding)
+    assert (at_rollout - result.rollout_logp)[mask].abs().max() <= 1e-5
+    # 2. the trainer's full-sequence recompute reproduces it
+    error = (ell - result.rollout_logp).abs()
+    assert error[mask & ~soft].max() <= 1e-5
+    if algorithm != "embedding_noise":
+        assert error[mask].max() <= 1e-5
+        return
+    # The embedding-noise density -|sigma eps + sum_k (w_k - pt_k) E_k|^2 / (2 sigma^2) has slope
+    # d ell / d l_k = (eps . E_k) pt-terms / (sigma T) ~ |E_k| / sigma ~ 160 here: the ~1e-6 logit
+    # differences between cached decoding and the trainer's recompute (summation orders, RoPE
+    # offsets of left padding) become ~1e-4. Bound: first order in the measured logit difference
+    # (factor 2 for the trainer's own h @ W rounding; the second-order term is ~1e-8).
+    trainer_logits = recomputed_logits(worker.model, result.rows, worker.scorer.noise)
+    delta = (trainer_logits - logits).gather(-1, result.rows.mix_ids).abs().amax(-1)  # [B, S]
+    slope = density_slope(logits, result.rows, worker.scorer, worker.vocab, embedding)
+    bound = 1e-5 + 2 * slope * delta
+    assert (error <= bound)[mask].all(), (error[mask], bound[mask])
+    assert bound[mask & soft].max() < 1e-2  # and the bound is a real constraint
+
+
+def recomputed_logits(model, rows, noise) -> torch.Tensor:
+    """[B, S, W]: the logits that score each record, from one full-sequence forward (as the trainer's)."""
     b, s = rows.tokens.shape
-    x = mixture_embedding(model.embedding.word_embeddings, rows.mix_ids, rows.mix_weights)
+    x = mixture_embedding(model.embedding.word_embeddings, rows.mix_ids, rows.mix_weights, noise.input_offset(rows))
     with torch.no_grad():
         logits = model(None, position_ids(b, s, "cpu"), CAUSAL, decoder_input=x)
-    shifted = rows.map(lambda t: t[:, 1:])  # logits at j score row j + 1
-    ell = log_density_from_logits(logits[:, :-1], shifted, scorer, shard)
-    return torch.cat([torch.zeros(b, 1), ell], dim=1)
+    return torch.cat([torch.zeros_like(logits[:, :1]), logits[:, :-1]], dim=1)  # logits at j - 1 score record j
 
 
-def test_rescoring_reproduces_the_rollout_log_densities(tiny_dir, tokenizer):
-    model, shard = build(tiny_dir)
-    marker = tokenizer("</think>", add_special_tokens=False)["input_ids"]
-    result = run(model, shard, tokenizer, g=2, max_thinking_tokens=4, max_new_tokens=10)
-    ell = rescore(model, shard, result, Scorer(GumbelNoise(tau=0.1, scale=1.0), 1.0, 1.0))
-    mask = result.loss_mask
-    assert mask.sum() > 0 and (result.rows.is_soft & mask).sum() > 0 and (~result.rows.is_soft & mask).sum() > 0
-    assert len(marker) > 1
-    assert (ell - result.rollout_logp)[mask].abs().max() <= 1e-5
+def density_slope(logits, rows, scorer, shard, embedding) -> torch.Tensor:
+    """[B, S]: sum_k |d ell / d l_k| of the trainer's function at the given logits."""
+    logits = logits.clone().requires_grad_()
+    with torch.enable_grad():
+        ell = log_density_from_logits(logits, rows, scorer, shard, embedding)
+        (grad,) = torch.autograd.grad(ell.sum(), logits)
+    return grad.abs().sum(-1)
 
 
 def _rank_rollout(rank, tiny_dir, tp, pp, tokenizer_dir):
@@ -237,3 +392,75 @@ def test_entropy_cold_stop_forces_the_marker(tiny_dir, tokenizer):
     # and never below a threshold of 1e-9 nats
     result = run(model, shard, tokenizer, prompts=[PROMPTS[1]], g=1, cold_stop_entropy=1e-9, cold_stop_steps=2)
     assert response(result, 0, "is_soft").all()
+
+
+# ------------------------------------------------------------------ marker matching on text
+
+
+def ids_of(tokenizer, *pieces: str) -> list[int]:
+    """One token per piece (checked): the transcript spelled with exactly these splits."""
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in pieces]
+    assert all(len(i) == 1 for i in ids), (pieces, ids)
+    return [i[0] for i in ids]
+
+
+def completions(matcher, tokens: list[int]) -> list[str | None]:
+    """What `completed` says after each step of the transcript."""
+    return [matcher.completed(tokens[: t + 1]) for t in range(len(tokens))]
+
+
+def test_marker_spelled_one_character_per_token(tokenizer):
+    matcher = TextMatcher(tokenizer, ["</think>"])
+    tokens = ids_of(tokenizer, "so", *"</think>", "The")
+    assert completions(matcher, tokens) == [None] * 8 + ["</think>", None]
+
+
+def test_marker_inside_merged_tokens(tokenizer):
+    matcher = TextMatcher(tokenizer, ["</think>"])
+    # "></" starts the marker mid-token; ">," ends it mid-token: the step that supplies ">" completes it
+    assert completions(matcher, ids_of(tokenizer, "a", "></", "think", ">,")) == [None, None, None, "</think>"]
+    assert completions(matcher, ids_of(tokenizer, "</", "think", ">")) == [None, None, "</think>"]
+    # a second occurrence completes again
+    again = ids_of(tokenizer, "</", "think", ">", "x", "</", "think", ">")
+    assert completions(matcher, again)[-1] == "</think>" and completions(matcher, again)[3:6] == [None] * 3
+
+
+def test_near_misses_and_lone_sub_tokens_do_not_complete_the_marker(tokenizer):
+    matcher = TextMatcher(tokenizer, ["</think>"])
+    for pieces in (("</", "thinking", ">"), ("<", "think", ">"), ("</", " think", ">"), ("think", ">"), (">",)):
+        assert completions(matcher, ids_of(tokenizer, *pieces)) == [None] * len(pieces), pieces
+    assert TextMatcher(tokenizer, []).completed(ids_of(tokenizer, "</", "think", ">")) is None
+
+
+def test_stop_strings_match_the_first_completed_string(tokenizer):
+    matcher = TextMatcher(tokenizer, ["STOP", "\n\n"])
+    assert completions(matcher, ids_of(tokenizer, " ST", "OP", "x")) == [None, "STOP", None]
+    assert completions(matcher, ids_of(tokenizer, "\n", "\n")) == [None, "\n\n"]
+
+
+# ------------------------------------------------------------------ EOS ids from the recipe
+
+
+@pytest.mark.parametrize("value,expected", [([7, 11], {7, 11}), (7, {7}), (None, set())])
+def test_eos_ids_include_the_generation_config(tiny_dir, tokenizer, tmp_path, value, expected):
+    from test_policy import recipe
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text((Path(tiny_dir) / "config.json").read_text())
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": value, "use_cache": True}))
+    settings = RolloutSettings.from_recipe(recipe(model_dir, kl=0), tokenizer, 64)
+    assert settings.eos_ids == frozenset({tokenizer.eos_token_id} | expected)
+
+
+def test_eos_ids_without_a_generation_config_eos_and_a_bad_one(tiny_dir, tokenizer, tmp_path):
+    from test_policy import recipe
+
+    # make_hf_model's generation_config.json has no eos_token_id
+    assert RolloutSettings.from_recipe(recipe(tiny_dir, kl=0), tokenizer, 64).eos_ids == {tokenizer.eos_token_id}
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text((Path(tiny_dir) / "config.json").read_text())
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": ["</s>"]}))
+    with pytest.raises(UserError, match="generation_config.json: eos_token_id=\\['</s>'\\]; expected a token id"):
+        RolloutSettings.from_recipe(recipe(model_dir, kl=0), tokenizer, 64)

@@ -25,6 +25,6 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 # most important first: a run cut short by the device budget keeps what finished
 step check_cuda 60 python3 benchmarks/gpu/check_cuda.py --json "$OUT/check_cuda.json"
 step update 150 python3 benchmarks/update.py --rows 4 --seq-len 4096 --json "$OUT/update.json"
-step rollout 140 python3 benchmarks/rollout.py --model qwen2-1.5b-random --tokenizer .gpu_assets/tokenizer --json "$OUT/rollout.json"
+step rollout 140 python3 benchmarks/rollout.py --quick --model qwen2-1.5b-random --tokenizer .gpu_assets/tokenizer --json "$OUT/rollout.json"
 step sampling 45 python3 benchmarks/sampling.py
 step logprob 60 python3 benchmarks/logprob.py

@@ -15,13 +15,16 @@ ranks); the resulting step is broadcast to every stage, so all ranks hold the sa
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Optional
 
 import torch
 
 from megatron_softgrpo.config.schema import RecipeCfg
 from megatron_softgrpo.distributed import broadcast_from_last_stage
+from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.rollout.model_runner import ModelRunner
 from megatron_softgrpo.rollout.text_match import TextMatcher
 from megatron_softgrpo.soft import MixtureRows, SampledStep, Sampler, VocabShard
@@ -30,6 +33,7 @@ from megatron_softgrpo.soft.logprob import discrete_log_density
 from megatron_softgrpo.soft.vocab import log_normalizer, softmax_entropy
 
 THINK, FORCE, ANSWER = 0, 1, 2
+GENERATION_CONFIG = "generation_config.json"
 SAMPLER_ALGORITHM = {"gumbel": "softgrpo", "discrete": "grpo"}  # other samplers share their algorithm's name
 REASONS = ("eos", "stop", "length")
 
@@ -53,14 +57,14 @@ class RolloutSettings:
         soft, gen = cfg.softgrpo, cfg.policy.generation
         if soft.sampler is not None:  # decode as another algorithm would (e.g. soft decoding of a GRPO model)
             soft = soft.model_copy(update={"algorithm": SAMPLER_ALGORITHM.get(soft.sampler, soft.sampler)})
-        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        eos = eos_token_ids(cfg.policy.model_name, tokenizer)
         settings = dict(
             thinking_sampler=soft_recipe.thinking_sampler(soft, hidden_size),
             answer_sampler=soft_recipe.answer_sampler(soft, gen),
             answer_temperature=gen.temperature,
             think_end=soft.think_end,
             max_new_tokens=gen.max_new_tokens,
-            eos_ids=frozenset(eos),
+            eos_ids=eos,
             stop_strings=tuple(gen.stop_strings),
             max_thinking_tokens=soft.thinking.max_thinking_tokens,
             cold_stop_entropy=soft.thinking.cold_stop_entropy,
@@ -68,6 +72,30 @@ class RolloutSettings:
         )
         settings.update(overrides)
         return cls(**settings)
+
+
+def eos_token_ids(model_name: str, tokenizer) -> frozenset[int]:
+    """The tokenizer's EOS id and every id in the model's generation_config.json `eos_token_id`
+    (an id or a list: instruct models often end turns with a token other than the tokenizer's EOS)."""
+    from megatron_softgrpo.models.source import resolve_model_source
+
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    source = resolve_model_source(model_name)
+    for path in dict.fromkeys([source.path / GENERATION_CONFIG, source.tokenizer_path / GENERATION_CONFIG]):
+        if path.is_file():
+            ids |= _generation_config_eos(path)
+    return frozenset(ids)
+
+
+def _generation_config_eos(path: Path) -> set[int]:
+    try:
+        value = json.loads(path.read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"{path}: not a readable JSON object ({e})") from None
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise UserError(f"{path}: eos_token_id={value!r}; expected a token id or a list of token ids")
+    return set(values)
 
 
 @dataclass
@@ -144,7 +172,7 @@ class RolloutEngine:
         logits = runner.prefill(MixtureRows.discrete(tokens, self.mixture_size), pad)
 
         out = _ResponseBuffer(b, max_new, self.mixture_size, device)
-        state = _RowState(b, prompt_rows, self.s.thinking_sampler is None, device)
+        state = _RowState(b, self.s.thinking_sampler is None, device)
         active = torch.arange(b, device=device)
         for t in range(max_new):
             step = self._empty_step(len(active), device)
@@ -170,53 +198,55 @@ class RolloutEngine:
     # ------------------------------------------------------------------ one step (last pipeline stage)
 
     def _sample(self, logits: torch.Tensor, state: "_RowState", active: torch.Tensor, t: int):
-        n = len(active)
-        phase = state.phase[active]
-        step = self._empty_step(n, logits.device)
+        """The step of the active rows; the per-row bookkeeping runs on host lists (one sync per step)."""
+        n, device = len(active), logits.device
+        rows = active.tolist()
+        phases = [state.phase[row] for row in rows]
+        phase = torch.tensor(phases, device=device)
+        step = self._empty_step(n, device)
         think = phase == THINK
         answer = phase == ANSWER
-        if think.any():
+        if THINK in phases:
             step = self._fill(step, think, self.s.thinking_sampler.sample(logits[think], self.shard))
-        if answer.any():
+        if ANSWER in phases:
             step = self._fill(step, answer, self.s.answer_sampler.sample(logits[answer], self.shard))
         scored = phase != FORCE
-        forced = (phase == FORCE).nonzero().squeeze(-1)
-        if len(forced):
-            ids = torch.tensor([self.marker_ids[state.forced_pos[int(active[i])]] for i in forced], device=logits.device)
-            step = self._fill(step, phase == FORCE, _discrete_step(ids, self.mixture_size))
+        if FORCE in phases:
+            ids = [self.marker_ids[state.forced_pos[row]] for row, ph in zip(rows, phases) if ph == FORCE]
+            step = self._fill(step, phase == FORCE, _discrete_step(torch.tensor(ids, device=device), self.mixture_size))
+        cold = self._low_entropy(logits, think).tolist() if self.s.cold_stop_entropy is not None and THINK in phases else [False] * n
 
-        finished = torch.zeros(n, dtype=torch.bool, device=logits.device)
-        cold = self._low_entropy(logits, think) if self.s.cold_stop_entropy is not None else None
-        for i in range(n):
-            row = int(active[i])
-            token = int(step.tokens[i])
+        done: list[int] = []
+        for i, (row, ph, token) in enumerate(zip(rows, phases, step.tokens.tolist())):
             state.transcripts[row].append(token)
-            if phase[i] == THINK:
+            if ph == THINK:
                 if token in self.s.eos_ids:
-                    state.set(row, "eos", t + 1, finished, i)
+                    state.finish(row, "eos", t + 1, done, i)
                     continue
                 if self.marker.completed(state.transcripts[row]):
                     # the marker step is a discrete step, scored at the answer temperature
                     lp = discrete_log_density(logits[i : i + 1], step.tokens[i : i + 1], self.s.answer_temperature, self.shard)
-                    step = self._fill(step, _index_mask(i, n, logits.device), _discrete_step(step.tokens[i : i + 1], self.mixture_size, lp))
+                    step = self._fill(step, _index_mask(i, n, device), _discrete_step(step.tokens[i : i + 1], self.mixture_size, lp))
                     state.enter_answer(row, t + 1)
                 else:
                     state.soft_steps[row] += 1
-                    state.low_entropy[row] = state.low_entropy[row] + 1 if cold is not None and bool(cold[i]) else 0
+                    state.low_entropy[row] = state.low_entropy[row] + 1 if cold[i] else 0
                     budget = self.s.max_thinking_tokens is not None and state.soft_steps[row] >= self.s.max_thinking_tokens
                     if budget or state.low_entropy[row] >= self.s.cold_stop_steps:
-                        state.start_forcing(row)
-            elif phase[i] == FORCE:
+                        state.phase[row] = FORCE
+            elif ph == FORCE:
                 state.forced_pos[row] += 1
                 if state.forced_pos[row] == len(self.marker_ids):
                     state.enter_answer(row, t + 1)
             elif token in self.s.eos_ids:
-                state.set(row, "eos", t + 1, finished, i)
+                state.finish(row, "eos", t + 1, done, i)
                 continue
             if self.stops.completed(state.transcripts[row]):
-                state.set(row, "stop", t + 1, finished, i)
+                state.finish(row, "stop", t + 1, done, i)
             elif t + 1 == self.s.max_new_tokens:
-                state.set(row, "length", t + 1, finished, i)
+                state.finish(row, "length", t + 1, done, i)
+        finished = torch.zeros(n, dtype=torch.bool, device=device)
+        finished[done] = True
         return step, scored, finished
 
     def _low_entropy(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -293,10 +323,10 @@ def _index_mask(i: int, n: int, device) -> torch.Tensor:
 
 
 class _RowState:
-    """Per-response phase bookkeeping (last pipeline stage), indexed by the original row."""
+    """Per-response phase bookkeeping (last pipeline stage, host lists), indexed by the original row."""
 
-    def __init__(self, b: int, prompt_rows, discrete_only: bool, device):
-        self.phase = torch.full((b,), ANSWER if discrete_only else THINK, dtype=torch.long, device=device)
+    def __init__(self, b: int, discrete_only: bool, device):
+        self.phase = [ANSWER if discrete_only else THINK] * b
         self.transcripts: list[list[int]] = [[] for _ in range(b)]
         self.soft_steps = [0] * b
         self.low_entropy = [0] * b
@@ -304,26 +334,23 @@ class _RowState:
         self.think_length = [0 if discrete_only else 1 << 30 for _ in range(b)]
         self.length = [0] * b
         self.reason = ["length"] * b
+        self.device = device
 
     def enter_answer(self, row: int, length: int) -> None:
         self.phase[row] = ANSWER
         self.think_length[row] = length
 
-    def start_forcing(self, row: int) -> None:
-        self.phase[row] = FORCE
-
-    def set(self, row: int, reason: str, length: int, finished: torch.Tensor, i: int) -> None:
+    def finish(self, row: int, reason: str, length: int, done: list[int], i: int) -> None:
         self.reason[row] = reason
         self.length[row] = length
-        finished[i] = True
+        done.append(i)
 
     def share_from_last_stage(self, out: "_ResponseBuffer") -> None:
         """Other pipeline stages only saw the steps: give them the outcome of each response."""
-        device = self.phase.device
         summary = torch.tensor(
             [self.length, [min(x, 1 << 30) for x in self.think_length], [REASONS.index(r) for r in self.reason]],
             dtype=torch.long,
-            device=device,
+            device=self.device,
         )
         broadcast_from_last_stage(summary)
         self.length = summary[0].tolist()
