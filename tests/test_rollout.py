@@ -146,6 +146,30 @@ def test_kv_cache_matches_recomputation(tiny_dir, tokenizer, thinking):
     assert bool(soft.any()) == (thinking != "discrete")
 
 
+def test_fp8_row_alignment_pads_the_batch_invisibly(tiny_dir, tokenizer, monkeypatch):
+    """Under FP8 the runner keeps every forward at a multiple of the alignment with ghost rows,
+    also after rows finish; the trajectories are the unaligned ones."""
+    from megatron_softgrpo.rollout import model_runner
+
+    model, shard = build(tiny_dir)
+    marker = tokenizer("</think>", add_special_tokens=False)["input_ids"]
+    kwargs = {"max_thinking_tokens": 3}
+    eos = staggered_eos(model, shard, tokenizer, marker, **kwargs)
+    plain = run(model, shard, tokenizer, eos_ids=eos, **kwargs)
+    batch_sizes = []
+    forward = model_runner.ModelRunner._run
+    monkeypatch.setattr(model_runner, "token_alignment", lambda config: 4)
+    monkeypatch.setattr(model_runner.ModelRunner, "_run", lambda self, rows, queries: (batch_sizes.append(rows.tokens.shape[0]), forward(self, rows, queries))[1])
+    aligned = run(model, shard, tokenizer, eos_ids=eos, **kwargs)
+    real_rows = len(PROMPTS) * 2
+    assert real_rows % 4 and all(n % 4 == 0 for n in batch_sizes) and len(set(batch_sizes)) > 1
+    assert aligned.finish_reasons == plain.finish_reasons
+    for name in ("tokens", "mix_ids", "support", "is_soft"):
+        assert torch.equal(getattr(aligned.rows, name), getattr(plain.rows, name)), name
+    assert torch.allclose(aligned.rows.mix_weights, plain.rows.mix_weights, atol=1e-3)
+    assert torch.allclose(aligned.rollout_logp, plain.rollout_logp, atol=1e-4)
+
+
 @pytest.mark.parametrize("thinking", ["deterministic_soft", "greedy"])
 def test_padding_invariance(tiny_dir, tokenizer, thinking):
     """A prompt decoded alone and inside a batch of longer and shorter prompts gives the same response."""

@@ -12,6 +12,11 @@ depends only on relative positions.
 
 `use_kv_cache=False` recomputes the whole sequence every step: the reference that tests hold
 the cached path to.
+
+FP8 (Transformer Engine) GEMMs need a token count that is a multiple of 16 (32 for MXFP8), and
+the batch shrinks as rows finish. The runner keeps its batch at a multiple of that alignment by
+appending "ghost" rows, copies of the first real row (its input, padding and cache), whose
+outputs are dropped; callers never see them.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import fields
 
 import torch
 
+from megatron_softgrpo.models.build import token_alignment
 from megatron_softgrpo.soft import MixtureRows
 from model_patches.mixture_embedding import mixture_embedding
 from model_patches.output_layer import sharded_inference_logits
@@ -49,7 +55,9 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         self.hidden_size = model.config.hidden_size
         self.device = next(model.parameters()).device
-        self.ctx = StaticInferenceContext(max_batch, max_len) if use_kv_cache else None
+        self.row_alignment = token_alignment(model.config)
+        self.ghosts = 0  # rows appended to reach the alignment (copies of row 0)
+        self.ctx = StaticInferenceContext(_aligned(max_batch, self.row_alignment), max_len) if use_kv_cache else None
         self.key_pad: torch.Tensor | None = None  # [B, L] True where the key is left padding
         self.history: MixtureRows | None = None  # recompute mode: every input so far [B, L]
 
@@ -60,13 +68,15 @@ class ModelRunner:
     @torch.no_grad()
     def prefill(self, rows: MixtureRows, pad: torch.Tensor) -> torch.Tensor | None:
         """Run the left-padded prompts (rows [B, P]); returns last-position logits [B, V/TP]."""
+        self.ghosts = _aligned(pad.shape[0], self.row_alignment) - pad.shape[0]
+        rows, pad = _with_ghosts(rows, self.ghosts), _with_ghosts(pad, self.ghosts)
         self.key_pad = pad.to(self.device)
         if self.ctx is not None:
             self.ctx.reset()
             self.ctx.key_value_memory_dict.clear()
         else:
             self.history = rows
-        return self._run(rows, queries=pad.shape[1])
+        return self._real(self._run(rows, queries=pad.shape[1]))
 
     @torch.no_grad()
     def step(self, rows: MixtureRows) -> torch.Tensor | None:
@@ -75,21 +85,29 @@ class ModelRunner:
             raise RuntimeError(f"decoding past the KV cache length {self.max_len}")
         b = self.key_pad.shape[0]
         self.key_pad = torch.cat([self.key_pad, self.key_pad.new_zeros(b, 1)], dim=1)
-        new = rows.map(lambda t: t[:, None])
+        new = _with_ghosts(rows, self.ghosts).map(lambda t: t[:, None])
         if self.ctx is None:
             self.history = MixtureRows(**{k: torch.cat([getattr(self.history, k), getattr(new, k)], 1) for k in _FIELDS})
-            return self._run(self.history, queries=self.length)
+            return self._real(self._run(self.history, queries=self.length))
         self.ctx.enable_decode_mode()
-        return self._run(new, queries=1)
+        return self._real(self._run(new, queries=1))
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop finished rows: later steps cost only the rows still decoding."""
+        """Drop finished rows: later steps cost only the rows still decoding (and the ghosts that
+        keep the batch aligned, copies of the first kept row)."""
+        self.ghosts = _aligned(len(rows), self.row_alignment) - len(rows)
+        rows = _with_ghosts(rows, self.ghosts)
         self.key_pad = self.key_pad[rows]
         if self.ctx is None:
             self.history = self.history.map(lambda t: t[rows])
             return
         for layer, (k, v) in self.ctx.key_value_memory_dict.items():
             self.ctx.key_value_memory_dict[layer] = (k[:, rows].contiguous(), v[:, rows].contiguous())
+
+    def _real(self, logits: torch.Tensor | None) -> torch.Tensor | None:
+        if logits is None or not self.ghosts:
+            return logits
+        return logits[: logits.shape[0] - self.ghosts]
 
     def _mask(self, queries: int) -> torch.Tensor:
         """[B, 1, q, L] True where attention is not allowed: future keys and left padding."""
@@ -127,3 +145,16 @@ class ModelRunner:
 
 
 _FIELDS = [f.name for f in fields(MixtureRows)]
+
+
+def _aligned(n: int, alignment: int) -> int:
+    return -(-n // alignment) * alignment
+
+
+def _with_ghosts(x, ghosts: int):
+    """`x` (a tensor or MixtureRows, rows first) with `ghosts` copies of its first row appended."""
+    if not ghosts:
+        return x
+    if isinstance(x, MixtureRows):
+        return x.map(lambda t: _with_ghosts(t, ghosts))
+    return torch.cat([x, x[:1].expand(ghosts, *x.shape[1:])])
