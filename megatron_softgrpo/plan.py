@@ -20,7 +20,8 @@ resident (whole run)
 - reference model: P_s x D, only when loss_fn.reference_policy_kl_penalty > 0.
 - overhead: a fixed OVERHEAD_GIB (CUDA context, NCCL and cuBLAS workspaces, fragmentation).
 
-rollout (each DP rank decodes R = prompts per step / DP x G rows at once)
+rollout (each DP rank decodes R = prompts per step / DP x G rows at once, or whole groups of
+at most policy.generation.max_rows_per_pass rows per pass)
 - KV cache: 2 x L_s x (g/t) x d x R x (data.max_input_seq_length + max_new_tokens) x D,
   what Megatron's StaticInferenceContext allocates for this stage's layers.
 - working memory: one layer of the prefill (R x prompt x (2h + ((a + 2g) d + m f)/t) x D),
@@ -118,7 +119,7 @@ class Workload:
             seq_len=policy.max_total_sequence_length,
             micro_batches=policy.train_global_batch_size // (layout.dp * policy.train_micro_batch_size),
             logprob_batch=policy.logprob_batch_size,
-            rollout_rows=grpo.num_prompts_per_step // layout.dp * grpo.num_generations_per_prompt,
+            rollout_rows=rollout_rows_per_pass(cfg, layout.dp),
             rollout_prompt_len=cfg.data.max_input_seq_length,
             rollout_len=cfg.data.max_input_seq_length + policy.generation.max_new_tokens,
             batch_rows=grpo.num_prompts_per_step * grpo.num_generations_per_prompt,
@@ -132,6 +133,15 @@ class Workload:
             distributed_optimizer=mcfg.optimizer.use_distributed_optimizer,
             master_weights=policy.precision != "float32",
         )
+
+
+def rollout_rows_per_pass(cfg: RecipeCfg, dp: int) -> int:
+    """Rows one DP rank decodes at once: its share of the step, or whole groups of at most
+    policy.generation.max_rows_per_pass rows (what RolloutEngine.generate does)."""
+    g = cfg.grpo.num_generations_per_prompt
+    prompts = cfg.grpo.num_prompts_per_step // dp
+    limit = cfg.policy.generation.max_rows_per_pass
+    return g * (prompts if limit is None else min(prompts, max(1, limit // g)))
 
 
 @dataclass(frozen=True)

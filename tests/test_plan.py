@@ -23,6 +23,7 @@ from megatron_softgrpo.plan import (
     Layout,
     Workload,
     kv_cache_bytes,
+    rollout_rows_per_pass,
     plan_memory,
     stage_parameters,
     stored_activation_bytes,
@@ -297,17 +298,26 @@ def test_gpu_recipes_exist_in_bf16_and_fp8(model, nodes):
 
 @pytest.mark.parametrize("model", ["deepseek-r1-distill-qwen-1.5b", "llama-3.2-3b-instruct", "deepseek-r1-distill-qwen-7b"])
 def test_reference_models_keep_the_reference_hyperparameters(model):
-    """SPEC.md section 4; Llama-3.2-3B's responses are capped at 4,096 tokens (see its recipe)."""
+    """SPEC.md section 4 (Llama-3.2-3B decodes a step in two passes to keep 8,192 new tokens)."""
     recipes = [cfg for (name, _, _), cfg in _gpu_recipes().items() if name == model]
     assert recipes
     for cfg in recipes:
         batch = (cfg.grpo.num_prompts_per_step, cfg.grpo.num_generations_per_prompt, cfg.policy.train_global_batch_size)
         assert batch == (64, 8, 256)
         assert cfg.data.max_input_seq_length == 1024
-        assert cfg.policy.generation.max_new_tokens == (4096 if model == "llama-3.2-3b-instruct" else 8192)
+        assert cfg.policy.generation.max_new_tokens == 8192
         s = cfg.softgrpo
         assert (s.mixture_size, s.gumbel_tau, s.noise_scale, s.thinking.top_p, s.thinking.temperature) == (5, 0.1, 1.0, 0.95, 1.0)
         assert cfg.policy.megatron_cfg.optimizer.lr == 1e-6 and cfg.loss_fn.reference_policy_kl_penalty == 0.001
+
+
+def test_rows_per_pass_bounds_the_rollout_kv_cache_to_whole_groups():
+    cfg = load_recipe(ROOT / "recipes" / "softgrpo-r1-distill-qwen-7b-1n8g.yaml").cfg  # 64 prompts x 8, DP 2
+    assert rollout_rows_per_pass(cfg, 2) == 256
+    cfg.policy.generation.max_rows_per_pass = 100  # 12 whole groups of 8
+    assert rollout_rows_per_pass(cfg, 2) == 96
+    cfg.policy.generation.max_rows_per_pass = 3  # less than a group: one group per pass
+    assert rollout_rows_per_pass(cfg, 2) == 8
 
 
 def test_a_layout_that_cannot_fit_exits_1(capsys):

@@ -146,6 +146,30 @@ def test_kv_cache_matches_recomputation(tiny_dir, tokenizer, thinking):
     assert bool(soft.any()) == (thinking != "discrete")
 
 
+def test_decoding_in_passes_equals_decoding_at_once(tiny_dir, tokenizer):
+    """policy.generation.max_rows_per_pass: whole groups per pass, joined in prompt order and padded
+    to the longest pass. Deterministic soft and greedy answer steps: per-batch noise draws differ."""
+    model, shard = build(tiny_dir)
+    kwargs = {"thinking_sampler": gumbel(scale=0.0, tau=1.0), "max_thinking_tokens": 3,
+              "answer_sampler": DiscreteSampler(Truncation.greedy(), 5)}
+    at_once = run(model, shard, tokenizer, **kwargs)
+    in_passes = run(model, shard, tokenizer, max_rows_per_pass=3, **kwargs)  # one prompt (2 rows) per pass
+    # prompts of 5, 2 and 8 tokens: the passes are narrower than the joined batch
+    assert at_once.rows.tokens.shape == in_passes.rows.tokens.shape == (6, 8 + 12)
+    for f in fields(at_once):
+        a, b = getattr(at_once, f.name), getattr(in_passes, f.name)
+        if f.name == "rows":
+            for name in ("tokens", "mix_ids", "support", "is_soft"):
+                assert torch.equal(getattr(a, name), getattr(b, name)), name
+            assert torch.allclose(a.mix_weights, b.mix_weights, atol=1e-4)
+        elif isinstance(a, torch.Tensor) and a.is_floating_point():
+            assert torch.allclose(a, b, atol=1e-4), f.name
+        elif isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), f.name
+        else:
+            assert a == b, f.name
+
+
 def test_fp8_row_alignment_pads_the_batch_invisibly(tiny_dir, tokenizer, monkeypatch):
     """Under FP8 the runner keeps every forward at a multiple of the alignment with ghost rows,
     also after rows finish; the trajectories are the unaligned ones."""

@@ -89,6 +89,9 @@ class GenerationCfg(Section):
     top_k: Optional[int] = Field(None, ge=1)
     min_p: float = Field(0.0, ge=0, lt=1)
     stop_strings: list[str] = []
+    # decode a step's rows in passes of at most this many: the KV cache is allocated for one pass
+    # (long responses of a large batch); null: all rows at once
+    max_rows_per_pass: Optional[int] = Field(None, ge=1)
 
 
 class PolicyCfg(Section):

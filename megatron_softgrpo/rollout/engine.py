@@ -16,7 +16,7 @@ ranks); the resulting step is broadcast to every stage, so all ranks hold the sa
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -51,6 +51,7 @@ class RolloutSettings:
     cold_stop_entropy: Optional[float] = None
     cold_stop_steps: int = 256
     use_kv_cache: bool = True
+    max_rows_per_pass: Optional[int] = None  # decode in passes of at most this many rows
 
     @classmethod
     def from_recipe(cls, cfg: RecipeCfg, tokenizer, hidden_size: int, **overrides) -> "RolloutSettings":
@@ -69,6 +70,7 @@ class RolloutSettings:
             max_thinking_tokens=soft.thinking.max_thinking_tokens,
             cold_stop_entropy=soft.thinking.cold_stop_entropy,
             cold_stop_steps=soft.thinking.cold_stop_steps,
+            max_rows_per_pass=gen.max_rows_per_pass,
         )
         settings.update(overrides)
         return cls(**settings)
@@ -150,9 +152,39 @@ class RolloutEngine:
         was_training = self.model.training
         self.model.eval()  # Megatron's KV-cache path is for inference mode
         try:
-            return self._generate(prompts, num_generations)
+            per_pass = len(prompts)
+            if self.s.max_rows_per_pass is not None:
+                per_pass = max(1, self.s.max_rows_per_pass // num_generations)  # whole groups per pass
+            passes = [self._generate(prompts[i : i + per_pass], num_generations) for i in range(0, len(prompts), per_pass)]
+            return passes[0] if len(passes) == 1 else self._concatenated(passes)
         finally:
             self.model.train(was_training)
+
+    def _concatenated(self, passes: list[Trajectories]) -> Trajectories:
+        """The passes' rows in order; [B, S] tensors right-padded to the longest pass as _assemble pads."""
+        width = max(t.rows.tokens.shape[1] for t in passes)
+
+        def padded(t: Trajectories) -> Trajectories:
+            extra = width - t.rows.tokens.shape[1]
+            if not extra:
+                return t
+            b, device = t.rows.tokens.shape[0], t.rows.tokens.device
+            fill = MixtureRows.discrete(torch.full((b, extra), self.pad_id, dtype=torch.long, device=device), self.mixture_size)
+            rows = MixtureRows.cat([t.rows, fill], dim=1)
+            zeros = torch.zeros(b, extra, device=device)
+            return replace(t, rows=rows, loss_mask=torch.cat([t.loss_mask, zeros.bool()], 1), rollout_logp=torch.cat([t.rollout_logp, zeros], 1))
+
+        parts = [padded(t) for t in passes]
+        joined = {}
+        for f in fields(Trajectories):
+            values = [getattr(t, f.name) for t in parts]
+            if f.name == "rows":
+                joined[f.name] = MixtureRows.cat(values)
+            elif isinstance(values[0], list):
+                joined[f.name] = [x for v in values for x in v]
+            else:
+                joined[f.name] = torch.cat(values)
+        return Trajectories(**joined)
 
     def _generate(self, prompts: list[list[int]], num_generations: int) -> Trajectories:
         from megatron.core import parallel_state

@@ -21,8 +21,6 @@ outputs are dropped; callers never see them.
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 import torch
 
 from megatron_softgrpo.models.build import token_alignment
@@ -87,7 +85,7 @@ class ModelRunner:
         self.key_pad = torch.cat([self.key_pad, self.key_pad.new_zeros(b, 1)], dim=1)
         new = _with_ghosts(rows, self.ghosts).map(lambda t: t[:, None])
         if self.ctx is None:
-            self.history = MixtureRows(**{k: torch.cat([getattr(self.history, k), getattr(new, k)], 1) for k in _FIELDS})
+            self.history = MixtureRows.cat([self.history, new], dim=1)
             return self._real(self._run(self.history, queries=self.length))
         self.ctx.enable_decode_mode()
         return self._real(self._run(new, queries=1))
@@ -142,9 +140,6 @@ class ModelRunner:
             torch.distributed.send(out.contiguous(), ps.get_pipeline_model_parallel_next_rank())
             return None
         return out[:, -1].float()
-
-
-_FIELDS = [f.name for f in fields(MixtureRows)]
 
 
 def _aligned(n: int, alignment: int) -> int:

@@ -9,7 +9,7 @@ weight 0). Leading dimensions are free ([N] for a decoding step, [B, S] for a ba
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -47,6 +47,11 @@ class MixtureRows:
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]):
         """The same record type with `fn` applied to every field (row indexing, device moves, ...)."""
         return type(self)(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+
+    @classmethod
+    def cat(cls, parts: Sequence["MixtureRows"], dim: int = 0) -> "MixtureRows":
+        """Records joined along rows (dim 0) or positions (dim 1)."""
+        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts], dim) for f in fields(cls)})
 
     def flatten(self):
         """Leading dimensions merged into one: [...] -> [N]."""
