@@ -3,9 +3,12 @@
 - one SofT-GRPO update step (soft Gumbel rows scored by the Gumbel density) vs one discrete
   GRPO update step (every row scored by log_softmax): target ratio <= 1.15 (the reference
   implementation's soft trainer was about 3x slower than its discrete one);
-- training forward+backward throughput (tokens/s) and model FLOPs utilisation on GPU.
+- training forward+backward throughput (tokens/s) and model FLOPs utilisation on GPU;
+- `--rl-step`: where the time of one RL step of the embedded default goes (rollout, reward,
+  old/ref log-probs, update), from a short `softgrpo train` of that recipe.
 
     .venv/bin/python benchmarks/update.py [--quick] [--model tiny|smollm2-shaped|qwen2-1.5b-shaped] [--seq-len N]
+    .venv/bin/python benchmarks/update.py --rl-step [--steps 3]
 
 Random weights (written once to a temporary Hugging Face directory): only timing matters.
 MFU counts 6 * N_params * tokens + 12 * layers * hidden * seq * tokens (causal attention,
@@ -138,6 +141,31 @@ def matmul_peak_tflops() -> float:
     return 10 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12
 
 
+RL_PHASES = ("time/rollout", "time/reward", "time/logprob", "time/update")
+
+
+def rl_step_breakdown(steps: int) -> dict:
+    """Mean seconds per phase (and share of the step) over `steps` RL steps of the embedded default,
+    without validation or checkpoints; the first step (start-up effects) is left out of the mean."""
+    from megatron_softgrpo.cli import main as softgrpo
+    from megatron_softgrpo.train.metrics_log import read_metrics
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "softgrpo-smollm2-135m-cpu.yaml"
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [f"grpo.max_num_steps={steps}", "grpo.val_at_start=false", "data.validation=null",
+                     "checkpointing.enabled=false", f"logger.log_dir={tmp}", "logger.tensorboard_enabled=false"]
+        if softgrpo(["train", str(recipe), *overrides]) != 0:
+            raise SystemExit("the training run failed")
+        rows = read_metrics(tmp)[1:]
+    step = sum(r["time/step"] for r in rows) / len(rows)
+    results = {"rl_step/steps_averaged": len(rows), "rl_step/step_s": step}
+    for key in RL_PHASES:
+        mean = sum(r[key] for r in rows) / len(rows)
+        results[f"rl_step/{key.split('/')[1]}_s"] = mean
+        results[f"ratio/{key.split('/')[1]}_share_of_step"] = mean / step
+    return results
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="reduced sizes (< 1 min on 2 CPU cores)")
@@ -145,7 +173,11 @@ def main():
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--rows", type=int, default=None)
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--rl-step", action="store_true", help="time the phases of the embedded default's RL step instead")
+    p.add_argument("--steps", type=int, default=3, help="--rl-step: RL steps to run (the first is not averaged)")
     args = p.parse_args()
+    if args.rl_step:
+        return report(rl_step_breakdown(max(2, args.steps)), args.json)
 
     from megatron_softgrpo.distributed import ParallelLayout, destroy_distributed, init_distributed
     from megatron_softgrpo.models.arch import ModelArch
@@ -181,10 +213,14 @@ def main():
         peak = matmul_peak_tflops()
         results["device/bf16_matmul_peak_tflops"] = peak
         results["update/mfu"] = results["update/model_tflops_per_s"] / peak
+    report(results, args.json)
+
+
+def report(results: dict, json_path: str | None) -> None:
     for key, value in results.items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
