@@ -61,6 +61,10 @@ from typing import Literal, Sequence
 logger = logging.getLogger(__name__)
 
 _GUARD = Path(__file__).with_name("sandbox_guard.py")
+# The interpreter behind a virtual environment's link, and the guard copied into the program's
+# directory: a project (and its venv) under /tmp stays runnable when the private-tmp isolation
+# masks /tmp. Programs and the guard need only the standard library.
+_INTERPRETER = os.path.realpath(sys.executable)
 _UNPRIVILEGED_ID = 65534  # nobody / nogroup
 _OUTPUT_TAIL_BYTES = 4096
 
@@ -182,7 +186,8 @@ def _run(iso: Isolation, source: str, limits: SandboxLimits) -> ExecResult:
             child_limits["max_processes"] = None
         settings = {"program": program, "workdir": workdir, "limits": child_limits, "python_guard": limits.python_guard}
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
-        command = iso.command(workdir, [sys.executable, "-I", "-B", str(_GUARD), json.dumps(settings)])
+        guard = shutil.copy(_GUARD, os.path.join(workdir, "_sandbox_guard.py"))
+        command = iso.command(workdir, [_INTERPRETER, "-I", "-B", guard, json.dumps(settings)])
         marker = f"softgrpo-sandbox-completed-{secrets.token_hex(16)}\n"
         with tempfile.TemporaryFile() as output:
             process = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=output,
