@@ -233,7 +233,7 @@ def layer_activation_bytes_per_token(arch: ModelArch, tp: int, w: Workload) -> f
 
 
 def prefill_mask_bytes(w: Workload) -> int:
-    """The prefill's [rows, 1, p, p] padding mask: bool, and SDPA's additive copy in D."""
+    """The prefill's [rows, 1, p, p] padding mask: bool, and its additive copy in D (one for all layers)."""
     return w.rollout_rows * w.rollout_prompt_len**2 * (1 + w.dtype_bytes)
 
 

@@ -7,10 +7,12 @@ flash / memory-efficient attention (and to a fused CPU kernel here), never stori
 Masks follow Megatron's convention (True = not allowed):
 - `attention_mask=None` with as many queries as keys is plain causal attention (training and
   log-prob passes), so SDPA may pick its flash kernel;
-- an explicit mask (decoding: future keys and left padding) becomes an additive float mask. A
-  finite fill keeps rows that are entirely masked (left-padding queries) finite, as Megatron's
-  `masked_fill(-10000)` does: their outputs are never read, but a NaN there would reach real
-  rows through the next layer's values.
+- an explicit mask (decoding: future keys and left padding) is used as an additive float mask.
+  Callers that run many layers pass one already (`additive_mask`, built once per forward: the
+  rollout does); a boolean mask is converted here, in every layer. A finite fill keeps rows
+  that are entirely masked (left-padding queries) finite, as Megatron's `masked_fill(-10000)`
+  does: their outputs are never read, but a NaN there would reach real rows through the next
+  layer's values.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 MASKED_SCORE = -10000.0  # Megatron's attention_mask_func fill
+
+
+def additive_mask(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Megatron's boolean mask (True = not allowed) as the float mask SDPA adds to the scores."""
+    return torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill_(blocked, MASKED_SCORE)
 
 
 class SdpaDotProductAttention(DotProductAttention):
@@ -51,6 +58,6 @@ class SdpaDotProductAttention(DotProductAttention):
         if attention_mask is None:
             causal = sq == k.shape[2]  # one decode query (no mask given) sees every cached key
         else:
-            mask = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(attention_mask, MASKED_SCORE)
+            mask = attention_mask.to(q.dtype) if attention_mask.is_floating_point() else additive_mask(attention_mask, q.dtype)
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
         return context.permute(2, 0, 1, 3).reshape(sq, b, heads * head_dim)

@@ -68,6 +68,10 @@ def test_explicit_decode_mask_with_left_padding():
     blocked = future[None, None] | pad[:, None, None, :]  # Megatron: True = not allowed
     out = sdpa()(q, k, v, attention_mask=blocked)
     assert (out.double() - reference(q, k, v, ~blocked)).abs().max() <= 1e-5
+    # the additive form the rollout builds once for all layers gives the same result
+    from model_patches.sdpa_attention import additive_mask
+
+    assert torch.equal(sdpa()(q, k, v, attention_mask=additive_mask(blocked, q.dtype)), out)
 
 
 def test_matches_megatron_dot_product_attention_and_fully_masked_rows_stay_finite():

@@ -27,6 +27,7 @@ from megatron_softgrpo.models.build import token_alignment
 from megatron_softgrpo.soft import MixtureRows
 from model_patches.mixture_embedding import mixture_embedding
 from model_patches.output_layer import sharded_inference_logits
+from model_patches.sdpa_attention import additive_mask
 
 
 def _pipeline():
@@ -108,10 +109,10 @@ class ModelRunner:
         return logits[: logits.shape[0] - self.ghosts]
 
     def _mask(self, queries: int) -> torch.Tensor:
-        """[B, 1, q, L] True where attention is not allowed: future keys and left padding."""
+        """[B, 1, q, L] additive mask, built once for all layers: future keys and left padding blocked."""
         length = self.length
         causal = torch.ones(queries, length, dtype=torch.bool, device=self.device).triu(length - queries + 1)
-        return causal[None, None] | self.key_pad[:, None, None, :]
+        return additive_mask(causal[None, None] | self.key_pad[:, None, None, :], self.dtype)
 
     def _run(self, rows: MixtureRows, queries: int) -> torch.Tensor | None:
         ps = _pipeline()
