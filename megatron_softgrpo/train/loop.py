@@ -24,6 +24,7 @@ import torch
 
 from megatron_softgrpo.algorithms.advantages import broadcast_to_positions, group_advantages
 from megatron_softgrpo.config import LoadedRecipe
+from megatron_softgrpo.config.checks import check_data_parallel
 from megatron_softgrpo.data.datasets import PromptDataset, load_split
 from megatron_softgrpo.data.prompts import encode_prompt
 from megatron_softgrpo.data.sampler import PromptSampler
@@ -78,8 +79,7 @@ class Trainer:
         ps = _ps()
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         seed_noise_rng(noise_seed(cfg.grpo.seed, self.dp_rank))
-        if cfg.grpo.num_prompts_per_step % self.dp:
-            raise loaded.error("grpo.num_prompts_per_step", f"must be divisible by the {self.dp} data-parallel ranks")
+        check_data_parallel(loaded, env.world_size)  # the CLI checked it too; Trainer may be built directly
         # data first: a bad data file fails in seconds, before the minutes of model loading
         self.tokenizer = load_tokenizer(resolve_model_source(cfg.policy.model_name), cfg.policy.tokenizer.name)
         self.train_data = self._load("train")
