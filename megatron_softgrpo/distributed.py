@@ -64,7 +64,7 @@ def _expand_ranges(ranges: str) -> list[str]:
 
 def slurm_master_port(job_id: int | str) -> int:
     """A port every task of a job derives alike; different jobs on one node rarely collide."""
-    return 20000 + int(job_id) % 20000
+    return 20000 + int(job_id) % 10000  # 20000-29999: below the ephemeral ports (32768+) other sockets get
 
 
 def _free_port() -> int:

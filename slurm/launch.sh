@@ -10,7 +10,7 @@
 #   this script's and the tasks' output go to slurm.out there; `logger.log_dir` is the run directory and
 #   `checkpointing.checkpoint_dir` its checkpoints/ unless the overrides set them. The job id survives
 #   a requeue, so a requeued job finds its own checkpoints and resumes.
-# - MASTER_ADDR = first node of the job, MASTER_PORT = 20000 + job id % 20000 (as
+# - MASTER_ADDR = first node of the job, MASTER_PORT = 20000 + job id % 10000 (as
 #   megatron_softgrpo.distributed.slurm_master_port derives it), exported to every task.
 # - srun --nodes=<job nodes> --ntasks-per-node=<tasks> [--cpus-per-task=<job's>], tasks =
 #   SOFTGRPO_TASKS_PER_NODE, else the job's GPUs per node, else its --ntasks-per-node (srun of Slurm
@@ -54,7 +54,7 @@ num_nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
 
 hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")  # no `| head`: SIGPIPE would fail the pipeline
 MASTER_ADDR=${hosts%%$'\n'*}
-MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+MASTER_PORT=$((20000 + SLURM_JOB_ID % 10000))  # below the kernel's ephemeral ports (32768+)
 export MASTER_ADDR MASTER_PORT
 export PYTHONUNBUFFERED=1  # the tasks' output reaches slurm.out as it is printed
 unset RANK WORLD_SIZE LOCAL_RANK  # the trainer would take them for a torchrun launch

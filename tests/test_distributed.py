@@ -46,7 +46,7 @@ def test_slurm_environment_derives_master_from_job():
     env = detect_launch_env(slurm)
     assert (env.launcher, env.rank, env.world_size, env.local_rank) == ("slurm", 9, 16, 1)
     assert env.master_addr == "gpu07"  # the first host of the job
-    assert env.master_port == slurm_master_port("123456") == 20000 + 123456 % 20000
+    assert env.master_port == slurm_master_port("123456") == 20000 + 123456 % 10000
     # every task of the job derives the same master, whatever its rank
     assert detect_launch_env({**slurm, "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}).master_port == env.master_port
     # an explicit MASTER_ADDR/PORT (e.g. exported by the sbatch script) wins
