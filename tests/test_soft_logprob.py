@@ -24,6 +24,7 @@ from megatron_softgrpo.soft import (
     log_density_and_entropy_from_hidden,
     log_density_from_hidden,
     log_density_from_logits,
+    objective_from_hidden,
     seed_noise_rng,
 )
 from megatron_softgrpo.soft.rng import gaussian_from_seeds
@@ -290,3 +291,65 @@ def test_entropy_at_tiny_temperature_stays_finite():
     entropy.sum().backward()
     assert bool(torch.isfinite(entropy).all() and (entropy >= 0).all() and entropy.max() < 1e-3)  # nearly one-hot
     assert bool(torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all())
+
+
+def _objective(old, coef_ell, coef_entropy):
+    """A nonlinear per-position objective like the policy loss's: depends on its positions' data."""
+    old, coef_ell, coef_entropy = (t.reshape(-1) for t in (old, coef_ell, coef_entropy))
+
+    def objective(ell, entropy, positions: slice):
+        out = coef_ell[positions] * torch.exp(torch.clamp(ell - old[positions], -20, 20))
+        return out if entropy is None else out + coef_entropy[positions] * entropy
+
+    return objective
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("name", NOISES)
+def test_fused_objective_equals_scores_then_autograd(name, with_entropy):
+    gen = torch.Generator().manual_seed(10)
+    hidden = torch.randn(12, 2, HIDDEN, generator=gen, requires_grad=True)  # [s, b, h]
+    weight = (torch.randn(PADDED, HIDDEN, generator=gen) * 0.5).requires_grad_()
+    weight.data[VOCAB:] *= 8.0  # padding rows must get no gradient
+    _, rows = mixed_rows(name, (hidden.transpose(0, 1) @ weight.t()).detach(), drift=0.5)
+    emb = InputEmbedding(table(), SHARD)
+    old = log_density_from_hidden(hidden, weight, rows, scorer(name), SHARD, embedding=emb).detach()
+    old = old + 0.1 * torch.randn(old.shape, generator=gen)
+    objective = _objective(old, torch.randn(2, 12, generator=gen), torch.randn(2, 12, generator=gen))
+    for chunk_size in (5, 1024):
+        args = (hidden, weight, rows, scorer(name), SHARD)
+        if with_entropy:
+            ell, entropy = log_density_and_entropy_from_hidden(*args, chunk_size=chunk_size, embedding=emb)
+        else:
+            ell, entropy = log_density_from_hidden(*args, chunk_size=chunk_size, embedding=emb), None
+        want_value = objective(ell.reshape(-1), None if entropy is None else entropy.reshape(-1), slice(None)).sum()
+        want = torch.autograd.grad(want_value, (hidden, weight))
+        fused = objective_from_hidden(*args, objective, with_entropy, chunk_size=chunk_size, embedding=emb)
+        got = torch.autograd.grad(fused.value, (hidden, weight))
+        assert torch.equal(fused.ell, ell.detach())  # the same log-densities, bitwise
+        assert (fused.entropy is None) == (not with_entropy)
+        if with_entropy:
+            assert torch.equal(fused.entropy, entropy.detach())
+        assert abs(float(fused.value.detach() - want_value.detach())) <= 1e-5 * max(1.0, abs(float(want_value.detach())))
+        for g, w in zip(got, want):
+            assert (g - w).abs().max() <= 1e-5 * max(1.0, float(w.abs().max()))
+        assert got[1][VOCAB:].abs().max() == 0 and got[1][:VOCAB].abs().sum() > 0
+
+
+def test_fused_objective_gradient_scales_with_the_output_gradient_and_passes_gradcheck():
+    gen = torch.Generator().manual_seed(11)
+    hidden = torch.randn(4, 2, HIDDEN, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(SMALL.width, HIDDEN, generator=gen, dtype=torch.float64) * 0.5).requires_grad_()
+    _, rows = mixed_rows("gumbel", (hidden.transpose(0, 1) @ weight.t()).float().detach(), drift=0.5, shard=SMALL)
+    assert 0 < int(rows.is_soft.sum()) < rows.is_soft.numel()
+    old = torch.randn(2, 4, generator=gen, dtype=torch.float64) - 2.0
+    objective = _objective(old, *torch.randn(2, 2, 4, generator=gen, dtype=torch.float64))
+
+    def fn(h, w):
+        return objective_from_hidden(h, w, rows, scorer("gumbel"), SMALL, objective, True, chunk_size=3).value
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight), eps=1e-6, atol=1e-5, fast_mode=True)
+    once = torch.autograd.grad(fn(hidden, weight), (hidden, weight))
+    scaled = torch.autograd.grad(-2.5 * fn(hidden, weight), (hidden, weight))  # a loss scale, a division by micro-batches
+    for a, b in zip(once, scaled):
+        assert torch.allclose(-2.5 * a, b, rtol=1e-12, atol=0)

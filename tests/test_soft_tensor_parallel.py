@@ -1,5 +1,5 @@
-"""TP=2 (two CPU ranks, gloo) equals TP=1: samplers, log-densities, the entropy term's entropies and
-their gradients (also under sequence parallelism)."""
+"""TP=2 (two CPU ranks, gloo) equals TP=1: samplers, log-densities, the entropy term's entropies, the
+fused per-position objective and their gradients (also under sequence parallelism)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from megatron_softgrpo.soft import (
     log_density_and_entropy_from_hidden,
     log_density_from_hidden,
     log_density_from_logits,
+    objective_from_hidden,
     seed_noise_rng,
 )
 
@@ -118,6 +119,16 @@ def _entropy(shard: VocabShard, hidden, weight, coef, rows, emb):
         (coef * ell + coef.flip(-1) * entropy).sum().backward()
         out |= {f"ell{label}": ell.detach(), f"entropy{label}": entropy.detach(), f"grad_hidden{label}": h.grad,
                 f"grad_weight{label}": w.grad}
+        # the same (linear) objective, fused: its gradient taken in the forward
+        flat_ell, flat_entropy = coef.reshape(-1), coef.flip(-1).reshape(-1)
+        h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        fused = objective_from_hidden(
+            h, w, rows, scorer("gumbel"), shard, lambda e, H, at: flat_ell[at] * e + flat_entropy[at] * H, True,
+            chunk_size=7, embedding=emb, sequence_parallel=sp,
+        )
+        fused.value.backward()
+        out |= {f"fused_value{label}": fused.value.detach(), f"fused_ell{label}": fused.ell,
+                f"grad_hidden_fused{label}": h.grad, f"grad_weight_fused{label}": w.grad}
     return out
 
 
@@ -127,7 +138,10 @@ def _rank(rank, inputs):
 
 
 # per-rank slices: vocabulary or sequence
-SHARDED = {"grad_logits": -1, "grad_weight": 0, "grad_weight_sp": 0, "grad_hidden_sp": 0}
+SHARDED = {
+    "grad_logits": -1, "grad_weight": 0, "grad_weight_sp": 0, "grad_hidden_sp": 0,
+    "grad_weight_fused": 0, "grad_weight_fused_sp": 0, "grad_hidden_fused_sp": 0,
+}
 
 
 @pytest.mark.multiproc
@@ -153,3 +167,8 @@ def test_tensor_parallel_2_equals_1():
     entropy = single["entropy/gumbel"]
     assert torch.equal(entropy["ell"], single["density/gumbel"]["chunked"])  # the log-densities are unchanged
     assert bool((entropy["entropy"] > 0).all()) and all(r["entropy/gumbel"]["grad_weight"].abs().sum() > 0 for r in ranks)
+    for label in ("", "_sp"):  # fused == scores then autograd, at TP=1 (TP=2 equals TP=1 above)
+        assert torch.equal(entropy[f"fused_ell{label}"], entropy[f"ell{label}"])
+        for grad in ("grad_hidden", "grad_weight"):
+            want = entropy[f"{grad}{label}"]
+            assert (entropy[f"{grad}_fused{label}"] - want).abs().max() <= 1e-5 * want.abs().max()

@@ -16,7 +16,8 @@ Modules (each owns one concept):
   `EmbeddingNoise`: mixture weights, stored noise and log-density of each.
 - `samplers`: `DiscreteSampler`, `SoftSampler`, the registry `make_sampler(name, ...)`.
 - `logprob`: `Scorer`, `log_density_from_logits`, `log_density_from_hidden` (chunked),
-  `log_density_and_entropy_from_hidden` (chunked, with the entropy term's entropies).
+  `log_density_and_entropy_from_hidden` (chunked, with the entropy term's entropies),
+  `objective_from_hidden` (chunked, a per-position loss and its gradient in one pass: training).
 - `recipe`: samplers and scorer from a recipe's `softgrpo` / `policy.generation`.
 The mixture input embedding itself is a model patch: `model_patches.mixture_embedding`.
 
@@ -62,9 +63,12 @@ the loss's optional entropy term.
 
 from megatron_softgrpo.soft.logprob import (
     Scorer,
+    ScoredObjective,
+    TokenObjective,
     log_density_and_entropy_from_hidden,
     log_density_from_hidden,
     log_density_from_logits,
+    objective_from_hidden,
 )
 from megatron_softgrpo.soft.noises import (
     NOISES,
@@ -94,14 +98,17 @@ __all__ = [
     "SampledStep",
     "Sampler",
     "Scorer",
+    "ScoredObjective",
     "SoftNoise",
     "SoftSampler",
+    "TokenObjective",
     "Truncation",
     "VocabShard",
     "log_density_and_entropy_from_hidden",
     "log_density_from_hidden",
     "log_density_from_logits",
     "make_sampler",
+    "objective_from_hidden",
     "noise_rng",
     "noise_seed",
     "seed_noise_rng",

@@ -1,9 +1,9 @@
 """Log-densities (and, for the optional entropy term, entropies) of scored positions for the
 policy update (SPEC.md sections 2-3).
 
-Two entry points compute the same log-densities:
+The entry points compute the same log-densities:
 - `log_density_from_logits(logits, rows, scorer, shard)`: on given vocab-sharded logits.
-- `log_density_from_hidden(hidden, output_weight, rows, scorer, shard)`: the trainer's,
+- `log_density_from_hidden(hidden, output_weight, rows, scorer, shard)`: the old/reference passes,
   from the final hidden states [s, b, h] and this rank's output-weight shard [W, h]. It
   never holds [s, b, W] logits: positions are processed in chunks, soft rows need only
   their K logits (h . W[ids], no vocabulary-wide matmul), discrete rows' chunk logits
@@ -14,6 +14,9 @@ Two entry points compute the same log-densities:
   the answer temperature for discrete rows, the thinking temperature for soft rows (whose
   mixture was drawn from that distribution's truncation). Soft rows then need their
   chunk's full logits too (in forward and, recomputed, in backward).
+- `objective_from_hidden(..., objective)`: the training path. The same log-densities (and
+  entropies), and the sum of a per-position objective of them (the policy loss), whose
+  gradient is taken from each chunk's logits in the forward: nothing is recomputed.
 
 Discrete rows (is_soft False) score log_softmax(l / T_answer)[token] over the whole
 vocabulary; soft rows score the scorer's noise density from l[ids] / T_thinking. The
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -115,10 +118,11 @@ def log_density_from_logits(
 
 @dataclass(frozen=True)
 class _VocabTerms:
-    """What the backward of a vocabulary-wide softmax needs from the forward, per row."""
+    """What the gradient of a vocabulary-wide softmax needs from the forward, per row."""
 
     log_norm: torch.Tensor  # logsumexp(l / T)
     entropy: Optional[torch.Tensor] = None  # H, when the entropy is computed
+    scaled: Optional[torch.Tensor] = None  # the rows' scaled logits l / T when kept (fused path); else recomputed
 
 
 @dataclass(frozen=True)
@@ -157,8 +161,9 @@ class _Chunking:
         dots = torch.bmm(k_rows, h.unsqueeze(-1)).squeeze(-1)
         return _owned_only(compute_dtype(dots), ids, self.shard), k_rows
 
-    def forward_chunk(self, hidden, weight, piece, discrete, soft):
-        """(ell of the chunk's rows, their entropy or None, what the backward needs)."""
+    def forward_chunk(self, hidden, weight, piece, discrete, soft, keep_logits: bool = False):
+        """(ell of the chunk's rows, their entropy or None, what the gradient needs); `keep_logits`
+        keeps the scaled vocabulary-wide logits in it, for a gradient taken right away."""
         rows = self.rows.map(lambda t: t[piece])
         h = hidden[piece].to(weight.dtype)
         ell = torch.zeros(h.shape[0], dtype=compute_dtype_of(weight.dtype), device=h.device)
@@ -168,7 +173,8 @@ class _Chunking:
             scaled = self.shard.scaled(h[discrete] @ weight.t(), self.scorer.discrete_temperature)
             values, log_norm = discrete_terms(scaled, rows.tokens[discrete], self.shard)
             ell[discrete] = values.to(ell.dtype)
-            saved_discrete = _VocabTerms(log_norm, self._entropy_into(entropy, discrete, scaled, log_norm))
+            entropy_d = self._entropy_into(entropy, discrete, scaled, log_norm)
+            saved_discrete = _VocabTerms(log_norm, entropy_d, scaled if keep_logits else None)
         if soft.numel():
             partial, _ = self._soft_partial(h[soft], weight, rows.mix_ids[soft])
             values = _soft_log_density(partial, rows.map(lambda t: t[soft]), self.scorer, self.shard, self.embedding)
@@ -176,7 +182,8 @@ class _Chunking:
             if self.with_entropy:
                 scaled = self.shard.scaled(h[soft] @ weight.t(), self.scorer.soft_temperature)
                 log_norm = log_normalizer(scaled, self.shard)
-                saved_soft = _VocabTerms(log_norm, self._entropy_into(entropy, soft, scaled, log_norm))
+                entropy_s = self._entropy_into(entropy, soft, scaled, log_norm)
+                saved_soft = _VocabTerms(log_norm, entropy_s, scaled if keep_logits else None)
         return ell, entropy, _ChunkSaved(saved_discrete, saved_soft)
 
     def _entropy_into(self, entropy, index, scaled, log_norm) -> Optional[torch.Tensor]:
@@ -187,48 +194,52 @@ class _Chunking:
         entropy[index] = values.to(entropy.dtype)
         return values
 
-    def _vocab_gradient(self, logits, terms: _VocabTerms, temperature, g_ell, g_entropy) -> torch.Tensor:
-        """d/dl of  -g_ell logsumexp(l / T) + g_entropy H  for logits [n, W], in their dtype.
+    def _scaled(self, h, weight, terms: _VocabTerms, temperature) -> torch.Tensor:
+        """The rows' scaled logits: kept by the forward, or recomputed (one more GEMM)."""
+        return terms.scaled if terms.scaled is not None else self.shard.scaled(h @ weight.t(), temperature)
 
-        = -(p / T) (g_ell + g_entropy (log p + H)) with p = softmax(l / T) from the recomputed
-        logits and the forward's logsumexp, 0 on padding columns. g_ell or g_entropy may be
-        None (no such term). Without the entropy it takes one fp32 [n, W] buffer, with it two.
+    def _vocab_gradient(self, scaled, terms: _VocabTerms, temperature, g_ell, g_entropy, dtype) -> torch.Tensor:
+        """d/dl of  -g_ell logsumexp(l / T) + g_entropy H  for scaled logits l / T [n, W], in `dtype`.
+
+        = -(p / T) (g_ell + g_entropy (log p + H)) with p = softmax(l / T) from the scaled logits
+        and the forward's logsumexp, 0 on padding columns (scaled -inf there). g_ell or g_entropy
+        may be None (no such term). Works in place on `scaled` (consumed); with the entropy it
+        takes one more fp32 [n, W] buffer.
         """
-        log_p = torch.add(-terms.log_norm.unsqueeze(-1), logits, alpha=1.0 / temperature)  # fp32
-        dtype = log_p.dtype
+        log_p = scaled.sub_(terms.log_norm.unsqueeze(-1))
         if g_entropy is None:
-            probs = log_p.exp_()
-            probs[:, self.shard.real_width :] = 0.0  # padding columns
-            row_scale = -(g_ell / temperature).to(dtype)
-            return torch.mul(probs, row_scale.unsqueeze(-1), out=torch.empty_like(logits))
+            row_scale = -(g_ell / temperature).to(log_p.dtype)
+            return torch.mul(log_p.exp_(), row_scale.unsqueeze(-1), out=torch.empty(log_p.shape, dtype=dtype, device=log_p.device))
         probs = log_p.exp()
-        probs[:, self.shard.real_width :] = 0.0
-        factor = log_p.add_(terms.entropy.unsqueeze(-1)).mul_(g_entropy.to(dtype).unsqueeze(-1))  # in place
+        log_p[:, self.shard.real_width :] = 0.0  # padding columns: p = 0 there, keep 0 * -inf out
+        factor = log_p.add_(terms.entropy.unsqueeze(-1)).mul_(g_entropy.to(log_p.dtype).unsqueeze(-1))  # in place
         if g_ell is not None:
-            factor.add_(g_ell.to(dtype).unsqueeze(-1))
+            factor.add_(g_ell.to(log_p.dtype).unsqueeze(-1))
         factor.mul_(probs)
         del probs
-        return torch.mul(factor, -1.0 / temperature, out=torch.empty_like(logits))
+        return torch.mul(factor, -1.0 / temperature, out=torch.empty(factor.shape, dtype=dtype, device=factor.device))
 
     def backward_chunk(self, hidden, weight, piece, discrete, soft, saved: _ChunkSaved, grads, grad_hidden, grad_weight):
         """One chunk's share of the output layer's gradients: grad_hidden rows set, grad_weight accumulated.
 
-        `grads` are (grad_ell, grad_entropy or None). Discrete rows: d ell / d l = (onehot(token)
-        - softmax(l / T)) / T (plus the entropy's term) from recomputed logits, in one fp32 [n_d, W]
-        buffer (two with the entropy). Soft rows: autograd through the noise density down to
-        their K logits only, plus, with the entropy, its term on their recomputed full logits.
+        `grads` are the chunk's (grad_ell, grad_entropy or None). Discrete rows: d ell / d l =
+        (onehot(token) - softmax(l / T)) / T (plus the entropy's term) from the kept or recomputed
+        logits, in one fp32 [n_d, W] buffer (two with the entropy). Soft rows: autograd through
+        the noise density down to their K logits only, plus, with the entropy, its term on their
+        full logits.
         """
         rows = self.rows.map(lambda t: t[piece])
         h = hidden[piece].to(weight.dtype)
-        grad_ell, grad_entropy = grads
-        g_ell, g_h = grad_ell[piece], grad_hidden[piece]
-        g_entropy = None if grad_entropy is None else grad_entropy[piece]
+        g_ell, g_entropy = grads
+        g_h = grad_hidden[piece]
         if discrete.numel():
             temperature = self.scorer.discrete_temperature
             h_d, g = h[discrete], g_ell[discrete]
+            scaled = self._scaled(h_d, weight, saved.discrete, temperature)
             d_full = self._vocab_gradient(
-                h_d @ weight.t(), saved.discrete, temperature, g, None if g_entropy is None else g_entropy[discrete]
+                scaled, saved.discrete, temperature, g, None if g_entropy is None else g_entropy[discrete], weight.dtype
             )
+            del scaled
             tokens = rows.tokens[discrete]
             mine = self.shard.owns(tokens)
             rows_mine = mine.nonzero().squeeze(-1)
@@ -249,7 +260,10 @@ class _Chunking:
             owned = self.shard.owns(ids)
             grad_weight.index_add_(0, self.shard.local_index(ids)[owned], per_slot[owned].to(grad_weight.dtype))
             if g_entropy is not None:
-                d_full = self._vocab_gradient(h_s @ weight.t(), saved.soft, self.scorer.soft_temperature, None, g_entropy[soft])
+                temperature = self.scorer.soft_temperature
+                scaled = self._scaled(h_s, weight, saved.soft, temperature)
+                d_full = self._vocab_gradient(scaled, saved.soft, temperature, None, g_entropy[soft], weight.dtype)
+                del scaled
                 g_h_soft += (d_full @ weight).to(g_h.dtype)
                 _accumulate_product(grad_weight, d_full.t(), h_s)
             g_h[soft] = g_h_soft
@@ -269,6 +283,15 @@ def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _weight_gradient_buffer(plan: "_Chunking", weight: torch.Tensor) -> torch.Tensor:
+    """The output weight's gradient accumulator: fp32 (fp64 for fp64) across chunks. One chunk of
+    discrete rows is one GEMM, whose own fp32 accumulation suffices: its gradient is kept in the
+    weight's dtype, as autograd through materialised logits would (no fp32 buffer to fill and cast)."""
+    (_, _, soft), *more = plan.pieces
+    dtype = weight.dtype if not more and soft.numel() == 0 else _accumulation_dtype(weight)
+    return torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+
+
 class _ChunkedScores(torch.autograd.Function):
     """hidden [N, h], weight [W, h] -> ell [N] (and entropy [N] when the plan asks for it)."""
 
@@ -286,13 +309,54 @@ class _ChunkedScores(torch.autograd.Function):
     def backward(ctx, grad_ell, grad_entropy=None):
         hidden, weight = ctx.saved_tensors
         grad_hidden = torch.zeros(hidden.shape, dtype=_accumulation_dtype(hidden), device=hidden.device)
-        grad_weight = torch.zeros(weight.shape, dtype=_accumulation_dtype(weight), device=weight.device)
+        grad_weight = _weight_gradient_buffer(ctx.plan, weight)
         for piece, saved in zip(ctx.plan.pieces, ctx.chunk_saved):
-            ctx.plan.backward_chunk(hidden, weight, *piece, saved, (grad_ell, grad_entropy), grad_hidden, grad_weight)
+            grads = (grad_ell[piece[0]], None if grad_entropy is None else grad_entropy[piece[0]])
+            ctx.plan.backward_chunk(hidden, weight, *piece, saved, grads, grad_hidden, grad_weight)
         return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None
 
 
-def _scores_from_hidden(hidden, output_weight, rows, scorer, shard, chunk_size, embedding, sequence_parallel, with_entropy):
+class _ChunkedObjective(torch.autograd.Function):
+    """hidden [N, h], weight [W, h] -> (sum of the objective, ell [N], entropy [N] or None), the
+    objective's gradient taken chunk by chunk in the forward from the logits just computed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, plan: _Chunking, objective: "TokenObjective"):
+        grad_hidden = torch.zeros(hidden.shape, dtype=_accumulation_dtype(hidden), device=hidden.device)
+        grad_weight = _weight_gradient_buffer(plan, weight)
+        ells, entropies, values = [], [], []
+        for piece in plan.pieces:
+            ell, entropy, saved = plan.forward_chunk(hidden, weight, *piece, keep_logits=True)
+            leaves = [ell.requires_grad_()] + ([entropy.requires_grad_()] if entropy is not None else [])
+            with torch.enable_grad():
+                value = objective(ell, entropy, piece[0]).sum()
+                grads = torch.autograd.grad(value, leaves, allow_unused=True, materialize_grads=True)
+            grads = (grads[0], grads[1] if entropy is not None else None)
+            plan.backward_chunk(hidden, weight, *piece, saved, grads, grad_hidden, grad_weight)
+            del saved  # the chunk's kept logits
+            ells.append(ell.detach())
+            entropies.append(None if entropy is None else entropy.detach())
+            values.append(value.detach())
+        ctx.grads = (grad_hidden, grad_weight, hidden.dtype, weight.dtype)
+        ell = torch.cat(ells)
+        entropy = torch.cat(entropies) if plan.with_entropy else None
+        ctx.mark_non_differentiable(*(t for t in (ell, entropy) if t is not None))
+        return torch.stack(values).sum(), ell, entropy
+
+    @staticmethod
+    def backward(ctx, grad_value, *_):
+        grad_hidden, grad_weight, hidden_dtype, weight_dtype = ctx.grads
+        return _times(grad_hidden, grad_value, hidden_dtype), _times(grad_weight, grad_value, weight_dtype), None, None
+
+
+def _times(total: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """total * scale as a new tensor of `dtype` (an fp32 total is cast first: no full-size fp32
+    temporary, and plain vectorised passes); `total` is kept, for a graph backpropagated twice."""
+    return total * scale if total.dtype == dtype else total.to(dtype).mul_(scale)
+
+
+def _flat_inputs(hidden, rows, shard, chunk_size, sequence_parallel):
+    """hidden [s(/TP), b, h] -> [b s, h] (row-major like the records), gathered over the TP group."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if sequence_parallel and shard.distributed:
@@ -304,9 +368,14 @@ def _scores_from_hidden(hidden, output_weight, rows, scorer, shard, chunk_size, 
     b, s = rows.tokens.shape
     if hidden.shape[:2] != (s, b):
         raise ValueError(f"hidden states {tuple(hidden.shape)} do not match records [b={b}, s={s}] (expected [s, b, h])")
-    flat_hidden = hidden.transpose(0, 1).reshape(b * s, hidden.shape[-1])
+    return hidden.transpose(0, 1).reshape(b * s, hidden.shape[-1])
+
+
+def _scores_from_hidden(hidden, output_weight, rows, scorer, shard, chunk_size, embedding, sequence_parallel, with_entropy):
+    flat_hidden = _flat_inputs(hidden, rows, shard, chunk_size, sequence_parallel)
     plan = _Chunking(rows.flatten(), scorer, shard, chunk_size, embedding, with_entropy)
     out = _ChunkedScores.apply(flat_hidden, output_weight, plan)
+    b, s = rows.tokens.shape
     return tuple(t.view(b, s) for t in out) if with_entropy else out.view(b, s)
 
 
@@ -347,3 +416,46 @@ def log_density_and_entropy_from_hidden(
     rows; both differentiable, computed in one chunked pass. Arguments as `log_density_from_hidden`.
     """
     return _scores_from_hidden(hidden, output_weight, rows, scorer, shard, chunk_size, embedding, sequence_parallel, True)
+
+
+# (ell [n], entropy [n] or None, the positions' slice of the flattened [b s] records) -> the
+# objective of each position [n], differentiable in ell and entropy; the loss is their sum.
+TokenObjective = Callable[[torch.Tensor, Optional[torch.Tensor], slice], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ScoredObjective:
+    value: torch.Tensor  # scalar: sum of the objective over all positions, differentiable in hidden and weight
+    ell: torch.Tensor  # [b, s], detached: `log_density_from_hidden`'s values, bitwise
+    entropy: Optional[torch.Tensor]  # [b, s], detached (with_entropy), else None
+
+
+def objective_from_hidden(
+    hidden: torch.Tensor,
+    output_weight: torch.Tensor,
+    rows: MixtureRows,
+    scorer: Scorer,
+    shard: VocabShard,
+    objective: TokenObjective,
+    with_entropy: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    embedding: Optional[InputEmbedding] = None,
+    sequence_parallel: bool = False,
+) -> ScoredObjective:
+    """sum_j objective_j(ell_j, H_j) over the records `rows` [b, s] scored by the hidden states
+    [s, b, h], for a loss that is a sum of per-position terms (the policy loss is).
+
+    The training path. Each chunk's logits serve its log-densities and, with the objective's
+    gradient known right away, the gradients of the hidden states and the output weight: three
+    GEMMs per chunk as for materialised logits, where `log_density_from_hidden` + autograd
+    recomputes the logits in backward (four). Extra memory stays bounded by one chunk, plus
+    the output weight's gradient held from this forward to the backward. Values and gradients
+    equal `log_density_from_hidden` (or `log_density_and_entropy_from_hidden`) followed by the
+    objective, up to float rounding; `ell` and `entropy` are their values bitwise.
+    Arguments as `log_density_from_hidden`.
+    """
+    flat_hidden = _flat_inputs(hidden, rows, shard, chunk_size, sequence_parallel)
+    plan = _Chunking(rows.flatten(), scorer, shard, chunk_size, embedding, with_entropy)
+    value, ell, entropy = _ChunkedObjective.apply(flat_hidden, output_weight, plan, objective)
+    b, s = rows.tokens.shape
+    return ScoredObjective(value, ell.view(b, s), None if entropy is None else entropy.view(b, s))
