@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_softgrpo.algorithms.advantages import broadcast_to_positions, group_advantages
-from megatron_softgrpo.algorithms.loss import LossScale, aggregate, k3_kl, policy_loss
+from megatron_softgrpo.algorithms.loss import LossScale, aggregate, aggregation_weights, k3_kl, policy_loss, token_terms
 from megatron_softgrpo.config.schema import LossCfg
 
 F64 = torch.float64
@@ -316,3 +316,29 @@ def test_only_logp_and_entropy_receive_gradient():
     policy_loss(logp, old, adv, mask, cfg, ref_logp=ref, entropy=entropy).loss.backward()
     assert old.grad is None and adv.grad is None and ref.grad is None
     assert logp.grad.abs().sum() > 0 and entropy.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["token_mean_microbatch", "token_mean_global", "seq_mean_token_mean"])
+def test_weighted_token_objective_on_scored_positions_equals_the_policy_loss(mode):
+    """The trainer's fused form: per-position objective x aggregation weight, summed over the scored
+    positions only ([n], as the chunked scorer hands them over), is the loss with the same gradient."""
+    logp, old, adv, ref, mask, entropy = _random_inputs(5)
+    cfg = LossCfg(ratio_clip_min=0.2, ratio_clip_max=0.28, ratio_clip_c=3.0, reference_policy_kl_penalty=0.05,
+                  entropy_coef=0.01, aggregation=mode)
+    scale = LossScale(num_micro_batches=2, global_num_tokens=40, data_parallel_size=2)
+    want = policy_loss(logp, old, adv, mask, cfg, ref_logp=ref, entropy=entropy, scale=scale).loss
+    want_grads = torch.autograd.grad(want, (logp, entropy))
+
+    at = mask.nonzero(as_tuple=True)
+    weights = aggregation_weights(mask, mode, scale)[at]
+    flat = [x.detach()[at] for x in (logp, old, adv, ref, entropy)]
+    flat[0].requires_grad_(), flat[4].requires_grad_()
+    terms = token_terms(flat[0], flat[1], flat[2], torch.ones_like(weights, dtype=torch.bool), cfg,
+                        ref_logp=flat[3], entropy=flat[4])
+    got = (weights * terms.objective(cfg)).sum()
+    got_grads = torch.autograd.grad(got, (flat[0], flat[4]))
+    assert abs(float(got - want)) <= 1e-12 * max(1.0, abs(float(want)))
+    for g, w in zip(got_grads, want_grads):
+        assert torch.allclose(g, w[at], rtol=1e-10, atol=1e-15)
+        assert float(w[~mask].abs().sum()) == 0.0
+    assert bool(terms.ratio_bound.any()) and bool(terms.kl.abs().sum() > 0)  # the branches are exercised

@@ -9,7 +9,9 @@ aggregation, so the algorithms differ only in how `logp` was computed. Per posit
     kl     = clamp(exp(ref - logp) - (ref - logp) - 1, -kl_clamp, kl_clamp)        (k3)
     loss   = policy + reference_policy_kl_penalty * kl - entropy_coef * entropy
 
-each term aggregated over the valid positions as `aggregation` says. This is verl 0.4's
+each term aggregated over the valid positions as `aggregation` says. `token_terms` gives the
+per-position terms and `aggregation_weights` the aggregation as per-position weights, so the
+trainer can sum the objective chunk by chunk as it scores positions (`soft.objective_from_hidden`). This is verl 0.4's
 `compute_policy_loss` + `kl_penalty("low_var_kl")` + `agg_loss`, with three guards that change
 no value in normal use: positions outside the mask are zeroed before any arithmetic (padding may
 hold -inf), the log-ratios are clamped to +-20 before `exp` (as later verl does; an overflowing
@@ -65,6 +67,68 @@ class PolicyLossResult:
     metrics: PolicyLossMetrics
 
 
+@dataclass(frozen=True)
+class TokenTerms:
+    """The loss terms of each position, before aggregation ([B, S] or [n]); 0 outside the mask."""
+
+    policy: Tensor
+    kl: Tensor | None  # None when reference_policy_kl_penalty = 0
+    entropy: Tensor | None
+    ratio: Tensor
+    ratio_bound: Tensor  # the clipped ratio bounds the loss
+    dual_bound: Tensor  # A < 0 and -A c bounds the loss
+
+    def objective(self, cfg: LossCfg) -> Tensor:
+        """policy + reference_policy_kl_penalty * kl - entropy_coef * entropy, per position."""
+        out = self.policy
+        if self.kl is not None:
+            out = out + cfg.reference_policy_kl_penalty * self.kl
+        if self.entropy is not None:
+            out = out - cfg.entropy_coef * self.entropy
+        return out
+
+
+def token_terms(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    cfg: LossCfg,
+    *,
+    ref_logp: Tensor | None = None,
+    entropy: Tensor | None = None,
+) -> TokenTerms:
+    """Each position's terms; tensors of one shape, `mask` marking the scored positions. Only `logp`
+    and `entropy` carry gradient."""
+    mask = mask.bool()
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    logp = torch.where(mask, logp, zero)
+    old_logp, advantages = (torch.where(mask, t.detach(), zero) for t in (old_logp, advantages))
+
+    ratio = torch.exp(torch.clamp(logp - old_logp, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - cfg.ratio_clip_min, 1 + cfg.ratio_clip_max)
+    policy = torch.maximum(unclipped, clipped)
+    ratio_bound = clipped > unclipped
+    dual_bound = torch.zeros_like(mask)
+    if cfg.ratio_clip_c is not None:
+        negative = advantages < 0
+        dual = -advantages * cfg.ratio_clip_c
+        dual_bound = negative & (policy > dual)
+        policy = torch.where(negative, torch.minimum(policy, dual), policy)
+
+    kl = None
+    if cfg.reference_policy_kl_penalty > 0:
+        if ref_logp is None:
+            raise ValueError("reference_policy_kl_penalty > 0 needs ref_logp")
+        kl = torch.where(mask, k3_kl(logp, torch.where(mask, ref_logp.detach(), zero), cfg.kl_clamp), zero)
+    if cfg.entropy_coef > 0 and entropy is None:
+        raise ValueError("entropy_coef > 0 needs the per-position entropy")
+    if entropy is not None:
+        entropy = torch.where(mask, entropy, zero)
+    return TokenTerms(torch.where(mask, policy, zero), kl, entropy, ratio, ratio_bound & mask, dual_bound & mask)
+
+
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -78,48 +142,29 @@ def policy_loss(
 ) -> PolicyLossResult:
     """All tensors [B, S]; `mask` marks the scored (generated) positions. Only `logp` and `entropy` carry gradient."""
     mask = mask.bool()
-    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    logp = torch.where(mask, logp, zero)
-    old_logp, advantages = (torch.where(mask, t.detach(), zero) for t in (old_logp, advantages))
-
-    ratio = torch.exp(torch.clamp(logp - old_logp, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - cfg.ratio_clip_min, 1 + cfg.ratio_clip_max)
-    per_token = torch.maximum(unclipped, clipped)
-    ratio_bound = clipped > unclipped
-    negative = advantages < 0
-    dual_bound = torch.zeros_like(mask)
-    if cfg.ratio_clip_c is not None:
-        dual = -advantages * cfg.ratio_clip_c
-        dual_bound = negative & (per_token > dual)
-        per_token = torch.where(negative, torch.minimum(per_token, dual), per_token)
-    pg = aggregate(per_token, mask, cfg.aggregation, scale)
+    terms = token_terms(logp, old_logp, advantages, mask, cfg, ref_logp=ref_logp, entropy=entropy)
+    pg = aggregate(terms.policy, mask, cfg.aggregation, scale)
     loss = pg
 
     kl_loss = kl_mean = None
-    if cfg.reference_policy_kl_penalty > 0:
-        if ref_logp is None:
-            raise ValueError("reference_policy_kl_penalty > 0 needs ref_logp")
-        kl = k3_kl(logp, torch.where(mask, ref_logp.detach(), zero), cfg.kl_clamp)
-        kl_loss = aggregate(kl, mask, cfg.aggregation, scale)
+    if terms.kl is not None:
+        kl_loss = aggregate(terms.kl, mask, cfg.aggregation, scale)
         loss = loss + cfg.reference_policy_kl_penalty * kl_loss
-        kl_mean = masked_mean(kl, mask)
+        kl_mean = masked_mean(terms.kl, mask)
 
     entropy_loss = entropy_mean = None
-    if cfg.entropy_coef > 0 and entropy is None:
-        raise ValueError("entropy_coef > 0 needs the per-position entropy")
-    if entropy is not None:
-        entropy = torch.where(mask, entropy, zero)
-        entropy_loss = aggregate(entropy, mask, cfg.aggregation, scale)
+    if terms.entropy is not None:
+        entropy_loss = aggregate(terms.entropy, mask, cfg.aggregation, scale)
         loss = loss - cfg.entropy_coef * entropy_loss
-        entropy_mean = masked_mean(entropy, mask)
+        entropy_mean = masked_mean(terms.entropy, mask)
 
+    advantages = torch.where(mask, advantages.detach(), 0.0)
     metrics = PolicyLossMetrics(
         num_tokens=mask.sum(),
-        clip_frac_low=masked_mean(ratio_bound & negative, mask),
-        clip_frac_high=masked_mean(ratio_bound & (advantages > 0), mask),
-        dual_clip_frac=masked_mean(dual_bound, mask),
-        ratio_mean=masked_mean(ratio, mask),
+        clip_frac_low=masked_mean(terms.ratio_bound & (advantages < 0), mask),
+        clip_frac_high=masked_mean(terms.ratio_bound & (advantages > 0), mask),
+        dual_clip_frac=masked_mean(terms.dual_bound, mask),
+        ratio_mean=masked_mean(terms.ratio, mask),
         kl_mean=kl_mean,
         entropy_mean=entropy_mean,
     )
@@ -132,21 +177,27 @@ def k3_kl(logp: Tensor, ref_logp: Tensor, clamp: float) -> Tensor:
     return torch.clamp(torch.exp(log_ratio) - log_ratio - 1, -clamp, clamp)
 
 
-def aggregate(values: Tensor, mask: Tensor, mode: str, scale: LossScale = LossScale()) -> Tensor:
-    """Reduce [B, S] per-position values to this micro-batch's share of the loss (`mode`: LossCfg.aggregation)."""
+def aggregation_weights(mask: Tensor, mode: str, scale: LossScale = LossScale()) -> Tensor:
+    """Each position's weight in the aggregate [B, S] (float64, 0 outside the mask): `aggregate(v)` is
+    sum(weights * v), so a caller can also sum per-position terms as it computes them."""
     mask = mask.bool()
-    values = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    valid = mask.double()
     if mode == "token_mean_microbatch":
-        return values.sum() / mask.sum().clamp(min=1) / scale.num_micro_batches
+        return valid / mask.sum().clamp(min=1) / scale.num_micro_batches
     if mode == "token_mean_global":
         if scale.global_num_tokens is None:
             raise ValueError("token_mean_global needs LossScale.global_num_tokens")
-        return values.sum() * scale.data_parallel_size / max(scale.global_num_tokens, 1)
+        return valid * scale.data_parallel_size / max(scale.global_num_tokens, 1)
     if mode == "seq_mean_token_mean":
-        per_row = mask.sum(dim=1)
-        row_means = values.sum(dim=1) / per_row.clamp(min=1)
-        return row_means.sum() / (per_row > 0).sum().clamp(min=1) / scale.num_micro_batches
+        per_row = mask.sum(dim=1, keepdim=True)
+        return valid / per_row.clamp(min=1) / (per_row > 0).sum().clamp(min=1) / scale.num_micro_batches
     raise ValueError(f"unknown aggregation {mode!r}")
+
+
+def aggregate(values: Tensor, mask: Tensor, mode: str, scale: LossScale = LossScale()) -> Tensor:
+    """Reduce [B, S] per-position values to this micro-batch's share of the loss (`mode`: LossCfg.aggregation)."""
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    return (aggregation_weights(mask, mode, scale).to(values.dtype) * torch.where(mask.bool(), values, zero)).sum()
 
 
 def _detached(t: Tensor | None) -> Tensor | None:

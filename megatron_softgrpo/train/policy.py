@@ -8,13 +8,15 @@ tensor, pipeline and data parallelism all work the same way:
   SPEC.md section 2) as `decoder_input` on the first pipeline stage; attention is causal with
   no explicit mask (flash attention on GPU) and positions are 0..S-1 (rows are right-padded).
 - Scoring: the model returns its final hidden states (`model_patches.output_layer.final_hidden_states`); the
-  output at position j - 1 scores record j with `soft.log_density_from_hidden`, only at the
-  positions of `loss_mask`, against this rank's vocabulary shard of the output weight. With
-  `loss_fn.entropy_coef > 0` the training forward uses `soft.log_density_and_entropy_from_hidden`
-  instead: the same log-densities plus each scored position's entropy (at the temperature the
-  position was sampled at), in the same chunked pass, for the loss's entropy term.
-  `compute_logprobs` and the loss use this one function, so old, reference and new log-probs
-  agree when the weights do: bitwise (ratio exactly 1 on the first update) when each row is
+  output at position j - 1 scores record j, only at the positions of `loss_mask`, against this
+  rank's vocabulary shard of the output weight: `compute_logprobs` with
+  `soft.log_density_from_hidden`, the training forward with `soft.objective_from_hidden`, which
+  computes the same log-densities (bitwise) chunk by chunk and sums the loss's per-position terms
+  (`algorithms.loss.token_terms` x `aggregation_weights`) as it goes, taking their gradient from
+  the chunk's logits at once instead of recomputing them in backward. With
+  `loss_fn.entropy_coef > 0` it also computes each scored position's entropy (at the temperature
+  the position was sampled at) for the loss's entropy term. Old, reference and new log-probs
+  therefore agree when the weights do: bitwise (ratio exactly 1 on the first update) when each row is
   computed in the same company, i.e. `logprob_batch_size == train_micro_batch_size` and
   mini-batches are row slices of the batch the old log-probs were computed on (same length
   S, micro-batch boundaries aligned); otherwise up to float rounding.
@@ -40,7 +42,7 @@ from typing import Optional
 
 import torch
 
-from megatron_softgrpo.algorithms.loss import LossScale, PolicyLossResult, policy_loss
+from megatron_softgrpo.algorithms.loss import LossScale, PolicyLossResult, aggregation_weights, policy_loss, token_terms
 from megatron_softgrpo.config.schema import RecipeCfg
 from megatron_softgrpo.distributed import broadcast_from_last_stage
 from megatron_softgrpo.errors import UserError
@@ -52,8 +54,8 @@ from megatron_softgrpo.soft import (
     EmbeddingNoise,
     InputEmbedding,
     VocabShard,
-    log_density_and_entropy_from_hidden,
     log_density_from_hidden,
+    objective_from_hidden,
 )
 from megatron_softgrpo.soft.recipe import scorer as recipe_scorer
 from megatron_softgrpo.train.batch import PolicyBatch
@@ -258,30 +260,29 @@ class PolicyWorker:
     def _with_entropy(self) -> bool:
         return self.cfg.loss_fn.entropy_coef > 0
 
-    def _scores(
-        self, gpt, output: torch.Tensor, micro_batch: PolicyBatch, with_entropy: bool = False
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Record-aligned (ell [b, s], entropy [b, s] or None) of the scored records from the model
-        output [b, s(/TP), h]; 0 at unscored positions."""
+    def _scored_inputs(self, gpt, output: torch.Tensor, micro_batch: PolicyBatch):
+        """(hidden [n, 1, h] scoring each record, the records [1, n], their (row, position) indices) from
+        the model output [b, s(/TP), h], for the n positions of `loss_mask`."""
         hidden = output.transpose(0, 1)  # [s, b, h]
         if gpt.config.sequence_parallel and self.vocab.distributed:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-            # backward only splits: log_density_from_hidden sums the TP ranks' gradients itself
+            # backward only splits: the scorers sum the TP ranks' gradients themselves
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False, group=self.vocab.group)
         b_idx, j_idx = micro_batch.loss_mask.nonzero(as_tuple=True)
-        zeros = torch.zeros(micro_batch.loss_mask.shape, dtype=torch.float32, device=hidden.device)
-        if b_idx.numel() == 0:  # nothing scored: zeros that stay on the graph the schedule backpropagates
-            on_graph = zeros + 0 * hidden.sum()
-            return on_graph, on_graph if with_entropy else None
-        inputs = hidden[j_idx - 1, b_idx].unsqueeze(1)  # [n, 1, h]: the output at j - 1 scores record j
-        records = micro_batch.rows.map(lambda t: t[b_idx, j_idx].unsqueeze(0))  # [1, n]
-        args = (inputs, self._output_weight(gpt), records, self.scorer, self.vocab)
-        embedding = self._input_embedding(gpt)
-        if not with_entropy:
-            return zeros.index_put((b_idx, j_idx), log_density_from_hidden(*args, embedding=embedding)[0].float()), None
-        ell, entropy = log_density_and_entropy_from_hidden(*args, embedding=embedding)
-        return zeros.index_put((b_idx, j_idx), ell[0].float()), zeros.index_put((b_idx, j_idx), entropy[0].float())
+        inputs = hidden[j_idx - 1, b_idx].unsqueeze(1)  # the output at j - 1 scores record j
+        records = micro_batch.rows.map(lambda t: t[b_idx, j_idx].unsqueeze(0))
+        return inputs, records, (b_idx, j_idx)
+
+    def _scores(self, gpt, output: torch.Tensor, micro_batch: PolicyBatch) -> torch.Tensor:
+        """Record-aligned ell [b, s] of the scored records (0 at unscored positions), no gradient needed."""
+        inputs, records, at = self._scored_inputs(gpt, output, micro_batch)
+        ell = torch.zeros(micro_batch.loss_mask.shape, dtype=torch.float32, device=output.device)
+        if at[0].numel() == 0:
+            return ell
+        scored = log_density_from_hidden(inputs, self._output_weight(gpt), records, self.scorer, self.vocab,
+                                         embedding=self._input_embedding(gpt))
+        return ell.index_put(at, scored[0].float())
 
     @staticmethod
     def _output_weight(gpt) -> torch.Tensor:
@@ -295,25 +296,44 @@ class PolicyWorker:
         return InputEmbedding(table, self.vocab)
 
     def _logp_output(self, gpt, micro_batch: PolicyBatch, output: torch.Tensor):
-        logp, _ = self._scores(gpt, output, micro_batch)
-        return logp.new_zeros(()), {"logp": logp}
+        return torch.zeros((), device=output.device), {"logp": self._scores(gpt, output, micro_batch)}
 
     def _loss_output(
         self, scale: LossScale, undo_division: int, num_micro: int, gpt, micro_batch: PolicyBatch, output: torch.Tensor
     ):
-        logp, entropy = self._scores(gpt, output, micro_batch, with_entropy=self._with_entropy)
-        result = policy_loss(
-            logp,
-            micro_batch.old_logp,
-            micro_batch.advantages,
-            micro_batch.loss_mask,
-            self.cfg.loss_fn,
-            ref_logp=micro_batch.ref_logp,
-            entropy=entropy,
-            scale=scale,
-        )
+        """The micro-batch's loss, summed position by position as the chunked scorer computes the
+        log-densities (`objective_from_hidden`: no logits recomputed in backward), and its statistics."""
+        cfg, mb = self.cfg.loss_fn, micro_batch
+        inputs, records, at = self._scored_inputs(gpt, output, mb)
+        weights = aggregation_weights(mb.loss_mask, cfg.aggregation, scale)[at].float()
+        old, advantages = mb.old_logp[at], mb.advantages[at]
+        ref = None if mb.ref_logp is None else mb.ref_logp[at]
+        scored_everywhere = torch.ones_like(weights, dtype=torch.bool)
+
+        def objective(ell, entropy, positions: slice):
+            terms = token_terms(
+                ell, old[positions], advantages[positions], scored_everywhere[positions], cfg,
+                ref_logp=None if ref is None else ref[positions], entropy=entropy,
+            )
+            return weights[positions] * terms.objective(cfg)
+
+        logp = torch.zeros(mb.loss_mask.shape, dtype=torch.float32, device=output.device)
+        entropy = torch.zeros_like(logp) if self._with_entropy else None
+        if at[0].numel() == 0:  # nothing scored: a zero that stays on the graph the schedule backpropagates
+            loss = 0 * output.sum()
+        else:
+            scored = objective_from_hidden(
+                inputs, self._output_weight(gpt), records, self.scorer, self.vocab, objective, self._with_entropy,
+                embedding=self._input_embedding(gpt),
+            )
+            loss = scored.value
+            logp = logp.index_put(at, scored.ell[0].float())
+            if entropy is not None:
+                entropy = entropy.index_put(at, scored.entropy[0].float())
+        # the same terms aggregated on the detached values: what is reported
+        result = policy_loss(logp, mb.old_logp, mb.advantages, mb.loss_mask, cfg, ref_logp=mb.ref_logp, entropy=entropy, scale=scale)
         # the loss terms as the schedule backpropagates them: x undo_division / num_micro
-        return result.loss * undo_division, {"stats": _micro_batch_stats(result, undo_division / num_micro)}
+        return loss * undo_division, {"stats": _micro_batch_stats(result, undo_division / num_micro)}
 
     def _reduce_stats(self, outputs: list[dict]) -> torch.Tensor:
         """Sum of the micro-batch statistics over micro-batches and data-parallel ranks, on every rank."""
