@@ -1,13 +1,19 @@
 """Chunked log-densities from hidden states vs the naive full-logits computation, side by side.
 
 V = 151,936 (padded to 152,064), one response of 1,024 / 4,096 / 8,192 tokens, all rows
-discrete (log_softmax over the vocabulary) or all soft (Gumbel density, K = 5).
-naive: logits = hidden @ W^T materialised [L, V] in fp32, then `log_density_from_logits`;
-chunked: `log_density_from_hidden` (chunks of 1,024 positions, recomputed in backward;
-soft rows need only their K logits). Reports forward-only time (old/reference log-probs),
-forward+backward time (the policy update) and peak extra memory of forward+backward
-(CUDA: allocator peak; CPU: resident-set peak sampled every millisecond).
-Targets: chunked time <= 1.1x naive; chunked peak flat in the response length.
+discrete (log_softmax over the vocabulary) or all soft (Gumbel density, K = 5); the loss is the
+sum of the log-densities.
+- naive: logits = hidden @ W^T materialised [L, V] in fp32, then `log_density_from_logits`,
+  autograd for the gradient;
+- chunked: `log_density_from_hidden` (chunks of 1,024 positions; soft rows need only their K
+  logits), autograd for the gradient, which recomputes each chunk's logits: forward only is
+  what the old/reference log-prob passes run;
+- fused: `objective_from_hidden`, the policy update's path: the loss's gradient is taken from
+  each chunk's logits in the forward, so nothing is recomputed.
+Reports forward-only time (chunked vs naive), forward+backward time (fused, and chunked, vs
+naive) and peak extra memory of forward+backward (CUDA: allocator peak; CPU: resident-set peak
+sampled every millisecond). Targets: chunked forward and fused forward+backward <= 1.1x naive;
+peak memory flat in the response length.
 
 The hidden size is small on the CPU (64) so the vocabulary-sized work dominates as it
 does on a GPU; CUDA runs use 1,536 (Qwen2-1.5B) in bf16. Naive sizes that would not fit
@@ -111,22 +117,29 @@ def make_rows(kind: str, length: int, device, gen):
 
 
 def print_agreement(tag, hidden, weight, rows, scorer, shard, chunk_size) -> None:
-    """How far chunked is from naive: values, and gradients relative to their largest entry."""
-    from megatron_softgrpo.soft import log_density_from_hidden, log_density_from_logits
+    """How far chunked and fused are from naive: values, and gradients relative to their largest entry."""
+    from megatron_softgrpo.soft import log_density_from_hidden, log_density_from_logits, objective_from_hidden
 
-    outputs = []
-    for chunked in (False, True):
+    outputs = {}
+    for name in ("naive", "chunked", "fused"):
         h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
-        if chunked:
-            ell = log_density_from_hidden(h, w, rows, scorer, shard, chunk_size=chunk_size)
+        if name == "fused":
+            scored = objective_from_hidden(h, w, rows, scorer, shard, lambda ell, _, __: ell, chunk_size=chunk_size)
+            ell, loss = scored.ell, scored.value
         else:
-            ell = log_density_from_logits((h.transpose(0, 1) @ w.t()).float(), rows, scorer, shard)
-        ell.sum().backward()
-        outputs.append((ell.detach(), h.grad.float(), w.grad.float()))
-    (ell_n, gh_n, gw_n), (ell_c, gh_c, gw_c) = outputs
-    print(f"{tag}/max_abs_diff_chunked_vs_naive: {(ell_n - ell_c).abs().max().item():.2e}")
-    print(f"{tag}/max_rel_diff_grad_hidden: {((gh_n - gh_c).abs().max() / gh_n.abs().max()).item():.2e}")
-    print(f"{tag}/max_rel_diff_grad_weight: {((gw_n - gw_c).abs().max() / gw_n.abs().max()).item():.2e}")
+            if name == "chunked":
+                ell = log_density_from_hidden(h, w, rows, scorer, shard, chunk_size=chunk_size)
+            else:
+                ell = log_density_from_logits((h.transpose(0, 1) @ w.t()).float(), rows, scorer, shard)
+            loss = ell.sum()
+        loss.backward()
+        outputs[name] = (ell.detach(), h.grad.float(), w.grad.float())
+    ell_n, gh_n, gw_n = outputs["naive"]
+    for name in ("chunked", "fused"):
+        ell, gh, gw = outputs[name]
+        print(f"{tag}/{name}_max_abs_diff_vs_naive: {(ell_n - ell).abs().max().item():.2e}")
+        print(f"{tag}/{name}_max_rel_diff_grad_hidden: {((gh_n - gh).abs().max() / gh_n.abs().max()).item():.2e}")
+        print(f"{tag}/{name}_max_rel_diff_grad_weight: {((gw_n - gw).abs().max() / gw_n.abs().max()).item():.2e}")
 
 
 def main() -> None:
@@ -136,7 +149,14 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=1024)
     args = parser.parse_args()
 
-    from megatron_softgrpo.soft import GumbelNoise, Scorer, VocabShard, log_density_from_hidden, log_density_from_logits
+    from megatron_softgrpo.soft import (
+        GumbelNoise,
+        Scorer,
+        VocabShard,
+        log_density_from_hidden,
+        log_density_from_logits,
+        objective_from_hidden,
+    )
 
     device = "cuda" if CUDA else "cpu"
     dtype = torch.bfloat16 if CUDA else torch.float32
@@ -171,29 +191,37 @@ def main() -> None:
                     if grad:
                         ell.sum().backward()
 
+            def fused(grad: bool):
+                assert grad, "the fused path is the training (forward + backward) path"
+                h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+                objective_from_hidden(h, w, rows, scorer, shard, lambda ell, _, __: ell, chunk_size=args.chunk_size).value.backward()
+
             naive_fits = 6 * length * PADDED * 4 < available_bytes() / 2  # logits, softmax, grads (fp32)
-            results = {}
-            for name, fn in (("naive", naive), ("chunked", chunked)):
+            results = {}  # name -> (forward ms or None, forward+backward ms, peak bytes of forward+backward)
+            for name, fn in (("naive", naive), ("chunked", chunked), ("fused", fused)):
                 tag = f"{kind}/L{length}/{name}"
                 if name == "naive" and not naive_fits:
                     print(f"{tag}: skipped (needs more memory than half of what is free)")
                     continue
                 with PeakMemory() as mem:
                     fn(True)
-                results[name] = (timed_ms(lambda: fn(False), repeats), timed_ms(lambda: fn(True), repeats), mem.peak)
+                fwd = None if name == "fused" else timed_ms(lambda: fn(False), repeats)
+                results[name] = (fwd, timed_ms(lambda: fn(True), repeats), mem.peak)
                 peaks[(kind, name, length)] = mem.peak
-                fwd, fwd_bwd, peak = results[name]
-                print(f"{tag}_fwd_ms: {fwd:.1f}")
-                print(f"{tag}_fwd_bwd_ms: {fwd_bwd:.1f}")
-                print(f"{tag}_peak_extra_mib: {peak / 2**20:.1f}")
+                if fwd is not None:
+                    print(f"{tag}_fwd_ms: {fwd:.1f}")
+                print(f"{tag}_fwd_bwd_ms: {results[name][1]:.1f}")
+                print(f"{tag}_peak_extra_mib: {mem.peak / 2**20:.1f}")
             if "naive" in results:
                 print_agreement(f"{kind}/L{length}", hidden, weight, rows, scorer, shard, args.chunk_size)
-                (nf, nfb, npk), (cf, cfb, cpk) = results["naive"], results["chunked"]
-                print(f"ratio/{kind}_L{length}_chunked_over_naive_fwd: {cf / nf:.3f}")
-                print(f"ratio/{kind}_L{length}_chunked_over_naive_fwd_bwd: {cfb / nfb:.3f}")
-                print(f"ratio/{kind}_L{length}_chunked_over_naive_peak_memory: {cpk / max(npk, 1):.3f}")
+                naive_fwd, naive_fwd_bwd, naive_peak = results["naive"]
+                print(f"ratio/{kind}_L{length}_chunked_over_naive_fwd: {results['chunked'][0] / naive_fwd:.3f}")
+                for name in ("fused", "chunked"):
+                    _, fwd_bwd, peak = results[name]
+                    print(f"ratio/{kind}_L{length}_{name}_over_naive_fwd_bwd: {fwd_bwd / naive_fwd_bwd:.3f}")
+                    print(f"ratio/{kind}_L{length}_{name}_over_naive_peak_memory: {peak / max(naive_peak, 1):.3f}")
             del rows, hidden
-        for name in ("naive", "chunked"):
+        for name in ("naive", "chunked", "fused"):
             first, last = (kind, name, lengths[0]), (kind, name, lengths[-1])
             if first in peaks and last in peaks:
                 growth = peaks[last] / max(peaks[first], 1)

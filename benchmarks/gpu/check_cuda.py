@@ -7,6 +7,9 @@ Each check computes the same thing on the CPU (fp32, the tested reference) and o
   weights within tolerance; a seeded noisy Gumbel step is reproducible on the GPU;
 - log-densities from logits and the chunked log-density from hidden states (values and
   gradients), soft and discrete rows;
+- the policy loss (every term, dual clip, KL, entropy) and its gradient, and the training
+  path's fused objective (`objective_from_hidden` with the policy loss's per-position terms):
+  value and gradients on the GPU (fp32, and bf16 weights) vs scores-then-autograd on the CPU;
 - the mixture embedding on a Megatron model: one-hot equals the model's own embedding and a
   soft mixture equals sum_k w_k E[ids_k] computed on the CPU;
 - KV-cached greedy decoding equals full recomputation on the GPU.
@@ -108,6 +111,71 @@ def check_log_densities(noisy, shard, logits):
     record("log_density_from_hidden/value/fp32", float((e_c - e_g).abs().max()), 1e-4)
     record("log_density_from_hidden/grad_hidden/fp32", float((gh_c - gh_g).abs().max() / gh_c.abs().max()), 1e-4, "(relative)")
     record("log_density_from_hidden/grad_weight/fp32", float((gw_c - gw_g).abs().max() / gw_c.abs().max()), 1e-4, "(relative)")
+    check_policy_objective(scorer, shard, hidden, weight, seq_rows)
+
+
+def check_policy_objective(scorer, shard, hidden, weight, rows):
+    """The policy loss, and the fused training objective built from its per-position terms."""
+    from megatron_softgrpo.algorithms.loss import LossScale, aggregation_weights, policy_loss, token_terms
+    from megatron_softgrpo.config.schema import LossCfg
+    from megatron_softgrpo.soft import log_density_and_entropy_from_hidden, objective_from_hidden
+
+    cfg = LossCfg(ratio_clip_c=3.0, reference_policy_kl_penalty=0.05, entropy_coef=0.01, aggregation="seq_mean_token_mean")
+    scale = LossScale(num_micro_batches=2)
+    b, s = rows.tokens.shape
+    g = torch.Generator().manual_seed(6)
+    mask = torch.rand(b, s, generator=g) > 0.2
+    with torch.no_grad():
+        ell0, _ = log_density_and_entropy_from_hidden(hidden, weight, rows, scorer, shard)
+    old = ell0 + 0.3 * torch.randn(b, s, generator=g)
+    ref = ell0 + 0.3 * torch.randn(b, s, generator=g)
+    adv = torch.randn(b, 1, generator=g).expand(b, s).contiguous()
+
+    def loss_on(device, logp, entropy):
+        d = lambda t: t.to(device)  # noqa: E731
+        return policy_loss(logp, d(old), d(adv), d(mask), cfg, ref_logp=d(ref), entropy=entropy, scale=scale).loss
+
+    def scores_then_autograd(device, dtype):  # the reference: log-densities, then the loss by autograd
+        hd = hidden.to(device, dtype, copy=True).requires_grad_()
+        wt = weight.to(device, dtype, copy=True).requires_grad_()
+        ell, entropy = log_density_and_entropy_from_hidden(hd, wt, rows.map(lambda t: t.to(device)), scorer, shard)
+        loss = loss_on(device, ell, entropy)
+        loss.backward()
+        return loss.detach().cpu(), hd.grad.float().cpu(), wt.grad.float().cpu(), ell.detach().cpu(), entropy.detach().cpu()
+
+    references = {torch.float32: scores_then_autograd("cpu", torch.float32)}
+    want, _, _, ell, entropy = references[torch.float32]
+    references[torch.bfloat16] = scores_then_autograd(DEV, torch.bfloat16)  # bf16 rounding moves Gumbel gradients
+    lp, en = (t.to(DEV, copy=True).requires_grad_() for t in (ell, entropy))
+    got = loss_on(DEV, lp, en)
+    got.backward()
+    lp_c, en_c = (t.clone().requires_grad_() for t in (ell, entropy))
+    loss_on("cpu", lp_c, en_c).backward()
+    record("policy_loss/value", abs(float(got.cpu() - want)), 1e-6)
+    record("policy_loss/grad_logp", float((lp.grad.cpu() - lp_c.grad).abs().max()), 1e-7)
+
+    # fp32 on the GPU vs the CPU's fp32 reference; bf16 vs the same computation unfused on the GPU
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-3)):
+        want, want_gh, want_gw, _, _ = references[dtype]
+        at = mask.nonzero(as_tuple=True)
+        d = lambda t: t.to(DEV)  # noqa: E731
+        weights = d(aggregation_weights(mask, cfg.aggregation, scale)[at].float())
+        o, a, r = d(old[at]), d(adv[at]), d(ref[at])
+
+        def objective(e, h, pos):
+            terms = token_terms(e, o[pos], a[pos], torch.ones_like(e, dtype=torch.bool), cfg, ref_logp=r[pos], entropy=h)
+            return weights[pos] * terms.objective(cfg)
+
+        hd = hidden.to(DEV).transpose(0, 1)[at].unsqueeze(1).to(dtype).requires_grad_()  # [n, 1, h] as the trainer passes
+        wt = weight.to(DEV, dtype, copy=True).requires_grad_()
+        picked = rows.map(lambda t: t[at].unsqueeze(0).to(DEV))
+        fused = objective_from_hidden(hd, wt, picked, scorer, shard, objective, True)
+        fused.value.backward()
+        gh = torch.zeros_like(hidden.transpose(0, 1)).index_put(at, hd.grad.squeeze(1).float().cpu()).transpose(0, 1)
+        tag = f"fused_objective/{dtype}"
+        record(f"{tag}/value", abs(float(fused.value.detach().cpu() - want)) / max(1.0, abs(float(want))), tol, "(relative)")
+        record(f"{tag}/grad_hidden", float((gh - want_gh).abs().max() / want_gh.abs().max()), tol, "(relative)")
+        record(f"{tag}/grad_weight", float((wt.grad.float().cpu() - want_gw).abs().max() / want_gw.abs().max()), tol, "(relative)")
 
 
 def check_model_path():

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one run (issue 8), on a lent H100/H200 with no network:
-#   device run: bash benchmarks/gpu/run.sh      (carry .whl and .gpu_assets; results in $OUT)
+#   device run: bash benchmarks/gpu/run.sh [STEP...]   (carry .whl and .gpu_assets; results in $OUT)
+# With STEP names (check_cuda logprob update rollout_batch64 update_fused_swiglu) only those run.
 # .whl holds the wheels the device image lacks (megatron-core 0.16.1, pydantic for Python 3.12);
 # .gpu_assets/tokenizer the SmolLM2 tokenizer files the rollout benchmark decodes with.
 set -o pipefail
@@ -15,8 +16,10 @@ export PYTHONPATH="/tmp/site:$PWD"
   python3 -c "import sys, torch, megatron.core as m; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| megatron-core', m.__version__)"
   python3 -c "import transformer_engine.pytorch" 2>&1 | tail -1 | sed 's/^/transformer_engine: /'
 } 2>&1 | tee "$OUT/env.txt"
+SELECTED=" $* "
 step() {  # step NAME TIMEOUT_S COMMAND...
   local name=$1 limit=$2; shift 2
+  [[ "$SELECTED" == "  " || "$SELECTED" == *" $name "* ]] || return 0
   echo "== $name" | tee -a "$OUT/bench.txt"
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | grep -v -i "warn" | tee -a "$OUT/bench.txt"
@@ -24,7 +27,9 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 }
 # most important first: a run cut short by the device budget keeps what finished
 step check_cuda 60 python3 benchmarks/gpu/check_cuda.py --json "$OUT/check_cuda.json"
-step update 150 python3 benchmarks/update.py --rows 4 --seq-len 4096 --json "$OUT/update.json"
-step rollout 140 python3 benchmarks/rollout.py --quick --model qwen2-1.5b-random --tokenizer .gpu_assets/tokenizer --json "$OUT/rollout.json"
-step sampling 45 python3 benchmarks/sampling.py
-step logprob 60 python3 benchmarks/logprob.py
+step logprob 100 python3 benchmarks/logprob.py
+step update 150 python3 benchmarks/update.py --rows 4 --seq-len 4096 --profile --json "$OUT/update.json"
+step rollout_batch64 120 python3 benchmarks/rollout.py --throughput-only --new-tokens 64 --model qwen2-1.5b-random \
+  --tokenizer .gpu_assets/tokenizer --json "$OUT/rollout_batch64.json"
+step update_fused_swiglu 100 python3 benchmarks/update.py --rows 4 --seq-len 4096 --megatron bias_activation_fusion=true \
+  --json "$OUT/update_fused_swiglu.json"
