@@ -220,7 +220,6 @@ def main() -> None:
                     _, fwd_bwd, peak = results[name]
                     print(f"ratio/{kind}_L{length}_{name}_over_naive_fwd_bwd: {fwd_bwd / naive_fwd_bwd:.3f}")
                     print(f"ratio/{kind}_L{length}_{name}_over_naive_peak_memory: {peak / max(naive_peak, 1):.3f}")
-            del rows, hidden
         for name in ("naive", "chunked", "fused"):
             first, last = (kind, name, lengths[0]), (kind, name, lengths[-1])
             if first in peaks and last in peaks:
