@@ -70,6 +70,7 @@ def run_cli(capsys, *args) -> tuple[int, str]:
         ("policy: {model_name: m}\nloss_fn: {reference_policy_kl_penalty: -1}\n", [], ["loss_fn.reference_policy_kl_penalty=-1", "greater than or equal to 0"]),
         # not one of the allowed values
         ("policy: {model_name: m}\nsoftgrpo: {algorithm: ppo}\n", [], ["softgrpo.algorithm=ppo", "'softgrpo'", "'grpo'"]),
+        ("policy: {model_name: m}\n", ["env.answer_format=last_word"], ["command line", "env.answer_format=last_word", "'boxed'", "'last_number'"]),
         # cross-field rule
         ("policy: {model_name: m, megatron_cfg: {sequence_parallel: true}}\n", [], ["policy.megatron_cfg.sequence_parallel=true", "not supported"]),
         # malformed override

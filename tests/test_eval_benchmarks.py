@@ -126,6 +126,21 @@ def test_math_grader(shared_data):
         grade_responses("math500", problems, responses)
 
 
+def test_math_grader_reads_the_recipes_answer_format(shared_data):
+    """With `env.answer_format: last_number` the last number is the answer, boxed or not."""
+    problems = load_problems("gsm8k", shared_data / "eval" / "gsm8k_test.json")[:2]
+    reference = problems[0].reference
+    responses = [f"So the total is {int(reference):,} dollars.", rf"\boxed{{{problems[1].reference}}} or maybe 1"]
+    grader = MathGrader(num_workers=1, timeout_s=60.0)
+    try:
+        last = grade_responses("gsm8k", problems, responses, math_grader=grader, answer_format="last_number")
+        boxed = grade_responses("gsm8k", problems, responses, math_grader=grader, answer_format="boxed")
+    finally:
+        grader.close()
+    assert last == [Grade(True, reference), Grade(False, "1")]
+    assert boxed == [Grade(False, None), Grade(True, problems[1].reference)]
+
+
 def test_last_python_block():
     text = "First:\n```python\nx = 1\n```\nthen bash:\n```bash\nls\n```\nfinally\n```py\ny = 2\n```\n"
     assert last_python_block(text) == "y = 2\n"

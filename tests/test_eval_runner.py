@@ -37,12 +37,13 @@ from megatron_softgrpo.eval.runner import (
 )
 from megatron_softgrpo.eval.samples import SampleFile, SampleRecord, batches
 from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
-from megatron_softgrpo.rewards.boxed import last_boxed
+from megatron_softgrpo.rewards.answers import extract_answer
 from megatron_softgrpo.rewards.math import MathGrader, is_correct
 from megatron_softgrpo.soft import noise_rng
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "softgrpo-smollm2-135m-cpu.yaml")
+ANSWER_FORMAT = "last_number"  # the recipe's env.answer_format, which the evaluation grades with
 FIELDS = {"problem_id", "problem_index", "sample", "text", "answer", "correct", "answer_class", "length",
           "thinking_length", "finish_reason"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -485,7 +486,7 @@ def test_eval_writes_every_artefact(e2e_runs, mode):
         assert s["problem_id"] == problem.id
         assert 1 <= s["length"] <= 48 and s["finish_reason"] in ("eos", "stop", "length")
         assert s["length"] == 48 if s["finish_reason"] == "length" else s["finish_reason"] in ("eos", "stop")
-        assert s["answer"] == last_boxed(s["text"])
+        assert s["answer"] == extract_answer(s["text"], ANSWER_FORMAT)
         assert s["correct"] == is_correct(s["answer"], problem.reference)
     # soft decoding starts in the thinking phase; discrete decoding has none
     if mode == "gumbel":

@@ -1,4 +1,4 @@
-"""Rewards: boxed-answer extraction, math-verify grading on real answer pairs, the hard timeout, the registry."""
+"""Rewards: answer extraction (boxed, last number), math-verify grading on real answer pairs, the hard timeout, the registry."""
 
 import json
 import math
@@ -7,11 +7,14 @@ import subprocess
 import sys
 import threading
 import time
+from typing import get_args
 
 import pytest
 
+from megatron_softgrpo.config.schema import EnvCfg
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.rewards import get_reward, last_boxed
+from megatron_softgrpo.rewards.answers import ANSWER_FORMATS, extract_answer, last_number
 from megatron_softgrpo.rewards.math import MathGrader, answer_classes, exact_answer_classes
 from megatron_softgrpo.rewards.pool import TimeoutPool
 
@@ -58,6 +61,49 @@ def impatient_grader():
 )
 def test_last_boxed(text, expected):
     assert last_boxed(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # responses of SmolLM2-135M-Instruct to the embedded default's prompts
+        ("7 + 5 = 12", "12"),
+        ("The result of 3 - 8 is -5.", "-5"),
+        ("9 - 4 = 5\n\nSo, the answer is 5.", "5"),
+        ("To find the answer, subtract 6 from 2: 2 - 6 = -4", "-4"),
+        (r"8 + 1 = \boxed{9}", "9"),
+        ("The answer is 14.", "14"),
+        # separators, decimals and signs
+        ("about 1,000 apples", "1000"),
+        ("1,234,567.25 in total", "1234567.25"),
+        ("1,2", "2"),  # not a thousands group: two numbers
+        ("12,3456", "3456"),
+        ("3.14 and then 2.5.", "2.5"),  # a sentence's period is not a decimal point
+        ("10-3", "3"),  # subtraction, not a negative number
+        ("x-5", "5"),
+        ("(2)-7", "7"),
+        ("5 - -2", "-2"),
+        ("x = -0.5", "-0.5"),
+        ("(-4)", "-4"),
+        ("-7", "-7"),
+        ("no number here", None),
+        ("", None),
+    ],
+)
+def test_last_number(text, expected):
+    assert last_number(text) == expected
+    assert extract_answer(text, "last_number") == expected
+
+
+def test_extract_answer_dispatches_on_the_format():
+    text = r"\boxed{result} so 7 + 5 = 12"
+    assert extract_answer(text, "boxed") == "result" == last_boxed(text)
+    assert extract_answer(text) == "result"  # boxed is the default
+    assert extract_answer(text, "last_number") == "12"
+    with pytest.raises(ValueError, match="unknown answer format 'last_word'"):
+        extract_answer(text, "last_word")
+    # the recipe key offers exactly the formats the extractor knows
+    assert get_args(EnvCfg.model_fields["answer_format"].annotation) == ANSWER_FORMATS
 
 
 # (response, reference, correct): references as they appear in ../shared/data/eval
@@ -208,6 +254,27 @@ def test_registry_rewards():
     assert get_reward("exact_match")(responses, ["0.5"] * 3) == [1.0, 0.0, 0.0]
     with pytest.raises(UserError, match="unknown reward 'nope'.*math_verify"):
         get_reward("nope")
+
+
+def test_every_reward_reads_the_configured_answer_format():
+    import reasoning_gym
+
+    entries = list(reasoning_gym.create_dataset("basic_arithmetic", size=2, seed=5))
+    answers = [e["answer"] for e in entries]
+    # response 0: correct as its last number, boxed placeholder; response 1: correct only when boxed
+    responses = [rf"\boxed{{result}} It is {answers[0]}.", rf"\boxed{{{answers[1]}}} not 123456789"]
+    metadata = [e["metadata"] for e in entries]
+    expected = {"boxed": [0.0, 1.0], "last_number": [1.0, 0.0]}
+    for answer_format, scores in expected.items():
+        math_reward = get_reward("math_verify", answer_format=answer_format, num_workers=1)
+        gym_reward = get_reward("reasoning_gym", answer_format=answer_format, num_workers=1)
+        try:
+            assert math_reward(responses, answers) == scores
+            assert gym_reward(responses, answers, metadata) == scores
+        finally:
+            math_reward.grader.close()
+            gym_reward.pool.close()
+        assert get_reward("exact_match", answer_format=answer_format)(responses, answers) == scores
 
 
 def test_reasoning_gym_reward_uses_the_task_scorer():

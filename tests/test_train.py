@@ -285,6 +285,7 @@ def test_validation_gathers_on_the_model_device_and_prints_samples(monkeypatch, 
     problems = [Problem(f"p:{i}", f"{i}+1", str(i + 1), {}) for i in range(3)]
     trainer = object.__new__(loop.Trainer)
     trainer.cfg = SimpleNamespace(data=SimpleNamespace(prompt_template="{problem}", system_prompt=None),
+                                  env=SimpleNamespace(answer_format="boxed"),
                                   logger=SimpleNamespace(num_val_samples_to_print=1))
     trainer.val_data = SimpleNamespace(problems=problems)
     trainer.dp, trainer.dp_rank, trainer.step, trainer.tokenizer = 2, 1, 0, None

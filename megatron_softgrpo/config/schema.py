@@ -220,7 +220,10 @@ class EnvCfg(Section):
     """The environment that scores responses (NeMo-RL's `env`)."""
 
     reward: Literal["math_verify", "exact_match", "reasoning_gym"] = "math_verify"
-    # added to the reward of a response that gives a \\boxed{} answer and ends before the length
+    # where every reward reads a response's answer (rewards/answers.py): the right-most \\boxed{}
+    # (SPEC.md section 6) or the last number written (lm-eval-harness's "flexible-extract")
+    answer_format: Literal["boxed", "last_number"] = "boxed"
+    # added to the reward of a response that gives an answer (answer_format) and ends before the length
     # limit (an R1-style format reward; 0 = the reference's pure correctness reward). Accuracy is
     # always correctness alone.
     format_reward: float = Field(0.0, ge=0)

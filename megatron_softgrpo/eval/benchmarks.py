@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, TypeVar
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.eval.code_grading import CodeTests, HumanEvalTests, MbppTests, last_python_block
 from megatron_softgrpo.eval.sandbox import SandboxLimits, run_python_many
-from megatron_softgrpo.rewards.boxed import last_boxed
+from megatron_softgrpo.rewards.answers import AnswerFormat, extract_answer
 
 if TYPE_CHECKING:
     from megatron_softgrpo.rewards.math import MathGrader
@@ -207,12 +207,15 @@ def grade_responses(
     responses: Sequence[str],
     *,
     math_grader: MathGrader | None = None,
+    answer_format: AnswerFormat = "boxed",
     sandbox_limits: SandboxLimits = SandboxLimits(),
     max_parallel: int = 2,
 ) -> list[Grade]:
     """Grade `responses[i]` against `problems[i]` with benchmark `name`'s grader, in order.
 
-    Math needs `math_grader` (its worker pool is reused across calls); code runs up to
+    Math needs `math_grader` (its worker pool is reused across calls) and reads each answer in
+    `answer_format` (the recipe's `env.answer_format`, which goes with the recipe's math prompt
+    template); code runs up to
     `max_parallel` programs at a time under `sandbox_limits`.
     """
     if len(problems) != len(responses):
@@ -220,7 +223,7 @@ def grade_responses(
     if get_benchmark(name).kind == "math":
         if math_grader is None:
             raise ValueError(f"benchmark {name} needs a math_grader")
-        answers = [last_boxed(r) for r in responses]
+        answers = [extract_answer(r, answer_format) for r in responses]
         correct = math_grader.grade_answers(answers, [p.reference for p in problems])
         return [Grade(ok, answer) for ok, answer in zip(correct, answers)]
     solutions = [last_python_block(r) for r in responses]

@@ -30,6 +30,7 @@ from megatron_softgrpo.eval.benchmarks import Benchmark, Problem, get_benchmark,
 from megatron_softgrpo.eval.metrics import BenchmarkMetrics, summarize
 from megatron_softgrpo.eval.report import EvalSummary, write_summary
 from megatron_softgrpo.eval.samples import SampleFile, SampleRecord, batches, sample_table
+from megatron_softgrpo.rewards.answers import AnswerFormat
 
 
 @dataclass(frozen=True)
@@ -142,14 +143,17 @@ def grade_batch(
     n: int,
     grader,
     sandbox_workers: int = 2,
+    answer_format: AnswerFormat = "boxed",
 ) -> list[SampleRecord]:
     """Records of the n responses to each problem (`rows`: their rows in the benchmark file).
 
     `grader` is a `rewards.math.MathGrader` (math benchmarks; it also clusters the answers for
-    majority voting); code benchmarks run in the sandbox and do not vote.
+    majority voting; answers are read in `answer_format`); code benchmarks run in the sandbox and
+    do not vote.
     """
     expanded = [p for p in problems for _ in range(n)]
-    grades = grade_responses(benchmark.name, expanded, responses.texts, math_grader=grader, max_parallel=sandbox_workers)
+    grades = grade_responses(benchmark.name, expanded, responses.texts, math_grader=grader,
+                             answer_format=answer_format, max_parallel=sandbox_workers)
     answers = [g.answer for g in grades]
     if benchmark.kind == "math":
         classes = [c for group in grader.classes([answers[i * n : (i + 1) * n] for i in range(len(problems))]) for c in group]
@@ -243,7 +247,7 @@ def _run_benchmark(
             if ctx.grades:
                 lengths, thinking = out.response_lengths.tolist(), out.think_lengths.tolist()
                 responses = Responses(out.texts, lengths, thinking, list(out.finish_reasons))
-                records = grade_batch(plan.benchmark, rows, problems, responses, ev.n, grader, cfg.env.num_workers)
+                records = grade_batch(plan.benchmark, rows, problems, responses, ev.n, grader, cfg.env.num_workers, cfg.env.answer_format)
         gathered = ctx.gather_to_main(records)
         if ctx.main:
             gathered.sort(key=lambda r: (r.problem_index, r.sample))

@@ -1,8 +1,9 @@
 """Named rewards a recipe can select: `math_verify` (default), `exact_match`, `reasoning_gym`.
 
 Every reward is called as `reward(responses, references, metadata) -> list[float]` (one value per
-response, in order) and reads the response's answer from its right-most `\\boxed{}`, the format
-the prompt template asks for (SPEC.md section 6).
+response, in order) and reads the response's answer as `env.answer_format` says
+(`answers.extract_answer`): by default its right-most `\\boxed{}`, the format the prompt template
+asks for (SPEC.md section 6).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import functools
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from megatron_softgrpo.errors import UserError
-from megatron_softgrpo.rewards.boxed import last_boxed
+from megatron_softgrpo.rewards.answers import AnswerFormat, extract_answer
 from megatron_softgrpo.rewards.pool import TimeoutPool
 
 
@@ -25,23 +26,28 @@ class RewardFn(Protocol):
 
 
 class MathVerifyReward:
-    """1.0 when the right-most `\\boxed{}` is math-verify equivalent to the reference, else 0.0 (also on timeout)."""
+    """1.0 when the answer is math-verify equivalent to the reference, else 0.0 (also on timeout)."""
 
-    def __init__(self, num_workers: int = 2, timeout_s: float = 10.0):
+    def __init__(self, answer_format: AnswerFormat = "boxed", num_workers: int = 2, timeout_s: float = 10.0):
         from megatron_softgrpo.rewards.math import MathGrader  # imports sympy: only when selected
 
+        self.answer_format = answer_format
         self.grader = MathGrader(num_workers, timeout_s)
 
     def __call__(self, responses, references, metadata=None) -> list[float]:
-        return [float(ok) for ok in self.grader.grade(responses, references)]
+        answers = [extract_answer(r, self.answer_format) for r in responses]
+        return [float(ok) for ok in self.grader.grade_answers(answers, references)]
 
 
 class ExactMatchReward:
-    """1.0 when the right-most `\\boxed{}` equals the reference after stripping surrounding whitespace."""
+    """1.0 when the answer equals the reference after stripping surrounding whitespace."""
+
+    def __init__(self, answer_format: AnswerFormat = "boxed"):
+        self.answer_format = answer_format
 
     def __call__(self, responses, references, metadata=None) -> list[float]:
         _check_lengths(responses, references)
-        return [float(last_boxed(r) == str(ref).strip()) for r, ref in zip(responses, references)]
+        return [float(extract_answer(r, self.answer_format) == str(ref).strip()) for r, ref in zip(responses, references)]
 
 
 @functools.cache
@@ -57,7 +63,7 @@ def _reasoning_gym_score(item: tuple[str | None, dict]) -> float:
 
 
 class ReasoningGymReward:
-    """The reasoning-gym task's own `score_answer(answer, entry)` on the right-most `\\boxed{}`.
+    """The reasoning-gym task's own `score_answer(answer, entry)` on the extracted answer.
 
     Scores are the task's own (some tasks give partial credit). `metadata[i]` is the `metadata`
     dict of the reasoning-gym entry the prompt came from (it names the task in `source_dataset`);
@@ -65,7 +71,8 @@ class ReasoningGymReward:
     (then: 0.0).
     """
 
-    def __init__(self, num_workers: int = 2, timeout_s: float = 10.0):
+    def __init__(self, answer_format: AnswerFormat = "boxed", num_workers: int = 2, timeout_s: float = 10.0):
+        self.answer_format = answer_format
         self.pool = TimeoutPool(num_workers, timeout_s, preload=["reasoning_gym"])
 
     def __call__(self, responses, references, metadata=None) -> list[float]:
@@ -82,7 +89,7 @@ class ReasoningGymReward:
                     f"reward reasoning_gym: metadata of response {i} has no 'source_dataset' "
                     "(this reward needs problems from a reasoning_gym dataset)"
                 )
-            items.append((last_boxed(response), {"answer": reference, "metadata": dict(meta)}))
+            items.append((extract_answer(response, self.answer_format), {"answer": reference, "metadata": dict(meta)}))
         return self.pool.map(_reasoning_gym_score, items, default=0.0)
 
 
@@ -91,16 +98,19 @@ def _check_lengths(responses: Sequence[str], references: Sequence[str]) -> None:
         raise ValueError(f"{len(responses)} responses but {len(references)} references")
 
 
-# name -> factory(num_workers, timeout_s)
-REWARDS: dict[str, Callable[[int, float], RewardFn]] = {
+# name -> factory(answer_format, num_workers, timeout_s)
+REWARDS: dict[str, Callable[[AnswerFormat, int, float], RewardFn]] = {
     "math_verify": MathVerifyReward,
-    "exact_match": lambda num_workers, timeout_s: ExactMatchReward(),
+    "exact_match": lambda answer_format, num_workers, timeout_s: ExactMatchReward(answer_format),
     "reasoning_gym": ReasoningGymReward,
 }
 
 
-def get_reward(name: str = "math_verify", *, num_workers: int = 2, timeout_s: float = 10.0) -> RewardFn:
-    """A new reward function by name; `num_workers` processes grade in parallel, each item within `timeout_s`."""
+def get_reward(
+    name: str = "math_verify", *, answer_format: AnswerFormat = "boxed", num_workers: int = 2, timeout_s: float = 10.0
+) -> RewardFn:
+    """A new reward function by name, reading answers in `answer_format`; `num_workers` processes
+    grade in parallel, each item within `timeout_s`."""
     if name not in REWARDS:
         raise UserError(f"unknown reward {name!r}; expected one of {', '.join(REWARDS)}")
-    return REWARDS[name](num_workers, timeout_s)
+    return REWARDS[name](answer_format, num_workers, timeout_s)

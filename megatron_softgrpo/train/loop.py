@@ -30,7 +30,7 @@ from megatron_softgrpo.data.prompts import encode_prompt
 from megatron_softgrpo.data.sampler import PromptSampler
 from megatron_softgrpo.distributed import ParallelLayout, init_distributed, is_main_rank
 from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
-from megatron_softgrpo.rewards.boxed import last_boxed
+from megatron_softgrpo.rewards.answers import extract_answer
 from megatron_softgrpo.rewards.format import with_format_bonus
 from megatron_softgrpo.rewards.registry import get_reward
 from megatron_softgrpo.rollout.engine import RolloutEngine, RolloutSettings, Trajectories
@@ -61,7 +61,7 @@ class Scored:
     think_lengths: torch.Tensor
     truncated: torch.Tensor  # [B] finished by the length limit
     correct: torch.Tensor  # [B] the named reward (correctness)
-    answered: torch.Tensor  # [B] the response gives a \\boxed{} answer
+    answered: torch.Tensor  # [B] an answer can be read from the response (env.answer_format)
     rewards: torch.Tensor  # [B] correct + env.format_reward * (answered and finished): what the advantages use
 
 
@@ -88,7 +88,8 @@ class Trainer:
         self.sampler = PromptSampler(self.train_data.problems, cfg.grpo.num_prompts_per_step, seed=cfg.grpo.seed, shuffle=cfg.data.shuffle)
         settings = RolloutSettings.from_recipe(cfg, self.tokenizer, self.worker.source.arch.hidden_size)
         self.engine = RolloutEngine(self.worker.model, self.tokenizer, self.worker.vocab, settings)
-        self.reward = get_reward(cfg.env.reward, num_workers=cfg.env.num_workers, timeout_s=cfg.env.timeout_s)
+        self.reward = get_reward(cfg.env.reward, answer_format=cfg.env.answer_format,
+                                 num_workers=cfg.env.num_workers, timeout_s=cfg.env.timeout_s)
         self.log = MetricsLog(cfg.logger, loaded.raw, enabled=is_main_rank())
         self.step = 0
         self._last_val: tuple[int, dict] | None = None  # (step, result) of the latest validation
@@ -252,9 +253,9 @@ class Trainer:
         return Scored(traj, rows, loss_mask, rollout_logp, lengths, think, trunc, correct, answered, rewards)
 
     def _grade(self, texts: list[str], problems) -> tuple[torch.Tensor, torch.Tensor]:
-        """(named reward, has a \\boxed{} answer) per response."""
+        """(named reward, an answer can be read in env.answer_format) per response."""
         correct = self.reward(texts, [p.answer for p in problems], [p.metadata for p in problems])
-        answered = [last_boxed(t) is not None for t in texts]
+        answered = [extract_answer(t, self.cfg.env.answer_format) is not None for t in texts]
         return torch.tensor(correct, dtype=torch.float32), torch.tensor(answered)
 
     def _validate(self) -> dict:

@@ -32,7 +32,7 @@ STEP_KEYS = (
 PROGRESS = (
     ("reward/mean", "reward", "{:.3f}"),
     ("accuracy", "acc", "{:.3f}"),
-    ("answer_rate", "boxed", "{:.2f}"),
+    ("answer_rate", "answered", "{:.2f}"),
     ("response_length/mean", "len", "{:.1f}"),
     ("soft_fraction", "soft", "{:.2f}"),
     ("kl/mean", "kl", "{:.2e}"),

@@ -10,10 +10,10 @@ from megatron_softgrpo.train.metrics_log import read_metrics
 PANELS = (
     ("reward/mean", "reward"),
     ("accuracy", "accuracy"),
-    ("kl/mean", "KL to reference"),  # runs without a reference model show the boxed-answer rate instead
+    ("kl/mean", "KL to reference"),  # runs without a reference model show the answer rate instead
     ("response_length/mean", "response length (tokens)"),
 )
-NO_KL_PANEL = ("answer_rate", "boxed-answer rate")
+NO_KL_PANEL = ("answer_rate", "answer rate (env.answer_format)")
 TRAINING_CURVES = "training_curves.png"  # what training writes into its log_dir; `softgrpo plot DIR`'s default
 
 
