@@ -9,14 +9,16 @@ aggregation, so the algorithms differ only in how `logp` was computed. Per posit
     kl     = clamp(exp(ref - logp) - (ref - logp) - 1, -kl_clamp, kl_clamp)        (k3)
     loss   = policy + reference_policy_kl_penalty * kl - entropy_coef * entropy
 
-each term aggregated over the valid positions as `aggregation` says. `token_terms` gives the
-per-position terms and `aggregation_weights` the aggregation as per-position weights, so the
-trainer can sum the objective chunk by chunk as it scores positions (`soft.objective_from_hidden`). This is verl 0.4's
+each term aggregated over the valid positions as `aggregation` says. This is verl 0.4's
 `compute_policy_loss` + `kl_penalty("low_var_kl")` + `agg_loss`, with three guards that change
 no value in normal use: positions outside the mask are zeroed before any arithmetic (padding may
 hold -inf), the log-ratios are clamped to +-20 before `exp` (as later verl does; an overflowing
 exp would turn a zero gradient into NaN), and nothing divides 0 by 0: a row without valid
 positions is not counted as a sequence (seq_mean_token_mean), a micro-batch without any gives 0.
+
+`token_terms` gives the per-position terms and `aggregation_weights` the aggregation as
+per-position weights, so the trainer can sum the objective chunk by chunk as it scores
+positions (`soft.objective_from_hidden`).
 """
 
 from __future__ import annotations
