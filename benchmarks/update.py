@@ -210,8 +210,8 @@ def main():
     if args.rl_step:
         return report(rl_step_breakdown(max(2, args.steps)), args.json)
 
-    import yaml
-
+    from megatron_softgrpo.config.loader import apply_overrides
+    from megatron_softgrpo.errors import ConfigError
     from megatron_softgrpo.models.arch import ModelArch
 
     gpu = torch.cuda.is_available()
@@ -220,12 +220,10 @@ def main():
     rows = args.rows or (8 if gpu else 4)
     precision = "bfloat16" if gpu else "float32"
     reps = 1 if args.quick else 3
-    megatron = {}
-    for setting in args.megatron:
-        key, sep, value = setting.partition("=")
-        if not sep:
-            p.error(f"--megatron expects KEY=VALUE, got {setting!r}")
-        megatron[key] = yaml.safe_load(value)
+    try:  # the recipe loader's own KEY=VALUE parsing
+        megatron = apply_overrides({}, args.megatron, {})
+    except ConfigError as err:
+        p.error(f"--megatron: {err}")
     results: dict = {"device": torch.cuda.get_device_name() if gpu else "cpu", "model": model, "seq_len": seq, "rows": rows,
                      "megatron_cfg": json.dumps(megatron)}
     with tempfile.TemporaryDirectory() as tmp:

@@ -43,7 +43,7 @@ from megatron_softgrpo.soft import noise_rng
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "softgrpo-smollm2-135m-cpu.yaml")
-ANSWER_FORMAT = "last_number"  # the recipe's env.answer_format, which the evaluation grades with
+ANSWER_FORMAT = load_recipe(RECIPE).cfg.env.answer_format  # what the evaluation grades with
 FIELDS = {"problem_id", "problem_index", "sample", "text", "answer", "correct", "answer_class", "length",
           "thinking_length", "finish_reason"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -66,7 +66,7 @@ def test_last_boxed(text, expected):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        # responses of SmolLM2-135M-Instruct to the embedded default's prompts
+        # phrasings like SmolLM2-135M-Instruct's answers to the embedded default's prompts
         ("7 + 5 = 12", "12"),
         ("The result of 3 - 8 is -5.", "-5"),
         ("9 - 4 = 5\n\nSo, the answer is 5.", "5"),
