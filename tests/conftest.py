@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(Path(__file__).parent))
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*")
 
@@ -30,6 +29,8 @@ def smollm2_hf_dir():
 
 
 @pytest.fixture
-def shared_data():
-    assert SHARED_DATA.is_dir(), f"{SHARED_DATA} missing: tests read ../shared/data beside the project"
-    return SHARED_DATA
+def builtin_data():
+    """The data shipped inside the package (eval/, train/)."""
+    from megatron_softgrpo.data import builtin
+
+    return builtin.ROOT

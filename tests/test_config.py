@@ -73,6 +73,10 @@ def run_cli(capsys, *args) -> tuple[int, str]:
         ("policy: {model_name: m}\n", ["env.answer_format=last_word"], ["command line", "env.answer_format=last_word", "'boxed'", "'last_number'"]),
         # cross-field rule
         ("policy: {model_name: m, megatron_cfg: {sequence_parallel: true}}\n", [], ["policy.megatron_cfg.sequence_parallel=true", "not supported"]),
+        # a file source names exactly one file
+        ("policy: {model_name: m}\ndata: {train: {kind: json}}\n", [], ["data.train.path", "required when kind=json", "data.train.builtin"]),
+        ("policy: {model_name: m}\n", ["data.train={path: a.json, builtin: math_train}"], ["command line", "data.train.builtin=math_train", "not both"]),
+        ("policy: {model_name: m}\n", ["data.train={builtin: deepscaler}"], ["command line", "data.train.builtin=deepscaler", "'math_train'"]),
         # malformed override
         ("policy: {model_name: m}\n", ["grpo.seed"], ["command line", "dotted.key=value"]),
     ],

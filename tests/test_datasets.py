@@ -1,12 +1,13 @@
 """Problem datasets (files, reasoning-gym), prompt-length filtering, the resumable prompt sampler."""
 
 import json
+from typing import get_args
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from megatron_softgrpo.config.schema import DataCfg, DatasetCfg
+from megatron_softgrpo.config.schema import BuiltinDataset, DataCfg, DatasetCfg
 from megatron_softgrpo.data.datasets import Problem, filter_by_prompt_length, load_split, read_problems
 from megatron_softgrpo.data.sampler import PromptSampler
 from megatron_softgrpo.errors import UserError
@@ -78,33 +79,47 @@ def test_eval_format_is_detected(tmp_path):
     assert read(write_json(tmp_path / "e.json", rows)).problems == [Problem("e.json:0", "Find x.", "3", {})]
 
 
-# ---------------------------------------------------------------- the real files in ../shared/data
+# ---------------------------------------------------------------- the real files shipped in data/builtin
 
 
 @pytest.mark.parametrize(
     "name,count",
     [("aime2024", 30), ("aime2025", 30), ("amc23", 40), ("math500", 500), ("gsm8k_test", 1319), ("humaneval", 164), ("mbpp", 257)],
 )
-def test_shared_eval_files(shared_data, name, count):
-    result = read(shared_data / "eval" / f"{name}.json")
+def test_builtin_eval_files(builtin_data, name, count):
+    result = read(builtin_data / "eval" / f"{name}.json")
     assert len(result.problems) == count
-    raw = json.loads((shared_data / "eval" / f"{name}.json").read_text())
+    raw = json.loads((builtin_data / "eval" / f"{name}.json").read_text())
     assert result.problems[-1].problem == raw[-1]["prompt"][0]["value"]
     assert result.problems[-1].answer == raw[-1]["final_answer"]
 
 
-def test_shared_gsm8k_first_problem(shared_data):
-    first = read(shared_data / "eval" / "gsm8k_test.json").problems[0]
+def test_builtin_gsm8k_first_problem(builtin_data):
+    first = read(builtin_data / "eval" / "gsm8k_test.json").problems[0]
     assert first.problem.startswith("Janet\u2019s ducks lay 16 eggs") and first.answer == "18"
 
 
-def test_shared_train_files(shared_data):
-    aime = read(shared_data / "train" / "aime_1983_2023.json")
+def test_builtin_names_are_the_shipped_math_files(builtin_data):
+    shipped = {p.stem for p in builtin_data.glob("*/*.json")}
+    assert set(get_args(BuiltinDataset)) == shipped - {"humaneval", "mbpp"}  # code rows are not problem/answer pairs
+    assert (builtin_data / "README.md").is_file()
+
+
+def test_a_recipe_reads_a_builtin_file_without_a_path(builtin_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no relative path involved
+    aime = read_problems(DatasetCfg(builtin="aime_1983_2023"), key="data.train")
+    assert aime.problems == read(builtin_data / "train" / "aime_1983_2023.json").problems
+    gsm = read_problems(DatasetCfg(builtin="gsm8k_test"), key="data.validation")  # an evaluation file's layout
+    assert len(gsm.problems) == 1319 and gsm.problems[0].answer == "18"
+
+
+def test_builtin_train_files(builtin_data):
+    aime = read(builtin_data / "train" / "aime_1983_2023.json")
     assert len(aime.problems) == 975 and {"solution", "year"} <= set(aime.problems[0].metadata)
     # math_train has two rows whose answer is null: an error naming the first, or two counted skips
-    message = one_line_error(shared_data / "train" / "math_train.json")
+    message = one_line_error(builtin_data / "train" / "math_train.json")
     assert "math_train.json row 886: field 'answer'" in message and "got null" in message
-    math = read_problems(DatasetCfg(path=str(shared_data / "train" / "math_train.json")), key="data.train", skip_malformed_rows=True)
+    math = read_problems(DatasetCfg(path=str(builtin_data / "train" / "math_train.json")), key="data.train", skip_malformed_rows=True)
     assert (len(math.problems), math.skipped_malformed) == (7472, 2)
     assert math.first_skip.startswith("row 886:")
     assert "math_train.json:886" not in {p.id for p in math.problems} and "math_train.json:887" in {p.id for p in math.problems}

@@ -1,4 +1,4 @@
-"""Benchmark loaders (../shared/data/eval and users' files), their graders, and data-parallel sharding."""
+"""Benchmark loaders (the built-in evaluation files and users' files), their graders, and data-parallel sharding."""
 
 import json
 
@@ -21,9 +21,9 @@ COUNTS = {"aime2024": 30, "aime2025": 30, "amc23": 40, "math500": 500, "gsm8k": 
 
 
 @pytest.mark.parametrize("name, count", COUNTS.items())
-def test_each_loader_reads_its_file(shared_data, name, count):
+def test_each_loader_reads_its_file(builtin_data, name, count):
     benchmark = get_benchmark(name)
-    problems = load_problems(name, shared_data / "eval" / benchmark.filename)
+    problems = load_problems(name, builtin_data / "eval" / benchmark.filename)
     assert len(problems) == count
     assert len({p.id for p in problems}) == count
     assert all(p.prompt.strip() for p in problems)
@@ -33,15 +33,15 @@ def test_each_loader_reads_its_file(shared_data, name, count):
         assert benchmark.prompt_template.format(problem=problems[0].prompt).count(problems[0].prompt) == 1
 
 
-def test_loaded_fields_match_the_file(shared_data):
-    raw = json.loads((shared_data / "eval" / "mbpp.json").read_text())[0]
-    problem = load_problems("mbpp", shared_data / "eval" / "mbpp.json")[0]
+def test_loaded_fields_match_the_file(builtin_data):
+    raw = json.loads((builtin_data / "eval" / "mbpp.json").read_text())[0]
+    problem = load_problems("mbpp", builtin_data / "eval" / "mbpp.json")[0]
     assert problem.id == f"mbpp/{raw['final_answer']['task_id']}"
     assert problem.prompt.startswith(raw["prompt"][0]["value"])
     assert raw["final_answer"]["test_list"][0] in problem.prompt  # the tests name the function
     assert problem.reference.test_list == tuple(raw["final_answer"]["test_list"])
-    gsm = load_problems("gsm8k", shared_data / "eval" / "gsm8k_test.json")[3]
-    raw = json.loads((shared_data / "eval" / "gsm8k_test.json").read_text())[3]
+    gsm = load_problems("gsm8k", builtin_data / "eval" / "gsm8k_test.json")[3]
+    raw = json.loads((builtin_data / "eval" / "gsm8k_test.json").read_text())[3]
     assert (gsm.prompt, gsm.reference) == (raw["prompt"][0]["value"], raw["final_answer"])
 
 
@@ -108,8 +108,8 @@ def test_shard_then_merge_restores_the_order(count, world_size):
 # ---------------------------------------------------------------- graders
 
 
-def test_math_grader(shared_data):
-    problems = load_problems("math500", shared_data / "eval" / "math500.json")[:3]
+def test_math_grader(builtin_data):
+    problems = load_problems("math500", builtin_data / "eval" / "math500.json")[:3]
     # problem 0: (3, pi/2)
     responses = [
         r"In polar form this is \boxed{\left(3, \frac{\pi}{2}\right)}.",
@@ -126,9 +126,9 @@ def test_math_grader(shared_data):
         grade_responses("math500", problems, responses)
 
 
-def test_math_grader_reads_the_recipes_answer_format(shared_data):
+def test_math_grader_reads_the_recipes_answer_format(builtin_data):
     """With `env.answer_format: last_number` the last number is the answer, boxed or not."""
-    problems = load_problems("gsm8k", shared_data / "eval" / "gsm8k_test.json")[:2]
+    problems = load_problems("gsm8k", builtin_data / "eval" / "gsm8k_test.json")[:2]
     reference = problems[0].reference
     responses = [f"So the total is {int(reference):,} dollars.", rf"\boxed{{{problems[1].reference}}} or maybe 1"]
     grader = MathGrader(num_workers=1, timeout_s=60.0)
@@ -150,9 +150,9 @@ def test_last_python_block():
     assert last_python_block("no code") is None
 
 
-def test_code_graders(shared_data):
-    humaneval = load_problems("humaneval", shared_data / "eval" / "humaneval.json")[:2]
-    mbpp = load_problems("mbpp", shared_data / "eval" / "mbpp.json")[:2]
+def test_code_graders(builtin_data):
+    humaneval = load_problems("humaneval", builtin_data / "eval" / "humaneval.json")[:2]
+    mbpp = load_problems("mbpp", builtin_data / "eval" / "mbpp.json")[:2]
     he0, he1 = humaneval
     full_definition = (
         "Here it is:\n```python\nfrom typing import List\n\n"

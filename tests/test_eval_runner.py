@@ -19,6 +19,7 @@ from tiny_models import make_hf_model
 from megatron_softgrpo import cli
 from megatron_softgrpo.config import load_recipe
 from megatron_softgrpo.config.schema import BenchmarkName
+from megatron_softgrpo.data import builtin
 from megatron_softgrpo.distributed import ParallelLayout, init_distributed
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.eval.benchmarks import BENCHMARKS, get_benchmark, load_problems
@@ -84,23 +85,35 @@ def test_eval_section_defaults_and_bad_values():
             load_recipe(RECIPE, overrides)
 
 
-def test_the_default_data_dir_is_the_shared_benchmark_files(monkeypatch, tmp_path):
-    monkeypatch.chdir(ROOT)  # relative to the current directory, like data.train.path
+def test_the_default_data_dir_is_the_built_in_benchmark_files(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # found from anywhere: the files ship inside the package
     loaded = load_recipe(RECIPE, ["eval.benchmarks=[gsm8k,humaneval]", f"logger.log_dir={tmp_path}"])
-    assert loaded.cfg.eval.data_dir == "../shared/data/eval"
+    assert loaded.cfg.eval.data_dir is None
     plans = plan_eval(loaded)
     assert [len(p.problems) for p in plans] == [1319, 164]
-    assert plans[0].path.resolve() == (ROOT.parent / "shared" / "data" / "eval" / "gsm8k_test.json").resolve()
+    assert plans[0].path == builtin.EVAL_DIR / "gsm8k_test.json" and plans[0].path.is_file()
+
+
+def test_a_users_data_dir_and_file_win_over_the_built_in_ones(tmp_path):
+    own = tmp_path / "own"
+    own.mkdir()
+    rows = json.loads((builtin.EVAL_DIR / "gsm8k_test.json").read_text())[:3]
+    (own / "gsm8k_test.json").write_text(json.dumps(rows))
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    log = f"logger.log_dir={tmp_path / 'log'}"
+    by_dir = plan_eval(load_recipe(RECIPE, ["eval.benchmarks=[gsm8k]", f"eval.data_dir={own}", log]))
+    assert by_dir[0].path == own / "gsm8k_test.json" and len(by_dir[0].problems) == 3
+    by_file = plan_eval(load_recipe(RECIPE, ["eval.benchmarks=[gsm8k,amc23]", f"eval.files.gsm8k={tmp_path / 'mine.jsonl'}", log]))
+    assert [len(p.problems) for p in by_file] == [2, 40]  # amc23 still from the built-in files
+    assert by_file[1].path == builtin.EVAL_DIR / "amc23.json"
 
 
 def test_cli_names_a_missing_data_dir_before_loading_any_model(capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # ../shared/data/eval is not there
-    assert cli.main(["eval", RECIPE, "eval.benchmarks=[gsm8k]"]) == 2
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["eval", RECIPE, "eval.benchmarks=[gsm8k]", "eval.data_dir=benchmarks"]) == 2
     err = capsys.readouterr().err
-    assert "base.yaml: eval.data_dir=../shared/data/eval: no such directory" in err and str(tmp_path) in err
+    assert "command line: eval.data_dir=benchmarks: no such directory" in err and str(tmp_path) in err
     assert len(err.strip().splitlines()) == 1
-    assert cli.main(["eval", RECIPE, "eval.benchmarks=[gsm8k]", "eval.data_dir=null"]) == 2
-    assert "eval.data_dir=null: set it to the directory of the benchmark files, or set eval.files.gsm8k" in capsys.readouterr().err
 
 
 def test_decoding_mode_and_batch_seeds():
@@ -128,8 +141,8 @@ def test_checkpoint_argument_takes_a_checkpoint_or_a_checkpoint_dir(tmp_path):
 # ---------------------------------------------------------------- grading one batch
 
 
-def test_grade_batch_records_answers_correctness_and_votes(shared_data):
-    problems = load_problems("gsm8k", shared_data / "eval" / "gsm8k_test.json")[:2]  # answers 18 and 3
+def test_grade_batch_records_answers_correctness_and_votes(builtin_data):
+    problems = load_problems("gsm8k", builtin_data / "eval" / "gsm8k_test.json")[:2]  # answers 18 and 3
     assert [p.reference for p in problems] == ["18", "3"]
     texts = [
         "so \\boxed{18}", "I think \\boxed{17}", "it is \\boxed{18.0}", "no box at all",
@@ -153,8 +166,8 @@ def test_grade_batch_records_answers_correctness_and_votes(shared_data):
     assert records[-1].graded().truncated and not records[0].graded().truncated
 
 
-def test_grade_batch_runs_code_in_the_sandbox_without_votes(shared_data):
-    problem = load_problems("mbpp", shared_data / "eval" / "mbpp.json")[0]
+def test_grade_batch_runs_code_in_the_sandbox_without_votes(builtin_data):
+    problem = load_problems("mbpp", builtin_data / "eval" / "mbpp.json")[0]
     good = f"Here it is:\n```python\n{problem.reference.reference_code}\n```"
     texts = [good, "```python\ndef nothing():\n    pass\n```", "no code"]
     records = grade_batch(get_benchmark("mbpp"), [0], [problem], Responses(texts, [5] * 3, [0] * 3, ["eos"] * 3), 3, None)
@@ -338,8 +351,8 @@ def _fake_eval(log_dir: Path, data_dir: Path, tokenizer, engine: FakeEngine, *ex
     return run_eval(loaded.cfg, plan_eval(loaded), engine, tokenizer)
 
 
-def test_runner_writes_samples_and_a_summary_that_recomputes(tmp_path, shared_data, tokenizer):
-    summary = _fake_eval(tmp_path, shared_data / "eval", tokenizer, FakeEngine())
+def test_runner_writes_samples_and_a_summary_that_recomputes(tmp_path, builtin_data, tokenizer):
+    summary = _fake_eval(tmp_path, builtin_data / "eval", tokenizer, FakeEngine())
     eval_dir = tmp_path / "eval"
     assert read_summary(tmp_path) == summary
     data = json.loads((eval_dir / "summary.json").read_text())
@@ -357,8 +370,8 @@ def test_runner_writes_samples_and_a_summary_that_recomputes(tmp_path, shared_da
     assert "| mean@4 (Pass@1) |" in (eval_dir / "summary.md").read_text()
 
 
-def test_runner_resumes_an_interrupted_eval_to_the_same_result(tmp_path, shared_data, tokenizer):
-    data_dir = shared_data / "eval"
+def test_runner_resumes_an_interrupted_eval_to_the_same_result(tmp_path, builtin_data, tokenizer):
+    data_dir = builtin_data / "eval"
     _fake_eval(tmp_path / "whole", data_dir, tokenizer, FakeEngine())
     # gsm8k takes 4 calls (7 problems, 2 per call); stop during amc23's second batch
     with pytest.raises(KeyboardInterrupt):
@@ -371,9 +384,9 @@ def test_runner_resumes_an_interrupted_eval_to_the_same_result(tmp_path, shared_
         assert (tmp_path / "cut" / "eval" / name).read_text() == (tmp_path / "whole" / "eval" / name).read_text(), name
 
 
-def test_runner_samples_do_not_depend_on_the_batch_history(tmp_path, shared_data, tokenizer):
+def test_runner_samples_do_not_depend_on_the_batch_history(tmp_path, builtin_data, tokenizer):
     """Each batch is seeded from its identity: evaluating more problems keeps the samples of the earlier batches."""
-    data_dir = shared_data / "eval"
+    data_dir = builtin_data / "eval"
     _fake_eval(tmp_path / "few", data_dir, tokenizer, FakeEngine(), "eval.benchmarks=[gsm8k]", "eval.num_problems=4")
     _fake_eval(tmp_path / "more", data_dir, tokenizer, FakeEngine(), "eval.benchmarks=[gsm8k]", "eval.num_problems=7")
     few = (tmp_path / "few" / "eval" / "gsm8k" / "samples.jsonl").read_text().splitlines()
@@ -392,14 +405,14 @@ def test_progress_line_shows_problems_rate_and_time_left():
     assert progress(0, 7, 4, 0, 1.0).endswith("0.00 samples/s, ETA unknown")
 
 
-def test_runner_logs_progress_each_round(tmp_path, shared_data, tokenizer, capsys):
-    _fake_eval(tmp_path, shared_data / "eval", tokenizer, FakeEngine(), "eval.benchmarks=[gsm8k]")
+def test_runner_logs_progress_each_round(tmp_path, builtin_data, tokenizer, capsys):
+    _fake_eval(tmp_path, builtin_data / "eval", tokenizer, FakeEngine(), "eval.benchmarks=[gsm8k]")
     lines = re.findall(r"\[eval\] gsm8k: (\d+)/7 problems, \d+\.\d\d samples/s, ETA \d+:\d\d:\d\d", capsys.readouterr().err)
     assert [int(done) for done in lines] == [2, 4, 6, 7]  # one line per batch of 2 problems
 
 
-def test_runner_with_fewer_problems_keeps_the_samples_and_summarises_the_current_problems(tmp_path, shared_data, tokenizer):
-    data_dir, args = shared_data / "eval", ("eval.benchmarks=[gsm8k]", "eval.n=2")
+def test_runner_with_fewer_problems_keeps_the_samples_and_summarises_the_current_problems(tmp_path, builtin_data, tokenizer):
+    data_dir, args = builtin_data / "eval", ("eval.benchmarks=[gsm8k]", "eval.n=2")
     _fake_eval(tmp_path, data_dir, tokenizer, FakeEngine(), *args, "eval.num_problems=6")
     path = tmp_path / "eval" / "gsm8k" / "samples.jsonl"
     six = path.read_text()
@@ -425,7 +438,7 @@ def _eval(log_dir: Path, data_dir: Path, *extra: str) -> int:
 
 @pytest.fixture(scope="module")
 def e2e_runs(tmp_path_factory, smollm2_hf_dir):
-    data_dir = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
+    data_dir = builtin.EVAL_DIR
     runs = {}
     for mode in ("gumbel", "discrete"):
         log_dir = tmp_path_factory.mktemp(mode)
@@ -540,7 +553,7 @@ def test_an_interrupted_eval_resumes_to_the_same_summary(e2e_runs, tmp_path, cap
 
 
 @pytest.mark.slow  # 14 s on an idle machine, 24 s on a busy one
-def test_eval_of_a_training_checkpoint(tmp_path, smollm2_hf_dir, shared_data):
+def test_eval_of_a_training_checkpoint(tmp_path, smollm2_hf_dir, builtin_data):
     """`checkpoint=DIR` (a checkpoint_dir) evaluates its latest step, and the summary names that step."""
     model = tmp_path / "tiny-llama"
     make_hf_model("llama", model, vocab_size=49152)
@@ -566,7 +579,7 @@ def test_eval_of_a_training_checkpoint(tmp_path, smollm2_hf_dir, shared_data):
     assert (step / "softgrpo_checkpoint.json").is_file()
     log_dir = tmp_path / "eval-run"
     assert cli.main(["eval", str(recipe), f"checkpoint={run / 'ckpt'}", "eval.benchmarks=[gsm8k]", "eval.num_problems=1",
-                     "eval.n=2", "eval.max_new_tokens=4", f"eval.data_dir={shared_data / 'eval'}",
+                     "eval.n=2", "eval.max_new_tokens=4", f"eval.data_dir={builtin_data / 'eval'}",
                      f"logger.log_dir={log_dir}"]) == 0
     summary = json.loads((log_dir / "eval" / "summary.json").read_text())
     assert summary["model"] == str(step)

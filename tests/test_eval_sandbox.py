@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_softgrpo.data import builtin
 from megatron_softgrpo.eval import sandbox
 from megatron_softgrpo.eval.benchmarks import BENCHMARKS, grade_responses, load_problems
 from megatron_softgrpo.eval.code_grading import HumanEvalTests
@@ -62,8 +63,7 @@ def _no_stray_processes():
 
 @pytest.fixture(scope="module")
 def code_problems():
-    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
-    return {name: load_problems(name, data / BENCHMARKS[name].filename) for name in ("humaneval", "mbpp")}
+    return {name: load_problems(name, builtin.EVAL_DIR / BENCHMARKS[name].filename) for name in ("humaneval", "mbpp")}
 
 
 @pytest.mark.parametrize("name", ["humaneval", "mbpp"])

@@ -106,7 +106,7 @@ def test_extract_answer_dispatches_on_the_format():
     assert get_args(EnvCfg.model_fields["answer_format"].annotation) == ANSWER_FORMATS
 
 
-# (response, reference, correct): references as they appear in ../shared/data/eval
+# (response, reference, correct): references as they appear in the built-in evaluation files
 ANSWER_PAIRS = [
     (r"\boxed{0.5}", r"\frac{1}{2}", True),
     (r"\boxed{\frac{1}{2}}", "0.5", True),
@@ -141,10 +141,10 @@ def test_math_grading_table(grader):
     assert grader.grade(responses, references) == list(expected)
 
 
-def test_reference_answers_of_every_math_benchmark_grade_as_correct(grader, shared_data):
+def test_reference_answers_of_every_math_benchmark_grade_as_correct(grader, builtin_data):
     references = []
     for name in ("aime2024", "aime2025", "amc23", "math500", "gsm8k_test"):
-        references += [row["final_answer"] for row in json.loads((shared_data / "eval" / f"{name}.json").read_text())]
+        references += [row["final_answer"] for row in json.loads((builtin_data / "eval" / f"{name}.json").read_text())]
     assert all(grader.grade([rf"so \boxed{{{r}}}" for r in references], references))
     # and another problem's answer is wrong (the grader does not accept everything)
     sample = references[::10]

@@ -35,8 +35,11 @@ def check_recipe(loaded: LoadedRecipe) -> None:
         ds = getattr(cfg.data, split)
         if ds is None:
             continue
-        if ds.kind == "json" and not ds.path:
-            raise loaded.error(f"data.{split}.path", "required when kind=json (a JSON, JSONL or parquet file)")
+        if ds.kind == "json" and not ds.path and ds.builtin is None:
+            raise loaded.error(f"data.{split}.path", "required when kind=json (a JSON, JSONL or parquet file), "
+                               f"unless data.{split}.builtin names a file shipped with the package")
+        if ds.path and ds.builtin is not None:
+            raise loaded.error(f"data.{split}.builtin", f"set either it or data.{split}.path, not both")
         if ds.kind == "reasoning_gym" and not ds.task:
             raise loaded.error(f"data.{split}.task", "required when kind=reasoning_gym (a reasoning-gym task name)")
     responses = cfg.grpo.num_prompts_per_step * cfg.grpo.num_generations_per_prompt

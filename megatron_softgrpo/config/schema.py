@@ -136,14 +136,14 @@ class LossCfg(Section):
 
 
 class ThinkingCfg(Section):
-    """Sampling of the soft thinking phase (SPEC.md section 1)."""
+    """Sampling of the soft thinking phase (docs/algorithm.md section 1)."""
 
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
     top_k: Optional[int] = Field(5, ge=1)  # truncation top-k (reference: equal to mixture_size)
     min_p: float = Field(0.0, ge=0, lt=1)
     max_thinking_tokens: Optional[int] = Field(None, ge=1)  # force the think-end marker after N soft steps
-    cold_stop_entropy: Optional[float] = Field(None, gt=0)  # SPEC.md "cold stop"; off by default
+    cold_stop_entropy: Optional[float] = Field(None, gt=0)  # docs/algorithm.md "cold stop"; off by default
     cold_stop_steps: int = Field(256, ge=1)
 
 
@@ -165,9 +165,16 @@ class SoftGRPOCfg(Section):
 # ---------------------------------------------------------------- data, logging, checkpoints, cluster
 
 
+# the files of `data/builtin/` a recipe names without a path (a test keeps the two in step)
+BuiltinDataset = Literal[
+    "math_train", "aime_1983_2023", "aime2024", "aime2025", "amc23", "math500", "gsm8k_test"
+]
+
+
 class DatasetCfg(Section):
     kind: Literal["json", "reasoning_gym"] = "json"
     path: Optional[str] = None  # JSON / JSONL / parquet file (kind=json)
+    builtin: Optional[BuiltinDataset] = None  # a file shipped with the package, instead of path (kind=json)
     # dotted paths into a row, integers index lists (e.g. "prompt.0.value"); null: the first of the
     # known layouts present in the file's first row (problem/answer, or prompt.0.value/final_answer)
     problem_key: Optional[str] = None
@@ -221,7 +228,7 @@ class EnvCfg(Section):
 
     reward: Literal["math_verify", "exact_match", "reasoning_gym"] = "math_verify"
     # where every reward reads a response's answer (rewards/answers.py): the right-most \\boxed{}
-    # (SPEC.md section 6) or the last number written (lm-eval-harness's "flexible-extract")
+    # (docs/algorithm.md section 6) or the last number written (lm-eval-harness's "flexible-extract")
     answer_format: Literal["boxed", "last_number"] = "boxed"
     # added to the reward of a response that gives an answer (answer_format) and ends before the length
     # limit (an R1-style format reward; 0 = the reference's pure correctness reward). Accuracy is
@@ -238,10 +245,11 @@ BenchmarkName = Literal["aime2024", "aime2025", "amc23", "math500", "gsm8k", "hu
 
 
 class EvalCfg(Section):
-    """`softgrpo eval`: n samples per problem of each benchmark, graded (SPEC.md section 6)."""
+    """`softgrpo eval`: n samples per problem of each benchmark, graded (docs/algorithm.md section 6)."""
 
     benchmarks: list[BenchmarkName] = ["aime2024", "aime2025", "amc23", "math500", "gsm8k"]
-    # a directory with each benchmark's standard file (aime2024.json, ..., gsm8k_test.json, humaneval.json, mbpp.json)
+    # a directory with each benchmark's standard file (aime2024.json, ..., gsm8k_test.json, humaneval.json,
+    # mbpp.json); null: the files shipped with the package (data/builtin/eval)
     data_dir: Optional[str] = None
     files: dict[BenchmarkName, str] = {}  # a benchmark's own file (JSON list or JSONL), instead of data_dir's
     n: int = Field(32, ge=1)  # samples per problem

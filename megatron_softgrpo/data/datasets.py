@@ -6,8 +6,9 @@ Sources (a recipe's `data.train` / `data.validation`):
   file that does not start with `[`), or parquet. The problem and answer fields are dotted
   paths into a row (`problem_key`, `answer_key`; integers index lists, e.g. `prompt.0.value`).
   Unset, each is the first known layout present in the first row: `problem`/`answer`
-  (MATH, DeepScaleR, ../shared/data/train) or `prompt.0.value`/`final_answer` (the
-  reference evaluation files, ../shared/data/eval).
+  (MATH, DeepScaleR, the built-in training files) or `prompt.0.value`/`final_answer` (the
+  reference evaluation files). `builtin: NAME` reads a file shipped with the package
+  (`data/builtin/`) instead of `path`.
 - `reasoning-gym` generators (`kind: reasoning_gym`): a task, its config, a size and a seed.
 
 Every row is checked when the dataset is loaded, so bad input stops the run at start-up with
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from megatron_softgrpo.config.schema import DataCfg, DatasetCfg
+from megatron_softgrpo.data import builtin
 from megatron_softgrpo.data.prompts import encode_prompt
 from megatron_softgrpo.errors import UserError
 
@@ -201,11 +203,14 @@ class _Collector:
 
 
 def _read_file(cfg: DatasetCfg, key: str, skip_malformed_rows: bool) -> ReadResult:
-    if not cfg.path:
+    if cfg.builtin is not None:
+        path = builtin.path_of(cfg.builtin)
+    elif not cfg.path:
         raise UserError(f"{key}.path: required when kind=json (a JSON, JSONL or parquet file)")
-    path = Path(cfg.path).expanduser()
-    if not path.is_file():
-        raise UserError(f"{key}.path={cfg.path}: no such file")
+    else:
+        path = Path(cfg.path).expanduser()
+        if not path.is_file():
+            raise UserError(f"{key}.path={cfg.path}: no such file")
     rows = list(_file_rows(path))
     first_object = next((row for _, _, row in rows if isinstance(row, dict)), None)
     problem_key = cfg.problem_key or _detect(first_object, KNOWN_PROBLEM_KEYS, path, f"{key}.problem_key")

@@ -5,8 +5,8 @@ math-verify (`rewards.math`). Code (humaneval, mbpp): the last ```python block r
 benchmark's tests in the sandbox (`code_grading`, `sandbox`).
 
 Files: a JSON list, or JSONL (one object per line, `.jsonl`); errors name the file and the
-row (the 0-based index of the problem). A row is the format of
-`../shared/data/eval` -- `{"prompt": [{"from": "user", "value": TEXT}], "final_answer": ANSWER}`
+row (the 0-based index of the problem). A row is the format of the built-in evaluation
+files (`data/builtin/eval`) -- `{"prompt": [{"from": "user", "value": TEXT}], "final_answer": ANSWER}`
 -- where `prompt` may also be a plain string or `problem`/`question`, and `final_answer` may
 also be `answer`. Code rows keep their tests in `final_answer` (HumanEval: task_id,
 canonical_solution, test, entry_point; MBPP: task_id, code, test_list, test_import(s)).
@@ -47,7 +47,7 @@ class Grade:
 
 
 def load_problems(name: str, path: str | Path) -> list[Problem]:
-    """The problems of benchmark `name` from `path` (its file in ../shared/data/eval, or the user's own)."""
+    """The problems of benchmark `name` from `path` (its built-in file, or the user's own)."""
     benchmark = get_benchmark(name)
     path = Path(path)
     rows = _read_rows(path)
@@ -164,9 +164,9 @@ def _mbpp_problem(name: str, index: int, row: dict, error: _RowErrors) -> Proble
 @dataclass(frozen=True)
 class Benchmark:
     name: str
-    filename: str  # its file in the evaluation data directory (../shared/data/eval)
+    filename: str  # its file in the evaluation data directory (`eval.data_dir`)
     kind: Literal["math", "code"]
-    prompt_template: str | None  # `{problem}` placeholder; None: the recipe's math template (SPEC.md section 6)
+    prompt_template: str | None  # `{problem}` placeholder; None: the recipe's math template (docs/algorithm.md section 6)
     parse_row: Callable[[str, int, dict, _RowErrors], Problem]
 
 

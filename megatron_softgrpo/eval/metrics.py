@@ -1,4 +1,4 @@
-"""Evaluation metrics over per-problem sample tables (pure functions; SPEC.md section 6).
+"""Evaluation metrics over per-problem sample tables (pure functions; docs/algorithm.md section 6).
 
 A table holds, for each problem, its n graded samples in sample-index order. Reported:
 

@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 from megatron_softgrpo.config.loader import LoadedRecipe
 from megatron_softgrpo.config.schema import RecipeCfg, SoftGRPOCfg
+from megatron_softgrpo.data import builtin
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.eval.benchmarks import Benchmark, Problem, get_benchmark, grade_responses, load_problems, shard
 from megatron_softgrpo.eval.metrics import BenchmarkMetrics, summarize
@@ -90,14 +91,12 @@ def plan_eval(loaded: LoadedRecipe) -> list[BenchmarkPlan]:
         benchmark = get_benchmark(name)
         if name in ev.files:
             path = Path(ev.files[name]).expanduser()
-        elif ev.data_dir is not None:
-            data_dir = Path(ev.data_dir).expanduser()
+        else:
+            data_dir = builtin.EVAL_DIR if ev.data_dir is None else Path(ev.data_dir).expanduser()
             if not data_dir.is_dir():
                 raise loaded.error("eval.data_dir", f"no such directory (a relative path is resolved from the current "
                                    f"directory, {Path.cwd()}); point it at the benchmark files, or set eval.files.{name}")
             path = data_dir / benchmark.filename
-        else:
-            raise loaded.error("eval.data_dir", f"set it to the directory of the benchmark files, or set eval.files.{name}")
         problems = load_problems(name, path)[: ev.num_problems]
         plan = BenchmarkPlan(benchmark, path, problems, benchmark.prompt_template or data.prompt_template)
         SampleFile(eval_dir(loaded.cfg) / name).check_settings(sample_settings(loaded.cfg, plan))
