@@ -1,11 +1,19 @@
-"""Run a function on N CPU ranks (gloo), the way torchrun would, and collect each rank's result."""
+"""Run a function on N CPU ranks (gloo), the way torchrun would, and collect each rank's result.
+
+A rank's result crosses the queue as bytes (`torch.save`), never as a tensor: a tensor is sent
+as a shared-memory file descriptor that the parent fetches from the rank later, and a rank that
+has exited by then leaves the parent a `FileNotFoundError` (a race under load).
+"""
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import socket
 import traceback
+
+import torch
 
 
 def _free_port() -> int:
@@ -20,11 +28,10 @@ def _child(fn, rank, world_size, port, args, queue):
     )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        import torch
-
         torch.set_num_threads(1)
-        result = fn(rank, *args)
-        queue.put((rank, "ok", result))
+        buffer = io.BytesIO()
+        torch.save(fn(rank, *args), buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # report everything, including assertion errors, to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -47,7 +54,7 @@ def run_ranks(world_size: int, fn, *args, timeout: float = 600.0) -> list:
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
                 break

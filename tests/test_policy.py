@@ -87,7 +87,7 @@ def make_batch(seed: int, rows: int = 4, seq: int = 12) -> PolicyBatch:
 
 
 def reference_logprobs(hf_model, batch: PolicyBatch) -> torch.Tensor:
-    """SPEC.md section 2 in float64 with transformers: inputs sum_k w_k E[ids_k], logits j-1 score record j."""
+    """docs/algorithm.md section 2 in float64 with transformers: inputs sum_k w_k E[ids_k], logits j-1 score record j."""
     model = hf_model.double()
     rows = batch.rows
     table = model.get_input_embeddings().weight
@@ -199,8 +199,10 @@ def test_logprobs_match_transformers_in_float64(kind, tmp_path):
         assert logp.dtype == torch.float32 and logp.shape == batch.loss_mask.shape
         assert (logp.double() - expected).abs().max() <= 1e-4
         assert (logp[~batch.loss_mask] == 0).all()
-    # an odd number of rows is padded internally and trimmed again
-    assert torch.equal(worker.compute_logprobs(batch.row_slice(0, 3)), worker.compute_logprobs(batch)[:3])
+    # an odd number of rows is padded internally and trimmed again; the padding row shares a GEMM
+    # with row 2, which BLAS does not promise leaves row 2's bits alone (they differ on AMD EPYC)
+    odd, whole = worker.compute_logprobs(batch.row_slice(0, 3)), worker.compute_logprobs(batch)[:3]
+    assert odd.shape == whole.shape and (odd - whole).abs().max() <= 1e-5
 
 
 def test_first_update_ratio_is_exactly_one_and_kl_zero(tmp_path):
