@@ -118,19 +118,27 @@ def make_rows(kind: str, length: int, device, gen):
 
 def print_agreement(tag, hidden, weight, rows, scorer, shard, chunk_size) -> None:
     """How far chunked and fused are from naive: values, and gradients relative to their largest entry."""
-    from megatron_softgrpo.soft import log_density_from_hidden, log_density_from_logits, objective_from_hidden
+    from megatron_softgrpo.soft import (
+        log_density_from_hidden,
+        log_density_from_logits,
+        objective_from_hidden,
+    )
 
     outputs = {}
     for name in ("naive", "chunked", "fused"):
         h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
         if name == "fused":
-            scored = objective_from_hidden(h, w, rows, scorer, shard, lambda ell, _, __: ell, chunk_size=chunk_size)
+            scored = objective_from_hidden(
+                h, w, rows, scorer, shard, lambda ell, _, __: ell, chunk_size=chunk_size
+            )
             ell, loss = scored.ell, scored.value
         else:
             if name == "chunked":
                 ell = log_density_from_hidden(h, w, rows, scorer, shard, chunk_size=chunk_size)
             else:
-                ell = log_density_from_logits((h.transpose(0, 1) @ w.t()).float(), rows, scorer, shard)
+                ell = log_density_from_logits(
+                    (h.transpose(0, 1) @ w.t()).float(), rows, scorer, shard
+                )
             loss = ell.sum()
         loss.backward()
         outputs[name] = (ell.detach(), h.grad.float(), w.grad.float())
@@ -138,13 +146,19 @@ def print_agreement(tag, hidden, weight, rows, scorer, shard, chunk_size) -> Non
     for name in ("chunked", "fused"):
         ell, gh, gw = outputs[name]
         print(f"{tag}/{name}_max_abs_diff_vs_naive: {(ell_n - ell).abs().max().item():.2e}")
-        print(f"{tag}/{name}_max_rel_diff_grad_hidden: {((gh_n - gh).abs().max() / gh_n.abs().max()).item():.2e}")
-        print(f"{tag}/{name}_max_rel_diff_grad_weight: {((gw_n - gw).abs().max() / gw_n.abs().max()).item():.2e}")
+        print(
+            f"{tag}/{name}_max_rel_diff_grad_hidden: {((gh_n - gh).abs().max() / gh_n.abs().max()).item():.2e}"
+        )
+        print(
+            f"{tag}/{name}_max_rel_diff_grad_weight: {((gw_n - gw).abs().max() / gw_n.abs().max()).item():.2e}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="shorter responses (under a minute on 2 CPU cores)")
+    parser.add_argument(
+        "--quick", action="store_true", help="shorter responses (under a minute on 2 CPU cores)"
+    )
     parser.add_argument("--hidden", type=int, default=1536 if CUDA else 64)
     parser.add_argument("--chunk-size", type=int, default=1024)
     args = parser.parse_args()
@@ -165,7 +179,9 @@ def main() -> None:
     shard = VocabShard.whole(PADDED, VOCAB)
     scorer = Scorer(GumbelNoise(tau=0.1), soft_temperature=1.0, discrete_temperature=1.0)
     gen = torch.Generator(device=device).manual_seed(0)
-    weight = (torch.randn(PADDED, args.hidden, device=device, generator=gen) / args.hidden**0.5).to(dtype)
+    weight = (torch.randn(PADDED, args.hidden, device=device, generator=gen) / args.hidden**0.5).to(
+        dtype
+    )
 
     print(f"device: {torch.cuda.get_device_name() if CUDA else 'cpu'}")
     print(f"hidden: {args.hidden}")
@@ -187,16 +203,22 @@ def main() -> None:
             def chunked(grad: bool):
                 h, w = hidden.detach().requires_grad_(grad), weight.detach().requires_grad_(grad)
                 with torch.set_grad_enabled(grad):
-                    ell = log_density_from_hidden(h, w, rows, scorer, shard, chunk_size=args.chunk_size)
+                    ell = log_density_from_hidden(
+                        h, w, rows, scorer, shard, chunk_size=args.chunk_size
+                    )
                     if grad:
                         ell.sum().backward()
 
             def fused(grad: bool):
                 assert grad, "the fused path is the training (forward + backward) path"
                 h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
-                objective_from_hidden(h, w, rows, scorer, shard, lambda ell, _, __: ell, chunk_size=args.chunk_size).value.backward()
+                objective_from_hidden(
+                    h, w, rows, scorer, shard, lambda ell, _, __: ell, chunk_size=args.chunk_size
+                ).value.backward()
 
-            naive_fits = 6 * length * PADDED * 4 < available_bytes() / 2  # logits, softmax, grads (fp32)
+            naive_fits = (
+                6 * length * PADDED * 4 < available_bytes() / 2
+            )  # logits, softmax, grads (fp32)
             results = {}  # name -> (forward ms or None, forward+backward ms, peak bytes of forward+backward)
             for name, fn in (("naive", naive), ("chunked", chunked), ("fused", fused)):
                 tag = f"{kind}/L{length}/{name}"
@@ -213,13 +235,21 @@ def main() -> None:
                 print(f"{tag}_fwd_bwd_ms: {results[name][1]:.1f}")
                 print(f"{tag}_peak_extra_mib: {mem.peak / 2**20:.1f}")
             if "naive" in results:
-                print_agreement(f"{kind}/L{length}", hidden, weight, rows, scorer, shard, args.chunk_size)
+                print_agreement(
+                    f"{kind}/L{length}", hidden, weight, rows, scorer, shard, args.chunk_size
+                )
                 naive_fwd, naive_fwd_bwd, naive_peak = results["naive"]
-                print(f"ratio/{kind}_L{length}_chunked_over_naive_fwd: {results['chunked'][0] / naive_fwd:.3f}")
+                print(
+                    f"ratio/{kind}_L{length}_chunked_over_naive_fwd: {results['chunked'][0] / naive_fwd:.3f}"
+                )
                 for name in ("fused", "chunked"):
                     _, fwd_bwd, peak = results[name]
-                    print(f"ratio/{kind}_L{length}_{name}_over_naive_fwd_bwd: {fwd_bwd / naive_fwd_bwd:.3f}")
-                    print(f"ratio/{kind}_L{length}_{name}_over_naive_peak_memory: {peak / max(naive_peak, 1):.3f}")
+                    print(
+                        f"ratio/{kind}_L{length}_{name}_over_naive_fwd_bwd: {fwd_bwd / naive_fwd_bwd:.3f}"
+                    )
+                    print(
+                        f"ratio/{kind}_L{length}_{name}_over_naive_peak_memory: {peak / max(naive_peak, 1):.3f}"
+                    )
         for name in ("naive", "chunked", "fused"):
             first, last = (kind, name, lengths[0]), (kind, name, lengths[-1])
             if first in peaks and last in peaks:

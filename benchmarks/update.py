@@ -31,9 +31,30 @@ import torch
 warnings.filterwarnings("ignore")
 
 SHAPES = {
-    "tiny": dict(vocab_size=49152, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "smollm2-shaped": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3),
-    "qwen2-1.5b-shaped": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2),
+    "tiny": dict(
+        vocab_size=49152,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "smollm2-shaped": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+    ),
+    "qwen2-1.5b-shaped": dict(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+    ),
 }
 
 
@@ -43,25 +64,52 @@ def write_random_model(shape: dict, path: Path) -> None:
 
     from megatron_softgrpo.models.arch import ModelArch
 
-    config = dict(model_type="qwen2", hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768,
-                  tie_word_embeddings=False, architectures=["Qwen2ForCausalLM"], **shape)
+    config = dict(
+        model_type="qwen2",
+        hidden_act="silu",
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        max_position_embeddings=32768,
+        tie_word_embeddings=False,
+        architectures=["Qwen2ForCausalLM"],
+        **shape,
+    )
     arch = ModelArch.from_hf_config(config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     h, f, hd = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
     q, kv = arch.num_attention_heads * hd, arch.num_key_value_heads * hd
-    shapes = {"model.embed_tokens.weight": (arch.vocab_size, h), "lm_head.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
+    shapes = {
+        "model.embed_tokens.weight": (arch.vocab_size, h),
+        "lm_head.weight": (arch.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
     for i in range(arch.num_layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,), p + "self_attn.v_proj.bias": (kv,),
-            p + "self_attn.o_proj.weight": (h, q), p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-            p + "mlp.down_proj.weight": (h, f),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (q, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.q_proj.bias": (q,),
+                p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.bias": (kv,),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "mlp.gate_proj.weight": (f, h),
+                p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f),
+            }
+        )
     gen = torch.Generator(device=device).manual_seed(0)
     tensors = {
-        name: (torch.ones(s) if name.endswith("norm.weight") else torch.randn(s, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu()
+        name: (
+            torch.ones(s)
+            if name.endswith("norm.weight")
+            else torch.randn(s, generator=gen, device=device) * 0.02
+        )
+        .to(torch.bfloat16)
+        .cpu()
         for name, s in shapes.items()
     }
     path.mkdir(parents=True, exist_ok=True)
@@ -72,16 +120,22 @@ def write_random_model(shape: dict, path: Path) -> None:
 def recipe(model_dir: Path, rows: int, micro: int, precision: str, algorithm: str, megatron: dict):
     from megatron_softgrpo.config.schema import RecipeCfg
 
-    return RecipeCfg.model_validate({
-        "policy": {
-            "model_name": str(model_dir), "precision": precision, "train_global_batch_size": rows,
-            "train_micro_batch_size": micro, "logprob_batch_size": micro, "max_total_sequence_length": 65536,
-            "megatron_cfg": megatron,
-        },
-        "grpo": {"num_prompts_per_step": rows, "num_generations_per_prompt": 1},
-        "loss_fn": {"reference_policy_kl_penalty": 0.0},
-        "softgrpo": {"algorithm": algorithm},
-    })
+    return RecipeCfg.model_validate(
+        {
+            "policy": {
+                "model_name": str(model_dir),
+                "precision": precision,
+                "train_global_batch_size": rows,
+                "train_micro_batch_size": micro,
+                "logprob_batch_size": micro,
+                "max_total_sequence_length": 65536,
+                "megatron_cfg": megatron,
+            },
+            "grpo": {"num_prompts_per_step": rows, "num_generations_per_prompt": 1},
+            "loss_fn": {"reference_policy_kl_penalty": 0.0},
+            "softgrpo": {"algorithm": algorithm},
+        }
+    )
 
 
 def synthetic_batch(rows: int, seq: int, vocab: int, soft: bool, k: int = 5, prompt: int = 64):
@@ -97,20 +151,30 @@ def synthetic_batch(rows: int, seq: int, vocab: int, soft: bool, k: int = 5, pro
         generated[:, prompt:] = True
         ids = torch.randint(0, vocab, (rows, seq, k), generator=g)
         ids[..., 0] = tokens
-        weights = torch.softmax(torch.randn(rows, seq, k, generator=g) * 3, -1).sort(-1, descending=True).values
+        weights = (
+            torch.softmax(torch.randn(rows, seq, k, generator=g) * 3, -1)
+            .sort(-1, descending=True)
+            .values
+        )
         recs = MixtureRows(
             tokens=tokens,
             mix_ids=torch.where(generated[..., None], ids, recs.mix_ids),
             mix_weights=torch.where(generated[..., None], weights, recs.mix_weights),
-            noise=torch.where(generated[..., None], torch.randn(rows, seq, k, generator=g), recs.noise),
+            noise=torch.where(
+                generated[..., None], torch.randn(rows, seq, k, generator=g), recs.noise
+            ),
             support=torch.where(generated[..., None], torch.ones_like(recs.support), recs.support),
             is_soft=generated,
             noise_seed=recs.noise_seed,
         )
     mask = torch.zeros(rows, seq, dtype=torch.bool)
     mask[:, prompt:] = True
-    return PolicyBatch(recs, mask, advantages=torch.randn(rows, 1, generator=g).expand(rows, seq) * mask,
-                       old_logp=torch.zeros(rows, seq))
+    return PolicyBatch(
+        recs,
+        mask,
+        advantages=torch.randn(rows, 1, generator=g).expand(rows, seq) * mask,
+        old_logp=torch.zeros(rows, seq),
+    )
 
 
 def sync():
@@ -131,7 +195,9 @@ def timed_updates(worker, batch, repeats: int) -> float:
     return best
 
 
-def timed_worker_updates(model_dir: Path, rows, seq, precision, algorithm, megatron, reps, profile) -> float:
+def timed_worker_updates(
+    model_dir: Path, rows, seq, precision, algorithm, megatron, reps, profile
+) -> float:
     """Best seconds of one update step of a new PolicyWorker (run in its own process)."""
     from megatron_softgrpo.distributed import ParallelLayout, init_distributed
     from megatron_softgrpo.models.arch import ModelArch
@@ -140,7 +206,9 @@ def timed_worker_updates(model_dir: Path, rows, seq, precision, algorithm, megat
     warnings.filterwarnings("ignore")
     init_distributed(ParallelLayout(1, 1), seed=0)
     worker = PolicyWorker(recipe(model_dir, rows, 1, precision, algorithm, megatron))
-    batch = synthetic_batch(rows, seq, ModelArch.from_hf_dir(model_dir).vocab_size, soft=algorithm == "softgrpo")
+    batch = synthetic_batch(
+        rows, seq, ModelArch.from_hf_dir(model_dir).vocab_size, soft=algorithm == "softgrpo"
+    )
     seconds = timed_updates(worker, batch, reps)
     if profile and torch.cuda.is_available():
         print_top_kernels(worker, batch)
@@ -154,7 +222,11 @@ def print_top_kernels(worker, batch, count: int = 15) -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         worker.train_step(batch)
         sync()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=count, max_name_column_width=70))
+    print(
+        prof.key_averages().table(
+            sort_by="cuda_time_total", row_limit=count, max_name_column_width=70
+        )
+    )
 
 
 def matmul_peak_tflops() -> float:
@@ -180,8 +252,14 @@ def rl_step_breakdown(steps: int) -> dict:
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "softgrpo-smollm2-135m-cpu.yaml"
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = [f"grpo.max_num_steps={steps}", "grpo.val_at_start=false", "data.validation=null",
-                     "checkpointing.enabled=false", f"logger.log_dir={tmp}", "logger.tensorboard_enabled=false"]
+        overrides = [
+            f"grpo.max_num_steps={steps}",
+            "grpo.val_at_start=false",
+            "data.validation=null",
+            "checkpointing.enabled=false",
+            f"logger.log_dir={tmp}",
+            "logger.tensorboard_enabled=false",
+        ]
         if softgrpo(["train", str(recipe), *overrides]) != 0:
             raise SystemExit("the training run failed")
         rows = read_metrics(tmp)[1:]
@@ -201,11 +279,29 @@ def main():
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--rows", type=int, default=None)
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--rl-step", action="store_true", help="time the phases of the embedded default's RL step instead")
-    p.add_argument("--steps", type=int, default=3, help="--rl-step: RL steps to run (the first is not averaged)")
-    p.add_argument("--megatron", action="append", default=[], metavar="KEY=VALUE",
-                   help="a policy.megatron_cfg setting (YAML value), e.g. bias_activation_fusion=true; repeatable")
-    p.add_argument("--profile", action="store_true", help="also print the GPU kernels taking most of one GRPO update step")
+    p.add_argument(
+        "--rl-step",
+        action="store_true",
+        help="time the phases of the embedded default's RL step instead",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=3,
+        help="--rl-step: RL steps to run (the first is not averaged)",
+    )
+    p.add_argument(
+        "--megatron",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a policy.megatron_cfg setting (YAML value), e.g. bias_activation_fusion=true; repeatable",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print the GPU kernels taking most of one GRPO update step",
+    )
     args = p.parse_args()
     if args.rl_step:
         return report(rl_step_breakdown(max(2, args.steps)), args.json)
@@ -224,8 +320,13 @@ def main():
         megatron = apply_overrides({}, args.megatron, {})
     except ConfigError as err:
         p.error(f"--megatron: {err}")
-    results: dict = {"device": torch.cuda.get_device_name() if gpu else "cpu", "model": model, "seq_len": seq, "rows": rows,
-                     "megatron_cfg": json.dumps(megatron)}
+    results: dict = {
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "model": model,
+        "seq_len": seq,
+        "rows": rows,
+        "megatron_cfg": json.dumps(megatron),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         write_random_model(SHAPES[model], Path(tmp) / "model")
         arch = ModelArch.from_hf_dir(Path(tmp) / "model")
@@ -235,15 +336,27 @@ def main():
         times = {}
         for algorithm in ("grpo", "softgrpo"):
             with spawn.Pool(1) as pool:
-                times[algorithm] = pool.apply(timed_worker_updates, (
-                    Path(tmp) / "model", rows, seq, precision, algorithm, megatron, reps, args.profile and algorithm == "grpo",
-                ))
+                times[algorithm] = pool.apply(
+                    timed_worker_updates,
+                    (
+                        Path(tmp) / "model",
+                        rows,
+                        seq,
+                        precision,
+                        algorithm,
+                        megatron,
+                        reps,
+                        args.profile and algorithm == "grpo",
+                    ),
+                )
     tokens = rows * seq
     results["update/grpo_step_s"] = times["grpo"]
     results["update/softgrpo_step_s"] = times["softgrpo"]
     results["ratio/softgrpo_over_grpo_update_step"] = times["softgrpo"] / times["grpo"]
     results["update/train_tokens_per_s"] = tokens / times["grpo"]
-    flops = 6 * arch.num_parameters() * tokens + 12 * arch.num_layers * arch.hidden_size * seq * tokens
+    flops = (
+        6 * arch.num_parameters() * tokens + 12 * arch.num_layers * arch.hidden_size * seq * tokens
+    )
     results["update/model_tflops_per_s"] = flops / times["grpo"] / 1e12
     results["params"] = arch.num_parameters()
     if gpu:

@@ -25,7 +25,9 @@ def _split_overrides(items: list[str], known: tuple[str, ...]) -> tuple[dict[str
     return args, overrides
 
 
-def _load_checked(recipe: str, overrides: list[str], for_cluster: bool = False, training: bool = False):
+def _load_checked(
+    recipe: str, overrides: list[str], for_cluster: bool = False, training: bool = False
+):
     """Recipe validated against its model's architecture, before any weights are read.
 
     `for_cluster`: outside a launcher, check the layout against the recipe's `cluster` section
@@ -53,7 +55,10 @@ def _load_engine(cfg, **settings):
     mcfg = cfg.policy.megatron_cfg
     source = resolve_model_source(cfg.policy.model_name)
     tokenizer = load_tokenizer(source, cfg.policy.tokenizer.name)
-    init_distributed(ParallelLayout(mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size), seed=cfg.grpo.seed)
+    init_distributed(
+        ParallelLayout(mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size),
+        seed=cfg.grpo.seed,
+    )
     model, padded = load_model(source, mcfg, cfg.policy.precision)
     model.eval()
     shard = VocabShard.from_parallel_state(padded, source.arch.vocab_size)
@@ -89,19 +94,29 @@ def cmd_generate(ns) -> int:
     cfg = loaded.cfg
     engine, tokenizer = _load_engine(cfg)
     seed_noise_rng(noise_seed(ns.seed, 0))
-    prompt = encode_prompt(tokenizer, args["prompt"], cfg.data.prompt_template, cfg.data.system_prompt)
+    prompt = encode_prompt(
+        tokenizer, args["prompt"], cfg.data.prompt_template, cfg.data.system_prompt
+    )
     result = engine.generate([prompt])
     if is_main_rank():
         if ns.show_soft:
             print(format_soft_steps(result, 0, tokenizer, top=ns.show_soft))
         print(result.texts[0])
-        print(f"# {int(result.response_lengths[0])} tokens ({int(result.think_lengths[0])} thinking), "
-              f"finished by {result.finish_reasons[0]}", file=sys.stderr)
+        print(
+            f"# {int(result.response_lengths[0])} tokens ({int(result.think_lengths[0])} thinking), "
+            f"finished by {result.finish_reasons[0]}",
+            file=sys.stderr,
+        )
     return 0
 
 
 def cmd_eval(ns) -> int:
-    from megatron_softgrpo.eval.runner import checkpoint_model_name, max_new_tokens, plan_eval, run_eval
+    from megatron_softgrpo.eval.runner import (
+        checkpoint_model_name,
+        max_new_tokens,
+        plan_eval,
+        run_eval,
+    )
 
     args, overrides = _split_overrides(ns.overrides, ("checkpoint",))
     if "checkpoint" in args:
@@ -175,52 +190,124 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="dotted.key=value")
     c.set_defaults(func=cmd_check)
 
-    t = sub.add_parser("train", help="SofT-GRPO / GRPO / ablation training: train RECIPE [overrides]")
+    t = sub.add_parser(
+        "train", help="SofT-GRPO / GRPO / ablation training: train RECIPE [overrides]"
+    )
     t.add_argument("recipe")
     t.add_argument("overrides", nargs="*", help="dotted.key=value")
     t.set_defaults(func=cmd_train)
 
-    g = sub.add_parser("generate", help='decode one prompt: generate RECIPE prompt="..." [overrides]')
+    g = sub.add_parser(
+        "generate", help='decode one prompt: generate RECIPE prompt="..." [overrides]'
+    )
     g.add_argument("recipe")
-    g.add_argument("--show-soft", type=int, nargs="?", const=3, default=0, metavar="N",
-                   help="print each soft thinking step's top N slots and weights (default 3)")
+    g.add_argument(
+        "--show-soft",
+        type=int,
+        nargs="?",
+        const=3,
+        default=0,
+        metavar="N",
+        help="print each soft thinking step's top N slots and weights (default 3)",
+    )
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("overrides", nargs="*", help='prompt="..." and dotted.key=value overrides')
     g.set_defaults(func=cmd_generate)
 
-    e = sub.add_parser("eval", help="Pass@k, mean@n, maj@k on the benchmarks: eval RECIPE [checkpoint=DIR] [overrides]")
+    e = sub.add_parser(
+        "eval",
+        help="Pass@k, mean@n, maj@k on the benchmarks: eval RECIPE [checkpoint=DIR] [overrides]",
+    )
     e.add_argument("recipe")
-    e.add_argument("overrides", nargs="*", help="checkpoint=DIR and dotted.key=value overrides (eval.*, softgrpo.sampler, ...)")
+    e.add_argument(
+        "overrides",
+        nargs="*",
+        help="checkpoint=DIR and dotted.key=value overrides (eval.*, softgrpo.sampler, ...)",
+    )
     e.set_defaults(func=cmd_eval)
 
-    pn = sub.add_parser("plan", help="per-GPU memory and layout check: plan [--gpus N] [--gpu-mem-gib G] RECIPE [overrides]; "
-                        "exit 0 fits, 1 does not fit, 2 invalid")
+    pn = sub.add_parser(
+        "plan",
+        help="per-GPU memory and layout check: plan [--gpus N] [--gpu-mem-gib G] RECIPE [overrides]; "
+        "exit 0 fits, 1 does not fit, 2 invalid",
+    )
     pn.add_argument("recipe")
-    pn.add_argument("--gpus", type=int, default=None, help="total GPUs (default: cluster.num_nodes x cluster.gpus_per_node)")
-    pn.add_argument("--gpu-mem-gib", type=float, default=None, help="memory per GPU in GiB (default: cluster.gpu_mem_gib)")
+    pn.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        help="total GPUs (default: cluster.num_nodes x cluster.gpus_per_node)",
+    )
+    pn.add_argument(
+        "--gpu-mem-gib",
+        type=float,
+        default=None,
+        help="memory per GPU in GiB (default: cluster.gpu_mem_gib)",
+    )
     pn.add_argument("overrides", nargs="*", help="dotted.key=value")
     pn.set_defaults(func=cmd_plan)
 
-    pl = sub.add_parser("plot", help="training curves (metrics.jsonl) or Pass@k curves (eval/summary.json) as PNG")
-    pl.add_argument("dirs", nargs="+", metavar="DIR", help="run directories (logger.log_dir) or eval directories")
-    pl.add_argument("--out", help="image file to write (.png); default with one DIR: DIR/training_curves.png "
-                    "(training curves) or DIR/pass_at_k.png (Pass@k)")
-    pl.add_argument("--kind", choices=["auto", "train", "passk"], default="auto",
-                    help="auto: Pass@k when every DIR has an eval summary, else training curves")
-    pl.add_argument("--labels", nargs="+", help="one legend label per DIR (default: DIR's name, and the decoding for Pass@k)")
-    pl.add_argument("--metric", choices=["pass_at_k", "pass_at_k_first", "maj_at_k"], default="pass_at_k",
-                    help="Pass@k curves: unbiased pass@k (default), first-k pass@k, or majority vote maj@k")
+    pl = sub.add_parser(
+        "plot", help="training curves (metrics.jsonl) or Pass@k curves (eval/summary.json) as PNG"
+    )
+    pl.add_argument(
+        "dirs",
+        nargs="+",
+        metavar="DIR",
+        help="run directories (logger.log_dir) or eval directories",
+    )
+    pl.add_argument(
+        "--out",
+        help="image file to write (.png); default with one DIR: DIR/training_curves.png "
+        "(training curves) or DIR/pass_at_k.png (Pass@k)",
+    )
+    pl.add_argument(
+        "--kind",
+        choices=["auto", "train", "passk"],
+        default="auto",
+        help="auto: Pass@k when every DIR has an eval summary, else training curves",
+    )
+    pl.add_argument(
+        "--labels",
+        nargs="+",
+        help="one legend label per DIR (default: DIR's name, and the decoding for Pass@k)",
+    )
+    pl.add_argument(
+        "--metric",
+        choices=["pass_at_k", "pass_at_k_first", "maj_at_k"],
+        default="pass_at_k",
+        help="Pass@k curves: unbiased pass@k (default), first-k pass@k, or majority vote maj@k",
+    )
     pl.set_defaults(func=cmd_plot)
 
-    v = sub.add_parser("convert", help="convert between Hugging Face and megatron-softgrpo checkpoints")
+    v = sub.add_parser(
+        "convert", help="convert between Hugging Face and megatron-softgrpo checkpoints"
+    )
     v.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
-    v.add_argument("--hf", help="Hugging Face model directory, or smollm2-135m-instruct (hf-to-megatron)")
+    v.add_argument(
+        "--hf", help="Hugging Face model directory, or smollm2-135m-instruct (hf-to-megatron)"
+    )
     v.add_argument("--ckpt", help="megatron-softgrpo checkpoint directory (megatron-to-hf)")
     v.add_argument("--out", required=True, help="output directory (must be new or empty)")
-    v.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size of the conversion processes")
-    v.add_argument("--pp", type=_positive_int, default=1, help="pipeline-parallel size of the conversion processes")
+    v.add_argument(
+        "--tp",
+        type=_positive_int,
+        default=1,
+        help="tensor-parallel size of the conversion processes",
+    )
+    v.add_argument(
+        "--pp",
+        type=_positive_int,
+        default=1,
+        help="pipeline-parallel size of the conversion processes",
+    )
     v.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
-    v.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="export dtype (default: as stored)")
+    v.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="export dtype (default: as stored)",
+    )
     v.set_defaults(func=cmd_convert)
     return p
 

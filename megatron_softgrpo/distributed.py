@@ -17,8 +17,8 @@ import os
 import re
 import socket
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
@@ -47,7 +47,9 @@ class ParallelLayout:
 def expand_hostlist(nodelist: str) -> list[str]:
     """Expand a Slurm node list such as ``gpu[01-03,07]-ib,login1`` into host names."""
     hosts: list[str] = []
-    for pattern in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist):  # split at commas outside brackets
+    for pattern in re.findall(
+        r"(?:[^,\[]|\[[^\]]*\])+", nodelist
+    ):  # split at commas outside brackets
         pieces = re.split(r"\[([^\]]*)\]", pattern)  # text, ranges, text, ..., text
         choices = [[text] if i % 2 == 0 else _expand_ranges(text) for i, text in enumerate(pieces)]
         hosts.extend("".join(parts) for parts in itertools.product(*choices))
@@ -64,7 +66,9 @@ def _expand_ranges(ranges: str) -> list[str]:
 
 def slurm_master_port(job_id: int | str) -> int:
     """A port every task of a job derives alike; different jobs on one node rarely collide."""
-    return 20000 + int(job_id) % 10000  # 20000-29999: below the ephemeral ports (32768+) other sockets get
+    return (
+        20000 + int(job_id) % 10000
+    )  # 20000-29999: below the ephemeral ports (32768+) other sockets get
 
 
 def _free_port() -> int:
@@ -103,7 +107,8 @@ def detect_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
             world_size=_int_var(environ, "SLURM_NTASKS"),
             local_rank=_int_var(environ, "SLURM_LOCALID", 0),
             master_addr=environ.get("MASTER_ADDR") or (hosts[0] if hosts else "127.0.0.1"),
-            master_port=_int_var(environ, "MASTER_PORT", 0) or slurm_master_port(_int_var(environ, "SLURM_JOB_ID", 0)),
+            master_port=_int_var(environ, "MASTER_PORT", 0)
+            or slurm_master_port(_int_var(environ, "SLURM_JOB_ID", 0)),
         )
     return LaunchEnv("single", 0, 1, 0, "127.0.0.1", _free_port())
 
@@ -114,13 +119,17 @@ def validate_layout(world_size: int, layout: ParallelLayout) -> None:
     if tp < 1 or pp < 1:
         raise UserError(f"tensor/pipeline parallel sizes must be >= 1, got TP={tp} PP={pp}")
     if world_size % (tp * pp):
-        raise UserError(f"{world_size} processes cannot hold TP*PP = {tp}*{pp} = {tp * pp}; TP*PP must divide it")
+        raise UserError(
+            f"{world_size} processes cannot hold TP*PP = {tp}*{pp} = {tp * pp}; TP*PP must divide it"
+        )
 
 
 _CPU_GROUP = None
 
 
-def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int = 30) -> LaunchEnv:
+def init_distributed(
+    layout: ParallelLayout, seed: int = 1234, timeout_minutes: int = 30
+) -> LaunchEnv:
     """Initialise torch.distributed and Megatron's parallel_state (idempotent per process).
 
     Seeds the default generators and Megatron's model-parallel RNG tracker, so noise drawn
@@ -146,7 +155,11 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_minutes: 
         )
     global _CPU_GROUP
     if _CPU_GROUP is None:
-        _CPU_GROUP = torch.distributed.new_group(backend="gloo") if use_cuda else torch.distributed.group.WORLD
+        _CPU_GROUP = (
+            torch.distributed.new_group(backend="gloo")
+            if use_cuda
+            else torch.distributed.group.WORLD
+        )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 from megatron_softgrpo.config.schema import RecipeCfg
 from megatron_softgrpo.errors import UserError
@@ -111,13 +110,14 @@ class Workload:
     chunk_size: int = DEFAULT_CHUNK_SIZE
 
     @classmethod
-    def from_recipe(cls, cfg: RecipeCfg, arch: ModelArch, layout: Layout) -> "Workload":
+    def from_recipe(cls, cfg: RecipeCfg, arch: ModelArch, layout: Layout) -> Workload:
         policy, mcfg, grpo = cfg.policy, cfg.policy.megatron_cfg, cfg.grpo
         return cls(
             dtype_bytes=DTYPE_BYTES[policy.precision],
             micro_batch=policy.train_micro_batch_size,
             seq_len=policy.max_total_sequence_length,
-            micro_batches=policy.train_global_batch_size // (layout.dp * policy.train_micro_batch_size),
+            micro_batches=policy.train_global_batch_size
+            // (layout.dp * policy.train_micro_batch_size),
             logprob_batch=policy.logprob_batch_size,
             rollout_rows=rollout_rows_per_pass(cfg, layout.dp),
             rollout_prompt_len=cfg.data.max_input_seq_length,
@@ -237,9 +237,13 @@ def prefill_mask_bytes(w: Workload) -> int:
     return w.rollout_rows * w.rollout_prompt_len**2 * (1 + w.dtype_bytes)
 
 
-def kv_cache_bytes(arch: ModelArch, tp: int, layers: int, rows: int, length: int, dtype_bytes: int) -> int:
+def kv_cache_bytes(
+    arch: ModelArch, tp: int, layers: int, rows: int, length: int, dtype_bytes: int
+) -> int:
     """Keys and values of `layers` layers for `rows` sequences of `length` positions."""
-    return 2 * layers * (arch.num_key_value_heads // tp) * arch.head_dim * rows * length * dtype_bytes
+    return (
+        2 * layers * (arch.num_key_value_heads // tp) * arch.head_dim * rows * length * dtype_bytes
+    )
 
 
 def in_flight_micro_batches(layout: Layout, stage: int, micro_batches: int) -> int:
@@ -266,23 +270,39 @@ def _resident(out: _Items, w: Workload, dp: int, params: int) -> None:
     out.add("gradients", (RESIDENT,), params * FP32, f"{params:,} x 4 B (fp32 main grads)")
     state = 12 if w.master_weights else 8
     shards = dp if w.distributed_optimizer else 1
-    out.add("optimizer state", (RESIDENT,), params * state / shards,
-            f"{params:,} x {state} B / DP {shards} ({'fp32 master + ' if w.master_weights else ''}2 Adam moments)")
+    out.add(
+        "optimizer state",
+        (RESIDENT,),
+        params * state / shards,
+        f"{params:,} x {state} B / DP {shards} ({'fp32 master + ' if w.master_weights else ''}2 Adam moments)",
+    )
     if w.reference_model:
         out.add("reference model", (RESIDENT,), params * D, f"{params:,} x {D} B (KL penalty > 0)")
-    out.add("overhead", (RESIDENT,), OVERHEAD_GIB * GIB, "CUDA context, NCCL/cuBLAS workspaces, fragmentation")
+    out.add(
+        "overhead",
+        (RESIDENT,),
+        OVERHEAD_GIB * GIB,
+        "CUDA context, NCCL/cuBLAS workspaces, fragmentation",
+    )
 
 
 def _rollout(out: _Items, arch: ModelArch, w: Workload, tp: int, layers: int, last: bool) -> None:
     D, rows, prompt = w.dtype_bytes, w.rollout_rows, w.rollout_prompt_len
     kv = kv_cache_bytes(arch, tp, layers, rows, w.rollout_len, D)
-    out.add("rollout KV cache", (ROLLOUT,), kv, f"2 x {layers} layers x {arch.num_key_value_heads // tp} kv heads x "
-            f"{arch.head_dim} x {rows} rows x {w.rollout_len} x {D} B")
+    out.add(
+        "rollout KV cache",
+        (ROLLOUT,),
+        kv,
+        f"2 x {layers} layers x {arch.num_key_value_heads // tp} kv heads x "
+        f"{arch.head_dim} x {rows} rows x {w.rollout_len} x {D} B",
+    )
     q_kv = (arch.num_attention_heads + 2 * arch.num_key_value_heads) * arch.head_dim
     mlp = swiglu_factor(w.fused_swiglu) * arch.ffn_hidden_size
     working = rows * prompt * (2 * arch.hidden_size + (q_kv + mlp) / tp) * D + kv / layers
     working += prefill_mask_bytes(w)
-    what = f"one prefill layer ({rows} x {prompt} tokens, its padding mask) + one layer's cache copy"
+    what = (
+        f"one prefill layer ({rows} x {prompt} tokens, its padding mask) + one layer's cache copy"
+    )
     if last:
         vocab_shard = w.padded_vocab // tp
         working += rows * vocab_shard * FP32 * SAMPLING_LOGIT_COPIES
@@ -302,15 +322,21 @@ def _logprob(out: _Items, arch: ModelArch, w: Workload, tp: int, last: bool) -> 
     out.add("log-prob forward", (LOGPROB,), nbytes, what)
 
 
-def stored_activation_bytes(arch: ModelArch, w: Workload, tp: int, layers: int, in_flight: int, last: bool) -> float:
+def stored_activation_bytes(
+    arch: ModelArch, w: Workload, tp: int, layers: int, in_flight: int, last: bool
+) -> float:
     """What the forward of `in_flight` micro-batches keeps for their backward on one stage."""
     D, h = w.dtype_bytes, arch.hidden_size
     tokens = w.micro_batch * w.seq_len
     sp = tp if w.sequence_parallel else 1
-    final_norm = tokens * (norm_factor(w.te_spec) - 1) * h * D / sp if last else 0  # no projection after it
+    final_norm = (
+        tokens * (norm_factor(w.te_spec) - 1) * h * D / sp if last else 0
+    )  # no projection after it
     if w.recompute:
         return in_flight * (layers * tokens * h * D / sp + final_norm)  # each layer's input
-    return in_flight * (layers * tokens * layer_activation_bytes_per_token(arch, tp, w) + final_norm)
+    return in_flight * (
+        layers * tokens * layer_activation_bytes_per_token(arch, tp, w) + final_norm
+    )
 
 
 def backward_working_bytes(arch: ModelArch, w: Workload, tp: int) -> float:
@@ -320,23 +346,40 @@ def backward_working_bytes(arch: ModelArch, w: Workload, tp: int) -> float:
     return (2 if w.recompute else 1) * one_layer
 
 
-def _update(out: _Items, arch: ModelArch, w: Workload, layout: Layout, stage: int, layers: int, last: bool) -> None:
+def _update(
+    out: _Items, arch: ModelArch, w: Workload, layout: Layout, stage: int, layers: int, last: bool
+) -> None:
     D, tp, h = w.dtype_bytes, layout.tp, arch.hidden_size
     tokens = w.micro_batch * w.seq_len
     in_flight = in_flight_micro_batches(layout, stage, w.micro_batches)
-    kept = "layer inputs" if w.recompute else f"layers x {layer_activation_bytes_per_token(arch, tp, w) / D:,.0f} x {D} B/token"
-    out.add("activations", (UPDATE,),
-            stored_activation_bytes(arch, w, tp, layers, in_flight, last) + backward_working_bytes(arch, w, tp),
-            f"{in_flight} in flight x {layers} {kept} + backward working memory; "
-            f"{tokens} tokens per micro-batch")
+    kept = (
+        "layer inputs"
+        if w.recompute
+        else f"layers x {layer_activation_bytes_per_token(arch, tp, w) / D:,.0f} x {D} B/token"
+    )
+    out.add(
+        "activations",
+        (UPDATE,),
+        stored_activation_bytes(arch, w, tp, layers, in_flight, last)
+        + backward_working_bytes(arch, w, tp),
+        f"{in_flight} in flight x {layers} {kept} + backward working memory; "
+        f"{tokens} tokens per micro-batch",
+    )
     if last:
         chunk, vocab_shard = min(w.chunk_size, tokens), w.padded_vocab // tp
-        out.add("log-prob chunk (fwd+bwd)", (UPDATE,),
-                chunk * vocab_shard * (FP32 + 2 * D) + vocab_shard * h * FP32 + tokens * h * FP32,
-                f"{chunk} x {vocab_shard} x {FP32 + 2 * D} B + fp32 output-weight and hidden grads")
+        out.add(
+            "log-prob chunk (fwd+bwd)",
+            (UPDATE,),
+            chunk * vocab_shard * (FP32 + 2 * D) + vocab_shard * h * FP32 + tokens * h * FP32,
+            f"{chunk} x {vocab_shard} x {FP32 + 2 * D} B + fp32 output-weight and hidden grads",
+        )
     record = 34 + 17 * w.mixture_size
-    out.add("batch records", (LOGPROB, UPDATE), w.batch_rows * w.seq_len * record,
-            f"{w.batch_rows} rows x {w.seq_len} x {record} B")
+    out.add(
+        "batch records",
+        (LOGPROB, UPDATE),
+        w.batch_rows * w.seq_len * record,
+        f"{w.batch_rows} rows x {w.seq_len} x {record} B",
+    )
 
 
 def stage_plan(arch: ModelArch, w: Workload, layout: Layout, stage: int) -> StagePlan:
@@ -344,7 +387,9 @@ def stage_plan(arch: ModelArch, w: Workload, layout: Layout, stage: int) -> Stag
     layers = arch.num_layers // layout.pp
     last = stage == layout.pp - 1
     out = _Items()
-    _resident(out, w, layout.dp, stage_parameters(arch, layout.tp, layout.pp, stage, w.padded_vocab))
+    _resident(
+        out, w, layout.dp, stage_parameters(arch, layout.tp, layout.pp, stage, w.padded_vocab)
+    )
     _rollout(out, arch, w, layout.tp, layers, last)
     _logprob(out, arch, w, layout.tp, last)
     _update(out, arch, w, layout, stage, layers, last)
@@ -374,7 +419,11 @@ def format_plan(plan: Plan, arch: ModelArch, recipe: str, cfg: RecipeCfg) -> str
         f"layout: TP {lay.tp} x PP {lay.pp} x DP {lay.dp} = {lay.world_size} GPUs; micro-batch {w.micro_batch}, "
         f"{w.micro_batches} micro-batches per optimizer step per DP rank; {w.rollout_rows} rollout rows per DP rank",
         f"precision: {cfg.policy.precision}"
-        + (f", FP8 {fp8.fp8}/{fp8.fp8_recipe} decoder GEMMs (counted as bf16)" if fp8.enabled else "")
+        + (
+            f", FP8 {fp8.fp8}/{fp8.fp8_recipe} decoder GEMMs (counted as bf16)"
+            if fp8.enabled
+            else ""
+        )
         + f"; layers: {'Transformer Engine' if w.te_spec else 'local'} spec, torch SDPA attention"
         + f"; recompute: {'full' if w.recompute else 'none'}; sequence parallel: {'on' if w.sequence_parallel else 'off'}",
         f"per-GPU memory of pipeline stage {fullest.stage} "
@@ -382,20 +431,28 @@ def format_plan(plan: Plan, arch: ModelArch, recipe: str, cfg: RecipeCfg) -> str
         f"  {'item':<26} {'phase':<16} {'GiB':>8}  formula",
     ]
     for item in fullest.items:
-        lines.append(f"  {item.name:<26} {'+'.join(item.phases):<16} {_gib(item.bytes):>8}  {item.formula}")
+        lines.append(
+            f"  {item.name:<26} {'+'.join(item.phases):<16} {_gib(item.bytes):>8}  {item.formula}"
+        )
     totals = {p: fullest.phase_bytes(p) for p in (RESIDENT, *TRANSIENT_PHASES)}
     lines.append(
         f"total: {_gib(fullest.peak)} GiB = resident {_gib(totals[RESIDENT])} + max(rollout {_gib(totals[ROLLOUT])}, "
         f"logprob {_gib(totals[LOGPROB])}, update {_gib(totals[UPDATE])})"
     )
     if lay.pp > 1:
-        lines.append("stage totals: " + ", ".join(f"{s.stage}: {_gib(s.peak)}" for s in plan.stages) + " GiB")
-    lines.append(f"gpu memory: {_gib(plan.gpu_mem_bytes)} GiB (headroom {_gib(plan.gpu_mem_bytes - fullest.peak)} GiB)")
+        lines.append(
+            "stage totals: " + ", ".join(f"{s.stage}: {_gib(s.peak)}" for s in plan.stages) + " GiB"
+        )
+    lines.append(
+        f"gpu memory: {_gib(plan.gpu_mem_bytes)} GiB (headroom {_gib(plan.gpu_mem_bytes - fullest.peak)} GiB)"
+    )
     lines.append(f"fits: {'yes' if plan.fits else 'no'}")
     return "\n".join(lines)
 
 
-def run_plan(recipe: str, overrides: list[str], gpus: Optional[int] = None, gpu_mem_gib: Optional[float] = None) -> int:
+def run_plan(
+    recipe: str, overrides: list[str], gpus: int | None = None, gpu_mem_gib: float | None = None
+) -> int:
     """Validate the recipe's layout and print its memory plan; 0 fits, 1 does not fit (UserError: 2)."""
     from megatron_softgrpo.config import load_recipe
     from megatron_softgrpo.config.checks import (
@@ -419,6 +476,11 @@ def run_plan(recipe: str, overrides: list[str], gpus: Optional[int] = None, gpu_
     check_model_fit(loaded, arch, world_size=world)
     check_data_parallel(loaded, world)
     layout = Layout(tp, pp, world // (tp * pp))
-    plan = plan_memory(arch, Workload.from_recipe(cfg, arch, layout), layout, gpu_mem_gib or cfg.cluster.gpu_mem_gib)
+    plan = plan_memory(
+        arch,
+        Workload.from_recipe(cfg, arch, layout),
+        layout,
+        gpu_mem_gib or cfg.cluster.gpu_mem_gib,
+    )
     print(format_plan(plan, arch, recipe, cfg))
     return 0 if plan.fits else 1

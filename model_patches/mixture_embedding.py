@@ -7,15 +7,13 @@ sequence under sequence parallelism), which is how VocabParallelEmbedding itself
 combines shards. The sum is taken in fp32 and cast to the table's dtype, so a one-hot
 mixture reproduces the ordinary embedding exactly.
 
-The lookup is detached (SPEC.md section 2): no gradient reaches the weights or the
+The lookup is detached (docs/algorithm.md section 2): no gradient reaches the weights or the
 table through it. Pass the result as `GPTModel.forward(..., decoder_input=...)` on the
 first pipeline stage. Not applied here: embedding dropout (0 in these recipes) and
 `fp32_residual_connection` (cast the result if the model config sets it).
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 
@@ -25,7 +23,7 @@ def mixture_embedding(
     word_embeddings,
     mix_ids: torch.Tensor,
     mix_weights: torch.Tensor,
-    offset: Optional[torch.Tensor] = None,
+    offset: torch.Tensor | None = None,
     sequence_parallel: bool = False,
 ) -> torch.Tensor:
     """decoder_input [s, b, h] (or this rank's [s / TP, b, h] under sequence parallelism).
@@ -43,8 +41,12 @@ def mixture_embedding(
     start, end = word_embeddings.vocab_start_index, word_embeddings.vocab_end_index
     owned = (mix_ids >= start) & (mix_ids < end)
     local = torch.where(owned, mix_ids - start, torch.zeros_like(mix_ids))
-    weights = torch.where(owned, mix_weights.float(), torch.zeros_like(mix_weights, dtype=torch.float32))
-    mixed = torch.zeros((*mix_ids.shape[:2], table.shape[1]), dtype=torch.float32, device=table.device)
+    weights = torch.where(
+        owned, mix_weights.float(), torch.zeros_like(mix_weights, dtype=torch.float32)
+    )
+    mixed = torch.zeros(
+        (*mix_ids.shape[:2], table.shape[1]), dtype=torch.float32, device=table.device
+    )
     for k in range(mix_ids.shape[-1]):  # K row gathers: no [b, s, K, h] intermediate
         mixed.addcmul_(weights[..., k, None], table[local[..., k]].float())
     mixed = mixed.transpose(0, 1).contiguous()  # [s, b, h], Megatron's layout

@@ -26,7 +26,9 @@ MASKED_SCORE = -10000.0  # Megatron's attention_mask_func fill
 
 def additive_mask(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Megatron's boolean mask (True = not allowed) as the float mask SDPA adds to the scores."""
-    return torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill_(blocked, MASKED_SCORE)
+    return torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill_(
+        blocked, MASKED_SCORE
+    )
 
 
 class SdpaDotProductAttention(DotProductAttention):
@@ -44,10 +46,21 @@ class SdpaDotProductAttention(DotProductAttention):
         if bad:
             raise NotImplementedError(f"SDPA core attention does not support {', '.join(bad)}")
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ):
         """query [sq, b, np, hn], key/value [sk, b, ng, hn] -> context [sq, b, np * hn]."""
         if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("SDPA core attention: packed sequences and attention bias are not supported")
+            raise NotImplementedError(
+                "SDPA core attention: packed sequences and attention bias are not supported"
+            )
         sq, b, heads, head_dim = query.shape
         groups = heads // key.shape[2]
         if groups > 1:  # grouped-query attention: every backend accepts repeated heads
@@ -58,6 +71,12 @@ class SdpaDotProductAttention(DotProductAttention):
         if attention_mask is None:
             causal = sq == k.shape[2]  # one decode query (no mask given) sees every cached key
         else:
-            mask = attention_mask.to(q.dtype) if attention_mask.is_floating_point() else additive_mask(attention_mask, q.dtype)
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
+            mask = (
+                attention_mask.to(q.dtype)
+                if attention_mask.is_floating_point()
+                else additive_mask(attention_mask, q.dtype)
+            )
+        context = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale
+        )
         return context.permute(2, 0, 1, 3).reshape(sq, b, heads * head_dim)

@@ -12,7 +12,15 @@ warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*")
 @pytest.fixture(autouse=True)
 def _single_process_env(monkeypatch):
     """Tests run as a single process unless they spawn ranks themselves."""
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
+    for var in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+    ):
         monkeypatch.delenv(var, raising=False)
     yield
     from megatron_softgrpo.distributed import destroy_distributed

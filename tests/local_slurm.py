@@ -37,7 +37,16 @@ REQUIRE_SLURM = "SOFTGRPO_REQUIRE_SLURM"
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "scancel", "squeue", "sinfo")
 SBIN = ("/usr/sbin", "/sbin")
-FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+FINISHED_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 def find_binary(name: str) -> str | None:
@@ -52,7 +61,9 @@ def require_binaries() -> None:
     """Return when every daemon and client is installed, else skip_unless_required."""
     missing = missing_binaries()
     if missing:
-        skip_unless_required(f"Slurm/munge binaries absent ({', '.join(missing)}): run scripts/slurm_ci_setup.sh")
+        skip_unless_required(
+            f"Slurm/munge binaries absent ({', '.join(missing)}): run scripts/slurm_ci_setup.sh"
+        )
 
 
 def skip_unless_required(reason: str) -> NoReturn:
@@ -129,7 +140,9 @@ class LocalSlurm:
 
     def run(self, *cmd: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
         kwargs.setdefault("env", self.env)
-        return subprocess.run(list(cmd), capture_output=True, text=True, check=check, timeout=60, **kwargs)
+        return subprocess.run(
+            list(cmd), capture_output=True, text=True, check=check, timeout=60, **kwargs
+        )
 
     def job_fields(self, job_id: str) -> dict[str, str]:
         """`scontrol show job` as a dict: JobState, ExitCode, Restarts, ..."""
@@ -148,7 +161,10 @@ class LocalSlurm:
     def logs(self) -> str:
         parts = []
         for log in sorted((self.root / "log").glob("*")):
-            parts.append(f"--- {log.name}\n" + "".join(log.read_text(errors="replace").splitlines(True)[-30:]))
+            parts.append(
+                f"--- {log.name}\n"
+                + "".join(log.read_text(errors="replace").splitlines(True)[-30:])
+            )
         return "\n".join(parts)
 
     def stop(self) -> None:
@@ -180,25 +196,51 @@ def start_local_slurm(root: Path) -> LocalSlurm:
     (root / "plugstack.conf").write_text("")  # not the system's SPANK plugins (pyxis, ...)
     host = socket.gethostname().split(".")[0]
     conf = root / "slurm.conf"
-    conf.write_text(slurm_conf(root, host, max(2, os.cpu_count() or 1), munge_socket, current_user()))
+    conf.write_text(
+        slurm_conf(root, host, max(2, os.cpu_count() or 1), munge_socket, current_user())
+    )
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))
+    }
     env["SLURM_CONF"] = str(conf)
     cluster = LocalSlurm(root, env, socket_dir)
 
     def daemon(name: str, *args: str) -> None:
         with open(root / "log" / f"{name}.out", "w") as out:
-            cluster.procs.append(subprocess.Popen([find_binary(name), *args], stdout=out, stderr=subprocess.STDOUT, env=env))
+            cluster.procs.append(
+                subprocess.Popen(
+                    [find_binary(name), *args], stdout=out, stderr=subprocess.STDOUT, env=env
+                )
+            )
 
     try:
-        daemon("munged", "--foreground", f"--socket={munge_socket}", f"--key-file={key}",
-               f"--log-file={root}/log/munged.log", f"--pid-file={root}/munge/munged.pid",
-               f"--seed-file={root}/munge/munged.seed")
+        daemon(
+            "munged",
+            "--foreground",
+            f"--socket={munge_socket}",
+            f"--key-file={key}",
+            f"--log-file={root}/log/munged.log",
+            f"--pid-file={root}/munge/munged.pid",
+            f"--seed-file={root}/munge/munged.seed",
+        )
         _wait_for(lambda: munge_socket.exists(), 30, "munged socket", cluster)
         daemon("slurmctld", "-D", "-c", "-f", str(conf))
-        _wait_for(lambda: cluster.run("scontrol", "ping", check=False).stdout.count("UP") > 0, 60, "slurmctld", cluster)
+        _wait_for(
+            lambda: cluster.run("scontrol", "ping", check=False).stdout.count("UP") > 0,
+            60,
+            "slurmctld",
+            cluster,
+        )
         daemon("slurmd", "-D", "-N", host, "-f", str(conf))
-        _wait_for(lambda: cluster.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle", 60, "idle node", cluster)
+        _wait_for(
+            lambda: cluster.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle",
+            60,
+            "idle node",
+            cluster,
+        )
     except BaseException:
         cluster.stop()
         raise

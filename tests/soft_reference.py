@@ -1,4 +1,4 @@
-"""Plain float64 references for the soft-token math, written from SPEC.md sections 1, 2 and 5.
+"""Plain float64 references for the soft-token math, written from docs/algorithm.md sections 1, 2 and 5.
 
 Deliberately naive (whole vocabulary, one process, sort-based) and independent of
 megatron_softgrpo.soft, which the tests compare against these.
@@ -61,7 +61,7 @@ def support_softmax(k_logits, support, temperature):
     return torch.softmax(torch.where(support, k_logits.double() / temperature, NEG_INF), dim=-1)
 
 
-# ------------------------------------------------------------------ densities (SPEC 2 and 5)
+# ------------------------------------------------------------------ densities (docs/algorithm.md sections 2 and 5)
 
 
 def discrete_log_prob(logits, tokens, temperature, vocab_size):

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from megatron_softgrpo.algorithms.advantages import broadcast_to_positions, group_advantages
-from megatron_softgrpo.algorithms.loss import LossScale, aggregate, aggregation_weights, k3_kl, policy_loss, token_terms
+from megatron_softgrpo.algorithms.loss import (
+    LossScale,
+    aggregate,
+    aggregation_weights,
+    k3_kl,
+    policy_loss,
+    token_terms,
+)
 from megatron_softgrpo.config.schema import LossCfg
 
 F64 = torch.float64
@@ -37,7 +44,11 @@ def ref_token_mean(values, mask):
 
 
 def ref_seq_mean(values, mask):
-    means = [sum(v for v, m in zip(row, mrow) if m) / sum(mrow) for row, mrow in zip(values, mask) if sum(mrow)]
+    means = [
+        sum(v for v, m in zip(row, mrow) if m) / sum(mrow)
+        for row, mrow in zip(values, mask)
+        if sum(mrow)
+    ]
     return sum(means) / len(means) if means else 0.0
 
 
@@ -49,14 +60,21 @@ def t(rows):
 
 
 def test_group_advantages_match_mean_and_unbiased_std():
-    groups = [[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.5, -2.0, 3.0, 0.25]]
+    groups = [
+        [1.0, 0.0, 0.0, 1.0],
+        [0.0, 0.0, 0.0, 1.0],
+        [1.0, 1.0, 1.0, 1.0],
+        [0.5, -2.0, 3.0, 0.25],
+    ]
     rewards = t([r for g in groups for r in g])
     got = group_advantages(rewards, 4)
     want = [(r - statistics.mean(g)) / (statistics.stdev(g) + 1e-6) for g in groups for r in g]
     assert got.tolist() == pytest.approx(want, rel=1e-12, abs=1e-12)
     assert got[8:12].tolist() == [0.0] * 4  # all-equal group: no signal, no NaN
     centred = group_advantages(rewards, 4, normalize=False)
-    assert centred.tolist() == pytest.approx([r - statistics.mean(g) for g in groups for r in g], abs=1e-12)
+    assert centred.tolist() == pytest.approx(
+        [r - statistics.mean(g) for g in groups for r in g], abs=1e-12
+    )
 
 
 def test_group_of_one_uses_zero_mean_and_unit_std_like_verl():
@@ -74,13 +92,26 @@ def test_broadcast_puts_each_advantage_on_its_generated_positions_only():
 # ---------------------------------------------------------------- the policy term
 
 
-CFG_ASYM = LossCfg(ratio_clip_min=0.2, ratio_clip_max=0.28, ratio_clip_c=3.0, reference_policy_kl_penalty=0.0)
+CFG_ASYM = LossCfg(
+    ratio_clip_min=0.2, ratio_clip_max=0.28, ratio_clip_c=3.0, reference_policy_kl_penalty=0.0
+)
 
 # (ratio, advantage) chosen to land in every branch: inside, clipped high, clipped low, dual clip, A = 0
 CASES = [
-    (0.5, 1.0), (1.0, 1.0), (1.25, 1.0), (1.3, 1.0), (2.0, 0.7),  # A > 0: 1.25 is inside only because clip-high is 0.28
-    (0.5, -1.0), (0.79, -1.0), (0.85, -1.0), (1.5, -0.5), (2.9, -1.0), (3.5, -1.0), (10.0, -2.0),  # A < 0
-    (0.3, 0.0), (4.0, 0.0),
+    (0.5, 1.0),
+    (1.0, 1.0),
+    (1.25, 1.0),
+    (1.3, 1.0),
+    (2.0, 0.7),  # A > 0: 1.25 is inside only because clip-high is 0.28
+    (0.5, -1.0),
+    (0.79, -1.0),
+    (0.85, -1.0),
+    (1.5, -0.5),
+    (2.9, -1.0),
+    (3.5, -1.0),
+    (10.0, -2.0),  # A < 0
+    (0.3, 0.0),
+    (4.0, 0.0),
 ]
 
 
@@ -96,7 +127,10 @@ def test_policy_term_matches_reference_in_every_branch(clip_c):
     cfg = CFG_ASYM.model_copy(update={"ratio_clip_c": clip_c})
     logp, old, adv, mask = _case_tensors(CASES)
     out = policy_loss(logp, old, adv, mask, cfg)
-    ref = [ref_policy_term(lp, o, a, 0.2, 0.28, clip_c) for lp, o, a in zip(logp[0].tolist(), old[0].tolist(), adv[0].tolist())]
+    ref = [
+        ref_policy_term(lp, o, a, 0.2, 0.28, clip_c)
+        for lp, o, a in zip(logp[0].tolist(), old[0].tolist(), adv[0].tolist())
+    ]
     n = len(CASES)
     assert out.loss.item() == pytest.approx(sum(r[0] for r in ref) / n, rel=1e-12)
     assert out.policy_loss.item() == pytest.approx(out.loss.item(), rel=1e-12)
@@ -107,7 +141,11 @@ def test_policy_term_matches_reference_in_every_branch(clip_c):
     assert m.ratio_mean.item() == pytest.approx(sum(r for r, _ in CASES) / n, rel=1e-6)
     assert m.num_tokens.item() == n and m.kl_mean is None and m.entropy_mean is None
     # the cases really exercise each branch
-    assert (sum(r[1] for r in ref), sum(r[2] for r in ref), sum(r[3] for r in ref)) == (2, 2, 2 if clip_c else 0)
+    assert (sum(r[1] for r in ref), sum(r[2] for r in ref), sum(r[3] for r in ref)) == (
+        2,
+        2,
+        2 if clip_c else 0,
+    )
 
 
 def test_dual_clip_caps_negative_advantage_loss_at_c():
@@ -138,26 +176,36 @@ def test_k3_kl_matches_formula_and_clamp():
     got = k3_kl(logp, ref, 10.0)
     want = [ref_k3(a, b, 10.0) for a, b in zip(logp[0].tolist(), ref[0].tolist())]
     assert got[0].tolist() == pytest.approx(want, rel=1e-12, abs=1e-15)
-    assert got[0, 2].item() == 0.0 and got[0, 5].item() == 10.0  # equal: exactly 0; far apart: the clamp
+    assert (
+        got[0, 2].item() == 0.0 and got[0, 5].item() == 10.0
+    )  # equal: exactly 0; far apart: the clamp
     assert (got >= 0).all()  # k3 is non-negative
 
 
 def test_kl_term_value_and_finite_gradient_far_from_reference():
     logp = t([[-1.0, -2.0, -0.5, -100.0]]).requires_grad_()
     old = logp.detach().clone()
-    ref = t([[-1.2, -1.0, -0.5, -1.0]])  # last position: exp(99) would overflow float32 without the +-20 guard
+    ref = t(
+        [[-1.2, -1.0, -0.5, -1.0]]
+    )  # last position: exp(99) would overflow float32 without the +-20 guard
     adv = t([[0.5, -0.5, 1.0, 0.0]])
     mask = torch.ones_like(adv, dtype=torch.bool)
     cfg = LossCfg(reference_policy_kl_penalty=0.1, kl_clamp=10.0)
     out = policy_loss(logp, old, adv, mask, cfg, ref_logp=ref)
     kl = [ref_k3(a, b, 10.0) for a, b in zip(logp[0].tolist(), ref[0].tolist())]
     assert out.kl_loss.item() == pytest.approx(sum(kl) / 4, rel=1e-12)
-    assert out.loss.item() == pytest.approx(-sum(adv[0].tolist()) / 4 + 0.1 * sum(kl) / 4, rel=1e-12)
+    assert out.loss.item() == pytest.approx(
+        -sum(adv[0].tolist()) / 4 + 0.1 * sum(kl) / 4, rel=1e-12
+    )
     assert out.metrics.kl_mean.item() == pytest.approx(sum(kl) / 4, rel=1e-6)
     out.loss.backward()
     assert torch.isfinite(logp.grad).all()
-    assert logp.grad[0, 3].item() == pytest.approx(0.0)  # clamped KL, A = 0: nothing pulls this position
-    f32 = policy_loss(logp.detach().float(), old.float(), adv.float(), mask, cfg, ref_logp=ref.float())
+    assert logp.grad[0, 3].item() == pytest.approx(
+        0.0
+    )  # clamped KL, A = 0: nothing pulls this position
+    f32 = policy_loss(
+        logp.detach().float(), old.float(), adv.float(), mask, cfg, ref_logp=ref.float()
+    )
     assert torch.isfinite(f32.loss)
 
 
@@ -180,8 +228,12 @@ def test_entropy_term_is_subtracted_with_its_coefficient():
     assert entropy.grad[0].tolist() == pytest.approx([-0.01 / 3] * 3)
     with pytest.raises(ValueError, match="entropy"):
         policy_loss(logp, old, adv, mask, cfg)
-    metric_only = policy_loss(logp, old, adv, mask, LossCfg(reference_policy_kl_penalty=0.0), entropy=entropy)
-    assert metric_only.loss.item() == pytest.approx(-0.5 / 3) and metric_only.metrics.entropy_mean.item() == pytest.approx(1.2)
+    metric_only = policy_loss(
+        logp, old, adv, mask, LossCfg(reference_policy_kl_penalty=0.0), entropy=entropy
+    )
+    assert metric_only.loss.item() == pytest.approx(
+        -0.5 / 3
+    ) and metric_only.metrics.entropy_mean.item() == pytest.approx(1.2)
 
 
 def test_first_update_ratio_exactly_one_and_kl_exactly_zero():
@@ -194,7 +246,12 @@ def test_first_update_ratio_exactly_one_and_kl_exactly_zero():
     assert out.metrics.ratio_mean.item() == 1.0
     assert out.metrics.kl_mean.item() == 0.0 and out.kl_loss.item() == 0.0
     assert torch.equal(k3_kl(logp, logp.clone(), 10.0), torch.zeros_like(logp))
-    assert out.metrics.clip_frac_low.item() == out.metrics.clip_frac_high.item() == out.metrics.dual_clip_frac.item() == 0.0
+    assert (
+        out.metrics.clip_frac_low.item()
+        == out.metrics.clip_frac_high.item()
+        == out.metrics.dual_clip_frac.item()
+        == 0.0
+    )
     assert out.loss.item() == pytest.approx(-(adv[mask]).mean().item(), rel=1e-6)
 
 
@@ -210,13 +267,17 @@ def test_aggregation_modes_against_hand_computation():
     token_mean = ref_token_mean(VALUES, MASK)
     assert token_mean == (1 + 2 + 3 + 200) / 4
     assert aggregate(values, mask, "token_mean_microbatch").item() == pytest.approx(token_mean)
-    assert aggregate(values, mask, "token_mean_microbatch", LossScale(num_micro_batches=4)).item() == pytest.approx(token_mean / 4)
+    assert aggregate(
+        values, mask, "token_mean_microbatch", LossScale(num_micro_batches=4)
+    ).item() == pytest.approx(token_mean / 4)
     glob = LossScale(global_num_tokens=16, data_parallel_size=2)
     assert aggregate(values, mask, "token_mean_global", glob).item() == pytest.approx(206 * 2 / 16)
     seq_mean = ref_seq_mean(VALUES, MASK)
     assert seq_mean == (2.0 + 200.0) / 2  # the fully masked row is not a sequence
     assert aggregate(values, mask, "seq_mean_token_mean").item() == pytest.approx(seq_mean)
-    assert aggregate(values, mask, "seq_mean_token_mean", LossScale(num_micro_batches=2)).item() == pytest.approx(seq_mean / 2)
+    assert aggregate(
+        values, mask, "seq_mean_token_mean", LossScale(num_micro_batches=2)
+    ).item() == pytest.approx(seq_mean / 2)
     with pytest.raises(ValueError, match="global_num_tokens"):
         aggregate(values, mask, "token_mean_global")
 
@@ -232,10 +293,14 @@ def test_micro_batch_shares_add_up_to_the_mini_batch_objective():
     assert total_global.item() == pytest.approx(values[mask].mean().item(), rel=1e-12)
     two = LossScale(num_micro_batches=2)
     total_mb = sum(aggregate(v, m, "token_mean_microbatch", two) for v, m in halves)
-    assert total_mb.item() == pytest.approx(sum(v[m].mean().item() for v, m in halves) / 2, rel=1e-12)
+    assert total_mb.item() == pytest.approx(
+        sum(v[m].mean().item() for v, m in halves) / 2, rel=1e-12
+    )
 
 
-@pytest.mark.parametrize("mode", ["token_mean_microbatch", "token_mean_global", "seq_mean_token_mean"])
+@pytest.mark.parametrize(
+    "mode", ["token_mean_microbatch", "token_mean_global", "seq_mean_token_mean"]
+)
 def test_fully_masked_rows_and_padding_garbage_give_no_nan(mode):
     # padding may hold anything: -inf, NaN, or finite log-probs with a NaN advantage
     logp = t([[-1.0, -0.5, float("-inf")], [-0.3, float("nan"), float("-inf")]]).requires_grad_()
@@ -249,12 +314,26 @@ def test_fully_masked_rows_and_padding_garbage_give_no_nan(mode):
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(logp.grad).all()
     assert logp.grad[1].tolist() == [0.0, 0.0, 0.0] and logp.grad[0, 2].item() == 0.0
-    clean = policy_loss(logp.detach()[:1, :2], old[:1, :2], adv[:1, :2], mask[:1, :2], cfg, ref_logp=ref[:1, :2], scale=scale)
+    clean = policy_loss(
+        logp.detach()[:1, :2],
+        old[:1, :2],
+        adv[:1, :2],
+        mask[:1, :2],
+        cfg,
+        ref_logp=ref[:1, :2],
+        scale=scale,
+    )
     assert out.loss.item() == pytest.approx(clean.loss.item(), rel=1e-12)
 
     empty = torch.zeros_like(mask)
-    nothing = policy_loss(logp, old, adv, empty, cfg, ref_logp=ref, scale=LossScale(global_num_tokens=0))
-    assert nothing.loss.item() == 0.0 and nothing.metrics.num_tokens.item() == 0 and nothing.metrics.ratio_mean.item() == 0.0
+    nothing = policy_loss(
+        logp, old, adv, empty, cfg, ref_logp=ref, scale=LossScale(global_num_tokens=0)
+    )
+    assert (
+        nothing.loss.item() == 0.0
+        and nothing.metrics.num_tokens.item() == 0
+        and nothing.metrics.ratio_mean.item() == 0.0
+    )
 
 
 # ---------------------------------------------------------------- gradient
@@ -278,11 +357,19 @@ def _random_inputs(seed):
     return logp, old, adv, ref, mask, entropy
 
 
-@pytest.mark.parametrize("mode", ["token_mean_microbatch", "token_mean_global", "seq_mean_token_mean"])
+@pytest.mark.parametrize(
+    "mode", ["token_mean_microbatch", "token_mean_global", "seq_mean_token_mean"]
+)
 def test_gradient_matches_finite_differences(mode):
     logp, old, adv, ref, mask, entropy = _random_inputs(2)
-    cfg = LossCfg(ratio_clip_min=0.2, ratio_clip_max=0.28, ratio_clip_c=3.0, reference_policy_kl_penalty=0.05,
-                  entropy_coef=0.01, aggregation=mode)
+    cfg = LossCfg(
+        ratio_clip_min=0.2,
+        ratio_clip_max=0.28,
+        ratio_clip_c=3.0,
+        reference_policy_kl_penalty=0.05,
+        entropy_coef=0.01,
+        aggregation=mode,
+    )
     scale = LossScale(num_micro_batches=2, global_num_tokens=40, data_parallel_size=2)
 
     def f(lp, ent):
@@ -294,7 +381,9 @@ def test_gradient_matches_finite_differences(mode):
 def test_gradient_closed_form_token_mean():
     logp, old, adv, ref, mask, _ = _random_inputs(3)
     beta = 0.05
-    cfg = LossCfg(ratio_clip_min=0.2, ratio_clip_max=0.28, ratio_clip_c=3.0, reference_policy_kl_penalty=beta)
+    cfg = LossCfg(
+        ratio_clip_min=0.2, ratio_clip_max=0.28, ratio_clip_c=3.0, reference_policy_kl_penalty=beta
+    )
     policy_loss(logp, old, adv, mask, cfg, ref_logp=ref).loss.backward()
     n = int(mask.sum())
     want = torch.zeros_like(old)
@@ -318,13 +407,21 @@ def test_only_logp_and_entropy_receive_gradient():
     assert logp.grad.abs().sum() > 0 and entropy.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("mode", ["token_mean_microbatch", "token_mean_global", "seq_mean_token_mean"])
+@pytest.mark.parametrize(
+    "mode", ["token_mean_microbatch", "token_mean_global", "seq_mean_token_mean"]
+)
 def test_weighted_token_objective_on_scored_positions_equals_the_policy_loss(mode):
     """The trainer's fused form: per-position objective x aggregation weight, summed over the scored
     positions only ([n], as the chunked scorer hands them over), is the loss with the same gradient."""
     logp, old, adv, ref, mask, entropy = _random_inputs(5)
-    cfg = LossCfg(ratio_clip_min=0.2, ratio_clip_max=0.28, ratio_clip_c=3.0, reference_policy_kl_penalty=0.05,
-                  entropy_coef=0.01, aggregation=mode)
+    cfg = LossCfg(
+        ratio_clip_min=0.2,
+        ratio_clip_max=0.28,
+        ratio_clip_c=3.0,
+        reference_policy_kl_penalty=0.05,
+        entropy_coef=0.01,
+        aggregation=mode,
+    )
     scale = LossScale(num_micro_batches=2, global_num_tokens=40, data_parallel_size=2)
     want = policy_loss(logp, old, adv, mask, cfg, ref_logp=ref, entropy=entropy, scale=scale).loss
     want_grads = torch.autograd.grad(want, (logp, entropy))
@@ -333,12 +430,21 @@ def test_weighted_token_objective_on_scored_positions_equals_the_policy_loss(mod
     weights = aggregation_weights(mask, mode, scale)[at]
     flat = [x.detach()[at] for x in (logp, old, adv, ref, entropy)]
     flat[0].requires_grad_(), flat[4].requires_grad_()
-    terms = token_terms(flat[0], flat[1], flat[2], torch.ones_like(weights, dtype=torch.bool), cfg,
-                        ref_logp=flat[3], entropy=flat[4])
+    terms = token_terms(
+        flat[0],
+        flat[1],
+        flat[2],
+        torch.ones_like(weights, dtype=torch.bool),
+        cfg,
+        ref_logp=flat[3],
+        entropy=flat[4],
+    )
     got = (weights * terms.objective(cfg)).sum()
     got_grads = torch.autograd.grad(got, (flat[0], flat[4]))
     assert abs(float(got.detach() - want.detach())) <= 1e-12 * max(1.0, abs(float(want.detach())))
     for g, w in zip(got_grads, want_grads):
         assert torch.allclose(g, w[at], rtol=1e-10, atol=1e-15)
         assert float(w[~mask].abs().sum()) == 0.0
-    assert bool(terms.ratio_bound.any()) and bool(terms.kl.abs().sum() > 0)  # the branches are exercised
+    assert bool(terms.ratio_bound.any()) and bool(
+        terms.kl.abs().sum() > 0
+    )  # the branches are exercised

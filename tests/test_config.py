@@ -22,22 +22,44 @@ def write(path: Path, text: str) -> Path:
 @pytest.fixture
 def chain(tmp_path):
     """grandparent <- parent <- child, the child also overriding a nested key."""
-    write(tmp_path / "grand.yaml", "policy:\n  model_name: a\n  precision: float32\n  megatron_cfg:\n    optimizer: {lr: 1.0e-5, weight_decay: 0.1}\ngrpo: {seed: 1}\n")
-    write(tmp_path / "parent.yaml", "defaults: grand\npolicy:\n  megatron_cfg:\n    optimizer: {lr: 2e-6}\ngrpo: {seed: 2, max_num_steps: 7}\n")
-    return write(tmp_path / "child.yaml", "defaults: [parent.yaml]\ngrpo: {seed: 3}\nloss_fn: {ratio_clip_max: 0.28}\n")
+    write(
+        tmp_path / "grand.yaml",
+        "policy:\n  model_name: a\n  precision: float32\n  megatron_cfg:\n    optimizer: {lr: 1.0e-5, weight_decay: 0.1}\ngrpo: {seed: 1}\n",
+    )
+    write(
+        tmp_path / "parent.yaml",
+        "defaults: grand\npolicy:\n  megatron_cfg:\n    optimizer: {lr: 2e-6}\ngrpo: {seed: 2, max_num_steps: 7}\n",
+    )
+    return write(
+        tmp_path / "child.yaml",
+        "defaults: [parent.yaml]\ngrpo: {seed: 3}\nloss_fn: {ratio_clip_max: 0.28}\n",
+    )
 
 
 def test_defaults_chain_merges_deeply_and_later_files_win(chain):
     cfg = load_recipe(chain).cfg
     assert cfg.policy.model_name == "a"  # from the grandparent
-    assert cfg.policy.megatron_cfg.optimizer.lr == 2e-6  # parent overrides grandparent ("2e-6" parsed as a float)
-    assert cfg.policy.megatron_cfg.optimizer.weight_decay == 0.1  # sibling key kept by the deep merge
+    assert (
+        cfg.policy.megatron_cfg.optimizer.lr == 2e-6
+    )  # parent overrides grandparent ("2e-6" parsed as a float)
+    assert (
+        cfg.policy.megatron_cfg.optimizer.weight_decay == 0.1
+    )  # sibling key kept by the deep merge
     assert cfg.grpo.seed == 3 and cfg.grpo.max_num_steps == 7
-    assert cfg.loss_fn.ratio_clip_max == 0.28 and cfg.loss_fn.ratio_clip_min == 0.2  # schema default
+    assert (
+        cfg.loss_fn.ratio_clip_max == 0.28 and cfg.loss_fn.ratio_clip_min == 0.2
+    )  # schema default
 
 
 def test_overrides_win_and_provenance_is_tracked(chain):
-    loaded = load_recipe(chain, ["policy.megatron_cfg.optimizer.lr=1e-7", "+grpo.val_period=5", "policy.generation.stop_strings=[a, b]"])
+    loaded = load_recipe(
+        chain,
+        [
+            "policy.megatron_cfg.optimizer.lr=1e-7",
+            "+grpo.val_period=5",
+            "policy.generation.stop_strings=[a, b]",
+        ],
+    )
     cfg = loaded.cfg
     assert cfg.policy.megatron_cfg.optimizer.lr == 1e-7
     assert cfg.grpo.val_period == 5
@@ -56,27 +78,75 @@ def run_cli(capsys, *args) -> tuple[int, str]:
     "body, overrides, expected",
     [
         # unknown key: names the key and lists what is allowed
-        ("policy: {model_name: m, precison: float32}\n", [], ["policy.precison: unknown key", "precision"]),
+        (
+            "policy: {model_name: m, precison: float32}\n",
+            [],
+            ["policy.precison: unknown key", "precision"],
+        ),
         # wrong type, from the command line
-        ("policy: {model_name: m}\n", ["grpo.num_prompts_per_step=many"], ["command line", "grpo.num_prompts_per_step=many", "integer"]),
+        (
+            "policy: {model_name: m}\n",
+            ["grpo.num_prompts_per_step=many"],
+            ["command line", "grpo.num_prompts_per_step=many", "integer"],
+        ),
         # strict types: YAML booleans and quoted numbers are not coerced
-        ("policy: {model_name: m}\n", ["grpo.seed=true"], ["command line", "grpo.seed=true", "integer"]),
-        ("policy: {model_name: m}\n", ["loss_fn.ratio_clip_max=true"], ["command line", "loss_fn.ratio_clip_max=true", "number"]),
+        (
+            "policy: {model_name: m}\n",
+            ["grpo.seed=true"],
+            ["command line", "grpo.seed=true", "integer"],
+        ),
+        (
+            "policy: {model_name: m}\n",
+            ["loss_fn.ratio_clip_max=true"],
+            ["command line", "loss_fn.ratio_clip_max=true", "number"],
+        ),
         ("policy: {model_name: m}\ngrpo: {seed: '7'}\n", [], ["grpo.seed=7", "integer"]),
-        ("policy: {model_name: m, megatron_cfg: {sequence_parallel: 1}}\n", [], ["policy.megatron_cfg.sequence_parallel=1", "boolean"]),
+        (
+            "policy: {model_name: m, megatron_cfg: {sequence_parallel: 1}}\n",
+            [],
+            ["policy.megatron_cfg.sequence_parallel=1", "boolean"],
+        ),
         # missing required field
         ("grpo: {seed: 1}\n", [], ["policy: required key is missing"]),
         # out of range
-        ("policy: {model_name: m}\nloss_fn: {reference_policy_kl_penalty: -1}\n", [], ["loss_fn.reference_policy_kl_penalty=-1", "greater than or equal to 0"]),
+        (
+            "policy: {model_name: m}\nloss_fn: {reference_policy_kl_penalty: -1}\n",
+            [],
+            ["loss_fn.reference_policy_kl_penalty=-1", "greater than or equal to 0"],
+        ),
         # not one of the allowed values
-        ("policy: {model_name: m}\nsoftgrpo: {algorithm: ppo}\n", [], ["softgrpo.algorithm=ppo", "'softgrpo'", "'grpo'"]),
-        ("policy: {model_name: m}\n", ["env.answer_format=last_word"], ["command line", "env.answer_format=last_word", "'boxed'", "'last_number'"]),
+        (
+            "policy: {model_name: m}\nsoftgrpo: {algorithm: ppo}\n",
+            [],
+            ["softgrpo.algorithm=ppo", "'softgrpo'", "'grpo'"],
+        ),
+        (
+            "policy: {model_name: m}\n",
+            ["env.answer_format=last_word"],
+            ["command line", "env.answer_format=last_word", "'boxed'", "'last_number'"],
+        ),
         # cross-field rule
-        ("policy: {model_name: m, megatron_cfg: {sequence_parallel: true}}\n", [], ["policy.megatron_cfg.sequence_parallel=true", "not supported"]),
+        (
+            "policy: {model_name: m, megatron_cfg: {sequence_parallel: true}}\n",
+            [],
+            ["policy.megatron_cfg.sequence_parallel=true", "not supported"],
+        ),
         # a file source names exactly one file
-        ("policy: {model_name: m}\ndata: {train: {kind: json}}\n", [], ["data.train.path", "required when kind=json", "data.train.builtin"]),
-        ("policy: {model_name: m}\n", ["data.train={path: a.json, builtin: math_train}"], ["command line", "data.train.builtin=math_train", "not both"]),
-        ("policy: {model_name: m}\n", ["data.train={builtin: deepscaler}"], ["command line", "data.train.builtin=deepscaler", "'math_train'"]),
+        (
+            "policy: {model_name: m}\ndata: {train: {kind: json}}\n",
+            [],
+            ["data.train.path", "required when kind=json", "data.train.builtin"],
+        ),
+        (
+            "policy: {model_name: m}\n",
+            ["data.train={path: a.json, builtin: math_train}"],
+            ["command line", "data.train.builtin=math_train", "not both"],
+        ),
+        (
+            "policy: {model_name: m}\n",
+            ["data.train={builtin: deepscaler}"],
+            ["command line", "data.train.builtin=deepscaler", "'math_train'"],
+        ),
         # malformed override
         ("policy: {model_name: m}\n", ["grpo.seed"], ["command line", "dotted.key=value"]),
     ],
@@ -102,12 +172,30 @@ def test_tp_not_dividing_heads_is_refused(capsys):
 def test_tp_error_names_the_heads_before_the_vocabulary_padding(capsys):
     """28 heads at TP=3: the heads are the cause (make_vocab_size_divisible_by=128 is not a multiple of 3 either)."""
     recipe = ROOT / "recipes" / "softgrpo-r1-distill-qwen-7b-1n8g.yaml"
-    code, err = run_cli(capsys, recipe, "policy.megatron_cfg.tensor_model_parallel_size=3", "cluster.gpus_per_node=6")
+    code, err = run_cli(
+        capsys,
+        recipe,
+        "policy.megatron_cfg.tensor_model_parallel_size=3",
+        "cluster.gpus_per_node=6",
+    )
     assert code == 2 and "\n" not in err
-    assert "tensor_model_parallel_size=3" in err and "28 attention heads" in err and "make_vocab" not in err
+    assert (
+        "tensor_model_parallel_size=3" in err
+        and "28 attention heads" in err
+        and "make_vocab" not in err
+    )
     # with heads that TP splits, the padding rule still applies
-    code, err = run_cli(capsys, recipe, "policy.megatron_cfg.tensor_model_parallel_size=2", "policy.megatron_cfg.make_vocab_size_divisible_by=3")
-    assert code == 2 and "policy.megatron_cfg.make_vocab_size_divisible_by=3" in err and "multiple of tensor_model_parallel_size (2)" in err
+    code, err = run_cli(
+        capsys,
+        recipe,
+        "policy.megatron_cfg.tensor_model_parallel_size=2",
+        "policy.megatron_cfg.make_vocab_size_divisible_by=3",
+    )
+    assert (
+        code == 2
+        and "policy.megatron_cfg.make_vocab_size_divisible_by=3" in err
+        and "multiple of tensor_model_parallel_size (2)" in err
+    )
 
 
 def test_missing_recipe_file_and_missing_default(tmp_path, capsys):
@@ -134,7 +222,9 @@ def test_unknown_model_is_a_config_error(tmp_path, capsys):
     assert code == 2 and "policy.model_name=" in err and "no such model directory" in err
 
 
-@pytest.mark.parametrize("recipe", [p for p in RECIPES if p.name != "base.yaml"], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "recipe", [p for p in RECIPES if p.name != "base.yaml"], ids=lambda p: p.name
+)
 def test_every_shipped_recipe_validates(recipe, capsys):
     code, err = run_cli(capsys, recipe)
     assert code == 0, err

@@ -33,37 +33,66 @@ def test_expand_hostlist(nodelist, hosts):
 
 
 def test_torchrun_environment():
-    env = detect_launch_env({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29511"})
+    env = detect_launch_env(
+        {
+            "RANK": "5",
+            "WORLD_SIZE": "8",
+            "LOCAL_RANK": "1",
+            "MASTER_ADDR": "10.0.0.7",
+            "MASTER_PORT": "29511",
+        }
+    )
     assert (env.launcher, env.rank, env.world_size, env.local_rank) == ("torchrun", 5, 8, 1)
     assert (env.master_addr, env.master_port) == ("10.0.0.7", 29511)
 
 
 def test_slurm_environment_derives_master_from_job():
     slurm = {
-        "SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
-        "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456",
+        "SLURM_PROCID": "9",
+        "SLURM_NTASKS": "16",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_JOB_ID": "123456",
     }
     env = detect_launch_env(slurm)
     assert (env.launcher, env.rank, env.world_size, env.local_rank) == ("slurm", 9, 16, 1)
     assert env.master_addr == "gpu07"  # the first host of the job
     assert env.master_port == slurm_master_port("123456") == 20000 + 123456 % 10000
     # every task of the job derives the same master, whatever its rank
-    assert detect_launch_env({**slurm, "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}).master_port == env.master_port
+    assert (
+        detect_launch_env({**slurm, "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}).master_port
+        == env.master_port
+    )
     # an explicit MASTER_ADDR/PORT (e.g. exported by the sbatch script) wins
     env = detect_launch_env({**slurm, "MASTER_ADDR": "head", "MASTER_PORT": "4000"})
     assert (env.master_addr, env.master_port) == ("head", 4000)
 
 
-@pytest.mark.parametrize("var, value", [("MASTER_PORT", "notaport"), ("SLURM_JOB_ID", "12a"), ("SLURM_PROCID", "")])
+@pytest.mark.parametrize(
+    "var, value", [("MASTER_PORT", "notaport"), ("SLURM_JOB_ID", "12a"), ("SLURM_PROCID", "")]
+)
 def test_malformed_launcher_variables_are_one_line_errors(var, value):
-    slurm = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "gpu1", "SLURM_JOB_ID": "7"}
-    with pytest.raises(UserError, match=f"environment variable {var}='{value}': expected an integer"):
+    slurm = {
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "2",
+        "SLURM_JOB_NODELIST": "gpu1",
+        "SLURM_JOB_ID": "7",
+    }
+    with pytest.raises(
+        UserError, match=f"environment variable {var}='{value}': expected an integer"
+    ):
         detect_launch_env({**slurm, var: value})
 
 
 def test_single_process_without_launcher():
     env = detect_launch_env({})
-    assert (env.launcher, env.rank, env.world_size, env.local_rank, env.master_addr) == ("single", 0, 1, 0, "127.0.0.1")
+    assert (env.launcher, env.rank, env.world_size, env.local_rank, env.master_addr) == (
+        "single",
+        0,
+        1,
+        0,
+        "127.0.0.1",
+    )
     assert 0 < env.master_port < 65536
 
 
@@ -93,11 +122,21 @@ def _slurm_rank(rank, job_id):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(var)  # only Slurm's variables remain, as under srun
     os.environ.update(
-        SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_JOB_ID=str(job_id), SLURM_JOB_NODELIST="localhost"
+        SLURM_PROCID=str(rank),
+        SLURM_NTASKS="2",
+        SLURM_LOCALID=str(rank),
+        SLURM_JOB_ID=str(job_id),
+        SLURM_JOB_NODELIST="localhost",
     )
     env = init_distributed(ParallelLayout(2, 1))
-    return (env.launcher, torch.distributed.get_rank(), torch.distributed.get_world_size(),
-            parallel_state.get_tensor_model_parallel_rank(), env.master_addr, env.master_port)
+    return (
+        env.launcher,
+        torch.distributed.get_rank(),
+        torch.distributed.get_world_size(),
+        parallel_state.get_tensor_model_parallel_rank(),
+        env.master_addr,
+        env.master_port,
+    )
 
 
 @pytest.mark.multiproc

@@ -17,7 +17,15 @@ from megatron_softgrpo.eval.benchmarks import (
 from megatron_softgrpo.eval.code_grading import HumanEvalTests, MbppTests, last_python_block
 from megatron_softgrpo.rewards.math import MathGrader
 
-COUNTS = {"aime2024": 30, "aime2025": 30, "amc23": 40, "math500": 500, "gsm8k": 1319, "humaneval": 164, "mbpp": 257}
+COUNTS = {
+    "aime2024": 30,
+    "aime2025": 30,
+    "amc23": 40,
+    "math500": 500,
+    "gsm8k": 1319,
+    "humaneval": 164,
+    "mbpp": 257,
+}
 
 
 @pytest.mark.parametrize("name, count", COUNTS.items())
@@ -27,10 +35,16 @@ def test_each_loader_reads_its_file(builtin_data, name, count):
     assert len(problems) == count
     assert len({p.id for p in problems}) == count
     assert all(p.prompt.strip() for p in problems)
-    expected_reference = {"math": str, "code": HumanEvalTests if name == "humaneval" else MbppTests}[benchmark.kind]
+    expected_reference = {
+        "math": str,
+        "code": HumanEvalTests if name == "humaneval" else MbppTests,
+    }[benchmark.kind]
     assert all(isinstance(p.reference, expected_reference) for p in problems)
     if benchmark.prompt_template is not None:
-        assert benchmark.prompt_template.format(problem=problems[0].prompt).count(problems[0].prompt) == 1
+        assert (
+            benchmark.prompt_template.format(problem=problems[0].prompt).count(problems[0].prompt)
+            == 1
+        )
 
 
 def test_loaded_fields_match_the_file(builtin_data):
@@ -48,29 +62,66 @@ def test_loaded_fields_match_the_file(builtin_data):
 def test_a_users_own_jsonl_file_in_plain_keys(tmp_path):
     path = tmp_path / "mine.jsonl"
     rows = [{"problem": "1+1?", "answer": 2}, {"question": "2+2?", "answer": "4", "id": "q2"}]
-    path.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")  # blank lines are skipped
+    path.write_text(
+        json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n"
+    )  # blank lines are skipped
     problems = load_problems("gsm8k", path)
-    assert [(p.id, p.prompt, p.reference) for p in problems] == [("gsm8k/0", "1+1?", "2"), ("q2", "2+2?", "4")]
+    assert [(p.id, p.prompt, p.reference) for p in problems] == [
+        ("gsm8k/0", "1+1?", "2"),
+        ("q2", "2+2?", "4"),
+    ]
 
 
 @pytest.mark.parametrize(
     "name, content, message",
     [
-        ("math500", '[{"prompt": "x", "final_answer": "1"}, {"prompt": "y"}]', r"bad\.json: row 1: no answer"),
-        ("math500", '[{"prompt": "x", "final_answer": "1"}, 7]', r"bad\.json: row 1: expected a JSON object"),
-        ("math500", '[{"prompt": [{"from": "assistant", "value": "x"}], "final_answer": "1"}]',
-         r"row 0: no problem text"),
-        ("math500", '[{"prompt": "x", "final_answer": ""}]', r"row 0: the answer must be a non-empty string"),
-        ("math500", '[{"prompt": "x", "final_answer": "1"},\n {"prompt": ', r"bad\.json: line 2: invalid JSON"),
+        (
+            "math500",
+            '[{"prompt": "x", "final_answer": "1"}, {"prompt": "y"}]',
+            r"bad\.json: row 1: no answer",
+        ),
+        (
+            "math500",
+            '[{"prompt": "x", "final_answer": "1"}, 7]',
+            r"bad\.json: row 1: expected a JSON object",
+        ),
+        (
+            "math500",
+            '[{"prompt": [{"from": "assistant", "value": "x"}], "final_answer": "1"}]',
+            r"row 0: no problem text",
+        ),
+        (
+            "math500",
+            '[{"prompt": "x", "final_answer": ""}]',
+            r"row 0: the answer must be a non-empty string",
+        ),
+        (
+            "math500",
+            '[{"prompt": "x", "final_answer": "1"},\n {"prompt": ',
+            r"bad\.json: line 2: invalid JSON",
+        ),
         ("math500", '{"prompt": "x"}', r"bad\.json: expected a JSON list"),
         ("math500", "[]", r"bad\.json: no problems"),
-        ("math500", '[{"id": 7, "problem": "x", "answer": "1"}, {"id": "7", "problem": "y", "answer": "2"}]',
-         r"row 1: problem id '7' repeats row 0"),
-        ("humaneval", '[{"prompt": "def f():", "final_answer": {"task_id": "H/0", "test": "", "entry_point": "f"}}]',
-         r"row 0: 'final_answer.canonical_solution' must be a str"),
-        ("mbpp", '[{"prompt": "x", "final_answer": "assert f()"}]', r"row 0: 'final_answer' must be an object"),
-        ("mbpp", '[{"prompt": "x", "final_answer": {"task_id": 1, "code": "", "test_list": [1]}}]',
-         r"row 0: 'final_answer.test_list' must be a list of strings"),
+        (
+            "math500",
+            '[{"id": 7, "problem": "x", "answer": "1"}, {"id": "7", "problem": "y", "answer": "2"}]',
+            r"row 1: problem id '7' repeats row 0",
+        ),
+        (
+            "humaneval",
+            '[{"prompt": "def f():", "final_answer": {"task_id": "H/0", "test": "", "entry_point": "f"}}]',
+            r"row 0: 'final_answer.canonical_solution' must be a str",
+        ),
+        (
+            "mbpp",
+            '[{"prompt": "x", "final_answer": "assert f()"}]',
+            r"row 0: 'final_answer' must be an object",
+        ),
+        (
+            "mbpp",
+            '[{"prompt": "x", "final_answer": {"task_id": 1, "code": "", "test_list": [1]}}]',
+            r"row 0: 'final_answer.test_list' must be a list of strings",
+        ),
     ],
 )
 def test_malformed_files_name_the_file_and_row(tmp_path, name, content, message):
@@ -121,7 +172,11 @@ def test_math_grader(builtin_data):
         grades = grade_responses("math500", problems, responses, math_grader=grader)
     finally:
         grader.close()
-    assert grades == [Grade(True, r"\left(3, \frac{\pi}{2}\right)"), Grade(False, "-12345"), Grade(False, None)]
+    assert grades == [
+        Grade(True, r"\left(3, \frac{\pi}{2}\right)"),
+        Grade(False, "-12345"),
+        Grade(False, None),
+    ]
     with pytest.raises(ValueError, match="needs a math_grader"):
         grade_responses("math500", problems, responses)
 
@@ -130,11 +185,18 @@ def test_math_grader_reads_the_recipes_answer_format(builtin_data):
     """With `env.answer_format: last_number` the last number is the answer, boxed or not."""
     problems = load_problems("gsm8k", builtin_data / "eval" / "gsm8k_test.json")[:2]
     reference = problems[0].reference
-    responses = [f"So the total is {int(reference):,} dollars.", rf"\boxed{{{problems[1].reference}}} or maybe 1"]
+    responses = [
+        f"So the total is {int(reference):,} dollars.",
+        rf"\boxed{{{problems[1].reference}}} or maybe 1",
+    ]
     grader = MathGrader(num_workers=1, timeout_s=60.0)
     try:
-        last = grade_responses("gsm8k", problems, responses, math_grader=grader, answer_format="last_number")
-        boxed = grade_responses("gsm8k", problems, responses, math_grader=grader, answer_format="boxed")
+        last = grade_responses(
+            "gsm8k", problems, responses, math_grader=grader, answer_format="last_number"
+        )
+        boxed = grade_responses(
+            "gsm8k", problems, responses, math_grader=grader, answer_format="boxed"
+        )
     finally:
         grader.close()
     assert last == [Grade(True, reference), Grade(False, "1")]
@@ -142,7 +204,9 @@ def test_math_grader_reads_the_recipes_answer_format(builtin_data):
 
 
 def test_last_python_block():
-    text = "First:\n```python\nx = 1\n```\nthen bash:\n```bash\nls\n```\nfinally\n```py\ny = 2\n```\n"
+    text = (
+        "First:\n```python\nx = 1\n```\nthen bash:\n```bash\nls\n```\nfinally\n```py\ny = 2\n```\n"
+    )
     assert last_python_block(text) == "y = 2\n"
     assert last_python_block("```\nz = 3\n```") == "z = 3\n"  # untagged blocks count
     assert last_python_block("```python\nx = 1\n```\n```python\ntruncated") == "x = 1\n"
@@ -160,14 +224,20 @@ def test_code_graders(builtin_data):
         "    return any(abs(a - b) < threshold for i, a in enumerate(numbers) for b in numbers[i + 1:])\n```"
     )
     body_only = f"```python\n{he1.reference.canonical_solution}```"
-    wrong = f"```python\ndef {he0.reference.entry_point}(numbers, threshold):\n    return False\n```"
-    grades = grade_responses("humaneval", [he0, he1, he0, he1], [full_definition, body_only, wrong, "no code"])
+    wrong = (
+        f"```python\ndef {he0.reference.entry_point}(numbers, threshold):\n    return False\n```"
+    )
+    grades = grade_responses(
+        "humaneval", [he0, he1, he0, he1], [full_definition, body_only, wrong, "no code"]
+    )
     assert [g.correct for g in grades] == [True, True, False, False]
     assert grades[3].answer is None and "def " in grades[0].answer
 
     mbpp_right = f"```python\n{mbpp[0].reference.reference_code}\n```"
     mbpp_wrong = "```python\ndef remove_Occ(s, ch):\n    return s\n```"
-    grades = grade_responses("mbpp", [mbpp[0], mbpp[0], mbpp[1]], [mbpp_right, mbpp_wrong, mbpp_right])
+    grades = grade_responses(
+        "mbpp", [mbpp[0], mbpp[0], mbpp[1]], [mbpp_right, mbpp_wrong, mbpp_right]
+    )
     assert [g.correct for g in grades] == [True, False, False]
 
 

@@ -27,7 +27,9 @@ def _brute_force_pass_at_k(n: int, c: int, k: int) -> float:
 def test_unbiased_pass_at_k_matches_enumeration_of_all_subsets(n):
     for c in range(n + 1):
         for k in range(1, n + 1):
-            assert pass_at_k_unbiased(n, c, k) == pytest.approx(_brute_force_pass_at_k(n, c, k), abs=1e-12)
+            assert pass_at_k_unbiased(n, c, k) == pytest.approx(
+                _brute_force_pass_at_k(n, c, k), abs=1e-12
+            )
 
 
 def test_unbiased_pass_at_k_is_stable_for_large_n():
@@ -84,7 +86,9 @@ def test_majority_vote_counts_equivalent_answers_together():
 def test_summarize_a_hand_made_table():
     table = [
         _samples([0, 0, 2, 3], [True, True, False, False], lengths=[10, 20, 30, 40]),
-        _samples([None, 1, 1, None], [False, False, False, False], truncated=[True, False, False, True]),
+        _samples(
+            [None, 1, 1, None], [False, False, False, False], truncated=[True, False, False, True]
+        ),
         _samples([0, 1, 2, 2], [False, False, True, True]),
     ]
     m = summarize(table, ks=(1, 2, 4, 8))
@@ -93,7 +97,11 @@ def test_summarize_a_hand_made_table():
     assert list(m.pass_at_k) == [1, 2, 4]  # k <= n only
     for k in (1, 2, 4):
         assert m.pass_at_k[k] == pytest.approx((_brute_force_pass_at_k(4, 2, k) * 2 + 0) / 3)
-    assert m.pass_at_k_first == {1: pytest.approx(1 / 3), 2: pytest.approx(1 / 3), 4: pytest.approx(2 / 3)}
+    assert m.pass_at_k_first == {
+        1: pytest.approx(1 / 3),
+        2: pytest.approx(1 / 3),
+        4: pytest.approx(2 / 3),
+    }
     # maj: problem 0 -> class 0 (right) at every k; problem 1 -> never right; problem 2 -> k=4: class 2 (right)
     assert m.maj_at_k == {1: pytest.approx(1 / 3), 2: pytest.approx(1 / 3), 4: pytest.approx(2 / 3)}
     assert m.mean_length == pytest.approx((10 + 20 + 30 + 40 + 10 * 8) / 12)

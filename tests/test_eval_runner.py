@@ -45,8 +45,18 @@ from megatron_softgrpo.soft import noise_rng
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "softgrpo-smollm2-135m-cpu.yaml")
 ANSWER_FORMAT = load_recipe(RECIPE).cfg.env.answer_format  # what the evaluation grades with
-FIELDS = {"problem_id", "problem_index", "sample", "text", "answer", "correct", "answer_class", "length",
-          "thinking_length", "finish_reason"}
+FIELDS = {
+    "problem_id",
+    "problem_index",
+    "sample",
+    "text",
+    "answer",
+    "correct",
+    "answer_class",
+    "length",
+    "thinking_length",
+    "finish_reason",
+}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -58,7 +68,9 @@ def flat(metrics: dict) -> dict:
     """{"pass_at_k": {"1": x}} -> {"pass_at_k.1": x}, for pytest.approx."""
     out = {}
     for key, value in metrics.items():
-        out.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+        out.update(
+            {f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value}
+        )
     return out
 
 
@@ -71,10 +83,17 @@ def test_schema_benchmark_names_are_the_registry():
 
 def test_eval_section_defaults_and_bad_values():
     ev = load_recipe(RECIPE).cfg.eval
-    assert (ev.benchmarks, ev.n, ev.ks) == (["aime2024", "aime2025", "amc23", "math500", "gsm8k"], 32, [1, 2, 4, 8, 16, 32])
+    assert (ev.benchmarks, ev.n, ev.ks) == (
+        ["aime2024", "aime2025", "amc23", "math500", "gsm8k"],
+        32,
+        [1, 2, 4, 8, 16, 32],
+    )
     for overrides, message in [
         (["eval.benchmarks=[]"], "eval.benchmarks=[]: must list at least one entry"),
-        (["eval.benchmarks=[gsm8k,gsm8k]"], "eval.benchmarks=['gsm8k', 'gsm8k']: lists an entry twice"),
+        (
+            ["eval.benchmarks=[gsm8k,gsm8k]"],
+            "eval.benchmarks=['gsm8k', 'gsm8k']: lists an entry twice",
+        ),
         (["eval.benchmarks=[gsm9k]"], "eval.benchmarks.0: expected one of"),
         (["eval.ks=[8,16]", "eval.n=4"], "eval.ks=[8, 16]: needs a k <= eval.n (4)"),
         (["eval.files.gsm9k=x.json"], "eval.files.gsm9k"),
@@ -87,7 +106,9 @@ def test_eval_section_defaults_and_bad_values():
 
 def test_the_default_data_dir_is_the_built_in_benchmark_files(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # found from anywhere: the files ship inside the package
-    loaded = load_recipe(RECIPE, ["eval.benchmarks=[gsm8k,humaneval]", f"logger.log_dir={tmp_path}"])
+    loaded = load_recipe(
+        RECIPE, ["eval.benchmarks=[gsm8k,humaneval]", f"logger.log_dir={tmp_path}"]
+    )
     assert loaded.cfg.eval.data_dir is None
     plans = plan_eval(loaded)
     assert [len(p.problems) for p in plans] == [1319, 164]
@@ -101,9 +122,16 @@ def test_a_users_data_dir_and_file_win_over_the_built_in_ones(tmp_path):
     (own / "gsm8k_test.json").write_text(json.dumps(rows))
     (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     log = f"logger.log_dir={tmp_path / 'log'}"
-    by_dir = plan_eval(load_recipe(RECIPE, ["eval.benchmarks=[gsm8k]", f"eval.data_dir={own}", log]))
+    by_dir = plan_eval(
+        load_recipe(RECIPE, ["eval.benchmarks=[gsm8k]", f"eval.data_dir={own}", log])
+    )
     assert by_dir[0].path == own / "gsm8k_test.json" and len(by_dir[0].problems) == 3
-    by_file = plan_eval(load_recipe(RECIPE, ["eval.benchmarks=[gsm8k,amc23]", f"eval.files.gsm8k={tmp_path / 'mine.jsonl'}", log]))
+    by_file = plan_eval(
+        load_recipe(
+            RECIPE,
+            ["eval.benchmarks=[gsm8k,amc23]", f"eval.files.gsm8k={tmp_path / 'mine.jsonl'}", log],
+        )
+    )
     assert [len(p.problems) for p in by_file] == [2, 40]  # amc23 still from the built-in files
     assert by_file[1].path == builtin.EVAL_DIR / "amc23.json"
 
@@ -112,7 +140,9 @@ def test_cli_names_a_missing_data_dir_before_loading_any_model(capsys, tmp_path,
     monkeypatch.chdir(tmp_path)
     assert cli.main(["eval", RECIPE, "eval.benchmarks=[gsm8k]", "eval.data_dir=benchmarks"]) == 2
     err = capsys.readouterr().err
-    assert "command line: eval.data_dir=benchmarks: no such directory" in err and str(tmp_path) in err
+    assert (
+        "command line: eval.data_dir=benchmarks: no such directory" in err and str(tmp_path) in err
+    )
     assert len(err.strip().splitlines()) == 1
 
 
@@ -120,7 +150,10 @@ def test_decoding_mode_and_batch_seeds():
     soft = load_recipe(RECIPE).cfg.softgrpo
     assert decoding_mode(soft) == "gumbel"
     assert decoding_mode(soft.model_copy(update={"algorithm": "grpo"})) == "discrete"
-    assert decoding_mode(soft.model_copy(update={"algorithm": "grpo", "sampler": "gumbel"})) == "gumbel"
+    assert (
+        decoding_mode(soft.model_copy(update={"algorithm": "grpo", "sampler": "gumbel"}))
+        == "gumbel"
+    )
     assert decoding_mode(soft.model_copy(update={"algorithm": "dirichlet"})) == "dirichlet"
     seeds = {batch_seed(s, b, i) for s in (0, 1) for b in ("gsm8k", "math500") for i in range(50)}
     assert len(seeds) == 200 and all(0 <= x < 2**63 for x in seeds)
@@ -142,11 +175,19 @@ def test_checkpoint_argument_takes_a_checkpoint_or_a_checkpoint_dir(tmp_path):
 
 
 def test_grade_batch_records_answers_correctness_and_votes(builtin_data):
-    problems = load_problems("gsm8k", builtin_data / "eval" / "gsm8k_test.json")[:2]  # answers 18 and 3
+    problems = load_problems("gsm8k", builtin_data / "eval" / "gsm8k_test.json")[
+        :2
+    ]  # answers 18 and 3
     assert [p.reference for p in problems] == ["18", "3"]
     texts = [
-        "so \\boxed{18}", "I think \\boxed{17}", "it is \\boxed{18.0}", "no box at all",
-        "\\boxed{2} wait, \\boxed{3}", "\\boxed{2}", "\\boxed{\\frac{6}{2}}", "\\boxed{2}",
+        "so \\boxed{18}",
+        "I think \\boxed{17}",
+        "it is \\boxed{18.0}",
+        "no box at all",
+        "\\boxed{2} wait, \\boxed{3}",
+        "\\boxed{2}",
+        "\\boxed{\\frac{6}{2}}",
+        "\\boxed{2}",
     ]
     responses = Responses(texts, list(range(10, 18)), [0] * 8, ["eos"] * 7 + ["length"])
     grader = MathGrader(num_workers=1, timeout_s=60.0)
@@ -170,17 +211,29 @@ def test_grade_batch_runs_code_in_the_sandbox_without_votes(builtin_data):
     problem = load_problems("mbpp", builtin_data / "eval" / "mbpp.json")[0]
     good = f"Here it is:\n```python\n{problem.reference.reference_code}\n```"
     texts = [good, "```python\ndef nothing():\n    pass\n```", "no code"]
-    records = grade_batch(get_benchmark("mbpp"), [0], [problem], Responses(texts, [5] * 3, [0] * 3, ["eos"] * 3), 3, None)
+    records = grade_batch(
+        get_benchmark("mbpp"),
+        [0],
+        [problem],
+        Responses(texts, [5] * 3, [0] * 3, ["eos"] * 3),
+        3,
+        None,
+    )
     assert [r.correct for r in records] == [True, False, False]
     assert [r.answer_class for r in records] == [None] * 3
-    assert records[0].answer.strip() == problem.reference.reference_code.strip() and records[2].answer is None
+    assert (
+        records[0].answer.strip() == problem.reference.reference_code.strip()
+        and records[2].answer is None
+    )
 
 
 # ---------------------------------------------------------------- the sample file
 
 
 def _record(problem: int, sample: int) -> SampleRecord:
-    return SampleRecord(f"p{problem}", problem, sample, f"text {problem}/{sample}", "1", sample == 0, 0, 7, 3, "eos")
+    return SampleRecord(
+        f"p{problem}", problem, sample, f"text {problem}/{sample}", "1", sample == 0, 0, 7, 3, "eos"
+    )
 
 
 def test_sample_file_resume_keeps_only_finished_batches(tmp_path):
@@ -197,7 +250,14 @@ def test_sample_file_resume_keeps_only_finished_batches(tmp_path):
         f.write(_record(3, 1).to_json()[:25])  # a torn write
     assert store.resume(settings, problem_batches, 2) == {0, 2}
     kept = read_jsonl(store.path)
-    assert [(r["problem_index"], r["sample"]) for r in kept] == [(0, 0), (0, 1), (1, 0), (1, 1), (4, 0), (4, 1)]
+    assert [(r["problem_index"], r["sample"]) for r in kept] == [
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1, 1),
+        (4, 0),
+        (4, 1),
+    ]
     assert set(kept[0]) == FIELDS and store.path.read_text().endswith("\n")
     # more problems later: batch 2 grows to rows 4-5 and is decoded again
     assert SampleFile(tmp_path / "gsm8k").resume(settings, batches(6, 2), 2) == {0}
@@ -218,7 +278,10 @@ def test_sample_file_refuses_samples_of_other_settings(tmp_path):
     store = SampleFile(tmp_path)
     store.resume({"eval.n": 2, "decoding": "gumbel"}, batches(1, 1), 2)
     store.append([_record(0, 0), _record(0, 1)])
-    with pytest.raises(UserError, match=r'decoded with decoding="gumbel", now decoding="discrete"; use another logger.log_dir'):
+    with pytest.raises(
+        UserError,
+        match=r'decoded with decoding="gumbel", now decoding="discrete"; use another logger.log_dir',
+    ):
         store.resume({"eval.n": 2, "decoding": "discrete"}, batches(1, 1), 2)
     store.settings_path.unlink()
     with pytest.raises(UserError, match="settings.json: missing or unreadable"):
@@ -233,21 +296,44 @@ def test_sample_file_refuses_samples_of_other_settings(tmp_path):
 
 def _metrics(mean: float, ks=(1, 2, 4), maj=True, problems=10) -> BenchmarkMetrics:
     values = {k: min(1.0, mean * k) for k in ks}
-    return BenchmarkMetrics(4, problems, mean, values, {k: v / 2 for k, v in values.items()},
-                            dict(values) if maj else {}, 100.0 * (1 + mean), mean / 4)
+    return BenchmarkMetrics(
+        4,
+        problems,
+        mean,
+        values,
+        {k: v / 2 for k, v in values.items()},
+        dict(values) if maj else {},
+        100.0 * (1 + mean),
+        mean / 4,
+    )
 
 
 def test_average_is_the_unweighted_mean_and_maj_averages_the_voting_benchmarks():
-    avg = average_metrics([_metrics(0.1, problems=30), _metrics(0.3, problems=500), _metrics(0.2, maj=False, problems=164)])
+    avg = average_metrics(
+        [
+            _metrics(0.1, problems=30),
+            _metrics(0.3, problems=500),
+            _metrics(0.2, maj=False, problems=164),
+        ]
+    )
     assert avg.problems == 694 and avg.n == 4
     assert avg.mean_at_n == pytest.approx(0.2)
     assert avg.pass_at_k == pytest.approx({1: 0.2, 2: 0.4, 4: (0.4 + 1.0 + 0.8) / 3})
-    assert avg.maj_at_k == pytest.approx({1: 0.2, 2: 0.4, 4: 0.7})  # (0.4 + 1.0) / 2: the code benchmark has no votes
+    assert avg.maj_at_k == pytest.approx(
+        {1: 0.2, 2: 0.4, 4: 0.7}
+    )  # (0.4 + 1.0) / 2: the code benchmark has no votes
     assert avg.mean_length == pytest.approx(120.0)
 
 
 def _write_eval(directory: Path, decoding: str, scale: float) -> EvalSummary:
-    summary = EvalSummary("model", decoding, 4, 48, 0, {"gsm8k": _metrics(0.2 * scale), "math500": _metrics(0.1 * scale)})
+    summary = EvalSummary(
+        "model",
+        decoding,
+        4,
+        48,
+        0,
+        {"gsm8k": _metrics(0.2 * scale), "math500": _metrics(0.1 * scale)},
+    )
     write_summary(directory / "eval", summary)
     return summary
 
@@ -256,7 +342,11 @@ def test_summary_files_round_trip_and_table(tmp_path):
     summary = _write_eval(tmp_path, "gumbel", 1.0)
     assert read_summary(tmp_path) == summary == read_summary(tmp_path / "eval")
     data = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert data["average"]["pass_at_k"] == {"1": pytest.approx(0.15), "2": pytest.approx(0.3), "4": pytest.approx(0.6)}
+    assert data["average"]["pass_at_k"] == {
+        "1": pytest.approx(0.15),
+        "2": pytest.approx(0.3),
+        "4": pytest.approx(0.6),
+    }
     table = (tmp_path / "eval" / "summary.md").read_text().splitlines()
     assert "| metric | gsm8k | math500 | average |" in table
     assert "| mean@4 (Pass@1) | 20.00 | 10.00 | 15.00 |" in table
@@ -271,17 +361,38 @@ def test_plot_command_draws_pass_at_k_and_training_curves(tmp_path, capsys):
     _write_eval(tmp_path / "discrete", "discrete", 0.5)
     train = tmp_path / "train"
     train.mkdir()
-    (train / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward/mean": s / 10}) + "\n" for s in (1, 2, 3)))
+    (train / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "reward/mean": s / 10}) + "\n" for s in (1, 2, 3))
+    )
     assert plot_kind([tmp_path / "soft", tmp_path / "discrete"], "auto") == "passk"
     assert plot_kind([train], "auto") == "train"
     with pytest.raises(UserError, match="neither a training run"):
         plot_kind([train, tmp_path / "soft", tmp_path], "auto")
 
     out = tmp_path / "plots" / "passk.png"
-    assert cli.main(["plot", str(tmp_path / "soft"), str(tmp_path / "discrete" / "eval"), "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            ["plot", str(tmp_path / "soft"), str(tmp_path / "discrete" / "eval"), "--out", str(out)]
+        )
+        == 0
+    )
     assert out.read_bytes().startswith(PNG_SIGNATURE)
     out_maj = tmp_path / "maj.png"
-    assert cli.main(["plot", str(tmp_path / "soft"), "--metric", "maj_at_k", "--labels", "SofT", "--out", str(out_maj)]) == 0
+    assert (
+        cli.main(
+            [
+                "plot",
+                str(tmp_path / "soft"),
+                "--metric",
+                "maj_at_k",
+                "--labels",
+                "SofT",
+                "--out",
+                str(out_maj),
+            ]
+        )
+        == 0
+    )
     assert out_maj.read_bytes().startswith(PNG_SIGNATURE)
     curves = tmp_path / "train.png"
     assert cli.main(["plot", str(train), "--out", str(curves)]) == 0
@@ -316,7 +427,14 @@ def test_plot_command_refuses_an_output_it_cannot_write(kind, tmp_path, capsys):
 class FakeEngine:
     """Stands in for RolloutEngine: every response is drawn from the sampling-noise RNG, as real sampling is."""
 
-    RESPONSES = ["so \\boxed{18}", "\\boxed{18.0}", "\\boxed{3}", "\\boxed{\\frac{6}{2}}", "\\boxed{540}", "no answer"]
+    RESPONSES = [
+        "so \\boxed{18}",
+        "\\boxed{18.0}",
+        "\\boxed{3}",
+        "\\boxed{\\frac{6}{2}}",
+        "\\boxed{540}",
+        "no answer",
+    ]
 
     def __init__(self, interrupt_on_call: int | None = None):
         self.calls = 0
@@ -344,8 +462,16 @@ def tokenizer(smollm2_hf_dir):
 
 
 def _fake_eval(log_dir: Path, data_dir: Path, tokenizer, engine: FakeEngine, *extra: str):
-    overrides = ["eval.benchmarks=[gsm8k,amc23]", "eval.num_problems=7", "eval.n=4", "eval.batch_size=2",
-                 "eval.max_new_tokens=48", f"eval.data_dir={data_dir}", f"logger.log_dir={log_dir}", *extra]
+    overrides = [
+        "eval.benchmarks=[gsm8k,amc23]",
+        "eval.num_problems=7",
+        "eval.n=4",
+        "eval.batch_size=2",
+        "eval.max_new_tokens=48",
+        f"eval.data_dir={data_dir}",
+        f"logger.log_dir={log_dir}",
+        *extra,
+    ]
     loaded = load_recipe(RECIPE, overrides)
     init_distributed(ParallelLayout(1, 1))
     return run_eval(loaded.cfg, plan_eval(loaded), engine, tokenizer)
@@ -362,9 +488,14 @@ def test_runner_writes_samples_and_a_summary_that_recomputes(tmp_path, builtin_d
         expected = _recomputed(samples, 4, [1, 2, 4, 8, 16, 32])
         assert flat(data["benchmarks"][name]) == pytest.approx(flat(expected))
     gsm8k = data["benchmarks"]["gsm8k"]
-    assert 0 < gsm8k["mean_at_n"] < gsm8k["pass_at_k"]["4"] < 1  # some right, some wrong: the metrics are not trivial
+    assert (
+        0 < gsm8k["mean_at_n"] < gsm8k["pass_at_k"]["4"] < 1
+    )  # some right, some wrong: the metrics are not trivial
     assert gsm8k["maj_at_k"]["4"] > 0
-    average = {k: (data["benchmarks"]["gsm8k"][k] + data["benchmarks"]["amc23"][k]) / 2 for k in ("mean_at_n", "mean_length")}
+    average = {
+        k: (data["benchmarks"]["gsm8k"][k] + data["benchmarks"]["amc23"][k]) / 2
+        for k in ("mean_at_n", "mean_length")
+    }
     assert data["average"]["mean_at_n"] == pytest.approx(average["mean_at_n"])
     assert data["average"]["mean_length"] == pytest.approx(average["mean_length"])
     assert "| mean@4 (Pass@1) |" in (eval_dir / "summary.md").read_text()
@@ -376,42 +507,74 @@ def test_runner_resumes_an_interrupted_eval_to_the_same_result(tmp_path, builtin
     # gsm8k takes 4 calls (7 problems, 2 per call); stop during amc23's second batch
     with pytest.raises(KeyboardInterrupt):
         _fake_eval(tmp_path / "cut", data_dir, tokenizer, FakeEngine(interrupt_on_call=6))
-    assert len(read_jsonl(tmp_path / "cut" / "eval" / "amc23" / "samples.jsonl")) == 8  # its first batch only
+    assert (
+        len(read_jsonl(tmp_path / "cut" / "eval" / "amc23" / "samples.jsonl")) == 8
+    )  # its first batch only
     resumed = FakeEngine()
     _fake_eval(tmp_path / "cut", data_dir, tokenizer, resumed)
     assert resumed.calls == 3  # amc23's batches 1-3; gsm8k was finished
     for name in ("gsm8k/samples.jsonl", "amc23/samples.jsonl", "summary.json", "summary.md"):
-        assert (tmp_path / "cut" / "eval" / name).read_text() == (tmp_path / "whole" / "eval" / name).read_text(), name
+        assert (tmp_path / "cut" / "eval" / name).read_text() == (
+            tmp_path / "whole" / "eval" / name
+        ).read_text(), name
 
 
 def test_runner_samples_do_not_depend_on_the_batch_history(tmp_path, builtin_data, tokenizer):
     """Each batch is seeded from its identity: evaluating more problems keeps the samples of the earlier batches."""
     data_dir = builtin_data / "eval"
-    _fake_eval(tmp_path / "few", data_dir, tokenizer, FakeEngine(), "eval.benchmarks=[gsm8k]", "eval.num_problems=4")
-    _fake_eval(tmp_path / "more", data_dir, tokenizer, FakeEngine(), "eval.benchmarks=[gsm8k]", "eval.num_problems=7")
+    _fake_eval(
+        tmp_path / "few",
+        data_dir,
+        tokenizer,
+        FakeEngine(),
+        "eval.benchmarks=[gsm8k]",
+        "eval.num_problems=4",
+    )
+    _fake_eval(
+        tmp_path / "more",
+        data_dir,
+        tokenizer,
+        FakeEngine(),
+        "eval.benchmarks=[gsm8k]",
+        "eval.num_problems=7",
+    )
     few = (tmp_path / "few" / "eval" / "gsm8k" / "samples.jsonl").read_text().splitlines()
     more = (tmp_path / "more" / "eval" / "gsm8k" / "samples.jsonl").read_text().splitlines()
     assert more[: len(few)] == few and len(more) == 28
-    _fake_eval(tmp_path / "seed1", data_dir, tokenizer, FakeEngine(), "eval.benchmarks=[gsm8k]", "eval.num_problems=4",
-               "eval.seed=1")
+    _fake_eval(
+        tmp_path / "seed1",
+        data_dir,
+        tokenizer,
+        FakeEngine(),
+        "eval.benchmarks=[gsm8k]",
+        "eval.num_problems=4",
+        "eval.seed=1",
+    )
     assert (tmp_path / "seed1" / "eval" / "gsm8k" / "samples.jsonl").read_text().splitlines() != few
 
 
 def test_progress_line_shows_problems_rate_and_time_left():
     # 8 samples in 4 s: 2 samples/s; 5 problems x 4 samples left: 10 s
     assert progress(2, 7, 4, 8, 4.0) == "2/7 problems, 2.00 samples/s, ETA 0:00:10"
-    assert progress(10, 1000, 32, 320, 100.0) == "10/1000 problems, 3.20 samples/s, ETA 2:45:00"  # 9900 s
+    assert (
+        progress(10, 1000, 32, 320, 100.0) == "10/1000 problems, 3.20 samples/s, ETA 2:45:00"
+    )  # 9900 s
     assert progress(7, 7, 4, 28, 2.0).endswith("ETA 0:00:00")
     assert progress(0, 7, 4, 0, 1.0).endswith("0.00 samples/s, ETA unknown")
 
 
 def test_runner_logs_progress_each_round(tmp_path, builtin_data, tokenizer, capsys):
     _fake_eval(tmp_path, builtin_data / "eval", tokenizer, FakeEngine(), "eval.benchmarks=[gsm8k]")
-    lines = re.findall(r"\[eval\] gsm8k: (\d+)/7 problems, \d+\.\d\d samples/s, ETA \d+:\d\d:\d\d", capsys.readouterr().err)
+    lines = re.findall(
+        r"\[eval\] gsm8k: (\d+)/7 problems, \d+\.\d\d samples/s, ETA \d+:\d\d:\d\d",
+        capsys.readouterr().err,
+    )
     assert [int(done) for done in lines] == [2, 4, 6, 7]  # one line per batch of 2 problems
 
 
-def test_runner_with_fewer_problems_keeps_the_samples_and_summarises_the_current_problems(tmp_path, builtin_data, tokenizer):
+def test_runner_with_fewer_problems_keeps_the_samples_and_summarises_the_current_problems(
+    tmp_path, builtin_data, tokenizer
+):
     data_dir, args = builtin_data / "eval", ("eval.benchmarks=[gsm8k]", "eval.n=2")
     _fake_eval(tmp_path, data_dir, tokenizer, FakeEngine(), *args, "eval.num_problems=6")
     path = tmp_path / "eval" / "gsm8k" / "samples.jsonl"
@@ -429,11 +592,26 @@ def test_runner_with_fewer_problems_keeps_the_samples_and_summarises_the_current
 
 # ---------------------------------------------------------------- end to end on SmolLM2-135M-Instruct
 
-E2E_OVERRIDES = ["eval.benchmarks=[gsm8k]", "eval.num_problems=8", "eval.n=4", "eval.batch_size=4", "eval.max_new_tokens=48"]
+E2E_OVERRIDES = [
+    "eval.benchmarks=[gsm8k]",
+    "eval.num_problems=8",
+    "eval.n=4",
+    "eval.batch_size=4",
+    "eval.max_new_tokens=48",
+]
 
 
 def _eval(log_dir: Path, data_dir: Path, *extra: str) -> int:
-    return cli.main(["eval", RECIPE, *E2E_OVERRIDES, f"eval.data_dir={data_dir}", f"logger.log_dir={log_dir}", *extra])
+    return cli.main(
+        [
+            "eval",
+            RECIPE,
+            *E2E_OVERRIDES,
+            f"eval.data_dir={data_dir}",
+            f"logger.log_dir={log_dir}",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -468,7 +646,9 @@ def _recomputed(samples: list[dict], n: int, ks: list[int]) -> dict:
                 first_vote.setdefault(s["answer_class"], s)
         top = max(votes.values())
         # a tie goes to the answer voted first; the winner's first sample says whether it is right
-        return min((first_vote[c] for c in votes if votes[c] == top), key=lambda s: s["sample"])["correct"]
+        return min((first_vote[c] for c in votes if votes[c] == top), key=lambda s: s["sample"])[
+            "correct"
+        ]
 
     counts = [sum(s["correct"] for s in row) for row in rows]
     ks = [k for k in ks if k <= n]
@@ -477,8 +657,12 @@ def _recomputed(samples: list[dict], n: int, ks: list[int]) -> dict:
         "problems": len(rows),
         "mean_at_n": sum(counts) / (n * len(rows)),
         "pass_at_k": {str(k): sum(unbiased(c, k) for c in counts) / len(rows) for k in ks},
-        "pass_at_k_first": {str(k): sum(any(s["correct"] for s in row[:k]) for row in rows) / len(rows) for k in ks},
-        "maj_at_k": {str(k): sum(majority_correct(row[:k]) for row in rows) / len(rows) for k in ks},
+        "pass_at_k_first": {
+            str(k): sum(any(s["correct"] for s in row[:k]) for row in rows) / len(rows) for k in ks
+        },
+        "maj_at_k": {
+            str(k): sum(majority_correct(row[:k]) for row in rows) / len(rows) for k in ks
+        },
         "mean_length": sum(s["length"] for s in samples) / len(samples),
         "truncated_fraction": sum(s["finish_reason"] == "length" for s in samples) / len(samples),
     }
@@ -493,12 +677,18 @@ def test_eval_writes_every_artefact(e2e_runs, mode):
     problems = load_problems("gsm8k", data_dir / "gsm8k_test.json")[:8]
     samples = read_jsonl(eval_dir / "gsm8k" / "samples.jsonl")
     assert len(samples) == 32 and all(set(s) == FIELDS for s in samples)
-    assert sorted((s["problem_index"], s["sample"]) for s in samples) == [(p, s) for p in range(8) for s in range(4)]
+    assert sorted((s["problem_index"], s["sample"]) for s in samples) == [
+        (p, s) for p in range(8) for s in range(4)
+    ]
     for s in samples:
         problem = problems[s["problem_index"]]
         assert s["problem_id"] == problem.id
         assert 1 <= s["length"] <= 48 and s["finish_reason"] in ("eos", "stop", "length")
-        assert s["length"] == 48 if s["finish_reason"] == "length" else s["finish_reason"] in ("eos", "stop")
+        assert (
+            s["length"] == 48
+            if s["finish_reason"] == "length"
+            else s["finish_reason"] in ("eos", "stop")
+        )
         assert s["answer"] == extract_answer(s["text"], ANSWER_FORMAT)
         assert s["correct"] == is_correct(s["answer"], problem.reference)
     # soft decoding starts in the thinking phase; discrete decoding has none
@@ -516,16 +706,24 @@ def test_eval_writes_every_artefact(e2e_runs, mode):
     assert set(summary["benchmarks"]) == {"gsm8k"}
     expected = _recomputed(samples, 4, [1, 2, 4, 8, 16, 32])
     assert flat(summary["benchmarks"]["gsm8k"]) == pytest.approx(flat(expected))
-    assert flat(summary["average"]) == pytest.approx(flat(expected))  # one benchmark: the average is itself
+    assert flat(summary["average"]) == pytest.approx(
+        flat(expected)
+    )  # one benchmark: the average is itself
     table = (eval_dir / "summary.md").read_text()
-    assert f"| mean@4 (Pass@1) | {100 * expected['mean_at_n']:.2f} | {100 * expected['mean_at_n']:.2f} |" in table
+    assert (
+        f"| mean@4 (Pass@1) | {100 * expected['mean_at_n']:.2f} | {100 * expected['mean_at_n']:.2f} |"
+        in table
+    )
     assert f"| truncated (%) | {100 * expected['truncated_fraction']:.2f} |" in table
 
 
 @pytest.mark.slow
 def test_soft_and_discrete_decoding_differ(e2e_runs):
     _, runs = e2e_runs
-    texts = {mode: [s["text"] for s in read_jsonl(d / "eval" / "gsm8k" / "samples.jsonl")] for mode, d in runs.items()}
+    texts = {
+        mode: [s["text"] for s in read_jsonl(d / "eval" / "gsm8k" / "samples.jsonl")]
+        for mode, d in runs.items()
+    }
     assert sum(a != b for a, b in zip(texts["gumbel"], texts["discrete"])) > 16
 
 
@@ -542,7 +740,9 @@ def test_an_interrupted_eval_resumes_to_the_same_summary(e2e_runs, tmp_path, cap
     assert _eval(tmp_path, data_dir, "softgrpo.sampler=gumbel") == 0
     err = capsys.readouterr().err
     assert "8 problems x 4 samples from" in err and "resuming with 4 done" in err
-    assert (tmp_path / "eval" / "summary.json").read_text() == (runs["gumbel"] / "eval" / "summary.json").read_text()
+    assert (tmp_path / "eval" / "summary.json").read_text() == (
+        runs["gumbel"] / "eval" / "summary.json"
+    ).read_text()
     assert (part / "samples.jsonl").read_text() == "".join(lines)
     # other settings in the same directory are refused (before the model is loaded)
     assert _eval(tmp_path, data_dir, "softgrpo.sampler=discrete") == 2
@@ -559,28 +759,63 @@ def test_eval_of_a_training_checkpoint(tmp_path, smollm2_hf_dir, builtin_data):
     make_hf_model("llama", model, vocab_size=49152)
     run = tmp_path / "run"
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(json.dumps({  # JSON is YAML
-        "defaults": str(ROOT / "recipes" / "base.yaml"),
-        "policy": {"model_name": str(model), "tokenizer": {"name": str(smollm2_hf_dir)}, "precision": "float32",
-                   "train_global_batch_size": 4, "train_micro_batch_size": 2, "logprob_batch_size": 2,
-                   "max_total_sequence_length": 160, "generation": {"max_new_tokens": 4}},
-        "grpo": {"num_prompts_per_step": 2, "num_generations_per_prompt": 2, "max_num_steps": 1},
-        "loss_fn": {"reference_policy_kl_penalty": 0.0},
-        "data": {"max_input_seq_length": 128,
-                 "train": {"kind": "reasoning_gym", "task": "basic_arithmetic", "size": 8, "seed": 1,
-                           "task_config": {"min_terms": 2, "max_terms": 2, "max_digits": 1}}},
-        "env": {"reward": "reasoning_gym", "num_workers": 1},
-        "logger": {"log_dir": str(run), "tensorboard_enabled": False},
-        "checkpointing": {"checkpoint_dir": str(run / "ckpt"), "save_period": 1},
-        "cluster": {"gpus_per_node": 0},
-    }))
+    recipe.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "defaults": str(ROOT / "recipes" / "base.yaml"),
+                "policy": {
+                    "model_name": str(model),
+                    "tokenizer": {"name": str(smollm2_hf_dir)},
+                    "precision": "float32",
+                    "train_global_batch_size": 4,
+                    "train_micro_batch_size": 2,
+                    "logprob_batch_size": 2,
+                    "max_total_sequence_length": 160,
+                    "generation": {"max_new_tokens": 4},
+                },
+                "grpo": {
+                    "num_prompts_per_step": 2,
+                    "num_generations_per_prompt": 2,
+                    "max_num_steps": 1,
+                },
+                "loss_fn": {"reference_policy_kl_penalty": 0.0},
+                "data": {
+                    "max_input_seq_length": 128,
+                    "train": {
+                        "kind": "reasoning_gym",
+                        "task": "basic_arithmetic",
+                        "size": 8,
+                        "seed": 1,
+                        "task_config": {"min_terms": 2, "max_terms": 2, "max_digits": 1},
+                    },
+                },
+                "env": {"reward": "reasoning_gym", "num_workers": 1},
+                "logger": {"log_dir": str(run), "tensorboard_enabled": False},
+                "checkpointing": {"checkpoint_dir": str(run / "ckpt"), "save_period": 1},
+                "cluster": {"gpus_per_node": 0},
+            }
+        )
+    )
     assert cli.main(["train", str(recipe)]) == 0
     step = run / "ckpt" / "step_0000001"
     assert (step / "softgrpo_checkpoint.json").is_file()
     log_dir = tmp_path / "eval-run"
-    assert cli.main(["eval", str(recipe), f"checkpoint={run / 'ckpt'}", "eval.benchmarks=[gsm8k]", "eval.num_problems=1",
-                     "eval.n=2", "eval.max_new_tokens=4", f"eval.data_dir={builtin_data / 'eval'}",
-                     f"logger.log_dir={log_dir}"]) == 0
+    assert (
+        cli.main(
+            [
+                "eval",
+                str(recipe),
+                f"checkpoint={run / 'ckpt'}",
+                "eval.benchmarks=[gsm8k]",
+                "eval.num_problems=1",
+                "eval.n=2",
+                "eval.max_new_tokens=4",
+                f"eval.data_dir={builtin_data / 'eval'}",
+                f"logger.log_dir={log_dir}",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((log_dir / "eval" / "summary.json").read_text())
     assert summary["model"] == str(step)
     assert summary["benchmarks"]["gsm8k"]["problems"] == 1 and summary["n"] == 2
@@ -599,15 +834,31 @@ def test_data_parallel_eval_writes_what_one_rank_writes(tmp_path, smollm2_hf_dir
     model_dir = tmp_path / "tiny"
     make_hf_model("qwen2", model_dir, vocab_size=49152)
     problems = tmp_path / "mine.jsonl"
-    problems.write_text("".join(json.dumps({"problem": f"What is {a} + {a}?", "answer": 2 * a}) + "\n" for a in range(7)))
+    problems.write_text(
+        "".join(
+            json.dumps({"problem": f"What is {a} + {a}?", "answer": 2 * a}) + "\n" for a in range(7)
+        )
+    )
     common = [
-        f"policy.model_name={model_dir}", f"policy.tokenizer.name={smollm2_hf_dir}", f"eval.files.gsm8k={problems}",
-        "eval.benchmarks=[gsm8k]", "eval.n=3", "eval.batch_size=2", "eval.max_new_tokens=6",
+        f"policy.model_name={model_dir}",
+        f"policy.tokenizer.name={smollm2_hf_dir}",
+        f"eval.files.gsm8k={problems}",
+        "eval.benchmarks=[gsm8k]",
+        "eval.n=3",
+        "eval.batch_size=2",
+        "eval.max_new_tokens=6",
     ]
     outputs = {}
     for world in (1, 2):
         log_dir = tmp_path / f"dp{world}"
-        assert run_ranks(world, _eval_on_ranks, [*common, f"logger.log_dir={log_dir}"]) == [0] * world
-        outputs[world] = [(log_dir / "eval" / name).read_text() for name in ("gsm8k/samples.jsonl", "summary.json")]
-    assert len(outputs[2][0].splitlines()) == 21  # 7 problems x 3; batches 0 and 2 on rank 0, 1 and 3 on rank 1
+        assert (
+            run_ranks(world, _eval_on_ranks, [*common, f"logger.log_dir={log_dir}"]) == [0] * world
+        )
+        outputs[world] = [
+            (log_dir / "eval" / name).read_text()
+            for name in ("gsm8k/samples.jsonl", "summary.json")
+        ]
+    assert (
+        len(outputs[2][0].splitlines()) == 21
+    )  # 7 problems x 3; batches 0 and 2 on rank 0, 1 and 3 on rank 1
     assert outputs[2] == outputs[1]

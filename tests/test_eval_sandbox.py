@@ -17,7 +17,8 @@ from megatron_softgrpo.eval.sandbox import SandboxLimits, isolation, run_python,
 # so that a busy machine cannot turn a failure into a timeout.
 PATIENT = SandboxLimits(timeout_s=120.0, cpu_s=30)
 OS_LAYERS = pytest.mark.skipif(
-    isolation().name == "none", reason="no PID/network namespaces here: only the Python guard isolates"
+    isolation().name == "none",
+    reason="no PID/network namespaces here: only the Python guard isolates",
 )
 # Hostile programs meet: every layer this machine offers; the OS layers without the Python
 # guard; the Python guard without namespaces (isolation "none", as on machines without unshare).
@@ -40,16 +41,24 @@ def guard(request, monkeypatch):
 def _sandbox_processes() -> list[int]:
     """Live processes started by the sandbox: their command line names the guard script, or
     (when the sandbox drops privileges) they run as its unprivileged user."""
-    run_as = isolation().run_as  # the machine's strongest mode (this name is not the one tests patch)
+    run_as = (
+        isolation().run_as
+    )  # the machine's strongest mode (this name is not the one tests patch)
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 cmdline = (entry / "cmdline").read_bytes()
-                uids = next(line for line in (entry / "status").read_text().splitlines() if line.startswith("Uid:"))
+                uids = next(
+                    line
+                    for line in (entry / "status").read_text().splitlines()
+                    if line.startswith("Uid:")
+                )
             except (OSError, StopIteration):
                 continue  # exited meanwhile
-            if b"sandbox_guard.py" in cmdline or (run_as is not None and int(uids.split()[1]) == run_as):
+            if b"sandbox_guard.py" in cmdline or (
+                run_as is not None and int(uids.split()[1]) == run_as
+            ):
                 pids.append(int(entry.name))
     return pids
 
@@ -63,13 +72,18 @@ def _no_stray_processes():
 
 @pytest.fixture(scope="module")
 def code_problems():
-    return {name: load_problems(name, builtin.EVAL_DIR / BENCHMARKS[name].filename) for name in ("humaneval", "mbpp")}
+    return {
+        name: load_problems(name, builtin.EVAL_DIR / BENCHMARKS[name].filename)
+        for name in ("humaneval", "mbpp")
+    }
 
 
 @pytest.mark.parametrize("name", ["humaneval", "mbpp"])
 def test_every_reference_solution_passes(code_problems, name):
     problems = code_problems[name]
-    results = run_python_many([p.reference.reference_program() for p in problems], PATIENT, max_parallel=2)
+    results = run_python_many(
+        [p.reference.reference_program() for p in problems], PATIENT, max_parallel=2
+    )
     failed = {p.id: r.output[-300:] for p, r in zip(problems, results) if not r.passed}
     assert failed == {}
 
@@ -81,9 +95,13 @@ def test_wrong_solutions_fail(code_problems, name):
     for i, problem in enumerate(problems):
         tests = problem.reference
         if isinstance(tests, HumanEvalTests):
-            programs.append(tests.program(f"def {tests.entry_point}(*args, **kwargs):\n    return None\n"))
+            programs.append(
+                tests.program(f"def {tests.entry_point}(*args, **kwargs):\n    return None\n")
+            )
         else:  # the next problem's reference solution: the asserted function is missing
-            programs.append(tests.program(problems[(i + 1) % len(problems)].reference.reference_code))
+            programs.append(
+                tests.program(problems[(i + 1) % len(problems)].reference.reference_code)
+            )
     results = run_python_many(programs, PATIENT)
     assert [r.status for r in results] == ["failed"] * len(problems)
     assert all("Error" in r.output for r in results)
@@ -103,7 +121,9 @@ def test_early_exit_does_not_pass(code_problems, name):
     exits = [f"```python\n{code}```" for code in EARLY_EXITS.values()]
     responses, expanded = [], []
     for p in problems:
-        reference = p.reference.canonical_solution if name == "humaneval" else p.reference.reference_code
+        reference = (
+            p.reference.canonical_solution if name == "humaneval" else p.reference.reference_code
+        )
         responses += [*exits, f"```python\n{reference}\n```"]
         expanded += [p] * (len(exits) + 1)
     grades = grade_responses(name, expanded, responses, sandbox_limits=PATIENT)
@@ -117,9 +137,13 @@ def test_an_early_exit_with_status_zero_fails_in_the_sandbox(variant):
 
 
 def test_the_completion_marker_is_not_readable_from_stdin_nor_the_environment():
-    result = run_python("import os, sys\nprint(repr(sys.stdin.read()), sorted(os.environ))\n", PATIENT)
+    result = run_python(
+        "import os, sys\nprint(repr(sys.stdin.read()), sorted(os.environ))\n", PATIENT
+    )
     assert result.passed, result.output
-    assert result.output.strip() == "'' ['HOME', 'LANG', 'PATH', 'TMPDIR']"  # the marker itself is removed
+    assert (
+        result.output.strip() == "'' ['HOME', 'LANG', 'PATH', 'TMPDIR']"
+    )  # the marker itself is removed
 
 
 # ---------------------------------------------------------------- hostile programs
@@ -152,13 +176,17 @@ def test_cpu_limit_stops_a_busy_program_before_the_wall_clock(guard):
 @pytest.mark.parametrize("guard", LAYERS, indirect=True)
 def test_fork_bomb_fails_and_leaves_no_process(guard):
     result = run_python(FORK_BOMB, SandboxLimits(timeout_s=2.0, cpu_s=2, python_guard=guard))
-    assert result.status == "timeout"  # it retries forever: the guard or RLIMIT_NPROC refuses each fork
+    assert (
+        result.status == "timeout"
+    )  # it retries forever: the guard or RLIMIT_NPROC refuses each fork
     # the autouse fixture checks that no process of the bomb survived
 
 
 @pytest.mark.parametrize("guard", LAYERS, indirect=True)
 def test_memory_hog_fails_with_memory_error(guard):
-    result = run_python(MEMORY_HOG, SandboxLimits(timeout_s=120.0, memory_mb=256, python_guard=guard))
+    result = run_python(
+        MEMORY_HOG, SandboxLimits(timeout_s=120.0, memory_mb=256, python_guard=guard)
+    )
     assert result.status == "failed" and "MemoryError" in result.output
 
 
@@ -179,7 +207,9 @@ def test_writes_and_deletions_outside_the_sandbox_fail(tmp_path, guard):
     outside = tmp_path / "outside.txt"
     keep = tmp_path / "keep.txt"
     keep.write_text("precious")
-    directory = f"os.open({str(tmp_path)!r}, os.O_RDONLY)"  # the `open` audit event does not carry dir_fd
+    directory = (
+        f"os.open({str(tmp_path)!r}, os.O_RDONLY)"  # the `open` audit event does not carry dir_fd
+    )
     for program in (
         f"open({str(outside)!r}, 'w').write('pwned')\n",
         f"import os\nos.remove({str(keep)!r})\n",
@@ -192,7 +222,9 @@ def test_writes_and_deletions_outside_the_sandbox_fail(tmp_path, guard):
         result = run_python(program, SandboxLimits(timeout_s=120.0, python_guard=guard))
         # refused, or (with a private /tmp) the directory is not even there
         assert result.status == "failed", program
-        assert "PermissionError" in result.output or "FileNotFoundError" in result.output, result.output
+        assert "PermissionError" in result.output or "FileNotFoundError" in result.output, (
+            result.output
+        )
     assert not outside.exists()
     assert keep.read_text() == "precious"
 
@@ -201,7 +233,9 @@ def test_writes_and_deletions_outside_the_sandbox_fail(tmp_path, guard):
 def test_writes_to_shared_memory_fail_or_stay_private(guard):
     """/dev/shm is world-writable: the guard refuses the write; namespaces give the program its own /dev/shm."""
     if not guard and not isolation().private_tmp:
-        pytest.skip(f"isolation {isolation().name}: no mount namespace here, /dev/shm is the host's")
+        pytest.skip(
+            f"isolation {isolation().name}: no mount namespace here, /dev/shm is the host's"
+        )
     target = Path("/dev/shm") / f"softgrpo-sandbox-escape-{os.getpid()}"
     program = f"open({str(target)!r}, 'w').write('x')\nprint(open({str(target)!r}).read())\n"
     try:

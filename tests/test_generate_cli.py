@@ -26,12 +26,20 @@ def setup(tmp_path_factory, smollm2_hf_dir):
     model_dir = tmp_path_factory.mktemp("tiny-qwen2")
     hf = make_hf_model("qwen2", model_dir, vocab_size=49152)
     recipe = model_dir / "recipe.yaml"
-    recipe.write_text(json.dumps({  # JSON is YAML
-        "defaults": str(ROOT / "recipes" / "base.yaml"),
-        "policy": {"model_name": str(model_dir), "tokenizer": {"name": str(smollm2_hf_dir)}, "precision": "float32",
-                   "generation": {"max_new_tokens": MAX_NEW}},
-        "cluster": {"gpus_per_node": 0},
-    }))
+    recipe.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "defaults": str(ROOT / "recipes" / "base.yaml"),
+                "policy": {
+                    "model_name": str(model_dir),
+                    "tokenizer": {"name": str(smollm2_hf_dir)},
+                    "precision": "float32",
+                    "generation": {"max_new_tokens": MAX_NEW},
+                },
+                "cluster": {"gpus_per_node": 0},
+            }
+        )
+    )
     tokenizer = load_tokenizer(resolve_model_source(str(smollm2_hf_dir)))
     return recipe, hf, tokenizer
 
@@ -44,13 +52,21 @@ def generate(capsys, *args) -> tuple[int, str, str]:
 
 def test_greedy_generate_prints_the_transformers_answer(setup, capsys):
     recipe, hf, tokenizer = setup
-    code, out, err = generate(capsys, str(recipe), f"prompt={PROMPT}", "softgrpo.sampler=discrete", "policy.generation.top_k=1")
+    code, out, err = generate(
+        capsys,
+        str(recipe),
+        f"prompt={PROMPT}",
+        "softgrpo.sampler=discrete",
+        "policy.generation.top_k=1",
+    )
     assert code == 0
     from megatron_softgrpo.config import load_recipe
 
     template = load_recipe(str(recipe), []).cfg.data.prompt_template
     prompt = torch.tensor([encode_prompt(tokenizer, PROMPT, template)])
-    expected = hf.generate(prompt, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=tokenizer.eos_token_id)[0, prompt.shape[1]:]
+    expected = hf.generate(
+        prompt, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=tokenizer.eos_token_id
+    )[0, prompt.shape[1] :]
     assert out == tokenizer.decode(expected, skip_special_tokens=True) + "\n"
     assert re.search(rf"# {len(expected)} tokens \(0 thinking\), finished by (length|eos)", err)
 
@@ -58,19 +74,35 @@ def test_greedy_generate_prints_the_transformers_answer(setup, capsys):
 def test_show_soft_prints_each_soft_step_with_its_top_slots(setup, capsys):
     recipe, _, tokenizer = setup
     marker = tokenizer("</think>", add_special_tokens=False)["input_ids"]
-    code, out, err = generate(capsys, str(recipe), "--show-soft", "2", "--seed", "3", f"prompt={PROMPT}",
-                              "softgrpo.thinking.max_thinking_tokens=3")
+    code, out, err = generate(
+        capsys,
+        str(recipe),
+        "--show-soft",
+        "2",
+        "--seed",
+        "3",
+        f"prompt={PROMPT}",
+        "softgrpo.thinking.max_thinking_tokens=3",
+    )
     assert code == 0
     lines = out.splitlines()
     steps = [line for line in lines if re.match(r"^ {0,3}\d+ ", line)]
     assert len(steps) == MAX_NEW and "tokens (" in err
     kinds = [line.split()[1] for line in steps]
-    # three soft steps, the forced marker, then the answer phase (SPEC.md section 1)
-    assert kinds == ["soft"] * 3 + ["forced"] * len(marker) + ["discrete"] * (MAX_NEW - 3 - len(marker))
+    # three soft steps, the forced marker, then the answer phase (docs/algorithm.md section 1)
+    assert kinds == ["soft"] * 3 + ["forced"] * len(marker) + ["discrete"] * (
+        MAX_NEW - 3 - len(marker)
+    )
     for line in steps[:3]:
         weights = [float(w) for w in re.findall(r":(\d\.\d\d)(?:\s|$)", line)]
-        assert 1 <= len(weights) <= 2 and weights == sorted(weights, reverse=True) and sum(weights) <= 1.005
-    forced = "".join(ast.literal_eval(line.split(None, 2)[2]) for line in steps[3 : 3 + len(marker)])  # the repr of each token
+        assert (
+            1 <= len(weights) <= 2
+            and weights == sorted(weights, reverse=True)
+            and sum(weights) <= 1.005
+        )
+    forced = "".join(
+        ast.literal_eval(line.split(None, 2)[2]) for line in steps[3 : 3 + len(marker)]
+    )  # the repr of each token
     assert forced == "</think>"
     assert lines[-1] not in steps  # the response text follows the per-step view
 

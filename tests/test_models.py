@@ -16,7 +16,12 @@ from megatron_softgrpo.models.forward import forward_logits
 from megatron_softgrpo.models.loading import load_model
 from megatron_softgrpo.models.source import resolve_model_source
 
-TOKENS = torch.tensor([[5, 17, 999, 3, 42, 7, 7, 100, 256, 1, 0, 998], [900, 2, 33, 4, 8, 16, 32, 64, 128, 512, 11, 12]])
+TOKENS = torch.tensor(
+    [
+        [5, 17, 999, 3, 42, 7, 7, 100, 256, 1, 0, 998],
+        [900, 2, 33, 4, 8, 16, 32, 64, 128, 512, 11, 12],
+    ]
+)
 
 
 def hf_logits(model, tokens=TOKENS):
@@ -28,7 +33,9 @@ def megatron_logits(model_name: str, tp: int = 1, pp: int = 1, tokens=TOKENS):
     """Logits of `model_name` on this process's layout; None off the last pipeline stage."""
     init_distributed(ParallelLayout(tp, pp))
     source = resolve_model_source(model_name)
-    model, _ = load_model(source, MegatronCfg(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    model, _ = load_model(
+        source, MegatronCfg(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    )
     model.eval()
     logits = forward_logits(model, tokens)
     return None if logits is None else logits[..., : source.arch.vocab_size].clone()
@@ -120,7 +127,9 @@ def test_sharded_export_loads_in_transformers_and_imports_back(tmp_path, monkeyp
     assert all((back / f).stat().st_mode & 0o777 == 0o644 for f in files)
     config = json.loads((back / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"] and "_name_or_path" not in config
-    assert torch.equal(hf_logits(AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32)), ref)
+    assert torch.equal(
+        hf_logits(AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32)), ref
+    )
     destroy_distributed()
     assert (megatron_logits(str(back)) - ref).abs().max() <= 1e-4  # read through the index
 
@@ -131,7 +140,11 @@ def test_checkpoint_saved_parallel_loads_at_tp1(tp, pp, tmp_path):
     ref = hf_logits(make_hf_model("qwen2", tmp_path / "hf"))
     run_ranks(tp * pp, _convert, str(tmp_path / "hf"), str(tmp_path / "ckpt"), tp, pp)
     meta = json.loads((tmp_path / "ckpt" / "softgrpo_checkpoint.json").read_text())
-    assert meta["saved_layout"] == {"tensor_parallel": tp, "pipeline_parallel": pp, "world_size": tp * pp}
+    assert meta["saved_layout"] == {
+        "tensor_parallel": tp,
+        "pipeline_parallel": pp,
+        "world_size": tp * pp,
+    }
     ours = megatron_logits(str(tmp_path / "ckpt"))
     assert (ours - ref).abs().max() <= 1e-4
 
@@ -165,7 +178,9 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dist_checkpointing, "save", crash)
     with pytest.raises(RuntimeError):
-        checkpoint.save_checkpoint(ckpt, {"model": model.sharded_state_dict()}, checkpoint.read_meta(ckpt))
+        checkpoint.save_checkpoint(
+            ckpt, {"model": model.sharded_state_dict()}, checkpoint.read_meta(ckpt)
+        )
     monkeypatch.undo()
     assert sorted(p.relative_to(ckpt) for p in ckpt.rglob("*")) == before
     assert (megatron_logits(str(ckpt)) - ref).abs().max() <= 1e-4
@@ -182,7 +197,9 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint.os, "replace", crash_on_second)
     with pytest.raises(RuntimeError, match="between the renames"):
-        checkpoint.save_checkpoint(ckpt, {"model": model.sharded_state_dict()}, checkpoint.read_meta(ckpt))
+        checkpoint.save_checkpoint(
+            ckpt, {"model": model.sharded_state_dict()}, checkpoint.read_meta(ckpt)
+        )
     monkeypatch.undo()
     assert not ckpt.exists() and (tmp_path / "ckpt.old").is_dir()
     assert checkpoint.is_checkpoint(ckpt) and not (tmp_path / "ckpt.old").exists()
@@ -194,7 +211,21 @@ def test_unsupported_layout_is_refused_before_building(tmp_path, capsys):
 
     make_hf_model("qwen2", tmp_path / "hf")  # 4 heads, 2 key/value heads, 2 layers
     capsys.readouterr()
-    assert main(["convert", "hf-to-megatron", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "o"), "--tp", "4"]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                "hf-to-megatron",
+                "--hf",
+                str(tmp_path / "hf"),
+                "--out",
+                str(tmp_path / "o"),
+                "--tp",
+                "4",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--tp 4" in err and "2 key/value heads" in err
     assert not (tmp_path / "o").exists()
@@ -203,7 +234,21 @@ def test_unsupported_layout_is_refused_before_building(tmp_path, capsys):
 def test_convert_refuses_the_other_directions_source(tmp_path, capsys):
     from megatron_softgrpo.cli import main
 
-    assert main(["convert", "hf-to-megatron", "--hf", str(tmp_path), "--ckpt", "z", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                "hf-to-megatron",
+                "--hf",
+                str(tmp_path),
+                "--ckpt",
+                "z",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "--ckpt does not apply" in capsys.readouterr().err
     assert main(["convert", "megatron-to-hf", "--out", str(tmp_path / "o")]) == 2
     assert "--ckpt DIR is required" in capsys.readouterr().err
@@ -214,6 +259,17 @@ def test_non_positive_layout_flags_are_usage_errors(flag, value, tmp_path, capsy
     from megatron_softgrpo.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["convert", "hf-to-megatron", "--hf", str(tmp_path), "--out", str(tmp_path / "o"), flag, value])
+        main(
+            [
+                "convert",
+                "hf-to-megatron",
+                "--hf",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+                flag,
+                value,
+            ]
+        )
     assert exit_info.value.code == 2
     assert f"argument {flag}: expected a positive integer, got '{value}'" in capsys.readouterr().err

@@ -23,8 +23,8 @@ from megatron_softgrpo.plan import (
     Layout,
     Workload,
     kv_cache_bytes,
-    rollout_rows_per_pass,
     plan_memory,
+    rollout_rows_per_pass,
     stage_parameters,
     stored_activation_bytes,
 )
@@ -43,15 +43,34 @@ PUBLISHED_PARAMETERS = {
 }
 
 TINY = {  # GQA, q/k/v biases, untied; and tied embeddings; 4 layers so PP=2 leaves 2 per stage
-    "qwen2": dict(model_type="qwen2", vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
-    "llama": dict(model_type="llama", vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2": dict(
+        model_type="qwen2",
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    ),
+    "llama": dict(
+        model_type="llama",
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
 }
 
 
 def plan_cli(capsys, recipe, *overrides, gpus=None, mem=None) -> tuple[int, str, str]:
-    flags = [*(["--gpus", str(gpus)] if gpus is not None else []), *(["--gpu-mem-gib", str(mem)] if mem is not None else [])]
+    flags = [
+        *(["--gpus", str(gpus)] if gpus is not None else []),
+        *(["--gpu-mem-gib", str(mem)] if mem is not None else []),
+    ]
     code = main(["plan", *flags, str(recipe), *overrides])
     out = capsys.readouterr()
     return code, out.out, out.err.strip()
@@ -59,10 +78,24 @@ def plan_cli(capsys, recipe, *overrides, gpus=None, mem=None) -> tuple[int, str,
 
 def workload(**overrides) -> Workload:
     base = dict(
-        dtype_bytes=2, micro_batch=1, seq_len=9216, micro_batches=32, logprob_batch=4, rollout_rows=64,
-        rollout_prompt_len=1024, rollout_len=9216, batch_rows=512, mixture_size=5, padded_vocab=152064,
-        sequence_parallel=False, te_spec=True, fused_swiglu=False, recompute=False, reference_model=True,
-        distributed_optimizer=True, master_weights=True,
+        dtype_bytes=2,
+        micro_batch=1,
+        seq_len=9216,
+        micro_batches=32,
+        logprob_batch=4,
+        rollout_rows=64,
+        rollout_prompt_len=1024,
+        rollout_len=9216,
+        batch_rows=512,
+        mixture_size=5,
+        padded_vocab=152064,
+        sequence_parallel=False,
+        te_spec=True,
+        fused_swiglu=False,
+        recompute=False,
+        reference_model=True,
+        distributed_optimizer=True,
+        master_weights=True,
     )
     return Workload(**{**base, **overrides})
 
@@ -102,7 +135,9 @@ def _rank_parameters(rank, tp, pp):
     counts = {}
     for kind, hf in TINY.items():
         arch = ModelArch.from_hf_config(hf)
-        model = build_gpt_model(arch, MegatronCfg(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+        model = build_gpt_model(
+            arch, MegatronCfg(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        )
         counts[kind] = sum(p.numel() for p in model.parameters())
     return parallel_state.get_pipeline_model_parallel_rank(), counts
 
@@ -114,14 +149,18 @@ def test_per_gpu_parameters_match_megatron_shards():
     for stage, counts in run_ranks(tp * pp, _rank_parameters, tp, pp):
         for kind, hf in TINY.items():
             arch = ModelArch.from_hf_config(hf)
-            assert counts[kind] == stage_parameters(arch, tp, pp, stage, arch.padded_vocab_size()), (kind, stage)
+            assert counts[kind] == stage_parameters(
+                arch, tp, pp, stage, arch.padded_vocab_size()
+            ), (kind, stage)
 
 
 def test_one_gpu_holds_every_parameter_once_with_the_padded_vocabulary():
     for hf in TINY.values():
         arch = ModelArch.from_hf_config(hf)
         padded = arch.padded_vocab_size()
-        embeddings = (padded - arch.vocab_size) * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
+        embeddings = (
+            (padded - arch.vocab_size) * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
+        )
         assert stage_parameters(arch, 1, 1, 0, padded) == arch.num_parameters() + embeddings
 
 
@@ -149,8 +188,13 @@ def test_kv_cache_matches_megatron_allocation(tiny_model):
     model.eval()
     rows, prompt, length = 3, 5, 20
     runner = ModelRunner(model, rows, length)
-    runner.prefill(MixtureRows.discrete(torch.randint(0, 1000, (rows, prompt)), 5), torch.zeros(rows, prompt, dtype=torch.bool))
-    allocated = sum(t.numel() * t.element_size() for kv in runner.ctx.key_value_memory_dict.values() for t in kv)
+    runner.prefill(
+        MixtureRows.discrete(torch.randint(0, 1000, (rows, prompt)), 5),
+        torch.zeros(rows, prompt, dtype=torch.bool),
+    )
+    allocated = sum(
+        t.numel() * t.element_size() for kv in runner.ctx.key_value_memory_dict.values() for t in kv
+    )
     assert allocated == kv_cache_bytes(arch, 1, arch.num_layers, rows, length, 4)
 
 
@@ -162,7 +206,9 @@ def test_gradient_buffer_is_fp32_and_as_large_as_the_parameters(tiny_model):
     grads = [buffer.grad_data for buffer in ddp.buffers]
     assert {g.dtype for g in grads} == {torch.float32}
     params = stage_parameters(arch, 1, 1, 0, arch.padded_vocab_size())
-    assert params <= sum(g.numel() for g in grads) <= 1.02 * params  # Megatron pads each parameter's start
+    assert (
+        params <= sum(g.numel() for g in grads) <= 1.02 * params
+    )  # Megatron pads each parameter's start
 
 
 @pytest.mark.parametrize("recompute", [False, True])
@@ -186,7 +232,14 @@ def test_stored_activations_match_what_autograd_keeps(tiny_model, recompute):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), final_hidden_states(model):
         model(None, position_ids(b, s, "cpu"), CAUSAL, decoder_input=x)
-    w = workload(dtype_bytes=4, micro_batch=b, seq_len=s, te_spec=False, recompute=recompute, master_weights=False)
+    w = workload(
+        dtype_bytes=4,
+        micro_batch=b,
+        seq_len=s,
+        te_spec=False,
+        recompute=recompute,
+        master_weights=False,
+    )
     expected = stored_activation_bytes(arch, w, 1, arch.num_layers, 1, last=True)
     # what the formula leaves out: RoPE tables, the mask and the norms' 1/rms (s or s x b sized)
     assert expected <= sum(saved.values()) <= 1.05 * expected
@@ -199,20 +252,28 @@ ARCH_7B = known_arch("deepseek-r1-distill-qwen-7b")
 
 
 def test_weights_gradients_and_reference_halve_with_twice_the_tensor_parallelism():
-    one, two = items(ARCH_7B, workload(), Layout(2, 1, 4)), items(ARCH_7B, workload(), Layout(4, 1, 4))
+    one, two = (
+        items(ARCH_7B, workload(), Layout(2, 1, 4)),
+        items(ARCH_7B, workload(), Layout(4, 1, 4)),
+    )
     for name in ("weights", "gradients", "reference model"):
         assert two[name] / one[name] == pytest.approx(0.5, rel=0.01)  # norm weights are replicated
     assert one["gradients"] == 2 * one["weights"]  # fp32 gradients of bf16 weights
 
 
 def test_optimizer_state_halves_with_twice_the_data_parallelism():
-    one, two = items(ARCH_7B, workload(), Layout(2, 1, 4)), items(ARCH_7B, workload(), Layout(2, 1, 8))
+    one, two = (
+        items(ARCH_7B, workload(), Layout(2, 1, 4)),
+        items(ARCH_7B, workload(), Layout(2, 1, 8)),
+    )
     assert two["optimizer state"] == pytest.approx(one["optimizer state"] / 2, abs=1)
     assert two["weights"] == one["weights"]
 
 
 @pytest.mark.parametrize("dtype_bytes, master, per_param", [(2, True, 6), (4, False, 8)])
-def test_resident_bytes_per_parameter_are_megatrons_distributed_optimizer_table(dtype_bytes, master, per_param):
+def test_resident_bytes_per_parameter_are_megatrons_distributed_optimizer_table(
+    dtype_bytes, master, per_param
+):
     """Megatron's distributed-optimizer docs: bf16 params + fp32 grads 6 + 12/d B, fp32 8 + 8/d B."""
     for dp in (1, 2, 8):
         w = workload(dtype_bytes=dtype_bytes, master_weights=master)
@@ -237,19 +298,33 @@ def test_the_first_pipeline_stage_holds_one_micro_batch_per_stage_in_flight():
     layers = ARCH_7B.num_layers // 4
     one = stored_activation_bytes(ARCH_7B, w, 1, layers, 1, last=False)
     assert stored_activation_bytes(ARCH_7B, w, 1, layers, 4, last=False) == 4 * one
-    first, last = items(ARCH_7B, w, Layout(1, 4, 2), stage=0), items(ARCH_7B, w, Layout(1, 4, 2), stage=3)
-    final_norm = ARCH_7B.hidden_size * 9216 * 2  # under Transformer Engine: its input, on the last stage
-    assert first["activations"] - last["activations"] == pytest.approx(3 * one - final_norm, rel=1e-9)  # 4 vs 1 in flight
+    first, last = (
+        items(ARCH_7B, w, Layout(1, 4, 2), stage=0),
+        items(ARCH_7B, w, Layout(1, 4, 2), stage=3),
+    )
+    final_norm = (
+        ARCH_7B.hidden_size * 9216 * 2
+    )  # under Transformer Engine: its input, on the last stage
+    assert first["activations"] - last["activations"] == pytest.approx(
+        3 * one - final_norm, rel=1e-9
+    )  # 4 vs 1 in flight
     assert "log-prob chunk (fwd+bwd)" not in first and "log-prob chunk (fwd+bwd)" in last
 
 
 def test_peak_is_resident_plus_the_largest_phase_and_no_reference_without_kl():
     plan = plan_memory(ARCH_7B, workload(), Layout(4, 1, 2), 80)
     stage = plan.stages[0]
-    by_phase = {p: sum(i.bytes for i in stage.items if p in i.phases) for p in ("resident", "rollout", "logprob", "update")}
-    assert stage.peak == by_phase["resident"] + max(by_phase["rollout"], by_phase["logprob"], by_phase["update"])
+    by_phase = {
+        p: sum(i.bytes for i in stage.items if p in i.phases)
+        for p in ("resident", "rollout", "logprob", "update")
+    }
+    assert stage.peak == by_phase["resident"] + max(
+        by_phase["rollout"], by_phase["logprob"], by_phase["update"]
+    )
     assert plan.fits == (stage.peak <= 80 * GIB)
-    assert "reference model" not in items(ARCH_7B, replace(workload(), reference_model=False), Layout(4, 1, 2))
+    assert "reference model" not in items(
+        ARCH_7B, replace(workload(), reference_model=False), Layout(4, 1, 2)
+    )
 
 
 # ------------------------------------------------------------------ the command and the recipes
@@ -270,21 +345,32 @@ def _gpu_recipes() -> dict[tuple[str, int, bool], RecipeCfg]:
     found = {}
     for path in GPU_RECIPES:
         cfg = load_recipe(path).cfg
-        found[(cfg.policy.model_arch, cfg.cluster.num_nodes, cfg.policy.megatron_cfg.fp8_cfg.enabled)] = cfg
+        found[
+            (cfg.policy.model_arch, cfg.cluster.num_nodes, cfg.policy.megatron_cfg.fp8_cfg.enabled)
+        ] = cfg
     return found
 
 
-@pytest.mark.parametrize("model, nodes", [
-    ("deepseek-r1-distill-qwen-1.5b", 1), ("llama-3.2-3b-instruct", 1), ("deepseek-r1-distill-qwen-7b", 1),
-    ("deepseek-r1-distill-qwen-7b", 2), ("qwen2.5-32b-instruct", 4), ("llama-3.1-70b-instruct", 8),
-])
+@pytest.mark.parametrize(
+    "model, nodes",
+    [
+        ("deepseek-r1-distill-qwen-1.5b", 1),
+        ("llama-3.2-3b-instruct", 1),
+        ("deepseek-r1-distill-qwen-7b", 1),
+        ("deepseek-r1-distill-qwen-7b", 2),
+        ("qwen2.5-32b-instruct", 4),
+        ("llama-3.1-70b-instruct", 8),
+    ],
+)
 def test_gpu_recipes_exist_in_bf16_and_fp8(model, nodes):
     recipes = _gpu_recipes()
     bf16 = recipes[(model, nodes, False)].policy.megatron_cfg
     for fp8 in (False, True):
         cfg = recipes[(model, nodes, fp8)]
         m = cfg.policy.megatron_cfg
-        assert m.tensor_model_parallel_size == bf16.tensor_model_parallel_size  # FP8 changes the precision only
+        assert (
+            m.tensor_model_parallel_size == bf16.tensor_model_parallel_size
+        )  # FP8 changes the precision only
         assert m.pipeline_model_parallel_size == bf16.pipeline_model_parallel_size
         assert cfg.cluster.gpus_per_node == 8 and cfg.policy.precision == "bfloat16"
         assert m.transformer_impl == "transformer_engine"
@@ -296,23 +382,41 @@ def test_gpu_recipes_exist_in_bf16_and_fp8(model, nodes):
             assert m.tensor_model_parallel_size == 8 and m.pipeline_model_parallel_size >= 2
 
 
-@pytest.mark.parametrize("model", ["deepseek-r1-distill-qwen-1.5b", "llama-3.2-3b-instruct", "deepseek-r1-distill-qwen-7b"])
+@pytest.mark.parametrize(
+    "model",
+    ["deepseek-r1-distill-qwen-1.5b", "llama-3.2-3b-instruct", "deepseek-r1-distill-qwen-7b"],
+)
 def test_reference_models_keep_the_reference_hyperparameters(model):
-    """SPEC.md section 4 (Llama-3.2-3B decodes a step in two passes to keep 8,192 new tokens)."""
+    """docs/algorithm.md section 4 (Llama-3.2-3B decodes a step in two passes to keep 8,192 new tokens)."""
     recipes = [cfg for (name, _, _), cfg in _gpu_recipes().items() if name == model]
     assert recipes
     for cfg in recipes:
-        batch = (cfg.grpo.num_prompts_per_step, cfg.grpo.num_generations_per_prompt, cfg.policy.train_global_batch_size)
+        batch = (
+            cfg.grpo.num_prompts_per_step,
+            cfg.grpo.num_generations_per_prompt,
+            cfg.policy.train_global_batch_size,
+        )
         assert batch == (64, 8, 256)
         assert cfg.data.max_input_seq_length == 1024
         assert cfg.policy.generation.max_new_tokens == 8192
         s = cfg.softgrpo
-        assert (s.mixture_size, s.gumbel_tau, s.noise_scale, s.thinking.top_p, s.thinking.temperature) == (5, 0.1, 1.0, 0.95, 1.0)
-        assert cfg.policy.megatron_cfg.optimizer.lr == 1e-6 and cfg.loss_fn.reference_policy_kl_penalty == 0.001
+        assert (
+            s.mixture_size,
+            s.gumbel_tau,
+            s.noise_scale,
+            s.thinking.top_p,
+            s.thinking.temperature,
+        ) == (5, 0.1, 1.0, 0.95, 1.0)
+        assert (
+            cfg.policy.megatron_cfg.optimizer.lr == 1e-6
+            and cfg.loss_fn.reference_policy_kl_penalty == 0.001
+        )
 
 
 def test_rows_per_pass_bounds_the_rollout_kv_cache_to_whole_groups():
-    cfg = load_recipe(ROOT / "recipes" / "softgrpo-r1-distill-qwen-7b-1n8g.yaml").cfg  # 64 prompts x 8, DP 2
+    cfg = load_recipe(
+        ROOT / "recipes" / "softgrpo-r1-distill-qwen-7b-1n8g.yaml"
+    ).cfg  # 64 prompts x 8, DP 2
     assert rollout_rows_per_pass(cfg, 2) == 256
     cfg.policy.generation.max_rows_per_pass = 100  # 12 whole groups of 8
     assert rollout_rows_per_pass(cfg, 2) == 96
@@ -322,30 +426,71 @@ def test_rows_per_pass_bounds_the_rollout_kv_cache_to_whole_groups():
 
 def test_a_layout_that_cannot_fit_exits_1(capsys):
     recipe = ROOT / "recipes" / "softgrpo-llama3.1-70b-instruct-8n8g.yaml"
-    code, out, _ = plan_cli(capsys, recipe, "policy.megatron_cfg.tensor_model_parallel_size=1",
-                            "policy.megatron_cfg.pipeline_model_parallel_size=1", gpus=1)
+    code, out, _ = plan_cli(
+        capsys,
+        recipe,
+        "policy.megatron_cfg.tensor_model_parallel_size=1",
+        "policy.megatron_cfg.pipeline_model_parallel_size=1",
+        gpus=1,
+    )
     assert code == 1 and "fits: no" in out.splitlines()
-    code, out, _ = plan_cli(capsys, ROOT / "recipes" / "softgrpo-r1-distill-qwen-1.5b-1n8g.yaml", mem=16)
+    code, out, _ = plan_cli(
+        capsys, ROOT / "recipes" / "softgrpo-r1-distill-qwen-1.5b-1n8g.yaml", mem=16
+    )
     assert code == 1 and "fits: no" in out.splitlines() and "gpu memory: 16.00 GiB" in out
 
 
-@pytest.mark.parametrize("recipe, overrides, gpus, expected", [
-    ("softgrpo-r1-distill-qwen-7b-1n8g.yaml", ["policy.megatron_cfg.tensor_model_parallel_size=8"], None,
-     "tensor_model_parallel_size=8: must divide the model's 28 attention heads"),
-    ("softgrpo-llama3.1-70b-instruct-8n8g.yaml", ["policy.megatron_cfg.tensor_model_parallel_size=16"], 128,
-     "must divide the model's 8 key/value heads"),
-    ("softgrpo-r1-distill-qwen-1.5b-1n8g.yaml", ["policy.megatron_cfg.pipeline_model_parallel_size=3"], None,
-     "pipeline_model_parallel_size=3: must divide the model's 28 layers"),
-    ("softgrpo-llama3.1-70b-instruct-8n8g.yaml", [], 8, "TP*PP=32 must divide the number of processes (8)"),
-    ("softgrpo-r1-distill-qwen-1.5b-1n8g.yaml", [], 12,
-     "grpo.num_prompts_per_step=64: must be divisible by the 12 data-parallel ranks"),
-    ("softgrpo-r1-distill-qwen-1.5b-1n8g.yaml", ["policy.train_micro_batch_size=3"], None,
-     "train_global_batch_size=256: must be divisible by 8 data-parallel ranks x policy.train_micro_batch_size=3"),
-    ("softgrpo-r1-distill-qwen-1.5b-1n8g.yaml", [], 0, "--gpus 0: expected at least 1"),
-    ("softgrpo-r1-distill-qwen-1.5b-1n8g.yaml", ["policy.model_arch=gpt-5"], None,
-     "policy.model_arch=gpt-5: unknown; known: deepseek-r1"),
-])
-def test_a_layout_that_cannot_divide_exits_2_with_one_line(capsys, recipe, overrides, gpus, expected):
+@pytest.mark.parametrize(
+    "recipe, overrides, gpus, expected",
+    [
+        (
+            "softgrpo-r1-distill-qwen-7b-1n8g.yaml",
+            ["policy.megatron_cfg.tensor_model_parallel_size=8"],
+            None,
+            "tensor_model_parallel_size=8: must divide the model's 28 attention heads",
+        ),
+        (
+            "softgrpo-llama3.1-70b-instruct-8n8g.yaml",
+            ["policy.megatron_cfg.tensor_model_parallel_size=16"],
+            128,
+            "must divide the model's 8 key/value heads",
+        ),
+        (
+            "softgrpo-r1-distill-qwen-1.5b-1n8g.yaml",
+            ["policy.megatron_cfg.pipeline_model_parallel_size=3"],
+            None,
+            "pipeline_model_parallel_size=3: must divide the model's 28 layers",
+        ),
+        (
+            "softgrpo-llama3.1-70b-instruct-8n8g.yaml",
+            [],
+            8,
+            "TP*PP=32 must divide the number of processes (8)",
+        ),
+        (
+            "softgrpo-r1-distill-qwen-1.5b-1n8g.yaml",
+            [],
+            12,
+            "grpo.num_prompts_per_step=64: must be divisible by the 12 data-parallel ranks",
+        ),
+        (
+            "softgrpo-r1-distill-qwen-1.5b-1n8g.yaml",
+            ["policy.train_micro_batch_size=3"],
+            None,
+            "train_global_batch_size=256: must be divisible by 8 data-parallel ranks x policy.train_micro_batch_size=3",
+        ),
+        ("softgrpo-r1-distill-qwen-1.5b-1n8g.yaml", [], 0, "--gpus 0: expected at least 1"),
+        (
+            "softgrpo-r1-distill-qwen-1.5b-1n8g.yaml",
+            ["policy.model_arch=gpt-5"],
+            None,
+            "policy.model_arch=gpt-5: unknown; known: deepseek-r1",
+        ),
+    ],
+)
+def test_a_layout_that_cannot_divide_exits_2_with_one_line(
+    capsys, recipe, overrides, gpus, expected
+):
     code, out, err = plan_cli(capsys, ROOT / "recipes" / recipe, *overrides, gpus=gpus)
     assert code == 2 and "fits:" not in out
     assert "\n" not in err and "Traceback" not in err
@@ -354,10 +499,19 @@ def test_a_layout_that_cannot_divide_exits_2_with_one_line(capsys, recipe, overr
 
 def test_fp8_layers_kept_in_bf16_must_fit_a_stage_and_need_a_stateless_recipe(capsys):
     recipe = ROOT / "recipes" / "softgrpo-llama3.1-70b-instruct-8n8g-fp8.yaml"
-    code, _, err = plan_cli(capsys, recipe, "policy.megatron_cfg.fp8_cfg.num_layers_at_end_in_bf16=21")
-    assert code == 2 and "num_layers_at_end_in_bf16=21: must not exceed the 20 layers of a pipeline stage" in err
+    code, _, err = plan_cli(
+        capsys, recipe, "policy.megatron_cfg.fp8_cfg.num_layers_at_end_in_bf16=21"
+    )
+    assert (
+        code == 2
+        and "num_layers_at_end_in_bf16=21: must not exceed the 20 layers of a pipeline stage" in err
+    )
     code, _, err = plan_cli(capsys, recipe, "policy.megatron_cfg.fp8_cfg.fp8_recipe=delayed")
-    assert code == 2 and "first_last_layers_bf16=true: Megatron cannot keep layers in bf16 under fp8_recipe=delayed" in err
+    assert (
+        code == 2
+        and "first_last_layers_bf16=true: Megatron cannot keep layers in bf16 under fp8_recipe=delayed"
+        in err
+    )
 
 
 def test_check_validates_a_gpu_recipe_against_its_cluster(capsys):
@@ -372,7 +526,11 @@ def test_a_readable_model_wins_over_the_registry(tmp_path):
 
     make_hf_model("qwen2", tmp_path / "tiny")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"policy: {{model_name: {tmp_path / 'tiny'}, model_arch: llama-3.1-70b-instruct}}\n")
+    recipe.write_text(
+        f"policy: {{model_name: {tmp_path / 'tiny'}, model_arch: llama-3.1-70b-instruct}}\n"
+    )
     assert recipe_model_arch(load_recipe(recipe)).hidden_size == 64
-    recipe.write_text(f"policy: {{model_name: {tmp_path / 'absent'}, model_arch: llama-3.1-70b-instruct}}\n")
+    recipe.write_text(
+        f"policy: {{model_name: {tmp_path / 'absent'}, model_arch: llama-3.1-70b-instruct}}\n"
+    )
     assert recipe_model_arch(load_recipe(recipe)) == known_arch("llama-3.1-70b-instruct")

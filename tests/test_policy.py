@@ -36,7 +36,17 @@ THINKING_T = 1.0  # softgrpo.thinking.temperature: scores soft rows
 
 
 def recipe(
-    hf_dir, tp=1, pp=1, *, micro=1, kl=0.001, aggregation="token_mean_microbatch", warmup=0, ckpt=None, keep=3, distributed=True,
+    hf_dir,
+    tp=1,
+    pp=1,
+    *,
+    micro=1,
+    kl=0.001,
+    aggregation="token_mean_microbatch",
+    warmup=0,
+    ckpt=None,
+    keep=3,
+    distributed=True,
     entropy=0.0,
 ):
     return RecipeCfg(
@@ -52,13 +62,19 @@ def recipe(
                 # eps far above gradient rounding noise: some gradients are exactly 0 in exact arithmetic
                 # (the key bias: softmax is shift-invariant) and ~1e-9 numerically, which Adam with
                 # eps=1e-8 would turn into steps of ~lr that differ between layouts
-                optimizer=OptimizerCfg(lr=1e-3, adam_eps=1e-5, use_distributed_optimizer=distributed),
+                optimizer=OptimizerCfg(
+                    lr=1e-3, adam_eps=1e-5, use_distributed_optimizer=distributed
+                ),
                 scheduler=SchedulerCfg(lr_warmup_iters=warmup),
             ),
         ),
-        loss_fn=LossCfg(reference_policy_kl_penalty=kl, aggregation=aggregation, entropy_coef=entropy),
+        loss_fn=LossCfg(
+            reference_policy_kl_penalty=kl, aggregation=aggregation, entropy_coef=entropy
+        ),
         softgrpo=SoftGRPOCfg(algorithm="softgrpo", mixture_size=K),
-        checkpointing=CheckpointingCfg(checkpoint_dir=str(ckpt), keep_top_k=keep) if ckpt else CheckpointingCfg(),
+        checkpointing=CheckpointingCfg(checkpoint_dir=str(ckpt), keep_top_k=keep)
+        if ckpt
+        else CheckpointingCfg(),
     )
 
 
@@ -80,7 +96,12 @@ def make_batch(seed: int, rows: int = 4, seq: int = 12) -> PolicyBatch:
             support = torch.arange(K) < int(torch.randint(1, K + 1, (), generator=g))
             noise = torch.where(support, torch.randn(K, generator=g) * 2 - 2, torch.zeros(K))
             weights = torch.softmax((noise / 0.1).masked_fill(~support, -math.inf), dim=-1)
-            records.mix_ids[b, j], records.support[b, j], records.noise[b, j], records.mix_weights[b, j] = ids, support, noise, weights
+            (
+                records.mix_ids[b, j],
+                records.support[b, j],
+                records.noise[b, j],
+                records.mix_weights[b, j],
+            ) = ids, support, noise, weights
             records.tokens[b, j], records.is_soft[b, j] = ids[0], True
     advantages = torch.randn(rows, 1, generator=g) * loss_mask
     return PolicyBatch(records, loss_mask, advantages=advantages)
@@ -101,7 +122,9 @@ def reference_logprobs(hf_model, batch: PolicyBatch) -> torch.Tensor:
             out[b, j] = torch.log_softmax(lj / ANSWER_T, -1)[rows.tokens[b, j]]
             continue
         support = rows.support[b, j]
-        pt = torch.softmax((lj[rows.mix_ids[b, j]] / THINKING_T).masked_fill(~support, -math.inf), -1)
+        pt = torch.softmax(
+            (lj[rows.mix_ids[b, j]] / THINKING_T).masked_fill(~support, -math.inf), -1
+        )
         lam = torch.log(pt + 1e-6)
         z = (rows.noise[b, j].double() - lam).clamp(-1.5, 3.0)
         m = (lam > -3).double()
@@ -114,12 +137,19 @@ def reference_entropies(hf_model, batch: PolicyBatch) -> torch.Tensor:
     temperature record j was sampled at, differentiable in the weights; inputs detached as the trainer's are."""
     model = hf_model.double()
     rows = batch.rows
-    inputs = (rows.mix_weights.double().unsqueeze(-1) * model.get_input_embeddings().weight.detach()[rows.mix_ids]).sum(dim=2)
+    inputs = (
+        rows.mix_weights.double().unsqueeze(-1)
+        * model.get_input_embeddings().weight.detach()[rows.mix_ids]
+    ).sum(dim=2)
     logits = model(inputs_embeds=inputs).logits
     b, j = batch.loss_mask.nonzero(as_tuple=True)
-    temperature = torch.tensor([ANSWER_T, THINKING_T], dtype=torch.float64)[rows.is_soft[b, j].long()].unsqueeze(-1)
+    temperature = torch.tensor([ANSWER_T, THINKING_T], dtype=torch.float64)[
+        rows.is_soft[b, j].long()
+    ].unsqueeze(-1)
     p = torch.softmax(logits[b, j - 1] / temperature, dim=-1)
-    return torch.zeros(batch.loss_mask.shape, dtype=torch.float64).index_put((b, j), torch.special.entr(p).sum(-1))
+    return torch.zeros(batch.loss_mask.shape, dtype=torch.float64).index_put(
+        (b, j), torch.special.entr(p).sum(-1)
+    )
 
 
 def with_old_logprobs(worker, batch: PolicyBatch) -> PolicyBatch:
@@ -165,7 +195,9 @@ def assemble(per_rank_pieces) -> dict[str, torch.Tensor]:
     for pieces in per_rank_pieces:
         for key, shape, offset, prepend, data in pieces:
             t = full.setdefault(key, torch.full(shape, math.nan))
-            index = tuple(offset[:prepend]) + tuple(slice(o, o + n) for o, n in zip(offset[prepend:], data.shape))
+            index = tuple(offset[:prepend]) + tuple(
+                slice(o, o + n) for o, n in zip(offset[prepend:], data.shape)
+            )
             t[index] = torch.as_tensor(data)
     for key, t in full.items():
         assert not t.isnan().any(), f"{key}: not covered by the ranks' shards"
@@ -211,7 +243,12 @@ def test_first_update_ratio_is_exactly_one_and_kl_zero(tmp_path):
     batch = with_old_logprobs(worker, make_batch(seed=2))
     assert torch.equal(batch.old_logp, batch.ref_logp)
     metrics = worker.train_step(batch)
-    assert metrics.updated and metrics.ratio_mean == 1.0 and metrics.kl_mean == 0.0 and metrics.kl_loss == 0.0
+    assert (
+        metrics.updated
+        and metrics.ratio_mean == 1.0
+        and metrics.kl_mean == 0.0
+        and metrics.kl_loss == 0.0
+    )
     assert metrics.clip_frac_low == metrics.clip_frac_high == metrics.dual_clip_frac == 0.0
     # at ratio 1 every surrogate is -A: token mean per micro-batch (2 rows), averaged over micro-batches
     mask, adv = batch.loss_mask, batch.advantages.double()
@@ -240,7 +277,10 @@ def test_fp8_token_alignment_pads_positions_without_changing_logprobs_or_the_upd
         worker = new_worker(recipe(tmp_path, micro=2))
         worker.seq_alignment = alignment
         run, lengths = worker._run, set()
-        worker._run = lambda model, micro_batches, *a, **k: (lengths.add(micro_batches[0].seq_len), run(model, micro_batches, *a, **k))[1]
+        worker._run = lambda model, micro_batches, *a, **k: (
+            lengths.add(micro_batches[0].seq_len),
+            run(model, micro_batches, *a, **k),
+        )[1]
         batch = with_old_logprobs(worker, make_batch(seed=4))  # 12 positions, run as 16
         metrics = worker.train_step(batch)
         assert lengths == {max(12, alignment)}  # log-probs and the update both ran aligned
@@ -285,10 +325,14 @@ def test_token_mean_microbatch_weighs_micro_batches_equally(tmp_path):
     losses = {}
     for micro in (1, 2):
         worker = new_worker(recipe(tmp_path, micro=micro))
-        losses[micro] = worker.train_step(with_old_logprobs(worker, make_batch(seed=3).row_slice(0, 2))).loss
+        losses[micro] = worker.train_step(
+            with_old_logprobs(worker, make_batch(seed=3).row_slice(0, 2))
+        ).loss
     batch = make_batch(seed=3).row_slice(0, 2)
     adv, mask = batch.advantages.double(), batch.loss_mask
-    assert losses[1] == pytest.approx(float((-adv[0][mask[0]].mean() - adv[1][mask[1]].mean()) / 2), abs=1e-6)
+    assert losses[1] == pytest.approx(
+        float((-adv[0][mask[0]].mean() - adv[1][mask[1]].mean()) / 2), abs=1e-6
+    )
     assert losses[2] == pytest.approx(float(-adv[mask].mean()), abs=1e-6)
     assert abs(losses[1] - losses[2]) > 1e-3
 
@@ -306,11 +350,17 @@ def test_entropy_term_alone_follows_the_entropy_gradient(kind, tmp_path):
     metrics = worker.train_step(with_old_logprobs(worker, batch))
 
     entropy, mask = reference_entropies(hf, batch), batch.loss_mask
-    objective = -coef * sum(entropy[i : i + 2][mask[i : i + 2]].mean() for i in (0, 2)) / 2  # token mean per micro-batch
+    objective = (
+        -coef * sum(entropy[i : i + 2][mask[i : i + 2]].mean() for i in (0, 2)) / 2
+    )  # token mean per micro-batch
     objective.backward()
-    grad_norm = math.sqrt(sum(float((p.grad**2).sum()) for p in hf.parameters() if p.grad is not None))
+    grad_norm = math.sqrt(
+        sum(float((p.grad**2).sum()) for p in hf.parameters() if p.grad is not None)
+    )
     assert metrics.updated and metrics.policy_loss == 0.0 and metrics.kl_mean is None
-    assert metrics.ratio_mean == 1.0  # the log-densities computed alongside the entropy are the old ones, bitwise
+    assert (
+        metrics.ratio_mean == 1.0
+    )  # the log-densities computed alongside the entropy are the old ones, bitwise
     assert metrics.loss == pytest.approx(float(objective.detach()), abs=1e-6)
     assert metrics.entropy_mean == pytest.approx(float(entropy[mask].mean()), abs=1e-5)
     assert metrics.grad_norm == pytest.approx(grad_norm, rel=1e-4)
@@ -322,7 +372,9 @@ def test_entropy_term_alone_follows_the_entropy_gradient(kind, tmp_path):
     assert without.entropy_mean is None and without.loss == 0.0 and without.grad_norm == 0.0
 
 
-@pytest.mark.parametrize("distributed", [True, False], ids=["distributed-optimizer", "fp32-optimizer"])
+@pytest.mark.parametrize(
+    "distributed", [True, False], ids=["distributed-optimizer", "fp32-optimizer"]
+)
 def test_non_finite_gradient_skips_the_step(distributed, tmp_path):
     make_hf_model("qwen2", tmp_path)
     worker = new_worker(recipe(tmp_path, micro=2, warmup=4, distributed=distributed))
@@ -340,7 +392,11 @@ def test_non_finite_gradient_skips_the_step(distributed, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(state_before, adam_state(worker)))
     # the schedule did not advance, and the next finite step trains normally
     after = worker.train_step(with_old_logprobs(worker, make_batch(seed=6)))
-    assert after.updated and math.isfinite(after.grad_norm) and after.lr == metrics.lr == pytest.approx(1e-3 / 4)
+    assert (
+        after.updated
+        and math.isfinite(after.grad_norm)
+        and after.lr == metrics.lr == pytest.approx(1e-3 / 4)
+    )
     assert not all(torch.equal(a, b) for a, b in zip(before, weights(worker)))
 
 
@@ -365,10 +421,18 @@ def _train(rank, hf_dir, ckpt_dir, seeds, save):
     for step, seed in enumerate(seeds, start=restored.step + 1 if restored else 1):
         worker.train_step(with_old_logprobs(worker, make_batch(seed)))
         if save:
-            checkpointing.save_training_checkpoint(cfg.checkpointing, worker, step, {"data_position": step})
+            checkpointing.save_training_checkpoint(
+                cfg.checkpointing, worker, step, {"data_position": step}
+            )
     if save:
         draws = _draws()
-    return restored, draws and portable(draws), portable(weights(worker)), portable(adam_state(worker)), worker.scheduler.num_steps
+    return (
+        restored,
+        draws and portable(draws),
+        portable(weights(worker)),
+        portable(adam_state(worker)),
+        worker.scheduler.num_steps,
+    )
 
 
 @pytest.fixture
@@ -385,7 +449,9 @@ def test_exact_resume_in_a_fresh_process(tmp_path, one_thread):
     """4 steps straight vs 2 steps + save, then in a fresh process: load + 2 steps."""
     make_hf_model("qwen2", tmp_path / "hf")
     hf, ckpt, seeds = str(tmp_path / "hf"), tmp_path / "ckpt", [10, 11, 12, 13]
-    _, _, straight_weights, straight_state, straight_steps = _train(0, hf, str(tmp_path / "none"), seeds, False)
+    _, _, straight_weights, straight_state, straight_steps = _train(
+        0, hf, str(tmp_path / "none"), seeds, False
+    )
     _, saved_draws, _, _, _ = _train(0, hf, str(ckpt), seeds[:2], True)
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_0000002"]  # keep_top_k=1
     [(restored, draws, final, state, steps)] = run_ranks(1, _train, hf, str(ckpt), seeds[2:], False)
@@ -396,7 +462,9 @@ def test_exact_resume_in_a_fresh_process(tmp_path, one_thread):
     assert steps == straight_steps == 4
 
 
-@pytest.mark.parametrize("distributed", [True, False], ids=["distributed-optimizer", "fp32-optimizer"])
+@pytest.mark.parametrize(
+    "distributed", [True, False], ids=["distributed-optimizer", "fp32-optimizer"]
+)
 def test_crash_during_save_leaves_the_previous_checkpoint(distributed, tmp_path, monkeypatch):
     from megatron.core import dist_checkpointing
 
@@ -436,12 +504,17 @@ def _first_step(rank, hf_dir, tp, pp, seed, entropy=0.0):
     worker = new_worker(recipe(hf_dir, tp, pp, entropy=entropy), tp, pp)
     batch = with_old_logprobs(worker, make_batch(seed))
     metrics = worker.train_step(batch)
-    pieces = [(key, shape, offset, prepend, data.numpy()) for key, shape, offset, prepend, data in sharded_pieces(worker.model)]
+    pieces = [
+        (key, shape, offset, prepend, data.numpy())
+        for key, shape, offset, prepend, data in sharded_pieces(worker.model)
+    ]
     return metrics, batch.old_logp.numpy(), pieces
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("kind,tp,pp", [("qwen2", 2, 1), ("llama", 1, 2), ("qwen2", 1, 1)], ids=["tp2", "pp2", "dp2"])
+@pytest.mark.parametrize(
+    "kind,tp,pp", [("qwen2", 2, 1), ("llama", 1, 2), ("qwen2", 1, 1)], ids=["tp2", "pp2", "dp2"]
+)
 def test_one_step_on_two_ranks_matches_one_rank(kind, tp, pp, tmp_path):
     make_hf_model(kind, tmp_path)
     expected_metrics, expected_logp, expected_pieces = _first_step(0, str(tmp_path), 1, 1, seed=7)
@@ -480,13 +553,18 @@ def test_entropy_step_at_tp2_matches_one_rank(tmp_path):
         assert metrics.entropy_mean == pytest.approx(expected_metrics.entropy_mean, abs=1e-5)
         assert metrics.grad_norm == pytest.approx(expected_metrics.grad_norm, rel=1e-5)
     # the entropy term is a large part of the objective (KL is 0 on a first step)
-    assert expected_metrics.policy_loss - expected_metrics.loss > 0.5 * coef * expected_metrics.entropy_mean
+    assert (
+        expected_metrics.policy_loss - expected_metrics.loss
+        > 0.5 * coef * expected_metrics.entropy_mean
+    )
 
 
 def _step_with_nan_on_rank_1(rank, hf_dir):
     worker = new_worker(recipe(hf_dir))
     batch = with_old_logprobs(worker, make_batch(8))
-    b, j = (batch.loss_mask & ~batch.rows.is_soft)[2:].nonzero()[0].tolist()  # rows 2-3 are data-parallel rank 1's
+    b, j = (
+        (batch.loss_mask & ~batch.rows.is_soft)[2:].nonzero()[0].tolist()
+    )  # rows 2-3 are data-parallel rank 1's
     batch.advantages[2 + b, j] = math.inf
     before = weights(worker)
     metrics = worker.train_step(batch)
@@ -497,7 +575,11 @@ def _step_with_nan_on_rank_1(rank, hf_dir):
 def test_non_finite_gradient_on_one_data_parallel_rank_skips_on_all(tmp_path):
     make_hf_model("qwen2", tmp_path)
     for metrics, unchanged in run_ranks(2, _step_with_nan_on_rank_1, str(tmp_path)):
-        assert not metrics.updated and not math.isfinite(metrics.grad_norm) and metrics.skipped_steps == 1
+        assert (
+            not metrics.updated
+            and not math.isfinite(metrics.grad_norm)
+            and metrics.skipped_steps == 1
+        )
         assert unchanged
 
 
@@ -526,7 +608,9 @@ def test_checkpoint_saved_at_tp2_restores_at_tp1(tmp_path, capsys):
     assert restored.optimizer_steps == 1 and restored.scheduler.num_steps == 1
     for a, b in zip(weights(restored), weights(baseline)):
         assert (a - b).abs().max() <= 1e-5
-    for a, b in zip(adam_state(restored), adam_state(baseline)):  # moments: rounding-level differences only
+    for a, b in zip(
+        adam_state(restored), adam_state(baseline)
+    ):  # moments: rounding-level differences only
         assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-12
     # the restored moments drive the next update as the baseline's do
     for worker in (restored, baseline):

@@ -144,7 +144,10 @@ def test_math_grading_table(grader):
 def test_reference_answers_of_every_math_benchmark_grade_as_correct(grader, builtin_data):
     references = []
     for name in ("aime2024", "aime2025", "amc23", "math500", "gsm8k_test"):
-        references += [row["final_answer"] for row in json.loads((builtin_data / "eval" / f"{name}.json").read_text())]
+        references += [
+            row["final_answer"]
+            for row in json.loads((builtin_data / "eval" / f"{name}.json").read_text())
+        ]
     assert all(grader.grade([rf"so \boxed{{{r}}}" for r in references], references))
     # and another problem's answer is wrong (the grader does not accept everything)
     sample = references[::10]
@@ -180,7 +183,10 @@ def test_answer_classes_group_equivalent_answers():
 @pytest.mark.timeout(120)
 def test_grader_classes_fall_back_to_exact_text_on_timeout(impatient_grader):
     hanging = ["9^{9^{9^{9}}}", "5", "5.0", "5"]  # comparing "5" with the tower does not finish
-    assert impatient_grader.classes([hanging, ["0.5", r"\frac12", "2"]]) == [[0, 1, 2, 1], [0, 0, 2]]
+    assert impatient_grader.classes([hanging, ["0.5", r"\frac12", "2"]]) == [
+        [0, 1, 2, 1],
+        [0, 0, 2],
+    ]
 
 
 # ---------------------------------------------------------------- the pool itself
@@ -197,7 +203,9 @@ def test_pool_returns_results_in_order_with_defaults_for_failures_and_timeouts()
         killed = first_pids - set(pool.worker_pids())
         assert len(killed) == 1 and len(pool.worker_pids()) == 2
         assert not _process_exists(killed.pop())
-        assert pool.map(os._exit, [3], default="died") == ["died"]  # a worker that dies is replaced too
+        assert pool.map(os._exit, [3], default="died") == [
+            "died"
+        ]  # a worker that dies is replaced too
         assert pool.map(abs, [-2, 3], default=None) == [2, 3]
         # an interrupted map (here: an item that cannot be sent) must not leave a stale answer behind
         with pytest.raises(TypeError):
@@ -289,7 +297,11 @@ def test_reasoning_gym_reward_uses_the_task_scorer():
     reward.pool.close()
     scorer = reasoning_gym.get_score_answer_fn("basic_arithmetic")
     assert scores[0] == 1.0
-    assert scores == [scorer(entries[0]["answer"], entries[0]), scorer("123456789", entries[1]), 0.0]
+    assert scores == [
+        scorer(entries[0]["answer"], entries[0]),
+        scorer("123456789", entries[1]),
+        0.0,
+    ]
     assert scores[1] < 1.0
 
 
@@ -301,5 +313,11 @@ def test_format_bonus_needs_a_boxed_answer_and_a_finished_response():
     correct = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0])
     answered = torch.tensor([True, True, False, True, True])
     truncated = torch.tensor([False, False, False, True, True])
-    assert with_format_bonus(correct, answered, truncated, 0.5).tolist() == [1.5, 0.5, 0.0, 1.0, 0.0]
+    assert with_format_bonus(correct, answered, truncated, 0.5).tolist() == [
+        1.5,
+        0.5,
+        0.0,
+        1.0,
+        0.0,
+    ]
     assert torch.equal(with_format_bonus(correct, answered, truncated, 0.0), correct)

@@ -53,7 +53,10 @@ def tiny_dir(tmp_path_factory):
 
 def build(tiny_dir, tp=1, pp=1):
     init_distributed(ParallelLayout(tp, pp))
-    model, padded = load_model(resolve_model_source(tiny_dir), MegatronCfg(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    model, padded = load_model(
+        resolve_model_source(tiny_dir),
+        MegatronCfg(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+    )
     model.eval()
     return model, VocabShard.from_parallel_state(padded, VOCAB)
 
@@ -87,7 +90,11 @@ def response(result, i, field="tokens"):
 
 
 def thinking_sampler(kind):
-    return {"gumbel": gumbel(), "embedding_noise": SoftSampler(Truncation(1.0, 5, 0.95), 5, EmbeddingNoise(0.01, 64)), "discrete": None}[kind]
+    return {
+        "gumbel": gumbel(),
+        "embedding_noise": SoftSampler(Truncation(1.0, 5, 0.95), 5, EmbeddingNoise(0.01, 64)),
+        "discrete": None,
+    }[kind]
 
 
 def first_new_token(result, min_pos: int, exclude) -> tuple[int, int]:
@@ -104,7 +111,13 @@ def first_new_token(result, min_pos: int, exclude) -> tuple[int, int]:
                 at_t.append((int(result.rows.tokens[i, j]), bool(result.loss_mask[i, j])))
         counts = [tok for tok, _ in at_t]
         for tok, scored in at_t:
-            if t >= min_pos and scored and tok not in exclude and tok not in seen and counts.count(tok) == 1:
+            if (
+                t >= min_pos
+                and scored
+                and tok not in exclude
+                and tok not in seen
+                and counts.count(tok) == 1
+            ):
                 return tok, t
         seen.update(counts)
     raise AssertionError("no fresh token to end a row with")
@@ -114,7 +127,11 @@ def staggered_eos(model, shard, tokenizer, marker, **kwargs) -> frozenset[int]:
     """EOS ids that end three rows at three different steps (found by re-running with each added)."""
     eos, pos = {EOS}, 0
     for _ in range(3):
-        token, pos = first_new_token(run(model, shard, tokenizer, eos_ids=frozenset(eos), **kwargs), pos + 1, set(marker) | eos)
+        token, pos = first_new_token(
+            run(model, shard, tokenizer, eos_ids=frozenset(eos), **kwargs),
+            pos + 1,
+            set(marker) | eos,
+        )
         eos.add(token)
     return frozenset(eos)
 
@@ -129,10 +146,14 @@ def test_kv_cache_matches_recomputation(tiny_dir, tokenizer, thinking):
     cached = run(model, shard, tokenizer, eos_ids=eos, **kwargs)
     recomputed = run(model, shard, tokenizer, eos_ids=eos, use_kv_cache=False, **kwargs)
     lengths = cached.response_lengths.tolist()
-    assert "eos" in cached.finish_reasons and len(set(lengths)) >= 3  # rows left the batch at different steps
+    assert (
+        "eos" in cached.finish_reasons and len(set(lengths)) >= 3
+    )  # rows left the batch at different steps
     soft = cached.rows.is_soft
     if thinking != "discrete":
-        assert soft.any() and (cached.think_lengths < cached.response_lengths).any()  # the phase switched
+        assert (
+            soft.any() and (cached.think_lengths < cached.response_lengths).any()
+        )  # the phase switched
     assert cached.finish_reasons == recomputed.finish_reasons
     for name in ("response_lengths", "think_lengths", "loss_mask"):
         assert torch.equal(getattr(cached, name), getattr(recomputed, name)), name
@@ -142,7 +163,11 @@ def test_kv_cache_matches_recomputation(tiny_dir, tokenizer, thinking):
     # (~1e-6 -> 1e-4 in the weights); embedding noise's density magnifies them by |E| / sigma ~ 160
     assert torch.allclose(cached.rows.mix_weights, recomputed.rows.mix_weights, atol=1e-3)
     assert torch.allclose(cached.rows.noise, recomputed.rows.noise, atol=1e-3)
-    assert torch.allclose(cached.rollout_logp, recomputed.rollout_logp, atol=1e-3 if thinking == "embedding_noise" else 1e-4)
+    assert torch.allclose(
+        cached.rollout_logp,
+        recomputed.rollout_logp,
+        atol=1e-3 if thinking == "embedding_noise" else 1e-4,
+    )
     assert bool(soft.any()) == (thinking != "discrete")
 
 
@@ -150,10 +175,15 @@ def test_decoding_in_passes_equals_decoding_at_once(tiny_dir, tokenizer):
     """policy.generation.max_rows_per_pass: whole groups per pass, joined in prompt order and padded
     to the longest pass. Deterministic soft and greedy answer steps: per-batch noise draws differ."""
     model, shard = build(tiny_dir)
-    kwargs = {"thinking_sampler": gumbel(scale=0.0, tau=1.0), "max_thinking_tokens": 3,
-              "answer_sampler": DiscreteSampler(Truncation.greedy(), 5)}
+    kwargs = {
+        "thinking_sampler": gumbel(scale=0.0, tau=1.0),
+        "max_thinking_tokens": 3,
+        "answer_sampler": DiscreteSampler(Truncation.greedy(), 5),
+    }
     at_once = run(model, shard, tokenizer, **kwargs)
-    in_passes = run(model, shard, tokenizer, max_rows_per_pass=3, **kwargs)  # one prompt (2 rows) per pass
+    in_passes = run(
+        model, shard, tokenizer, max_rows_per_pass=3, **kwargs
+    )  # one prompt (2 rows) per pass
     # prompts of 5, 2 and 8 tokens: the passes are narrower than the joined batch
     assert at_once.rows.tokens.shape == in_passes.rows.tokens.shape == (6, 8 + 12)
     for f in fields(at_once):
@@ -183,7 +213,14 @@ def test_fp8_row_alignment_pads_the_batch_invisibly(tiny_dir, tokenizer, monkeyp
     batch_sizes = []
     forward = model_runner.ModelRunner._run
     monkeypatch.setattr(model_runner, "token_alignment", lambda config: 4)
-    monkeypatch.setattr(model_runner.ModelRunner, "_run", lambda self, rows, queries: (batch_sizes.append(rows.tokens.shape[0]), forward(self, rows, queries))[1])
+    monkeypatch.setattr(
+        model_runner.ModelRunner,
+        "_run",
+        lambda self, rows, queries: (
+            batch_sizes.append(rows.tokens.shape[0]),
+            forward(self, rows, queries),
+        )[1],
+    )
     aligned = run(model, shard, tokenizer, eos_ids=eos, **kwargs)
     real_rows = len(PROMPTS) * 2
     assert real_rows % 4 and all(n % 4 == 0 for n in batch_sizes) and len(set(batch_sizes)) > 1
@@ -199,15 +236,19 @@ def test_padding_invariance(tiny_dir, tokenizer, thinking):
     """A prompt decoded alone and inside a batch of longer and shorter prompts gives the same response."""
     model, shard = build(tiny_dir)
     # no noise, and tau_g = 1 (weights = pt) so the random model does not amplify last-ulp differences
-    kwargs = dict(thinking_sampler=gumbel(scale=0.0, tau=1.0)) if thinking == "deterministic_soft" else dict(
-        thinking_sampler=None, answer_sampler=DiscreteSampler(Truncation.greedy(), 5)
+    kwargs = (
+        dict(thinking_sampler=gumbel(scale=0.0, tau=1.0))
+        if thinking == "deterministic_soft"
+        else dict(thinking_sampler=None, answer_sampler=DiscreteSampler(Truncation.greedy(), 5))
     )
     alone = run(model, shard, tokenizer, prompts=[PROMPTS[0]], g=1, **kwargs)
     batch = run(model, shard, tokenizer, prompts=PROMPTS, g=1, **kwargs)
     assert torch.equal(response(alone, 0), response(batch, 0))
     # RoPE sees shifted absolute positions under left padding: equal up to float rounding, which
     # this random model (weights ~ N(0, 0.2^2)) amplifies over the steps; tokens must be identical
-    assert torch.allclose(response(alone, 0, "mix_weights"), response(batch, 0, "mix_weights"), atol=1e-3)
+    assert torch.allclose(
+        response(alone, 0, "mix_weights"), response(batch, 0, "mix_weights"), atol=1e-3
+    )
 
 
 @dataclass
@@ -225,9 +266,19 @@ class ScriptedSampler:
         self.t += 1
         ids = torch.stack([token, token + 1, token + 2, token + 3, token + 4], -1)
         weights = torch.tensor([0.6, 0.2, 0.1, 0.06, 0.04]).expand(n, -1)
-        rows = MixtureRows(token, ids, weights.clone(), torch.randn(n, 5), torch.ones(n, 5, dtype=torch.bool),
-                           torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long))
-        return SampledStep(**{f.name: getattr(rows, f.name) for f in fields(rows)}, log_density=torch.full((n,), -1.5))
+        rows = MixtureRows(
+            token,
+            ids,
+            weights.clone(),
+            torch.randn(n, 5),
+            torch.ones(n, 5, dtype=torch.bool),
+            torch.ones(n, dtype=torch.bool),
+            torch.zeros(n, dtype=torch.long),
+        )
+        return SampledStep(
+            **{f.name: getattr(rows, f.name) for f in fields(rows)},
+            log_density=torch.full((n,), -1.5),
+        )
 
 
 def test_multi_token_marker_switches_phase_at_the_right_step(tiny_dir, tokenizer):
@@ -236,30 +287,48 @@ def test_multi_token_marker_switches_phase_at_the_right_step(tiny_dir, tokenizer
     assert len(marker) > 1  # SmolLM2 has no </think> token
     words = tokenizer(" so the answer", add_special_tokens=False)["input_ids"]
     script = words + marker + [EOS]
-    result = run(model, shard, tokenizer, prompts=[PROMPTS[0]], g=1, thinking_sampler=ScriptedSampler(script),
-                 answer_sampler=DiscreteSampler(Truncation.greedy(), 5), max_new_tokens=len(script) + 4)
+    result = run(
+        model,
+        shard,
+        tokenizer,
+        prompts=[PROMPTS[0]],
+        g=1,
+        thinking_sampler=ScriptedSampler(script),
+        answer_sampler=DiscreteSampler(Truncation.greedy(), 5),
+        max_new_tokens=len(script) + 4,
+    )
     end = len(words) + len(marker)  # response steps up to and including the marker's last token
     is_soft = response(result, 0, "is_soft")
-    assert is_soft[: end - 1].all()  # thinking: the first generated step is soft, and so is a partial marker
-    assert not is_soft[end - 1:].any()  # the completing marker step and everything after are discrete
+    assert is_soft[
+        : end - 1
+    ].all()  # thinking: the first generated step is soft, and so is a partial marker
+    assert not is_soft[
+        end - 1 :
+    ].any()  # the completing marker step and everything after are discrete
     assert int(result.think_lengths[0]) == end
-    assert response(result, 0)[: end].tolist() == words + marker
+    assert response(result, 0)[:end].tolist() == words + marker
     # the marker step is one-hot on its token, with only slot 0 in support
     j = int(result.prompt_lengths[0]) + end - 1
     assert result.rows.mix_weights[0, j].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
     assert result.rows.support[0, j].tolist() == [True, False, False, False, False]
     assert result.rows.mix_ids[0, j, 0] == marker[-1] and result.loss_mask[0, j]
-    assert result.thinking_texts[0].endswith("</think>") and "</think>" not in result.answer_texts[0]
+    assert (
+        result.thinking_texts[0].endswith("</think>") and "</think>" not in result.answer_texts[0]
+    )
 
 
 def test_gumbel_soft_records_follow_the_spec(tiny_dir, tokenizer):
-    """SPEC.md section 1 on a real Gumbel rollout: weights softmax(g / tau_g) over the support,
+    """docs/algorithm.md section 1 on a real Gumbel rollout: weights softmax(g / tau_g) over the support,
     slots sorted by weight, out-of-support slots last with weight 0, slot 0 the transcript token."""
     model, shard = build(tiny_dir)
     result = run(model, shard, tokenizer, max_new_tokens=16)
     soft = result.rows.is_soft
     assert soft.sum() >= 20
-    w, g, support = result.rows.mix_weights[soft], result.rows.noise[soft], result.rows.support[soft]
+    w, g, support = (
+        result.rows.mix_weights[soft],
+        result.rows.noise[soft],
+        result.rows.support[soft],
+    )
     ids, tokens = result.rows.mix_ids[soft], result.rows.tokens[soft]
     assert (~support).any() and support.all(-1).any()  # both truncated and full supports occur
     assert torch.equal(ids[:, 0], tokens)
@@ -268,12 +337,21 @@ def test_gumbel_soft_records_follow_the_spec(tiny_dir, tokenizer):
     assert torch.all(w[~support] == 0) and torch.allclose(w.sum(-1), torch.ones(len(w)))
     expected = torch.softmax((g.double() / 0.1).masked_fill(~support, -torch.inf), -1)
     assert torch.allclose(w.double(), expected, atol=1e-6)
-    assert len(set(ids[support].tolist())) > 1 and all(len(set(r[m].tolist())) == int(m.sum()) for r, m in zip(ids, support))
+    assert len(set(ids[support].tolist())) > 1 and all(
+        len(set(r[m].tolist())) == int(m.sum()) for r, m in zip(ids, support)
+    )
 
 
 def test_eos_during_thinking_ends_the_response_as_a_soft_step(tiny_dir, tokenizer):
     model, shard = build(tiny_dir)
-    result = run(model, shard, tokenizer, prompts=[PROMPTS[1]], g=1, thinking_sampler=ScriptedSampler([100, 101, EOS]))
+    result = run(
+        model,
+        shard,
+        tokenizer,
+        prompts=[PROMPTS[1]],
+        g=1,
+        thinking_sampler=ScriptedSampler([100, 101, EOS]),
+    )
     assert result.finish_reasons == ["eos"] and int(result.response_lengths[0]) == 3
     assert response(result, 0, "is_soft").all()
 
@@ -281,21 +359,43 @@ def test_eos_during_thinking_ends_the_response_as_a_soft_step(tiny_dir, tokenize
 def test_thinking_budget_forces_the_marker_and_forced_steps_are_not_scored(tiny_dir, tokenizer):
     model, shard = build(tiny_dir)
     marker = tokenizer("</think>", add_special_tokens=False)["input_ids"]
-    result = run(model, shard, tokenizer, prompts=[PROMPTS[1]], g=1, max_thinking_tokens=3, max_new_tokens=10)
+    result = run(
+        model, shard, tokenizer, prompts=[PROMPTS[1]], g=1, max_thinking_tokens=3, max_new_tokens=10
+    )
     tokens = response(result, 0)
     start = int(result.prompt_lengths[0])
     scored = result.loss_mask[0, start : start + len(tokens)]
     assert tokens[3 : 3 + len(marker)].tolist() == marker
-    assert scored[:3].all() and not scored[3 : 3 + len(marker)].any() and scored[3 + len(marker):].all()
+    assert (
+        scored[:3].all()
+        and not scored[3 : 3 + len(marker)].any()
+        and scored[3 + len(marker) :].all()
+    )
     assert response(result, 0, "is_soft")[:3].all() and not response(result, 0, "is_soft")[3:].any()
 
 
 def test_stop_strings_and_length_limit(tiny_dir, tokenizer):
     model, shard = build(tiny_dir)
     words = tokenizer(" one two STOP three", add_special_tokens=False)["input_ids"]
-    result = run(model, shard, tokenizer, prompts=[PROMPTS[0]], g=1, thinking_sampler=ScriptedSampler(words), stop_strings=("STOP",))
+    result = run(
+        model,
+        shard,
+        tokenizer,
+        prompts=[PROMPTS[0]],
+        g=1,
+        thinking_sampler=ScriptedSampler(words),
+        stop_strings=("STOP",),
+    )
     assert result.finish_reasons == ["stop"] and result.texts[0].endswith("STOP")
-    result = run(model, shard, tokenizer, prompts=[PROMPTS[0]], g=1, thinking_sampler=ScriptedSampler([300]), max_new_tokens=5)
+    result = run(
+        model,
+        shard,
+        tokenizer,
+        prompts=[PROMPTS[0]],
+        g=1,
+        thinking_sampler=ScriptedSampler([300]),
+        max_new_tokens=5,
+    )
     assert result.finish_reasons == ["length"] and int(result.response_lengths[0]) == 5
 
 
@@ -343,11 +443,21 @@ def rescoring_recipe(tiny_dir, algorithm):
 
     cfg = recipe(tiny_dir, kl=0)  # answer temperature 0.7
     # thinking temperature 1.3 != 0.7: each row must be scored at its own phase's temperature
-    thinking = cfg.softgrpo.thinking.model_copy(update={"temperature": 1.3, "max_thinking_tokens": 3})
-    return cfg.model_copy(update={"softgrpo": cfg.softgrpo.model_copy(update={"algorithm": algorithm, "mixture_size": 5, "thinking": thinking})})
+    thinking = cfg.softgrpo.thinking.model_copy(
+        update={"temperature": 1.3, "max_thinking_tokens": 3}
+    )
+    return cfg.model_copy(
+        update={
+            "softgrpo": cfg.softgrpo.model_copy(
+                update={"algorithm": algorithm, "mixture_size": 5, "thinking": thinking}
+            )
+        }
+    )
 
 
-@pytest.mark.parametrize("algorithm", ["softgrpo", "gaussian", "dirichlet", "embedding_noise", "grpo"])
+@pytest.mark.parametrize(
+    "algorithm", ["softgrpo", "gaussian", "dirichlet", "embedding_noise", "grpo"]
+)
 def test_rescoring_reproduces_the_rollout_log_densities(tiny_dir, tokenizer, algorithm):
     """The trainer's log-prob function (PolicyWorker.compute_logprobs) on a finished rollout gives the
     rollout's own log-densities, soft rows at the thinking temperature and discrete ones at the answer's."""
@@ -357,10 +467,17 @@ def test_rescoring_reproduces_the_rollout_log_densities(tiny_dir, tokenizer, alg
 
     cfg = rescoring_recipe(tiny_dir, algorithm)
     worker = new_worker(cfg)
-    base = RolloutSettings.from_recipe(cfg, tokenizer, worker.source.arch.hidden_size, max_new_tokens=10, eos_ids=frozenset({EOS}))
+    base = RolloutSettings.from_recipe(
+        cfg, tokenizer, worker.source.arch.hidden_size, max_new_tokens=10, eos_ids=frozenset({EOS})
+    )
     think = RecordingSampler(base.thinking_sampler) if base.thinking_sampler is not None else None
     answer = RecordingSampler(base.answer_sampler)
-    engine = RolloutEngine(worker.model, tokenizer, worker.vocab, replace(base, thinking_sampler=think, answer_sampler=answer))
+    engine = RolloutEngine(
+        worker.model,
+        tokenizer,
+        worker.vocab,
+        replace(base, thinking_sampler=think, answer_sampler=answer),
+    )
     seed_noise_rng(7)
     result = engine.generate(PROMPTS[:2], 2)
     ell = worker.compute_logprobs(PolicyBatch(result.rows, result.loss_mask))
@@ -372,7 +489,9 @@ def test_rescoring_reproduces_the_rollout_log_densities(tiny_dir, tokenizer, alg
     # 1. the rollout's density is the trainer's function at the rollout's own logits
     logits = sampled_logits(result, think.calls if think else [], answer.calls)
     embedding = InputEmbedding(worker.model.embedding.word_embeddings.weight, worker.vocab)
-    at_rollout = log_density_from_logits(logits, result.rows, worker.scorer, worker.vocab, embedding)
+    at_rollout = log_density_from_logits(
+        logits, result.rows, worker.scorer, worker.vocab, embedding
+    )
     assert (at_rollout - result.rollout_logp)[mask].abs().max() <= 1e-5
     # 2. the trainer's full-sequence recompute reproduces it
     error = (ell - result.rollout_logp).abs()
@@ -396,10 +515,14 @@ def test_rescoring_reproduces_the_rollout_log_densities(tiny_dir, tokenizer, alg
 def recomputed_logits(model, rows, noise) -> torch.Tensor:
     """[B, S, W]: the logits that score each record, from one full-sequence forward (as the trainer's)."""
     b, s = rows.tokens.shape
-    x = mixture_embedding(model.embedding.word_embeddings, rows.mix_ids, rows.mix_weights, noise.input_offset(rows))
+    x = mixture_embedding(
+        model.embedding.word_embeddings, rows.mix_ids, rows.mix_weights, noise.input_offset(rows)
+    )
     with torch.no_grad():
         logits = model(None, position_ids(b, s, "cpu"), CAUSAL, decoder_input=x)
-    return torch.cat([torch.zeros_like(logits[:, :1]), logits[:, :-1]], dim=1)  # logits at j - 1 score record j
+    return torch.cat(
+        [torch.zeros_like(logits[:, :1]), logits[:, :-1]], dim=1
+    )  # logits at j - 1 score record j
 
 
 def density_slope(logits, rows, scorer, shard, embedding) -> torch.Tensor:
@@ -423,7 +546,9 @@ def _rank_rollout(rank, tiny_dir, tp, pp, tokenizer_dir):
 def test_same_seed_same_trajectory_at_tp2_and_pp2(tiny_dir, tokenizer, smollm2_hf_dir, tp, pp):
     model, shard = build(tiny_dir)
     reference = run(model, shard, tokenizer, max_thinking_tokens=5)
-    for tokens, weights, logp, mask in run_ranks(tp * pp, _rank_rollout, tiny_dir, tp, pp, str(smollm2_hf_dir)):
+    for tokens, weights, logp, mask in run_ranks(
+        tp * pp, _rank_rollout, tiny_dir, tp, pp, str(smollm2_hf_dir)
+    ):
         assert torch.equal(tokens, reference.rows.tokens)
         assert torch.equal(mask, reference.loss_mask)
         assert torch.allclose(weights, reference.rows.mix_weights, atol=1e-3)
@@ -434,11 +559,27 @@ def test_entropy_cold_stop_forces_the_marker(tiny_dir, tokenizer):
     model, shard = build(tiny_dir)
     marker = tokenizer("</think>", add_special_tokens=False)["input_ids"]
     # every distribution is below an entropy of 100 nats: the cold stop fires after 2 soft steps
-    result = run(model, shard, tokenizer, prompts=[PROMPTS[1]], g=1, cold_stop_entropy=100.0, cold_stop_steps=2)
+    result = run(
+        model,
+        shard,
+        tokenizer,
+        prompts=[PROMPTS[1]],
+        g=1,
+        cold_stop_entropy=100.0,
+        cold_stop_steps=2,
+    )
     assert response(result, 0)[2 : 2 + len(marker)].tolist() == marker
     assert response(result, 0, "is_soft")[:2].all() and not response(result, 0, "is_soft")[2:].any()
     # and never below a threshold of 1e-9 nats
-    result = run(model, shard, tokenizer, prompts=[PROMPTS[1]], g=1, cold_stop_entropy=1e-9, cold_stop_steps=2)
+    result = run(
+        model,
+        shard,
+        tokenizer,
+        prompts=[PROMPTS[1]],
+        g=1,
+        cold_stop_entropy=1e-9,
+        cold_stop_steps=2,
+    )
     assert response(result, 0, "is_soft").all()
 
 
@@ -466,16 +607,30 @@ def test_marker_spelled_one_character_per_token(tokenizer):
 def test_marker_inside_merged_tokens(tokenizer):
     matcher = TextMatcher(tokenizer, ["</think>"])
     # "></" starts the marker mid-token; ">," ends it mid-token: the step that supplies ">" completes it
-    assert completions(matcher, ids_of(tokenizer, "a", "></", "think", ">,")) == [None, None, None, "</think>"]
+    assert completions(matcher, ids_of(tokenizer, "a", "></", "think", ">,")) == [
+        None,
+        None,
+        None,
+        "</think>",
+    ]
     assert completions(matcher, ids_of(tokenizer, "</", "think", ">")) == [None, None, "</think>"]
     # a second occurrence completes again
     again = ids_of(tokenizer, "</", "think", ">", "x", "</", "think", ">")
-    assert completions(matcher, again)[-1] == "</think>" and completions(matcher, again)[3:6] == [None] * 3
+    assert (
+        completions(matcher, again)[-1] == "</think>"
+        and completions(matcher, again)[3:6] == [None] * 3
+    )
 
 
 def test_near_misses_and_lone_sub_tokens_do_not_complete_the_marker(tokenizer):
     matcher = TextMatcher(tokenizer, ["</think>"])
-    for pieces in (("</", "thinking", ">"), ("<", "think", ">"), ("</", " think", ">"), ("think", ">"), (">",)):
+    for pieces in (
+        ("</", "thinking", ">"),
+        ("<", "think", ">"),
+        ("</", " think", ">"),
+        ("think", ">"),
+        (">",),
+    ):
         assert completions(matcher, ids_of(tokenizer, *pieces)) == [None] * len(pieces), pieces
     assert TextMatcher(tokenizer, []).completed(ids_of(tokenizer, "</", "think", ">")) is None
 
@@ -496,7 +651,9 @@ def test_eos_ids_include_the_generation_config(tiny_dir, tokenizer, tmp_path, va
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "config.json").write_text((Path(tiny_dir) / "config.json").read_text())
-    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": value, "use_cache": True}))
+    (model_dir / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": value, "use_cache": True})
+    )
     settings = RolloutSettings.from_recipe(recipe(model_dir, kl=0), tokenizer, 64)
     assert settings.eos_ids == frozenset({tokenizer.eos_token_id} | expected)
 
@@ -505,10 +662,14 @@ def test_eos_ids_without_a_generation_config_eos_and_a_bad_one(tiny_dir, tokeniz
     from test_policy import recipe
 
     # make_hf_model's generation_config.json has no eos_token_id
-    assert RolloutSettings.from_recipe(recipe(tiny_dir, kl=0), tokenizer, 64).eos_ids == {tokenizer.eos_token_id}
+    assert RolloutSettings.from_recipe(recipe(tiny_dir, kl=0), tokenizer, 64).eos_ids == {
+        tokenizer.eos_token_id
+    }
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "config.json").write_text((Path(tiny_dir) / "config.json").read_text())
     (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": ["</s>"]}))
-    with pytest.raises(UserError, match="generation_config.json: eos_token_id=\\['</s>'\\]; expected a token id"):
+    with pytest.raises(
+        UserError, match="generation_config.json: eos_token_id=\\['</s>'\\]; expected a token id"
+    ):
         RolloutSettings.from_recipe(recipe(model_dir, kl=0), tokenizer, 64)

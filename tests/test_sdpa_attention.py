@@ -16,8 +16,16 @@ GROUPS = 2  # grouped-query attention: 4 query heads share 2 key/value heads
 def make_config(**overrides):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    kwargs = dict(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2, kv_channels=8,
-                  attention_dropout=0.0, hidden_dropout=0.0, use_cpu_initialization=True)
+    kwargs = dict(
+        num_layers=1,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        kv_channels=8,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        use_cpu_initialization=True,
+    )
     return TransformerConfig(**{**kwargs, **overrides})
 
 
@@ -25,7 +33,12 @@ def attention(cls, **config):
     from megatron.core.transformer.enums import AttnMaskType
 
     init_distributed(ParallelLayout(1, 1))
-    return cls(make_config(**config), layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    return cls(
+        make_config(**config),
+        layer_number=1,
+        attn_mask_type=AttnMaskType.causal,
+        attention_type="self",
+    )
 
 
 def sdpa(**config):

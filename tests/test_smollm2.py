@@ -25,7 +25,11 @@ def setup(smollm2_hf_dir):
 
     source = resolve_model_source("smollm2-135m-instruct")
     tokenizer = load_tokenizer(source)
-    prompt = encode_prompt(tokenizer, "Natalia sold 48 clips in April and half as many in May. How many in total?", TEMPLATE)
+    prompt = encode_prompt(
+        tokenizer,
+        "Natalia sold 48 clips in April and half as many in May. How many in total?",
+        TEMPLATE,
+    )
     hf = AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()
     return source, tokenizer, prompt, hf
 
@@ -37,7 +41,9 @@ def test_builtin_architecture_matches_the_gguf(setup):
 
 def test_logits_and_kv_cached_greedy_decoding_match_transformers(setup):
     source, tokenizer, prompt, hf = setup
-    assert tokenizer.decode(prompt).startswith("<|im_start|>system")  # the real chat template was applied
+    assert tokenizer.decode(prompt).startswith(
+        "<|im_start|>system"
+    )  # the real chat template was applied
     init_distributed(ParallelLayout(1, 1))
     model, _ = load_model(source, MegatronCfg())
     model.eval()
@@ -49,10 +55,16 @@ def test_logits_and_kv_cached_greedy_decoding_match_transformers(setup):
     assert rel <= 1e-3, float(rel)
 
     greedy = DiscreteSampler(Truncation.greedy(), mixture_size=5)
-    settings = RolloutSettings(None, greedy, 1.0, "</think>", 32, frozenset({tokenizer.eos_token_id}))
-    engine = RolloutEngine(model, tokenizer, VocabShard.whole(model.vocab_size, source.arch.vocab_size), settings)
+    settings = RolloutSettings(
+        None, greedy, 1.0, "</think>", 32, frozenset({tokenizer.eos_token_id})
+    )
+    engine = RolloutEngine(
+        model, tokenizer, VocabShard.whole(model.vocab_size, source.arch.vocab_size), settings
+    )
     result = engine.generate([prompt])
-    ours_tokens = result.rows.tokens[0, len(prompt) : len(prompt) + int(result.response_lengths[0])].tolist()
-    ref_tokens = hf.generate(tokens, max_new_tokens=32, do_sample=False)[0, len(prompt):].tolist()
+    ours_tokens = result.rows.tokens[
+        0, len(prompt) : len(prompt) + int(result.response_lengths[0])
+    ].tolist()
+    ref_tokens = hf.generate(tokens, max_new_tokens=32, do_sample=False)[0, len(prompt) :].tolist()
     assert len(ref_tokens) == 32  # no early EOS: all 32 positions are compared
     assert ours_tokens == ref_tokens, (tokenizer.decode(ours_tokens), tokenizer.decode(ref_tokens))

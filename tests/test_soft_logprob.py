@@ -78,7 +78,7 @@ def random_logits(b=2, s=12, seed=0, dtype=torch.float32, width=PADDED):
 
 
 def reference(name, logits, rows, emb_table):
-    """float64 ell [N] of flat rows: discrete at T=1.1, soft rows by SPEC 2/5 at T=0.8."""
+    """float64 ell [N] of flat rows: discrete at T=1.1, soft rows by docs/algorithm.md section 2/5 at T=0.8."""
     flat = rows.flatten()
     lg = logits.reshape(-1, PADDED).double()
     out = ref.discrete_log_prob(lg, flat.tokens, 1.1, VOCAB)
@@ -90,8 +90,12 @@ def reference(name, logits, rows, emb_table):
     elif name == "dirichlet":
         soft = ref.dirichlet_density(k_logits, flat.support, flat.noise, 0.8)
     else:
-        eps = torch.tensor([ref.gaussian_from_seed(int(s), HIDDEN) for s in flat.noise_seed], dtype=torch.float64)
-        soft = ref.embedding_density(k_logits, flat.support, flat.mix_weights, eps, emb_table[flat.mix_ids], 0.8, 0.1)
+        eps = torch.tensor(
+            [ref.gaussian_from_seed(int(s), HIDDEN) for s in flat.noise_seed], dtype=torch.float64
+        )
+        soft = ref.embedding_density(
+            k_logits, flat.support, flat.mix_weights, eps, emb_table[flat.mix_ids], 0.8, 0.1
+        )
     return torch.where(flat.is_soft, soft, out)
 
 
@@ -108,7 +112,7 @@ def test_log_density_matches_reference(name):
 
 @pytest.mark.parametrize("name", NOISES)
 def test_rollout_density_equals_training_density(name):
-    """The health metric of SPEC 2: the rollout's own ell equals the trainer's at the same logits."""
+    """The health metric of docs/algorithm.md section 2: the rollout's own ell equals the trainer's at the same logits."""
     logits = random_logits()
     step, rows = mixed_rows(name, logits)
     ell = log_density_from_logits(logits, rows, scorer(name), SHARD, InputEmbedding(table(), SHARD))
@@ -148,12 +152,16 @@ def test_chunked_from_hidden_equals_plain_on_logits(name, chunk_size):
     emb = InputEmbedding(table(), SHARD)
     coef = torch.randn(2, 12, generator=gen)
 
-    plain_logits = (hidden.transpose(0, 1) @ weight.t())
+    plain_logits = hidden.transpose(0, 1) @ weight.t()
     plain = log_density_from_logits(plain_logits, rows, scorer(name), SHARD, emb)
     g_hidden, g_weight = torch.autograd.grad((coef * plain).sum(), (hidden, weight))
-    chunked = log_density_from_hidden(hidden, weight, rows, scorer(name), SHARD, chunk_size=chunk_size, embedding=emb)
+    chunked = log_density_from_hidden(
+        hidden, weight, rows, scorer(name), SHARD, chunk_size=chunk_size, embedding=emb
+    )
     c_hidden, c_weight = torch.autograd.grad((coef * chunked).sum(), (hidden, weight))
-    assert torch.all((chunked - plain).abs() <= TOL * plain.abs().clamp(min=1))  # fp32 rounding of both
+    assert torch.all(
+        (chunked - plain).abs() <= TOL * plain.abs().clamp(min=1)
+    )  # fp32 rounding of both
     assert (c_hidden - g_hidden).abs().max() <= 1e-4 * max(1.0, g_hidden.abs().max())
     assert (c_weight - g_weight).abs().max() <= 1e-4 * max(1.0, g_weight.abs().max())
     assert g_weight.abs().sum() > 0
@@ -163,10 +171,17 @@ def test_chunked_from_hidden_equals_plain_on_logits(name, chunk_size):
 def test_gradcheck_chunked_from_hidden(name):
     gen = torch.Generator().manual_seed(5)
     hidden = torch.randn(4, 2, HIDDEN, generator=gen, dtype=torch.float64, requires_grad=True)
-    weight = (torch.randn(SMALL.width, HIDDEN, generator=gen, dtype=torch.float64) * 0.5).requires_grad_()
-    _, rows = mixed_rows(name, (hidden.transpose(0, 1) @ weight.t()).float().detach(), drift=0.5, shard=SMALL)
+    weight = (
+        torch.randn(SMALL.width, HIDDEN, generator=gen, dtype=torch.float64) * 0.5
+    ).requires_grad_()
+    _, rows = mixed_rows(
+        name, (hidden.transpose(0, 1) @ weight.t()).float().detach(), drift=0.5, shard=SMALL
+    )
     emb = InputEmbedding(table(rows=SMALL.width).double(), SMALL)
-    fn = lambda h, w: log_density_from_hidden(h, w, rows, scorer(name), SMALL, chunk_size=3, embedding=emb)  # noqa: E731
+
+    def fn(h, w):
+        return log_density_from_hidden(h, w, rows, scorer(name), SMALL, chunk_size=3, embedding=emb)
+
     assert torch.autograd.gradcheck(fn, (hidden, weight), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
@@ -174,7 +189,9 @@ def test_gradients_reach_only_the_logits():
     logits = random_logits().requires_grad_()
     _, rows = mixed_rows("embedding_noise", logits.detach())
     emb_table = table().requires_grad_()
-    ell = log_density_from_logits(logits, rows, scorer("embedding_noise"), SHARD, InputEmbedding(emb_table, SHARD))
+    ell = log_density_from_logits(
+        logits, rows, scorer("embedding_noise"), SHARD, InputEmbedding(emb_table, SHARD)
+    )
     ell.sum().backward()
     assert emb_table.grad is None and logits.grad.abs().sum() > 0
     assert not any(t.requires_grad for t in vars(rows).values())
@@ -205,7 +222,9 @@ def test_bf16_weights_chunked_matches_plain_bf16_logits():
     _, rows = mixed_rows("gumbel", logits.float().detach(), drift=0.5)
     plain = log_density_from_logits(logits, rows, scorer("gumbel"), SHARD)
     chunked = log_density_from_hidden(hidden, weight, rows, scorer("gumbel"), SHARD, chunk_size=5)
-    assert (chunked - plain).abs().max() <= 1e-2  # bf16 products summed in another order: an ulp of bf16
+    assert (
+        chunked - plain
+    ).abs().max() <= 1e-2  # bf16 products summed in another order: an ulp of bf16
     chunked.sum().backward()
     assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
     assert bool(torch.isfinite(weight.grad.float()).all())
@@ -235,7 +254,9 @@ def test_embedding_noise_offset_is_the_seeded_vector_on_soft_rows():
 
 def reference_entropy(logits, rows, vocab=VOCAB):
     """float64 entropy [b, s] of softmax(l / T) over the real vocabulary: T = 0.8 on soft rows, 1.1 on discrete."""
-    temperature = torch.where(rows.is_soft, torch.tensor(0.8, dtype=torch.float64), torch.tensor(1.1, dtype=torch.float64))
+    temperature = torch.where(
+        rows.is_soft, torch.tensor(0.8, dtype=torch.float64), torch.tensor(1.1, dtype=torch.float64)
+    )
     p = torch.softmax(logits.double()[..., :vocab] / temperature.unsqueeze(-1), dim=-1)
     return torch.special.entr(p).sum(-1)
 
@@ -249,34 +270,51 @@ def test_chunked_entropy_matches_float64_reference_and_keeps_the_log_densities(c
     logits64 = hidden.double().transpose(0, 1) @ weight.double().t()
     _, rows = mixed_rows("gumbel", logits64.float().detach(), drift=0.5)
     assert 0 < int(rows.is_soft.sum()) < rows.is_soft.numel()
-    ell, entropy = log_density_and_entropy_from_hidden(hidden, weight, rows, scorer("gumbel"), SHARD, chunk_size=chunk_size)
+    ell, entropy = log_density_and_entropy_from_hidden(
+        hidden, weight, rows, scorer("gumbel"), SHARD, chunk_size=chunk_size
+    )
     expected = reference_entropy(logits64, rows)
     assert entropy.shape == rows.tokens.shape and entropy.dtype == torch.float32
     assert (entropy.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
-    assert torch.equal(ell, log_density_from_hidden(hidden, weight, rows, scorer("gumbel"), SHARD, chunk_size=chunk_size))
+    assert torch.equal(
+        ell,
+        log_density_from_hidden(
+            hidden, weight, rows, scorer("gumbel"), SHARD, chunk_size=chunk_size
+        ),
+    )
     # the gradient of a mix of both outputs against float64 autograd through full logits
     c_ell, c_entropy = torch.randn(2, 2, 12, generator=gen)
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     full = h64.transpose(0, 1) @ w64.t()
     plain = (c_ell * log_density_from_logits(full, rows, scorer("gumbel"), SHARD)).sum()
-    want = torch.autograd.grad(plain + (c_entropy * reference_entropy(full, rows)).sum(), (h64, w64))
+    want = torch.autograd.grad(
+        plain + (c_entropy * reference_entropy(full, rows)).sum(), (h64, w64)
+    )
     got = torch.autograd.grad((c_ell * ell + c_entropy * entropy).sum(), (hidden, weight))
     for g, w in zip(got, want):
         assert (g.double() - w).abs().max() <= 1e-4 * w.abs().max()
-    assert got[1][VOCAB:].abs().max() == 0 and got[1][:VOCAB].abs().sum() > 0  # padding rows: no gradient
+    assert (
+        got[1][VOCAB:].abs().max() == 0 and got[1][:VOCAB].abs().sum() > 0
+    )  # padding rows: no gradient
 
 
 @pytest.mark.parametrize("name", ["gumbel", "embedding_noise"])
 def test_gradcheck_chunked_entropy_from_hidden(name):
     gen = torch.Generator().manual_seed(8)
     hidden = torch.randn(4, 2, HIDDEN, generator=gen, dtype=torch.float64, requires_grad=True)
-    weight = (torch.randn(SMALL.width, HIDDEN, generator=gen, dtype=torch.float64) * 0.5).requires_grad_()
-    _, rows = mixed_rows(name, (hidden.transpose(0, 1) @ weight.t()).float().detach(), drift=0.5, shard=SMALL)
+    weight = (
+        torch.randn(SMALL.width, HIDDEN, generator=gen, dtype=torch.float64) * 0.5
+    ).requires_grad_()
+    _, rows = mixed_rows(
+        name, (hidden.transpose(0, 1) @ weight.t()).float().detach(), drift=0.5, shard=SMALL
+    )
     assert 0 < int(rows.is_soft.sum()) < rows.is_soft.numel()
     emb = InputEmbedding(table(rows=SMALL.width).double(), SMALL)
 
     def fn(h, w):
-        return log_density_and_entropy_from_hidden(h, w, rows, scorer(name), SMALL, chunk_size=3, embedding=emb)
+        return log_density_and_entropy_from_hidden(
+            h, w, rows, scorer(name), SMALL, chunk_size=3, embedding=emb
+        )
 
     assert torch.autograd.gradcheck(fn, (hidden, weight), eps=1e-6, atol=1e-5, fast_mode=True)
 
@@ -287,9 +325,13 @@ def test_entropy_at_tiny_temperature_stays_finite():
     weight = torch.randn(PADDED, HIDDEN, generator=gen).requires_grad_()
     _, rows = mixed_rows("gumbel", (hidden.transpose(0, 1) @ weight.t()).detach())
     sharp = Scorer(NOISES["gumbel"], soft_temperature=1e-4, discrete_temperature=1e-4)
-    _, entropy = log_density_and_entropy_from_hidden(hidden, weight, rows, sharp, SHARD, chunk_size=5)
+    _, entropy = log_density_and_entropy_from_hidden(
+        hidden, weight, rows, sharp, SHARD, chunk_size=5
+    )
     entropy.sum().backward()
-    assert bool(torch.isfinite(entropy).all() and (entropy >= 0).all() and entropy.max() < 1e-3)  # nearly one-hot
+    assert bool(
+        torch.isfinite(entropy).all() and (entropy >= 0).all() and entropy.max() < 1e-3
+    )  # nearly one-hot
     assert bool(torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all())
 
 
@@ -315,22 +357,35 @@ def test_fused_objective_equals_scores_then_autograd(name, with_entropy):
     emb = InputEmbedding(table(), SHARD)
     old = log_density_from_hidden(hidden, weight, rows, scorer(name), SHARD, embedding=emb).detach()
     old = old + 0.1 * torch.randn(old.shape, generator=gen)
-    objective = _objective(old, torch.randn(2, 12, generator=gen), torch.randn(2, 12, generator=gen))
+    objective = _objective(
+        old, torch.randn(2, 12, generator=gen), torch.randn(2, 12, generator=gen)
+    )
     for chunk_size in (5, 1024):
         args = (hidden, weight, rows, scorer(name), SHARD)
         if with_entropy:
-            ell, entropy = log_density_and_entropy_from_hidden(*args, chunk_size=chunk_size, embedding=emb)
+            ell, entropy = log_density_and_entropy_from_hidden(
+                *args, chunk_size=chunk_size, embedding=emb
+            )
         else:
-            ell, entropy = log_density_from_hidden(*args, chunk_size=chunk_size, embedding=emb), None
-        want_value = objective(ell.reshape(-1), None if entropy is None else entropy.reshape(-1), slice(None)).sum()
+            ell, entropy = (
+                log_density_from_hidden(*args, chunk_size=chunk_size, embedding=emb),
+                None,
+            )
+        want_value = objective(
+            ell.reshape(-1), None if entropy is None else entropy.reshape(-1), slice(None)
+        ).sum()
         want = torch.autograd.grad(want_value, (hidden, weight))
-        fused = objective_from_hidden(*args, objective, with_entropy, chunk_size=chunk_size, embedding=emb)
+        fused = objective_from_hidden(
+            *args, objective, with_entropy, chunk_size=chunk_size, embedding=emb
+        )
         got = torch.autograd.grad(fused.value, (hidden, weight))
         assert torch.equal(fused.ell, ell.detach())  # the same log-densities, bitwise
         assert (fused.entropy is None) == (not with_entropy)
         if with_entropy:
             assert torch.equal(fused.entropy, entropy.detach())
-        assert abs(float(fused.value.detach() - want_value.detach())) <= 1e-5 * max(1.0, abs(float(want_value.detach())))
+        assert abs(float(fused.value.detach() - want_value.detach())) <= 1e-5 * max(
+            1.0, abs(float(want_value.detach()))
+        )
         for g, w in zip(got, want):
             assert (g - w).abs().max() <= 1e-5 * max(1.0, float(w.abs().max()))
         assert got[1][VOCAB:].abs().max() == 0 and got[1][:VOCAB].abs().sum() > 0
@@ -339,17 +394,25 @@ def test_fused_objective_equals_scores_then_autograd(name, with_entropy):
 def test_fused_objective_gradient_scales_with_the_output_gradient_and_passes_gradcheck():
     gen = torch.Generator().manual_seed(11)
     hidden = torch.randn(4, 2, HIDDEN, generator=gen, dtype=torch.float64, requires_grad=True)
-    weight = (torch.randn(SMALL.width, HIDDEN, generator=gen, dtype=torch.float64) * 0.5).requires_grad_()
-    _, rows = mixed_rows("gumbel", (hidden.transpose(0, 1) @ weight.t()).float().detach(), drift=0.5, shard=SMALL)
+    weight = (
+        torch.randn(SMALL.width, HIDDEN, generator=gen, dtype=torch.float64) * 0.5
+    ).requires_grad_()
+    _, rows = mixed_rows(
+        "gumbel", (hidden.transpose(0, 1) @ weight.t()).float().detach(), drift=0.5, shard=SMALL
+    )
     assert 0 < int(rows.is_soft.sum()) < rows.is_soft.numel()
     old = torch.randn(2, 4, generator=gen, dtype=torch.float64) - 2.0
     objective = _objective(old, *torch.randn(2, 2, 4, generator=gen, dtype=torch.float64))
 
     def fn(h, w):
-        return objective_from_hidden(h, w, rows, scorer("gumbel"), SMALL, objective, True, chunk_size=3).value
+        return objective_from_hidden(
+            h, w, rows, scorer("gumbel"), SMALL, objective, True, chunk_size=3
+        ).value
 
     assert torch.autograd.gradcheck(fn, (hidden, weight), eps=1e-6, atol=1e-5, fast_mode=True)
     once = torch.autograd.grad(fn(hidden, weight), (hidden, weight))
-    scaled = torch.autograd.grad(-2.5 * fn(hidden, weight), (hidden, weight))  # a loss scale, a division by micro-batches
+    scaled = torch.autograd.grad(
+        -2.5 * fn(hidden, weight), (hidden, weight)
+    )  # a loss scale, a division by micro-batches
     for a, b in zip(once, scaled):
         assert torch.allclose(-2.5 * a, b, rtol=1e-12, atol=0)

@@ -15,7 +15,12 @@ from megatron_softgrpo.models.source import resolve_model_source
 from model_patches.mixture_embedding import mixture_embedding
 
 B, S, K = 2, 12, 4
-TOKENS = torch.tensor([[5, 17, 999, 3, 42, 7, 7, 100, 256, 1, 0, 998], [900, 2, 33, 4, 8, 16, 32, 64, 128, 512, 11, 12]])
+TOKENS = torch.tensor(
+    [
+        [5, 17, 999, 3, 42, 7, 7, 100, 256, 1, 0, 998],
+        [900, 2, 33, 4, 8, 16, 32, 64, 128, 512, 11, 12],
+    ]
+)
 
 
 def mixtures(seed=0):
@@ -35,7 +40,9 @@ def one_hot(tokens):
 
 def build(model_dir, tp):
     init_distributed(ParallelLayout(tp, 1))
-    model, _ = load_model(resolve_model_source(str(model_dir)), MegatronCfg(tensor_model_parallel_size=tp))
+    model, _ = load_model(
+        resolve_model_source(str(model_dir)), MegatronCfg(tensor_model_parallel_size=tp)
+    )
     return model.eval()
 
 
@@ -73,7 +80,9 @@ def test_mixture_is_the_weighted_sum_of_rows_and_detached(model_dir):
     assert (x.double() - expected).abs().max() <= 1e-6
     assert not x.requires_grad and words.weight.requires_grad
     offset = torch.randn(B, S, 64)
-    assert torch.allclose(mixture_embedding(words, ids, weights, offset=offset), x + offset.transpose(0, 1), atol=1e-6)
+    assert torch.allclose(
+        mixture_embedding(words, ids, weights, offset=offset), x + offset.transpose(0, 1), atol=1e-6
+    )
 
 
 def _rank(rank, model_dir):

@@ -97,7 +97,9 @@ def test_top_p_alone_grows_the_candidates_to_a_large_nucleus():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_top_candidates_break_ties_by_lower_id(dtype):
     gen = torch.Generator().manual_seed(8)
-    logits = torch.randint(0, 6, (32, PADDED), generator=gen).to(dtype)  # hundreds of ties per value
+    logits = torch.randint(0, 6, (32, PADDED), generator=gen).to(
+        dtype
+    )  # hundreds of ties per value
     logits[:, VOCAB:] = 10  # padding above everything
     for count in (1, 5, 30, 300):
         ids, values = top_logits(logits, SHARD, count)
@@ -138,11 +140,15 @@ def test_gaussian_step_matches_reference():
     ids, pt, support = ref.soft_slots(logits[:, :VOCAB], 5, **trunc)
     x = torch.where(support, pt + 0.05 * normal, 0.0)
     k_logits = logits.double().gather(-1, ids)
-    w, support, ids, x, k_logits = ref.sort_slots(x / x.sum(-1, keepdim=True), support, ids, x, k_logits)
+    w, support, ids, x, k_logits = ref.sort_slots(
+        x / x.sum(-1, keepdim=True), support, ids, x, k_logits
+    )
     assert torch.equal(step.mix_ids, ids) and torch.equal(step.support, support)
     assert (step.noise - x).abs().max() <= TOL
     assert (step.mix_weights - w).abs().max() <= TOL
-    assert (step.log_density - ref.gaussian_density(k_logits, support, x, 1.0, 0.05)).abs().max() <= TOL
+    assert (
+        step.log_density - ref.gaussian_density(k_logits, support, x, 1.0, 0.05)
+    ).abs().max() <= TOL
 
 
 def test_dirichlet_step_matches_reference():
@@ -154,19 +160,25 @@ def test_dirichlet_step_matches_reference():
     x = draw(7, lambda: torch._standard_gamma(torch.where(support, pt, 1.0).float())).double()
     x = torch.where(support, x, 0.0)
     k_logits = logits.double().gather(-1, ids)
-    w, support, ids, x, k_logits = ref.sort_slots(x / x.sum(-1, keepdim=True), support, ids, x, k_logits)
+    w, support, ids, x, k_logits = ref.sort_slots(
+        x / x.sum(-1, keepdim=True), support, ids, x, k_logits
+    )
     assert torch.equal(step.mix_ids, ids) and torch.equal(step.support, support)
     assert torch.allclose(step.noise.double(), x, rtol=1e-4, atol=1e-6)
     # weights and density follow from the stored x exactly
     stored = step.noise.double()
     assert (step.mix_weights - stored / stored.sum(-1, keepdim=True)).abs().max() <= TOL
-    assert (step.log_density - ref.dirichlet_density(k_logits, support, stored, 1.0)).abs().max() <= TOL
+    assert (
+        step.log_density - ref.dirichlet_density(k_logits, support, stored, 1.0)
+    ).abs().max() <= TOL
 
 
 def test_embedding_noise_step_matches_reference():
     logits = random_logits(scale=1.0)
     trunc = dict(temperature=0.9, top_k=8, top_p=0.9)
-    step = sample(SoftSampler(Truncation(**trunc), 5, EmbeddingNoise(sigma=0.02, hidden_size=32)), logits)
+    step = sample(
+        SoftSampler(Truncation(**trunc), 5, EmbeddingNoise(sigma=0.02, hidden_size=32)), logits
+    )
     seeds = draw(7, lambda: torch.randint(0, 2**62, (16,), dtype=torch.int64))
     ids, pt, support = ref.soft_slots(logits[:, :VOCAB], 5, **trunc)
     assert torch.equal(step.noise_seed, seeds) and torch.equal(step.mix_ids, ids)
@@ -178,31 +190,49 @@ def test_embedding_noise_step_matches_reference():
 def test_seeded_gaussians_match_the_reference_generator_and_are_standard_normal():
     seeds = torch.tensor([0, 1, 2**40 + 17, 2**62 - 1, 123456789])
     ours = gaussian_from_seeds(seeds, 48).double()
-    expected = torch.tensor([ref.gaussian_from_seed(int(s), 48) for s in seeds], dtype=torch.float64)
+    expected = torch.tensor(
+        [ref.gaussian_from_seed(int(s), 48) for s in seeds], dtype=torch.float64
+    )
     assert (ours - expected).abs().max() <= TOL
     many = gaussian_from_seeds(torch.arange(4000) * 7919, 256).double()
     n = many.numel()
     assert abs(many.mean()) <= 5 / math.sqrt(n)
     assert abs(many.var() - 1) <= 5 * math.sqrt(2 / n)
-    assert abs(torch.corrcoef(many[:, :2].t())[0, 1]) <= 5 / math.sqrt(4000)  # dimensions independent
-    assert abs(torch.corrcoef(torch.stack([many[:-1, 0], many[1:, 0]]))[0, 1]) <= 5 / math.sqrt(4000)  # rows too
+    assert abs(torch.corrcoef(many[:, :2].t())[0, 1]) <= 5 / math.sqrt(
+        4000
+    )  # dimensions independent
+    assert abs(torch.corrcoef(torch.stack([many[:-1, 0], many[1:, 0]]))[0, 1]) <= 5 / math.sqrt(
+        4000
+    )  # rows too
 
 
-@pytest.mark.parametrize("trunc", [dict(top_k=5, top_p=0.95), dict(top_p=0.7, min_p=0.05), dict(temperature=1.2)])
+@pytest.mark.parametrize(
+    "trunc", [dict(top_k=5, top_p=0.95), dict(top_p=0.7, min_p=0.05), dict(temperature=1.2)]
+)
 def test_discrete_step_matches_reference(trunc):
     logits = random_logits(scale=2.0)
     step = sample(DiscreteSampler(Truncation(**trunc), 5), logits)
     u = draw(7, lambda: torch.rand(16)).double()
     probs = ref.truncated_probs(logits[:, :VOCAB], **trunc)
     # the draw is the inverse CDF at u: over tokens by logit when truncated, in id order otherwise
-    order = ref.by_logit(logits[:, :VOCAB]) if Truncation(**trunc).truncates else torch.arange(VOCAB).expand(16, -1)
+    order = (
+        ref.by_logit(logits[:, :VOCAB])
+        if Truncation(**trunc).truncates
+        else torch.arange(VOCAB).expand(16, -1)
+    )
     cdf = probs.gather(-1, order).cumsum(-1)
-    expected = order.gather(-1, torch.searchsorted(cdf, u[:, None], right=True).clamp(max=VOCAB - 1)).squeeze(-1)
+    expected = order.gather(
+        -1, torch.searchsorted(cdf, u[:, None], right=True).clamp(max=VOCAB - 1)
+    ).squeeze(-1)
     assert torch.equal(step.tokens, expected)
     temperature = trunc.get("temperature", 1.0)
-    assert (step.log_density - ref.discrete_log_prob(logits, expected, temperature, VOCAB)).abs().max() <= TOL
+    assert (
+        step.log_density - ref.discrete_log_prob(logits, expected, temperature, VOCAB)
+    ).abs().max() <= TOL
     assert torch.equal(step.mix_ids[:, 0], expected) and not bool(step.mix_ids[:, 1:].any())
-    assert torch.equal(step.mix_weights, torch.nn.functional.one_hot(torch.zeros(16, dtype=torch.long), 5).float())
+    assert torch.equal(
+        step.mix_weights, torch.nn.functional.one_hot(torch.zeros(16, dtype=torch.long), 5).float()
+    )
     assert torch.equal(step.support, step.mix_weights.bool()) and not bool(step.is_soft.any())
 
 
@@ -228,29 +258,48 @@ def test_gumbel_transcript_token_follows_the_clamped_process():
 
     gen = torch.Generator().manual_seed(5)
     sims = 4_000_000
-    eps = (-torch.empty(sims, 5, dtype=torch.float64).exponential_(generator=gen).log()).clamp(-1.5, 3)
+    eps = (-torch.empty(sims, 5, dtype=torch.float64).exponential_(generator=gen).log()).clamp(
+        -1.5, 3
+    )
     simulated = torch.bincount((torch.log(pt + 1e-6) + eps).argmax(-1), minlength=5).double() / sims
-    bound = 5 * torch.sqrt(simulated * (1 - simulated) / 40_000) + 5 * torch.sqrt(simulated * (1 - simulated) / sims)
+    bound = 5 * torch.sqrt(simulated * (1 - simulated) / 40_000) + 5 * torch.sqrt(
+        simulated * (1 - simulated) / sims
+    )
     assert torch.all((freq - simulated).abs() <= bound), (freq, simulated)
-    assert torch.any((simulated - pt).abs() > bound)  # the clamp bias is visible at this sample size
+    assert torch.any(
+        (simulated - pt).abs() > bound
+    )  # the clamp bias is visible at this sample size
 
 
-@pytest.mark.parametrize("trunc", [dict(), dict(top_k=4, top_p=0.9), dict(top_p=0.75, min_p=0.05), dict(temperature=0.5)])
+@pytest.mark.parametrize(
+    "trunc", [dict(), dict(top_k=4, top_p=0.9), dict(top_p=0.75, min_p=0.05), dict(temperature=0.5)]
+)
 def test_discrete_frequencies_match_truncated_probabilities(trunc):
     gen = torch.Generator().manual_seed(2)
     row = torch.randn(50, generator=gen) * 1.5
-    logits = torch.cat([row, torch.full((14,), 9.0)]).expand(40_000, -1).contiguous()  # 14 padding columns
-    step = sample(DiscreteSampler(Truncation(**trunc), 2), logits, seed=13, shard=VocabShard.whole(64, 50))
+    logits = (
+        torch.cat([row, torch.full((14,), 9.0)]).expand(40_000, -1).contiguous()
+    )  # 14 padding columns
+    step = sample(
+        DiscreteSampler(Truncation(**trunc), 2), logits, seed=13, shard=VocabShard.whole(64, 50)
+    )
     probs = ref.truncated_probs(row[None], **trunc)[0]
     freq = torch.bincount(step.tokens, minlength=64).double() / 40_000
     assert not bool(freq[50:].any())
-    assert torch.all((freq[:50] - probs).abs() <= 5 * torch.sqrt(probs * (1 - probs) / 40_000) + 1e-12)
+    assert torch.all(
+        (freq[:50] - probs).abs() <= 5 * torch.sqrt(probs * (1 - probs) / 40_000) + 1e-12
+    )
 
 
 # ------------------------------------------------------------------ edge cases
 
 
-SOFT_KINDS = [("gumbel", dict(tau=0.1)), ("gaussian", {}), ("dirichlet", {}), ("embedding_noise", dict(hidden_size=8))]
+SOFT_KINDS = [
+    ("gumbel", dict(tau=0.1)),
+    ("gaussian", {}),
+    ("dirichlet", {}),
+    ("embedding_noise", dict(hidden_size=8)),
+]
 
 
 @pytest.mark.parametrize("name,params", SOFT_KINDS)
@@ -288,7 +337,9 @@ def test_tiny_gumbel_temperature_gives_one_hot_weights():
     logits = random_logits()
     step = sample(SoftSampler(Truncation(top_k=5, top_p=0.95), 5, GumbelNoise(tau=1e-6)), logits)
     assert bool(torch.isfinite(step.mix_weights).all())
-    assert torch.equal(step.mix_weights, torch.nn.functional.one_hot(torch.zeros(16, dtype=torch.long), 5).float())
+    assert torch.equal(
+        step.mix_weights, torch.nn.functional.one_hot(torch.zeros(16, dtype=torch.long), 5).float()
+    )
     eps = draw(7, lambda: -torch.empty(16, 5).exponential_().log()).double().clamp(-1.5, 3)
     ids, pt, support = ref.soft_slots(logits[:, :VOCAB], 5, top_k=5, top_p=0.95)
     g = torch.log(pt + 1e-6) + eps
@@ -299,11 +350,15 @@ def test_tiny_gumbel_temperature_gives_one_hot_weights():
 def test_tiny_sampling_temperature_concentrates_on_the_argmax():
     logits = random_logits()
     argmax = logits[:, :VOCAB].argmax(-1)
-    soft = sample(SoftSampler(Truncation(temperature=1e-4, top_k=5, top_p=0.95), 5, GumbelNoise()), logits)
+    soft = sample(
+        SoftSampler(Truncation(temperature=1e-4, top_k=5, top_p=0.95), 5, GumbelNoise()), logits
+    )
     discrete = sample(DiscreteSampler(Truncation(temperature=1e-4), 5), logits)
     assert torch.equal(soft.tokens, argmax) and torch.equal(discrete.tokens, argmax)
     assert bool(soft.support[:, 1:].logical_not().all())
-    assert bool(torch.isfinite(soft.log_density).all() and torch.isfinite(discrete.log_density).all())
+    assert bool(
+        torch.isfinite(soft.log_density).all() and torch.isfinite(discrete.log_density).all()
+    )
 
 
 @pytest.mark.parametrize("name", ["discrete", "gumbel", "gaussian", "dirichlet", "embedding_noise"])
@@ -312,7 +367,15 @@ def test_bf16_logits_sample_like_their_fp32_values(name):
     sampler = make_sampler(name, Truncation(top_k=5, top_p=0.95), 5, **params)
     logits = random_logits().bfloat16()
     a, b = sample(sampler, logits), sample(sampler, logits.float())
-    for field in ("tokens", "mix_ids", "mix_weights", "noise", "support", "log_density", "noise_seed"):
+    for field in (
+        "tokens",
+        "mix_ids",
+        "mix_weights",
+        "noise",
+        "support",
+        "log_density",
+        "noise_seed",
+    ):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
 
 
@@ -323,7 +386,11 @@ def test_registry_and_bad_input():
     with pytest.raises(ValueError, match="top_p"):
         Truncation(top_p=0.0)
     with pytest.raises(ValueError, match="top 30 tokens of a 20-token"):
-        sample(SoftSampler(Truncation(), 30, GumbelNoise()), torch.zeros(2, 32), shard=VocabShard.whole(32, 20))
+        sample(
+            SoftSampler(Truncation(), 30, GumbelNoise()),
+            torch.zeros(2, 32),
+            shard=VocabShard.whole(32, 20),
+        )
     with pytest.raises(RuntimeError, match="seed_noise_rng"):
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
@@ -339,11 +406,16 @@ def test_recipe_sections_map_to_samplers_and_scorer():
     thinking = recipe.thinking_sampler(cfg)
     assert thinking.noise == GumbelNoise(tau=0.1, scale=1.0) and thinking.mixture_size == 5
     assert thinking.truncation == Truncation(temperature=1.0, top_k=5, top_p=0.95, min_p=0.0)
-    assert recipe.answer_sampler(cfg, generation).truncation == Truncation(temperature=0.7, top_p=0.9)
+    assert recipe.answer_sampler(cfg, generation).truncation == Truncation(
+        temperature=0.7, top_p=0.9
+    )
     scorer = recipe.scorer(cfg, generation)
     assert (scorer.soft_temperature, scorer.discrete_temperature) == (1.0, 0.7)
     assert recipe.thinking_sampler(SoftGRPOCfg(algorithm="grpo")) is None
     assert recipe.thinking_sampler(SoftGRPOCfg(algorithm="dirichlet")).noise == DirichletNoise()
-    assert recipe.thinking_sampler(SoftGRPOCfg(algorithm="embedding_noise"), 64).noise.hidden_size == 64
+    assert (
+        recipe.thinking_sampler(SoftGRPOCfg(algorithm="embedding_noise"), 64).noise.hidden_size
+        == 64
+    )
     with pytest.raises(UserError, match="hidden size"):
         recipe.thinking_sampler(SoftGRPOCfg(algorithm="embedding_noise"))

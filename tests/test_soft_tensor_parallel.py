@@ -37,7 +37,9 @@ NOISES = {
     "embedding_noise": EmbeddingNoise(sigma=0.1, hidden_size=HIDDEN),
 }
 SAMPLERS = {
-    "discrete": DiscreteSampler(Truncation(temperature=0.9), 5),  # the whole vocabulary: sharded inverse CDF
+    "discrete": DiscreteSampler(
+        Truncation(temperature=0.9), 5
+    ),  # the whole vocabulary: sharded inverse CDF
     "discrete_top_p": DiscreteSampler(Truncation(top_p=0.9), 5),  # adaptive candidates
     "discrete_top_k": DiscreteSampler(Truncation(top_k=20, top_p=0.95, min_p=0.01), 5),
     "greedy": DiscreteSampler(Truncation.greedy(), 5),
@@ -70,9 +72,9 @@ def make_inputs():
         soft = SAMPLERS[name].sample(drifted, VocabShard.whole(PADDED, VOCAB))
         discrete = SAMPLERS["discrete"].sample(drifted, VocabShard.whole(PADDED, VOCAB))
         mixed = soft.where(torch.arange(ROWS) % 3 != 0, discrete)
-        rows[name] = MixtureRows(**{k: v for k, v in asdict(mixed).items() if k != "log_density"}).map(
-            lambda t: t.reshape(4, 6, *t.shape[1:])
-        )
+        rows[name] = MixtureRows(
+            **{k: v for k, v in asdict(mixed).items() if k != "log_density"}
+        ).map(lambda t: t.reshape(4, 6, *t.shape[1:]))
     return logits, hidden, weight, table, coef, rows
 
 
@@ -89,20 +91,36 @@ def compute(shard: VocabShard, logits, hidden, weight, table, coef, rows):
         ell = log_density_from_logits(local, rows[name], scorer(name), shard, emb)
         (coef * ell).sum().backward()
         h, w = hidden.clone().requires_grad_(), weight[cols].clone().requires_grad_()
-        chunked = log_density_from_hidden(h, w, rows[name], scorer(name), shard, chunk_size=7, embedding=emb)
+        chunked = log_density_from_hidden(
+            h, w, rows[name], scorer(name), shard, chunk_size=7, embedding=emb
+        )
         (coef * chunked).sum().backward()
         # under sequence parallelism each rank holds its slice of the positions
         part = hidden.shape[0] // shard.world_size
         h_sp = hidden[shard.rank * part : (shard.rank + 1) * part].clone().requires_grad_()
         sp = log_density_from_hidden(
-            h_sp, weight[cols], rows[name], scorer(name), shard, chunk_size=7, embedding=emb, sequence_parallel=True
+            h_sp,
+            weight[cols],
+            rows[name],
+            scorer(name),
+            shard,
+            chunk_size=7,
+            embedding=emb,
+            sequence_parallel=True,
         )
         (coef * sp).sum().backward()
         out[f"density/{name}"] = dict(
-            ell=ell.detach(), grad_logits=local.grad, chunked=chunked.detach(), grad_hidden=h.grad, grad_weight=w.grad,
-            sequence_parallel=sp.detach(), grad_hidden_sp=h_sp.grad,
+            ell=ell.detach(),
+            grad_logits=local.grad,
+            chunked=chunked.detach(),
+            grad_hidden=h.grad,
+            grad_weight=w.grad,
+            sequence_parallel=sp.detach(),
+            grad_hidden_sp=h_sp.grad,
         )
-    out["entropy/gumbel"] = _entropy(shard, hidden, weight[cols], coef, rows["gumbel"], InputEmbedding(table[cols], shard))
+    out["entropy/gumbel"] = _entropy(
+        shard, hidden, weight[cols], coef, rows["gumbel"], InputEmbedding(table[cols], shard)
+    )
     return out
 
 
@@ -111,24 +129,43 @@ def _entropy(shard: VocabShard, hidden, weight, coef, rows, emb):
     gradients of a mix of both."""
     out = {}
     part = hidden.shape[0] // shard.world_size
-    for label, h, sp in (("", hidden, False), ("_sp", hidden[shard.rank * part : (shard.rank + 1) * part], True)):
+    for label, h, sp in (
+        ("", hidden, False),
+        ("_sp", hidden[shard.rank * part : (shard.rank + 1) * part], True),
+    ):
         h, w = h.clone().requires_grad_(), weight.clone().requires_grad_()
         ell, entropy = log_density_and_entropy_from_hidden(
             h, w, rows, scorer("gumbel"), shard, chunk_size=7, embedding=emb, sequence_parallel=sp
         )
         (coef * ell + coef.flip(-1) * entropy).sum().backward()
-        out |= {f"ell{label}": ell.detach(), f"entropy{label}": entropy.detach(), f"grad_hidden{label}": h.grad,
-                f"grad_weight{label}": w.grad}
+        out |= {
+            f"ell{label}": ell.detach(),
+            f"entropy{label}": entropy.detach(),
+            f"grad_hidden{label}": h.grad,
+            f"grad_weight{label}": w.grad,
+        }
         # the same (linear) objective, fused: its gradient taken in the forward
         flat_ell, flat_entropy = coef.reshape(-1), coef.flip(-1).reshape(-1)
         h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
         fused = objective_from_hidden(
-            h, w, rows, scorer("gumbel"), shard, lambda e, H, at: flat_ell[at] * e + flat_entropy[at] * H, True,
-            chunk_size=7, embedding=emb, sequence_parallel=sp,
+            h,
+            w,
+            rows,
+            scorer("gumbel"),
+            shard,
+            lambda e, H, at: flat_ell[at] * e + flat_entropy[at] * H,
+            True,
+            chunk_size=7,
+            embedding=emb,
+            sequence_parallel=sp,
         )
         fused.value.backward()
-        out |= {f"fused_value{label}": fused.value.detach(), f"fused_ell{label}": fused.ell,
-                f"grad_hidden_fused{label}": h.grad, f"grad_weight_fused{label}": w.grad}
+        out |= {
+            f"fused_value{label}": fused.value.detach(),
+            f"fused_ell{label}": fused.ell,
+            f"grad_hidden_fused{label}": h.grad,
+            f"grad_weight_fused{label}": w.grad,
+        }
     return out
 
 
@@ -139,8 +176,13 @@ def _rank(rank, inputs):
 
 # per-rank slices: vocabulary or sequence
 SHARDED = {
-    "grad_logits": -1, "grad_weight": 0, "grad_weight_sp": 0, "grad_hidden_sp": 0,
-    "grad_weight_fused": 0, "grad_weight_fused_sp": 0, "grad_hidden_fused_sp": 0,
+    "grad_logits": -1,
+    "grad_weight": 0,
+    "grad_weight_sp": 0,
+    "grad_hidden_sp": 0,
+    "grad_weight_fused": 0,
+    "grad_weight_fused_sp": 0,
+    "grad_hidden_fused_sp": 0,
 }
 
 
@@ -154,7 +196,10 @@ def test_tensor_parallel_2_equals_1():
             if field in SHARDED:
                 got = torch.cat([r[key][field] for r in ranks], dim=SHARDED[field])
             else:
-                assert all(torch.equal(ranks[0][key][field], r[key][field]) for r in ranks), (key, field)
+                assert all(torch.equal(ranks[0][key][field], r[key][field]) for r in ranks), (
+                    key,
+                    field,
+                )
                 got = ranks[0][key][field]
             if value.dtype in (torch.int64, torch.bool):
                 assert torch.equal(got, value), (key, field)
@@ -162,11 +207,19 @@ def test_tensor_parallel_2_equals_1():
                 scale = value.abs().max().clamp(min=1)
                 assert (got - value).abs().max() <= 1e-5 * scale, (key, field)
     gumbel = single["sample/gumbel"]
-    assert sorted(gumbel["mix_ids"][0, :2].tolist()) == [100, 600] and gumbel["mix_ids"][0, 2:].tolist() == [0, 1, 2]
-    assert all(r["density/gumbel"]["grad_weight"].abs().sum() > 0 for r in ranks)  # both shards get gradient
+    assert sorted(gumbel["mix_ids"][0, :2].tolist()) == [100, 600] and gumbel["mix_ids"][
+        0, 2:
+    ].tolist() == [0, 1, 2]
+    assert all(
+        r["density/gumbel"]["grad_weight"].abs().sum() > 0 for r in ranks
+    )  # both shards get gradient
     entropy = single["entropy/gumbel"]
-    assert torch.equal(entropy["ell"], single["density/gumbel"]["chunked"])  # the log-densities are unchanged
-    assert bool((entropy["entropy"] > 0).all()) and all(r["entropy/gumbel"]["grad_weight"].abs().sum() > 0 for r in ranks)
+    assert torch.equal(
+        entropy["ell"], single["density/gumbel"]["chunked"]
+    )  # the log-densities are unchanged
+    assert bool((entropy["entropy"] > 0).all()) and all(
+        r["entropy/gumbel"]["grad_weight"].abs().sum() > 0 for r in ranks
+    )
     for label in ("", "_sp"):  # fused == scores then autograd, at TP=1 (TP=2 equals TP=1 above)
         assert torch.equal(entropy[f"fused_ell{label}"], entropy[f"ell{label}"])
         for grad in ("grad_hidden", "grad_weight"):

@@ -37,17 +37,32 @@ def write_recipe(tmp_path: Path, model: Path, tokenizer: Path, **sections) -> Pa
     body = {
         "defaults": str(ROOT / "recipes" / "base.yaml"),
         "policy": {
-            "model_name": str(model), "tokenizer": {"name": str(tokenizer)}, "precision": "float32",
-            "train_global_batch_size": 4, "train_micro_batch_size": 2, "logprob_batch_size": 2,
-            "max_total_sequence_length": 256, "generation": {"max_new_tokens": 8},
+            "model_name": str(model),
+            "tokenizer": {"name": str(tokenizer)},
+            "precision": "float32",
+            "train_global_batch_size": 4,
+            "train_micro_batch_size": 2,
+            "logprob_batch_size": 2,
+            "max_total_sequence_length": 256,
+            "generation": {"max_new_tokens": 8},
             "megatron_cfg": {"optimizer": {"lr": 1e-4}},
         },
-        "grpo": {"num_prompts_per_step": 2, "num_generations_per_prompt": 4, "max_num_steps": 4, "seed": 3},
+        "grpo": {
+            "num_prompts_per_step": 2,
+            "num_generations_per_prompt": 4,
+            "max_num_steps": 4,
+            "seed": 3,
+        },
         "loss_fn": {"reference_policy_kl_penalty": 0.01},
         "data": {
             "max_input_seq_length": 128,
-            "train": {"kind": "reasoning_gym", "task": "basic_arithmetic", "size": 40, "seed": 1,
-                      "task_config": {"min_terms": 2, "max_terms": 2, "max_digits": 1}},
+            "train": {
+                "kind": "reasoning_gym",
+                "task": "basic_arithmetic",
+                "size": 40,
+                "seed": 1,
+                "task_config": {"min_terms": 2, "max_terms": 2, "max_digits": 1},
+            },
         },
         "env": {"reward": "reasoning_gym", "num_workers": 1},
         "softgrpo": {"thinking": {"max_thinking_tokens": 4}},
@@ -64,8 +79,15 @@ def write_recipe(tmp_path: Path, model: Path, tokenizer: Path, **sections) -> Pa
 
 
 # a small held-out set, disjoint from the training problems (another generator seed)
-VALIDATION = {"validation": {"kind": "reasoning_gym", "task": "basic_arithmetic", "size": 3, "seed": 2,
-                             "task_config": {"min_terms": 2, "max_terms": 2, "max_digits": 1}}}
+VALIDATION = {
+    "validation": {
+        "kind": "reasoning_gym",
+        "task": "basic_arithmetic",
+        "size": 3,
+        "seed": 2,
+        "task_config": {"min_terms": 2, "max_terms": 2, "max_digits": 1},
+    }
+}
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -81,17 +103,28 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from megatron_softgrpo.train.checkpointing import latest_checkpoint
 
     init_distributed(ParallelLayout(1, 1))
-    model, _ = load_model(resolve_model_source(str(latest_checkpoint(run_dir / "ckpt"))), MegatronCfg())
+    model, _ = load_model(
+        resolve_model_source(str(latest_checkpoint(run_dir / "ckpt"))), MegatronCfg()
+    )
     weights = {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
     destroy_distributed()
     return weights
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["softgrpo", "grpo", "gaussian", "dirichlet", "embedding_noise"])
-def test_every_algorithm_trains_and_logs_the_documented_keys(algorithm, tmp_path, tiny_model, smollm2_hf_dir):
+@pytest.mark.parametrize(
+    "algorithm", ["softgrpo", "grpo", "gaussian", "dirichlet", "embedding_noise"]
+)
+def test_every_algorithm_trains_and_logs_the_documented_keys(
+    algorithm, tmp_path, tiny_model, smollm2_hf_dir
+):
     recipe = write_recipe(tmp_path, tiny_model, smollm2_hf_dir, grpo={"max_num_steps": 2})
-    assert main(["train", str(recipe), f"softgrpo.algorithm={algorithm}", "loss_fn.entropy_coef=0.001"]) == 0
+    assert (
+        main(
+            ["train", str(recipe), f"softgrpo.algorithm={algorithm}", "loss_fn.entropy_coef=0.001"]
+        )
+        == 0
+    )
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
@@ -106,10 +139,14 @@ def test_every_algorithm_trains_and_logs_the_documented_keys(algorithm, tmp_path
 
 
 @pytest.mark.slow
-def test_grpo_and_softgrpo_share_data_and_differ_in_the_thinking_phase(tmp_path, tiny_model, smollm2_hf_dir):
+def test_grpo_and_softgrpo_share_data_and_differ_in_the_thinking_phase(
+    tmp_path, tiny_model, smollm2_hf_dir
+):
     runs = {}
     for algorithm in ("softgrpo", "grpo"):
-        recipe = write_recipe(tmp_path / algorithm, tiny_model, smollm2_hf_dir, grpo={"max_num_steps": 1})
+        recipe = write_recipe(
+            tmp_path / algorithm, tiny_model, smollm2_hf_dir, grpo={"max_num_steps": 1}
+        )
         assert main(["train", str(recipe), f"softgrpo.algorithm={algorithm}"]) == 0
         runs[algorithm] = metrics(tmp_path / algorithm / "run")[0]
     soft, grpo = runs["softgrpo"], runs["grpo"]
@@ -121,8 +158,12 @@ def test_grpo_and_softgrpo_share_data_and_differ_in_the_thinking_phase(tmp_path,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("validation", [False, True], ids=["plain", "with-validation"])
-def test_exact_resume_gives_the_same_metrics_and_weights(validation, tmp_path, tiny_model, smollm2_hf_dir):
-    sections = {"data": VALIDATION, "grpo": {"val_at_start": True, "val_period": 2}} if validation else {}
+def test_exact_resume_gives_the_same_metrics_and_weights(
+    validation, tmp_path, tiny_model, smollm2_hf_dir
+):
+    sections = (
+        {"data": VALIDATION, "grpo": {"val_at_start": True, "val_period": 2}} if validation else {}
+    )
     straight = write_recipe(tmp_path / "straight", tiny_model, smollm2_hf_dir, **sections)
     assert main(["train", str(straight)]) == 0
     resumed = write_recipe(tmp_path / "resumed", tiny_model, smollm2_hf_dir, **sections)
@@ -132,31 +173,52 @@ def test_exact_resume_gives_the_same_metrics_and_weights(validation, tmp_path, t
     # exactly one line per step, in both
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
-        assert {k: v for k, v in x.items() if k not in TIMING_KEYS} == {k: v for k, v in y.items() if k not in TIMING_KEYS}
-    wa, wb = final_weights(tmp_path / "straight" / "run"), final_weights(tmp_path / "resumed" / "run")
+        assert {k: v for k, v in x.items() if k not in TIMING_KEYS} == {
+            k: v for k, v in y.items() if k not in TIMING_KEYS
+        }
+    wa, wb = (
+        final_weights(tmp_path / "straight" / "run"),
+        final_weights(tmp_path / "resumed" / "run"),
+    )
     assert wa.keys() == wb.keys()
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
     assert a[-1]["reward/mean"] == b[-1]["reward/mean"]
     if validation:
-        assert "val_at_start/accuracy" in a[0] and "val/accuracy" in a[1] and "val/accuracy" not in a[2]
-        summaries = [json.loads((tmp_path / run / "run" / "final_validation.json").read_text()) for run in ("straight", "resumed")]
+        assert (
+            "val_at_start/accuracy" in a[0]
+            and "val/accuracy" in a[1]
+            and "val/accuracy" not in a[2]
+        )
+        summaries = [
+            json.loads((tmp_path / run / "run" / "final_validation.json").read_text())
+            for run in ("straight", "resumed")
+        ]
         # the resumed run takes the before-training accuracy from step 1's line
         assert summaries[0] == summaries[1]
         assert summaries[0]["step"] == 4 and summaries[0]["num_problems"] == 3
         assert summaries[0]["at_start"]["accuracy"] == a[0]["val_at_start/accuracy"]
-        assert summaries[0]["final"]["accuracy"] == a[3]["val/accuracy"]  # the last step's validation
+        assert (
+            summaries[0]["final"]["accuracy"] == a[3]["val/accuracy"]
+        )  # the last step's validation
 
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_exits_for_requeue_and_resumes(tmp_path, tiny_model, smollm2_hf_dir):
-    recipe = write_recipe(tmp_path, tiny_model, smollm2_hf_dir, grpo={"max_num_steps": 50},
-                          checkpointing={"save_period": 100})
+    recipe = write_recipe(
+        tmp_path,
+        tiny_model,
+        smollm2_hf_dir,
+        grpo={"max_num_steps": 50},
+        checkpointing={"save_period": 100},
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     cmd = [sys.executable, "-m", "megatron_softgrpo", "train", str(recipe)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     lines = []
     for line in proc.stdout:  # wait for the first completed step, then preempt
         lines.append(line)
@@ -170,13 +232,21 @@ def test_sigterm_checkpoints_exits_for_requeue_and_resumes(tmp_path, tiny_model,
     step = int(saved.split("_")[1])
     assert step >= 1 and (ckpt / saved / "softgrpo_checkpoint.json").is_file()
     # the requeued job resumes from it and finishes
-    done = subprocess.run(cmd + ["grpo.max_num_steps=" + str(step + 1)], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        cmd + ["grpo.max_num_steps=" + str(step + 1)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"resumed from {ckpt / saved}" in done.stdout
     assert [r["step"] for r in metrics(tmp_path / "run")] == list(range(1, step + 2))
 
 
-def test_training_refuses_a_sampler_that_contradicts_the_algorithm(tmp_path, tiny_model, smollm2_hf_dir, capsys):
+def test_training_refuses_a_sampler_that_contradicts_the_algorithm(
+    tmp_path, tiny_model, smollm2_hf_dir, capsys
+):
     recipe = write_recipe(tmp_path, tiny_model, smollm2_hf_dir)
     assert main(["train", str(recipe), "softgrpo.sampler=discrete"]) == 2
     err = capsys.readouterr().err
@@ -184,12 +254,16 @@ def test_training_refuses_a_sampler_that_contradicts_the_algorithm(tmp_path, tin
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=lambda s: s.name)
-def test_signal_during_start_up_exits_for_requeue(sig, tmp_path, tiny_model, smollm2_hf_dir, monkeypatch, capsys):
+def test_signal_during_start_up_exits_for_requeue(
+    sig, tmp_path, tiny_model, smollm2_hf_dir, monkeypatch, capsys
+):
     """A preemption signal while the model loads: no step runs, nothing is saved, the requeue exit code."""
     import megatron_softgrpo.train.loop as loop
 
     received = []
-    previous = signal.signal(sig, lambda signum, frame: received.append(signum))  # stands in for "killed"
+    previous = signal.signal(
+        sig, lambda signum, frame: received.append(signum)
+    )  # stands in for "killed"
     try:
         build_worker = loop.PolicyWorker
 
@@ -204,31 +278,54 @@ def test_signal_during_start_up_exits_for_requeue(sig, tmp_path, tiny_model, smo
         handler_after = signal.getsignal(sig)
     finally:
         signal.signal(sig, previous)
-    assert handler_after is not None and handler_after.__name__ == "<lambda>"  # ours again: restored
+    assert (
+        handler_after is not None and handler_after.__name__ == "<lambda>"
+    )  # ours again: restored
     assert "stopped by signal at step 0" in capsys.readouterr().out
-    assert not (tmp_path / "run" / "ckpt").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert (
+        not (tmp_path / "run" / "ckpt").exists()
+        and not (tmp_path / "run" / "metrics.jsonl").exists()
+    )
 
 
-def test_reward_that_needs_reasoning_gym_data_is_refused_before_loading(tmp_path, tiny_model, smollm2_hf_dir, monkeypatch, capsys):
+def test_reward_that_needs_reasoning_gym_data_is_refused_before_loading(
+    tmp_path, tiny_model, smollm2_hf_dir, monkeypatch, capsys
+):
     import megatron_softgrpo.train.policy as policy
 
     monkeypatch.setattr(policy, "load_model", _no_model_loading)
     data = tmp_path / "train.jsonl"
     data.write_text('{"problem": "1+1", "answer": "2"}\n')
-    recipe = write_recipe(tmp_path, tiny_model, smollm2_hf_dir, data={"validation": {"kind": "json", "path": str(data)}})
+    recipe = write_recipe(
+        tmp_path,
+        tiny_model,
+        smollm2_hf_dir,
+        data={"validation": {"kind": "json", "path": str(data)}},
+    )
     assert main(["train", str(recipe)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "env.reward=reasoning_gym" in err and "data.validation has kind=json" in err
+    assert (
+        "\n" not in err
+        and "env.reward=reasoning_gym" in err
+        and "data.validation has kind=json" in err
+    )
 
 
-def test_malformed_data_file_fails_before_the_model_loads(tmp_path, tiny_model, smollm2_hf_dir, monkeypatch, capsys):
+def test_malformed_data_file_fails_before_the_model_loads(
+    tmp_path, tiny_model, smollm2_hf_dir, monkeypatch, capsys
+):
     import megatron_softgrpo.train.policy as policy
 
     monkeypatch.setattr(policy, "load_model", _no_model_loading)
     data = tmp_path / "train.jsonl"
     data.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2"}\n')
-    recipe = write_recipe(tmp_path, tiny_model, smollm2_hf_dir, env={"reward": "math_verify"},
-                          data={"train": {"kind": "json", "path": str(data)}})
+    recipe = write_recipe(
+        tmp_path,
+        tiny_model,
+        smollm2_hf_dir,
+        env={"reward": "math_verify"},
+        data={"train": {"kind": "json", "path": str(data)}},
+    )
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
     assert main(["train", str(recipe)]) == 2
     err = capsys.readouterr().err.strip()
@@ -252,9 +349,17 @@ def _train_on_ranks(rank, recipe, overrides):
 @pytest.mark.multiproc
 @pytest.mark.parametrize("tp,pp,steps", [(1, 1, 2), (1, 2, 1)], ids=["dp2", "pp2"])
 def test_train_command_on_two_ranks(tp, pp, steps, tmp_path, tiny_model, smollm2_hf_dir):
-    recipe = write_recipe(tmp_path, tiny_model, smollm2_hf_dir, data=VALIDATION,
-                          grpo={"max_num_steps": steps, "val_period": 1})
-    layout = [f"policy.megatron_cfg.tensor_model_parallel_size={tp}", f"policy.megatron_cfg.pipeline_model_parallel_size={pp}"]
+    recipe = write_recipe(
+        tmp_path,
+        tiny_model,
+        smollm2_hf_dir,
+        data=VALIDATION,
+        grpo={"max_num_steps": steps, "val_period": 1},
+    )
+    layout = [
+        f"policy.megatron_cfg.tensor_model_parallel_size={tp}",
+        f"policy.megatron_cfg.pipeline_model_parallel_size={pp}",
+    ]
     assert run_ranks(2, _train_on_ranks, str(recipe), layout) == [0, 0]
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
@@ -284,19 +389,26 @@ def test_validation_gathers_on_the_model_device_and_prints_samples(monkeypatch, 
     monkeypatch.setattr(loop, "encode_prompt", lambda tokenizer, problem, *a: [1, 2])
     problems = [Problem(f"p:{i}", f"{i}+1", str(i + 1), {}) for i in range(3)]
     trainer = object.__new__(loop.Trainer)
-    trainer.cfg = SimpleNamespace(data=SimpleNamespace(prompt_template="{problem}", system_prompt=None),
-                                  env=SimpleNamespace(answer_format="boxed"),
-                                  logger=SimpleNamespace(num_val_samples_to_print=1))
+    trainer.cfg = SimpleNamespace(
+        data=SimpleNamespace(prompt_template="{problem}", system_prompt=None),
+        env=SimpleNamespace(answer_format="boxed"),
+        logger=SimpleNamespace(num_val_samples_to_print=1),
+    )
     trainer.val_data = SimpleNamespace(problems=problems)
     trainer.dp, trainer.dp_rank, trainer.step, trainer.tokenizer = 2, 1, 0, None
     trainer.worker = SimpleNamespace(device=torch.device("meta"))
-    trainer.engine = SimpleNamespace(generate=lambda prompts, g: SimpleNamespace(
-        texts=["\\boxed{3}"] * len(prompts), response_lengths=torch.full((len(prompts),), 5)))
+    trainer.engine = SimpleNamespace(
+        generate=lambda prompts, g: SimpleNamespace(
+            texts=["\\boxed{3}"] * len(prompts), response_lengths=torch.full((len(prompts),), 5)
+        )
+    )
     trainer.reward = lambda texts, answers, metadata: [1.0] * len(texts)
     assert trainer._validate() == {"accuracy": 1.0, "answer_rate": 1.0, "response_length": 1.0}
     assert gathered == [torch.device("meta")] * 4
     out = capsys.readouterr().out
-    assert "validation sample 1: p:2 | answer 3 | reward 1.00" in out and "response: \\boxed{3}" in out
+    assert (
+        "validation sample 1: p:2 | answer 3 | reward 1.00" in out and "response: \\boxed{3}" in out
+    )
     assert "validation sample 2" not in out
 
 
@@ -304,22 +416,49 @@ def test_validation_gathers_on_the_model_device_and_prints_samples(monkeypatch, 
 
 
 def test_progress_line_reports_a_skipped_optimizer_step():
-    line = format_progress(3, 10, {"reward/mean": 0.5, "loss": float("nan"), "grad_norm": float("nan"), "time/step": 2.0})
+    line = format_progress(
+        3,
+        10,
+        {"reward/mean": 0.5, "loss": float("nan"), "grad_norm": float("nan"), "time/step": 2.0},
+    )
     assert line == "step 3/10 | reward 0.500 | skipped (grad norm nan) | s 2.0"
     assert "skipped (grad norm inf)" in format_progress(1, 1, {"grad_norm": float("inf")})
     assert format_progress(1, 1, {"grad_norm": 0.25, "kl/mean": None}) == "step 1/1 | gnorm 0.250"
 
 
 def test_metrics_lines_are_strict_json_with_null_for_non_finite_values():
-    line = json_line({"step": 2, "grad_norm": float("nan"), "loss": float("-inf"), "lr": 1e-4, "reward/mean": torch.tensor(0.5)})
+    line = json_line(
+        {
+            "step": 2,
+            "grad_norm": float("nan"),
+            "loss": float("-inf"),
+            "lr": 1e-4,
+            "reward/mean": torch.tensor(0.5),
+        }
+    )
     assert "\n" not in line and "NaN" not in line and "Infinity" not in line
-    assert json.loads(line) == {"step": 2, "grad_norm": None, "loss": None, "lr": 1e-4, "reward/mean": 0.5}
+    assert json.loads(line) == {
+        "step": 2,
+        "grad_norm": None,
+        "loss": None,
+        "lr": 1e-4,
+        "reward/mean": 0.5,
+    }
 
 
 def test_plot_without_out_writes_training_curves_into_the_run_directory(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    rows = [{"step": s, "reward/mean": 0.1 * s, "accuracy": 0.2, "answer_rate": 0.5, "response_length/mean": 7.0} for s in (1, 2)]
+    rows = [
+        {
+            "step": s,
+            "reward/mean": 0.1 * s,
+            "accuracy": 0.2,
+            "answer_rate": 0.5,
+            "response_length/mean": 7.0,
+        }
+        for s in (1, 2)
+    ]
     rows[1]["grad_norm"] = None  # a skipped step's null
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["plot", str(run)]) == 0

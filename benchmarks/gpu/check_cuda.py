@@ -42,11 +42,20 @@ results: dict[str, dict] = {}
 def record(name: str, diff: float, tol: float, extra: str = "") -> None:
     ok = bool(diff <= tol)
     results[name] = {"max_abs_diff": diff, "tolerance": tol, "ok": ok}
-    print(f"{'PASS' if ok else 'FAIL'} {name}: max|diff| {diff:.3g} (tol {tol:g}) {extra}", flush=True)
+    print(
+        f"{'PASS' if ok else 'FAIL'} {name}: max|diff| {diff:.3g} (tol {tol:g}) {extra}", flush=True
+    )
 
 
 def check_samplers():
-    from megatron_softgrpo.soft import DiscreteSampler, GumbelNoise, SoftSampler, Truncation, VocabShard, seed_noise_rng
+    from megatron_softgrpo.soft import (
+        DiscreteSampler,
+        GumbelNoise,
+        SoftSampler,
+        Truncation,
+        VocabShard,
+        seed_noise_rng,
+    )
 
     shard = VocabShard.whole(PADDED, V)
     logits = torch.randn(N, PADDED, generator=torch.Generator().manual_seed(0)) * 4
@@ -57,21 +66,43 @@ def check_samplers():
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-5)):
         x = logits.to(dtype)
         cpu_g, gpu_g = greedy.sample(x, shard), greedy.sample(x.to(DEV), shard)
-        record(f"sampler/greedy_tokens/{dtype}", float((cpu_g.tokens != gpu_g.tokens.cpu()).sum()), 0)
-        record(f"sampler/greedy_log_density/{dtype}", float((cpu_g.log_density - gpu_g.log_density.cpu()).abs().max()), 1e-4)
+        record(
+            f"sampler/greedy_tokens/{dtype}", float((cpu_g.tokens != gpu_g.tokens.cpu()).sum()), 0
+        )
+        record(
+            f"sampler/greedy_log_density/{dtype}",
+            float((cpu_g.log_density - gpu_g.log_density.cpu()).abs().max()),
+            1e-4,
+        )
         cpu_s, gpu_s = deterministic.sample(x, shard), deterministic.sample(x.to(DEV), shard)
-        record(f"sampler/gumbel_c0_ids/{dtype}", float((cpu_s.mix_ids != gpu_s.mix_ids.cpu()).sum()), 0)
-        record(f"sampler/gumbel_c0_weights/{dtype}", float((cpu_s.mix_weights - gpu_s.mix_weights.cpu()).abs().max()), tol)
+        record(
+            f"sampler/gumbel_c0_ids/{dtype}", float((cpu_s.mix_ids != gpu_s.mix_ids.cpu()).sum()), 0
+        )
+        record(
+            f"sampler/gumbel_c0_weights/{dtype}",
+            float((cpu_s.mix_weights - gpu_s.mix_weights.cpu()).abs().max()),
+            tol,
+        )
     seed_noise_rng(7)
     a = noisy.sample(logits.to(DEV), shard)
     seed_noise_rng(7)
     b = noisy.sample(logits.to(DEV), shard)
-    record("sampler/gumbel_seeded_reproducible_on_gpu", float((a.mix_weights - b.mix_weights).abs().max()), 0)
+    record(
+        "sampler/gumbel_seeded_reproducible_on_gpu",
+        float((a.mix_weights - b.mix_weights).abs().max()),
+        0,
+    )
     return noisy, shard, logits
 
 
 def check_log_densities(noisy, shard, logits):
-    from megatron_softgrpo.soft import GumbelNoise, Scorer, log_density_from_hidden, log_density_from_logits, seed_noise_rng
+    from megatron_softgrpo.soft import (
+        GumbelNoise,
+        Scorer,
+        log_density_from_hidden,
+        log_density_from_logits,
+        seed_noise_rng,
+    )
 
     scorer = Scorer(GumbelNoise(tau=0.1, scale=1.0), 1.0, 1.0)
     seed_noise_rng(3)
@@ -80,9 +111,19 @@ def check_log_densities(noisy, shard, logits):
     rows.is_soft = ~discrete
     cpu = log_density_from_logits(logits, rows, scorer, shard)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
-        gpu = log_density_from_logits(logits.to(dtype).to(DEV), rows.map(lambda t: t.to(DEV)), scorer, shard).cpu()
-        ref = cpu if dtype == torch.float32 else log_density_from_logits(logits.to(dtype), rows, scorer, shard)
-        record(f"log_density_from_logits/{dtype}", float((gpu - ref).abs().max()), tol if dtype == torch.float32 else 1e-3)
+        gpu = log_density_from_logits(
+            logits.to(dtype).to(DEV), rows.map(lambda t: t.to(DEV)), scorer, shard
+        ).cpu()
+        ref = (
+            cpu
+            if dtype == torch.float32
+            else log_density_from_logits(logits.to(dtype), rows, scorer, shard)
+        )
+        record(
+            f"log_density_from_logits/{dtype}",
+            float((gpu - ref).abs().max()),
+            tol if dtype == torch.float32 else 1e-3,
+        )
 
     # chunked from hidden states: values and gradients, [s, b] rows
     s, b, h = 256, 2, 128
@@ -97,7 +138,9 @@ def check_log_densities(noisy, shard, logits):
     behaviour = flat_logits + 0.3 * torch.randn(flat_logits.shape, generator=g)
     step = noisy.sample(behaviour.reshape(-1, PADDED), shard)
     seq_rows = step.map(lambda t: t.reshape(b, s, *t.shape[1:]))
-    seq_rows.tokens = torch.where(seq_rows.is_soft & (torch.arange(s) % 3 == 0), tokens, seq_rows.tokens)
+    seq_rows.tokens = torch.where(
+        seq_rows.is_soft & (torch.arange(s) % 3 == 0), tokens, seq_rows.tokens
+    )
     seq_rows.is_soft = seq_rows.is_soft & (torch.arange(s) % 3 != 0)
 
     def run(device):
@@ -109,18 +152,38 @@ def check_log_densities(noisy, shard, logits):
 
     (e_c, gh_c, gw_c), (e_g, gh_g, gw_g) = run("cpu"), run(DEV)
     record("log_density_from_hidden/value/fp32", float((e_c - e_g).abs().max()), 1e-4)
-    record("log_density_from_hidden/grad_hidden/fp32", float((gh_c - gh_g).abs().max() / gh_c.abs().max()), 1e-4, "(relative)")
-    record("log_density_from_hidden/grad_weight/fp32", float((gw_c - gw_g).abs().max() / gw_c.abs().max()), 1e-4, "(relative)")
+    record(
+        "log_density_from_hidden/grad_hidden/fp32",
+        float((gh_c - gh_g).abs().max() / gh_c.abs().max()),
+        1e-4,
+        "(relative)",
+    )
+    record(
+        "log_density_from_hidden/grad_weight/fp32",
+        float((gw_c - gw_g).abs().max() / gw_c.abs().max()),
+        1e-4,
+        "(relative)",
+    )
     check_policy_objective(scorer, shard, hidden, weight, seq_rows)
 
 
 def check_policy_objective(scorer, shard, hidden, weight, rows):
     """The policy loss, and the fused training objective built from its per-position terms."""
-    from megatron_softgrpo.algorithms.loss import LossScale, aggregation_weights, policy_loss, token_terms
+    from megatron_softgrpo.algorithms.loss import (
+        LossScale,
+        aggregation_weights,
+        policy_loss,
+        token_terms,
+    )
     from megatron_softgrpo.config.schema import LossCfg
     from megatron_softgrpo.soft import log_density_and_entropy_from_hidden, objective_from_hidden
 
-    cfg = LossCfg(ratio_clip_c=3.0, reference_policy_kl_penalty=0.05, entropy_coef=0.01, aggregation="seq_mean_token_mean")
+    cfg = LossCfg(
+        ratio_clip_c=3.0,
+        reference_policy_kl_penalty=0.05,
+        entropy_coef=0.01,
+        aggregation="seq_mean_token_mean",
+    )
     scale = LossScale(num_micro_batches=2)
     b, s = rows.tokens.shape
     g = torch.Generator().manual_seed(6)
@@ -133,19 +196,33 @@ def check_policy_objective(scorer, shard, hidden, weight, rows):
 
     def loss_on(device, logp, entropy):
         d = lambda t: t.to(device)  # noqa: E731
-        return policy_loss(logp, d(old), d(adv), d(mask), cfg, ref_logp=d(ref), entropy=entropy, scale=scale).loss
+        return policy_loss(
+            logp, d(old), d(adv), d(mask), cfg, ref_logp=d(ref), entropy=entropy, scale=scale
+        ).loss
 
-    def scores_then_autograd(device, dtype):  # the reference: log-densities, then the loss by autograd
+    def scores_then_autograd(
+        device, dtype
+    ):  # the reference: log-densities, then the loss by autograd
         hd = hidden.to(device, dtype, copy=True).requires_grad_()
         wt = weight.to(device, dtype, copy=True).requires_grad_()
-        ell, entropy = log_density_and_entropy_from_hidden(hd, wt, rows.map(lambda t: t.to(device)), scorer, shard)
+        ell, entropy = log_density_and_entropy_from_hidden(
+            hd, wt, rows.map(lambda t: t.to(device)), scorer, shard
+        )
         loss = loss_on(device, ell, entropy)
         loss.backward()
-        return loss.detach().cpu(), hd.grad.float().cpu(), wt.grad.float().cpu(), ell.detach().cpu(), entropy.detach().cpu()
+        return (
+            loss.detach().cpu(),
+            hd.grad.float().cpu(),
+            wt.grad.float().cpu(),
+            ell.detach().cpu(),
+            entropy.detach().cpu(),
+        )
 
     references = {torch.float32: scores_then_autograd("cpu", torch.float32)}
     want, _, _, ell, entropy = references[torch.float32]
-    references[torch.bfloat16] = scores_then_autograd(DEV, torch.bfloat16)  # bf16 rounding moves Gumbel gradients
+    references[torch.bfloat16] = scores_then_autograd(
+        DEV, torch.bfloat16
+    )  # bf16 rounding moves Gumbel gradients
     lp, en = (t.to(DEV, copy=True).requires_grad_() for t in (ell, entropy))
     got = loss_on(DEV, lp, en)
     got.backward()
@@ -163,19 +240,48 @@ def check_policy_objective(scorer, shard, hidden, weight, rows):
         o, a, r = d(old[at]), d(adv[at]), d(ref[at])
 
         def objective(e, h, pos):
-            terms = token_terms(e, o[pos], a[pos], torch.ones_like(e, dtype=torch.bool), cfg, ref_logp=r[pos], entropy=h)
+            terms = token_terms(
+                e,
+                o[pos],
+                a[pos],
+                torch.ones_like(e, dtype=torch.bool),
+                cfg,
+                ref_logp=r[pos],
+                entropy=h,
+            )
             return weights[pos] * terms.objective(cfg)
 
-        hd = hidden.to(DEV).transpose(0, 1)[at].unsqueeze(1).to(dtype).requires_grad_()  # [n, 1, h] as the trainer passes
+        hd = (
+            hidden.to(DEV).transpose(0, 1)[at].unsqueeze(1).to(dtype).requires_grad_()
+        )  # [n, 1, h] as the trainer passes
         wt = weight.to(DEV, dtype, copy=True).requires_grad_()
         picked = rows.map(lambda t: t[at].unsqueeze(0).to(DEV))
         fused = objective_from_hidden(hd, wt, picked, scorer, shard, objective, True)
         fused.value.backward()
-        gh = torch.zeros_like(hidden.transpose(0, 1)).index_put(at, hd.grad.squeeze(1).float().cpu()).transpose(0, 1)
+        gh = (
+            torch.zeros_like(hidden.transpose(0, 1))
+            .index_put(at, hd.grad.squeeze(1).float().cpu())
+            .transpose(0, 1)
+        )
         tag = f"fused_objective/{dtype}"
-        record(f"{tag}/value", abs(float(fused.value.detach().cpu() - want)) / max(1.0, abs(float(want))), tol, "(relative)")
-        record(f"{tag}/grad_hidden", float((gh - want_gh).abs().max() / want_gh.abs().max()), tol, "(relative)")
-        record(f"{tag}/grad_weight", float((wt.grad.float().cpu() - want_gw).abs().max() / want_gw.abs().max()), tol, "(relative)")
+        record(
+            f"{tag}/value",
+            abs(float(fused.value.detach().cpu() - want)) / max(1.0, abs(float(want))),
+            tol,
+            "(relative)",
+        )
+        record(
+            f"{tag}/grad_hidden",
+            float((gh - want_gh).abs().max() / want_gh.abs().max()),
+            tol,
+            "(relative)",
+        )
+        record(
+            f"{tag}/grad_weight",
+            float((wt.grad.float().cpu() - want_gw).abs().max() / want_gw.abs().max()),
+            tol,
+            "(relative)",
+        )
 
 
 def check_model_path():
@@ -218,8 +324,18 @@ def check_model_path():
     prompts = [[5, 17, 999, 3, 42], [7, 8]]
     out = {}
     for cache in (True, False):
-        settings = RolloutSettings(None, DiscreteSampler(Truncation.greedy(), K), 1.0, "\x00", 16, frozenset(), use_kv_cache=cache)
-        out[cache] = RolloutEngine(model, _Tok(), shard, settings).generate(prompts, 1).rows.tokens.cpu()
+        settings = RolloutSettings(
+            None,
+            DiscreteSampler(Truncation.greedy(), K),
+            1.0,
+            "\x00",
+            16,
+            frozenset(),
+            use_kv_cache=cache,
+        )
+        out[cache] = (
+            RolloutEngine(model, _Tok(), shard, settings).generate(prompts, 1).rows.tokens.cpu()
+        )
     record("rollout/kv_cache_equals_recompute_greedy", float((out[True] != out[False]).sum()), 0)
 
 
@@ -237,9 +353,14 @@ def main():
     check_log_densities(noisy, shard, logits)
     check_model_path()
     failed = [k for k, v in results.items() if not v["ok"]]
-    print(f"{len(results) - len(failed)}/{len(results)} checks passed" + (f"; failed: {failed}" if failed else ""))
+    print(
+        f"{len(results) - len(failed)}/{len(results)} checks passed"
+        + (f"; failed: {failed}" if failed else "")
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "checks": results}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"device": torch.cuda.get_device_name(), "checks": results}, indent=2)
+        )
     return 1 if failed else 0
 
 

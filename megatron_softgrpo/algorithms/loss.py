@@ -1,4 +1,4 @@
-"""The policy loss of every algorithm (SPEC.md section 3).
+"""The policy loss of every algorithm (docs/algorithm.md section 3).
 
 Soft and discrete positions share one log-prob tensor, one mask, one advantage and one
 aggregation, so the algorithms differ only in how `logp` was computed. Per position:
@@ -42,8 +42,12 @@ class LossScale:
     `forward_step` does for a loss function returning two values) should pass 1 here.
     """
 
-    num_micro_batches: int = 1  # gradient-accumulation steps (token_mean_microbatch, seq_mean_token_mean)
-    global_num_tokens: int | None = None  # token_mean_global: valid positions of the whole mini-batch, all ranks
+    num_micro_batches: int = (
+        1  # gradient-accumulation steps (token_mean_microbatch, seq_mean_token_mean)
+    )
+    global_num_tokens: int | None = (
+        None  # token_mean_global: valid positions of the whole mini-batch, all ranks
+    )
     data_parallel_size: int = 1  # token_mean_global: undoes the all-reduce's average over the ranks
 
 
@@ -123,12 +127,16 @@ def token_terms(
     if cfg.reference_policy_kl_penalty > 0:
         if ref_logp is None:
             raise ValueError("reference_policy_kl_penalty > 0 needs ref_logp")
-        kl = torch.where(mask, k3_kl(logp, torch.where(mask, ref_logp.detach(), zero), cfg.kl_clamp), zero)
+        kl = torch.where(
+            mask, k3_kl(logp, torch.where(mask, ref_logp.detach(), zero), cfg.kl_clamp), zero
+        )
     if cfg.entropy_coef > 0 and entropy is None:
         raise ValueError("entropy_coef > 0 needs the per-position entropy")
     if entropy is not None:
         entropy = torch.where(mask, entropy, zero)
-    return TokenTerms(torch.where(mask, policy, zero), kl, entropy, ratio, ratio_bound & mask, dual_bound & mask)
+    return TokenTerms(
+        torch.where(mask, policy, zero), kl, entropy, ratio, ratio_bound & mask, dual_bound & mask
+    )
 
 
 def policy_loss(
@@ -192,14 +200,22 @@ def aggregation_weights(mask: Tensor, mode: str, scale: LossScale = LossScale())
         return valid * scale.data_parallel_size / max(scale.global_num_tokens, 1)
     if mode == "seq_mean_token_mean":
         per_row = mask.sum(dim=1, keepdim=True)
-        return valid / per_row.clamp(min=1) / (per_row > 0).sum().clamp(min=1) / scale.num_micro_batches
+        return (
+            valid
+            / per_row.clamp(min=1)
+            / (per_row > 0).sum().clamp(min=1)
+            / scale.num_micro_batches
+        )
     raise ValueError(f"unknown aggregation {mode!r}")
 
 
 def aggregate(values: Tensor, mask: Tensor, mode: str, scale: LossScale = LossScale()) -> Tensor:
     """Reduce [B, S] per-position values to this micro-batch's share of the loss (`mode`: LossCfg.aggregation)."""
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
-    return (aggregation_weights(mask, mode, scale).to(values.dtype) * torch.where(mask.bool(), values, zero)).sum()
+    return (
+        aggregation_weights(mask, mode, scale).to(values.dtype)
+        * torch.where(mask.bool(), values, zero)
+    ).sum()
 
 
 def _detached(t: Tensor | None) -> Tensor | None:

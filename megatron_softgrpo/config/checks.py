@@ -16,32 +16,52 @@ def check_recipe(loaded: LoadedRecipe) -> None:
     mcfg = cfg.policy.megatron_cfg
     if mcfg.sequence_parallel:
         # the rollout decodes one position per step on the training model, which SP cannot split
-        raise loaded.error("policy.megatron_cfg.sequence_parallel", "not supported yet: rollouts decode on the training model")
+        raise loaded.error(
+            "policy.megatron_cfg.sequence_parallel",
+            "not supported yet: rollouts decode on the training model",
+        )
     if mcfg.fp8_cfg.enabled and mcfg.transformer_impl != "transformer_engine":
-        raise loaded.error("policy.megatron_cfg.fp8_cfg.enabled", "needs policy.megatron_cfg.transformer_impl=transformer_engine")
-    if mcfg.fp8_cfg.enabled and mcfg.fp8_cfg.first_last_layers_bf16 and mcfg.fp8_cfg.fp8_recipe == "delayed":
+        raise loaded.error(
+            "policy.megatron_cfg.fp8_cfg.enabled",
+            "needs policy.megatron_cfg.transformer_impl=transformer_engine",
+        )
+    if (
+        mcfg.fp8_cfg.enabled
+        and mcfg.fp8_cfg.first_last_layers_bf16
+        and mcfg.fp8_cfg.fp8_recipe == "delayed"
+    ):
         raise loaded.error(
             "policy.megatron_cfg.fp8_cfg.first_last_layers_bf16",
             "Megatron cannot keep layers in bf16 under fp8_recipe=delayed; use tensorwise, blockwise or mxfp8",
         )
     arch_name = cfg.policy.model_arch
     if arch_name is not None and arch_name not in KNOWN_HF_CONFIGS:
-        raise loaded.error("policy.model_arch", f"unknown; known: {', '.join(sorted(KNOWN_HF_CONFIGS))}")
+        raise loaded.error(
+            "policy.model_arch", f"unknown; known: {', '.join(sorted(KNOWN_HF_CONFIGS))}"
+        )
     if cfg.policy.max_total_sequence_length <= cfg.data.max_input_seq_length:
         raise loaded.error(
-            "policy.max_total_sequence_length", f"must exceed data.max_input_seq_length ({cfg.data.max_input_seq_length})"
+            "policy.max_total_sequence_length",
+            f"must exceed data.max_input_seq_length ({cfg.data.max_input_seq_length})",
         )
     for split in ("train", "validation"):
         ds = getattr(cfg.data, split)
         if ds is None:
             continue
         if ds.kind == "json" and not ds.path and ds.builtin is None:
-            raise loaded.error(f"data.{split}.path", "required when kind=json (a JSON, JSONL or parquet file), "
-                               f"unless data.{split}.builtin names a file shipped with the package")
+            raise loaded.error(
+                f"data.{split}.path",
+                "required when kind=json (a JSON, JSONL or parquet file), "
+                f"unless data.{split}.builtin names a file shipped with the package",
+            )
         if ds.path and ds.builtin is not None:
-            raise loaded.error(f"data.{split}.builtin", f"set either it or data.{split}.path, not both")
+            raise loaded.error(
+                f"data.{split}.builtin", f"set either it or data.{split}.path, not both"
+            )
         if ds.kind == "reasoning_gym" and not ds.task:
-            raise loaded.error(f"data.{split}.task", "required when kind=reasoning_gym (a reasoning-gym task name)")
+            raise loaded.error(
+                f"data.{split}.task", "required when kind=reasoning_gym (a reasoning-gym task name)"
+            )
     responses = cfg.grpo.num_prompts_per_step * cfg.grpo.num_generations_per_prompt
     if responses % cfg.policy.train_global_batch_size:
         raise loaded.error(
@@ -61,7 +81,9 @@ def _check_eval(loaded: LoadedRecipe) -> None:
         if len(set(values)) != len(values):
             raise loaded.error(key, "lists an entry twice")
     if min(ev.ks) > ev.n:
-        raise loaded.error("eval.ks", f"needs a k <= eval.n ({ev.n}): larger ks are left out of the metrics")
+        raise loaded.error(
+            "eval.ks", f"needs a k <= eval.n ({ev.n}): larger ks are left out of the metrics"
+        )
 
 
 def recipe_model_arch(loaded: LoadedRecipe) -> ModelArch:
@@ -104,24 +126,30 @@ def check_model_fit(loaded: LoadedRecipe, arch: ModelArch, world_size: int | Non
         for end in ("start", "end"):
             if getattr(fp8, f"num_layers_at_{end}_in_bf16") > per_stage:
                 raise loaded.error(
-                    f"policy.megatron_cfg.fp8_cfg.num_layers_at_{end}_in_bf16", f"must not exceed the {per_stage} layers of a pipeline stage"
+                    f"policy.megatron_cfg.fp8_cfg.num_layers_at_{end}_in_bf16",
+                    f"must not exceed the {per_stage} layers of a pipeline stage",
                 )
     if world_size is not None and world_size % (tp * pp):
-        raise loaded.error(tp_key, f"TP*PP={tp * pp} must divide the number of processes ({world_size})")
+        raise loaded.error(
+            tp_key, f"TP*PP={tp * pp} must divide the number of processes ({world_size})"
+        )
 
 
 def check_training(loaded: LoadedRecipe) -> None:
     """Rules of `softgrpo train` alone (data and reward), checked before any model is loaded."""
     cfg = loaded.cfg
     if cfg.data.train is None:
-        raise loaded.error("data.train", "training needs a dataset (a file or a reasoning-gym task)")
+        raise loaded.error(
+            "data.train", "training needs a dataset (a file or a reasoning-gym task)"
+        )
     if cfg.env.reward == "reasoning_gym":
         # the task's own scorer needs the metadata of a reasoning-gym entry
         for split in ("train", "validation"):
             ds = getattr(cfg.data, split)
             if ds is not None and ds.kind != "reasoning_gym":
                 raise loaded.error(
-                    "env.reward", f"needs reasoning_gym datasets; data.{split} has kind={ds.kind} (use math_verify or exact_match)"
+                    "env.reward",
+                    f"needs reasoning_gym datasets; data.{split} has kind={ds.kind} (use math_verify or exact_match)",
                 )
 
 
@@ -133,7 +161,9 @@ def check_data_parallel(loaded: LoadedRecipe, world_size: int | None) -> None:
     mcfg = cfg.policy.megatron_cfg
     dp = world_size // (mcfg.tensor_model_parallel_size * mcfg.pipeline_model_parallel_size)
     if cfg.grpo.num_prompts_per_step % dp:
-        raise loaded.error("grpo.num_prompts_per_step", f"must be divisible by the {dp} data-parallel ranks")
+        raise loaded.error(
+            "grpo.num_prompts_per_step", f"must be divisible by the {dp} data-parallel ranks"
+        )
     micro = cfg.policy.train_micro_batch_size
     if cfg.policy.train_global_batch_size % (dp * micro):
         raise loaded.error(
@@ -142,7 +172,9 @@ def check_data_parallel(loaded: LoadedRecipe, world_size: int | None) -> None:
         )
 
 
-def load_checked_recipe(recipe: str, overrides: list[str], world_size: int, training: bool = False) -> LoadedRecipe:
+def load_checked_recipe(
+    recipe: str, overrides: list[str], world_size: int, training: bool = False
+) -> LoadedRecipe:
     """The recipe validated against its model's architecture for a job of `world_size` processes,
     before any weights are read. `training`: also the data, reward and data-parallel batch rules."""
     loaded = load_recipe(recipe, overrides)

@@ -46,7 +46,9 @@ class LoadedRecipe:
     cfg: RecipeCfg
     path: Path
     raw: dict  # merged plain dict (what was validated), for logging and checkpoint metadata
-    provenance: dict[str, str] = field(default_factory=dict)  # dotted leaf key -> file or "command line"
+    provenance: dict[str, str] = field(
+        default_factory=dict
+    )  # dotted leaf key -> file or "command line"
 
     def source_of(self, dotted_key: str) -> str:
         """The file (or "command line") that set `dotted_key`, else its nearest set parent, else what
@@ -56,7 +58,9 @@ class LoadedRecipe:
             if key in self.provenance:
                 return self.provenance[key]
             key = key.rpartition(".")[0]
-        below = sorted({src for k, src in self.provenance.items() if k.startswith(dotted_key + ".")})
+        below = sorted(
+            {src for k, src in self.provenance.items() if k.startswith(dotted_key + ".")}
+        )
         return below[0] if len(below) == 1 else str(self.path)
 
     def error(self, dotted_key: str, message: str) -> ConfigError:
@@ -65,7 +69,11 @@ class LoadedRecipe:
             shown = f"{dotted_key}={_show(value)}"
         else:  # not set anywhere: name the schema default the check saw
             default = _attribute(self.cfg, dotted_key)
-            shown = dotted_key if default is _MISSING else f"{dotted_key}={_show(default)} (the default)"
+            shown = (
+                dotted_key
+                if default is _MISSING
+                else f"{dotted_key}={_show(default)} (the default)"
+            )
         return ConfigError(f"{self.source_of(dotted_key)}: {shown}: {message}")
 
 
@@ -109,7 +117,9 @@ def _read_yaml(path: Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}"
+        )
     return data
 
 
@@ -129,7 +139,11 @@ def _deep_merge(base: dict, over: dict) -> dict:
     """Dicts merge recursively; any other value in `over` replaces the one in `base`."""
     out = dict(base)
     for key, value in over.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            _deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
     return out
 
 
@@ -137,7 +151,9 @@ def _merge(base: dict, prov: dict[str, str], over: dict, over_prov: dict[str, st
     """Merge `over` into `base`; update `prov` in place (a replaced subtree forgets its old sources)."""
     merged = _deep_merge(base, over)
     # forget sources of keys that are gone, or that were values and are now mappings (a.b=1 then a.b.c=2)
-    for key in [k for k in prov if _lookup(merged, k) is _MISSING or isinstance(_lookup(merged, k), dict)]:
+    for key in [
+        k for k in prov if _lookup(merged, k) is _MISSING or isinstance(_lookup(merged, k), dict)
+    ]:
         del prov[key]
     prov.update(over_prov)
     return merged
@@ -153,11 +169,17 @@ def _load_chain(path: Path, prov: dict[str, str], seen: tuple[Path, ...]) -> dic
     defaults = data.pop("defaults", None)
     if isinstance(defaults, str):
         defaults = [defaults]
-    if defaults is not None and not (isinstance(defaults, list) and all(isinstance(d, str) for d in defaults)):
-        raise ConfigError(f"{path}: defaults={defaults}: expected a file name or a list of file names")
+    if defaults is not None and not (
+        isinstance(defaults, list) and all(isinstance(d, str) for d in defaults)
+    ):
+        raise ConfigError(
+            f"{path}: defaults={defaults}: expected a file name or a list of file names"
+        )
     merged: dict = {}
     for parent in defaults or []:
-        parent_path = path.parent / (parent if parent.endswith((".yaml", ".yml")) else parent + ".yaml")
+        parent_path = path.parent / (
+            parent if parent.endswith((".yaml", ".yml")) else parent + ".yaml"
+        )
         if not parent_path.is_file():
             raise ConfigError(f"{path}: defaults: {parent}: file {parent_path} not found")
         parent_prov: dict[str, str] = {}
@@ -172,7 +194,9 @@ def apply_overrides(raw: dict, overrides: list[str], prov: dict[str, str]) -> di
         key, sep, text = item.partition("=")
         key = key.strip().lstrip("+")
         if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
-            raise ConfigError(f"{COMMAND_LINE}: {item!r}: expected an override of the form dotted.key=value")
+            raise ConfigError(
+                f"{COMMAND_LINE}: {item!r}: expected an override of the form dotted.key=value"
+            )
         nested: Any = parse_value(text)
         for part in reversed(key.split(".")):
             nested = {part: nested}
@@ -190,7 +214,11 @@ def _format_validation_error(loaded: LoadedRecipe, err: ValidationError) -> Conf
         allowed = _allowed_keys(parent)
         return ConfigError(
             f"{loaded.source_of(dotted)}: {dotted}: unknown key"
-            + (f"; allowed keys in {parent or 'the recipe'}: {', '.join(allowed)}" if allowed else "")
+            + (
+                f"; allowed keys in {parent or 'the recipe'}: {', '.join(allowed)}"
+                if allowed
+                else ""
+            )
         )
     if kind == "missing":
         return ConfigError(f"{loaded.source_of(dotted)}: {dotted}: required key is missing")
@@ -210,7 +238,9 @@ def _allowed_keys(dotted_parent: str) -> list[str]:
             return []
         ann = field_info.annotation
         args = getattr(ann, "__args__", ())
-        model = next((a for a in (ann, *args) if isinstance(a, type) and hasattr(a, "model_fields")), None)
+        model = next(
+            (a for a in (ann, *args) if isinstance(a, type) and hasattr(a, "model_fields")), None
+        )
         if model is None:
             return []
     return sorted(model.model_fields)

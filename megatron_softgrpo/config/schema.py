@@ -7,7 +7,7 @@ by TP) live in `config/checks.py`, so that every error names one full dotted key
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
@@ -52,7 +52,7 @@ class SchedulerCfg(Section):
     lr_warmup_iters: int = Field(0, ge=0)
     lr_warmup_init: float = Field(0.0, ge=0)
     lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
-    lr_decay_iters: Optional[int] = Field(None, ge=1)
+    lr_decay_iters: int | None = Field(None, ge=1)
 
 
 class MegatronCfg(Section):
@@ -71,13 +71,12 @@ class MegatronCfg(Section):
     scheduler: SchedulerCfg = Field(default_factory=SchedulerCfg)
 
 
-
 # ---------------------------------------------------------------- policy
 
 
 class TokenizerCfg(Section):
-    name: Optional[str] = None  # default: the tokenizer stored with the model
-    chat_template: Optional[str] = None  # default: the tokenizer's own
+    name: str | None = None  # default: the tokenizer stored with the model
+    chat_template: str | None = None  # default: the tokenizer's own
 
 
 class GenerationCfg(Section):
@@ -86,12 +85,12 @@ class GenerationCfg(Section):
     max_new_tokens: int = Field(8192, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=1)
+    top_k: int | None = Field(None, ge=1)
     min_p: float = Field(0.0, ge=0, lt=1)
     stop_strings: list[str] = []
     # decode a step's rows in passes of at most this many: the KV cache is allocated for one pass
     # (long responses of a large batch); null: all rows at once
-    max_rows_per_pass: Optional[int] = Field(None, ge=1)
+    max_rows_per_pass: int | None = Field(None, ge=1)
 
 
 class PolicyCfg(Section):
@@ -100,7 +99,7 @@ class PolicyCfg(Section):
     model_name: str
     # a models/known.py architecture (e.g. deepseek-r1-distill-qwen-7b): lets `check` and `plan` run
     # where model_name is not readable (no weights here); ignored when model_name is readable
-    model_arch: Optional[str] = None
+    model_arch: str | None = None
     tokenizer: TokenizerCfg = Field(default_factory=TokenizerCfg)
     precision: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     train_global_batch_size: int = Field(256, ge=1)
@@ -129,10 +128,14 @@ class LossCfg(Section):
     reference_policy_kl_penalty: float = Field(0.001, ge=0)  # 0 disables the reference model
     ratio_clip_min: float = Field(0.2, ge=0)
     ratio_clip_max: float = Field(0.2, ge=0)  # > ratio_clip_min: "clip-higher"
-    ratio_clip_c: Optional[float] = Field(3.0, gt=1)  # dual clip for negative advantages; null disables
+    ratio_clip_c: float | None = Field(
+        3.0, gt=1
+    )  # dual clip for negative advantages; null disables
     kl_clamp: float = Field(10.0, gt=0)
     entropy_coef: float = Field(0.0, ge=0)
-    aggregation: Literal["token_mean_microbatch", "token_mean_global", "seq_mean_token_mean"] = "token_mean_microbatch"
+    aggregation: Literal["token_mean_microbatch", "token_mean_global", "seq_mean_token_mean"] = (
+        "token_mean_microbatch"
+    )
 
 
 class ThinkingCfg(Section):
@@ -140,10 +143,14 @@ class ThinkingCfg(Section):
 
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
-    top_k: Optional[int] = Field(5, ge=1)  # truncation top-k (reference: equal to mixture_size)
+    top_k: int | None = Field(5, ge=1)  # truncation top-k (reference: equal to mixture_size)
     min_p: float = Field(0.0, ge=0, lt=1)
-    max_thinking_tokens: Optional[int] = Field(None, ge=1)  # force the think-end marker after N soft steps
-    cold_stop_entropy: Optional[float] = Field(None, gt=0)  # docs/algorithm.md "cold stop"; off by default
+    max_thinking_tokens: int | None = Field(
+        None, ge=1
+    )  # force the think-end marker after N soft steps
+    cold_stop_entropy: float | None = Field(
+        None, gt=0
+    )  # docs/algorithm.md "cold stop"; off by default
     cold_stop_steps: int = Field(256, ge=1)
 
 
@@ -151,12 +158,14 @@ class SoftGRPOCfg(Section):
     algorithm: Literal["softgrpo", "grpo", "gaussian", "dirichlet", "embedding_noise"] = "softgrpo"
     # decoding of the thinking phase for generate/eval; null: the algorithm's own
     # (softgrpo -> gumbel, grpo -> discrete, an ablation -> its noise). Training requires null or the algorithm's.
-    sampler: Optional[Literal["gumbel", "discrete", "gaussian", "dirichlet", "embedding_noise"]] = None
+    sampler: Literal["gumbel", "discrete", "gaussian", "dirichlet", "embedding_noise"] | None = None
     mixture_size: int = Field(5, ge=1)  # K: support size of a soft token
     gumbel_tau: float = Field(0.1, gt=0)
     noise_scale: float = Field(1.0, ge=0)  # c
     gaussian_sigma: float = Field(0.05, gt=0)  # gaussian ablation: N(pt, sigma^2) on the weights
-    embedding_noise_sigma: float = Field(0.01, gt=0)  # Butt et al.: N(0, sigma^2 I) on the mixed embedding
+    embedding_noise_sigma: float = Field(
+        0.01, gt=0
+    )  # Butt et al.: N(0, sigma^2 I) on the mixed embedding
     # the end-of-thinking marker as text; may be several tokens (Llama-3.2 and SmolLM2 have no </think>)
     think_end: str = "</think>"
     thinking: ThinkingCfg = Field(default_factory=ThinkingCfg)
@@ -173,32 +182,35 @@ BuiltinDataset = Literal[
 
 class DatasetCfg(Section):
     kind: Literal["json", "reasoning_gym"] = "json"
-    path: Optional[str] = None  # JSON / JSONL / parquet file (kind=json)
-    builtin: Optional[BuiltinDataset] = None  # a file shipped with the package, instead of path (kind=json)
+    path: str | None = None  # JSON / JSONL / parquet file (kind=json)
+    builtin: BuiltinDataset | None = (
+        None  # a file shipped with the package, instead of path (kind=json)
+    )
     # dotted paths into a row, integers index lists (e.g. "prompt.0.value"); null: the first of the
     # known layouts present in the file's first row (problem/answer, or prompt.0.value/final_answer)
-    problem_key: Optional[str] = None
-    answer_key: Optional[str] = None
-    task: Optional[str] = None  # reasoning-gym task name (kind=reasoning_gym)
+    problem_key: str | None = None
+    answer_key: str | None = None
+    task: str | None = None  # reasoning-gym task name (kind=reasoning_gym)
     task_config: dict = {}
     size: int = Field(1000, ge=1)  # generated problems (kind=reasoning_gym)
     seed: int = 0  # reasoning-gym: different seeds give disjoint problem streams (up to 2**20 problems each)
 
 
-
 class DataCfg(Section):
-    train: Optional[DatasetCfg] = None
-    validation: Optional[DatasetCfg] = None
+    train: DatasetCfg | None = None
+    validation: DatasetCfg | None = None
     max_input_seq_length: int = Field(1024, ge=1)
-    prompt_template: str = "{problem} Let's think step by step and output the final answer within \\boxed{{}}."
-    system_prompt: Optional[str] = None
+    prompt_template: str = (
+        "{problem} Let's think step by step and output the final answer within \\boxed{{}}."
+    )
+    system_prompt: str | None = None
     shuffle: bool = True
     skip_malformed_rows: bool = False
 
 
 class WandbCfg(Section):
     project: str = "megatron-softgrpo"
-    name: Optional[str] = None
+    name: str | None = None
 
 
 class LoggerCfg(Section):
@@ -213,7 +225,7 @@ class CheckpointingCfg(Section):
     enabled: bool = True
     checkpoint_dir: str = "runs/default/checkpoints"
     save_period: int = Field(50, ge=1)
-    keep_top_k: Optional[int] = Field(3, ge=1)  # keep the last N checkpoints; null keeps all
+    keep_top_k: int | None = Field(3, ge=1)  # keep the last N checkpoints; null keeps all
     resume: bool = True  # resume from the latest checkpoint in checkpoint_dir when there is one
 
 
@@ -250,13 +262,19 @@ class EvalCfg(Section):
     benchmarks: list[BenchmarkName] = ["aime2024", "aime2025", "amc23", "math500", "gsm8k"]
     # a directory with each benchmark's standard file (aime2024.json, ..., gsm8k_test.json, humaneval.json,
     # mbpp.json); null: the files shipped with the package (data/builtin/eval)
-    data_dir: Optional[str] = None
-    files: dict[BenchmarkName, str] = {}  # a benchmark's own file (JSON list or JSONL), instead of data_dir's
+    data_dir: str | None = None
+    files: dict[
+        BenchmarkName, str
+    ] = {}  # a benchmark's own file (JSON list or JSONL), instead of data_dir's
     n: int = Field(32, ge=1)  # samples per problem
     ks: list[PositiveInt] = [1, 2, 4, 8, 16, 32]  # pass@k and maj@k; k > n is left out
-    num_problems: Optional[int] = Field(None, ge=1)  # only the first N problems of each benchmark (smoke runs)
-    batch_size: int = Field(1, ge=1)  # problems per generate call; each call decodes batch_size x n responses
-    max_new_tokens: Optional[int] = Field(None, ge=1)  # null: policy.generation.max_new_tokens
+    num_problems: int | None = Field(
+        None, ge=1
+    )  # only the first N problems of each benchmark (smoke runs)
+    batch_size: int = Field(
+        1, ge=1
+    )  # problems per generate call; each call decodes batch_size x n responses
+    max_new_tokens: int | None = Field(None, ge=1)  # null: policy.generation.max_new_tokens
     seed: int = 0  # sampling noise; every batch is seeded from (seed, benchmark, batch), so results do not depend on DP
 
 
@@ -271,4 +289,3 @@ class RecipeCfg(Section):
     checkpointing: CheckpointingCfg = Field(default_factory=CheckpointingCfg)
     cluster: ClusterCfg = Field(default_factory=ClusterCfg)
     eval: EvalCfg = Field(default_factory=EvalCfg)
-

@@ -19,9 +19,10 @@ one line naming the file and the row (JSON and parquet: `row N`, the 0-based ind
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from megatron_softgrpo.config.schema import DataCfg, DatasetCfg
 from megatron_softgrpo.data import builtin
@@ -48,7 +49,9 @@ class Problem:
 
     id: str  # stable: "<file name>:<row>" or "<task>:<seed>:<index>"
     problem: str  # the text that fills the prompt template's {problem}
-    answer: str | dict  # numbers are read as their text; an object is a structured answer (code tests)
+    answer: (
+        str | dict
+    )  # numbers are read as their text; an object is a structured answer (code tests)
     metadata: dict  # the row's other top-level fields; reasoning-gym: the entry's metadata
 
 
@@ -90,10 +93,15 @@ def load_split(data: DataCfg, split: Split, tokenizer) -> PromptDataset:
     key = f"data.{split}"
     cfg = getattr(data, split)
     if cfg is None:
-        raise UserError(f"{key}: not set; give a file (kind: json, path: ...) or a reasoning-gym task")
+        raise UserError(
+            f"{key}: not set; give a file (kind: json, path: ...) or a reasoning-gym task"
+        )
     read = read_problems(cfg, key=key, skip_malformed_rows=data.skip_malformed_rows)
     kept = filter_by_prompt_length(
-        read.problems, tokenizer, template=data.prompt_template, system_prompt=data.system_prompt,
+        read.problems,
+        tokenizer,
+        template=data.prompt_template,
+        system_prompt=data.system_prompt,
         max_tokens=data.max_input_seq_length,
     )
     if not kept:
@@ -113,7 +121,9 @@ def read_problems(cfg: DatasetCfg, *, key: str, skip_malformed_rows: bool = Fals
     if not result.problems:
         skipped = ""
         if result.skipped_malformed:
-            skipped = f" ({result.skipped_malformed} malformed rows skipped, first: {result.first_skip})"
+            skipped = (
+                f" ({result.skipped_malformed} malformed rows skipped, first: {result.first_skip})"
+            )
         raise UserError(f"{result.source}: no problems{skipped}")
     return result
 
@@ -129,7 +139,11 @@ def filter_by_prompt_length(
             f"data.prompt_template={template!r}: cannot be filled ({type(e).__name__}: {e}); "
             "its only placeholder is {problem}, write {{ and }} for literal braces"
         ) from None
-    return [p for p in problems if len(encode_prompt(tokenizer, p.problem, template, system_prompt)) <= max_tokens]
+    return [
+        p
+        for p in problems
+        if len(encode_prompt(tokenizer, p.problem, template, system_prompt)) <= max_tokens
+    ]
 
 
 # ---------------------------------------------------------------- rows
@@ -155,7 +169,13 @@ def _lookup(row: Any, path: str) -> Any:
     return cur
 
 
-_JSON_TYPE_NAMES = {type(None): "null", dict: "object", list: "list", str: "string", bool: "boolean"}
+_JSON_TYPE_NAMES = {
+    type(None): "null",
+    dict: "object",
+    list: "list",
+    str: "string",
+    bool: "boolean",
+}
 
 
 def _type_name(value: Any) -> str:
@@ -169,14 +189,18 @@ def _problem_and_answer(row: Any, problem_key: str, answer_key: str) -> tuple[st
     if problem is _MISSING:
         raise _MalformedRow(f"no field '{problem_key}'")
     if not isinstance(problem, str) or not problem.strip():
-        raise _MalformedRow(f"field '{problem_key}' must be a non-empty string, got {_type_name(problem)}")
+        raise _MalformedRow(
+            f"field '{problem_key}' must be a non-empty string, got {_type_name(problem)}"
+        )
     answer = _lookup(row, answer_key)
     if answer is _MISSING:
         raise _MalformedRow(f"no field '{answer_key}'")
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = str(answer)
     if not isinstance(answer, (str, dict)):
-        raise _MalformedRow(f"field '{answer_key}' must be a string, a number or an object, got {_type_name(answer)}")
+        raise _MalformedRow(
+            f"field '{answer_key}' must be a string, a number or an object, got {_type_name(answer)}"
+        )
     return problem, answer
 
 
@@ -191,7 +215,9 @@ class _Collector:
 
     def malformed(self, where: str, why: str) -> None:
         if not self.skip:
-            raise UserError(f"{self.source} {where}: {why} (data.skip_malformed_rows=true skips such rows)")
+            raise UserError(
+                f"{self.source} {where}: {why} (data.skip_malformed_rows=true skips such rows)"
+            )
         self.skipped += 1
         self.first_skip = self.first_skip or f"{where}: {why}"
 
@@ -213,8 +239,12 @@ def _read_file(cfg: DatasetCfg, key: str, skip_malformed_rows: bool) -> ReadResu
             raise UserError(f"{key}.path={cfg.path}: no such file")
     rows = list(_file_rows(path))
     first_object = next((row for _, _, row in rows if isinstance(row, dict)), None)
-    problem_key = cfg.problem_key or _detect(first_object, KNOWN_PROBLEM_KEYS, path, f"{key}.problem_key")
-    answer_key = cfg.answer_key or _detect(first_object, KNOWN_ANSWER_KEYS, path, f"{key}.answer_key")
+    problem_key = cfg.problem_key or _detect(
+        first_object, KNOWN_PROBLEM_KEYS, path, f"{key}.problem_key"
+    )
+    answer_key = cfg.answer_key or _detect(
+        first_object, KNOWN_ANSWER_KEYS, path, f"{key}.answer_key"
+    )
     top_level = {problem_key.split(".")[0], answer_key.split(".")[0]}
     out = _Collector(str(path), skip_malformed_rows)
     for where, number, row in rows:
@@ -228,7 +258,9 @@ def _read_file(cfg: DatasetCfg, key: str, skip_malformed_rows: bool) -> ReadResu
     return out.result()
 
 
-def _detect(first_object: dict | None, candidates: tuple[str, ...], path: Path, recipe_key: str) -> str:
+def _detect(
+    first_object: dict | None, candidates: tuple[str, ...], path: Path, recipe_key: str
+) -> str:
     if first_object is None:  # no object rows: every row is reported as malformed whatever the key
         return candidates[0]
     for candidate in candidates:
@@ -247,7 +279,9 @@ def _file_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
         yield from _parquet_rows(path)
         return
     if suffix not in (".json", ".jsonl"):
-        raise UserError(f"{path}: unsupported file type '{path.suffix}'; expected .json, .jsonl or .parquet")
+        raise UserError(
+            f"{path}: unsupported file type '{path.suffix}'; expected .json, .jsonl or .parquet"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -256,7 +290,9 @@ def _file_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+            raise UserError(
+                f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+            ) from None
         yield from ((f"row {i}", i, row) for i, row in enumerate(rows))
         return
     for number, line in enumerate(text.splitlines(), start=1):
@@ -291,13 +327,17 @@ def _read_reasoning_gym(cfg: DatasetCfg, key: str, skip_malformed_rows: bool) ->
     from reasoning_gym.factory import DATASETS
 
     if cfg.task not in DATASETS:
-        raise UserError(f"{key}.task={cfg.task}: not a reasoning-gym task (e.g. basic_arithmetic, gsm_symbolic)")
+        raise UserError(
+            f"{key}.task={cfg.task}: not a reasoning-gym task (e.g. basic_arithmetic, gsm_symbolic)"
+        )
     try:
         generator = reasoning_gym.create_dataset(
             cfg.task, seed=cfg.seed * REASONING_GYM_SEED_STRIDE, size=cfg.size, **cfg.task_config
         )
     except (TypeError, ValueError, AssertionError) as e:
-        raise UserError(f"{key}.task_config={cfg.task_config}: rejected by reasoning-gym task {cfg.task} ({e})") from None
+        raise UserError(
+            f"{key}.task_config={cfg.task_config}: rejected by reasoning-gym task {cfg.task} ({e})"
+        ) from None
     out = _Collector(f"reasoning-gym {cfg.task}", skip_malformed_rows)
     for index, entry in enumerate(generator):
         try:

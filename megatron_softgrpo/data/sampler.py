@@ -9,8 +9,9 @@ the last `len(problems) % batch_size` problems of an epoch's order are left out 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Generic, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -68,14 +69,18 @@ class PromptSampler(Generic[T]):
             self.epoch, self.index = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
-        return asdict(SamplerState(self.epoch, self.index, len(self.items), self.seed, self.shuffle))
+        return asdict(
+            SamplerState(self.epoch, self.index, len(self.items), self.seed, self.shuffle)
+        )
 
     def load_state_dict(self, state: dict) -> None:
         try:
             saved = SamplerState(**state)
         except TypeError:
             expected = list(SamplerState.__dataclass_fields__)
-            raise UserError(f"checkpoint data position {state}: expected the keys {expected}") from None
+            raise UserError(
+                f"checkpoint data position {state}: expected the keys {expected}"
+            ) from None
         this_run = SamplerState(saved.epoch, saved.index, len(self.items), self.seed, self.shuffle)
         if saved != this_run:
             raise UserError(

@@ -15,12 +15,18 @@ canonical_solution, test, entry_point; MBPP: task_id, code, test_list, test_impo
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from megatron_softgrpo.errors import UserError
-from megatron_softgrpo.eval.code_grading import CodeTests, HumanEvalTests, MbppTests, last_python_block
+from megatron_softgrpo.eval.code_grading import (
+    CodeTests,
+    HumanEvalTests,
+    MbppTests,
+    last_python_block,
+)
 from megatron_softgrpo.eval.sandbox import SandboxLimits, run_python_many
 from megatron_softgrpo.rewards.answers import AnswerFormat, extract_answer
 
@@ -40,7 +46,9 @@ class Problem:
 @dataclass(frozen=True)
 class Grade:
     correct: bool
-    answer: str | None  # the extracted answer (math) or solution code (code); None: nothing extracted
+    answer: (
+        str | None
+    )  # the extracted answer (math) or solution code (code); None: nothing extracted
 
 
 # ---------------------------------------------------------------- loading
@@ -57,10 +65,14 @@ def load_problems(name: str, path: str | Path) -> list[Problem]:
     first_row: dict[str, int] = {}  # problem id -> row: ids key the samples of a resumed evaluation
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise UserError(f"{path}: row {index}: expected a JSON object, got {type(row).__name__}")
+            raise UserError(
+                f"{path}: row {index}: expected a JSON object, got {type(row).__name__}"
+            )
         problem = benchmark.parse_row(benchmark.name, index, row, _RowErrors(path, index))
         if first_row.setdefault(problem.id, index) != index:
-            raise UserError(f"{path}: row {index}: problem id {problem.id!r} repeats row {first_row[problem.id]}")
+            raise UserError(
+                f"{path}: row {index}: problem id {problem.id!r} repeats row {first_row[problem.id]}"
+            )
         problems.append(problem)
     return problems
 
@@ -86,21 +98,29 @@ def _read_rows(path: Path) -> list:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}: line {line_number}: invalid JSON ({exc.msg})") from None
+                    raise UserError(
+                        f"{path}: line {line_number}: invalid JSON ({exc.msg})"
+                    ) from None
         return rows
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
     if not isinstance(rows, list):
-        raise UserError(f"{path}: expected a JSON list of problems (or a .jsonl file), got {type(rows).__name__}")
+        raise UserError(
+            f"{path}: expected a JSON list of problems (or a .jsonl file), got {type(rows).__name__}"
+        )
     return rows
 
 
 def _problem_text(row: dict, error: _RowErrors) -> str:
     prompt = row.get("prompt", row.get("problem", row.get("question")))
     if isinstance(prompt, list):  # chat turns: the last user turn
-        turns = [t for t in prompt if isinstance(t, dict) and t.get("from", t.get("role")) in ("user", "human")]
+        turns = [
+            t
+            for t in prompt
+            if isinstance(t, dict) and t.get("from", t.get("role")) in ("user", "human")
+        ]
         prompt = turns[-1].get("value", turns[-1].get("content")) if turns else None
     if not isinstance(prompt, str) or not prompt.strip():
         raise error(
@@ -139,10 +159,14 @@ def _code_fields(row: dict, error: _RowErrors, fields: dict[str, tuple[type, ...
 
 def _humaneval_problem(name: str, index: int, row: dict, error: _RowErrors) -> Problem:
     fields = _code_fields(
-        row, error, {"task_id": (str,), "canonical_solution": (str,), "test": (str,), "entry_point": (str,)}
+        row,
+        error,
+        {"task_id": (str,), "canonical_solution": (str,), "test": (str,), "entry_point": (str,)},
     )
     prompt = _problem_text(row, error)
-    tests = HumanEvalTests(prompt, fields["test"], fields["entry_point"], fields["canonical_solution"])
+    tests = HumanEvalTests(
+        prompt, fields["test"], fields["entry_point"], fields["canonical_solution"]
+    )
     return Problem(fields["task_id"], prompt, tests)
 
 
@@ -154,7 +178,11 @@ def _mbpp_problem(name: str, index: int, row: dict, error: _RowErrors) -> Proble
             raise error(f"'final_answer.{key}' must be a list of strings")
     tests = MbppTests(tuple(imports), tuple(fields["test_list"]), fields["code"])
     # The description alone does not name the function; the tests show its name and signature.
-    prompt = _problem_text(row, error) + "\nYour code should pass these tests:\n\n" + "\n".join(tests.test_list)
+    prompt = (
+        _problem_text(row, error)
+        + "\nYour code should pass these tests:\n\n"
+        + "\n".join(tests.test_list)
+    )
     return Problem(f"{name}/{fields['task_id']}", prompt, tests)
 
 
@@ -166,7 +194,9 @@ class Benchmark:
     name: str
     filename: str  # its file in the evaluation data directory (`eval.data_dir`)
     kind: Literal["math", "code"]
-    prompt_template: str | None  # `{problem}` placeholder; None: the recipe's math template (docs/algorithm.md section 6)
+    prompt_template: (
+        str | None
+    )  # `{problem}` placeholder; None: the recipe's math template (docs/algorithm.md section 6)
     parse_row: Callable[[str, int, dict, _RowErrors], Problem]
 
 
@@ -174,9 +204,7 @@ _HUMANEVAL_TEMPLATE = (
     "Complete the following Python function. Think step by step, then give the complete function, "
     "with its imports, in one ```python code block at the end.\n\n```python\n{problem}```"
 )
-_MBPP_TEMPLATE = (
-    "{problem}\n\nThink step by step, then give the complete Python function in one ```python code block at the end."
-)
+_MBPP_TEMPLATE = "{problem}\n\nThink step by step, then give the complete Python function in one ```python code block at the end."
 
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
@@ -200,6 +228,8 @@ def get_benchmark(name: str) -> Benchmark:
 
 # ---------------------------------------------------------------- grading
 
+DEFAULT_LIMITS = SandboxLimits()  # frozen: one instance serves every call
+
 
 def grade_responses(
     name: str,
@@ -208,7 +238,7 @@ def grade_responses(
     *,
     math_grader: MathGrader | None = None,
     answer_format: AnswerFormat = "boxed",
-    sandbox_limits: SandboxLimits = SandboxLimits(),
+    sandbox_limits: SandboxLimits = DEFAULT_LIMITS,
     max_parallel: int = 2,
 ) -> list[Grade]:
     """Grade `responses[i]` against `problems[i]` with benchmark `name`'s grader, in order.
@@ -228,7 +258,9 @@ def grade_responses(
         return [Grade(ok, answer) for ok, answer in zip(correct, answers)]
     solutions = [last_python_block(r) for r in responses]
     todo = [i for i, code in enumerate(solutions) if code is not None]
-    results = run_python_many([problems[i].reference.program(solutions[i]) for i in todo], sandbox_limits, max_parallel)
+    results = run_python_many(
+        [problems[i].reference.program(solutions[i]) for i in todo], sandbox_limits, max_parallel
+    )
     passed = dict(zip(todo, (r.passed for r in results)))
     return [Grade(passed.get(i, False), code) for i, code in enumerate(solutions)]
 

@@ -52,7 +52,9 @@ class HumanEvalTests:
         A full definition is appended after the prompt (the stub then only contributes its
         imports and helper functions, and the new definition replaces it).
         """
-        defines_entry = re.search(rf"^\s*def\s+{re.escape(self.entry_point)}\s*\(", code, re.MULTILINE)
+        defines_entry = re.search(
+            rf"^\s*def\s+{re.escape(self.entry_point)}\s*\(", code, re.MULTILINE
+        )
         solution = self.prompt + ("\n" + code if defines_entry else code)
         return f"{solution}\n\n{self.test}\n\ncheck({self.entry_point})\n"
 

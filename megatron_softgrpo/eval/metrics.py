@@ -17,8 +17,8 @@ Every per-problem value is averaged over problems; k runs over `ks` with k <= n.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 DEFAULT_KS = (1, 2, 4, 8, 16, 32)
 

@@ -4,8 +4,9 @@ one panel per benchmark and one for the average."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.eval.report import EvalSummary, read_summary, summary_path
@@ -18,7 +19,9 @@ METRIC_TITLES = {
 }
 
 
-def plot_kind(dirs: Sequence[str | Path], kind: Literal["auto", "train", "passk"]) -> Literal["train", "passk"]:
+def plot_kind(
+    dirs: Sequence[str | Path], kind: Literal["auto", "train", "passk"]
+) -> Literal["train", "passk"]:
     """What `softgrpo plot` draws for these directories; auto: Pass@k when every one has an eval summary."""
     if kind != "auto":
         return kind
@@ -26,8 +29,12 @@ def plot_kind(dirs: Sequence[str | Path], kind: Literal["auto", "train", "passk"
         return "passk"
     if all((Path(d) / "metrics.jsonl").is_file() for d in dirs):
         return "train"
-    neither = next(d for d in dirs if summary_path(d) is None and not (Path(d) / "metrics.jsonl").is_file())
-    raise UserError(f"{neither}: neither a training run (metrics.jsonl) nor an evaluation (eval/summary.json)")
+    neither = next(
+        d for d in dirs if summary_path(d) is None and not (Path(d) / "metrics.jsonl").is_file()
+    )
+    raise UserError(
+        f"{neither}: neither a training run (metrics.jsonl) nor an evaluation (eval/summary.json)"
+    )
 
 
 def default_label(directory: str | Path, summary: EvalSummary) -> str:
@@ -37,7 +44,10 @@ def default_label(directory: str | Path, summary: EvalSummary) -> str:
 
 
 def plot_pass_at_k(
-    eval_dirs: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None, metric: str = "pass_at_k"
+    eval_dirs: Sequence[str | Path],
+    out: str | Path,
+    labels: Sequence[str] | None = None,
+    metric: str = "pass_at_k",
 ) -> Path:
     """Draw `metric` against k for each evaluation directory (a run's log_dir, or its eval/ folder)."""
     import matplotlib
@@ -53,7 +63,9 @@ def plot_pass_at_k(
     panels = list(dict.fromkeys(name for s in summaries for name in s.benchmarks)) + ["average"]
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False, constrained_layout=True
+    )
     for ax, panel in zip(axes.flat, panels):
         for summary, label in zip(summaries, labels):
             metrics = summary.average if panel == "average" else summary.benchmarks.get(panel)
@@ -61,7 +73,14 @@ def plot_pass_at_k(
             if curve:
                 ks, values = zip(*curve)
                 ax.plot(ks, [100 * v for v in values], marker="o", markersize=3, label=label)
-        all_ks = sorted({k for s in summaries for m in [*s.benchmarks.values(), s.average] for k in getattr(m, metric)})
+        all_ks = sorted(
+            {
+                k
+                for s in summaries
+                for m in [*s.benchmarks.values(), s.average]
+                for k in getattr(m, metric)
+            }
+        )
         ax.set_xscale("log", base=2)
         if all_ks:
             ax.set_xticks(all_ks, [str(k) for k in all_ks])
@@ -70,7 +89,7 @@ def plot_pass_at_k(
         ax.set_xlabel("k")
         ax.set_ylabel(f"{METRIC_TITLES[metric]} (%)")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     legend = {}  # label -> line, from every panel (an evaluation may lack a benchmark)
     for ax in axes.flat:
@@ -84,4 +103,3 @@ def plot_pass_at_k(
     finally:
         plt.close(fig)
     return out
-

@@ -14,9 +14,9 @@ in JSON. "average" is the unweighted mean over the benchmarks (as the paper aver
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.eval.metrics import BenchmarkMetrics
@@ -29,7 +29,9 @@ _K_MAPS = ("pass_at_k", "pass_at_k_first", "maj_at_k")
 @dataclass(frozen=True)
 class EvalSummary:
     model: str  # policy.model_name (a checkpoint directory for checkpoint=DIR)
-    decoding: str  # the thinking-phase sampler: gumbel, discrete, gaussian, dirichlet, embedding_noise
+    decoding: (
+        str  # the thinking-phase sampler: gumbel, discrete, gaussian, dirichlet, embedding_noise
+    )
     n: int
     max_new_tokens: int
     seed: int
@@ -51,7 +53,7 @@ class EvalSummary:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "EvalSummary":
+    def from_dict(cls, data: dict) -> EvalSummary:
         return cls(
             model=data["model"],
             decoding=data["decoding"],
@@ -96,7 +98,9 @@ def _metrics_from_dict(data: dict) -> BenchmarkMetrics:
 
 def write_summary(eval_dir: Path, summary: EvalSummary) -> None:
     eval_dir.mkdir(parents=True, exist_ok=True)
-    (eval_dir / SUMMARY_JSON).write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
+    (eval_dir / SUMMARY_JSON).write_text(
+        json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8"
+    )
     (eval_dir / SUMMARY_MD).write_text(markdown_table(summary), encoding="utf-8")
 
 
@@ -111,7 +115,9 @@ def summary_path(directory: str | Path) -> Path | None:
 def read_summary(directory: str | Path) -> EvalSummary:
     path = summary_path(directory)
     if path is None:
-        raise UserError(f"{directory}: no evaluation summary (eval/summary.json); run `softgrpo eval` first")
+        raise UserError(
+            f"{directory}: no evaluation summary (eval/summary.json); run `softgrpo eval` first"
+        )
     try:
         return EvalSummary.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, KeyError, TypeError) as exc:
@@ -133,9 +139,16 @@ def markdown_table(summary: EvalSummary) -> str:
         ("problems", [str(m.problems) for m in columns.values()]),
         (f"mean@{n} (Pass@1)", percent([m.mean_at_n for m in columns.values()])),
     ]
-    for key, label in (("pass_at_k", "pass@{k}"), ("pass_at_k_first", "pass@{k} (first k)"), ("maj_at_k", "maj@{k}")):
+    for key, label in (
+        ("pass_at_k", "pass@{k}"),
+        ("pass_at_k_first", "pass@{k} (first k)"),
+        ("maj_at_k", "maj@{k}"),
+    ):
         ks = sorted({k for m in columns.values() for k in getattr(m, key)})
-        rows += [(label.format(k=k), percent([getattr(m, key).get(k) for m in columns.values()])) for k in ks]
+        rows += [
+            (label.format(k=k), percent([getattr(m, key).get(k) for m in columns.values()]))
+            for k in ks
+        ]
     rows += [
         ("mean length (tokens)", [f"{m.mean_length:.1f}" for m in columns.values()]),
         ("truncated (%)", percent([m.truncated_fraction for m in columns.values()])),
@@ -145,7 +158,7 @@ def markdown_table(summary: EvalSummary) -> str:
         "",
         f"{summary.decoding} decoding, n = {n} samples per problem, up to {summary.max_new_tokens} new tokens, "
         f"seed {summary.seed}. Accuracies in percent; pass@k is the unbiased estimator, "
-        "\"first k\" counts a problem when any of its first k samples is correct.",
+        '"first k" counts a problem when any of its first k samples is correct.',
         "",
         "| metric | " + " | ".join(columns) + " |",
         "|---|" + "---:|" * len(columns),

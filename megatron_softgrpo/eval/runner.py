@@ -19,15 +19,22 @@ import hashlib
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 from megatron_softgrpo.config.loader import LoadedRecipe
 from megatron_softgrpo.config.schema import RecipeCfg, SoftGRPOCfg
 from megatron_softgrpo.data import builtin
 from megatron_softgrpo.errors import UserError
-from megatron_softgrpo.eval.benchmarks import Benchmark, Problem, get_benchmark, grade_responses, load_problems, shard
+from megatron_softgrpo.eval.benchmarks import (
+    Benchmark,
+    Problem,
+    get_benchmark,
+    grade_responses,
+    load_problems,
+    shard,
+)
 from megatron_softgrpo.eval.metrics import BenchmarkMetrics, summarize
 from megatron_softgrpo.eval.report import EvalSummary, write_summary
 from megatron_softgrpo.eval.samples import SampleFile, SampleRecord, batches, sample_table
@@ -94,11 +101,16 @@ def plan_eval(loaded: LoadedRecipe) -> list[BenchmarkPlan]:
         else:
             data_dir = builtin.EVAL_DIR if ev.data_dir is None else Path(ev.data_dir).expanduser()
             if not data_dir.is_dir():
-                raise loaded.error("eval.data_dir", f"no such directory (a relative path is resolved from the current "
-                                   f"directory, {Path.cwd()}); point it at the benchmark files, or set eval.files.{name}")
+                raise loaded.error(
+                    "eval.data_dir",
+                    f"no such directory (a relative path is resolved from the current "
+                    f"directory, {Path.cwd()}); point it at the benchmark files, or set eval.files.{name}",
+                )
             path = data_dir / benchmark.filename
         problems = load_problems(name, path)[: ev.num_problems]
-        plan = BenchmarkPlan(benchmark, path, problems, benchmark.prompt_template or data.prompt_template)
+        plan = BenchmarkPlan(
+            benchmark, path, problems, benchmark.prompt_template or data.prompt_template
+        )
         SampleFile(eval_dir(loaded.cfg) / name).check_settings(sample_settings(loaded.cfg, plan))
         plans.append(plan)
     return plans
@@ -151,11 +163,23 @@ def grade_batch(
     do not vote.
     """
     expanded = [p for p in problems for _ in range(n)]
-    grades = grade_responses(benchmark.name, expanded, responses.texts, math_grader=grader,
-                             answer_format=answer_format, max_parallel=sandbox_workers)
+    grades = grade_responses(
+        benchmark.name,
+        expanded,
+        responses.texts,
+        math_grader=grader,
+        answer_format=answer_format,
+        max_parallel=sandbox_workers,
+    )
     answers = [g.answer for g in grades]
     if benchmark.kind == "math":
-        classes = [c for group in grader.classes([answers[i * n : (i + 1) * n] for i in range(len(problems))]) for c in group]
+        classes = [
+            c
+            for group in grader.classes(
+                [answers[i * n : (i + 1) * n] for i in range(len(problems))]
+            )
+            for c in group
+        ]
     else:
         classes = [None] * len(grades)
     return [
@@ -178,7 +202,9 @@ def grade_batch(
 # ---------------------------------------------------------------- the run
 
 
-def run_eval(cfg: RecipeCfg, plans: Sequence[BenchmarkPlan], engine, tokenizer) -> Optional[EvalSummary]:
+def run_eval(
+    cfg: RecipeCfg, plans: Sequence[BenchmarkPlan], engine, tokenizer
+) -> EvalSummary | None:
     """Evaluate every planned benchmark (a collective: every rank calls it); the main rank returns the summary.
 
     `engine` is this rank's `RolloutEngine`, built after `init_distributed` with `max_new_tokens(cfg)`.
@@ -189,12 +215,18 @@ def run_eval(cfg: RecipeCfg, plans: Sequence[BenchmarkPlan], engine, tokenizer) 
     ev = cfg.eval
     out_dir = eval_dir(cfg)
     needs_math = any(p.benchmark.kind == "math" for p in plans)
-    grader = MathGrader(cfg.env.num_workers, cfg.env.timeout_s) if ctx.grades and needs_math else None
+    grader = (
+        MathGrader(cfg.env.num_workers, cfg.env.timeout_s) if ctx.grades and needs_math else None
+    )
     if ctx.main and any(p.benchmark.kind == "code" for p in plans):
         from megatron_softgrpo.eval.sandbox import isolation
 
         name = isolation().name
-        caveat = " (no namespaces: eval/sandbox.py says what a program could still do)" if name == "none" else ""
+        caveat = (
+            " (no namespaces: eval/sandbox.py says what a program could still do)"
+            if name == "none"
+            else ""
+        )
         _log(f"code sandbox isolation: {name}{caveat}")
     metrics: dict[str, BenchmarkMetrics] = {}
     try:
@@ -204,7 +236,12 @@ def run_eval(cfg: RecipeCfg, plans: Sequence[BenchmarkPlan], engine, tokenizer) 
             if ctx.main:  # after each benchmark: a long evaluation reports as it goes
                 metrics[name] = result
                 summary = EvalSummary(
-                    cfg.policy.model_name, decoding_mode(cfg.softgrpo), ev.n, max_new_tokens(cfg), ev.seed, dict(metrics)
+                    cfg.policy.model_name,
+                    decoding_mode(cfg.softgrpo),
+                    ev.n,
+                    max_new_tokens(cfg),
+                    ev.seed,
+                    dict(metrics),
                 )
                 write_summary(out_dir, summary)
     finally:
@@ -217,8 +254,8 @@ def run_eval(cfg: RecipeCfg, plans: Sequence[BenchmarkPlan], engine, tokenizer) 
 
 
 def _run_benchmark(
-    cfg: RecipeCfg, plan: BenchmarkPlan, engine, tokenizer, grader, ctx: "_Parallel", out_dir: Path
-) -> Optional[BenchmarkMetrics]:
+    cfg: RecipeCfg, plan: BenchmarkPlan, engine, tokenizer, grader, ctx: _Parallel, out_dir: Path
+) -> BenchmarkMetrics | None:
     """Decode, grade and record what is left of one benchmark; the main rank returns its metrics."""
     from megatron_softgrpo.data.prompts import encode_prompt
     from megatron_softgrpo.soft import seed_noise_rng
@@ -226,13 +263,17 @@ def _run_benchmark(
     ev, name = cfg.eval, plan.benchmark.name
     problem_batches = batches(len(plan.problems), ev.batch_size)
     sample_file = SampleFile(out_dir)
-    done = ctx.from_main(lambda: sample_file.resume(sample_settings(cfg, plan), problem_batches, ev.n))
+    done = ctx.from_main(
+        lambda: sample_file.resume(sample_settings(cfg, plan), problem_batches, ev.n)
+    )
     remaining = [b for b in range(len(problem_batches)) if b not in done]
     mine = shard(remaining, ctx.dp_rank, ctx.dp_size)
     problems_done = sum(len(problem_batches[b]) for b in done)
     if ctx.main:
-        _log(f"{name}: {len(plan.problems)} problems x {ev.n} samples from {plan.path}"
-             + (f"; resuming with {problems_done} done" if done else ""))
+        _log(
+            f"{name}: {len(plan.problems)} problems x {ev.n} samples from {plan.path}"
+            + (f"; resuming with {problems_done} done" if done else "")
+        )
     start, decoded = time.monotonic(), 0
     for round_index in range(math.ceil(len(remaining) / ctx.dp_size)):
         records: list[SampleRecord] = []
@@ -240,23 +281,42 @@ def _run_benchmark(
             batch = mine[round_index]
             rows = problem_batches[batch]
             problems = [plan.problems[row] for row in rows]
-            prompts = [encode_prompt(tokenizer, p.prompt, plan.template, cfg.data.system_prompt) for p in problems]
+            prompts = [
+                encode_prompt(tokenizer, p.prompt, plan.template, cfg.data.system_prompt)
+                for p in problems
+            ]
             seed_noise_rng(batch_seed(ev.seed, name, batch))
             out = engine.generate(prompts, ev.n)
             if ctx.grades:
                 lengths, thinking = out.response_lengths.tolist(), out.think_lengths.tolist()
                 responses = Responses(out.texts, lengths, thinking, list(out.finish_reasons))
-                records = grade_batch(plan.benchmark, rows, problems, responses, ev.n, grader, cfg.env.num_workers, cfg.env.answer_format)
+                records = grade_batch(
+                    plan.benchmark,
+                    rows,
+                    problems,
+                    responses,
+                    ev.n,
+                    grader,
+                    cfg.env.num_workers,
+                    cfg.env.answer_format,
+                )
         gathered = ctx.gather_to_main(records)
         if ctx.main:
             gathered.sort(key=lambda r: (r.problem_index, r.sample))
             sample_file.append(gathered)
             decoded += len(gathered)
             problems_done += len(gathered) // ev.n
-            _log(f"{name}: " + progress(problems_done, len(plan.problems), ev.n, decoded, time.monotonic() - start))
+            _log(
+                f"{name}: "
+                + progress(
+                    problems_done, len(plan.problems), ev.n, decoded, time.monotonic() - start
+                )
+            )
     if not ctx.main:
         return None
-    current = sample_file.records(len(plan.problems))  # the file may hold more (an earlier, larger eval)
+    current = sample_file.records(
+        len(plan.problems)
+    )  # the file may hold more (an earlier, larger eval)
     metrics = summarize(sample_table(current), ev.ks, vote=plan.benchmark.kind == "math")
     _log(f"{name}: {_headline(metrics)}")
     return metrics
@@ -266,15 +326,21 @@ def progress(problems_done: int, problems: int, n: int, decoded: int, elapsed_s:
     """The per-round progress line: problems done/total, this session's samples/s, and the time left at that rate."""
     rate = decoded / max(elapsed_s, 1e-9)
     left_s = round((problems - problems_done) * n / rate) if rate > 0 else None
-    eta = f"{left_s // 3600}:{left_s // 60 % 60:02d}:{left_s % 60:02d}" if left_s is not None else "unknown"
+    eta = (
+        f"{left_s // 3600}:{left_s // 60 % 60:02d}:{left_s % 60:02d}"
+        if left_s is not None
+        else "unknown"
+    )
     return f"{problems_done}/{problems} problems, {rate:.2f} samples/s, ETA {eta}"
 
 
 def _headline(m: BenchmarkMetrics) -> str:
     k = max(m.pass_at_k)
     majority = f", maj@{k} {100 * m.maj_at_k[k]:.2f}%" if m.maj_at_k else ""
-    return (f"mean@{m.n} {100 * m.mean_at_n:.2f}%, pass@{k} {100 * m.pass_at_k[k]:.2f}%{majority}, "
-            f"mean length {m.mean_length:.1f}, truncated {100 * m.truncated_fraction:.1f}%")
+    return (
+        f"mean@{m.n} {100 * m.mean_at_n:.2f}%, pass@{k} {100 * m.pass_at_k[k]:.2f}%{majority}, "
+        f"mean length {m.mean_length:.1f}, truncated {100 * m.truncated_fraction:.1f}%"
+    )
 
 
 def _log(message: str) -> None:
@@ -292,12 +358,14 @@ class _Parallel:
     grades: bool  # first rank of its model-parallel group: grades its replica's responses
 
     @classmethod
-    def current(cls) -> "_Parallel":
+    def current(cls) -> _Parallel:
         import torch
         from megatron.core import parallel_state as ps
 
         main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        first = ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+        first = (
+            ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+        )
         return cls(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), main, first)
 
     @staticmethod

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.eval.metrics import GradedSample
@@ -36,15 +36,23 @@ class SampleRecord:
     problem_index: int  # the problem's row in the benchmark file
     sample: int  # 0 .. n-1
     text: str  # the whole response (thinking and answer)
-    answer: str | None  # extracted: the right-most \boxed{} (math) or the last python block (code); None: none
+    answer: (
+        str | None
+    )  # extracted: the right-most \boxed{} (math) or the last python block (code); None: none
     correct: bool
-    answer_class: int | None  # majority-vote class: the sample index of the first equivalent answer; None: no vote
+    answer_class: (
+        int | None
+    )  # majority-vote class: the sample index of the first equivalent answer; None: no vote
     length: int  # response tokens
-    thinking_length: int  # response tokens before the answer phase (= length if thinking never ended)
+    thinking_length: (
+        int  # response tokens before the answer phase (= length if thinking never ended)
+    )
     finish_reason: str  # "eos" | "stop" | "length"
 
     def graded(self) -> GradedSample:
-        return GradedSample(self.correct, self.answer_class, self.length, self.finish_reason == "length")
+        return GradedSample(
+            self.correct, self.answer_class, self.length, self.finish_reason == "length"
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -55,7 +63,10 @@ _FIELDS = frozenset(f.name for f in fields(SampleRecord))
 
 def batches(num_problems: int, batch_size: int) -> list[range]:
     """The problem rows of each batch, in order."""
-    return [range(start, min(start + batch_size, num_problems)) for start in range(0, num_problems, batch_size)]
+    return [
+        range(start, min(start + batch_size, num_problems))
+        for start in range(0, num_problems, batch_size)
+    ]
 
 
 def sample_table(records: Iterable[SampleRecord]) -> list[list[GradedSample]]:
@@ -63,7 +74,10 @@ def sample_table(records: Iterable[SampleRecord]) -> list[list[GradedSample]]:
     by_problem: dict[int, list[SampleRecord]] = {}
     for record in records:
         by_problem.setdefault(record.problem_index, []).append(record)
-    return [[r.graded() for r in sorted(by_problem[p], key=lambda r: r.sample)] for p in sorted(by_problem)]
+    return [
+        [r.graded() for r in sorted(by_problem[p], key=lambda r: r.sample)]
+        for p in sorted(by_problem)
+    ]
 
 
 def read_records(path: Path) -> tuple[list[SampleRecord], bool]:
@@ -79,7 +93,9 @@ def read_records(path: Path) -> tuple[list[SampleRecord], bool]:
                 raise ValueError("not a sample record")
             records.append(SampleRecord(**data))
         except ValueError as exc:
-            raise UserError(f"{path}: line {number}: {exc}; delete the file to evaluate this benchmark afresh") from None
+            raise UserError(
+                f"{path}: line {number}: {exc}; delete the file to evaluate this benchmark afresh"
+            ) from None
     return records, tail != ""
 
 
@@ -103,10 +119,16 @@ class SampleFile:
         self.check_settings(settings)
         records, torn = read_records(self.path)
         done = set(_complete_problems(records, n))
-        done_batches = {b for b, rows in enumerate(problem_batches) if all(row in done for row in rows)}
+        done_batches = {
+            b for b, rows in enumerate(problem_batches) if all(row in done for row in rows)
+        }
         done_rows = {row for b in done_batches for row in problem_batches[b]}
         current_rows = {row for rows in problem_batches for row in rows}
-        kept = [r for r in records if r.problem_index in done_rows or r.problem_index not in current_rows]
+        kept = [
+            r
+            for r in records
+            if r.problem_index in done_rows or r.problem_index not in current_rows
+        ]
         if torn or len(kept) != len(records):
             _write_atomically(self.path, "".join(r.to_json() + "\n" for r in kept))
         return done_batches
@@ -149,7 +171,11 @@ def _leaves(settings: dict, prefix: str = "") -> dict:
     """Nested settings as dotted leaf keys, so a difference names the one setting that changed."""
     out = {}
     for key, value in settings.items():
-        out.update(_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value})
+        out.update(
+            _leaves(value, f"{prefix}{key}.")
+            if isinstance(value, dict) and value
+            else {f"{prefix}{key}": value}
+        )
     return out
 
 

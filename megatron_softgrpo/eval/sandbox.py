@@ -53,10 +53,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,9 @@ _OUTPUT_TAIL_BYTES = 4096
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    timeout_s: float = 30.0  # wall clock, whole program: generous, so a busy machine does not fail slow solutions
+    timeout_s: float = (
+        30.0  # wall clock, whole program: generous, so a busy machine does not fail slow solutions
+    )
     cpu_s: int = 10  # RLIMIT_CPU per process: the limit that counts for busy programs
     memory_mb: int = 1024  # RLIMIT_AS per process
     max_processes: int = 32  # RLIMIT_NPROC, where the kernel accounts it per sandbox
@@ -119,28 +122,71 @@ class Isolation:
     def command(self, workdir: str, argv: Sequence[str]) -> list[str]:
         """`argv` wrapped in this isolation's layers."""
         if self.private_tmp:
-            return [*self.namespaces, "/bin/sh", "-c", _PRIVATE_TMP_SCRIPT, "sh", workdir, *self.drop, *argv]
+            return [
+                *self.namespaces,
+                "/bin/sh",
+                "-c",
+                _PRIVATE_TMP_SCRIPT,
+                "sh",
+                workdir,
+                *self.drop,
+                *argv,
+            ]
         return [*self.namespaces, *self.drop, *argv]
 
 
 def _candidates() -> list[Isolation]:
-    unshare, setpriv, mount = shutil.which("unshare"), shutil.which("setpriv"), shutil.which("mount")
+    unshare, setpriv, mount = (
+        shutil.which("unshare"),
+        shutil.which("setpriv"),
+        shutil.which("mount"),
+    )
     plain = []
     namespaces = ("--net", "--pid", "--fork", "--kill-child")
     if unshare and setpriv and os.geteuid() == 0:
         caps = "-all,+dac_read_search"
-        drop = (setpriv, f"--reuid={_UNPRIVILEGED_ID}", f"--regid={_UNPRIVILEGED_ID}", "--clear-groups",
-                f"--inh-caps={caps}", f"--ambient-caps={caps}", f"--bounding-set={caps}", "--no-new-privs", "--")
-        plain.append(Isolation("namespaces+nobody", (unshare, *namespaces), drop, _UNPRIVILEGED_ID, True, False))
+        drop = (
+            setpriv,
+            f"--reuid={_UNPRIVILEGED_ID}",
+            f"--regid={_UNPRIVILEGED_ID}",
+            "--clear-groups",
+            f"--inh-caps={caps}",
+            f"--ambient-caps={caps}",
+            f"--bounding-set={caps}",
+            "--no-new-privs",
+            "--",
+        )
+        plain.append(
+            Isolation(
+                "namespaces+nobody", (unshare, *namespaces), drop, _UNPRIVILEGED_ID, True, False
+            )
+        )
     if unshare and os.geteuid() == 0:  # root without setpriv: RLIMIT_NPROC would not bind
         plain.append(Isolation("namespaces", (unshare, *namespaces), (), None, False, False))
     if unshare and os.geteuid() != 0:
-        plain.append(Isolation("user-namespaces", (unshare, "--user", "--map-root-user", *namespaces), (), None, True, False))
+        plain.append(
+            Isolation(
+                "user-namespaces",
+                (unshare, "--user", "--map-root-user", *namespaces),
+                (),
+                None,
+                True,
+                False,
+            )
+        )
     found = []
     for candidate in plain:  # each first with its private /tmp, where mount works in the namespace
         if mount and os.path.exists("/bin/sh"):
-            found.append(Isolation(candidate.name + "+private-tmp", (*candidate.namespaces, "--mount", "--propagation", "private"),
-                                   candidate.drop, candidate.run_as, candidate.limit_processes, True))
+            found.append(
+                Isolation(
+                    candidate.name + "+private-tmp",
+                    (*candidate.namespaces, "--mount", "--propagation", "private"),
+                    candidate.drop,
+                    candidate.run_as,
+                    candidate.limit_processes,
+                    True,
+                )
+            )
         found.append(candidate)
     found.append(Isolation("none", (), (), None, False, False))
     return found
@@ -151,11 +197,17 @@ def isolation() -> Isolation:
     """The strongest isolation that runs a small program here (probed once per process)."""
     for candidate in _candidates():
         # imports a module after start-up: the interpreter's files must be readable as run_as
-        probe = _run(candidate, "import hashlib\nassert hashlib.sha256(b'').digest()\n", SandboxLimits(timeout_s=60.0))
+        probe = _run(
+            candidate,
+            "import hashlib\nassert hashlib.sha256(b'').digest()\n",
+            SandboxLimits(timeout_s=60.0),
+        )
         if probe.passed:
             logger.info("code sandbox isolation: %s", candidate.name)
             return candidate
-        logger.info("code sandbox isolation %s unavailable: %s", candidate.name, probe.output.strip()[-200:])
+        logger.info(
+            "code sandbox isolation %s unavailable: %s", candidate.name, probe.output.strip()[-200:]
+        )
     raise RuntimeError(f"the sandbox cannot run even an empty program: {probe.output}")
 
 
@@ -184,14 +236,26 @@ def _run(iso: Isolation, source: str, limits: SandboxLimits) -> ExecResult:
         child_limits = asdict(limits)
         if not iso.limit_processes:
             child_limits["max_processes"] = None
-        settings = {"program": program, "workdir": workdir, "limits": child_limits, "python_guard": limits.python_guard}
+        settings = {
+            "program": program,
+            "workdir": workdir,
+            "limits": child_limits,
+            "python_guard": limits.python_guard,
+        }
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
         guard = shutil.copy(_GUARD, os.path.join(workdir, "_sandbox_guard.py"))
         command = iso.command(workdir, [_INTERPRETER, "-I", "-B", guard, json.dumps(settings)])
         marker = f"softgrpo-sandbox-completed-{secrets.token_hex(16)}\n"
         with tempfile.TemporaryFile() as output:
-            process = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=output,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(
+                command,
+                cwd=workdir,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             try:  # fits the pipe's buffer: does not block
                 process.stdin.write(marker.encode())
                 process.stdin.close()

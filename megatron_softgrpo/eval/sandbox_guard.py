@@ -24,17 +24,44 @@ import sys
 
 _BLOCKED_EVENTS = frozenset(
     {
-        "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
-        "os.kill", "os.killpg", "signal.pthread_kill", "resource.setrlimit", "resource.prlimit",
-        "os.link", "os.chroot", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function",
+        "os.fork",
+        "os.forkpty",
+        "os.system",
+        "os.exec",
+        "os.posix_spawn",
+        "os.spawn",
+        "subprocess.Popen",
+        "os.kill",
+        "os.killpg",
+        "signal.pthread_kill",
+        "resource.setrlimit",
+        "resource.prlimit",
+        "os.link",
+        "os.chroot",
+        "ctypes.dlopen",
+        "ctypes.dlsym",
+        "ctypes.cdata",
+        "ctypes.call_function",
     }
 )
 _BLOCKED_MODULES = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "cffi", "_cffi_backend"})
 # event -> positions of the path arguments that must stay inside the program's directory
 _PATH_EVENTS = {
-    "os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.rename": (0, 1), "os.chmod": (0,),
-    "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,), "os.symlink": (1,), "os.mkfifo": (0,),
-    "os.mknod": (0,), "shutil.rmtree": (0,), "os.chflags": (0,), "os.setxattr": (0,), "os.removexattr": (0,),
+    "os.remove": (0,),
+    "os.rmdir": (0,),
+    "os.mkdir": (0,),
+    "os.rename": (0, 1),
+    "os.chmod": (0,),
+    "os.chown": (0,),
+    "os.truncate": (0,),
+    "os.utime": (0,),
+    "os.symlink": (1,),
+    "os.mkfifo": (0,),
+    "os.mknod": (0,),
+    "shutil.rmtree": (0,),
+    "os.chflags": (0,),
+    "os.setxattr": (0,),
+    "os.removexattr": (0,),
 }
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
@@ -68,13 +95,19 @@ def _install_guard(workdir: str) -> None:
             path, mode, flags = args
             writes = (flags & _WRITE_FLAGS) or (mode is not None and any(c in mode for c in "wax+"))
             if writes and not inside(path):
-                raise PermissionError(f"sandbox: writing {path!r} outside the working directory is not allowed")
+                raise PermissionError(
+                    f"sandbox: writing {path!r} outside the working directory is not allowed"
+                )
             # the event does not carry dir_fd: a descriptor of an outside directory would open a way out
             if not isinstance(path, int) and not inside(path) and os.path.isdir(path):
-                raise PermissionError(f"sandbox: opening the directory {path!r} outside the working directory is not allowed")
+                raise PermissionError(
+                    f"sandbox: opening the directory {path!r} outside the working directory is not allowed"
+                )
         elif event == "os.chdir":
             if not inside(args[0]):
-                raise PermissionError(f"sandbox: changing into {args[0]!r} outside the working directory is not allowed")
+                raise PermissionError(
+                    f"sandbox: changing into {args[0]!r} outside the working directory is not allowed"
+                )
         elif event in _PATH_EVENTS:
             for position in _PATH_EVENTS[event]:
                 if not inside(args[position]):
@@ -111,10 +144,16 @@ def main() -> None:
         _install_guard(settings["workdir"])
     sys.argv = [settings["program"]]
     try:
-        exec(code, {"__name__": "__main__", "__file__": settings["program"], "__builtins__": builtins})
+        exec(
+            code,
+            {"__name__": "__main__", "__file__": settings["program"], "__builtins__": builtins},
+        )
     except SystemExit as exc:
         # an exit before the end skips the tests that follow it
-        print(f"sandbox: the program exited (SystemExit({exc.code!r})) before it ran to its end", file=sys.stderr)
+        print(
+            f"sandbox: the program exited (SystemExit({exc.code!r})) before it ran to its end",
+            file=sys.stderr,
+        )
         sys.exit(1)
     sys.stdout.flush()
     sys.stderr.flush()

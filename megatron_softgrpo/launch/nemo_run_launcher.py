@@ -48,7 +48,9 @@ if TYPE_CHECKING:
 
 # The sbatch template's defaults (#SBATCH --signal, --cpus-per-task in slurm/softgrpo.sbatch).
 SIGNAL_LEAD_S = 1800  # meant to exceed one GPU RL step (rollout + update) plus a checkpoint save
-CPUS_PER_TASK = 8  # a task and its env.num_workers math-verify grading processes (8 in the GPU recipes)
+CPUS_PER_TASK = (
+    8  # a task and its env.num_workers math-verify grading processes (8 in the GPU recipes)
+)
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,12 @@ class TrainJob:
 
     recipe: str
     overrides: tuple[str, ...] = ()
-    run_dir: str = ""  # logs and checkpoints, unless the overrides name them; "" -> runs/<name>/<timestamp>
-    python: str = "python"  # the interpreter with megatron_softgrpo, on the compute nodes / in the container
+    run_dir: str = (
+        ""  # logs and checkpoints, unless the overrides name them; "" -> runs/<name>/<timestamp>
+    )
+    python: str = (
+        "python"  # the interpreter with megatron_softgrpo, on the compute nodes / in the container
+    )
 
 
 @dataclass(frozen=True)
@@ -73,15 +79,19 @@ class SlurmResources:
     container_image: str | None = None  # pyxis/enroot image; None: no container flags
     container_mounts: tuple[str, ...] = ()
     requeues: int = 3  # NeMo-Run requeues a job that exits non-zero this many times
-    signal_lead_s: int = SIGNAL_LEAD_S  # SIGUSR1 this long before the time limit: checkpoint and exit 75
+    signal_lead_s: int = (
+        SIGNAL_LEAD_S  # SIGUSR1 this long before the time limit: checkpoint and exit 75
+    )
 
     def __post_init__(self):
         if self.tasks < 1:
             raise UserError("a CPU job (gpus_per_node=0) needs tasks_per_node >= 1")
         limit_s = slurm_time_s(self.time)
         if limit_s is not None and self.signal_lead_s >= limit_s:
-            raise UserError(f"--signal-lead-s {self.signal_lead_s} must be shorter than --time {self.time} ({limit_s} s): "
-                            "the job would be told to checkpoint and exit as soon as it starts")
+            raise UserError(
+                f"--signal-lead-s {self.signal_lead_s} must be shorter than --time {self.time} ({limit_s} s): "
+                "the job would be told to checkpoint and exit as soon as it starts"
+            )
 
     @property
     def tasks(self) -> int:
@@ -98,8 +108,15 @@ def slurm_time_s(spec: str) -> int | None:
         return None
     days, dash, clock = spec.rpartition("-")
     fields = clock.split(":")
-    if not re.fullmatch(r"\d*", days) or (dash and not days) or len(fields) > 3 or not all(f.isdigit() for f in fields):
-        raise UserError(f"--time {spec!r}: expected MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
+    if (
+        not re.fullmatch(r"\d*", days)
+        or (dash and not days)
+        or len(fields) > 3
+        or not all(f.isdigit() for f in fields)
+    ):
+        raise UserError(
+            f"--time {spec!r}: expected MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+        )
     values = [int(f) for f in fields]
     if dash:  # D-HH[:MM[:SS]]
         hours, minutes, seconds = (values + [0, 0])[:3]
@@ -120,18 +137,30 @@ def _import_nemo_run():
 
 def train_command(job: TrainJob, name: str) -> list[str]:
     """The task's argument list after the interpreter: -m megatron_softgrpo train RECIPE overrides."""
-    recipe = os.path.abspath(job.recipe) if os.path.exists(job.recipe) else job.recipe  # tasks start elsewhere
-    run_dir = os.path.abspath(job.run_dir or os.path.join("runs", name, time.strftime("%Y%m%d-%H%M%S")))
+    recipe = (
+        os.path.abspath(job.recipe) if os.path.exists(job.recipe) else job.recipe
+    )  # tasks start elsewhere
+    run_dir = os.path.abspath(
+        job.run_dir or os.path.join("runs", name, time.strftime("%Y%m%d-%H%M%S"))
+    )
     given = {item.partition("=")[0] for item in job.overrides}
-    defaults = {"logger.log_dir": run_dir, "checkpointing.checkpoint_dir": os.path.join(run_dir, "checkpoints")}
+    defaults = {
+        "logger.log_dir": run_dir,
+        "checkpointing.checkpoint_dir": os.path.join(run_dir, "checkpoints"),
+    }
     extra = [f"{key}={value}" for key, value in defaults.items() if key not in given]
     return ["train", recipe, *job.overrides, *extra]
 
 
 def train_script(job: TrainJob, name: str = "softgrpo") -> run.Script:
     run = _import_nemo_run()
-    return run.Script(path="megatron_softgrpo", m=True, entrypoint=job.python, args=train_command(job, name),
-                      env={"PYTHONUNBUFFERED": "1"})
+    return run.Script(
+        path="megatron_softgrpo",
+        m=True,
+        entrypoint=job.python,
+        args=train_command(job, name),
+        env={"PYTHONUNBUFFERED": "1"},
+    )
 
 
 def slurm_executor(res: SlurmResources) -> run.SlurmExecutor:
@@ -143,7 +172,9 @@ def slurm_executor(res: SlurmResources) -> run.SlurmExecutor:
         nodes=res.nodes,
         ntasks_per_node=res.tasks,
         cpus_per_task=res.cpus_per_task,
-        srun_args=[f"--cpus-per-task={res.cpus_per_task}"],  # srun of Slurm >= 22.05 does not inherit it
+        srun_args=[
+            f"--cpus-per-task={res.cpus_per_task}"
+        ],  # srun of Slurm >= 22.05 does not inherit it
         gpus_per_node=res.gpus_per_node or None,
         time=res.time,
         container_image=res.container_image,
@@ -151,7 +182,9 @@ def slurm_executor(res: SlurmResources) -> run.SlurmExecutor:
         signal=f"USR1@{res.signal_lead_s}",
         retries=res.requeues,
         packager=run.Packager(),  # the tasks import the installed package; nothing to copy
-        tunnel=run.LocalTunnel(job_dir=""),  # "": NeMo-Run's experiment directory itself, nothing to copy
+        tunnel=run.LocalTunnel(
+            job_dir=""
+        ),  # "": NeMo-Run's experiment directory itself, nothing to copy
     )
 
 
@@ -188,52 +221,87 @@ def check_recipe(job: TrainJob, world_size: int) -> None:
 
 def submission_error(error: Exception) -> str:
     """One line for a failed submission; for a command that failed (sbatch), its exit code and stderr."""
-    from invoke.exceptions import UnexpectedExit  # what NeMo-Run's tunnels raise for a failed command
+    from invoke.exceptions import (
+        UnexpectedExit,  # what NeMo-Run's tunnels raise for a failed command
+    )
 
     if isinstance(error, UnexpectedExit):
         result = error.result
-        return f"`{result.command}` exited {result.exited}: " + (" ".join(result.stderr.split()) or "(no stderr)")
+        return f"`{result.command}` exited {result.exited}: " + (
+            " ".join(result.stderr.split()) or "(no stderr)"
+        )
     return " ".join(f"{type(error).__name__}: {error}".split())
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nemo_run_launcher", description="softgrpo train through NeMo-Run")
+    p = argparse.ArgumentParser(
+        prog="nemo_run_launcher", description="softgrpo train through NeMo-Run"
+    )
     p.add_argument("executor", choices=["slurm", "local"])
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="dotted.key=value, as for softgrpo train")
     p.add_argument("--name", default="softgrpo", help="experiment and job name")
-    p.add_argument("--run-dir", default="", help="logs and checkpoints (default runs/<name>/<timestamp>)")
-    p.add_argument("--python", default="python", help="slurm: interpreter with megatron_softgrpo on the nodes / in the "
-                   "container (local: python and torchrun from PATH)")
+    p.add_argument(
+        "--run-dir", default="", help="logs and checkpoints (default runs/<name>/<timestamp>)"
+    )
+    p.add_argument(
+        "--python",
+        default="python",
+        help="slurm: interpreter with megatron_softgrpo on the nodes / in the "
+        "container (local: python and torchrun from PATH)",
+    )
     p.add_argument("--detach", action="store_true", help="slurm: return once submitted")
     s = p.add_argument_group("slurm")
     s.add_argument("--nodes", type=int, default=1)
     s.add_argument("--gpus-per-node", type=int, default=8, help="0: CPU job (gloo)")
-    s.add_argument("--tasks-per-node", type=int, default=None, help="default: one per GPU (slurm), 1 (local)")
-    s.add_argument("--cpus-per-task", type=int, default=CPUS_PER_TASK,
-                   help="for the task and its env.num_workers grading processes (CPU job on a small node: 1)")
+    s.add_argument(
+        "--tasks-per-node", type=int, default=None, help="default: one per GPU (slurm), 1 (local)"
+    )
+    s.add_argument(
+        "--cpus-per-task",
+        type=int,
+        default=CPUS_PER_TASK,
+        help="for the task and its env.num_workers grading processes (CPU job on a small node: 1)",
+    )
     s.add_argument("--account")
     s.add_argument("--partition")
     s.add_argument("--time", default="04:00:00")
     s.add_argument("--container-image")
     s.add_argument("--container-mounts", nargs="+", default=[], metavar="SRC:DST")
     s.add_argument("--requeues", type=int, default=3)
-    s.add_argument("--signal-lead-s", type=int, default=SIGNAL_LEAD_S,
-                   help="SIGUSR1 this long before --time: must exceed one RL step plus a checkpoint save")
+    s.add_argument(
+        "--signal-lead-s",
+        type=int,
+        default=SIGNAL_LEAD_S,
+        help="SIGUSR1 this long before --time: must exceed one RL step plus a checkpoint save",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_intermixed_args(argv)
     # torchrun (local, several tasks) starts `python` itself: the one on PATH
-    job = TrainJob(ns.recipe, tuple(ns.overrides), ns.run_dir, ns.python if ns.executor == "slurm" else "python")
+    job = TrainJob(
+        ns.recipe,
+        tuple(ns.overrides),
+        ns.run_dir,
+        ns.python if ns.executor == "slurm" else "python",
+    )
     try:
         if ns.executor == "slurm":
             res = SlurmResources(
-                nodes=ns.nodes, gpus_per_node=ns.gpus_per_node, tasks_per_node=ns.tasks_per_node,
-                cpus_per_task=ns.cpus_per_task, account=ns.account, partition=ns.partition, time=ns.time,
-                container_image=ns.container_image, container_mounts=tuple(ns.container_mounts),
-                requeues=ns.requeues, signal_lead_s=ns.signal_lead_s)
+                nodes=ns.nodes,
+                gpus_per_node=ns.gpus_per_node,
+                tasks_per_node=ns.tasks_per_node,
+                cpus_per_task=ns.cpus_per_task,
+                account=ns.account,
+                partition=ns.partition,
+                time=ns.time,
+                container_image=ns.container_image,
+                container_mounts=tuple(ns.container_mounts),
+                requeues=ns.requeues,
+                signal_lead_s=ns.signal_lead_s,
+            )
             check_recipe(job, res.world_size)
             executor = slurm_executor(res)
         else:

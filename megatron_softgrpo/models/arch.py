@@ -33,16 +33,25 @@ class ModelArch:
     rope_scaling: dict | None = None
 
     @classmethod
-    def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelArch":
+    def from_hf_config(cls, cfg: dict, source: str = "config.json") -> ModelArch:
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UserError(f"{source}: model_type={model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}")
+            raise UserError(
+                f"{source}: model_type={model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}"
+            )
         if cfg.get("hidden_act", "silu") != "silu":
-            raise UserError(f"{source}: hidden_act={cfg.get('hidden_act')!r}; only 'silu' (SwiGLU) is supported")
+            raise UserError(
+                f"{source}: hidden_act={cfg.get('hidden_act')!r}; only 'silu' (SwiGLU) is supported"
+            )
         # transformers >= 5 nests RoPE settings under rope_parameters; older configs use rope_theta/rope_scaling.
         rope = dict(cfg.get("rope_parameters") or {})
         legacy_scaling = cfg.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type") or legacy_scaling.get("rope_type") or legacy_scaling.get("type") or "default"
+        rope_type = (
+            rope.get("rope_type")
+            or legacy_scaling.get("rope_type")
+            or legacy_scaling.get("type")
+            or "default"
+        )
         scaling = None
         if rope_type == "llama3":
             src = {**legacy_scaling, **rope}
@@ -53,7 +62,9 @@ class ModelArch:
                 "original_max_position_embeddings": int(src["original_max_position_embeddings"]),
             }
         elif rope_type != "default":
-            raise UserError(f"{source}: rope type {rope_type!r} is not supported; expected 'default' or 'llama3'")
+            raise UserError(
+                f"{source}: rope type {rope_type!r} is not supported; expected 'default' or 'llama3'"
+            )
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         return cls(
@@ -75,10 +86,12 @@ class ModelArch:
         )
 
     @classmethod
-    def from_hf_dir(cls, hf_dir: str | Path) -> "ModelArch":
+    def from_hf_dir(cls, hf_dir: str | Path) -> ModelArch:
         path = Path(hf_dir) / "config.json"
         if not path.is_file():
-            raise UserError(f"{path}: not found; expected a Hugging Face model directory with config.json")
+            raise UserError(
+                f"{path}: not found; expected a Hugging Face model directory with config.json"
+            )
         try:
             cfg = json.loads(path.read_text())
         except json.JSONDecodeError as e:
@@ -89,7 +102,7 @@ class ModelArch:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelArch":
+    def from_dict(cls, d: dict) -> ModelArch:
         return cls(**d)
 
     def padded_vocab_size(self, divisible_by: int = 128) -> int:
@@ -101,7 +114,10 @@ class ModelArch:
 
     def rope_inv_freq(self) -> torch.Tensor:
         """RoPE inverse frequencies (fp32), including llama3 scaling when configured."""
-        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
+        inv_freq = 1.0 / (
+            self.rope_theta
+            ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim)
+        )
         if self.rope_scaling is None:
             return inv_freq
         s = self.rope_scaling
@@ -110,7 +126,9 @@ class ModelArch:
         high_wavelen = old_len / s["high_freq_factor"]
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
-        smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+        smooth = (old_len / wavelen - s["low_freq_factor"]) / (
+            s["high_freq_factor"] - s["low_freq_factor"]
+        )
         smoothed = (1 - smooth) * scaled / s["factor"] + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return torch.where(medium, smoothed, scaled)

@@ -109,7 +109,12 @@ def layer_spec(mcfg: MegatronCfg):
     return spec
 
 
-def build_gpt_model(arch: ModelArch, mcfg: MegatronCfg, precision: str = "float32", padded_vocab_size: int | None = None):
+def build_gpt_model(
+    arch: ModelArch,
+    mcfg: MegatronCfg,
+    precision: str = "float32",
+    padded_vocab_size: int | None = None,
+):
     """This rank's shard of the model; parallel_state must be initialised (see distributed.py)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel

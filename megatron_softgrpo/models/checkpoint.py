@@ -37,7 +37,9 @@ class CheckpointMeta:
     padded_vocab_size: int
     hf_config: dict = field(default_factory=dict)  # the source config.json, written back on export
     step: int = 0
-    saved_layout: dict = field(default_factory=dict)  # {"tensor_parallel", "pipeline_parallel", "world_size"}
+    saved_layout: dict = field(
+        default_factory=dict
+    )  # {"tensor_parallel", "pipeline_parallel", "world_size"}
     precision: str = "float32"
     extra: dict = field(default_factory=dict)  # caller's JSON-able state (data position, RNG, ...)
     format_version: int = FORMAT_VERSION
@@ -73,7 +75,9 @@ def read_meta(path: str | Path) -> CheckpointMeta:
     except (json.JSONDecodeError, TypeError) as e:
         raise UserError(f"{meta_path}: unreadable checkpoint metadata ({e})") from None
     if meta.format_version != FORMAT_VERSION:
-        raise UserError(f"{meta_path}: format_version={meta.format_version}; this version reads {FORMAT_VERSION}")
+        raise UserError(
+            f"{meta_path}: format_version={meta.format_version}; this version reads {FORMAT_VERSION}"
+        )
     return meta
 
 
@@ -115,7 +119,9 @@ def save_checkpoint(
         meta.saved_layout = {
             "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
             "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
-            "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+            "world_size": torch.distributed.get_world_size()
+            if torch.distributed.is_initialized()
+            else 1,
         }
         if tokenizer is not None:
             tokenizer.save_pretrained(str(partial / "tokenizer"))

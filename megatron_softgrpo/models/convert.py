@@ -19,7 +19,12 @@ from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.checkpoint import CheckpointMeta, read_meta, save_checkpoint
 from megatron_softgrpo.models.hf_mapping import full_state_dict, hf_state_from_full_megatron
 from megatron_softgrpo.models.loading import load_model
-from megatron_softgrpo.models.source import ModelSource, has_tokenizer, load_tokenizer, resolve_model_source
+from megatron_softgrpo.models.source import (
+    ModelSource,
+    has_tokenizer,
+    load_tokenizer,
+    resolve_model_source,
+)
 
 SHARD_BYTES = 4 * 1024**3
 HF_CLASSES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
@@ -36,7 +41,9 @@ def _layout_mcfg(source: ModelSource, tp: int, pp: int) -> MegatronCfg:
 def hf_to_megatron(hf: str, out: str, tp: int = 1, pp: int = 1, precision: str = "float32") -> Path:
     source = resolve_model_source(hf)
     if source.kind != "hf":
-        raise UserError(f"--hf {hf}: expected a Hugging Face model directory (config.json + safetensors)")
+        raise UserError(
+            f"--hf {hf}: expected a Hugging Face model directory (config.json + safetensors)"
+        )
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"--out {out}: directory exists and is not empty; choose a new directory")
@@ -52,7 +59,10 @@ def hf_to_megatron(hf: str, out: str, tp: int = 1, pp: int = 1, precision: str =
     tokenizer = load_tokenizer(source) if is_main_rank() and has_tokenizer(source.path) else None
     save_checkpoint(out_dir, {"model": model.sharded_state_dict()}, meta, tokenizer=tokenizer)
     if is_main_rank():
-        print(f"[softgrpo] wrote {out_dir} (saved at TP={tp} PP={pp}; loads at any layout)", flush=True)
+        print(
+            f"[softgrpo] wrote {out_dir} (saved at TP={tp} PP={pp}; loads at any layout)",
+            flush=True,
+        )
     return out_dir
 
 
@@ -68,6 +78,7 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path) -> None:
             size = 0
         shards[-1][name] = t.contiguous()
         size += nbytes
+
     def save(shard: dict[str, torch.Tensor], fname: str) -> None:
         save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
         os.chmod(out_dir / fname, 0o644)  # safetensors writes 0600; exports are shared files

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -46,7 +46,9 @@ class HFCheckpointReader:
             files = sorted(p.name for p in self.dir.glob("*.safetensors"))
             weight_map = None
         if not files:
-            raise UserError(f"{self.dir}: no *.safetensors weights found (PyTorch .bin checkpoints are not supported)")
+            raise UserError(
+                f"{self.dir}: no *.safetensors weights found (PyTorch .bin checkpoints are not supported)"
+            )
         self._handles = {f: safe_open(str(self.dir / f), framework="pt") for f in files}
         self._where = weight_map or {k: f for f, h in self._handles.items() for k in h.keys()}
 
@@ -77,7 +79,9 @@ def _group_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: ModelArc
     return torch.cat([q, k, v], dim=1).reshape(-1, *tail)
 
 
-def _split_qkv(qkv: torch.Tensor, arch: ModelArch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _split_qkv(
+    qkv: torch.Tensor, arch: ModelArch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     groups, hd = arch.num_key_value_heads, arch.head_dim
     q_per_group = arch.num_attention_heads // groups * hd
     tail = qkv.shape[1:]
@@ -86,13 +90,18 @@ def _split_qkv(qkv: torch.Tensor, arch: ModelArch) -> tuple[torch.Tensor, torch.
     return q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)
 
 
-def full_megatron_tensor(name: str, arch: ModelArch, padded_vocab: int, hf: Callable[[str], torch.Tensor]) -> torch.Tensor:
+def full_megatron_tensor(
+    name: str, arch: ModelArch, padded_vocab: int, hf: Callable[[str], torch.Tensor]
+) -> torch.Tensor:
     """The full (TP=1) Megatron tensor `name` (local-spec name, global layer index) built from HF tensors."""
     if name == "embedding.word_embeddings.weight":
         return _pad_vocab(hf("model.embed_tokens.weight"), padded_vocab)
     if name == "output_layer.weight":
         # a tied model's last pipeline stage holds its own copy of the embedding
-        return _pad_vocab(hf("model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"), padded_vocab)
+        return _pad_vocab(
+            hf("model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"),
+            padded_vocab,
+        )
     if name == "decoder.final_layernorm.weight":
         return hf("model.norm.weight")
     m = _LAYER.match(name)
@@ -107,7 +116,9 @@ def full_megatron_tensor(name: str, arch: ModelArch, padded_vocab: int, hf: Call
     if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = rest.rsplit(".", 1)[1]
         a = p + "self_attn."
-        return _group_qkv(hf(f"{a}q_proj.{kind}"), hf(f"{a}k_proj.{kind}"), hf(f"{a}v_proj.{kind}"), arch)
+        return _group_qkv(
+            hf(f"{a}q_proj.{kind}"), hf(f"{a}k_proj.{kind}"), hf(f"{a}v_proj.{kind}"), arch
+        )
     if rest == "self_attention.linear_proj.weight":
         return hf(p + "self_attn.o_proj.weight")
     if rest == "mlp.linear_fc1.weight":
@@ -117,7 +128,9 @@ def full_megatron_tensor(name: str, arch: ModelArch, padded_vocab: int, hf: Call
     raise KeyError(f"no Hugging Face source for Megatron tensor {name}")
 
 
-def hf_state_from_full_megatron(full: dict[str, torch.Tensor], arch: ModelArch) -> dict[str, torch.Tensor]:
+def hf_state_from_full_megatron(
+    full: dict[str, torch.Tensor], arch: ModelArch
+) -> dict[str, torch.Tensor]:
     """Inverse of `full_megatron_tensor` for a whole TP=1/PP=1 state dict (local-spec names)."""
     v = arch.vocab_size
     out = {
@@ -133,7 +146,11 @@ def hf_state_from_full_megatron(full: dict[str, torch.Tensor], arch: ModelArch) 
         kinds = ("weight", "bias") if arch.qkv_bias else ("weight",)
         for kind in kinds:
             q, k, vv = _split_qkv(full[f"{m}self_attention.linear_qkv.{kind}"], arch)
-            out[f"{p}self_attn.q_proj.{kind}"], out[f"{p}self_attn.k_proj.{kind}"], out[f"{p}self_attn.v_proj.{kind}"] = q, k, vv
+            (
+                out[f"{p}self_attn.q_proj.{kind}"],
+                out[f"{p}self_attn.k_proj.{kind}"],
+                out[f"{p}self_attn.v_proj.{kind}"],
+            ) = q, k, vv
         out[p + "self_attn.o_proj.weight"] = full[m + "self_attention.linear_proj.weight"]
         gate, up = full[m + "mlp.linear_fc1.weight"].chunk(2)
         out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
@@ -153,7 +170,9 @@ def named_model_tensors(model) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
         yield name, local_name, param
 
 
-def tp_slice(full: torch.Tensor, param: torch.nn.Parameter, name: str, tp_rank: int, tp_size: int) -> torch.Tensor:
+def tp_slice(
+    full: torch.Tensor, param: torch.nn.Parameter, name: str, tp_rank: int, tp_size: int
+) -> torch.Tensor:
     """This TP rank's slice of a full tensor, following Megatron's partitioning of `param`."""
     if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
         return full
@@ -171,11 +190,13 @@ def load_hf_weights(model, reader: HFCheckpointReader, arch: ModelArch, padded_v
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    for name, local_name, param in named_model_tensors(model):
+    for name, _, param in named_model_tensors(model):
         full = full_megatron_tensor(name, arch, padded_vocab, reader.get)
         shard = tp_slice(full, param, name, tp_rank, tp_size)
         if shard.shape != param.shape:
-            raise UserError(f"{reader.dir}: {name}: shape {tuple(shard.shape)} does not fit the model's {tuple(param.shape)}")
+            raise UserError(
+                f"{reader.dir}: {name}: shape {tuple(shard.shape)} does not fit the model's {tuple(param.shape)}"
+            )
         param.copy_(shard.to(param.dtype))
 
 

@@ -11,7 +11,9 @@ from megatron_softgrpo.models.source import ModelSource
 
 
 def padded_vocab_for(source: ModelSource, mcfg: MegatronCfg) -> int:
-    padded = source.padded_vocab_size or source.arch.padded_vocab_size(mcfg.make_vocab_size_divisible_by)
+    padded = source.padded_vocab_size or source.arch.padded_vocab_size(
+        mcfg.make_vocab_size_divisible_by
+    )
     if padded % mcfg.tensor_model_parallel_size:
         raise UserError(
             f"{source.path}: padded vocabulary {padded} is not divisible by "

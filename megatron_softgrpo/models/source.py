@@ -82,7 +82,9 @@ def materialize_smollm2(target: Path | None = None) -> Path:
     gguf = smollm2_gguf_path()
     print(f"[softgrpo] dequantising {gguf.name} into {target} (once, ~30 s)", flush=True)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
     # transformers refuses save_pretrained on a GGUF-loaded model, so write the dequantised tensors ourselves
     from safetensors.torch import save_file
 
@@ -122,12 +124,18 @@ def resolve_model_source(name: str) -> ModelSource:
     if (path / "config.json").is_file():
         return ModelSource("hf", path, ModelArch.from_hf_dir(path))
     if path.exists():
-        raise UserError(f"{path}: neither a Hugging Face model directory (config.json) nor a megatron-softgrpo checkpoint")
-    raise UserError(f"{name}: no such model directory, and not a built-in model name (built-in: {SMOLLM2})")
+        raise UserError(
+            f"{path}: neither a Hugging Face model directory (config.json) nor a megatron-softgrpo checkpoint"
+        )
+    raise UserError(
+        f"{name}: no such model directory, and not a built-in model name (built-in: {SMOLLM2})"
+    )
 
 
 def has_tokenizer(path: Path) -> bool:
-    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    return any(
+        (path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    )
 
 
 def load_tokenizer(source: ModelSource, override: str | None = None):

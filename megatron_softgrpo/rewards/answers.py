@@ -1,6 +1,6 @@
 """Which part of a response is its final answer (`env.answer_format`), in one place for every reward.
 
-- `boxed` (default, SPEC.md section 6): the content of the right-most `\\boxed{}` (`boxed.last_boxed`).
+- `boxed` (default, docs/algorithm.md section 6): the content of the right-most `\\boxed{}` (`boxed.last_boxed`).
 - `last_number`: the last number written in the response, as lm-evaluation-harness's
   "flexible-extract" reads GSM8K answers: an optional minus sign, digits with optional
   thousands separators ("1,000" -> "1000") and an optional decimal part. A period not followed by
@@ -34,4 +34,6 @@ def extract_answer(text: str, answer_format: AnswerFormat = "boxed") -> str | No
         return last_boxed(text)
     if answer_format == "last_number":
         return last_number(text)
-    raise ValueError(f"unknown answer format {answer_format!r}; expected one of {', '.join(ANSWER_FORMATS)}")
+    raise ValueError(
+        f"unknown answer format {answer_format!r}; expected one of {', '.join(ANSWER_FORMATS)}"
+    )

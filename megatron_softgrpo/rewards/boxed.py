@@ -1,4 +1,4 @@
-"""The final answer of a response: the content of its right-most `\\boxed{...}` (SPEC.md section 6)."""
+"""The final answer of a response: the content of its right-most `\\boxed{...}` (docs/algorithm.md section 6)."""
 
 from __future__ import annotations
 

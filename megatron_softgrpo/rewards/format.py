@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 
-def with_format_bonus(correct: torch.Tensor, answered: torch.Tensor, truncated: torch.Tensor, bonus: float) -> torch.Tensor:
+def with_format_bonus(
+    correct: torch.Tensor, answered: torch.Tensor, truncated: torch.Tensor, bonus: float
+) -> torch.Tensor:
     """correct + bonus for each response that gives an answer (`env.answer_format`) and ends before the length limit."""
     return correct + bonus * (answered & ~truncated).to(correct.dtype)

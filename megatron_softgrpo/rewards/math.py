@@ -10,7 +10,7 @@ thread and cannot stop every slow sympy call, so they are disabled here
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from math_verify import parse, verify
 
@@ -61,7 +61,9 @@ def answer_classes(answers: Sequence[str | None]) -> list[int | None]:
                 classes.append(rep_index)
                 break
         else:
-            representatives.append((index, answer, parsed if parsed is not None else _parse_answer(answer)))
+            representatives.append(
+                (index, answer, parsed if parsed is not None else _parse_answer(answer))
+            )
             classes.append(index)
     return classes
 
@@ -79,7 +81,9 @@ def _is_correct_item(item: tuple[str | None, str]) -> bool:
 class MathGrader:
     """Batch math grading in worker processes; each item has a hard wall-clock timeout (then: wrong)."""
 
-    def __init__(self, num_workers: int = 2, timeout_s: float = 10.0, memory_limit_mb: int | None = 4096):
+    def __init__(
+        self, num_workers: int = 2, timeout_s: float = 10.0, memory_limit_mb: int | None = 4096
+    ):
         self.pool = TimeoutPool(num_workers, timeout_s, memory_limit_mb, preload=[__name__])
 
     def grade_answers(self, answers: Sequence[str | None], references: Sequence[str]) -> list[bool]:
@@ -87,7 +91,9 @@ class MathGrader:
         if len(answers) != len(references):
             raise ValueError(f"{len(answers)} answers but {len(references)} references")
         todo = [i for i, answer in enumerate(answers) if answer]
-        graded = self.pool.map(_is_correct_item, [(answers[i], references[i]) for i in todo], default=False)
+        graded = self.pool.map(
+            _is_correct_item, [(answers[i], references[i]) for i in todo], default=False
+        )
         correct = [False] * len(answers)
         for i, ok in zip(todo, graded):
             correct[i] = ok
@@ -100,7 +106,9 @@ class MathGrader:
     def classes(self, answer_lists: Sequence[Sequence[str | None]]) -> list[list[int | None]]:
         """`answer_classes` of each problem's answers; a problem that times out falls back to exact text."""
         clustered = self.pool.map(answer_classes, [list(a) for a in answer_lists], default=None)
-        return [c if c is not None else exact_answer_classes(a) for c, a in zip(clustered, answer_lists)]
+        return [
+            c if c is not None else exact_answer_classes(a) for c, a in zip(clustered, answer_lists)
+        ]
 
     def close(self) -> None:
         self.pool.close()

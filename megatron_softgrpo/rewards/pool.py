@@ -21,9 +21,10 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 from megatron_softgrpo.rewards.pool_worker import READY
 
@@ -79,7 +80,11 @@ class TimeoutPool:
 
     def _launch(self) -> _Worker:
         ours, theirs = socket.socketpair()
-        settings = {"sys_path": sys.path, "preload": self.preload, "memory_limit_mb": self.memory_limit_mb}
+        settings = {
+            "sys_path": sys.path,
+            "preload": self.preload,
+            "memory_limit_mb": self.memory_limit_mb,
+        }
         process = subprocess.Popen(
             [sys.executable, "-c", _WORKER_BOOT, str(theirs.fileno()), json.dumps(settings)],
             pass_fds=[theirs.fileno()],
@@ -92,11 +97,16 @@ class TimeoutPool:
         deadline = time.monotonic() + _STARTUP_TIMEOUT_S
         for worker in workers:
             try:
-                ready = worker.conn.poll(max(0.0, deadline - time.monotonic())) and worker.conn.recv() == READY
+                ready = (
+                    worker.conn.poll(max(0.0, deadline - time.monotonic()))
+                    and worker.conn.recv() == READY
+                )
             except (EOFError, OSError):  # it exited: its error is on stderr
                 ready = False
             if not ready:
-                raise RuntimeError(f"grading worker {worker.process.pid} did not start (preload {self.preload})")
+                raise RuntimeError(
+                    f"grading worker {worker.process.pid} did not start (preload {self.preload})"
+                )
 
     @staticmethod
     def _stop(worker: _Worker) -> None:
@@ -125,16 +135,22 @@ class TimeoutPool:
     def map(self, fn: Callable[[T], R], items: Sequence[T], default: R) -> list[R]:
         with self._lock:
             self._ensure_workers(min(self.num_workers, len(items)))
-            busy: dict[Connection, tuple[_Worker, int, float]] = {}  # conn -> (worker, item index, deadline)
+            busy: dict[
+                Connection, tuple[_Worker, int, float]
+            ] = {}  # conn -> (worker, item index, deadline)
             try:
                 return self._dispatch(fn, items, default, busy)
-            except BaseException:  # e.g. KeyboardInterrupt: busy workers hold answers nobody will read
+            except (
+                BaseException
+            ):  # e.g. KeyboardInterrupt: busy workers hold answers nobody will read
                 for worker, _, _ in busy.values():
                     self._stop(worker)
                     self._workers.remove(worker)
                 raise
 
-    def _dispatch(self, fn: Callable[[T], R], items: Sequence[T], default: R, busy: dict) -> list[R]:
+    def _dispatch(
+        self, fn: Callable[[T], R], items: Sequence[T], default: R, busy: dict
+    ) -> list[R]:
         results: list[R] = [default] * len(items)
         pending = deque(enumerate(items))
         idle = list(self._workers)
@@ -170,7 +186,9 @@ class TimeoutPool:
                     del busy[conn]
                     self.timeouts += 1
                     logger.warning(
-                        "item %d exceeded the %.1f s timeout; its worker was killed", index, self.timeout_s
+                        "item %d exceeded the %.1f s timeout; its worker was killed",
+                        index,
+                        self.timeout_s,
                     )
                     idle.append(self._replace(worker))
         return results

@@ -3,13 +3,14 @@
 Every reward is called as `reward(responses, references, metadata) -> list[float]` (one value per
 response, in order) and reads the response's answer as `env.answer_format` says
 (`answers.extract_answer`): by default its right-most `\\boxed{}`, the format the prompt template
-asks for (SPEC.md section 6).
+asks for (docs/algorithm.md section 6).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.rewards.answers import AnswerFormat, extract_answer
@@ -28,7 +29,9 @@ class RewardFn(Protocol):
 class MathVerifyReward:
     """1.0 when the answer is math-verify equivalent to the reference, else 0.0 (also on timeout)."""
 
-    def __init__(self, answer_format: AnswerFormat = "boxed", num_workers: int = 2, timeout_s: float = 10.0):
+    def __init__(
+        self, answer_format: AnswerFormat = "boxed", num_workers: int = 2, timeout_s: float = 10.0
+    ):
         from megatron_softgrpo.rewards.math import MathGrader  # imports sympy: only when selected
 
         self.answer_format = answer_format
@@ -47,7 +50,10 @@ class ExactMatchReward:
 
     def __call__(self, responses, references, metadata=None) -> list[float]:
         _check_lengths(responses, references)
-        return [float(extract_answer(r, self.answer_format) == str(ref).strip()) for r, ref in zip(responses, references)]
+        return [
+            float(extract_answer(r, self.answer_format) == str(ref).strip())
+            for r, ref in zip(responses, references)
+        ]
 
 
 @functools.cache
@@ -71,7 +77,9 @@ class ReasoningGymReward:
     (then: 0.0).
     """
 
-    def __init__(self, answer_format: AnswerFormat = "boxed", num_workers: int = 2, timeout_s: float = 10.0):
+    def __init__(
+        self, answer_format: AnswerFormat = "boxed", num_workers: int = 2, timeout_s: float = 10.0
+    ):
         self.answer_format = answer_format
         self.pool = TimeoutPool(num_workers, timeout_s, preload=["reasoning_gym"])
 
@@ -89,7 +97,12 @@ class ReasoningGymReward:
                     f"reward reasoning_gym: metadata of response {i} has no 'source_dataset' "
                     "(this reward needs problems from a reasoning_gym dataset)"
                 )
-            items.append((extract_answer(response, self.answer_format), {"answer": reference, "metadata": dict(meta)}))
+            items.append(
+                (
+                    extract_answer(response, self.answer_format),
+                    {"answer": reference, "metadata": dict(meta)},
+                )
+            )
         return self.pool.map(_reasoning_gym_score, items, default=0.0)
 
 
@@ -107,7 +120,11 @@ REWARDS: dict[str, Callable[[AnswerFormat, int, float], RewardFn]] = {
 
 
 def get_reward(
-    name: str = "math_verify", *, answer_format: AnswerFormat = "boxed", num_workers: int = 2, timeout_s: float = 10.0
+    name: str = "math_verify",
+    *,
+    answer_format: AnswerFormat = "boxed",
+    num_workers: int = 2,
+    timeout_s: float = 10.0,
 ) -> RewardFn:
     """A new reward function by name, reading answers in `answer_format`; `num_workers` processes
     grade in parallel, each item within `timeout_s`."""

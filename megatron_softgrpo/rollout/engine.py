@@ -1,4 +1,4 @@
-"""Batched generation with a soft thinking phase and a discrete answer phase (SPEC.md section 1).
+"""Batched generation with a soft thinking phase and a discrete answer phase (docs/algorithm.md section 1).
 
 Every response starts in the thinking phase, sampled by the algorithm's soft sampler (or
 discretely for GRPO, which has no soft phase). The step whose transcript token completes the
@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -34,30 +33,39 @@ from megatron_softgrpo.soft.vocab import log_normalizer, softmax_entropy
 
 THINK, FORCE, ANSWER = 0, 1, 2
 GENERATION_CONFIG = "generation_config.json"
-SAMPLER_ALGORITHM = {"gumbel": "softgrpo", "discrete": "grpo"}  # other samplers share their algorithm's name
+SAMPLER_ALGORITHM = {
+    "gumbel": "softgrpo",
+    "discrete": "grpo",
+}  # other samplers share their algorithm's name
 REASONS = ("eos", "stop", "length")
 
 
 @dataclass(frozen=True)
 class RolloutSettings:
-    thinking_sampler: Optional[Sampler]  # None: discrete from the first step (GRPO, plain decoding)
+    thinking_sampler: Sampler | None  # None: discrete from the first step (GRPO, plain decoding)
     answer_sampler: Sampler
     answer_temperature: float  # the discrete-row scoring temperature (marker step)
     think_end: str
     max_new_tokens: int
     eos_ids: frozenset[int]
     stop_strings: tuple[str, ...] = ()
-    max_thinking_tokens: Optional[int] = None
-    cold_stop_entropy: Optional[float] = None
+    max_thinking_tokens: int | None = None
+    cold_stop_entropy: float | None = None
     cold_stop_steps: int = 256
     use_kv_cache: bool = True
-    max_rows_per_pass: Optional[int] = None  # decode in passes of at most this many rows
+    max_rows_per_pass: int | None = None  # decode in passes of at most this many rows
 
     @classmethod
-    def from_recipe(cls, cfg: RecipeCfg, tokenizer, hidden_size: int, **overrides) -> "RolloutSettings":
+    def from_recipe(
+        cls, cfg: RecipeCfg, tokenizer, hidden_size: int, **overrides
+    ) -> RolloutSettings:
         soft, gen = cfg.softgrpo, cfg.policy.generation
-        if soft.sampler is not None:  # decode as another algorithm would (e.g. soft decoding of a GRPO model)
-            soft = soft.model_copy(update={"algorithm": SAMPLER_ALGORITHM.get(soft.sampler, soft.sampler)})
+        if (
+            soft.sampler is not None
+        ):  # decode as another algorithm would (e.g. soft decoding of a GRPO model)
+            soft = soft.model_copy(
+                update={"algorithm": SAMPLER_ALGORITHM.get(soft.sampler, soft.sampler)}
+            )
         eos = eos_token_ids(cfg.policy.model_name, tokenizer)
         settings = dict(
             thinking_sampler=soft_recipe.thinking_sampler(soft, hidden_size),
@@ -83,7 +91,9 @@ def eos_token_ids(model_name: str, tokenizer) -> frozenset[int]:
 
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     source = resolve_model_source(model_name)
-    for path in dict.fromkeys([source.path / GENERATION_CONFIG, source.tokenizer_path / GENERATION_CONFIG]):
+    for path in dict.fromkeys(
+        [source.path / GENERATION_CONFIG, source.tokenizer_path / GENERATION_CONFIG]
+    ):
         if path.is_file():
             ids |= _generation_config_eos(path)
     return frozenset(ids)
@@ -96,7 +106,9 @@ def _generation_config_eos(path: Path) -> set[int]:
         raise UserError(f"{path}: not a readable JSON object ({e})") from None
     values = value if isinstance(value, list) else [] if value is None else [value]
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-        raise UserError(f"{path}: eos_token_id={value!r}; expected a token id or a list of token ids")
+        raise UserError(
+            f"{path}: eos_token_id={value!r}; expected a token id or a list of token ids"
+        )
     return set(values)
 
 
@@ -109,11 +121,15 @@ class Trajectories:
     """
 
     rows: MixtureRows  # [B, S]
-    loss_mask: torch.Tensor  # [B, S] bool: generated rows the policy sampled (not forced, not padding)
+    loss_mask: (
+        torch.Tensor
+    )  # [B, S] bool: generated rows the policy sampled (not forced, not padding)
     rollout_logp: torch.Tensor  # [B, S] fp32: the rollout's own log-density of each scored row
     prompt_lengths: torch.Tensor  # [B]
     response_lengths: torch.Tensor  # [B]
-    think_lengths: torch.Tensor  # [B] response tokens before the answer phase (= length if never ended)
+    think_lengths: (
+        torch.Tensor
+    )  # [B] response tokens before the answer phase (= length if never ended)
     finish_reasons: list[str]  # "eos" | "stop" | "length"
     texts: list[str]  # the whole response
     thinking_texts: list[str]
@@ -131,7 +147,9 @@ def _step_tensors(step: SampledStep) -> list[torch.Tensor]:
 
 
 class RolloutEngine:
-    def __init__(self, model, tokenizer, shard: VocabShard, settings: RolloutSettings, pad_id: int = 0):
+    def __init__(
+        self, model, tokenizer, shard: VocabShard, settings: RolloutSettings, pad_id: int = 0
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.shard = shard
@@ -154,8 +172,13 @@ class RolloutEngine:
         try:
             per_pass = len(prompts)
             if self.s.max_rows_per_pass is not None:
-                per_pass = max(1, self.s.max_rows_per_pass // num_generations)  # whole groups per pass
-            passes = [self._generate(prompts[i : i + per_pass], num_generations) for i in range(0, len(prompts), per_pass)]
+                per_pass = max(
+                    1, self.s.max_rows_per_pass // num_generations
+                )  # whole groups per pass
+            passes = [
+                self._generate(prompts[i : i + per_pass], num_generations)
+                for i in range(0, len(prompts), per_pass)
+            ]
             return passes[0] if len(passes) == 1 else self._concatenated(passes)
         finally:
             self.model.train(was_training)
@@ -169,10 +192,18 @@ class RolloutEngine:
             if not extra:
                 return t
             b, device = t.rows.tokens.shape[0], t.rows.tokens.device
-            fill = MixtureRows.discrete(torch.full((b, extra), self.pad_id, dtype=torch.long, device=device), self.mixture_size)
+            fill = MixtureRows.discrete(
+                torch.full((b, extra), self.pad_id, dtype=torch.long, device=device),
+                self.mixture_size,
+            )
             rows = MixtureRows.cat([t.rows, fill], dim=1)
             zeros = torch.zeros(b, extra, device=device)
-            return replace(t, rows=rows, loss_mask=torch.cat([t.loss_mask, zeros.bool()], 1), rollout_logp=torch.cat([t.rollout_logp, zeros], 1))
+            return replace(
+                t,
+                rows=rows,
+                loss_mask=torch.cat([t.loss_mask, zeros.bool()], 1),
+                rollout_logp=torch.cat([t.rollout_logp, zeros], 1),
+            )
 
         parts = [padded(t) for t in passes]
         joined = {}
@@ -229,7 +260,7 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ one step (last pipeline stage)
 
-    def _sample(self, logits: torch.Tensor, state: "_RowState", active: torch.Tensor, t: int):
+    def _sample(self, logits: torch.Tensor, state: _RowState, active: torch.Tensor, t: int):
         """The step of the active rows; the per-row bookkeeping runs on host lists (one sync per step)."""
         n, device = len(active), logits.device
         rows = active.tolist()
@@ -239,14 +270,30 @@ class RolloutEngine:
         think = phase == THINK
         answer = phase == ANSWER
         if THINK in phases:
-            step = self._fill(step, think, self.s.thinking_sampler.sample(logits[think], self.shard))
+            step = self._fill(
+                step, think, self.s.thinking_sampler.sample(logits[think], self.shard)
+            )
         if ANSWER in phases:
-            step = self._fill(step, answer, self.s.answer_sampler.sample(logits[answer], self.shard))
+            step = self._fill(
+                step, answer, self.s.answer_sampler.sample(logits[answer], self.shard)
+            )
         scored = phase != FORCE
         if FORCE in phases:
-            ids = [self.marker_ids[state.forced_pos[row]] for row, ph in zip(rows, phases) if ph == FORCE]
-            step = self._fill(step, phase == FORCE, _discrete_step(torch.tensor(ids, device=device), self.mixture_size))
-        cold = self._low_entropy(logits, think).tolist() if self.s.cold_stop_entropy is not None and THINK in phases else [False] * n
+            ids = [
+                self.marker_ids[state.forced_pos[row]]
+                for row, ph in zip(rows, phases)
+                if ph == FORCE
+            ]
+            step = self._fill(
+                step,
+                phase == FORCE,
+                _discrete_step(torch.tensor(ids, device=device), self.mixture_size),
+            )
+        cold = (
+            self._low_entropy(logits, think).tolist()
+            if self.s.cold_stop_entropy is not None and THINK in phases
+            else [False] * n
+        )
 
         done: list[int] = []
         for i, (row, ph, token) in enumerate(zip(rows, phases, step.tokens.tolist())):
@@ -257,13 +304,25 @@ class RolloutEngine:
                     continue
                 if self.marker.completed(state.transcripts[row]):
                     # the marker step is a discrete step, scored at the answer temperature
-                    lp = discrete_log_density(logits[i : i + 1], step.tokens[i : i + 1], self.s.answer_temperature, self.shard)
-                    step = self._fill(step, _index_mask(i, n, device), _discrete_step(step.tokens[i : i + 1], self.mixture_size, lp))
+                    lp = discrete_log_density(
+                        logits[i : i + 1],
+                        step.tokens[i : i + 1],
+                        self.s.answer_temperature,
+                        self.shard,
+                    )
+                    step = self._fill(
+                        step,
+                        _index_mask(i, n, device),
+                        _discrete_step(step.tokens[i : i + 1], self.mixture_size, lp),
+                    )
                     state.enter_answer(row, t + 1)
                 else:
                     state.soft_steps[row] += 1
                     state.low_entropy[row] = state.low_entropy[row] + 1 if cold[i] else 0
-                    budget = self.s.max_thinking_tokens is not None and state.soft_steps[row] >= self.s.max_thinking_tokens
+                    budget = (
+                        self.s.max_thinking_tokens is not None
+                        and state.soft_steps[row] >= self.s.max_thinking_tokens
+                    )
                     if budget or state.low_entropy[row] >= self.s.cold_stop_steps:
                         state.phase[row] = FORCE
             elif ph == FORCE:
@@ -290,8 +349,13 @@ class RolloutEngine:
     # ------------------------------------------------------------------ helpers
 
     def _empty_step(self, n: int, device) -> SampledStep:
-        rows = MixtureRows.discrete(torch.full((n,), self.pad_id, dtype=torch.long, device=device), self.mixture_size)
-        return SampledStep(**{f.name: getattr(rows, f.name) for f in fields(rows)}, log_density=torch.zeros(n, device=device))
+        rows = MixtureRows.discrete(
+            torch.full((n,), self.pad_id, dtype=torch.long, device=device), self.mixture_size
+        )
+        return SampledStep(
+            **{f.name: getattr(rows, f.name) for f in fields(rows)},
+            log_density=torch.zeros(n, device=device),
+        )
 
     @staticmethod
     def _fill(step: SampledStep, where: torch.Tensor, part: SampledStep) -> SampledStep:
@@ -303,14 +367,20 @@ class RolloutEngine:
             dst[idx] = src.to(dst.dtype)
             return dst
 
-        return SampledStep(**{f.name: put(getattr(step, f.name), getattr(part, f.name)) for f in fields(step)})
+        return SampledStep(
+            **{f.name: put(getattr(step, f.name), getattr(part, f.name)) for f in fields(step)}
+        )
 
-    def _assemble(self, prompt_rows, out: "_ResponseBuffer", state: "_RowState", device) -> Trajectories:
+    def _assemble(
+        self, prompt_rows, out: _ResponseBuffer, state: _RowState, device
+    ) -> Trajectories:
         b = len(prompt_rows)
         lengths = torch.tensor(state.length, dtype=torch.long, device=device)
         plens = torch.tensor([len(p) for p in prompt_rows], device=device)
         total = int((plens + lengths).max())
-        rows = MixtureRows.discrete(torch.full((b, total), self.pad_id, dtype=torch.long, device=device), self.mixture_size)
+        rows = MixtureRows.discrete(
+            torch.full((b, total), self.pad_id, dtype=torch.long, device=device), self.mixture_size
+        )
         loss_mask = torch.zeros(b, total, dtype=torch.bool, device=device)
         logp = torch.zeros(b, total, device=device)
         for i, p in enumerate(prompt_rows):
@@ -334,7 +404,9 @@ class RolloutEngine:
             rollout_logp=logp,
             prompt_lengths=plens,
             response_lengths=lengths,
-            think_lengths=torch.tensor([min(state.think_length[i], int(lengths[i])) for i in range(b)], device=device),
+            think_lengths=torch.tensor(
+                [min(state.think_length[i], int(lengths[i])) for i in range(b)], device=device
+            ),
             finish_reasons=list(state.reason),
             texts=texts,
             thinking_texts=thinking,
@@ -342,7 +414,9 @@ class RolloutEngine:
         )
 
 
-def _discrete_step(tokens: torch.Tensor, mixture_size: int, log_density: torch.Tensor | None = None) -> SampledStep:
+def _discrete_step(
+    tokens: torch.Tensor, mixture_size: int, log_density: torch.Tensor | None = None
+) -> SampledStep:
     rows = MixtureRows.discrete(tokens, mixture_size)
     lp = torch.zeros(len(tokens), device=tokens.device) if log_density is None else log_density
     return SampledStep(**{f.name: getattr(rows, f.name) for f in fields(rows)}, log_density=lp)
@@ -377,10 +451,14 @@ class _RowState:
         self.length[row] = length
         done.append(i)
 
-    def share_from_last_stage(self, out: "_ResponseBuffer") -> None:
+    def share_from_last_stage(self, out: _ResponseBuffer) -> None:
         """Other pipeline stages only saw the steps: give them the outcome of each response."""
         summary = torch.tensor(
-            [self.length, [min(x, 1 << 30) for x in self.think_length], [REASONS.index(r) for r in self.reason]],
+            [
+                self.length,
+                [min(x, 1 << 30) for x in self.think_length],
+                [REASONS.index(r) for r in self.reason],
+            ],
             dtype=torch.long,
             device=self.device,
         )
@@ -388,19 +466,25 @@ class _RowState:
         self.length = summary[0].tolist()
         self.think_length = summary[1].tolist()
         self.reason = [REASONS[i] for i in summary[2].tolist()]
-        self.transcripts = [out.rows.tokens[i, : self.length[i]].tolist() for i in range(len(self.length))]
+        self.transcripts = [
+            out.rows.tokens[i, : self.length[i]].tolist() for i in range(len(self.length))
+        ]
 
 
 class _ResponseBuffer:
     """Generated rows by (original row, response position)."""
 
     def __init__(self, b: int, max_new: int, k: int, device):
-        self.rows = MixtureRows.discrete(torch.zeros(b, max_new, dtype=torch.long, device=device), k)
+        self.rows = MixtureRows.discrete(
+            torch.zeros(b, max_new, dtype=torch.long, device=device), k
+        )
         self.scored = torch.zeros(b, max_new, dtype=torch.bool, device=device)
         self.log_density = torch.zeros(b, max_new, device=device)
 
     def record(self, active: torch.Tensor, t: int, step: SampledStep, scored: torch.Tensor) -> None:
         for f in fields(self.rows):
-            getattr(self.rows, f.name)[active, t] = getattr(step, f.name).to(getattr(self.rows, f.name).dtype)
+            getattr(self.rows, f.name)[active, t] = getattr(step, f.name).to(
+                getattr(self.rows, f.name).dtype
+            )
         self.scored[active, t] = scored
         self.log_density[active, t] = step.log_density.float()

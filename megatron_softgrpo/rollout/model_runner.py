@@ -37,13 +37,17 @@ def _pipeline():
 
 
 class ModelRunner:
-    def __init__(self, model, max_batch: int, max_len: int, use_kv_cache: bool = True, input_noise=None):
+    def __init__(
+        self, model, max_batch: int, max_len: int, use_kv_cache: bool = True, input_noise=None
+    ):
         """`input_noise`: a soft noise kind whose `input_offset(rows)` perturbs the mixed embedding."""
         from megatron.core.inference.contexts import StaticInferenceContext
 
         ps = _pipeline()
         if model.config.sequence_parallel:
-            raise NotImplementedError("decoding with sequence_parallel=true is not supported; disable it for rollouts")
+            raise NotImplementedError(
+                "decoding with sequence_parallel=true is not supported; disable it for rollouts"
+            )
         self.model = model
         self.input_noise = input_noise
         self.max_len = max_len
@@ -56,7 +60,11 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.row_alignment = token_alignment(model.config)
         self.ghosts = 0  # rows appended to reach the alignment (copies of row 0)
-        self.ctx = StaticInferenceContext(_aligned(max_batch, self.row_alignment), max_len) if use_kv_cache else None
+        self.ctx = (
+            StaticInferenceContext(_aligned(max_batch, self.row_alignment), max_len)
+            if use_kv_cache
+            else None
+        )
         self.key_pad: torch.Tensor | None = None  # [B, L] True where the key is left padding
         self.history: MixtureRows | None = None  # recompute mode: every input so far [B, L]
 
@@ -101,7 +109,10 @@ class ModelRunner:
             self.history = self.history.map(lambda t: t[rows])
             return
         for layer, (k, v) in self.ctx.key_value_memory_dict.items():
-            self.ctx.key_value_memory_dict[layer] = (k[:, rows].contiguous(), v[:, rows].contiguous())
+            self.ctx.key_value_memory_dict[layer] = (
+                k[:, rows].contiguous(),
+                v[:, rows].contiguous(),
+            )
 
     def _real(self, logits: torch.Tensor | None) -> torch.Tensor | None:
         if logits is None or not self.ghosts:
@@ -111,7 +122,9 @@ class ModelRunner:
     def _mask(self, queries: int) -> torch.Tensor:
         """[B, 1, q, L] additive mask, built once for all layers: future keys and left padding blocked."""
         length = self.length
-        causal = torch.ones(queries, length, dtype=torch.bool, device=self.device).triu(length - queries + 1)
+        causal = torch.ones(queries, length, dtype=torch.bool, device=self.device).triu(
+            length - queries + 1
+        )
         return additive_mask(causal[None, None] | self.key_pad[:, None, None, :], self.dtype)
 
     def _run(self, rows: MixtureRows, queries: int) -> torch.Tensor | None:
@@ -120,12 +133,16 @@ class ModelRunner:
         decoder_input = None
         if self.first_stage:
             offset = self.input_noise.input_offset(rows) if self.input_noise is not None else None
-            decoder_input = mixture_embedding(self.model.embedding.word_embeddings, rows.mix_ids, rows.mix_weights, offset)
+            decoder_input = mixture_embedding(
+                self.model.embedding.word_embeddings, rows.mix_ids, rows.mix_weights, offset
+            )
         else:
             hidden = torch.empty(queries, b, self.hidden_size, dtype=self.dtype, device=self.device)
             torch.distributed.recv(hidden, ps.get_pipeline_model_parallel_prev_rank())
             self.model.set_input_tensor(hidden)
-        position_ids = torch.arange(self.length - queries, self.length, device=self.device).expand(b, -1)
+        position_ids = torch.arange(self.length - queries, self.length, device=self.device).expand(
+            b, -1
+        )
         with sharded_inference_logits(self.model):
             out = self.model(
                 None,

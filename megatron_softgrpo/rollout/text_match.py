@@ -16,7 +16,9 @@ class TextMatcher:
         # every token decodes to >= 1 character, so a marker spans at most len(marker) tokens
         self.window = max((len(s) for s in self.strings), default=0) + 1
         self._last_chars = {s[-1] for s in self.strings}
-        self._can_end: dict[int, bool] = {}  # token id -> its text holds some marker's last character
+        self._can_end: dict[
+            int, bool
+        ] = {}  # token id -> its text holds some marker's last character
 
     def completed(self, tokens: list[int]) -> str | None:
         """The marker that the last token of `tokens` completes, if any."""
@@ -34,5 +36,7 @@ class TextMatcher:
         if can is None:
             text = self.tokenizer.decode([token], skip_special_tokens=False)
             # byte-level pieces of a multi-byte character decode to U+FFFD alone: keep checking them
-            can = self._can_end[token] = "\ufffd" in text or any(c in text for c in self._last_chars)
+            can = self._can_end[token] = "\ufffd" in text or any(
+                c in text for c in self._last_chars
+            )
         return can

@@ -62,8 +62,8 @@ the loss's optional entropy term.
 """
 
 from megatron_softgrpo.soft.logprob import (
-    Scorer,
     ScoredObjective,
+    Scorer,
     TokenObjective,
     log_density_and_entropy_from_hidden,
     log_density_from_hidden,
@@ -81,7 +81,13 @@ from megatron_softgrpo.soft.noises import (
 )
 from megatron_softgrpo.soft.records import MixtureRows, SampledStep
 from megatron_softgrpo.soft.rng import noise_rng, noise_seed, seed_noise_rng
-from megatron_softgrpo.soft.samplers import SAMPLERS, DiscreteSampler, Sampler, SoftSampler, make_sampler
+from megatron_softgrpo.soft.samplers import (
+    SAMPLERS,
+    DiscreteSampler,
+    Sampler,
+    SoftSampler,
+    make_sampler,
+)
 from megatron_softgrpo.soft.truncation import Truncation
 from megatron_softgrpo.soft.vocab import VocabShard
 

@@ -1,5 +1,5 @@
 """Log-densities (and, for the optional entropy term, entropies) of scored positions for the
-policy update (SPEC.md sections 2-3).
+policy update (docs/algorithm.md sections 2-3).
 
 The entry points compute the same log-densities:
 - `log_density_from_logits(logits, rows, scorer, shard)`: on given vocab-sharded logits.
@@ -28,8 +28,8 @@ weight) only. Every TP rank gets the same values; each gets the gradient of its 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -46,14 +46,16 @@ from megatron_softgrpo.soft.vocab import (
     softmax_entropy,
 )
 
-DEFAULT_CHUNK_SIZE = 1024  # positions per chunk: a chunk of discrete rows holds [chunk, W] fp32 logits
+DEFAULT_CHUNK_SIZE = (
+    1024  # positions per chunk: a chunk of discrete rows holds [chunk, W] fp32 logits
+)
 
 
 @dataclass(frozen=True)
 class Scorer:
     """How positions are scored: the soft rows' noise kind and each phase's temperature."""
 
-    noise: Optional[SoftNoise]  # None: no soft rows (discrete GRPO)
+    noise: SoftNoise | None  # None: no soft rows (discrete GRPO)
     soft_temperature: float = 1.0
     discrete_temperature: float = 1.0
 
@@ -65,7 +67,9 @@ def discrete_terms(scaled: torch.Tensor, tokens: torch.Tensor, shard: VocabShard
     return gather_logits(scaled, tokens.unsqueeze(-1), shard).squeeze(-1) - log_norm, log_norm
 
 
-def discrete_log_density(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, shard: VocabShard) -> torch.Tensor:
+def discrete_log_density(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float, shard: VocabShard
+) -> torch.Tensor:
     """log_softmax(l / T)[token] over the whole sharded vocabulary: logits [n, W], tokens [n] -> [n]."""
     return discrete_terms(shard.scaled(logits, temperature), tokens, shard)[0]
 
@@ -82,11 +86,15 @@ def _owned_only(values: torch.Tensor, ids: torch.Tensor, shard: VocabShard) -> t
     return torch.where(shard.owns(ids), values, torch.zeros_like(values))
 
 
-def _soft_log_density(partial: torch.Tensor, rows: MixtureRows, scorer: Scorer, shard: VocabShard, embedding):
+def _soft_log_density(
+    partial: torch.Tensor, rows: MixtureRows, scorer: Scorer, shard: VocabShard, embedding
+):
     """The noise density of soft rows from the K logits this rank owns [n_s, K] (zeros elsewhere)."""
     if scorer.noise is None:
         raise ValueError("soft rows to score, but the scorer has no soft noise (discrete GRPO)")
-    return scorer.noise.log_density(reduce_sum(partial, shard) / scorer.soft_temperature, rows, embedding)
+    return scorer.noise.log_density(
+        reduce_sum(partial, shard) / scorer.soft_temperature, rows, embedding
+    )
 
 
 def log_density_from_logits(
@@ -94,22 +102,33 @@ def log_density_from_logits(
     rows: MixtureRows,
     scorer: Scorer,
     shard: VocabShard,
-    embedding: Optional[InputEmbedding] = None,
+    embedding: InputEmbedding | None = None,
 ) -> torch.Tensor:
     """ell [...] of the records `rows` [...] scored by the sharded logits [..., W] (fp32 or bf16)."""
     lead = rows.tokens.shape
     flat = rows.flatten()
     logits = logits.reshape(-1, logits.shape[-1])
     discrete, soft = _split(flat)
-    ell = torch.zeros(flat.tokens.shape[0], dtype=compute_dtype_of(logits.dtype), device=logits.device)
+    ell = torch.zeros(
+        flat.tokens.shape[0], dtype=compute_dtype_of(logits.dtype), device=logits.device
+    )
     if discrete.numel():
-        discrete_logits = logits if discrete.numel() == logits.shape[0] else logits[discrete]  # no copy when all are
-        values = discrete_log_density(discrete_logits, flat.tokens[discrete], scorer.discrete_temperature, shard)
+        discrete_logits = (
+            logits if discrete.numel() == logits.shape[0] else logits[discrete]
+        )  # no copy when all are
+        values = discrete_log_density(
+            discrete_logits, flat.tokens[discrete], scorer.discrete_temperature, shard
+        )
         ell = ell.index_put((discrete,), values)
     if soft.numel():
         ids = flat.mix_ids[soft]
-        partial = _owned_only(compute_dtype(logits[soft].gather(-1, shard.local_index(ids))), ids, shard)
-        ell = ell.index_put((soft,), _soft_log_density(partial, flat.map(lambda t: t[soft]), scorer, shard, embedding))
+        partial = _owned_only(
+            compute_dtype(logits[soft].gather(-1, shard.local_index(ids))), ids, shard
+        )
+        ell = ell.index_put(
+            (soft,),
+            _soft_log_density(partial, flat.map(lambda t: t[soft]), scorer, shard, embedding),
+        )
     return ell.reshape(lead)
 
 
@@ -121,14 +140,18 @@ class _VocabTerms:
     """What the gradient of a vocabulary-wide softmax needs from the forward, per row."""
 
     log_norm: torch.Tensor  # logsumexp(l / T)
-    entropy: Optional[torch.Tensor] = None  # H, when the entropy is computed
-    scaled: Optional[torch.Tensor] = None  # the rows' scaled logits l / T when kept (fused path); else recomputed
+    entropy: torch.Tensor | None = None  # H, when the entropy is computed
+    scaled: torch.Tensor | None = (
+        None  # the rows' scaled logits l / T when kept (fused path); else recomputed
+    )
 
 
 @dataclass(frozen=True)
 class _ChunkSaved:
-    discrete: Optional[_VocabTerms] = None  # the chunk's discrete rows (when it has any)
-    soft: Optional[_VocabTerms] = None  # its soft rows (with the entropy only: their density needs K logits)
+    discrete: _VocabTerms | None = None  # the chunk's discrete rows (when it has any)
+    soft: _VocabTerms | None = (
+        None  # its soft rows (with the entropy only: their density needs K logits)
+    )
 
 
 @dataclass
@@ -140,7 +163,7 @@ class _Chunking:
     scorer: Scorer
     shard: VocabShard
     chunk_size: int
-    embedding: Optional[InputEmbedding]
+    embedding: InputEmbedding | None
     with_entropy: bool
 
     @functools.cached_property
@@ -152,7 +175,13 @@ class _Chunking:
         for start in range(0, is_soft.shape[0], self.chunk_size):
             piece = slice(start, min(start + self.chunk_size, is_soft.shape[0]))
             soft = is_soft[piece]
-            out.append((piece, (~soft).nonzero().squeeze(-1).to(device), soft.nonzero().squeeze(-1).to(device)))
+            out.append(
+                (
+                    piece,
+                    (~soft).nonzero().squeeze(-1).to(device),
+                    soft.nonzero().squeeze(-1).to(device),
+                )
+            )
         return out
 
     def _soft_partial(self, h: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor):
@@ -177,7 +206,9 @@ class _Chunking:
             saved_discrete = _VocabTerms(log_norm, entropy_d, scaled if keep_logits else None)
         if soft.numel():
             partial, _ = self._soft_partial(h[soft], weight, rows.mix_ids[soft])
-            values = _soft_log_density(partial, rows.map(lambda t: t[soft]), self.scorer, self.shard, self.embedding)
+            values = _soft_log_density(
+                partial, rows.map(lambda t: t[soft]), self.scorer, self.shard, self.embedding
+            )
             ell[soft] = values.to(ell.dtype)
             if self.with_entropy:
                 scaled = self.shard.scaled(h[soft] @ weight.t(), self.scorer.soft_temperature)
@@ -186,7 +217,7 @@ class _Chunking:
                 saved_soft = _VocabTerms(log_norm, entropy_s, scaled if keep_logits else None)
         return ell, entropy, _ChunkSaved(saved_discrete, saved_soft)
 
-    def _entropy_into(self, entropy, index, scaled, log_norm) -> Optional[torch.Tensor]:
+    def _entropy_into(self, entropy, index, scaled, log_norm) -> torch.Tensor | None:
         """Writes the entropy of softmax(scaled) into entropy[index] and returns it (None without entropy)."""
         if entropy is None:
             return None
@@ -196,9 +227,15 @@ class _Chunking:
 
     def _scaled(self, h, weight, terms: _VocabTerms, temperature) -> torch.Tensor:
         """The rows' scaled logits: kept by the forward, or recomputed (one more GEMM)."""
-        return terms.scaled if terms.scaled is not None else self.shard.scaled(h @ weight.t(), temperature)
+        return (
+            terms.scaled
+            if terms.scaled is not None
+            else self.shard.scaled(h @ weight.t(), temperature)
+        )
 
-    def _vocab_gradient(self, scaled, terms: _VocabTerms, temperature, g_ell, g_entropy, dtype) -> torch.Tensor:
+    def _vocab_gradient(
+        self, scaled, terms: _VocabTerms, temperature, g_ell, g_entropy, dtype
+    ) -> torch.Tensor:
         """d/dl of  -g_ell logsumexp(l / T) + g_entropy H  for scaled logits l / T [n, W], in `dtype`.
 
         = -(p / T) (g_ell + g_entropy (log p + H)) with p = softmax(l / T) from the scaled logits
@@ -209,17 +246,38 @@ class _Chunking:
         log_p = scaled.sub_(terms.log_norm.unsqueeze(-1))
         if g_entropy is None:
             row_scale = -(g_ell / temperature).to(log_p.dtype)
-            return torch.mul(log_p.exp_(), row_scale.unsqueeze(-1), out=torch.empty(log_p.shape, dtype=dtype, device=log_p.device))
+            return torch.mul(
+                log_p.exp_(),
+                row_scale.unsqueeze(-1),
+                out=torch.empty(log_p.shape, dtype=dtype, device=log_p.device),
+            )
         probs = log_p.exp()
         log_p[:, self.shard.real_width :] = 0.0  # padding columns: p = 0 there, keep 0 * -inf out
-        factor = log_p.add_(terms.entropy.unsqueeze(-1)).mul_(g_entropy.to(log_p.dtype).unsqueeze(-1))  # in place
+        factor = log_p.add_(terms.entropy.unsqueeze(-1)).mul_(
+            g_entropy.to(log_p.dtype).unsqueeze(-1)
+        )  # in place
         if g_ell is not None:
             factor.add_(g_ell.to(log_p.dtype).unsqueeze(-1))
         factor.mul_(probs)
         del probs
-        return torch.mul(factor, -1.0 / temperature, out=torch.empty(factor.shape, dtype=dtype, device=factor.device))
+        return torch.mul(
+            factor,
+            -1.0 / temperature,
+            out=torch.empty(factor.shape, dtype=dtype, device=factor.device),
+        )
 
-    def backward_chunk(self, hidden, weight, piece, discrete, soft, saved: _ChunkSaved, grads, grad_hidden, grad_weight):
+    def backward_chunk(
+        self,
+        hidden,
+        weight,
+        piece,
+        discrete,
+        soft,
+        saved: _ChunkSaved,
+        grads,
+        grad_hidden,
+        grad_weight,
+    ):
         """One chunk's share of the output layer's gradients: grad_hidden rows set, grad_weight accumulated.
 
         `grads` are the chunk's (grad_ell, grad_entropy or None). Discrete rows: d ell / d l =
@@ -237,14 +295,21 @@ class _Chunking:
             h_d, g = h[discrete], g_ell[discrete]
             scaled = self._scaled(h_d, weight, saved.discrete, temperature)
             d_full = self._vocab_gradient(
-                scaled, saved.discrete, temperature, g, None if g_entropy is None else g_entropy[discrete], weight.dtype
+                scaled,
+                saved.discrete,
+                temperature,
+                g,
+                None if g_entropy is None else g_entropy[discrete],
+                weight.dtype,
             )
             del scaled
             tokens = rows.tokens[discrete]
             mine = self.shard.owns(tokens)
             rows_mine = mine.nonzero().squeeze(-1)
             at_token = (g[mine] / temperature).to(d_full.dtype)
-            d_full.index_put_((rows_mine, tokens[mine] - self.shard.start), at_token, accumulate=True)
+            d_full.index_put_(
+                (rows_mine, tokens[mine] - self.shard.start), at_token, accumulate=True
+            )
             g_h[discrete] = (d_full @ weight).to(g_h.dtype)
             _accumulate_product(grad_weight, d_full.t(), h_d)
         if soft.numel():
@@ -252,17 +317,23 @@ class _Chunking:
             partial, k_rows = self._soft_partial(h_s, weight, ids)
             partial = partial.detach().requires_grad_()
             with torch.enable_grad():
-                values = _soft_log_density(partial, rows.map(lambda t: t[soft]), self.scorer, self.shard, self.embedding)
+                values = _soft_log_density(
+                    partial, rows.map(lambda t: t[soft]), self.scorer, self.shard, self.embedding
+                )
                 (d_partial,) = torch.autograd.grad(values, partial, g_ell[soft].to(values.dtype))
             d_dots = _owned_only(d_partial, ids, self.shard).to(weight.dtype)  # [n_s, K]
             g_h_soft = torch.bmm(d_dots.unsqueeze(1), k_rows).squeeze(1).to(g_h.dtype)
             per_slot = d_dots.unsqueeze(-1) * h_s.unsqueeze(1)  # [n_s, K, h]
             owned = self.shard.owns(ids)
-            grad_weight.index_add_(0, self.shard.local_index(ids)[owned], per_slot[owned].to(grad_weight.dtype))
+            grad_weight.index_add_(
+                0, self.shard.local_index(ids)[owned], per_slot[owned].to(grad_weight.dtype)
+            )
             if g_entropy is not None:
                 temperature = self.scorer.soft_temperature
                 scaled = self._scaled(h_s, weight, saved.soft, temperature)
-                d_full = self._vocab_gradient(scaled, saved.soft, temperature, None, g_entropy[soft], weight.dtype)
+                d_full = self._vocab_gradient(
+                    scaled, saved.soft, temperature, None, g_entropy[soft], weight.dtype
+                )
                 del scaled
                 g_h_soft += (d_full @ weight).to(g_h.dtype)
                 _accumulate_product(grad_weight, d_full.t(), h_s)
@@ -283,7 +354,7 @@ def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _weight_gradient_buffer(plan: "_Chunking", weight: torch.Tensor) -> torch.Tensor:
+def _weight_gradient_buffer(plan: _Chunking, weight: torch.Tensor) -> torch.Tensor:
     """The output weight's gradient accumulator: fp32 (fp64 for fp64) across chunks. One chunk of
     discrete rows is one GEMM, whose own fp32 accumulation suffices: its gradient is kept in the
     weight's dtype, as autograd through materialised logits would (no fp32 buffer to fill and cast)."""
@@ -308,7 +379,9 @@ class _ChunkedScores(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ell, grad_entropy=None):
         hidden, weight = ctx.saved_tensors
-        grad_hidden = torch.zeros(hidden.shape, dtype=_accumulation_dtype(hidden), device=hidden.device)
+        grad_hidden = torch.zeros(
+            hidden.shape, dtype=_accumulation_dtype(hidden), device=hidden.device
+        )
         grad_weight = _weight_gradient_buffer(ctx.plan, weight)
         for piece, saved in zip(ctx.plan.pieces, ctx.chunk_saved):
             grads = (grad_ell[piece[0]], None if grad_entropy is None else grad_entropy[piece[0]])
@@ -321,16 +394,22 @@ class _ChunkedObjective(torch.autograd.Function):
     objective's gradient taken chunk by chunk in the forward from the logits just computed."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, plan: _Chunking, objective: "TokenObjective"):
-        grad_hidden = torch.zeros(hidden.shape, dtype=_accumulation_dtype(hidden), device=hidden.device)
+    def forward(ctx, hidden, weight, plan: _Chunking, objective: TokenObjective):
+        grad_hidden = torch.zeros(
+            hidden.shape, dtype=_accumulation_dtype(hidden), device=hidden.device
+        )
         grad_weight = _weight_gradient_buffer(plan, weight)
         ells, entropies, values = [], [], []
         for piece in plan.pieces:
             ell, entropy, saved = plan.forward_chunk(hidden, weight, *piece, keep_logits=True)
-            leaves = [ell.requires_grad_()] + ([entropy.requires_grad_()] if entropy is not None else [])
+            leaves = [ell.requires_grad_()] + (
+                [entropy.requires_grad_()] if entropy is not None else []
+            )
             with torch.enable_grad():
                 value = objective(ell, entropy, piece[0]).sum()
-                grads = torch.autograd.grad(value, leaves, allow_unused=True, materialize_grads=True)
+                grads = torch.autograd.grad(
+                    value, leaves, allow_unused=True, materialize_grads=True
+                )
             grads = (grads[0], grads[1] if entropy is not None else None)
             plan.backward_chunk(hidden, weight, *piece, saved, grads, grad_hidden, grad_weight)
             del saved  # the chunk's kept logits
@@ -346,7 +425,12 @@ class _ChunkedObjective(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_value, *_):
         grad_hidden, grad_weight, hidden_dtype, weight_dtype = ctx.grads
-        return _times(grad_hidden, grad_value, hidden_dtype), _times(grad_weight, grad_value, weight_dtype), None, None
+        return (
+            _times(grad_hidden, grad_value, hidden_dtype),
+            _times(grad_weight, grad_value, weight_dtype),
+            None,
+            None,
+        )
 
 
 def _times(total: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -367,11 +451,23 @@ def _flat_inputs(hidden, rows, shard, chunk_size, sequence_parallel):
         hidden = copy_to_group(hidden, shard)
     b, s = rows.tokens.shape
     if hidden.shape[:2] != (s, b):
-        raise ValueError(f"hidden states {tuple(hidden.shape)} do not match records [b={b}, s={s}] (expected [s, b, h])")
+        raise ValueError(
+            f"hidden states {tuple(hidden.shape)} do not match records [b={b}, s={s}] (expected [s, b, h])"
+        )
     return hidden.transpose(0, 1).reshape(b * s, hidden.shape[-1])
 
 
-def _scores_from_hidden(hidden, output_weight, rows, scorer, shard, chunk_size, embedding, sequence_parallel, with_entropy):
+def _scores_from_hidden(
+    hidden,
+    output_weight,
+    rows,
+    scorer,
+    shard,
+    chunk_size,
+    embedding,
+    sequence_parallel,
+    with_entropy,
+):
     flat_hidden = _flat_inputs(hidden, rows, shard, chunk_size, sequence_parallel)
     plan = _Chunking(rows.flatten(), scorer, shard, chunk_size, embedding, with_entropy)
     out = _ChunkedScores.apply(flat_hidden, output_weight, plan)
@@ -386,7 +482,7 @@ def log_density_from_hidden(
     scorer: Scorer,
     shard: VocabShard,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    embedding: Optional[InputEmbedding] = None,
+    embedding: InputEmbedding | None = None,
     sequence_parallel: bool = False,
 ) -> torch.Tensor:
     """ell [b, s] of the records `rows` [b, s] scored by the final hidden states [s, b, h].
@@ -397,7 +493,9 @@ def log_density_from_hidden(
     `output_weight` is this rank's [W, h] shard (model.shared_embedding_or_output_weight()
     or output_layer.weight).
     """
-    return _scores_from_hidden(hidden, output_weight, rows, scorer, shard, chunk_size, embedding, sequence_parallel, False)
+    return _scores_from_hidden(
+        hidden, output_weight, rows, scorer, shard, chunk_size, embedding, sequence_parallel, False
+    )
 
 
 def log_density_and_entropy_from_hidden(
@@ -407,7 +505,7 @@ def log_density_and_entropy_from_hidden(
     scorer: Scorer,
     shard: VocabShard,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    embedding: Optional[InputEmbedding] = None,
+    embedding: InputEmbedding | None = None,
     sequence_parallel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ell [b, s], entropy [b, s]): `log_density_from_hidden`'s values (bitwise) and the entropy
@@ -415,19 +513,23 @@ def log_density_and_entropy_from_hidden(
     scorer's discrete temperature on discrete rows and its soft (thinking) temperature on soft
     rows; both differentiable, computed in one chunked pass. Arguments as `log_density_from_hidden`.
     """
-    return _scores_from_hidden(hidden, output_weight, rows, scorer, shard, chunk_size, embedding, sequence_parallel, True)
+    return _scores_from_hidden(
+        hidden, output_weight, rows, scorer, shard, chunk_size, embedding, sequence_parallel, True
+    )
 
 
 # (ell [n], entropy [n] or None, the positions' slice of the flattened [b s] records) -> the
 # objective of each position [n], differentiable in ell and entropy; the loss is their sum.
-TokenObjective = Callable[[torch.Tensor, Optional[torch.Tensor], slice], torch.Tensor]
+TokenObjective = Callable[[torch.Tensor, torch.Tensor | None, slice], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class ScoredObjective:
-    value: torch.Tensor  # scalar: sum of the objective over all positions, differentiable in hidden and weight
+    value: (
+        torch.Tensor
+    )  # scalar: sum of the objective over all positions, differentiable in hidden and weight
     ell: torch.Tensor  # [b, s], detached: `log_density_from_hidden`'s values, bitwise
-    entropy: Optional[torch.Tensor]  # [b, s], detached (with_entropy), else None
+    entropy: torch.Tensor | None  # [b, s], detached (with_entropy), else None
 
 
 def objective_from_hidden(
@@ -439,7 +541,7 @@ def objective_from_hidden(
     objective: TokenObjective,
     with_entropy: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    embedding: Optional[InputEmbedding] = None,
+    embedding: InputEmbedding | None = None,
     sequence_parallel: bool = False,
 ) -> ScoredObjective:
     """sum_j objective_j(ell_j, H_j) over the records `rows` [b, s] scored by the hidden states

@@ -6,8 +6,8 @@ A noise kind owns three things for the K globally selected slots of a step:
 - `mix(pt, support, raw)`: the pure map to the mixture weights, the stored noise value
   and the per-row seed;
 - `log_density(scaled, rows, embedding)`: the action log-density that the policy update
-  uses, from the K stored ids' logits / T of the model being evaluated (SPEC.md sections
-  2 and 5). `pt` is always the softmax of those logits over the in-support slots, so the
+  uses, from the K stored ids' logits / T of the model being evaluated (docs/algorithm.md
+  sections 2 and 5). `pt` is always the softmax of those logits over the in-support slots, so the
   rollout's own density (`rollout_log_density`) is the same function at rollout logits.
 
 Inputs are rebuilt exactly as the rollout built them (stored weights; the reference's
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 
@@ -75,13 +75,15 @@ class SoftNoise:
     def mix(self, pt: torch.Tensor, support: torch.Tensor, raw: torch.Tensor) -> Mixture:
         raise NotImplementedError
 
-    def log_density(self, scaled: torch.Tensor, rows: MixtureRows, embedding: Optional[InputEmbedding] = None):
+    def log_density(
+        self, scaled: torch.Tensor, rows: MixtureRows, embedding: InputEmbedding | None = None
+    ):
         raise NotImplementedError
 
     def rollout_log_density(self, scaled: torch.Tensor, rows: MixtureRows) -> torch.Tensor:
         return self.log_density(scaled, rows)
 
-    def input_offset(self, rows: MixtureRows) -> Optional[torch.Tensor]:
+    def input_offset(self, rows: MixtureRows) -> torch.Tensor | None:
         """What is added to the mixed input embedding [..., h] (None: nothing)."""
         return None
 
@@ -100,7 +102,9 @@ class GumbelNoise(SoftNoise):
 
     def __post_init__(self):
         if not self.tau > 0 or not self.scale >= 0:
-            raise ValueError(f"gumbel noise needs tau > 0 and scale >= 0, got tau={self.tau} scale={self.scale}")
+            raise ValueError(
+                f"gumbel noise needs tau > 0 and scale >= 0, got tau={self.tau} scale={self.scale}"
+            )
 
     def draw(self, pt, support):
         return rng.standard_gumbel(pt.shape, pt.device).clamp(*GUMBEL_CLAMP)
@@ -138,7 +142,9 @@ class GaussianNoise(SoftNoise):
         pt = support_probs(scaled, rows.support)
         half_width = GAUSSIAN_CLAMP_SIGMAS * self.sigma
         x = torch.minimum(torch.maximum(rows.noise.to(pt.dtype), pt - half_width), pt + half_width)
-        log_n = -0.5 * ((x - pt) / self.sigma) ** 2 - math.log(self.sigma) - 0.5 * math.log(2 * math.pi)
+        log_n = (
+            -0.5 * ((x - pt) / self.sigma) ** 2 - math.log(self.sigma) - 0.5 * math.log(2 * math.pi)
+        )
         return masked_mean(log_n, (pt > GAUSSIAN_MASK_PROB) & rows.support)
 
 
@@ -193,7 +199,9 @@ class EmbeddingNoise(SoftNoise):
     def mix(self, pt, support, raw):
         return Mixture(pt, torch.zeros_like(pt), raw)
 
-    def noise_vectors(self, seeds: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def noise_vectors(
+        self, seeds: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         return self.sigma * rng.gaussian_from_seeds(seeds, self.hidden_size, dtype)
 
     def input_offset(self, rows):
@@ -205,13 +213,19 @@ class EmbeddingNoise(SoftNoise):
 
     def log_density(self, scaled, rows, embedding=None):
         if embedding is None:
-            raise ValueError("the embedding-noise density needs the input embedding table (InputEmbedding)")
+            raise ValueError(
+                "the embedding-noise density needs the input embedding table (InputEmbedding)"
+            )
         # in float64: rounding of the weights, amplified by |E| / sigma, would otherwise reach 1e-5
         pt = support_probs(scaled.double(), rows.support)
-        shift = copy_to_group(rows.mix_weights.double() - pt, embedding.shard)  # grads summed over ranks
+        shift = copy_to_group(
+            rows.mix_weights.double() - pt, embedding.shard
+        )  # grads summed over ranks
         own = torch.einsum("nk,nkh->nh", shift, embedding.rows(rows.mix_ids, torch.float64))
         v = reduce_sum(own, embedding.shard) + self.noise_vectors(rows.noise_seed, torch.float64)
         return (-0.5 * (v * v).sum(dim=-1) / self.sigma**2).to(scaled.dtype)
 
 
-NOISES: dict[str, type[SoftNoise]] = {n.name: n for n in (GumbelNoise, GaussianNoise, DirichletNoise, EmbeddingNoise)}
+NOISES: dict[str, type[SoftNoise]] = {
+    n.name: n for n in (GumbelNoise, GaussianNoise, DirichletNoise, EmbeddingNoise)
+}

@@ -10,12 +10,16 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from megatron_softgrpo.config.schema import GenerationCfg, SoftGRPOCfg, ThinkingCfg
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.soft.logprob import Scorer
-from megatron_softgrpo.soft.noises import DirichletNoise, EmbeddingNoise, GaussianNoise, GumbelNoise, SoftNoise
+from megatron_softgrpo.soft.noises import (
+    DirichletNoise,
+    EmbeddingNoise,
+    GaussianNoise,
+    GumbelNoise,
+    SoftNoise,
+)
 from megatron_softgrpo.soft.samplers import DiscreteSampler, SoftSampler
 from megatron_softgrpo.soft.truncation import Truncation
 
@@ -28,7 +32,7 @@ def answer_truncation(generation: GenerationCfg) -> Truncation:
     return Truncation(generation.temperature, generation.top_k, generation.top_p, generation.min_p)
 
 
-def soft_noise(cfg: SoftGRPOCfg, hidden_size: Optional[int] = None) -> Optional[SoftNoise]:
+def soft_noise(cfg: SoftGRPOCfg, hidden_size: int | None = None) -> SoftNoise | None:
     """The thinking phase's noise kind; None for discrete GRPO."""
     if cfg.algorithm == "grpo":
         return None
@@ -39,19 +43,25 @@ def soft_noise(cfg: SoftGRPOCfg, hidden_size: Optional[int] = None) -> Optional[
     if cfg.algorithm == "dirichlet":
         return DirichletNoise()
     if hidden_size is None:
-        raise UserError("softgrpo.algorithm=embedding_noise needs the model's hidden size to draw its noise")
+        raise UserError(
+            "softgrpo.algorithm=embedding_noise needs the model's hidden size to draw its noise"
+        )
     return EmbeddingNoise(sigma=cfg.embedding_noise_sigma, hidden_size=hidden_size)
 
 
-def thinking_sampler(cfg: SoftGRPOCfg, hidden_size: Optional[int] = None) -> Optional[SoftSampler]:
+def thinking_sampler(cfg: SoftGRPOCfg, hidden_size: int | None = None) -> SoftSampler | None:
     """The soft sampler of the thinking phase; None for discrete GRPO (no thinking phase)."""
     noise = soft_noise(cfg, hidden_size)
-    return None if noise is None else SoftSampler(thinking_truncation(cfg.thinking), cfg.mixture_size, noise)
+    return (
+        None
+        if noise is None
+        else SoftSampler(thinking_truncation(cfg.thinking), cfg.mixture_size, noise)
+    )
 
 
 def answer_sampler(cfg: SoftGRPOCfg, generation: GenerationCfg) -> DiscreteSampler:
     return DiscreteSampler(answer_truncation(generation), cfg.mixture_size)
 
 
-def scorer(cfg: SoftGRPOCfg, generation: GenerationCfg, hidden_size: Optional[int] = None) -> Scorer:
+def scorer(cfg: SoftGRPOCfg, generation: GenerationCfg, hidden_size: int | None = None) -> Scorer:
     return Scorer(soft_noise(cfg, hidden_size), cfg.thinking.temperature, generation.temperature)

@@ -1,4 +1,4 @@
-"""The per-position mixture record (ARCHITECTURE.md "The data that flows") and a sampled step.
+"""The per-position mixture record (docs/architecture.md "The data that flows") and a sampled step.
 
 One layout serves prompt tokens, soft steps and discrete steps: K slots of
 (id, weight, stored noise, in-support flag). Prompt and discrete positions are one-hot:
@@ -8,8 +8,8 @@ weight 0). Leading dimensions are free ([N] for a decoding step, [B, S] for a ba
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Callable, Sequence
 
 import torch
 
@@ -19,20 +19,26 @@ class MixtureRows:
     tokens: torch.Tensor  # [...] int64 transcript token (what the text, stop checks and reward see)
     mix_ids: torch.Tensor  # [..., K] int64 support ids of the mixture
     mix_weights: torch.Tensor  # [..., K] fp32 exact weights fed to the model (one-hot for discrete)
-    noise: torch.Tensor  # [..., K] fp32 stored noisy value (Gumbel: g; Gaussian/Dirichlet: x; else 0)
+    noise: (
+        torch.Tensor
+    )  # [..., K] fp32 stored noisy value (Gumbel: g; Gaussian/Dirichlet: x; else 0)
     support: torch.Tensor  # [..., K] bool slot is in the truncated support
     is_soft: torch.Tensor  # [...] bool soft step (vs prompt/discrete)
-    noise_seed: torch.Tensor  # [...] int64 embedding-noise seed of the input at this position (else 0)
+    noise_seed: (
+        torch.Tensor
+    )  # [...] int64 embedding-noise seed of the input at this position (else 0)
 
     @classmethod
-    def discrete(cls, tokens: torch.Tensor, mixture_size: int) -> "MixtureRows":
+    def discrete(cls, tokens: torch.Tensor, mixture_size: int) -> MixtureRows:
         """One-hot records of plain tokens (prompt or discrete steps)."""
         k_shape = (*tokens.shape, mixture_size)
         first = torch.zeros(k_shape, dtype=torch.bool, device=tokens.device)
         first[..., 0] = True
         return cls(
             tokens=tokens,
-            mix_ids=torch.where(first, tokens.unsqueeze(-1), torch.zeros_like(first, dtype=torch.int64)),
+            mix_ids=torch.where(
+                first, tokens.unsqueeze(-1), torch.zeros_like(first, dtype=torch.int64)
+            ),
             mix_weights=first.float(),
             noise=torch.zeros(k_shape, device=tokens.device),
             support=first,
@@ -49,9 +55,11 @@ class MixtureRows:
         return type(self)(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
 
     @classmethod
-    def cat(cls, parts: Sequence["MixtureRows"], dim: int = 0) -> "MixtureRows":
+    def cat(cls, parts: Sequence[MixtureRows], dim: int = 0) -> MixtureRows:
         """Records joined along rows (dim 0) or positions (dim 1)."""
-        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts], dim) for f in fields(cls)})
+        return cls(
+            **{f.name: torch.cat([getattr(p, f.name) for p in parts], dim) for f in fields(cls)}
+        )
 
     def flatten(self):
         """Leading dimensions merged into one: [...] -> [N]."""
@@ -66,7 +74,9 @@ class MixtureRows:
             mask = rows.reshape(*rows.shape, *([1] * (a.dim() - lead)))
             return torch.where(mask, a, b)
 
-        return type(self)(**{f.name: pick(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)})
+        return type(self)(
+            **{f.name: pick(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)}
+        )
 
 
 @dataclass

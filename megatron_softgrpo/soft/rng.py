@@ -62,7 +62,9 @@ def noise_rng():
     """Draw sampling noise inside this block (the device's default generator is the noise state)."""
     tracker = _tracker()
     if NOISE_RNG not in tracker.get_states():
-        raise RuntimeError("the sampling noise RNG is not seeded: call megatron_softgrpo.soft.seed_noise_rng(seed)")
+        raise RuntimeError(
+            "the sampling noise RNG is not seeded: call megatron_softgrpo.soft.seed_noise_rng(seed)"
+        )
     with tracker.fork(NOISE_RNG):
         yield
 
@@ -117,7 +119,9 @@ def _unit_interval(bits: torch.Tensor) -> torch.Tensor:
     return ((bits >> 8) + 1).to(torch.float64) / float(1 << 24)
 
 
-def gaussian_from_seeds(seeds: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def gaussian_from_seeds(
+    seeds: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """N(0, 1) noise [..., dim], a pure function of the int64 seeds [...].
 
     The integer part is exact everywhere; the Box-Muller transform (in float64) may differ

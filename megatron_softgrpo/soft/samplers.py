@@ -7,7 +7,7 @@ identically on every TP rank, which all return the same step. Selected by name f
 - `discrete`: temperature, top-k, top-p, min-p (greedy = top_k 1); a multinomial draw.
   Records are one-hot; the log-density is log_softmax(l / T)[token] over the whole
   vocabulary (the quantity the policy update scores).
-- `gumbel`, `gaussian`, `dirichlet`, `embedding_noise`: a soft step (SPEC.md section 1):
+- `gumbel`, `gaussian`, `dirichlet`, `embedding_noise`: a soft step (docs/algorithm.md section 1):
   truncation, the top-K support, pt over it, the noise kind's mixture; slots sorted by
   weight descending (out-of-support slots last), slot 0 is the transcript token.
 """
@@ -23,8 +23,20 @@ from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.soft import rng
 from megatron_softgrpo.soft.noises import NOISES, SoftNoise, support_probs
 from megatron_softgrpo.soft.records import MixtureRows, SampledStep
-from megatron_softgrpo.soft.truncation import Candidates, Truncation, candidates, full_support, top_logits
-from megatron_softgrpo.soft.vocab import NEG_INF, VocabShard, all_gather_last, gather_logits, log_normalizer
+from megatron_softgrpo.soft.truncation import (
+    Candidates,
+    Truncation,
+    candidates,
+    full_support,
+    top_logits,
+)
+from megatron_softgrpo.soft.vocab import (
+    NEG_INF,
+    VocabShard,
+    all_gather_last,
+    gather_logits,
+    log_normalizer,
+)
 
 
 class Sampler(Protocol):
@@ -35,7 +47,9 @@ class Sampler(Protocol):
 
 
 def _step(rows: MixtureRows, log_density: torch.Tensor) -> SampledStep:
-    return SampledStep(**{f.name: getattr(rows, f.name) for f in fields(rows)}, log_density=log_density)
+    return SampledStep(
+        **{f.name: getattr(rows, f.name) for f in fields(rows)}, log_density=log_density
+    )
 
 
 def _check_mixture_size(mixture_size: int) -> None:
@@ -55,7 +69,9 @@ def _draw_from_candidates(found: Candidates, u: torch.Tensor) -> torch.Tensor:
     return found.ids.gather(-1, slot).squeeze(-1)
 
 
-def _draw_from_shards(scaled: torch.Tensor, log_norm: torch.Tensor, u: torch.Tensor, shard: VocabShard):
+def _draw_from_shards(
+    scaled: torch.Tensor, log_norm: torch.Tensor, u: torch.Tensor, shard: VocabShard
+):
     """Inverse-CDF draw over the whole sharded vocabulary in id order, without gathering it.
 
     Each rank's probability mass is all-gathered; the rank whose id range holds the
@@ -67,7 +83,9 @@ def _draw_from_shards(scaled: torch.Tensor, log_norm: torch.Tensor, u: torch.Ten
     target = u * ends[:, -1]
     owner = (ends <= target.unsqueeze(-1)).sum(dim=-1).clamp(max=shard.world_size - 1)
     local_target = target - (ends - masses).gather(-1, owner.unsqueeze(-1)).squeeze(-1)
-    column = torch.searchsorted(probs.cumsum(dim=-1), local_target.unsqueeze(-1), right=True).squeeze(-1)
+    column = torch.searchsorted(
+        probs.cumsum(dim=-1), local_target.unsqueeze(-1), right=True
+    ).squeeze(-1)
     token = column.clamp(max=shard.real_width - 1) + shard.start
     token = torch.where(owner == shard.rank, token, torch.zeros_like(token))
     if shard.distributed:
@@ -94,7 +112,11 @@ class DiscreteSampler:
             found = full_support(logits, shard, trunc, log_norm) if trunc.truncates else None
             with rng.noise_rng():
                 u = rng.uniform(logits.shape[:1], logits.device)
-            token = _draw_from_candidates(found, u) if found is not None else _draw_from_shards(scaled, log_norm, u, shard)
+            token = (
+                _draw_from_candidates(found, u)
+                if found is not None
+                else _draw_from_shards(scaled, log_norm, u, shard)
+            )
         log_density = gather_logits(scaled, token.unsqueeze(-1), shard).squeeze(-1) - log_norm
         return _step(MixtureRows.discrete(token, self.mixture_size), log_density)
 
@@ -124,8 +146,14 @@ class SoftSampler:
             raw = self.noise.draw(pt, support)
         mixture = self.noise.mix(pt, support, raw)
         # slots by weight descending, out-of-support last; stable, so ties keep the logit order
-        order = torch.sort(mixture.weights.masked_fill(~support, NEG_INF), dim=-1, descending=True, stable=True).indices
-        ids, scaled, support = ids.gather(-1, order), scaled.gather(-1, order), support.gather(-1, order)
+        order = torch.sort(
+            mixture.weights.masked_fill(~support, NEG_INF), dim=-1, descending=True, stable=True
+        ).indices
+        ids, scaled, support = (
+            ids.gather(-1, order),
+            scaled.gather(-1, order),
+            support.gather(-1, order),
+        )
         rows = MixtureRows(
             tokens=ids[:, 0],
             mix_ids=ids,
@@ -147,7 +175,9 @@ def make_sampler(name: str, truncation: Truncation, mixture_size: int, **noise_p
     """The sampler called `name`; `noise_params` are the noise kind's fields (e.g. tau, scale)."""
     if name == "discrete":
         if noise_params:
-            raise UserError(f"sampler 'discrete' takes no noise parameters, got {sorted(noise_params)}")
+            raise UserError(
+                f"sampler 'discrete' takes no noise parameters, got {sorted(noise_params)}"
+            )
         return DiscreteSampler(truncation, mixture_size)
     if name not in NOISES:
         raise UserError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")

@@ -1,4 +1,4 @@
-"""Truncation of the next-token distribution across vocabulary shards (SPEC.md section 1, step 2).
+"""Truncation of the next-token distribution across vocabulary shards (docs/algorithm.md section 1, step 2).
 
 Order of the reference: p = softmax(l / T); top-k, renormalise; top-p on the already
 truncated distribution (the minimal nucleus: a token is kept while the mass before it
@@ -15,7 +15,6 @@ bits of the fp32 logit, then the complemented id).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -29,7 +28,7 @@ _ADAPTIVE_GROWTH = 8
 @dataclass(frozen=True)
 class Truncation:
     temperature: float = 1.0
-    top_k: Optional[int] = None
+    top_k: int | None = None
     top_p: float = 1.0
     min_p: float = 0.0
 
@@ -44,7 +43,7 @@ class Truncation:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
 
     @classmethod
-    def greedy(cls) -> "Truncation":
+    def greedy(cls) -> Truncation:
         return cls(top_k=1)
 
     @property
@@ -83,7 +82,9 @@ def _decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, bits.view(torch.float32)
 
 
-def _top_by_key(values: torch.Tensor, ids: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _top_by_key(
+    values: torch.Tensor, ids: torch.Tensor, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _decode_keys(_order_keys(values, ids).topk(count, dim=-1).values)
 
 
@@ -100,20 +101,27 @@ def _local_top(x: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]
         rows = ambiguous.nonzero().squeeze(-1)
         columns = torch.arange(x.shape[-1], device=x.device).expand(rows.numel(), -1)
         redone_cols, redone_values = _top_by_key(x[rows], columns, count)
-        cols, values = cols.index_put((rows,), redone_cols), values.index_put((rows,), redone_values.to(values.dtype))
+        cols, values = (
+            cols.index_put((rows,), redone_cols),
+            values.index_put((rows,), redone_values.to(values.dtype)),
+        )
     cols, by_col = cols.sort(dim=-1)
     values, by_value = values.gather(-1, by_col).float().sort(dim=-1, descending=True, stable=True)
     return cols.gather(-1, by_value), values
 
 
-def top_logits(logits: torch.Tensor, shard: VocabShard, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_logits(
+    logits: torch.Tensor, shard: VocabShard, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [N, count], fp32 logits [N, count]) of the global top `count` real tokens of the logit shard.
 
     Padding columns are never candidates (they are sliced off, not masked). Each rank
     offers its exact local top `count`; their union holds the global top `count`.
     """
     if count > shard.vocab_size:
-        raise ValueError(f"asked for the top {count} tokens of a {shard.vocab_size}-token vocabulary")
+        raise ValueError(
+            f"asked for the top {count} tokens of a {shard.vocab_size}-token vocabulary"
+        )
     shard.check(logits)
     real = logits[..., : shard.real_width]
     if real.shape[-1] < count:  # a shard with fewer real tokens than asked offers -inf for the rest
@@ -128,7 +136,9 @@ def top_logits(logits: torch.Tensor, shard: VocabShard, count: int) -> tuple[tor
 # ------------------------------------------------------------------ truncation rules
 
 
-def support_mask(scaled: torch.Tensor, truncation: Truncation, log_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+def support_mask(
+    scaled: torch.Tensor, truncation: Truncation, log_norm: torch.Tensor | None = None
+) -> torch.Tensor:
     """In-support mask [N, C] of candidates sorted descending; `log_norm` [N] for top-p without top-k.
 
     Probabilities are taken relative to the row maximum (r = p / p_max), so the rules need
@@ -144,7 +154,9 @@ def support_mask(scaled: torch.Tensor, truncation: Truncation, log_norm: Optiona
             mass = (ratio * keep).sum(dim=-1, keepdim=True)  # the top-k renormaliser
         else:
             mass = torch.exp(log_norm - scaled[:, 0]).unsqueeze(-1)  # 1 / p_max
-        before = torch.cat([torch.zeros_like(ratio[:, :1]), (ratio * keep).cumsum(dim=-1)[:, :-1]], dim=-1)
+        before = torch.cat(
+            [torch.zeros_like(ratio[:, :1]), (ratio * keep).cumsum(dim=-1)[:, :-1]], dim=-1
+        )
         keep &= before < truncation.top_p * mass
     if truncation.min_p > 0:
         keep &= ratio >= truncation.min_p
@@ -152,7 +164,11 @@ def support_mask(scaled: torch.Tensor, truncation: Truncation, log_norm: Optiona
 
 
 def candidates(
-    logits: torch.Tensor, shard: VocabShard, truncation: Truncation, count: int, log_norm: Optional[torch.Tensor] = None
+    logits: torch.Tensor,
+    shard: VocabShard,
+    truncation: Truncation,
+    count: int,
+    log_norm: torch.Tensor | None = None,
 ) -> Candidates:
     """The global top `count` tokens of the logit shard, with their truncated-support mask.
 
@@ -167,7 +183,10 @@ def candidates(
 
 
 def full_support(
-    logits: torch.Tensor, shard: VocabShard, truncation: Truncation, log_norm: Optional[torch.Tensor] = None
+    logits: torch.Tensor,
+    shard: VocabShard,
+    truncation: Truncation,
+    log_norm: torch.Tensor | None = None,
 ) -> Candidates:
     """Enough candidates to hold the whole truncated support of every row (truncation must truncate).
 
@@ -175,7 +194,9 @@ def full_support(
     so the candidate count grows until no row's support reaches the last slot.
     """
     if truncation.top_k is not None:
-        return candidates(logits, shard, truncation, min(truncation.top_k, shard.vocab_size), log_norm)
+        return candidates(
+            logits, shard, truncation, min(truncation.top_k, shard.vocab_size), log_norm
+        )
     count = min(_ADAPTIVE_START, shard.vocab_size)
     while True:
         found = candidates(logits, shard, truncation, count, log_norm)

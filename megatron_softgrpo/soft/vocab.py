@@ -31,20 +31,24 @@ class VocabShard:
     group: Any = None  # the tensor-parallel torch.distributed ProcessGroup; None: one process
 
     @classmethod
-    def whole(cls, padded_vocab_size: int, vocab_size: int) -> "VocabShard":
+    def whole(cls, padded_vocab_size: int, vocab_size: int) -> VocabShard:
         """The entire (padded) vocabulary on one process."""
         return cls(0, padded_vocab_size, vocab_size)
 
     @classmethod
-    def of_rank(cls, padded_vocab_size: int, vocab_size: int, rank: int, world_size: int, group=None) -> "VocabShard":
+    def of_rank(
+        cls, padded_vocab_size: int, vocab_size: int, rank: int, world_size: int, group=None
+    ) -> VocabShard:
         """Megatron's partition: equal contiguous slices in rank order."""
         if padded_vocab_size % world_size:
-            raise ValueError(f"padded vocabulary {padded_vocab_size} is not divisible by TP={world_size}")
+            raise ValueError(
+                f"padded vocabulary {padded_vocab_size} is not divisible by TP={world_size}"
+            )
         width = padded_vocab_size // world_size
         return cls(rank * width, (rank + 1) * width, vocab_size, group)
 
     @classmethod
-    def from_parallel_state(cls, padded_vocab_size: int, vocab_size: int) -> "VocabShard":
+    def from_parallel_state(cls, padded_vocab_size: int, vocab_size: int) -> VocabShard:
         """This rank's shard under Megatron's initialised tensor-parallel group."""
         from megatron.core import parallel_state
 
@@ -74,7 +78,9 @@ class VocabShard:
 
     def check(self, logits: torch.Tensor) -> None:
         if logits.shape[-1] != self.width:
-            raise ValueError(f"logits have {logits.shape[-1]} vocabulary columns; this shard holds {self.width}")
+            raise ValueError(
+                f"logits have {logits.shape[-1]} vocabulary columns; this shard holds {self.width}"
+            )
 
     def owns(self, ids: torch.Tensor) -> torch.Tensor:
         return (ids >= self.start) & (ids < self.end)
@@ -98,7 +104,9 @@ class VocabShard:
         dtype = compute_dtype_of(logits.dtype)
         # one pass: a half-precision input is divided in place in its fresh fp32 copy
         x = logits / temperature if logits.dtype == dtype else logits.to(dtype).div_(temperature)
-        x[..., self.real_width :] = NEG_INF  # in place on a fresh tensor (neither op keeps its output)
+        x[..., self.real_width :] = (
+            NEG_INF  # in place on a fresh tensor (neither op keeps its output)
+        )
         return x
 
 
@@ -180,7 +188,9 @@ def log_normalizer(scaled: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     """logsumexp over the whole (sharded) vocabulary of padding-masked scaled logits [..., W] -> [...]."""
     if not shard.distributed:
         return torch.logsumexp(scaled, dim=-1)
-    peak = all_reduce_max(scaled.detach().amax(dim=-1), shard)  # a constant shift: no gradient needed
+    peak = all_reduce_max(
+        scaled.detach().amax(dim=-1), shard
+    )  # a constant shift: no gradient needed
     mass = reduce_sum(torch.exp(scaled - peak.unsqueeze(-1)).sum(dim=-1), shard)
     return torch.log(mass) + peak
 
@@ -191,12 +201,16 @@ def gather_logits(logits: torch.Tensor, ids: torch.Tensor, shard: VocabShard) ->
     return reduce_sum(torch.where(shard.owns(ids), local, torch.zeros_like(local)), shard)
 
 
-def softmax_entropy(scaled: torch.Tensor, log_norm: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+def softmax_entropy(
+    scaled: torch.Tensor, log_norm: torch.Tensor, shard: VocabShard
+) -> torch.Tensor:
     """Entropy -sum_v p_v log p_v of p = softmax(scaled) over the whole (sharded) vocabulary [..., W] -> [...].
 
     `scaled` are padding-masked scaled logits (`VocabShard.scaled`) and `log_norm` their
     `log_normalizer`. Summing p log p (each term small) rather than logZ - E_p[scaled] avoids
     cancelling two large numbers when the logits are large. Autograd-aware.
     """
-    log_p = scaled[..., : shard.real_width] - log_norm.unsqueeze(-1)  # padding columns: p = 0, left out
+    log_p = scaled[..., : shard.real_width] - log_norm.unsqueeze(
+        -1
+    )  # padding columns: p = 0, left out
     return -reduce_sum(torch.linalg.vecdot(log_p.exp(), log_p), shard)

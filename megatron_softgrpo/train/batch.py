@@ -20,8 +20,8 @@ parallelism needs one sequence length per call), so pad a batch to its longest r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Callable, Optional
 
 import torch
 
@@ -32,9 +32,9 @@ from megatron_softgrpo.soft import MixtureRows
 class PolicyBatch:
     rows: MixtureRows  # [B, S] records; row j is the model's input at position j
     loss_mask: torch.Tensor  # [B, S] bool
-    advantages: Optional[torch.Tensor] = None  # [B, S] fp32 (train_step)
-    old_logp: Optional[torch.Tensor] = None  # [B, S] fp32 (train_step)
-    ref_logp: Optional[torch.Tensor] = None  # [B, S] fp32 (train_step with a KL penalty)
+    advantages: torch.Tensor | None = None  # [B, S] fp32 (train_step)
+    old_logp: torch.Tensor | None = None  # [B, S] fp32 (train_step)
+    ref_logp: torch.Tensor | None = None  # [B, S] fp32 (train_step with a KL penalty)
 
     def __post_init__(self):
         shape = tuple(self.rows.tokens.shape)
@@ -43,11 +43,15 @@ class PolicyBatch:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name != "rows" and value is not None and tuple(value.shape) != shape:
-                raise ValueError(f"{f.name} has shape {tuple(value.shape)}; the records are {shape}")
+                raise ValueError(
+                    f"{f.name} has shape {tuple(value.shape)}; the records are {shape}"
+                )
         if self.loss_mask.dtype != torch.bool:
             raise ValueError(f"loss_mask must be bool, got {self.loss_mask.dtype}")
         if shape[1] and self.loss_mask[:, 0].any():
-            raise ValueError("loss_mask[:, 0] is True: record 0 has no context and cannot be scored")
+            raise ValueError(
+                "loss_mask[:, 0] is True: record 0 has no context and cannot be scored"
+            )
 
     @property
     def num_rows(self) -> int:
@@ -57,31 +61,37 @@ class PolicyBatch:
     def seq_len(self) -> int:
         return self.rows.tokens.shape[1]
 
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "PolicyBatch":
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PolicyBatch:
         """`fn` applied to every tensor (row slicing, padding, device moves); absent fields stay None."""
         return PolicyBatch(
             rows=self.rows.map(fn),
-            **{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name)) for f in fields(self) if f.name != "rows"},
+            **{
+                f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                for f in fields(self)
+                if f.name != "rows"
+            },
         )
 
-    def row_slice(self, start: int, stop: int) -> "PolicyBatch":
+    def row_slice(self, start: int, stop: int) -> PolicyBatch:
         return self.map(lambda t: t[start:stop])
 
-    def padded_rows(self, num_rows: int) -> "PolicyBatch":
+    def padded_rows(self, num_rows: int) -> PolicyBatch:
         """Append all-zero rows (no scored position, zero input weights) up to `num_rows` rows."""
         extra = num_rows - self.num_rows
         if extra <= 0:
             return self
         return self.map(lambda t: torch.cat([t, t.new_zeros((extra, *t.shape[1:]))]))
 
-    def padded_positions(self, seq_len: int) -> "PolicyBatch":
+    def padded_positions(self, seq_len: int) -> PolicyBatch:
         """Append all-zero positions (unscored, zero input weights) up to `seq_len`: after every
         real record, so causal attention leaves the real positions' outputs unchanged."""
         extra = seq_len - self.seq_len
         if extra <= 0:
             return self
-        return self.map(lambda t: torch.cat([t, t.new_zeros((t.shape[0], extra, *t.shape[2:]))], dim=1))
+        return self.map(
+            lambda t: torch.cat([t, t.new_zeros((t.shape[0], extra, *t.shape[2:]))], dim=1)
+        )
 
-    def without_targets(self) -> "PolicyBatch":
+    def without_targets(self) -> PolicyBatch:
         """Records and mask only: what scoring needs."""
         return replace(self, advantages=None, old_logp=None, ref_logp=None)

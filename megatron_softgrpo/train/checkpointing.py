@@ -27,7 +27,6 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -35,7 +34,13 @@ import torch
 from megatron_softgrpo.config.schema import CheckpointingCfg
 from megatron_softgrpo.distributed import is_main_rank
 from megatron_softgrpo.errors import UserError
-from megatron_softgrpo.models.checkpoint import CheckpointMeta, is_checkpoint, load_sharded, read_meta, save_checkpoint
+from megatron_softgrpo.models.checkpoint import (
+    CheckpointMeta,
+    is_checkpoint,
+    load_sharded,
+    read_meta,
+    save_checkpoint,
+)
 from megatron_softgrpo.models.source import ModelSource
 from megatron_softgrpo.train.optimizer import load_optimizer_state, optimizer_sharded_state
 from megatron_softgrpo.train.policy import PolicyWorker
@@ -58,7 +63,9 @@ def step_dir_name(step: int) -> str:
 # ------------------------------------------------------------------ save
 
 
-def save_training_checkpoint(ckpt_cfg: CheckpointingCfg, worker: PolicyWorker, step: int, extra: dict, tokenizer=None) -> Path:
+def save_training_checkpoint(
+    ckpt_cfg: CheckpointingCfg, worker: PolicyWorker, step: int, extra: dict, tokenizer=None
+) -> Path:
     """Collectively save the worker's full training state at `step`; every rank calls this."""
     meta = CheckpointMeta(
         arch=worker.source.arch.to_dict(),
@@ -116,13 +123,17 @@ def _write_latest(root: Path, name: str) -> None:
         os.close(dir_fd)
 
 
-def _prune(root: Path, keep_top_k: Optional[int], keep: str) -> None:
+def _prune(root: Path, keep_top_k: int | None, keep: str) -> None:
     """Delete leftovers of crashed saves and all complete checkpoints but the newest `keep_top_k`."""
     for leftover in root.glob("step_*.partial"):
         shutil.rmtree(leftover, ignore_errors=True)
     if keep_top_k is None:
         return
-    complete = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir())
+    complete = sorted(
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()
+    )
     for _, path in complete[:-keep_top_k]:
         if path.name != keep:
             shutil.rmtree(path, ignore_errors=True)
@@ -160,7 +171,9 @@ def _layout() -> dict:
     return {
         "tensor_parallel": ps.get_tensor_model_parallel_world_size(),
         "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
-        "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+        "world_size": torch.distributed.get_world_size()
+        if torch.distributed.is_initialized()
+        else 1,
     }
 
 
@@ -174,21 +187,27 @@ def _rng_sharded(state: dict) -> dict:
         ps.get_tensor_model_parallel_world_size(),
         ps.get_data_parallel_world_size(),
     )
-    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank())
+    offset = (
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_data_parallel_rank(),
+    )
     return {"rng_state": ShardedObject("rng_state", state, shape, offset, replica_id=0)}
 
 
 # ------------------------------------------------------------------ load
 
 
-def latest_checkpoint(checkpoint_dir: str | Path) -> Optional[Path]:
+def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     """The checkpoint `latest` names; None when there is none yet."""
     pointer = Path(checkpoint_dir) / LATEST
     if not pointer.is_file():
         return None
     path = Path(checkpoint_dir) / pointer.read_text().strip()
     if not is_checkpoint(path):
-        raise UserError(f"{pointer}: names {path.name}, which is not a complete checkpoint; fix or delete the file")
+        raise UserError(
+            f"{pointer}: names {path.name}, which is not a complete checkpoint; fix or delete the file"
+        )
     return path
 
 
@@ -196,13 +215,21 @@ def restore_training_checkpoint(worker: PolicyWorker, path: str | Path) -> Resto
     """Load a checkpoint saved at any layout into a freshly built worker (collective)."""
     path = Path(path)
     if worker.scheduler.num_steps or worker.skipped_steps:
-        raise ValueError("restore a checkpoint into a freshly built worker (its schedule position is added, not set)")
+        raise ValueError(
+            "restore a checkpoint into a freshly built worker (its schedule position is added, not set)"
+        )
     meta = read_meta(path)
     if meta.arch != worker.source.arch.to_dict():
-        raise UserError(f"{path}: saved for a different model than policy.model_name={worker.cfg.policy.model_name}")
+        raise UserError(
+            f"{path}: saved for a different model than policy.model_name={worker.cfg.policy.model_name}"
+        )
     model_sd = worker.model.sharded_state_dict()
     worker.model.load_state_dict(load_sharded(path, "model", model_sd), strict=False)
-    load_optimizer_state(worker.optimizer, worker.model.sharded_state_dict(), lambda sd: load_sharded(path, "optimizer", sd))
+    load_optimizer_state(
+        worker.optimizer,
+        worker.model.sharded_state_dict(),
+        lambda sd: load_sharded(path, "optimizer", sd),
+    )
     trainer = meta.extra["trainer"]
     worker.scheduler.load_state_dict(trainer["scheduler"])
     worker.optimizer_steps = trainer["optimizer_steps"]
@@ -218,7 +245,7 @@ def restore_training_checkpoint(worker: PolicyWorker, path: str | Path) -> Resto
     return RestoredCheckpoint(path, meta.step, meta.extra["loop"])
 
 
-def resume(ckpt_cfg: CheckpointingCfg, worker: PolicyWorker) -> Optional[RestoredCheckpoint]:
+def resume(ckpt_cfg: CheckpointingCfg, worker: PolicyWorker) -> RestoredCheckpoint | None:
     """Restore the latest checkpoint when `checkpointing.resume` is set and one exists."""
     if not ckpt_cfg.resume:
         return None

@@ -1,4 +1,4 @@
-"""The SofT-GRPO / GRPO loop (`softgrpo train`), one RL step at a time (ARCHITECTURE.md "Flow"):
+"""The SofT-GRPO / GRPO loop (`softgrpo train`), one RL step at a time (docs/architecture.md "Flow of one RL step"):
 
     prompts -> rollout (G per prompt; each data-parallel rank decodes its block of prompts)
             -> rewards -> group advantages
@@ -62,7 +62,9 @@ class Scored:
     truncated: torch.Tensor  # [B] finished by the length limit
     correct: torch.Tensor  # [B] the named reward (correctness)
     answered: torch.Tensor  # [B] an answer can be read from the response (env.answer_format)
-    rewards: torch.Tensor  # [B] correct + env.format_reward * (answered and finished): what the advantages use
+    rewards: (
+        torch.Tensor
+    )  # [B] correct + env.format_reward * (answered and finished): what the advantages use
 
 
 class Trainer:
@@ -73,29 +75,56 @@ class Trainer:
         cfg = self.cfg = loaded.cfg
         self.watcher = watcher
         mcfg = cfg.policy.megatron_cfg
-        if cfg.softgrpo.sampler is not None and _algorithm_of(cfg.softgrpo.sampler) != cfg.softgrpo.algorithm:
-            raise loaded.error("softgrpo.sampler", f"training samples as the algorithm does ({cfg.softgrpo.algorithm}); set null")
-        env = init_distributed(ParallelLayout(mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size), seed=cfg.grpo.seed)
+        if (
+            cfg.softgrpo.sampler is not None
+            and _algorithm_of(cfg.softgrpo.sampler) != cfg.softgrpo.algorithm
+        ):
+            raise loaded.error(
+                "softgrpo.sampler",
+                f"training samples as the algorithm does ({cfg.softgrpo.algorithm}); set null",
+            )
+        env = init_distributed(
+            ParallelLayout(mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size),
+            seed=cfg.grpo.seed,
+        )
         ps = _ps()
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         seed_noise_rng(noise_seed(cfg.grpo.seed, self.dp_rank))
-        check_data_parallel(loaded, env.world_size)  # the CLI checked it too; Trainer may be built directly
+        check_data_parallel(
+            loaded, env.world_size
+        )  # the CLI checked it too; Trainer may be built directly
         # data first: a bad data file fails in seconds, before the minutes of model loading
-        self.tokenizer = load_tokenizer(resolve_model_source(cfg.policy.model_name), cfg.policy.tokenizer.name)
+        self.tokenizer = load_tokenizer(
+            resolve_model_source(cfg.policy.model_name), cfg.policy.tokenizer.name
+        )
         self.train_data = self._load("train")
         self.val_data = self._load("validation") if cfg.data.validation is not None else None
         self.worker = PolicyWorker(cfg)
-        self.sampler = PromptSampler(self.train_data.problems, cfg.grpo.num_prompts_per_step, seed=cfg.grpo.seed, shuffle=cfg.data.shuffle)
-        settings = RolloutSettings.from_recipe(cfg, self.tokenizer, self.worker.source.arch.hidden_size)
+        self.sampler = PromptSampler(
+            self.train_data.problems,
+            cfg.grpo.num_prompts_per_step,
+            seed=cfg.grpo.seed,
+            shuffle=cfg.data.shuffle,
+        )
+        settings = RolloutSettings.from_recipe(
+            cfg, self.tokenizer, self.worker.source.arch.hidden_size
+        )
         self.engine = RolloutEngine(self.worker.model, self.tokenizer, self.worker.vocab, settings)
-        self.reward = get_reward(cfg.env.reward, answer_format=cfg.env.answer_format,
-                                 num_workers=cfg.env.num_workers, timeout_s=cfg.env.timeout_s)
+        self.reward = get_reward(
+            cfg.env.reward,
+            answer_format=cfg.env.answer_format,
+            num_workers=cfg.env.num_workers,
+            timeout_s=cfg.env.timeout_s,
+        )
         self.log = MetricsLog(cfg.logger, loaded.raw, enabled=is_main_rank())
         self.step = 0
         self._last_val: tuple[int, dict] | None = None  # (step, result) of the latest validation
         if env.launcher != "single" and is_main_rank():
-            print(f"[softgrpo] {env.world_size} ranks: TP={mcfg.tensor_model_parallel_size} "
-                  f"PP={mcfg.pipeline_model_parallel_size} DP={self.dp}", flush=True)
+            print(
+                f"[softgrpo] {env.world_size} ranks: TP={mcfg.tensor_model_parallel_size} "
+                f"PP={mcfg.pipeline_model_parallel_size} DP={self.dp}",
+                flush=True,
+            )
 
     def _load(self, split: str) -> PromptDataset:
         data = load_split(self.cfg.data, split, self.tokenizer)
@@ -108,7 +137,11 @@ class Trainer:
     def run(self) -> int:
         cfg, watcher = self.cfg, self.watcher
         try:
-            restored = resume(cfg.checkpointing, self.worker) if cfg.checkpointing.enabled and cfg.checkpointing.resume else None
+            restored = (
+                resume(cfg.checkpointing, self.worker)
+                if cfg.checkpointing.enabled and cfg.checkpointing.resume
+                else None
+            )
             if restored is not None:
                 self.step = restored.step
                 self.sampler.load_state_dict(restored.extra["data"])
@@ -117,17 +150,29 @@ class Trainer:
                     print(f"[softgrpo] resumed from {restored.path} (step {self.step})", flush=True)
             if watcher.should_stop():  # signalled during start-up: nothing new to save
                 return self._requeue()
-            first_val = self._validate() if self.val_data is not None and cfg.grpo.val_at_start and self.step == 0 else None
-            while self.step < cfg.grpo.max_num_steps and self.sampler.epoch < cfg.grpo.max_num_epochs:
+            first_val = (
+                self._validate()
+                if self.val_data is not None and cfg.grpo.val_at_start and self.step == 0
+                else None
+            )
+            while (
+                self.step < cfg.grpo.max_num_steps and self.sampler.epoch < cfg.grpo.max_num_epochs
+            ):
                 metrics = self._rl_step()
                 self.step += 1
-                if self.val_data is not None and cfg.grpo.val_period and self.step % cfg.grpo.val_period == 0:
+                if (
+                    self.val_data is not None
+                    and cfg.grpo.val_period
+                    and self.step % cfg.grpo.val_period == 0
+                ):
                     metrics.update(_prefixed("val/", self._validate()))
                 if self.step == 1 and first_val is not None:
                     metrics.update(_prefixed("val_at_start/", first_val))
                 self.log.log(self.step, metrics, cfg.grpo.max_num_steps)
                 stop = watcher.should_stop()
-                if cfg.checkpointing.enabled and (stop or self.step % cfg.checkpointing.save_period == 0):
+                if cfg.checkpointing.enabled and (
+                    stop or self.step % cfg.checkpointing.save_period == 0
+                ):
                     self._save()
                 if stop:
                     return self._requeue()
@@ -143,12 +188,17 @@ class Trainer:
 
     def _requeue(self) -> int:
         if is_main_rank():
-            print(f"[softgrpo] stopped by signal at step {self.step}; exit {REQUEUE_EXIT_CODE} (requeue to resume)", flush=True)
+            print(
+                f"[softgrpo] stopped by signal at step {self.step}; exit {REQUEUE_EXIT_CODE} (requeue to resume)",
+                flush=True,
+            )
         return REQUEUE_EXIT_CODE
 
     def _save(self) -> None:
         extra = {"data": self.sampler.state_dict()}
-        save_training_checkpoint(self.cfg.checkpointing, self.worker, self.step, extra, tokenizer=self.tokenizer)
+        save_training_checkpoint(
+            self.cfg.checkpointing, self.worker, self.step, extra, tokenizer=self.tokenizer
+        )
 
     def _finish(self, first_val: dict | None) -> None:
         """Held-out accuracy after training (and before it, from step 1's line after a resume)
@@ -156,7 +206,11 @@ class Trainer:
         final = None
         if self.val_data is not None:
             # the last step's own validation when it had one; else a fresh one (a collective: every rank)
-            final = self._last_val[1] if self._last_val is not None and self._last_val[0] == self.step else self._validate()
+            final = (
+                self._last_val[1]
+                if self._last_val is not None and self._last_val[0] == self.step
+                else self._validate()
+            )
         if not is_main_rank():
             return
         if final is not None:
@@ -165,7 +219,10 @@ class Trainer:
             record = FinalValidation(self.step, len(self.val_data.problems), first_val, final)
             self.log.write_json(FINAL_VALIDATION, asdict(record))
             before = f"{first_val['accuracy']:.3f} -> " if first_val is not None else ""
-            print(f"[softgrpo] held-out accuracy: {before}{final['accuracy']:.3f} ({record.num_problems} problems)", flush=True)
+            print(
+                f"[softgrpo] held-out accuracy: {before}{final['accuracy']:.3f} ({record.num_problems} problems)",
+                flush=True,
+            )
         log_dir = self.cfg.logger.log_dir
         out = plot_runs([log_dir], f"{log_dir}/{TRAINING_CURVES}")
         print(f"[softgrpo] curves: {out}", flush=True)
@@ -182,7 +239,10 @@ class Trainer:
 
         t = time.perf_counter()
         g = cfg.grpo.num_generations_per_prompt
-        advantages = broadcast_to_positions(group_advantages(scored.rewards, g, normalize=cfg.grpo.normalize_rewards), scored.loss_mask)
+        advantages = broadcast_to_positions(
+            group_advantages(scored.rewards, g, normalize=cfg.grpo.normalize_rewards),
+            scored.loss_mask,
+        )
         batch = PolicyBatch(scored.rows, scored.loss_mask, advantages=advantages)
         batch.old_logp = worker.compute_logprobs(batch)
         if worker.reference is not None:
@@ -191,7 +251,10 @@ class Trainer:
 
         t = time.perf_counter()
         mb = cfg.policy.train_global_batch_size
-        updates = [worker.train_step(_trim(batch.row_slice(i, i + mb))) for i in range(0, batch.num_rows, mb)]
+        updates = [
+            worker.train_step(_trim(batch.row_slice(i, i + mb)))
+            for i in range(0, batch.num_rows, mb)
+        ]
         times["time/update"] = time.perf_counter() - t
         times["time/step"] = time.perf_counter() - t0
 
@@ -210,7 +273,10 @@ class Trainer:
             "think_length/mean": float(scored.think_lengths.float().mean()),
             "truncated_fraction": float(scored.truncated.float().mean()),
             "soft_fraction": float((scored.rows.is_soft & mask).sum() / mask.sum().clamp(min=1)),
-            "rollout_logp_mismatch": float(((scored.rollout_logp.exp() - batch.old_logp.exp()).abs() * mask).sum() / mask.sum().clamp(min=1)),
+            "rollout_logp_mismatch": float(
+                ((scored.rollout_logp.exp() - batch.old_logp.exp()).abs() * mask).sum()
+                / mask.sum().clamp(min=1)
+            ),
             "loss": _mean(u.loss for u in updates),
             "policy_loss": _mean(u.policy_loss for u in updates),
             "kl/mean": _mean(kls) if kls else None,
@@ -234,7 +300,15 @@ class Trainer:
         t = time.perf_counter()
         block = len(problems) // self.dp
         mine = problems[self.dp_rank * block : (self.dp_rank + 1) * block]
-        prompts = [encode_prompt(self.tokenizer, p.problem, self.cfg.data.prompt_template, self.cfg.data.system_prompt) for p in mine]
+        prompts = [
+            encode_prompt(
+                self.tokenizer,
+                p.problem,
+                self.cfg.data.prompt_template,
+                self.cfg.data.system_prompt,
+            )
+            for p in mine
+        ]
         traj = self.engine.generate(prompts, g)
         times["time/rollout"] = time.perf_counter() - t
 
@@ -245,12 +319,20 @@ class Trainer:
         device = traj.rows.tokens.device
         gathered = _gather_blocks(
             [*[getattr(traj.rows, k) for k in _ROW_FIELDS], traj.loss_mask, traj.rollout_logp],
-            [traj.response_lengths, traj.think_lengths, *(x.to(device) for x in (truncated, correct, answered))],
+            [
+                traj.response_lengths,
+                traj.think_lengths,
+                *(x.to(device) for x in (truncated, correct, answered)),
+            ],
         )
         rows = MixtureRows(**dict(zip(_ROW_FIELDS, gathered[: len(_ROW_FIELDS)])))
-        loss_mask, rollout_logp, lengths, think, trunc, correct, answered = gathered[len(_ROW_FIELDS) :]
+        loss_mask, rollout_logp, lengths, think, trunc, correct, answered = gathered[
+            len(_ROW_FIELDS) :
+        ]
         rewards = with_format_bonus(correct, answered, trunc, self.cfg.env.format_reward)
-        return Scored(traj, rows, loss_mask, rollout_logp, lengths, think, trunc, correct, answered, rewards)
+        return Scored(
+            traj, rows, loss_mask, rollout_logp, lengths, think, trunc, correct, answered, rewards
+        )
 
     def _grade(self, texts: list[str], problems) -> tuple[torch.Tensor, torch.Tensor]:
         """(named reward, an answer can be read in env.answer_format) per response."""
@@ -264,17 +346,31 @@ class Trainer:
         per_rank = math.ceil(len(problems) / self.dp)
         mine = problems[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
         # on the model's device: the data-parallel group is NCCL on GPU
-        correct, answered, lengths, valid = (torch.zeros(per_rank, device=self.worker.device) for _ in range(4))
+        correct, answered, lengths, valid = (
+            torch.zeros(per_rank, device=self.worker.device) for _ in range(4)
+        )
         if mine:
-            prompts = [encode_prompt(self.tokenizer, p.problem, self.cfg.data.prompt_template, self.cfg.data.system_prompt) for p in mine]
+            prompts = [
+                encode_prompt(
+                    self.tokenizer,
+                    p.problem,
+                    self.cfg.data.prompt_template,
+                    self.cfg.data.system_prompt,
+                )
+                for p in mine
+            ]
             traj = self.engine.generate(prompts, 1)
             got, has = self._grade(traj.texts, mine)
             correct[: len(mine)], answered[: len(mine)] = got, has.float()
             lengths[: len(mine)] = traj.response_lengths.float()
             if is_main_rank():
-                _print_samples(mine, traj.texts, got.tolist(), self.cfg.logger.num_val_samples_to_print)
+                _print_samples(
+                    mine, traj.texts, got.tolist(), self.cfg.logger.num_val_samples_to_print
+                )
         valid[: len(mine)] = 1
-        correct, answered, lengths, valid = (_gather_dp(x) for x in (correct, answered, lengths, valid))
+        correct, answered, lengths, valid = (
+            _gather_dp(x) for x in (correct, answered, lengths, valid)
+        )
         n = valid.sum().clamp(min=1)
         result = {
             "accuracy": float(((correct >= 0.5).float() * valid).sum() / n),
@@ -302,8 +398,11 @@ class FinalValidation:
 def _print_samples(problems, texts: list[str], rewards: list[float], count: int) -> None:
     """The first `count` validation responses of this rank (logger.num_val_samples_to_print)."""
     for i, (p, text, reward) in enumerate(list(zip(problems, texts, rewards))[:count]):
-        print(f"[softgrpo] validation sample {i + 1}: {p.id} | answer {p.answer} | reward {reward:.2f}\n"
-              f"  problem: {p.problem}\n  response: {text}", flush=True)
+        print(
+            f"[softgrpo] validation sample {i + 1}: {p.id} | answer {p.answer} | reward {reward:.2f}\n"
+            f"  problem: {p.problem}\n  response: {text}",
+            flush=True,
+        )
 
 
 _ROW_FIELDS = ("tokens", "mix_ids", "mix_weights", "noise", "support", "is_soft", "noise_seed")
@@ -340,14 +439,18 @@ def _gather_dp(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _gather_blocks(per_position: list[torch.Tensor], per_row: list[torch.Tensor]) -> list[torch.Tensor]:
+def _gather_blocks(
+    per_position: list[torch.Tensor], per_row: list[torch.Tensor]
+) -> list[torch.Tensor]:
     """Concatenate every data-parallel rank's block of rows (in rank order); [B, S] tensors are
     right-padded to the longest block first."""
     ps = _ps()
     if ps.get_data_parallel_world_size() == 1:
         return per_position + per_row
     length = torch.tensor([per_position[0].shape[1]], device=per_position[0].device)
-    torch.distributed.all_reduce(length, op=torch.distributed.ReduceOp.MAX, group=ps.get_data_parallel_group())
+    torch.distributed.all_reduce(
+        length, op=torch.distributed.ReduceOp.MAX, group=ps.get_data_parallel_group()
+    )
     width = int(length)
 
     def pad(t):

@@ -21,11 +21,35 @@ from megatron_softgrpo.config.schema import LoggerCfg
 # "entropy/mean" (not in STEP_KEYS: the mean entropy of the scored positions' sampling distributions,
 # from the update's forward passes) appears when loss_fn.entropy_coef > 0.
 STEP_KEYS = (
-    "epoch", "reward/mean", "reward/std", "accuracy", "answer_rate", "response_length/mean", "response_length/max",
-    "think_length/mean", "truncated_fraction", "soft_fraction", "rollout_logp_mismatch",
-    "loss", "policy_loss", "kl/mean", "clip_fraction", "clip_fraction/low", "clip_fraction/high",
-    "dual_clip_fraction", "ratio/mean", "grad_norm", "lr", "optimizer_steps", "skipped_steps",
-    "tokens_per_second", "time/rollout", "time/reward", "time/logprob", "time/update", "time/step",
+    "epoch",
+    "reward/mean",
+    "reward/std",
+    "accuracy",
+    "answer_rate",
+    "response_length/mean",
+    "response_length/max",
+    "think_length/mean",
+    "truncated_fraction",
+    "soft_fraction",
+    "rollout_logp_mismatch",
+    "loss",
+    "policy_loss",
+    "kl/mean",
+    "clip_fraction",
+    "clip_fraction/low",
+    "clip_fraction/high",
+    "dual_clip_fraction",
+    "ratio/mean",
+    "grad_norm",
+    "lr",
+    "optimizer_steps",
+    "skipped_steps",
+    "tokens_per_second",
+    "time/rollout",
+    "time/reward",
+    "time/logprob",
+    "time/update",
+    "time/step",
 )
 
 # key in metrics.jsonl -> label in the progress line (and its format)
@@ -75,7 +99,9 @@ class MetricsLog:
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.json").write_text(json.dumps(run_config, indent=2, sort_keys=True, default=str))
+        (self.dir / "config.json").write_text(
+            json.dumps(run_config, indent=2, sort_keys=True, default=str)
+        )
         if cfg.tensorboard_enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -86,14 +112,22 @@ class MetricsLog:
             except ImportError:
                 from megatron_softgrpo.errors import UserError
 
-                raise UserError("logger.wandb_enabled=true: the wandb package is not installed (pip install wandb)") from None
-            self._wandb = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, config=run_config, dir=str(self.dir))
+                raise UserError(
+                    "logger.wandb_enabled=true: the wandb package is not installed (pip install wandb)"
+                ) from None
+            self._wandb = wandb.init(
+                project=cfg.wandb.project, name=cfg.wandb.name, config=run_config, dir=str(self.dir)
+            )
 
     def truncate_after(self, step: int) -> None:
         """Forget lines of steps after `step` (they were logged after the checkpoint we resume from)."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line and json.loads(line)["step"] <= step
+        ]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict, max_steps: int | None = None) -> None:
@@ -114,7 +148,9 @@ class MetricsLog:
     def write_json(self, name: str, record: dict) -> None:
         """A run-level result (e.g. final_validation.json) beside metrics.jsonl, as strict JSON."""
         if self.enabled:
-            (self.dir / name).write_text(json.dumps(_strict(record), indent=2, sort_keys=True, allow_nan=False) + "\n")
+            (self.dir / name).write_text(
+                json.dumps(_strict(record), indent=2, sort_keys=True, allow_nan=False) + "\n"
+            )
 
     def at_start_validation(self) -> dict | None:
         """The validation before training, from step 1's line (for the summary of a resumed run)."""

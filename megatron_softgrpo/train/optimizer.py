@@ -34,7 +34,11 @@ class StepOutcome:
 
 
 def wrap_ddp(model, mcfg: MegatronCfg):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
 
     ddp = DistributedDataParallel(
         model.config,
@@ -67,7 +71,9 @@ def build_optimizer(ddp, mcfg: MegatronCfg, precision: str):
         params_dtype=DTYPES[precision],
     )
     optimizer = get_megatron_optimizer(config, [ddp])
-    ddp.config.grad_scale_func = optimizer.scale_loss  # a no-op factor 1 except with fp16 loss scaling
+    ddp.config.grad_scale_func = (
+        optimizer.scale_loss
+    )  # a no-op factor 1 except with fp16 loss scaling
     return optimizer
 
 
@@ -83,7 +89,9 @@ def build_scheduler(optimizer, mcfg: MegatronCfg, total_steps: int):
     o, s = mcfg.optimizer, mcfg.scheduler
     key = "policy.megatron_cfg"
     if s.lr_warmup_init > o.lr:
-        raise UserError(f"{key}.scheduler.lr_warmup_init={s.lr_warmup_init} exceeds {key}.optimizer.lr={o.lr}")
+        raise UserError(
+            f"{key}.scheduler.lr_warmup_init={s.lr_warmup_init} exceeds {key}.optimizer.lr={o.lr}"
+        )
     if o.min_lr > o.lr:
         raise UserError(f"{key}.optimizer.min_lr={o.min_lr} exceeds {key}.optimizer.lr={o.lr}")
     decay_steps = s.lr_decay_iters or total_steps
@@ -139,8 +147,14 @@ def load_optimizer_state(optimizer, model_sharded_state: dict, load) -> None:
     distributed = [sub for sub in subs if isinstance(sub, DistributedOptimizer)]
     for sub in distributed:
         _allocate_adam_state(sub.optimizer)
-    state = load(optimizer.sharded_state_dict(model_sharded_state, is_loading=True, metadata=OPTIMIZER_FORMAT))
-    for sub, sub_state in zip(subs, [state] if len(subs) == 1 else [state[i] for i in range(len(subs))]):
+    state = load(
+        optimizer.sharded_state_dict(
+            model_sharded_state, is_loading=True, metadata=OPTIMIZER_FORMAT
+        )
+    )
+    for sub, sub_state in zip(
+        subs, [state] if len(subs) == 1 else [state[i] for i in range(len(subs))]
+    ):
         if sub not in distributed:
             sub.load_state_dict(sub_state)
             continue
@@ -158,7 +172,11 @@ def _allocate_adam_state(inner) -> None:
     for group in inner.param_groups:
         for p in group["params"]:
             if not inner.state[p]:
-                inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                inner.state[p] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(p),
+                    "exp_avg_sq": torch.zeros_like(p),
+                }
 
 
 def _pop_adam_steps(inner) -> list[tuple[dict, torch.Tensor]]:
@@ -188,7 +206,10 @@ def guarded_step(optimizer, scheduler) -> StepOutcome:
         params = [] if getattr(sub, "is_stub_optimizer", False) else sub.get_parameters()
         if params and sub.config.clip_grad > 0:
             clip_grad_by_total_norm_fp32(
-                params, sub.config.clip_grad, grad_norm, sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+                params,
+                sub.config.clip_grad,
+                grad_norm,
+                sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
             )
     optimizer.step_with_ready_grads()
     scheduler.step(increment=1)

@@ -14,7 +14,9 @@ PANELS = (
     ("response_length/mean", "response length (tokens)"),
 )
 NO_KL_PANEL = ("answer_rate", "answer rate (env.answer_format)")
-TRAINING_CURVES = "training_curves.png"  # what training writes into its log_dir; `softgrpo plot DIR`'s default
+TRAINING_CURVES = (
+    "training_curves.png"  # what training writes into its log_dir; `softgrpo plot DIR`'s default
+)
 
 
 def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | None = None) -> Path:
@@ -39,7 +41,9 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
         ax.grid(alpha=0.3)
     handles, names = axes.flat[0].get_legend_handles_labels()
     if len(runs) > 1 and handles:
-        fig.legend(handles, names, loc="lower center", ncol=min(4, len(runs)), bbox_to_anchor=(0.5, -0.04))
+        fig.legend(
+            handles, names, loc="lower center", ncol=min(4, len(runs)), bbox_to_anchor=(0.5, -0.04)
+        )
     try:
         save_png(fig, out)
     finally:

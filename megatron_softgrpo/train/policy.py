@@ -5,7 +5,7 @@ Every rank of the job builds one worker after `init_distributed` and calls every
 tensor, pipeline and data parallelism all work the same way:
 
 - Inputs: position j reads the mixture of stored record j (`mixture_embedding`, detached,
-  SPEC.md section 2) as `decoder_input` on the first pipeline stage; attention is causal with
+  docs/algorithm.md section 2) as `decoder_input` on the first pipeline stage; attention is causal with
   no explicit mask (flash attention on GPU) and positions are 0..S-1 (rows are right-padded).
 - Scoring: the model returns its final hidden states (`model_patches.output_layer.final_hidden_states`); the
   output at position j - 1 scores record j, only at the positions of `loss_mask`, against this
@@ -38,11 +38,16 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
-from megatron_softgrpo.algorithms.loss import LossScale, PolicyLossResult, aggregation_weights, policy_loss, token_terms
+from megatron_softgrpo.algorithms.loss import (
+    LossScale,
+    PolicyLossResult,
+    aggregation_weights,
+    policy_loss,
+    token_terms,
+)
 from megatron_softgrpo.config.schema import RecipeCfg
 from megatron_softgrpo.distributed import broadcast_from_last_stage
 from megatron_softgrpo.errors import UserError
@@ -59,7 +64,13 @@ from megatron_softgrpo.soft import (
 )
 from megatron_softgrpo.soft.recipe import scorer as recipe_scorer
 from megatron_softgrpo.train.batch import PolicyBatch
-from megatron_softgrpo.train.optimizer import build_optimizer, build_scheduler, guarded_step, planned_optimizer_steps, wrap_ddp
+from megatron_softgrpo.train.optimizer import (
+    build_optimizer,
+    build_scheduler,
+    guarded_step,
+    planned_optimizer_steps,
+    wrap_ddp,
+)
 from model_patches.mixture_embedding import mixture_embedding
 from model_patches.output_layer import final_hidden_states
 
@@ -71,14 +82,14 @@ class TrainStepMetrics:
     # the objective whose gradient was applied (policy + kl coef * kl - entropy coef * entropy), per LossCfg.aggregation
     loss: float
     policy_loss: float
-    kl_loss: Optional[float]  # None without a reference model
+    kl_loss: float | None  # None without a reference model
     num_tokens: int  # scored positions of the mini-batch
     clip_frac_low: float  # means over the scored positions, as PolicyLossMetrics
     clip_frac_high: float
     dual_clip_frac: float
     ratio_mean: float
-    kl_mean: Optional[float]
-    entropy_mean: Optional[float]  # None when loss_fn.entropy_coef is 0 (not computed)
+    kl_mean: float | None
+    entropy_mean: float | None  # None when loss_fn.entropy_coef is 0 (not computed)
     grad_norm: float  # before clipping; not finite when the step was skipped
     lr: float
     updated: bool  # False: non-finite gradient norm, the weights were left unchanged
@@ -87,7 +98,18 @@ class TrainStepMetrics:
 
 # per-micro-batch statistics (loss terms as the schedule backpropagates them, the rest token-weighted),
 # summed over micro-batches and data-parallel ranks
-_STATS = ("objective", "policy", "kl", "tokens", "clip_low", "clip_high", "dual_clip", "ratio", "kl_mean", "entropy_mean")
+_STATS = (
+    "objective",
+    "policy",
+    "kl",
+    "tokens",
+    "clip_low",
+    "clip_high",
+    "dual_clip",
+    "ratio",
+    "kl_mean",
+    "entropy_mean",
+)
 
 
 def _parallel_state():
@@ -104,20 +126,31 @@ class PolicyWorker:
     def __init__(self, cfg: RecipeCfg):
         ps = _parallel_state()
         policy, mcfg = cfg.policy, cfg.policy.megatron_cfg
-        running = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+        running = (
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size(),
+        )
         wanted = (mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size)
         if running != wanted:
-            raise ValueError(f"init_distributed set TP, PP = {running}; the recipe asks for {wanted}")
+            raise ValueError(
+                f"init_distributed set TP, PP = {running}; the recipe asks for {wanted}"
+            )
         self.cfg = cfg
         self.source = resolve_model_source(policy.model_name)
         self.model, self.padded_vocab_size = load_model(self.source, mcfg, policy.precision)
         self.ddp = wrap_ddp(self.model, mcfg)
         self.optimizer = build_optimizer(self.ddp, mcfg, policy.precision)
         self.scheduler = build_scheduler(self.optimizer, mcfg, planned_optimizer_steps(cfg))
-        self.reference = self._frozen_reference() if cfg.loss_fn.reference_policy_kl_penalty > 0 else None
+        self.reference = (
+            self._frozen_reference() if cfg.loss_fn.reference_policy_kl_penalty > 0 else None
+        )
         arch = self.source.arch
         self.scorer = recipe_scorer(cfg.softgrpo, policy.generation, arch.hidden_size)
-        if isinstance(self.scorer.noise, EmbeddingNoise) and running[1] > 1 and not arch.tie_word_embeddings:
+        if (
+            isinstance(self.scorer.noise, EmbeddingNoise)
+            and running[1] > 1
+            and not arch.tie_word_embeddings
+        ):
             raise UserError(
                 "softgrpo.algorithm=embedding_noise with policy.megatron_cfg.pipeline_model_parallel_size > 1 needs "
                 "tied embeddings (its density reads the input embedding on the last stage)"
@@ -148,7 +181,11 @@ class PolicyWorker:
         per_rank = math.ceil(batch.num_rows / dp)
         micro = min(self.cfg.policy.logprob_batch_size, per_rank)
         per_rank = math.ceil(per_rank / micro) * micro
-        local = batch.without_targets().padded_rows(per_rank * dp).row_slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+        local = (
+            batch.without_targets()
+            .padded_rows(per_rank * dp)
+            .row_slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+        )
         local = self._aligned(local).map(lambda t: t.to(self.device))
         micro_batches = [local.row_slice(i, i + micro) for i in range(0, per_rank, micro)]
         outputs = self._run(model, micro_batches, self._logp_output, forward_only=True)
@@ -179,18 +216,26 @@ class PolicyWorker:
                 f"micro-batches of policy.train_micro_batch_size={micro}"
             )
         per_rank = batch.num_rows // dp
-        local = self._aligned(batch.row_slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)).map(lambda t: t.to(self.device))
+        local = self._aligned(batch.row_slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)).map(
+            lambda t: t.to(self.device)
+        )
         micro_batches = [local.row_slice(i, i + micro) for i in range(0, per_rank, micro)]
         num_micro = len(micro_batches)
         global_mean = loss_cfg.aggregation == "token_mean_global"
-        scale = LossScale(global_num_tokens=int(batch.loss_mask.sum()), data_parallel_size=dp) if global_mean else LossScale()
+        scale = (
+            LossScale(global_num_tokens=int(batch.loss_mask.sum()), data_parallel_size=dp)
+            if global_mean
+            else LossScale()
+        )
         # Megatron divides each micro-batch's loss by num_micro; token_mean_global is normalised already
         undo_division = num_micro if global_mean else 1
 
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss_output = functools.partial(self._loss_output, scale, undo_division, num_micro)
-        stats = self._reduce_stats(self._run(self.ddp, micro_batches, loss_output, forward_only=False))
+        stats = self._reduce_stats(
+            self._run(self.ddp, micro_batches, loss_output, forward_only=False)
+        )
         outcome = guarded_step(self.optimizer, self.scheduler)
         if outcome.updated:
             self.optimizer_steps += 1
@@ -219,9 +264,13 @@ class PolicyWorker:
     # ------------------------------------------------------------------ forward pieces
 
     def _aligned(self, batch: PolicyBatch) -> PolicyBatch:
-        return batch.padded_positions(math.ceil(batch.seq_len / self.seq_alignment) * self.seq_alignment)
+        return batch.padded_positions(
+            math.ceil(batch.seq_len / self.seq_alignment) * self.seq_alignment
+        )
 
-    def _run(self, model, micro_batches: list[PolicyBatch], output_fn, forward_only: bool) -> list[dict]:
+    def _run(
+        self, model, micro_batches: list[PolicyBatch], output_fn, forward_only: bool
+    ) -> list[dict]:
         """Megatron's schedule over the micro-batches; per-micro-batch dicts on the last stage ([] elsewhere)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -251,7 +300,11 @@ class PolicyWorker:
         rows, noise = micro_batch.rows, self.scorer.noise
         offset = noise.input_offset(rows) if noise is not None else None
         x = mixture_embedding(
-            gpt.embedding.word_embeddings, rows.mix_ids, rows.mix_weights, offset, sequence_parallel=gpt.config.sequence_parallel
+            gpt.embedding.word_embeddings,
+            rows.mix_ids,
+            rows.mix_weights,
+            offset,
+            sequence_parallel=gpt.config.sequence_parallel,
         )
         # a leaf that requires grad, so activation recomputation still builds a graph; no weight sees it
         return x.requires_grad_()
@@ -268,7 +321,9 @@ class PolicyWorker:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
             # backward only splits: the scorers sum the TP ranks' gradients themselves
-            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False, group=self.vocab.group)
+            hidden = gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False, group=self.vocab.group
+            )
         b_idx, j_idx = micro_batch.loss_mask.nonzero(as_tuple=True)
         inputs = hidden[j_idx - 1, b_idx].unsqueeze(1)  # the output at j - 1 scores record j
         records = micro_batch.rows.map(lambda t: t[b_idx, j_idx].unsqueeze(0))
@@ -280,26 +335,48 @@ class PolicyWorker:
         ell = torch.zeros(micro_batch.loss_mask.shape, dtype=torch.float32, device=output.device)
         if at[0].numel() == 0:
             return ell
-        scored = log_density_from_hidden(inputs, self._output_weight(gpt), records, self.scorer, self.vocab,
-                                         embedding=self._input_embedding(gpt))
+        scored = log_density_from_hidden(
+            inputs,
+            self._output_weight(gpt),
+            records,
+            self.scorer,
+            self.vocab,
+            embedding=self._input_embedding(gpt),
+        )
         return ell.index_put(at, scored[0].float())
 
     @staticmethod
     def _output_weight(gpt) -> torch.Tensor:
-        return gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight
+        return (
+            gpt.shared_embedding_or_output_weight()
+            if gpt.share_embeddings_and_output_weights
+            else gpt.output_layer.weight
+        )
 
-    def _input_embedding(self, gpt) -> Optional[InputEmbedding]:
+    def _input_embedding(self, gpt) -> InputEmbedding | None:
         """The input table shard, for the embedding-noise density only (tied on later stages: checked in __init__)."""
         if not isinstance(self.scorer.noise, EmbeddingNoise):
             return None
-        table = gpt.embedding.word_embeddings.weight if gpt.pre_process else gpt.shared_embedding_or_output_weight()
+        table = (
+            gpt.embedding.word_embeddings.weight
+            if gpt.pre_process
+            else gpt.shared_embedding_or_output_weight()
+        )
         return InputEmbedding(table, self.vocab)
 
     def _logp_output(self, gpt, micro_batch: PolicyBatch, output: torch.Tensor):
-        return torch.zeros((), device=output.device), {"logp": self._scores(gpt, output, micro_batch)}
+        return torch.zeros((), device=output.device), {
+            "logp": self._scores(gpt, output, micro_batch)
+        }
 
     def _loss_output(
-        self, scale: LossScale, undo_division: int, num_micro: int, gpt, micro_batch: PolicyBatch, output: torch.Tensor
+        self,
+        scale: LossScale,
+        undo_division: int,
+        num_micro: int,
+        gpt,
+        micro_batch: PolicyBatch,
+        output: torch.Tensor,
     ):
         """The micro-batch's loss, summed position by position as the chunked scorer computes the
         log-densities (`objective_from_hidden`: no logits recomputed in backward), and its statistics."""
@@ -312,18 +389,31 @@ class PolicyWorker:
 
         def objective(ell, entropy, positions: slice):
             terms = token_terms(
-                ell, old[positions], advantages[positions], scored_everywhere[positions], cfg,
-                ref_logp=None if ref is None else ref[positions], entropy=entropy,
+                ell,
+                old[positions],
+                advantages[positions],
+                scored_everywhere[positions],
+                cfg,
+                ref_logp=None if ref is None else ref[positions],
+                entropy=entropy,
             )
             return weights[positions] * terms.objective(cfg)
 
         logp = torch.zeros(mb.loss_mask.shape, dtype=torch.float32, device=output.device)
         entropy = torch.zeros_like(logp) if self._with_entropy else None
-        if at[0].numel() == 0:  # nothing scored: a zero that stays on the graph the schedule backpropagates
+        if (
+            at[0].numel() == 0
+        ):  # nothing scored: a zero that stays on the graph the schedule backpropagates
             loss = 0 * output.sum()
         else:
             scored = objective_from_hidden(
-                inputs, self._output_weight(gpt), records, self.scorer, self.vocab, objective, self._with_entropy,
+                inputs,
+                self._output_weight(gpt),
+                records,
+                self.scorer,
+                self.vocab,
+                objective,
+                self._with_entropy,
                 embedding=self._input_embedding(gpt),
             )
             loss = scored.value
@@ -331,9 +421,20 @@ class PolicyWorker:
             if entropy is not None:
                 entropy = entropy.index_put(at, scored.entropy[0].float())
         # the same terms aggregated on the detached values: what is reported
-        result = policy_loss(logp, mb.old_logp, mb.advantages, mb.loss_mask, cfg, ref_logp=mb.ref_logp, entropy=entropy, scale=scale)
+        result = policy_loss(
+            logp,
+            mb.old_logp,
+            mb.advantages,
+            mb.loss_mask,
+            cfg,
+            ref_logp=mb.ref_logp,
+            entropy=entropy,
+            scale=scale,
+        )
         # the loss terms as the schedule backpropagates them: x undo_division / num_micro
-        return loss * undo_division, {"stats": _micro_batch_stats(result, undo_division / num_micro)}
+        return loss * undo_division, {
+            "stats": _micro_batch_stats(result, undo_division / num_micro)
+        }
 
     def _reduce_stats(self, outputs: list[dict]) -> torch.Tensor:
         """Sum of the micro-batch statistics over micro-batches and data-parallel ranks, on every rank."""

@@ -26,7 +26,10 @@ class PreemptionWatcher:
 
     def _handle(self, signum, frame):
         self.received = signum
-        print(f"[softgrpo] received signal {signal.Signals(signum).name}: checkpointing at the next safe point", flush=True)
+        print(
+            f"[softgrpo] received signal {signal.Signals(signum).name}: checkpointing at the next safe point",
+            flush=True,
+        )
 
     def should_stop(self) -> bool:
         """True on every rank as soon as any rank got a signal (a collective: call it on all ranks)."""
