@@ -85,14 +85,14 @@ def gaussian_density(k_logits, support, x, temperature, sigma):
 def dirichlet_density(k_logits, support, x, temperature):
     pt = support_softmax(k_logits, support, temperature)
     out = torch.zeros(pt.shape[0], dtype=torch.float64)
-    for n in range(pt.shape[0]):  # per slot, with torch.distributions, only where in support
+    for n in range(pt.shape[0]):  # per slot, with torch.distributions, where in support, pt > 0.05
         one = torch.tensor(1.0, dtype=torch.float64)
         terms = [
             torch.distributions.Gamma(pt[n, k], one).log_prob(x[n, k].double()).clamp(-5, 3)
             for k in range(pt.shape[1])
-            if support[n, k]
+            if support[n, k] and pt[n, k] > 0.05
         ]
-        out[n] = torch.stack(terms).mean()
+        out[n] = torch.stack(terms).mean() if terms else 0.0  # no slot in the mask: 0
     return out
 
 

@@ -15,6 +15,7 @@ from megatron_softgrpo.soft import (
     EmbeddingNoise,
     GaussianNoise,
     GumbelNoise,
+    MixtureRows,
     SoftSampler,
     Truncation,
     VocabShard,
@@ -171,6 +172,32 @@ def test_dirichlet_step_matches_reference():
     assert (
         step.log_density - ref.dirichlet_density(k_logits, support, stored, 1.0)
     ).abs().max() <= TOL
+
+
+def test_dirichlet_density_counts_only_slots_with_pt_above_0_05_as_the_reference():
+    """pt = (0.90, 0.07, 0.03), x = (0.80, 0.10, 1e-4): the reference masks pt > 0.05 (-0.7127);
+    a mask by the support alone would let the 0.03 slot's clamped term (+3) in (0.5249)."""
+    pt, x = [0.90, 0.07, 0.03], [0.80, 0.10, 1e-4]
+
+    def clamped_gamma(a, v):  # log Gamma(v; a, 1) in closed form, clamped to (-5, 3)
+        return min(3.0, max(-5.0, (a - 1) * math.log(v) - v - math.lgamma(a)))
+
+    terms = [clamped_gamma(a, v) for a, v in zip(pt, x)]
+    reference, by_support = sum(terms[:2]) / 2, sum(terms) / 3
+    assert abs(reference - -0.7127) <= 1e-4 and abs(by_support - 0.5249) <= 1e-4
+    rows = MixtureRows.discrete(torch.tensor([5]), 3)
+    rows.mix_ids[:] = torch.tensor([5, 6, 7])
+    rows.support[:], rows.is_soft[:] = True, True
+    rows.noise = torch.tensor([x])
+    for dtype in (torch.float64, torch.float32):
+        scaled = torch.log(torch.tensor([pt], dtype=dtype)) + 1.5  # logits / T: pt is their softmax
+        ours = DirichletNoise().log_density(scaled, rows)
+        assert abs(float(ours) - reference) <= 1e-5
+        assert abs(float(ours) - -0.7127) <= 1e-4
+    # K = 30 uniform slots: none has pt > 0.05, so the row scores 0 (the reference: 0/0)
+    wide = MixtureRows.discrete(torch.tensor([5]), 30)
+    wide.support[:], wide.noise = True, torch.full((1, 30), 0.02)
+    assert float(DirichletNoise().log_density(torch.zeros(1, 30), wide)) == 0.0
 
 
 def test_embedding_noise_step_matches_reference():

@@ -162,7 +162,10 @@ class SoftGRPOCfg(Section):
     mixture_size: int = Field(5, ge=1)  # K: support size of a soft token
     gumbel_tau: float = Field(0.1, gt=0)
     noise_scale: float = Field(1.0, ge=0)  # c
-    gaussian_sigma: float = Field(0.05, gt=0)  # gaussian ablation: N(pt, sigma^2) on the weights
+    # gaussian ablation: N(pt, sigma^2) on the in-support weights only, a deliberate deviation: the
+    # reference perturbs all K slots, so its mixture takes in tokens outside the truncated support
+    # (docs/algorithm.md section 5, "Gaussian filler slots")
+    gaussian_sigma: float = Field(0.05, gt=0)
     embedding_noise_sigma: float = Field(
         0.01, gt=0
     )  # Butt et al.: N(0, sigma^2 I) on the mixed embedding

@@ -34,6 +34,7 @@ GUMBEL_MASK_LOG_PROB = -3.0  # density slots: log(pt + 1e-6) > -3
 GAUSSIAN_MASK_PROB = 0.05  # Gaussian density slots: pt > 0.05
 GAUSSIAN_CLAMP_SIGMAS = 3.0  # x clamped to pt +- 3 sigma (the reference's +-0.15 at sigma 0.05)
 DIRICHLET_CLAMP = (-5.0, 3.0)  # clamp of the Gamma log-density
+DIRICHLET_MASK_PROB = 0.05  # Dirichlet density slots: pt > 0.05, as the reference's
 
 
 def support_probs(scaled: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
@@ -122,7 +123,11 @@ class GumbelNoise(SoftNoise):
 
 @dataclass(frozen=True)
 class GaussianNoise(SoftNoise):
-    """Reference ablation: x ~ N(pt, sigma^2) on the in-support slots; weights x / sum(x)."""
+    """Reference ablation: x ~ N(pt, sigma^2) on the in-support slots; weights x / sum(x).
+
+    Only the support is perturbed, a deliberate deviation: the reference draws on all K slots, so
+    its mixture takes in tokens outside the truncated support (docs/algorithm.md section 5).
+    """
 
     sigma: float = 0.05
     name: ClassVar[str] = "gaussian"
@@ -169,7 +174,9 @@ class DirichletNoise(SoftNoise):
         alpha = torch.where(rows.support, pt.clamp(min=tiny), torch.ones_like(pt))
         x = torch.where(rows.support, rows.noise.to(pt.dtype), torch.ones_like(pt)).clamp(min=tiny)
         log_gamma = (alpha - 1) * torch.log(x) - x - torch.lgamma(alpha)
-        return masked_mean(log_gamma.clamp(*DIRICHLET_CLAMP), rows.support)
+        # the reference's mask (its rollout and trainer alike): slots with pt <= 0.05 do not count
+        mask = (pt > DIRICHLET_MASK_PROB) & rows.support
+        return masked_mean(log_gamma.clamp(*DIRICHLET_CLAMP), mask)
 
 
 @dataclass(frozen=True)
