@@ -390,7 +390,11 @@ def test_reference_models_keep_the_reference_hyperparameters(model):
     """docs/algorithm.md section 4 (Llama-3.2-3B decodes a step in two passes to keep 8,192 new tokens)."""
     recipes = [cfg for (name, _, _), cfg in _gpu_recipes().items() if name == model]
     assert recipes
+    # rows per micro-batch: token_mean_microbatch weights tokens by it
+    micro = {"deepseek-r1-distill-qwen-1.5b": 2, "llama-3.2-3b-instruct": 2}.get(model, 1)
     for cfg in recipes:
+        assert cfg.policy.train_micro_batch_size == micro
+        assert cfg.loss_fn.aggregation == "token_mean_microbatch"
         batch = (
             cfg.grpo.num_prompts_per_step,
             cfg.grpo.num_generations_per_prompt,
