@@ -45,11 +45,12 @@ def _load_checked(
 
 
 def _load_engine(cfg, **settings):
-    """(RolloutEngine, tokenizer) of this rank's shard of the policy; initialises distributed state first."""
+    """(rollout engine, tokenizer) of this rank's shard of the policy; initialises distributed state first."""
     from megatron_softgrpo.distributed import ParallelLayout, init_distributed
     from megatron_softgrpo.models.loading import load_model
     from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
-    from megatron_softgrpo.rollout.engine import RolloutEngine, RolloutSettings
+    from megatron_softgrpo.rollout.engine import RolloutSettings
+    from megatron_softgrpo.rollout.static_engine import make_engine
     from megatron_softgrpo.soft import VocabShard
 
     mcfg = cfg.policy.megatron_cfg
@@ -63,7 +64,7 @@ def _load_engine(cfg, **settings):
     model.eval()
     shard = VocabShard.from_parallel_state(padded, source.arch.vocab_size)
     rollout = RolloutSettings.from_recipe(cfg, tokenizer, source.arch.hidden_size, **settings)
-    return RolloutEngine(model, tokenizer, shard, rollout), tokenizer
+    return make_engine(cfg.policy.generation, model, tokenizer, shard, rollout), tokenizer
 
 
 def cmd_check(ns) -> int:

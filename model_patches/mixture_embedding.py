@@ -18,6 +18,24 @@ from __future__ import annotations
 import torch
 
 
+def local_mixture(
+    table: torch.Tensor, start: int, end: int, mix_ids: torch.Tensor, mix_weights: torch.Tensor
+) -> torch.Tensor:
+    """fp32 [b, s, h]: sum_k w_k E[ids_k] over the ids this rank's table shard [start, end) owns."""
+    table = table.detach()
+    owned = (mix_ids >= start) & (mix_ids < end)
+    local = torch.where(owned, mix_ids - start, torch.zeros_like(mix_ids))
+    weights = torch.where(
+        owned, mix_weights.float(), torch.zeros_like(mix_weights, dtype=torch.float32)
+    )
+    mixed = torch.zeros(
+        (*mix_ids.shape[:2], table.shape[1]), dtype=torch.float32, device=table.device
+    )
+    for k in range(mix_ids.shape[-1]):  # K row gathers: no [b, s, K, h] intermediate
+        mixed.addcmul_(weights[..., k, None], table[local[..., k]].float())
+    return mixed
+
+
 @torch.no_grad()
 def mixture_embedding(
     word_embeddings,
@@ -37,18 +55,14 @@ def mixture_embedding(
         reduce_scatter_to_sequence_parallel_region,
     )
 
-    table = word_embeddings.weight.detach()
-    start, end = word_embeddings.vocab_start_index, word_embeddings.vocab_end_index
-    owned = (mix_ids >= start) & (mix_ids < end)
-    local = torch.where(owned, mix_ids - start, torch.zeros_like(mix_ids))
-    weights = torch.where(
-        owned, mix_weights.float(), torch.zeros_like(mix_weights, dtype=torch.float32)
+    table = word_embeddings.weight
+    mixed = local_mixture(
+        table,
+        word_embeddings.vocab_start_index,
+        word_embeddings.vocab_end_index,
+        mix_ids,
+        mix_weights,
     )
-    mixed = torch.zeros(
-        (*mix_ids.shape[:2], table.shape[1]), dtype=torch.float32, device=table.device
-    )
-    for k in range(mix_ids.shape[-1]):  # K row gathers: no [b, s, K, h] intermediate
-        mixed.addcmul_(weights[..., k, None], table[local[..., k]].float())
     mixed = mixed.transpose(0, 1).contiguous()  # [s, b, h], Megatron's layout
     group = word_embeddings.tp_group
     if group.size() > 1:

@@ -36,6 +36,24 @@ def smollm2_hf_dir():
     return materialize_smollm2()
 
 
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_hf_dir):
+    """SmolLM2's tokenizer (49,152 tokens), also the vocabulary of the tiny random models."""
+    from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
+
+    return load_tokenizer(resolve_model_source(str(smollm2_hf_dir)))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Qwen2 (QKV bias, untied output) on SmolLM2's vocabulary."""
+    from tiny_models import make_hf_model
+
+    path = tmp_path_factory.mktemp("tiny")
+    make_hf_model("qwen2", path, vocab_size=49152)
+    return str(path)
+
+
 @pytest.fixture
 def builtin_data():
     """The data shipped inside the package (eval/, train/)."""

@@ -37,7 +37,6 @@ from megatron_softgrpo.eval.runner import (
     run_eval,
 )
 from megatron_softgrpo.eval.samples import SampleFile, SampleRecord, batches
-from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
 from megatron_softgrpo.rewards.answers import extract_answer
 from megatron_softgrpo.rewards.math import MathGrader, is_correct
 from megatron_softgrpo.soft import noise_rng
@@ -454,11 +453,6 @@ class FakeEngine:
             think_lengths=lengths // 2,
             finish_reasons=["length" if length == 48 else "eos" for length in lengths.tolist()],
         )
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_hf_dir):
-    return load_tokenizer(resolve_model_source(str(smollm2_hf_dir)))
 
 
 def _fake_eval(log_dir: Path, data_dir: Path, tokenizer, engine: FakeEngine, *extra: str):

@@ -9,7 +9,6 @@ import torch
 from transformers.convert_slow_tokenizer import bytes_to_unicode as hf_bytes_to_unicode
 
 from megatron_softgrpo.errors import UserError
-from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
 from megatron_softgrpo.rollout.string_automaton import StringAutomaton, token_bytes
 from megatron_softgrpo.rollout.text_match import TextMatcher
 
@@ -22,11 +21,6 @@ STRING_SETS = [
     # one string inside another: the first in the given order is reported
     ["```", "``", "\n", ">"],
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_hf_dir):
-    return load_tokenizer(resolve_model_source(str(smollm2_hf_dir)))
 
 
 def ids_of(tokenizer, *pieces: str) -> list[int]:

@@ -34,6 +34,19 @@ def check_recipe(loaded: LoadedRecipe) -> None:
             "policy.megatron_cfg.fp8_cfg.first_last_layers_bf16",
             "Megatron cannot keep layers in bf16 under fp8_recipe=delayed; use tensorwise, blockwise or mxfp8",
         )
+    gen = cfg.policy.generation
+    if gen.engine == "static":
+        algorithm = cfg.softgrpo.sampler or cfg.softgrpo.algorithm
+        if mcfg.fp8_cfg.enabled:
+            raise loaded.error(
+                "policy.generation.engine",
+                "static decodes in bf16, but the FP8 trainer scores in FP8; set it to eager",
+            )
+        if algorithm == "dirichlet":
+            raise loaded.error(
+                "policy.generation.engine",
+                "static draws noise ahead, which Dirichlet (Gamma(pt)) noise cannot; set it to eager",
+            )
     arch_name = cfg.policy.model_arch
     if arch_name is not None and arch_name not in KNOWN_HF_CONFIGS:
         raise loaded.error(

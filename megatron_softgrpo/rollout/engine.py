@@ -26,7 +26,7 @@ from megatron_softgrpo.distributed import broadcast_from_last_stage
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.rollout.model_runner import ModelRunner
 from megatron_softgrpo.rollout.text_match import TextMatcher
-from megatron_softgrpo.soft import MixtureRows, SampledStep, Sampler, VocabShard
+from megatron_softgrpo.soft import MixtureRows, SampledStep, Sampler, VocabShard, rng
 from megatron_softgrpo.soft import recipe as soft_recipe
 from megatron_softgrpo.soft.logprob import discrete_log_density
 from megatron_softgrpo.soft.vocab import log_normalizer, softmax_entropy
@@ -236,13 +236,14 @@ class RolloutEngine:
 
         out = _ResponseBuffer(b, max_new, self.mixture_size, device)
         state = _RowState(b, self.s.thinking_sampler is None, device)
+        tapes = NoiseTapes.draw(self.s, max_new, b, device) if last_stage else None
         active = torch.arange(b, device=device)
         for t in range(max_new):
             step = self._empty_step(len(active), device)
             scored = torch.zeros(len(active), dtype=torch.bool, device=device)
             finished = torch.zeros(len(active), dtype=torch.bool, device=device)
             if last_stage:
-                step, scored, finished = self._sample(logits, state, active, t)
+                step, scored, finished = self._sample(logits, state, active, t, tapes)
             broadcast_from_last_stage(*_step_tensors(step), scored, finished)
             out.record(active, t, step, scored)
             if t == max_new - 1:
@@ -260,7 +261,7 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ one step (last pipeline stage)
 
-    def _sample(self, logits: torch.Tensor, state: _RowState, active: torch.Tensor, t: int):
+    def _sample(self, logits: torch.Tensor, state: _RowState, active: torch.Tensor, t: int, tapes):
         """The step of the active rows; the per-row bookkeeping runs on host lists (one sync per step)."""
         n, device = len(active), logits.device
         rows = active.tolist()
@@ -270,13 +271,17 @@ class RolloutEngine:
         think = phase == THINK
         answer = phase == ANSWER
         if THINK in phases:
-            step = self._fill(
-                step, think, self.s.thinking_sampler.sample(logits[think], self.shard)
+            raw = tapes.rows("thinking", t, active)
+            sampled = self.s.thinking_sampler.sample(
+                logits[think], self.shard, None if raw is None else raw[think]
             )
+            step = self._fill(step, think, sampled)
         if ANSWER in phases:
-            step = self._fill(
-                step, answer, self.s.answer_sampler.sample(logits[answer], self.shard)
+            raw = tapes.rows("answer", t, active)
+            sampled = self.s.answer_sampler.sample(
+                logits[answer], self.shard, None if raw is None else raw[answer]
             )
+            step = self._fill(step, answer, sampled)
         scored = phase != FORCE
         if FORCE in phases:
             ids = [
@@ -414,6 +419,36 @@ class RolloutEngine:
         )
 
 
+@dataclass
+class NoiseTapes:
+    """The randomness of every (step, row) of a decoding pass, drawn once before the first step
+    from the noise RNG: a row's noise is then the same whichever rows are still decoding and
+    however the engine batches them, and no step touches a generator (CUDA-graph capture).
+    None: the sampler needs none (greedy) or draws per step (Dirichlet noise depends on pt)."""
+
+    thinking: torch.Tensor | None  # [steps, rows, ...]
+    answer: torch.Tensor | None
+
+    @classmethod
+    def draw(cls, settings: RolloutSettings, steps: int, rows: int, device) -> NoiseTapes:
+        samplers = {"thinking": settings.thinking_sampler, "answer": settings.answer_sampler}
+        ahead = {
+            name: s
+            for name, s in samplers.items()
+            if s is not None and getattr(getattr(s, "noise", None), "draws_ahead", True)
+        }
+        tapes = dict.fromkeys(samplers)
+        if ahead:
+            with rng.noise_rng():
+                for name, sampler in ahead.items():
+                    tapes[name] = sampler.draw_ahead(steps, rows, device)
+        return cls(**tapes)
+
+    def rows(self, name: str, t: int, rows: torch.Tensor) -> torch.Tensor | None:
+        tape = getattr(self, name)
+        return None if tape is None else tape[t][rows]
+
+
 def _discrete_step(
     tokens: torch.Tensor, mixture_size: int, log_density: torch.Tensor | None = None
 ) -> SampledStep:
@@ -481,7 +516,12 @@ class _ResponseBuffer:
         self.scored = torch.zeros(b, max_new, dtype=torch.bool, device=device)
         self.log_density = torch.zeros(b, max_new, device=device)
 
-    def record(self, active: torch.Tensor, t: int, step: SampledStep, scored: torch.Tensor) -> None:
+    def keep_first(self, b: int) -> None:
+        """Only rows [0, b) (the real rows of a padded batch)."""
+        self.rows = self.rows.map(lambda x: x[:b])
+        self.scored, self.log_density = self.scored[:b], self.log_density[:b]
+
+    def record(self, active, t: int, step: SampledStep, scored: torch.Tensor) -> None:
         for f in fields(self.rows):
             getattr(self.rows, f.name)[active, t] = getattr(step, f.name).to(
                 getattr(self.rows, f.name).dtype

@@ -2,7 +2,8 @@
 
 A noise kind owns three things for the K globally selected slots of a step:
 - `draw(pt, support)`: the raw randomness (called inside `rng.noise_rng()`, identically
-  on every TP rank);
+  on every TP rank); `draw_ahead(lead, k, device)` draws the same for many steps at once,
+  for the kinds whose randomness does not depend on pt (all but Dirichlet);
 - `mix(pt, support, raw)`: the pure map to the mixture weights, the stored noise value
   and the per-row seed;
 - `log_density(scaled, rows, embedding)`: the action log-density that the policy update
@@ -69,9 +70,14 @@ class InputEmbedding:
 
 class SoftNoise:
     name: ClassVar[str]
+    draws_ahead: ClassVar[bool] = True  # its randomness does not depend on pt (see draw_ahead)
 
     def draw(self, pt: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self.draw_ahead(pt.shape[:-1], pt.shape[-1], pt.device)
+
+    def draw_ahead(self, lead: tuple[int, ...], k: int, device) -> torch.Tensor:
+        """The raw randomness of rows `lead` with k slots, before pt is known."""
+        raise NotImplementedError(f"{self.name} noise depends on pt and is drawn per step")
 
     def mix(self, pt: torch.Tensor, support: torch.Tensor, raw: torch.Tensor) -> Mixture:
         raise NotImplementedError
@@ -107,8 +113,8 @@ class GumbelNoise(SoftNoise):
                 f"gumbel noise needs tau > 0 and scale >= 0, got tau={self.tau} scale={self.scale}"
             )
 
-    def draw(self, pt, support):
-        return rng.standard_gumbel(pt.shape, pt.device).clamp(*GUMBEL_CLAMP)
+    def draw_ahead(self, lead, k, device):
+        return rng.standard_gumbel((*lead, k), device).clamp(*GUMBEL_CLAMP)
 
     def mix(self, pt, support, raw):
         g = torch.log(pt + LOG_EPS) + self.scale * raw
@@ -136,8 +142,8 @@ class GaussianNoise(SoftNoise):
         if not self.sigma > 0:
             raise ValueError(f"gaussian noise needs sigma > 0, got {self.sigma}")
 
-    def draw(self, pt, support):
-        return rng.standard_normal(pt.shape, pt.device)
+    def draw_ahead(self, lead, k, device):
+        return rng.standard_normal((*lead, k), device)
 
     def mix(self, pt, support, raw):
         x = torch.where(support, pt + self.sigma * raw, torch.zeros_like(pt))
@@ -158,6 +164,7 @@ class DirichletNoise(SoftNoise):
     """Reference ablation: x ~ Gamma(pt, 1) on the in-support slots; weights x / sum(x) ~ Dirichlet(pt)."""
 
     name: ClassVar[str] = "dirichlet"
+    draws_ahead: ClassVar[bool] = False  # Gamma(pt) sampling consumes randomness that depends on pt
 
     def draw(self, pt, support):
         return rng.gamma(torch.where(support, pt, torch.ones_like(pt)))
@@ -200,8 +207,8 @@ class EmbeddingNoise(SoftNoise):
                 f"got sigma={self.sigma} hidden_size={self.hidden_size}"
             )
 
-    def draw(self, pt, support):
-        return rng.random_seeds(pt.shape[:-1], pt.device)
+    def draw_ahead(self, lead, k, device):
+        return rng.random_seeds(lead, device)
 
     def mix(self, pt, support, raw):
         return Mixture(pt, torch.zeros_like(pt), raw)

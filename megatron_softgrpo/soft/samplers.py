@@ -1,7 +1,11 @@
 """Samplers: one decoding step from this rank's vocabulary shard of the last-position logits.
 
-Interface (every sampler): `sample(logits [N, W], shard) -> SampledStep`, called
-identically on every TP rank, which all return the same step. Selected by name from
+Interface (every sampler): `sample(logits [N, W], shard, raw=None) -> SampledStep`, called
+identically on every TP rank, which all return the same step. `raw` is the step's randomness
+drawn ahead (`draw_ahead(steps, rows, device)`, [steps, rows, ...], one slice per step): a
+rollout draws it once for every (step, row), so no step touches a generator and the noise of
+a row does not depend on which other rows are still decoding. Without it the sampler draws
+inside `rng.noise_rng()` itself. Selected by name from
 `SAMPLERS` via `make_sampler`:
 
 - `discrete`: temperature, top-k, top-p, min-p (greedy = top_k 1); a multinomial draw.
@@ -43,7 +47,11 @@ class Sampler(Protocol):
     name: str
     mixture_size: int
 
-    def sample(self, logits: torch.Tensor, shard: VocabShard) -> SampledStep: ...
+    def sample(
+        self, logits: torch.Tensor, shard: VocabShard, raw: torch.Tensor | None = None
+    ) -> SampledStep: ...
+
+    def draw_ahead(self, steps: int, rows: int, device) -> torch.Tensor | None: ...
 
 
 def _step(rows: MixtureRows, log_density: torch.Tensor) -> SampledStep:
@@ -102,7 +110,13 @@ class DiscreteSampler:
     def __post_init__(self):
         _check_mixture_size(self.mixture_size)
 
-    def sample(self, logits: torch.Tensor, shard: VocabShard) -> SampledStep:
+    def draw_ahead(self, steps: int, rows: int, device) -> torch.Tensor | None:
+        """Uniforms [steps, rows] for the inverse-CDF draw (None: greedy consumes none)."""
+        return None if self.truncation.top_k == 1 else rng.uniform((steps, rows), device)
+
+    def sample(
+        self, logits: torch.Tensor, shard: VocabShard, raw: torch.Tensor | None = None
+    ) -> SampledStep:
         trunc = self.truncation
         scaled = shard.scaled(logits, trunc.temperature)
         log_norm = log_normalizer(scaled, shard)
@@ -110,8 +124,10 @@ class DiscreteSampler:
             token = top_logits(logits, shard, 1)[0][:, 0]
         else:
             found = full_support(logits, shard, trunc, log_norm) if trunc.truncates else None
-            with rng.noise_rng():
-                u = rng.uniform(logits.shape[:1], logits.device)
+            if raw is None:
+                with rng.noise_rng():
+                    raw = self.draw_ahead(1, logits.shape[0], logits.device)[0]
+            u = raw
             token = (
                 _draw_from_candidates(found, u)
                 if found is not None
@@ -137,13 +153,19 @@ class SoftSampler:
     def name(self) -> str:
         return self.noise.name
 
-    def sample(self, logits: torch.Tensor, shard: VocabShard) -> SampledStep:
+    def draw_ahead(self, steps: int, rows: int, device) -> torch.Tensor:
+        return self.noise.draw_ahead((steps, rows), self.mixture_size, device)
+
+    def sample(
+        self, logits: torch.Tensor, shard: VocabShard, raw: torch.Tensor | None = None
+    ) -> SampledStep:
         k = self.mixture_size
         found = candidates(logits, shard, self.truncation, max(k, self.truncation.top_k or 0))
         ids, scaled, support = found.ids[:, :k], found.scaled[:, :k], found.support[:, :k]
         pt = support_probs(scaled, support)
-        with rng.noise_rng():
-            raw = self.noise.draw(pt, support)
+        if raw is None:
+            with rng.noise_rng():
+                raw = self.noise.draw(pt, support)
         mixture = self.noise.mix(pt, support, raw)
         # slots by weight descending, out-of-support last; stable, so ties keep the logit order
         order = torch.sort(

@@ -10,6 +10,12 @@ all-gathered, and the global selection is taken from the union. Ties are broken 
 lower token id, exactly and identically at every TP size: where a plain top-k could
 choose among tied values, the choice is made on a unique 64-bit key (order-preserving
 bits of the fp32 logit, then the complemented id).
+
+On a GPU nothing here waits for the device (a decode step must be capturable as a CUDA
+graph): the top-k is taken on the keys directly, and a support bounded only by top-p or
+min-p is found among all tokens. On the CPU, where a host check costs nothing, a plain
+top-k is redone on keys only for rows with a tie at the boundary, and the candidate count
+grows adaptively: both several times faster there, with the same results.
 """
 
 from __future__ import annotations
@@ -82,6 +88,11 @@ def _decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, bits.view(torch.float32)
 
 
+def _host_checks(x: torch.Tensor) -> bool:
+    """Whether a data-dependent branch may read `x` on the host (free on the CPU only)."""
+    return x.device.type == "cpu"
+
+
 def _top_by_key(
     values: torch.Tensor, ids: torch.Tensor, count: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +105,9 @@ def _local_top(x: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]
     A plain topk, exact unless values tie at its boundary; such rows (rare with fp32
     logits) are redone on unique keys, which cost a few passes over the row.
     """
+    if not _host_checks(x):
+        columns = torch.arange(x.shape[-1], device=x.device).expand(x.shape[0], -1)
+        return _top_by_key(x, columns, count)  # keys sort like (value desc, column asc)
     values, cols = x.topk(count, dim=-1)
     edge = values[:, -1:]
     ambiguous = (x >= edge).sum(dim=-1) > count  # some tied value at the boundary was left out
@@ -197,6 +211,8 @@ def full_support(
         return candidates(
             logits, shard, truncation, min(truncation.top_k, shard.vocab_size), log_norm
         )
+    if not _host_checks(logits):
+        return candidates(logits, shard, truncation, shard.vocab_size, log_norm)
     count = min(_ADAPTIVE_START, shard.vocab_size)
     while True:
         found = candidates(logits, shard, truncation, count, log_norm)

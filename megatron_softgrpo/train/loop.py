@@ -33,7 +33,8 @@ from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
 from megatron_softgrpo.rewards.answers import extract_answer
 from megatron_softgrpo.rewards.format import with_format_bonus
 from megatron_softgrpo.rewards.registry import get_reward
-from megatron_softgrpo.rollout.engine import RolloutEngine, RolloutSettings, Trajectories
+from megatron_softgrpo.rollout.engine import RolloutSettings, Trajectories
+from megatron_softgrpo.rollout.static_engine import make_engine
 from megatron_softgrpo.soft import MixtureRows, noise_seed, seed_noise_rng
 from megatron_softgrpo.train.batch import PolicyBatch
 from megatron_softgrpo.train.checkpointing import resume, save_training_checkpoint
@@ -109,7 +110,9 @@ class Trainer:
         settings = RolloutSettings.from_recipe(
             cfg, self.tokenizer, self.worker.source.arch.hidden_size
         )
-        self.engine = RolloutEngine(self.worker.model, self.tokenizer, self.worker.vocab, settings)
+        self.engine = make_engine(
+            cfg.policy.generation, self.worker.model, self.tokenizer, self.worker.vocab, settings
+        )
         self.reward = get_reward(
             cfg.env.reward,
             answer_format=cfg.env.answer_format,

@@ -1,0 +1,338 @@
+"""The rollout engine on the static decode step: the same records as `RolloutEngine`, faster.
+
+`RolloutEngine` (engine.py) is the reference: it drops finished rows from the batch and keeps
+each row's phase in host lists, one device-to-host sync and one cache copy per finished row.
+This engine runs every step at fixed shapes (docs/architecture.md, "The static decode path"):
+
+- the model step is `model_patches.static_decode.StaticDecoder` over a preallocated cache,
+  optionally compiled (`torch.compile(fullgraph=True)`) or captured as a CUDA graph;
+- both samplers run on every row and the step is selected per row by its phase; the noise of
+  every (step, row) is drawn once ahead (`NoiseTapes`), so a row's randomness is the one the
+  reference engine gives it;
+- the phase machine (thinking / forced marker / answer, EOS, stop strings, length limit) is
+  a handful of tensor ops, and markers and stop strings are matched on the device by byte
+  automata over the token vocabulary (`string_automaton.py`), exact for multi-token markers;
+- finished rows stay in the batch, masked: their steps are computed and never recorded, so no
+  cache is ever copied. The host reads one "all finished" flag per step, copied without
+  blocking and read a few steps later on a GPU (the extra steps are discarded).
+
+Rows are padded to a batch bucket and the cache to a length bucket, so decoders (and their
+compiled code or graphs) are reused across RL steps; weights are the model's own tensors,
+updated in place by the trainer, so nothing needs refreshing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from megatron_softgrpo.distributed import broadcast_from_last_stage
+from megatron_softgrpo.errors import UserError
+from megatron_softgrpo.rollout.engine import (
+    ANSWER,
+    FORCE,
+    REASONS,
+    THINK,
+    NoiseTapes,
+    RolloutEngine,
+    RolloutSettings,
+    _discrete_step,
+    _ResponseBuffer,
+    _RowState,
+    _step_tensors,
+)
+from megatron_softgrpo.rollout.string_automaton import StringAutomaton
+from megatron_softgrpo.soft import MixtureRows, VocabShard
+from megatron_softgrpo.soft.logprob import discrete_log_density
+from model_patches import static_decode
+
+BATCH_BUCKET = 8  # rows are padded to a multiple of this
+GPU_FLAG_LAG = 4  # a GPU step reads the "all finished" flag copied this many steps earlier
+
+
+def _bucket(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass
+class _DeviceState:
+    """Per-row phase machine state, [B] tensors on the device (the host lists of engine.py)."""
+
+    alive: torch.Tensor
+    phase: torch.Tensor
+    soft_steps: torch.Tensor
+    low_entropy: torch.Tensor
+    forced_pos: torch.Tensor
+    think_length: torch.Tensor
+    length: torch.Tensor
+    reason: torch.Tensor
+    marker: torch.Tensor  # marker automaton state
+    stops: torch.Tensor  # stop-string automaton state
+
+    @classmethod
+    def start(cls, rows: int, real: int, discrete_only: bool, marker, stops, device):
+        zeros = torch.zeros(rows, dtype=torch.long, device=device)
+        return cls(
+            alive=torch.arange(rows, device=device) < real,  # padding rows never count
+            phase=torch.full_like(zeros, ANSWER if discrete_only else THINK),
+            soft_steps=zeros.clone(),
+            low_entropy=zeros.clone(),
+            forced_pos=zeros.clone(),
+            think_length=torch.full_like(zeros, 0 if discrete_only else 1 << 30),
+            length=zeros.clone(),
+            reason=torch.full_like(zeros, REASONS.index("length")),
+            marker=marker.initial(rows),
+            stops=stops.initial(rows),
+        )
+
+
+class StaticRolloutEngine(RolloutEngine):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        shard: VocabShard,
+        settings: RolloutSettings,
+        pad_id: int = 0,
+        compile: bool = False,
+        cuda_graphs: bool = False,
+    ):
+        super().__init__(model, tokenizer, shard, settings, pad_id)
+        self._check_supported(model, settings)
+        self.device = next(model.parameters()).device
+        self.compile = compile
+        self.cuda_graphs = cuda_graphs
+        self.marker_automaton = StringAutomaton.build(tokenizer, [settings.think_end], self.device)
+        self.stop_automaton = StringAutomaton.build(
+            tokenizer, list(settings.stop_strings), self.device
+        )
+        self.eos = torch.tensor(sorted(settings.eos_ids), dtype=torch.long, device=self.device)
+        self.marker_tokens = torch.tensor(self.marker_ids, dtype=torch.long, device=self.device)
+        self._decoders: dict[tuple[int, int], _Decoder] = {}
+
+    @staticmethod
+    def _check_supported(model, settings: RolloutSettings) -> None:
+        problems = static_decode.unsupported(model.config)
+        noise = getattr(settings.thinking_sampler, "noise", None)
+        if noise is not None and not noise.draws_ahead:
+            problems.append(f"{noise.name} noise (its randomness depends on pt)")
+        if not settings.use_kv_cache:
+            problems.append("use_kv_cache=False")
+        if problems:
+            raise UserError(
+                f"policy.generation.engine=static does not support {'; '.join(problems)}; "
+                "set policy.generation.engine: eager"
+            )
+
+    # ------------------------------------------------------------------ decoding pass
+
+    def _generate(self, prompts: list[list[int]], num_generations: int):
+        from megatron.core import parallel_state
+
+        last_stage = parallel_state.is_pipeline_last_stage()
+        device, k = self.device, self.mixture_size
+        prompt_rows = [p for p in prompts for _ in range(num_generations)]
+        b, plen = len(prompt_rows), max(len(p) for p in prompt_rows)
+        max_new = self.s.max_new_tokens
+        rows = _bucket(b, BATCH_BUCKET)
+        decoder = self._decoder(rows, _bucket(plen + max_new, static_decode.MIN_LENGTH_BUCKET))
+
+        tokens = torch.full((rows, plen), self.pad_id, dtype=torch.long, device=device)
+        pad = torch.full(
+            (rows,), plen - 1, dtype=torch.long, device=device
+        )  # padding rows: 1 token
+        for i, p in enumerate(prompt_rows):
+            tokens[i, plen - len(p) :] = torch.tensor(p, device=device)
+            pad[i] = plen - len(p)
+        logits = decoder.run(MixtureRows.discrete(tokens, k), 0, pad)
+
+        out = _ResponseBuffer(rows, max_new, k, device)
+        tapes = _padded(NoiseTapes.draw(self.s, max_new, b, device), rows) if last_stage else None
+        state = _DeviceState.start(
+            rows,
+            b,
+            self.s.thinking_sampler is None,
+            self.marker_automaton,
+            self.stop_automaton,
+            device,
+        )
+        flags = _FinishedFlags(device, lagged=device.type == "cuda")
+        for t in range(max_new):
+            if last_stage:
+                step, scored = self._step(logits, state, t, tapes)
+            else:
+                step, scored = self._empty_step(rows, device), state.alive.clone()
+            broadcast_from_last_stage(*_step_tensors(step), scored, state.alive)
+            out.record(slice(None), t, step, scored)
+            if t == max_new - 1 or flags.all_finished(state.alive, t):
+                break
+            feed = MixtureRows(**{f.name: getattr(step, f.name) for f in fields(MixtureRows)})
+            logits = decoder.run(feed.map(lambda x: x[:, None]), plen + t, pad)
+
+        result = _RowState(b, self.s.thinking_sampler is None, device)
+        if last_stage:
+            summary = torch.stack([state.length, state.think_length, state.reason])[:, :b]
+            result.length, result.think_length, reasons = summary.tolist()
+            result.reason = [REASONS[r] for r in reasons]
+        out.keep_first(b)
+        result.share_from_last_stage(out)
+        return self._assemble(prompt_rows, out, result, device)
+
+    def _decoder(self, rows: int, max_len: int) -> _Decoder:
+        key = (rows, max_len)
+        if key not in self._decoders:
+            self._decoders.clear()  # one cache allocation at a time
+            from megatron.core import parallel_state
+
+            group = parallel_state.get_tensor_model_parallel_group()
+            self._decoders[key] = _Decoder(
+                static_decode.StaticDecoder(self.model, rows, max_len, group),
+                self.input_noise,
+                self.compile,
+            )
+        return self._decoders[key]
+
+    # ------------------------------------------------------------------ one step, on the device
+
+    def _step(self, logits: torch.Tensor, st: _DeviceState, t: int, tapes: NoiseTapes):
+        """Sample every row, select each row's step by its phase and advance the phase machine."""
+        s, shard = self.s, self.shard
+        think, force, answer = st.phase == THINK, st.phase == FORCE, st.phase == ANSWER
+        forced = self.marker_tokens[st.forced_pos.clamp(max=len(self.marker_ids) - 1)]
+        step = _discrete_step(forced, self.mixture_size)
+        if s.thinking_sampler is not None:
+            soft = s.thinking_sampler.sample(logits, shard, _at(tapes.thinking, t))
+            step = soft.where(think, step)
+        step = s.answer_sampler.sample(logits, shard, _at(tapes.answer, t)).where(answer, step)
+        tokens = step.tokens
+
+        st.marker, marker_done = self.marker_automaton.advance(st.marker, tokens)
+        st.stops, stop_done = self.stop_automaton.advance(st.stops, tokens)
+        eos = torch.isin(tokens, self.eos)
+        # thinking: EOS ends the row as a soft step; the marker step is a discrete step
+        marker_step = think & ~eos & marker_done
+        lp = discrete_log_density(logits, tokens, s.answer_temperature, shard)
+        step = _discrete_step(tokens, self.mixture_size, lp).where(marker_step, step)
+        soft_step = think & ~eos & ~marker_done
+        st.soft_steps = st.soft_steps + soft_step.long()
+        if s.cold_stop_entropy is not None:
+            cold = self._low_entropy(logits, think)
+            run = torch.where(cold, st.low_entropy + 1, 0)  # consecutive low-entropy soft steps
+            st.low_entropy = torch.where(soft_step, run, st.low_entropy)
+        to_force = soft_step & (st.low_entropy >= s.cold_stop_steps)
+        if s.max_thinking_tokens is not None:
+            to_force |= soft_step & (st.soft_steps >= s.max_thinking_tokens)
+        # forced marker: its tokens one by one, then the answer
+        st.forced_pos = st.forced_pos + force.long()
+        enters_answer = marker_step | (force & (st.forced_pos == len(self.marker_ids)))
+        st.think_length = torch.where(enters_answer & st.alive, t + 1, st.think_length)
+        scored = ~force
+        st.phase = torch.where(enters_answer, ANSWER, torch.where(to_force, FORCE, st.phase))
+        # the end of a row: EOS (thinking or answer, not a forced token), a stop string, the limit
+        by_eos = eos & ~force
+        by_stop = ~by_eos & stop_done
+        reason = torch.where(by_eos, REASONS.index("eos"), REASONS.index("stop"))
+        ends = by_eos | by_stop | (t + 1 == s.max_new_tokens)
+        reason = torch.where(by_eos | by_stop, reason, REASONS.index("length"))
+        finished = st.alive & ends
+        st.reason = torch.where(finished, reason, st.reason)
+        st.length = torch.where(finished, t + 1, st.length)
+        st.alive = st.alive & ~finished
+        return step, scored
+
+
+class _Decoder:
+    """A StaticDecoder with its input step (embedding on the first stage, receive elsewhere),
+    the pipeline hand-off around it, and the compiled step when asked for."""
+
+    def __init__(self, decoder: static_decode.StaticDecoder, input_noise, compile: bool):
+        self.decoder = decoder
+        self.input_noise = input_noise
+        self.forward = decoder.forward
+        if compile:
+            import torch._dynamo
+
+            # one compiled graph per length bucket (powers of two): more than dynamo's default 8
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self.forward = torch.compile(decoder.forward, fullgraph=True, dynamic=False)
+
+    @torch.no_grad()
+    def run(self, rows: MixtureRows, start: int, pad: torch.Tensor) -> torch.Tensor | None:
+        """Feed positions [start, start + q) of every row (rows [B, q]); the last stage's logits."""
+        from megatron.core import parallel_state as ps
+
+        dec = self.decoder
+        b, q = rows.tokens.shape
+        if dec.first_stage:
+            offset = self.input_noise.input_offset(rows) if self.input_noise is not None else None
+            x = dec.embed(rows.mix_ids, rows.mix_weights, offset)
+        else:
+            x = torch.empty(b, q, dec.hidden, dtype=dec.dtype, device=dec.device)
+            torch.distributed.recv(x, ps.get_pipeline_model_parallel_prev_rank())
+        columns = torch.arange(start, start + q, device=dec.device)
+        # prefill runs eagerly (one shape per prompt length); decode steps are the compiled ones
+        forward = self.forward if q == 1 else dec.forward
+        out = forward(x, columns, pad, static_decode.length_bucket(start + q, dec.max_len))
+        if not dec.last_stage:
+            torch.distributed.send(out.contiguous(), ps.get_pipeline_model_parallel_next_rank())
+            return None
+        return out
+
+
+class _FinishedFlags:
+    """Whether every row has finished, read on the host without stalling the device.
+
+    CPU: read at once (free). GPU: each step's flag is copied without blocking into pinned
+    memory and read GPU_FLAG_LAG steps later, a fixed lag, so every rank (TP and PP) stops at
+    the same step; the steps decoded after the end are never recorded.
+    """
+
+    def __init__(self, device, lagged: bool):
+        self.lag = GPU_FLAG_LAG if lagged else 0
+        self.pending: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+
+    def all_finished(self, alive: torch.Tensor, t: int) -> bool:
+        if not self.lag:
+            return not bool(alive.any())
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(~alive.any(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((flag, event))
+        if len(self.pending) <= self.lag:
+            return False
+        flag, event = self.pending.pop(0)
+        event.synchronize()  # recorded `lag` steps ago: normally long complete
+        return bool(flag)
+
+
+def _at(tape: torch.Tensor | None, t: int) -> torch.Tensor | None:
+    return None if tape is None else tape[t]
+
+
+def _padded(tapes: NoiseTapes, rows: int) -> NoiseTapes:
+    """Tapes of the real rows, zero-extended to the bucket's padding rows (never recorded)."""
+
+    def pad(tape):
+        if tape is None or tape.shape[1] == rows:
+            return tape
+        extra = torch.zeros(
+            (tape.shape[0], rows - tape.shape[1], *tape.shape[2:]),
+            dtype=tape.dtype,
+            device=tape.device,
+        )
+        return torch.cat([tape, extra], dim=1)
+
+    return NoiseTapes(pad(tapes.thinking), pad(tapes.answer))
+
+
+def make_engine(
+    gen, model, tokenizer, shard: VocabShard, settings: RolloutSettings
+) -> RolloutEngine:
+    """The engine `policy.generation.engine` names (gen: the recipe's GenerationCfg)."""
+    if gen.engine == "eager":
+        return RolloutEngine(model, tokenizer, shard, settings)
+    return StaticRolloutEngine(
+        model, tokenizer, shard, settings, compile=gen.compile_decode, cuda_graphs=gen.cuda_graphs
+    )

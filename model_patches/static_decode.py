@@ -1,0 +1,233 @@
+"""A static-shape decode step on a GPTModel's own weights: the fast path of the rollout.
+
+Megatron's eager forward with `StaticInferenceContext` slices its KV cache at Python-int
+offsets and launches dozens of small kernels per layer; a decode step there is bound by
+launches and host work (docs/architecture.md, "Measured Megatron facts"). This module runs the
+same math as a pure tensor function whose shapes depend only on the bucket (batch rows, cache
+columns), so it can be compiled whole or captured as one CUDA graph:
+
+- one preallocated KV cache per layer, [B, groups, L, head_dim]; a step writes its keys and
+  values in place at the columns held in a device tensor (`index_copy_`);
+- the attention mask (left padding, future columns) and the RoPE angles are derived on the
+  device from each row's pad length and the current column;
+- linears are `F.linear` on the Megatron modules' weights (the same tensors the trainer
+  updates in place, so nothing needs refreshing after an update); the two row-parallel
+  outputs of a layer are all-reduced over the TP group passed in;
+- the last stage returns this TP rank's vocabulary shard of the logits (the samplers select
+  across shards themselves). The pipeline hand-off stays outside the step.
+
+Positions are padded columns, as in `rollout/model_runner.py`: every row ends at the same
+column, the prompt is left-padded, and RoPE sees shifted positions, which leaves attention
+unchanged (it depends only on relative positions).
+
+Supported: the local (and, untested here, Transformer Engine) spec of Qwen2 / Llama / SmolLM2
+models: RMSNorm, SwiGLU, RoPE, grouped-query attention, optional QKV bias, tied or untied
+output. Not supported (the eager runner serves them): FP8 GEMMs, sequence parallelism, QK
+layernorm, interleaved RoPE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model_patches.mixture_embedding import local_mixture
+from model_patches.sdpa_attention import MASKED_SCORE
+
+MIN_LENGTH_BUCKET = 64  # attention reads the cache up to a power of two >= this
+
+
+def length_bucket(columns: int, max_len: int) -> int:
+    """The cache columns attention reads when `columns` are filled: few shapes, few compiles."""
+    size = MIN_LENGTH_BUCKET
+    while size < columns:
+        size *= 2
+    return min(size, max_len)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One transformer layer's weights (views of the module parameters, never copies)."""
+
+    attn_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    proj: torch.Tensor
+    proj_bias: torch.Tensor | None
+    mlp_norm: torch.Tensor
+    fc1: torch.Tensor
+    fc1_bias: torch.Tensor | None
+    fc2: torch.Tensor
+    fc2_bias: torch.Tensor | None
+
+    @classmethod
+    def of(cls, layer) -> _Layer:
+        attn, mlp = layer.self_attention, layer.mlp
+        return cls(
+            attn_norm=_norm_weight(attn.linear_qkv, layer.input_layernorm),
+            qkv=attn.linear_qkv.weight,
+            qkv_bias=_bias(attn.linear_qkv),
+            proj=attn.linear_proj.weight,
+            proj_bias=_bias(attn.linear_proj),
+            mlp_norm=_norm_weight(mlp.linear_fc1, layer.pre_mlp_layernorm),
+            fc1=mlp.linear_fc1.weight,
+            fc1_bias=_bias(mlp.linear_fc1),
+            fc2=mlp.linear_fc2.weight,
+            fc2_bias=_bias(mlp.linear_fc2),
+        )
+
+
+def _norm_weight(linear, norm) -> torch.Tensor:
+    # TE's spec fuses the norm into the next linear (layer_norm_weight); the local spec has a module
+    fused = getattr(linear, "layer_norm_weight", None)
+    return fused if fused is not None else norm.weight
+
+
+def _bias(linear) -> torch.Tensor | None:
+    bias = getattr(linear, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) and bias.numel() else None
+
+
+def unsupported(config) -> list[str]:
+    """The model settings this decoder does not implement (empty: supported)."""
+    checks = {
+        "fp8": bool(getattr(config, "fp8", None)),
+        "sequence_parallel": config.sequence_parallel,
+        "qk_layernorm": config.qk_layernorm,
+        "rotary_interleaved": config.rotary_interleaved,
+        "normalization != RMSNorm": config.normalization != "RMSNorm",
+        "non-gated MLP": not config.gated_linear_unit,
+        "activation != silu": config.activation_func is not F.silu,
+        "softmax_scale": config.softmax_scale is not None,
+    }
+    return [name for name, bad in checks.items() if bad]
+
+
+class StaticDecoder:
+    """This pipeline stage's layers as a static-shape step over a preallocated KV cache.
+
+    `forward(x, columns, pad)`: x is a MixtureRows-like (mix_ids, mix_weights, offset) input on
+    the first stage and hidden states [B, q, h] elsewhere; `columns` [q] int64 are the cache
+    columns of the q new positions (contiguous, the same for every row); `pad` [B] int64 each
+    row's left-padding length. Returns hidden states [B, q, h], or on the last stage the logit
+    shard [B, V/TP] (fp32) of the last position.
+    """
+
+    def __init__(self, model, batch: int, max_len: int, tp_group=None):
+        cfg = model.config
+        bad = unsupported(cfg)
+        if bad:
+            raise NotImplementedError(
+                f"static decoding does not support {', '.join(bad)}; use the eager engine"
+            )
+        self.tp_group = tp_group if tp_group is not None and tp_group.size() > 1 else None
+        tp = 1 if self.tp_group is None else self.tp_group.size()
+        self.heads = cfg.num_attention_heads // tp
+        self.groups = (cfg.num_query_groups or cfg.num_attention_heads) // tp
+        self.head_dim = cfg.kv_channels
+        self.eps = cfg.layernorm_epsilon
+        self.hidden = cfg.hidden_size
+        self.dtype = next(model.parameters()).dtype
+        self.softmax_dtype = torch.promote_types(self.dtype, torch.float32)  # bf16: in fp32
+        self.device = next(model.parameters()).device
+        self.first_stage, self.last_stage = model.pre_process, model.post_process
+        self.layers = [_Layer.of(layer) for layer in model.decoder.layers]
+        if self.first_stage:
+            emb = model.embedding.word_embeddings
+            self.table, self.vocab_start, self.vocab_end = (
+                emb.weight,
+                emb.vocab_start_index,
+                emb.vocab_end_index,
+            )
+        if self.last_stage:
+            self.final_norm = model.decoder.final_layernorm.weight
+            self.output = (
+                model.shared_embedding_or_output_weight()
+                if model.share_embeddings_and_output_weights
+                else model.output_layer.weight
+            )
+        # the same angles as Megatron's RotaryEmbedding (fp32, cast to the activations' dtype)
+        angles = model.rotary_pos_emb.get_freqs_non_repeated(max_len).to(self.device)
+        angles = torch.cat([angles, angles], dim=-1)  # [L, head_dim], non-interleaved halves
+        self.cos, self.sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        self.max_len = max_len
+        shape = (batch, self.groups, max_len, self.head_dim)
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0] if self.keys else 0
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Move to a smaller batch: the cache rows `rows` (once, when the bucket changes)."""
+        self.keys = [k[rows].contiguous() for k in self.keys]
+        self.values = [v[rows].contiguous() for v in self.values]
+
+    def embed(self, mix_ids, mix_weights, offset=None) -> torch.Tensor:
+        """The mixture input [B, q, h] (first stage): sum_k w_k E[ids_k], all-reduced over TP."""
+        mixed = self._all_reduce(
+            local_mixture(self.table, self.vocab_start, self.vocab_end, mix_ids, mix_weights)
+        )
+        if offset is not None:
+            mixed = mixed + offset.float()
+        return mixed.to(self.dtype)
+
+    def forward(self, x: torch.Tensor, columns: torch.Tensor, pad: torch.Tensor, length: int):
+        """One pass over this stage's layers; `length` (a bucket, >= last column + 1) bounds the
+        cache columns that attention reads, so it is a static shape per bucket."""
+        key_cols = torch.arange(length, device=columns.device)
+        # [B, 1, q, length]: a key is visible when it is not left padding and not in the future
+        visible = (key_cols[None, None, :] >= pad[:, None, None]) & (
+            key_cols[None, None, :] <= columns[None, :, None]
+        )
+        mask = torch.where(visible, 0.0, MASKED_SCORE).to(self.dtype)[:, None]
+        cos, sin = self.cos[columns], self.sin[columns]  # [q, head_dim]
+        for i, layer in enumerate(self.layers):
+            x = x + self._attention(i, layer, x, columns, cos, sin, mask, length)
+            x = x + self._mlp(layer, x)
+        if not self.last_stage:
+            return x
+        x = F.rms_norm(x[:, -1], (self.hidden,), self.final_norm, self.eps)
+        return F.linear(x, self.output).float()
+
+    def _attention(self, i, layer: _Layer, x, columns, cos, sin, mask, length):
+        b, q, _ = x.shape
+        r = self.heads // self.groups
+        h = F.rms_norm(x, (self.hidden,), layer.attn_norm, self.eps)
+        qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+        # Megatron's layout: per query group, its r query heads, then one key and one value head
+        qkv = qkv.view(b, q, self.groups, r + 2, self.head_dim).permute(0, 2, 3, 1, 4)
+        query, key, value = qkv[:, :, :r], qkv[:, :, r], qkv[:, :, r + 1]
+        query, key = _rope(query, cos, sin), _rope(key, cos, sin)
+        self.keys[i].index_copy_(2, columns, key)
+        self.values[i].index_copy_(2, columns, value)
+        keys, values = self.keys[i][:, :, :length], self.values[i][:, :, :length]
+        # [B, g, r*q, d] against [B, g, L, d]: grouped heads share the cache without repeating it
+        scores = query.reshape(b, self.groups, r * q, self.head_dim) @ keys.transpose(-1, -2)
+        scores = scores.view(b, self.groups, r, q, length) * self.head_dim**-0.5 + mask[:, :, None]
+        probs = torch.softmax(scores, dim=-1, dtype=self.softmax_dtype).to(self.dtype)
+        context = probs.view(b, self.groups, r * q, length) @ values
+        context = context.view(b, self.groups, r, q, self.head_dim).permute(0, 3, 1, 2, 4)
+        out = F.linear(context.reshape(b, q, self.heads * self.head_dim), layer.proj)
+        out = self._all_reduce(out)
+        return out if layer.proj_bias is None else out + layer.proj_bias
+
+    def _mlp(self, layer: _Layer, x):
+        h = F.rms_norm(x, (self.hidden,), layer.mlp_norm, self.eps)
+        gate, up = F.linear(h, layer.fc1, layer.fc1_bias).chunk(2, dim=-1)
+        out = self._all_reduce(F.linear(F.silu(gate) * up, layer.fc2))
+        return out if layer.fc2_bias is None else out + layer.fc2_bias
+
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_group is not None:  # in place: NCCL all-reduce is captured by a CUDA graph
+            torch.distributed.all_reduce(x, group=self.tp_group)
+        return x
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Megatron's non-interleaved RoPE on [..., q, head_dim]: x cos + rotate_half(x) sin."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin

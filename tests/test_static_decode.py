@@ -1,0 +1,266 @@
+"""The static decode path: the step against Megatron's forward, compiled against eager, and the
+static engine's records against the reference engine's (rollout/engine.py)."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+import torch
+from distributed_helpers import run_ranks
+from test_rollout import EOS, PROMPTS, build, gumbel, settings, staggered_eos
+from tiny_models import make_hf_model
+
+from megatron_softgrpo.errors import UserError
+from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
+from megatron_softgrpo.rollout.engine import RolloutEngine
+from megatron_softgrpo.rollout.model_runner import ModelRunner
+from megatron_softgrpo.rollout.static_engine import StaticRolloutEngine
+from megatron_softgrpo.soft import (
+    DiscreteSampler,
+    EmbeddingNoise,
+    MixtureRows,
+    SoftSampler,
+    Truncation,
+    seed_noise_rng,
+)
+from megatron_softgrpo.soft.noises import DirichletNoise, GaussianNoise
+from model_patches.static_decode import StaticDecoder, length_bucket
+
+VOCAB = 49152
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    make_hf_model("llama", path, vocab_size=VOCAB)
+    return str(path)
+
+
+def _prompt_batch(b=3, plen=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (b, plen), generator=g)
+    pad = torch.zeros(b, plen, dtype=torch.bool)
+    pad[0, :2], pad[2, :4] = True, True  # left padding of different widths
+    return tokens, pad
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_static_step_matches_megatron_cached_forward(kind, tiny_dir, llama_dir):
+    """Prefill and decode steps over left-padded rows: the logit shard of Megatron's own cached
+    forward (ModelRunner, itself held to full recomputation) to fp32 rounding."""
+    model, _ = build(tiny_dir if kind == "qwen2" else llama_dir)
+    tokens, pad = _prompt_batch()
+    b, plen = tokens.shape
+    runner, static = ModelRunner(model, b, 16), StaticDecoder(model, b, 16)
+    rows = MixtureRows.discrete(tokens, 5)
+    with torch.no_grad():
+        expected = [runner.prefill(rows, pad)]
+        x = static.embed(rows.mix_ids, rows.mix_weights)
+        got = [static.forward(x, torch.arange(plen), pad.sum(1), 8)]
+        g = torch.Generator().manual_seed(1)
+        for t in range(6):
+            step = MixtureRows.discrete(torch.randint(0, VOCAB, (b,), generator=g), 5)
+            step.mix_weights[:, :2] = torch.tensor([0.7, 0.3])  # a soft mixture input
+            step.mix_ids[:, 1] = (step.tokens + 11) % VOCAB
+            expected.append(runner.step(step))
+            x = static.embed(step.mix_ids[:, None], step.mix_weights[:, None])
+            got.append(static.forward(x, torch.tensor([plen + t]), pad.sum(1), 16))
+    for e, s in zip(expected, got, strict=True):
+        assert e.shape == s.shape == (b, VOCAB)  # this rank's (here: the whole) logit shard
+        torch.testing.assert_close(s, e, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_step_equals_eager_one_compile_per_bucket(tiny_dir):
+    """torch.compile(fullgraph=True) of the decode step: no graph break (fullgraph raises on
+    one), one compile per length bucket and none for later steps in it, eager's logits."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model, _ = build(tiny_dir)
+    tokens, pad = _prompt_batch()
+    b, plen = tokens.shape
+    eager, compiled = StaticDecoder(model, b, 80), StaticDecoder(model, b, 80)
+    counter = CompileCounterWithBackend("inductor")
+    step = torch.compile(compiled.forward, backend=counter, fullgraph=True, dynamic=False)
+    rows = MixtureRows.discrete(tokens, 5)
+    with torch.no_grad():
+        for dec in (eager, compiled):
+            dec.forward(
+                dec.embed(rows.mix_ids, rows.mix_weights), torch.arange(plen), pad.sum(1), 8
+            )
+        g = torch.Generator().manual_seed(2)
+        for t in range(plen, 70):  # crosses from the 64-column bucket into the 80-column one
+            nxt = MixtureRows.discrete(torch.randint(0, VOCAB, (b,), generator=g), 5)
+            x = eager.embed(nxt.mix_ids[:, None], nxt.mix_weights[:, None])
+            length = length_bucket(t + 1, 80)
+            want = eager.forward(x, torch.tensor([t]), pad.sum(1), length)
+            got = step(x, torch.tensor([t]), pad.sum(1), length)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert counter.frame_count == 2  # buckets 64 and 80
+    for a, c in zip(eager.keys, compiled.keys, strict=True):  # the cache written in place
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ the engine against the reference
+#
+# In float64: soft thinking amplifies differences step by step (softmax(g / 0.1) of the logits
+# feeds the next input), so the fp32 rounding differences of two summation orders grow into
+# different trajectories within ~10 steps on these random models. In float64 both engines give
+# the same fp32 logits, so every record can be compared tightly on any CPU.
+
+
+def build64(tiny_dir, tp=1, pp=1):
+    model, shard = build(tiny_dir, tp, pp)
+    return model.double(), shard
+
+
+def _both(model, shard, tokenizer, prompts=PROMPTS, g=2, seed=7, **overrides):
+    s = settings(**overrides)
+    seed_noise_rng(seed)
+    reference = RolloutEngine(model, tokenizer, shard, s).generate(prompts, g)
+    seed_noise_rng(seed)
+    static = StaticRolloutEngine(model, tokenizer, shard, s).generate(prompts, g)
+    return reference, static
+
+
+def assert_same_records(a, b, atol=1e-6):
+    """Identical ids, flags, lengths and texts; float records within rounding (the sampler
+    reduces another number of rows than the reference: fp32 sums in another order)."""
+    for f in fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if f.name == "rows":
+            for name in ("tokens", "mix_ids", "support", "is_soft", "noise_seed"):
+                assert torch.equal(getattr(x, name), getattr(y, name)), name
+            for name in ("mix_weights", "noise"):
+                torch.testing.assert_close(getattr(y, name), getattr(x, name), atol=atol, rtol=1e-5)
+        elif isinstance(x, torch.Tensor) and x.is_floating_point():
+            torch.testing.assert_close(y, x, atol=atol, rtol=1e-5)
+        elif isinstance(x, torch.Tensor):
+            assert torch.equal(x, y), f.name
+        else:
+            assert x == y, f.name
+
+
+def test_greedy_decoding_is_token_for_token_the_reference(tiny_dir, tokenizer):
+    model, shard = build64(tiny_dir)
+    greedy = DiscreteSampler(Truncation.greedy(), 5)
+    ref, static = _both(model, shard, tokenizer, thinking_sampler=None, answer_sampler=greedy)
+    assert_same_records(ref, static)
+    assert not ref.rows.is_soft.any()
+
+
+@pytest.mark.parametrize("noise", ["gumbel", "gaussian", "embedding_noise"])
+def test_seeded_soft_decoding_gives_the_reference_records(tiny_dir, tokenizer, noise):
+    """Rows finishing at three different steps (EOS ids found on the reference), a forced marker
+    after a thinking budget, and a stop string: every record as the reference engine's."""
+    model, shard = build64(tiny_dir)
+    sampler = {
+        "gumbel": gumbel(),
+        "gaussian": SoftSampler(Truncation(1.0, 5, 0.95), 5, GaussianNoise(0.05)),
+        "embedding_noise": SoftSampler(Truncation(1.0, 5, 0.95), 5, EmbeddingNoise(0.01, 64)),
+    }[noise]
+    marker = tokenizer("</think>", add_special_tokens=False)["input_ids"]
+    kwargs = dict(thinking_sampler=sampler, max_thinking_tokens=4, max_new_tokens=14)
+    eos = staggered_eos(model, shard, tokenizer, marker, **kwargs)
+    ref, static = _both(model, shard, tokenizer, eos_ids=eos, **kwargs)
+    assert_same_records(ref, static)
+    assert len(set(ref.response_lengths.tolist())) >= 3  # rows ended at different steps
+    assert "eos" in ref.finish_reasons and ref.rows.is_soft.any()
+    assert (ref.think_lengths < ref.response_lengths).any()  # some row was forced into answering
+
+
+def test_entropy_cold_stop_and_stop_strings_as_the_reference(tiny_dir, tokenizer):
+    model, shard = build64(tiny_dir)
+    first = _both(model, shard, tokenizer, cold_stop_entropy=50.0, cold_stop_steps=2)[0]
+    assert (first.think_lengths < first.response_lengths).all()  # cold stop forced every row
+    # a stop string the reference's first response produces in its answer
+    stop = first.answer_texts[0].strip()[:3]
+    ref, static = _both(
+        model, shard, tokenizer, cold_stop_entropy=50.0, cold_stop_steps=2, stop_strings=(stop,)
+    )
+    assert_same_records(ref, static)
+    assert "stop" in ref.finish_reasons
+
+
+def test_odd_batches_reuse_the_decoder_bucket(tiny_dir, tokenizer):
+    """3 prompts x 2 rows pad to an 8-row bucket: the padding rows leave no trace, and a second
+    call of another batch size in the same bucket reuses the decoder (and its compiled code)."""
+    model, shard = build64(tiny_dir)
+    engine = StaticRolloutEngine(model, tokenizer, shard, settings())
+    seed_noise_rng(3)
+    engine.generate(PROMPTS, 2)
+    (decoder,) = engine._decoders.values()
+    seed_noise_rng(3)
+    static = engine.generate(PROMPTS[:2], 3)
+    assert engine._decoders[next(iter(engine._decoders))] is decoder
+    seed_noise_rng(3)
+    ref = RolloutEngine(model, tokenizer, shard, settings()).generate(PROMPTS[:2], 3)
+    assert_same_records(ref, static)
+
+
+def test_unsupported_settings_name_the_key_and_the_way_out(tiny_dir, tokenizer):
+    model, shard = build64(tiny_dir)
+    dirichlet = SoftSampler(Truncation(1.0, 5, 0.95), 5, DirichletNoise())
+    with pytest.raises(UserError, match=r"dirichlet noise.*policy.generation.engine: eager"):
+        StaticRolloutEngine(model, tokenizer, shard, settings(thinking_sampler=dirichlet))
+    with pytest.raises(UserError, match="use_kv_cache=False"):
+        StaticRolloutEngine(model, tokenizer, shard, settings(use_kv_cache=False))
+
+
+def _rank_static(rank, tiny_dir, tp, pp, tokenizer_dir):
+    model, shard = build64(tiny_dir, tp, pp)
+    tokenizer = load_tokenizer(resolve_model_source(tokenizer_dir))
+    seed_noise_rng(7)
+    return StaticRolloutEngine(model, tokenizer, shard, settings(max_thinking_tokens=5)).generate(
+        PROMPTS, 2
+    )
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_static_engine_at_tp2_and_pp2_gives_the_tp1_reference(
+    tiny_dir, tokenizer, smollm2_hf_dir, tp, pp
+):
+    model, shard = build64(tiny_dir)
+    seed_noise_rng(7)
+    ref = RolloutEngine(model, tokenizer, shard, settings(max_thinking_tokens=5)).generate(
+        PROMPTS, 2
+    )
+    for result in run_ranks(tp * pp, _rank_static, tiny_dir, tp, pp, str(smollm2_hf_dir)):
+        # the TP sampler reduces its fp32 candidates across ranks: weights within a few ulps
+        assert_same_records(ref, result, atol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["softgrpo", "gaussian", "grpo"])
+def test_trainer_rescores_the_static_rollout(tiny_dir, tokenizer, algorithm):
+    """The trainer's full-sequence log-probs reproduce the static rollout's densities to 1e-5."""
+    from test_policy import new_worker
+    from test_rollout import rescoring_recipe
+
+    from megatron_softgrpo.rollout.engine import RolloutSettings
+    from megatron_softgrpo.train.batch import PolicyBatch
+
+    cfg = rescoring_recipe(tiny_dir, algorithm)
+    worker = new_worker(cfg)
+    s = RolloutSettings.from_recipe(
+        cfg, tokenizer, worker.source.arch.hidden_size, max_new_tokens=10, eos_ids=frozenset({EOS})
+    )
+    seed_noise_rng(7)
+    result = StaticRolloutEngine(worker.model, tokenizer, worker.vocab, s).generate(PROMPTS[:2], 2)
+    ell = worker.compute_logprobs(PolicyBatch(result.rows, result.loss_mask))
+    mask = result.loss_mask
+    assert bool((mask & result.rows.is_soft).any()) == (algorithm != "grpo")
+    assert (ell - result.rollout_logp)[mask].abs().max() <= 1e-5
+
+
+def test_a_marker_the_model_writes_switches_phase_as_in_the_reference(tiny_dir, tokenizer):
+    """think_end set to two tokens the first response writes while thinking: the sampled step
+    that completes it becomes a discrete, scored step in both engines, and the answer follows."""
+    model, shard = build64(tiny_dir)
+    first = _both(model, shard, tokenizer, max_new_tokens=10)[0]
+    start = int(first.prompt_lengths[0])
+    marker = tokenizer.decode(first.rows.tokens[0, start + 2 : start + 4])
+    ref, static = _both(model, shard, tokenizer, max_new_tokens=10, think_end=marker)
+    assert_same_records(ref, static)
+    assert ref.think_lengths[0] <= 4 and ref.thinking_texts[0].endswith(marker)
