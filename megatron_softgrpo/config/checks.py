@@ -164,6 +164,13 @@ def check_training(loaded: LoadedRecipe) -> None:
                     "env.reward",
                     f"needs reasoning_gym datasets; data.{split} has kind={ds.kind} (use math_verify or exact_match)",
                 )
+    if cfg.env.reward == "math_reference" and cfg.env.answer_format != "boxed":
+        # the reference's grader reads the last box its own way (rewards/hendrycks.py)
+        raise loaded.error(
+            "env.answer_format",
+            "env.reward=math_reference grades the last box as the reference does, so it needs "
+            "answer_format boxed",
+        )
 
 
 def check_data_parallel(loaded: LoadedRecipe, world_size: int | None) -> None:

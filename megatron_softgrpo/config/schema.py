@@ -249,7 +249,9 @@ class ClusterCfg(Section):
 class EnvCfg(Section):
     """The environment that scores responses (NeMo-RL's `env`)."""
 
-    reward: Literal["math_verify", "exact_match", "reasoning_gym"] = "math_verify"
+    # math_verify: math-verify equivalence (the evaluation's grader); math_reference: the reference's
+    # training reward, string equality after Hendrycks-MATH normalisation (rewards/hendrycks.py)
+    reward: Literal["math_verify", "math_reference", "exact_match", "reasoning_gym"] = "math_verify"
     # where every reward reads a response's answer (rewards/answers.py): the right-most \\boxed{}
     # (docs/algorithm.md section 6) or the last number written (lm-eval-harness's "flexible-extract")
     answer_format: Literal["boxed", "last_number"] = "boxed"

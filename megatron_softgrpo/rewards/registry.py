@@ -1,9 +1,11 @@
-"""Named rewards a recipe can select: `math_verify` (default), `exact_match`, `reasoning_gym`.
+"""Named rewards a recipe can select: `math_verify` (default), `math_reference`, `exact_match`,
+`reasoning_gym`.
 
 Every reward is called as `reward(responses, references, metadata) -> list[float]` (one value per
 response, in order) and reads the response's answer as `env.answer_format` says
 (`answers.extract_answer`): by default its right-most `\\boxed{}`, the format the prompt template
-asks for (docs/algorithm.md section 6).
+asks for (docs/algorithm.md section 6). `math_reference` is the exception: it reads the last box
+the reference's way (`hendrycks.last_boxed_only_string`), so it needs `answer_format: boxed`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,24 @@ class MathVerifyReward:
     def __call__(self, responses, references, metadata=None) -> list[float]:
         answers = [extract_answer(r, self.answer_format) for r in responses]
         return [float(ok) for ok in self.grader.grade_answers(answers, references)]
+
+
+class MathReferenceReward:
+    """The reference's training reward (verl's Hendrycks-MATH grader, `rewards/hendrycks.py`): 1.0
+    when the last box of the whole response equals the reference after string normalisation."""
+
+    def __init__(self, answer_format: AnswerFormat = "boxed"):
+        if answer_format != "boxed":
+            raise UserError(
+                f"env.answer_format={answer_format}: reward math_reference reads the last box as the "
+                "reference does; it needs answer_format boxed"
+            )
+
+    def __call__(self, responses, references, metadata=None) -> list[float]:
+        from megatron_softgrpo.rewards.hendrycks import compute_score
+
+        _check_lengths(responses, references)
+        return [compute_score(r, str(ref)) for r, ref in zip(responses, references)]
 
 
 class ExactMatchReward:
@@ -114,6 +134,9 @@ def _check_lengths(responses: Sequence[str], references: Sequence[str]) -> None:
 # name -> factory(answer_format, num_workers, timeout_s)
 REWARDS: dict[str, Callable[[AnswerFormat, int, float], RewardFn]] = {
     "math_verify": MathVerifyReward,
+    "math_reference": lambda answer_format, num_workers, timeout_s: MathReferenceReward(
+        answer_format
+    ),
     "exact_match": lambda answer_format, num_workers, timeout_s: ExactMatchReward(answer_format),
     "reasoning_gym": ReasoningGymReward,
 }
