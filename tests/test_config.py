@@ -149,6 +149,48 @@ def run_cli(capsys, *args) -> tuple[int, str]:
         ),
         # malformed override
         ("policy: {model_name: m}\n", ["grpo.seed"], ["command line", "dotted.key=value"]),
+        # dynamic sampling and overlong handling
+        (
+            "policy: {model_name: m, train_global_batch_size: 64}\n"
+            "grpo: {num_generations_per_prompt: 1}\n",
+            ["grpo.dynamic_sampling.enabled=true"],
+            [
+                "command line",
+                "grpo.dynamic_sampling.enabled=true",
+                "num_generations_per_prompt >= 2",
+            ],
+        ),
+        (
+            "policy: {model_name: m}\n",
+            ["grpo.dynamic_sampling.max_gen_rounds=-1"],
+            ["command line", "max_gen_rounds=-1", "greater than or equal to 0"],
+        ),
+        (
+            "policy: {model_name: m}\ngrpo: {dynamic_sampling: {max_rounds: 3}}\n",
+            [],
+            ["grpo.dynamic_sampling.max_rounds: unknown key", "max_gen_rounds"],
+        ),
+        (
+            "policy: {model_name: m, generation: {max_new_tokens: 16}}\n"
+            "env: {overlong_penalty: {buffer: 32}}\n",
+            [],
+            ["env.overlong_penalty.buffer=32", "policy.generation.max_new_tokens (16)"],
+        ),
+        (
+            "policy: {model_name: m}\nenv: {overlong_penalty: {buffer: 0}}\n",
+            [],
+            ["env.overlong_penalty.buffer=0", "greater than or equal to 1"],
+        ),
+        (
+            "policy: {model_name: m}\nenv: {overlong_penalty: {factor: 0.5}}\n",
+            [],
+            ["env.overlong_penalty.buffer: required key is missing"],
+        ),
+        (
+            "policy: {model_name: m}\n",
+            ["loss_fn.overlong_filtering=1"],
+            ["command line", "loss_fn.overlong_filtering=1", "boolean"],
+        ),
     ],
 )
 def test_bad_recipes_get_one_line_errors_and_exit_2(tmp_path, capsys, body, overrides, expected):
@@ -160,6 +202,24 @@ def test_bad_recipes_get_one_line_errors_and_exit_2(tmp_path, capsys, body, over
         assert fragment in err
     if "command line" not in expected:
         assert str(recipe) in err  # names the file that set the bad value
+
+
+def test_dynamic_sampling_and_overlong_keys_parse():
+    recipe = ROOT / "recipes" / "softgrpo-smollm2-135m-cpu.yaml"
+    cfg = load_recipe(recipe).cfg
+    assert not cfg.grpo.dynamic_sampling.enabled and not cfg.loss_fn.overlong_filtering
+    assert cfg.env.overlong_penalty is None
+    cfg = load_recipe(
+        recipe,
+        [
+            "grpo.dynamic_sampling={enabled: true, max_gen_rounds: 2}",
+            "loss_fn.overlong_filtering=true",
+            "env.overlong_penalty={buffer: 8}",
+        ],
+    ).cfg
+    assert cfg.grpo.dynamic_sampling.enabled and cfg.grpo.dynamic_sampling.max_gen_rounds == 2
+    assert cfg.loss_fn.overlong_filtering
+    assert (cfg.env.overlong_penalty.buffer, cfg.env.overlong_penalty.factor) == (8, 1.0)
 
 
 def test_tp_not_dividing_heads_is_refused(capsys):

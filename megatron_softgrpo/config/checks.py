@@ -83,7 +83,26 @@ def check_recipe(loaded: LoadedRecipe) -> None:
         )
     if not cfg.softgrpo.think_end:
         raise loaded.error("softgrpo.think_end", "must be a non-empty marker string")
+    _check_filtering(loaded)
     _check_eval(loaded)
+
+
+def _check_filtering(loaded: LoadedRecipe) -> None:
+    """Dynamic sampling and the overlong penalty (algorithms/filtering.py)."""
+    cfg = loaded.cfg
+    if cfg.grpo.dynamic_sampling.enabled and cfg.grpo.num_generations_per_prompt < 2:
+        raise loaded.error(
+            "grpo.dynamic_sampling.enabled",
+            "needs grpo.num_generations_per_prompt >= 2: a group of one response has no reward "
+            "spread, so every group would be dropped",
+        )
+    penalty = cfg.env.overlong_penalty
+    max_new = cfg.policy.generation.max_new_tokens
+    if penalty is not None and penalty.buffer > max_new:
+        raise loaded.error(
+            "env.overlong_penalty.buffer",
+            f"must not exceed the response length limit policy.generation.max_new_tokens ({max_new})",
+        )
 
 
 def _check_eval(loaded: LoadedRecipe) -> None:

@@ -121,6 +121,15 @@ class PolicyCfg(Section):
 # ---------------------------------------------------------------- algorithm
 
 
+class DynamicSamplingCfg(Section):
+    """DAPO's dynamic sampling (algorithms/filtering.py): groups whose rewards are all equal (zero
+    advantages) are dropped, and further batches of `num_prompts_per_step` prompts are drawn until the
+    step has `num_prompts_per_step` informative groups or `max_gen_rounds` extra rounds were used."""
+
+    enabled: bool = False
+    max_gen_rounds: int = Field(4, ge=0)  # extra generation rounds per step; 0: filter only
+
+
 class GRPOCfg(Section):
     num_prompts_per_step: int = Field(64, ge=1)
     num_generations_per_prompt: int = Field(8, ge=1)
@@ -130,6 +139,7 @@ class GRPOCfg(Section):
     val_period: int = Field(0, ge=0)  # 0: no periodic validation
     val_at_start: bool = False
     seed: int = 42
+    dynamic_sampling: DynamicSamplingCfg = Field(default_factory=DynamicSamplingCfg)
 
 
 class LossCfg(Section):
@@ -144,6 +154,9 @@ class LossCfg(Section):
     aggregation: Literal["token_mean_microbatch", "token_mean_global", "seq_mean_token_mean"] = (
         "token_mean_microbatch"
     )
+    # responses stopped by the length limit (finish reason "length") are left out of the loss; they
+    # still count in their group's mean and std (DAPO's overlong filtering)
+    overlong_filtering: bool = False
 
 
 class ThinkingCfg(Section):
@@ -246,6 +259,14 @@ class ClusterCfg(Section):
     gpu_mem_gib: float = Field(80.0, gt=0)
 
 
+class OverlongPenaltyCfg(Section):
+    """DAPO's soft overlong punishment, added to the reward (algorithms/filtering.py): 0 up to
+    Lmax - buffer tokens, then falling linearly to -factor at Lmax = policy.generation.max_new_tokens."""
+
+    buffer: int = Field(ge=1)  # tokens before the length limit where the penalty ramps
+    factor: float = Field(1.0, ge=0)
+
+
 class EnvCfg(Section):
     """The environment that scores responses (NeMo-RL's `env`)."""
 
@@ -261,6 +282,7 @@ class EnvCfg(Section):
     format_reward: float = Field(0.0, ge=0)
     num_workers: int = Field(2, ge=1)  # grading processes
     timeout_s: float = Field(10.0, gt=0)  # per response; a hang scores 0
+    overlong_penalty: OverlongPenaltyCfg | None = None  # null: no length penalty
 
 
 # ---------------------------------------------------------------- evaluation
