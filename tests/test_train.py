@@ -17,7 +17,12 @@ from distributed_helpers import run_ranks
 from tiny_models import make_hf_model
 
 from megatron_softgrpo.cli import main
-from megatron_softgrpo.train.metrics_log import STEP_KEYS, format_progress, json_line
+from megatron_softgrpo.train.metrics_log import (
+    OPTIONAL_KEYS,
+    STEP_KEYS,
+    format_progress,
+    json_line,
+)
 from megatron_softgrpo.train.preemption import REQUEUE_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -410,6 +415,319 @@ def test_validation_gathers_on_the_model_device_and_prints_samples(monkeypatch, 
         "validation sample 1: p:2 | answer 3 | reward 1.00" in out and "response: \\boxed{3}" in out
     )
     assert "validation sample 2" not in out
+
+
+# ------------------------------------------------------------------ dynamic sampling and overlong handling
+
+
+class _RecordingWorker:
+    """Stands in for PolicyWorker: records what the loop hands it (the loss is the worker's own)."""
+
+    reference = None
+
+    def __init__(self):
+        self.batches, self.logprob_calls = [], 0
+        self.optimizer_steps = self.skipped_steps = 0
+
+    def compute_logprobs(self, batch, reference=False):
+        self.logprob_calls += 1
+        return torch.zeros(batch.loss_mask.shape)
+
+    def train_step(self, batch):
+        from types import SimpleNamespace
+
+        self.batches.append(batch)
+        self.optimizer_steps += 1
+        stats = dict(clip_frac_low=0.0, clip_frac_high=0.0, dual_clip_frac=0.0, ratio_mean=1.0)
+        return SimpleNamespace(
+            loss=1.0,
+            policy_loss=1.0,
+            kl_mean=None,
+            entropy_mean=None,
+            grad_norm=0.5,
+            lr=1e-6,
+            **stats,
+        )
+
+
+def _scored_round(index: int, rewards: list[float], width: int, truncated=()):
+    """One round's gathered batch: token 0 of row b is 100 * index + b; positions 1.. are scored."""
+    from megatron_softgrpo.soft import MixtureRows
+    from megatron_softgrpo.train.loop import Scored
+
+    b = len(rewards)
+    tokens = torch.ones(b, width, dtype=torch.long)
+    tokens[:, 0] = 100 * index + torch.arange(b)
+    mask = torch.ones(b, width, dtype=torch.bool)
+    mask[:, 0] = False
+    rewards = torch.tensor(rewards, dtype=torch.float32)
+    return Scored(
+        rows=MixtureRows.discrete(tokens, 2),
+        loss_mask=mask,
+        rollout_logp=torch.zeros(b, width),
+        response_lengths=torch.full((b,), width - 1),
+        think_lengths=torch.zeros(b, dtype=torch.long),
+        truncated=torch.tensor([i in truncated for i in range(b)]),
+        correct=rewards,
+        answered=torch.ones(b, dtype=torch.bool),
+        rewards=rewards,
+        penalty=torch.zeros(b),
+    )
+
+
+def _trainer_with_rounds(rounds, *, dp=1, items=100, **sections):
+    """A Trainer whose rollouts return `rounds` in turn (the real sampler, a recording worker)."""
+    import megatron_softgrpo.train.loop as loop
+    from megatron_softgrpo.config.schema import RecipeCfg
+    from megatron_softgrpo.data.sampler import PromptSampler
+
+    body = {"policy": {"model_name": "m"}, "loss_fn": {"reference_policy_kl_penalty": 0}}
+    for section, values in sections.items():
+        body[section] = {**body.get(section, {}), **values}
+    trainer = object.__new__(loop.Trainer)
+    trainer.cfg = RecipeCfg.model_validate(body)
+    trainer.dp, trainer.worker = dp, _RecordingWorker()
+    trainer.sampler = PromptSampler(
+        list(range(items)), trainer.cfg.grpo.num_prompts_per_step, seed=0
+    )
+    trainer.drawn = []
+    queue = list(rounds)
+
+    def rollout(problems, g, times):
+        trainer.drawn.append(list(problems))
+        return queue.pop(0)
+
+    trainer._rollout_and_score = rollout
+    return trainer
+
+
+def test_dynamic_sampling_draws_until_the_step_has_enough_informative_groups():
+    from megatron_softgrpo.algorithms.advantages import group_advantages
+
+    rounds = [
+        _scored_round(0, [1, 1, 1, 1] + [0, 1, 0, 0], width=5),  # group 1 informative
+        _scored_round(1, [0, 0, 0, 0] + [1, 1, 1, 1], width=3),  # none
+        _scored_round(2, [1, 0, 0, 0] + [0, 1, 1, 0], width=6, truncated={1}),  # both; one needed
+    ]
+    trainer = _trainer_with_rounds(
+        rounds,
+        grpo={
+            "num_prompts_per_step": 2,
+            "num_generations_per_prompt": 4,
+            "dynamic_sampling": {"enabled": True, "max_gen_rounds": 3},
+        },
+        policy={"model_name": "m", "train_global_batch_size": 8},
+        loss_fn={"overlong_filtering": True},
+    )
+    metrics = trainer._rl_step()
+    assert metrics["dynamic_sampling/gen_rounds"] == 3
+    assert metrics["dynamic_sampling/groups"] == 2 and metrics["dynamic_sampling/short_groups"] == 0
+    assert metrics["dynamic_sampling/filtered_fraction"] == 0.5  # 3 of 6 groups had no spread
+    # the data position counts every prompt drawn: three batches of two
+    assert len(trainer.drawn) == 3 and trainer.sampler.state_dict()["index"] == 6
+    # rollout statistics cover all 24 responses; 12 were rewarded
+    assert metrics["reward/mean"] == 0.5 and metrics["accuracy"] == 0.5
+    # one optimizer step on the two informative groups, in the order they were generated
+    (batch,) = trainer.worker.batches
+    assert batch.rows.tokens[:, 0].tolist() == [4, 5, 6, 7, 200, 201, 202, 203]
+    assert batch.seq_len == 6 and not batch.loss_mask[:4, 5].any()  # round 0 right-padded
+    # overlong filtering: the truncated response leaves the loss but stays in its group's baseline
+    assert not batch.loss_mask[5].any() and batch.loss_mask[4, 1:].all()
+    expected = group_advantages(torch.tensor([0.0, 1, 0, 0, 1, 0, 0, 0]), 4)
+    expected[5] = 0
+    assert torch.equal(batch.advantages[:, 1], expected)
+    assert metrics["overlong/filtered_fraction"] == 1 / 8
+    assert format_progress(1, 4, metrics).startswith("step 1/4 | groups 2 in 3 rounds | reward")
+
+
+def test_a_short_step_trains_on_what_there_is_in_whole_micro_batches():
+    rounds = [
+        _scored_round(0, [0, 0, 0] + [1, 0, 1], width=4),
+        _scored_round(1, [1, 1, 1] + [2, 2, 2], width=4),
+        _scored_round(2, [0, 1, 0] + [1, 0, 1], width=4),  # never drawn: the cap is 1 extra round
+    ]
+    trainer = _trainer_with_rounds(
+        rounds,
+        dp=2,
+        grpo={
+            "num_prompts_per_step": 2,
+            "num_generations_per_prompt": 3,
+            "dynamic_sampling": {"enabled": True, "max_gen_rounds": 1},
+        },
+        policy={"model_name": "m", "train_global_batch_size": 6, "train_micro_batch_size": 2},
+    )
+    metrics = trainer._rl_step()
+    assert (metrics["dynamic_sampling/gen_rounds"], metrics["dynamic_sampling/groups"]) == (2, 1)
+    assert metrics["dynamic_sampling/short_groups"] == 1
+    assert metrics["dynamic_sampling/filtered_fraction"] == 0.75
+    assert trainer.sampler.state_dict()["index"] == 4
+    # 3 rows padded with an unscored row to a multiple of DP x micro-batch = 4
+    (batch,) = trainer.worker.batches
+    assert batch.num_rows == 4 and batch.rows.tokens[:3, 0].tolist() == [3, 4, 5]
+    assert not batch.loss_mask[3].any() and not batch.rows.mix_weights[3].any()
+    line = format_progress(1, 4, metrics)
+    assert "groups 1 in 2 rounds (1 short of 2: training on what there is)" in line
+
+
+def test_a_step_without_informative_groups_skips_the_update_and_stops_at_the_epoch_end():
+    rounds = [_scored_round(i, [1, 1] + [0, 0], width=3) for i in range(3)]
+    trainer = _trainer_with_rounds(
+        rounds,
+        items=4,  # two batches: the epoch ends before the cap of 5 extra rounds
+        grpo={
+            "num_prompts_per_step": 2,
+            "num_generations_per_prompt": 2,
+            "dynamic_sampling": {"enabled": True, "max_gen_rounds": 5},
+        },
+        policy={"model_name": "m", "train_global_batch_size": 4},
+    )
+    metrics = trainer._rl_step()
+    assert metrics["dynamic_sampling/gen_rounds"] == 2 and trainer.sampler.epoch == 1
+    assert metrics["dynamic_sampling/groups"] == 0 and metrics["dynamic_sampling/short_groups"] == 2
+    assert metrics["dynamic_sampling/filtered_fraction"] == 1.0
+    assert trainer.worker.batches == [] and trainer.worker.logprob_calls == 0
+    assert "loss" not in metrics and "lr" not in metrics and metrics["optimizer_steps"] == 0
+    assert "groups 0 in 2 rounds (2 short of 2" in format_progress(1, 1, metrics)
+
+
+def test_without_dynamic_sampling_every_group_is_trained():
+    trainer = _trainer_with_rounds(
+        [_scored_round(0, [1, 1] + [0, 1], width=3)],
+        grpo={"num_prompts_per_step": 2, "num_generations_per_prompt": 2},
+        policy={"model_name": "m", "train_global_batch_size": 4},
+    )
+    metrics = trainer._rl_step()
+    (batch,) = trainer.worker.batches
+    assert batch.num_rows == 4 and batch.loss_mask[:, 1:].all()  # no overlong filtering either
+    assert not any(k.startswith(("dynamic_sampling/", "overlong/")) for k in metrics)
+    assert format_progress(1, 1, metrics).startswith("step 1/1 | reward")
+
+
+def _spread_reward(texts, answers, metadata=None):
+    """A deterministic reward that leaves some groups without spread: every response to a problem
+    with an even answer scores 0, the others score the parity of their text's character sum."""
+    return [0.0 if int(a) % 2 == 0 else float(sum(map(ord, t)) % 2) for t, a in zip(texts, answers)]
+
+
+DYNAMIC_SAMPLING = {"enabled": True, "max_gen_rounds": 2}
+# a stop string the tiny model's random text often writes: some responses end before the limit
+STOP_EARLY = {"generation": {"max_new_tokens": 8, "stop_strings": ["e"]}}
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_resumes_exactly_and_counts_every_prompt_drawn(
+    tmp_path, tiny_model, smollm2_hf_dir, monkeypatch
+):
+    import megatron_softgrpo.train.loop as loop
+    from megatron_softgrpo.models.checkpoint import read_meta
+
+    monkeypatch.setattr(loop, "get_reward", lambda *args, **kwargs: _spread_reward)
+    sections = {
+        "policy": STOP_EARLY,
+        "grpo": {"dynamic_sampling": DYNAMIC_SAMPLING},
+        "env": {"overlong_penalty": {"buffer": 4, "factor": 0.5}},
+    }
+    straight = write_recipe(tmp_path / "straight", tiny_model, smollm2_hf_dir, **sections)
+    assert main(["train", str(straight)]) == 0
+    resumed = write_recipe(tmp_path / "resumed", tiny_model, smollm2_hf_dir, **sections)
+    assert main(["train", str(resumed), "grpo.max_num_steps=2"]) == 0
+    # the data position saved at step 2 counts every prompt drawn, in every round
+    first = metrics(tmp_path / "resumed" / "run")
+    saved = read_meta(tmp_path / "resumed" / "run" / "ckpt" / "step_0000002").extra["loop"]
+    assert saved["data"]["index"] == 2 * sum(r["dynamic_sampling/gen_rounds"] for r in first)
+    assert main(["train", str(resumed)]) == 0
+    a, b = metrics(tmp_path / "straight" / "run"), metrics(tmp_path / "resumed" / "run")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert {k: v for k, v in x.items() if k not in TIMING_KEYS} == {
+            k: v for k, v in y.items() if k not in TIMING_KEYS
+        }
+    wa, wb = (
+        final_weights(tmp_path / "straight" / "run"),
+        final_weights(tmp_path / "resumed" / "run"),
+    )
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    # the run exercised extra rounds, and both features reported
+    assert any(r["dynamic_sampling/gen_rounds"] > 1 for r in a)
+    documented = OPTIONAL_KEYS["grpo.dynamic_sampling"] + OPTIONAL_KEYS["env.overlong_penalty"]
+    for row in a:
+        assert set(documented) <= set(row)
+        assert row["dynamic_sampling/groups"] + row["dynamic_sampling/short_groups"] == 2
+        assert 0 <= row["dynamic_sampling/filtered_fraction"] <= 1
+        assert -0.5 <= row["overlong/penalty_mean"] <= 0
+
+
+def _train_with_spread_reward(rank, recipe, overrides):
+    import megatron_softgrpo.train.loop as loop
+
+    loop.get_reward = lambda *args, **kwargs: _spread_reward
+    return main(["train", recipe, *overrides])
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_dynamic_sampling_on_two_data_parallel_ranks(tmp_path, tiny_model, smollm2_hf_dir):
+    """Each rank decodes whole groups; the ranks keep the same groups, run the same rounds and the
+    same optimizer steps (a disagreement would hang a collective)."""
+    recipe = write_recipe(
+        tmp_path,
+        tiny_model,
+        smollm2_hf_dir,
+        policy=STOP_EARLY,
+        grpo={"max_num_steps": 2, "dynamic_sampling": DYNAMIC_SAMPLING},
+        loss_fn={"overlong_filtering": True},
+    )
+    assert run_ranks(2, _train_with_spread_reward, str(recipe), []) == [0, 0]
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2]
+    steps = 0
+    for row in rows:
+        assert set(OPTIONAL_KEYS["loss_fn.overlong_filtering"]) <= set(row)
+        assert row["dynamic_sampling/groups"] + row["dynamic_sampling/short_groups"] == 2
+        assert 0 <= row["overlong/filtered_fraction"] <= 1
+        steps += row["dynamic_sampling/groups"]  # 4 responses per group = 1 optimizer step
+        assert row["optimizer_steps"] == steps
+
+
+def test_rollout_rewards_include_the_soft_overlong_penalty(monkeypatch):
+    from types import SimpleNamespace
+
+    import megatron_softgrpo.train.loop as loop
+    from megatron_softgrpo.config.schema import RecipeCfg
+    from megatron_softgrpo.data.datasets import Problem
+    from megatron_softgrpo.soft import MixtureRows
+
+    monkeypatch.setattr(
+        loop, "_gather_blocks", lambda per_position, per_row: per_position + per_row
+    )
+    monkeypatch.setattr(loop, "encode_prompt", lambda tokenizer, problem, *a: [1, 2])
+    trainer = object.__new__(loop.Trainer)
+    trainer.cfg = RecipeCfg.model_validate(
+        {
+            "policy": {"model_name": "m", "generation": {"max_new_tokens": 8}},
+            "env": {"overlong_penalty": {"buffer": 4, "factor": 0.5}},
+        }
+    )
+    trainer.dp, trainer.dp_rank, trainer.tokenizer = 1, 0, None
+    lengths = torch.tensor([2, 5, 7, 8])
+    trainer.engine = SimpleNamespace(
+        generate=lambda prompts, g: SimpleNamespace(
+            rows=MixtureRows.discrete(torch.ones(4, 10, dtype=torch.long), 2),
+            loss_mask=torch.zeros(4, 10, dtype=torch.bool),
+            rollout_logp=torch.zeros(4, 10),
+            response_lengths=lengths,
+            think_lengths=torch.zeros(4, dtype=torch.long),
+            finish_reasons=["eos", "eos", "stop", "length"],
+            texts=["\\boxed{1}"] * 4,
+        )
+    )
+    trainer.reward = lambda texts, answers, metadata: [1.0] * len(texts)
+    scored = trainer._rollout_and_score([Problem("p", "0+1", "1", {})], 4, {})
+    # no penalty up to Lmax - buffer = 4 tokens, then -(L - 4) / 4, times 0.5
+    assert scored.penalty.tolist() == [0.0, -0.125, -0.375, -0.5]
+    assert scored.rewards.tolist() == [1.0, 0.875, 0.625, 0.5]
+    assert scored.truncated.tolist() == [False, False, False, True]
 
 
 # ------------------------------------------------------------------ progress line and metrics.jsonl

@@ -1,7 +1,7 @@
 """The SofT-GRPO / GRPO loop (`softgrpo train`), one RL step at a time (docs/architecture.md "Flow of one RL step"):
 
     prompts -> rollout (G per prompt; each data-parallel rank decodes its block of prompts)
-            -> rewards -> group advantages
+            -> rewards -> (dynamic sampling: drop zero-spread groups, draw more prompts) -> group advantages
             -> old-policy and reference-policy log-probs (no grad, the training function)
             -> mini-batched optimizer steps (Megatron schedule; TP, PP, DP)
             -> metrics, periodic validation and checkpoints
@@ -18,11 +18,12 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
 from megatron_softgrpo.algorithms.advantages import broadcast_to_positions, group_advantages
+from megatron_softgrpo.algorithms.filtering import group_rows, informative_groups, overlong_penalty
 from megatron_softgrpo.config import LoadedRecipe
 from megatron_softgrpo.config.checks import check_data_parallel
 from megatron_softgrpo.data.datasets import PromptDataset, load_split
@@ -33,7 +34,7 @@ from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
 from megatron_softgrpo.rewards.answers import extract_answer
 from megatron_softgrpo.rewards.format import with_format_bonus
 from megatron_softgrpo.rewards.registry import get_reward
-from megatron_softgrpo.rollout.engine import RolloutSettings, Trajectories
+from megatron_softgrpo.rollout.engine import RolloutSettings
 from megatron_softgrpo.rollout.static_engine import make_engine
 from megatron_softgrpo.soft import MixtureRows, noise_seed, seed_noise_rng
 from megatron_softgrpo.train.batch import PolicyBatch
@@ -52,9 +53,9 @@ def _ps():
 
 @dataclass
 class Scored:
-    """One step's trajectories of the whole batch (identical on every rank) and their rewards."""
+    """Trajectories of a whole batch of groups (identical on every rank) and their rewards; rows
+    prompt-major (row p*G + g)."""
 
-    traj: Trajectories  # this rank's block (texts are local)
     rows: MixtureRows  # [B, S] all data-parallel blocks
     loss_mask: torch.Tensor
     rollout_logp: torch.Tensor
@@ -63,9 +64,47 @@ class Scored:
     truncated: torch.Tensor  # [B] finished by the length limit
     correct: torch.Tensor  # [B] the named reward (correctness)
     answered: torch.Tensor  # [B] an answer can be read from the response (env.answer_format)
-    rewards: (
-        torch.Tensor
-    )  # [B] correct + env.format_reward * (answered and finished): what the advantages use
+    # [B] correct + env.format_reward * (answered and finished) + penalty: what the advantages use
+    rewards: torch.Tensor
+    penalty: torch.Tensor  # [B] the env.overlong_penalty part of `rewards` (0 without one)
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows.tokens.shape[0]
+
+    def select(self, index: torch.Tensor) -> Scored:
+        """The rows `index`, in that order."""
+        return self._map(lambda t: t[index])
+
+    @staticmethod
+    def cat(parts: list[Scored]) -> Scored:
+        """The rows of every part in order, [B, S] fields right-padded with zeros (unscored records)."""
+        width = max(p.rows.tokens.shape[1] for p in parts)
+        padded = [p._map(lambda t: _pad_columns(t, width), per_row=False) for p in parts]
+        return Scored(
+            rows=MixtureRows.cat([p.rows for p in padded]),
+            **{f: torch.cat([getattr(p, f) for p in padded]) for f in _SCORED_TENSORS},
+        )
+
+    def _map(self, fn, per_row: bool = True) -> Scored:
+        """`fn` on the [B, S] fields, and (`per_row`) on the [B] ones."""
+        return Scored(
+            rows=self.rows.map(fn),
+            **{
+                f: fn(getattr(self, f)) if per_row or f in _PER_POSITION else getattr(self, f)
+                for f in _SCORED_TENSORS
+            },
+        )
+
+
+_PER_POSITION = ("loss_mask", "rollout_logp")
+_SCORED_TENSORS = tuple(f.name for f in fields(Scored) if f.name != "rows")
+
+
+def _pad_columns(t: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, S, ...] right-padded with zeros to S = width."""
+    extra = width - t.shape[1]
+    return torch.cat([t, t.new_zeros((t.shape[0], extra, *t.shape[2:]))], dim=1) if extra else t
 
 
 class Trainer:
@@ -236,67 +275,106 @@ class Trainer:
         cfg, worker = self.cfg, self.worker
         times: dict[str, float] = {}
         t0 = time.perf_counter()
+        g = cfg.grpo.num_generations_per_prompt
         problems = self.sampler.next_batch()
         epoch = self.sampler.epoch
-        scored = self._rollout_and_score(problems, cfg.grpo.num_generations_per_prompt, times)
+        generated = [self._rollout_and_score(problems, g, times)]
+        scored, filter_metrics = generated[0], {}
+        if cfg.grpo.dynamic_sampling.enabled:
+            scored, filter_metrics = self._dynamic_sampling(generated, g, times)
+        # rollout statistics cover every response generated in the step
+        rolled = {
+            f: torch.cat([getattr(s, f) for s in generated])
+            for f in _SCORED_TENSORS
+            if f not in _PER_POSITION
+        }
 
         t = time.perf_counter()
-        g = cfg.grpo.num_generations_per_prompt
-        advantages = broadcast_to_positions(
-            group_advantages(scored.rewards, g, normalize=cfg.grpo.normalize_rewards),
-            scored.loss_mask,
+        advantages = (
+            group_advantages(scored.rewards, g, normalize=cfg.grpo.normalize_rewards)
+            if scored.num_rows
+            else scored.rewards  # dynamic sampling left no group to train on
         )
-        batch = PolicyBatch(scored.rows, scored.loss_mask, advantages=advantages)
-        batch.old_logp = worker.compute_logprobs(batch)
-        if worker.reference is not None:
-            batch.ref_logp = worker.compute_logprobs(batch, reference=True)
+        mask = scored.loss_mask
+        if cfg.loss_fn.overlong_filtering:  # out of the loss, still in the group's baseline
+            mask = mask & ~scored.truncated.unsqueeze(1)
+            filter_metrics["overlong/filtered_fraction"] = (
+                float(scored.truncated.float().mean()) if scored.num_rows else 0.0
+            )
+        batch = PolicyBatch(scored.rows, mask, advantages=broadcast_to_positions(advantages, mask))
+        if batch.num_rows:
+            batch.old_logp = worker.compute_logprobs(batch)
+            if worker.reference is not None:
+                batch.ref_logp = worker.compute_logprobs(batch, reference=True)
         times["time/logprob"] = time.perf_counter() - t
 
         t = time.perf_counter()
         mb = cfg.policy.train_global_batch_size
-        updates = [
-            worker.train_step(_trim(batch.row_slice(i, i + mb)))
-            for i in range(0, batch.num_rows, mb)
-        ]
+        # a short step's last mini-batch: unscored rows up to a multiple of DP x micro-batch
+        unit = self.dp * cfg.policy.train_micro_batch_size
+        updates = []
+        for i in range(0, batch.num_rows, mb):
+            part = batch.row_slice(i, i + mb)
+            part = part.padded_rows(math.ceil(part.num_rows / unit) * unit)
+            updates.append(worker.train_step(_trim(part)))
         times["time/update"] = time.perf_counter() - t
         times["time/step"] = time.perf_counter() - t0
 
-        mask = scored.loss_mask
-        generated = int(scored.response_lengths.sum())
-        kls = [u.kl_mean for u in updates if u.kl_mean is not None]
-        entropies = [u.entropy_mean for u in updates if u.entropy_mean is not None]
+        rewards, lengths, penalty = rolled["rewards"], rolled["response_lengths"], rolled["penalty"]
         metrics = {
             "epoch": epoch,
-            "reward/mean": float(scored.rewards.mean()),
-            "reward/std": float(scored.rewards.std()) if len(scored.rewards) > 1 else 0.0,
-            "accuracy": float((scored.correct >= 0.5).float().mean()),
-            "answer_rate": float(scored.answered.float().mean()),
-            "response_length/mean": float(scored.response_lengths.float().mean()),
-            "response_length/max": int(scored.response_lengths.max()),
-            "think_length/mean": float(scored.think_lengths.float().mean()),
-            "truncated_fraction": float(scored.truncated.float().mean()),
-            "soft_fraction": float((scored.rows.is_soft & mask).sum() / mask.sum().clamp(min=1)),
-            "rollout_logp_mismatch": float(
-                ((scored.rollout_logp.exp() - batch.old_logp.exp()).abs() * mask).sum()
-                / mask.sum().clamp(min=1)
-            ),
-            "loss": _mean(u.loss for u in updates),
-            "policy_loss": _mean(u.policy_loss for u in updates),
-            "kl/mean": _mean(kls) if kls else None,
-            "entropy/mean": _mean(entropies) if entropies else None,
-            "clip_fraction": _mean(u.clip_frac_low + u.clip_frac_high for u in updates),
-            "clip_fraction/low": _mean(u.clip_frac_low for u in updates),
-            "clip_fraction/high": _mean(u.clip_frac_high for u in updates),
-            "dual_clip_fraction": _mean(u.dual_clip_frac for u in updates),
-            "ratio/mean": _mean(u.ratio_mean for u in updates),
-            "grad_norm": _mean(u.grad_norm for u in updates),
-            "lr": updates[-1].lr,
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "accuracy": float((rolled["correct"] >= 0.5).float().mean()),
+            "answer_rate": float(rolled["answered"].float().mean()),
+            "response_length/mean": float(lengths.float().mean()),
+            "response_length/max": int(lengths.max()),
+            "think_length/mean": float(rolled["think_lengths"].float().mean()),
+            "truncated_fraction": float(rolled["truncated"].float().mean()),
+            **_update_metrics(batch, scored, updates),
             "optimizer_steps": worker.optimizer_steps,
             "skipped_steps": worker.skipped_steps,
-            "tokens_per_second": generated / times["time/step"],
+            "tokens_per_second": int(lengths.sum()) / times["time/step"],
+            **filter_metrics,
             **times,
         }
+        if cfg.env.overlong_penalty is not None:
+            metrics["overlong/penalty_mean"] = float(penalty.mean())
+            metrics["overlong/penalized_fraction"] = float((penalty < 0).float().mean())
         return {k: v for k, v in metrics.items() if v is not None}
+
+    def _dynamic_sampling(
+        self, generated: list[Scored], g: int, times: dict
+    ) -> tuple[Scored, dict]:
+        """Keep the groups with nonzero reward spread, drawing further batches of prompts until
+        `num_prompts_per_step` are kept, `max_gen_rounds` extra rounds were used, or the epochs
+        run out; a short step trains on what there is. Informative groups beyond the target are
+        dropped (as in verl's DAPO recipe). Every rank holds the whole gathered batch of each round,
+        so every rank keeps the same groups and runs the same number of rounds and updates."""
+        grpo = self.cfg.grpo
+        target = grpo.num_prompts_per_step
+        kept: list[Scored] = []
+        num_kept = num_informative = 0
+        while True:
+            informative = informative_groups(generated[-1].rewards, g).nonzero().flatten()
+            num_informative += len(informative)
+            take = informative[: target - num_kept]
+            kept.append(generated[-1].select(group_rows(take, g)))
+            num_kept += len(take)
+            if (
+                num_kept >= target
+                or len(generated) > grpo.dynamic_sampling.max_gen_rounds
+                or self.sampler.epoch >= grpo.max_num_epochs
+            ):
+                break
+            generated.append(self._rollout_and_score(self.sampler.next_batch(), g, times))
+        num_groups = sum(s.num_rows for s in generated) // g
+        return Scored.cat(kept), {
+            "dynamic_sampling/gen_rounds": len(generated),
+            "dynamic_sampling/filtered_fraction": 1 - num_informative / num_groups,
+            "dynamic_sampling/groups": num_kept,
+            "dynamic_sampling/short_groups": target - num_kept,
+        }
 
     def _rollout_and_score(self, problems, g: int, times: dict) -> Scored:
         """Rollout of this rank's block of prompts, rewards, then the whole batch on every rank."""
@@ -313,11 +391,11 @@ class Trainer:
             for p in mine
         ]
         traj = self.engine.generate(prompts, g)
-        times["time/rollout"] = time.perf_counter() - t
+        _add_time(times, "time/rollout", t)
 
         t = time.perf_counter()
         correct, answered = self._grade(traj.texts, [p for p in mine for _ in range(g)])
-        times["time/reward"] = time.perf_counter() - t
+        _add_time(times, "time/reward", t)
         truncated = torch.tensor([r == "length" for r in traj.finish_reasons])
         device = traj.rows.tokens.device
         gathered = _gather_blocks(
@@ -333,9 +411,13 @@ class Trainer:
             len(_ROW_FIELDS) :
         ]
         rewards = with_format_bonus(correct, answered, trunc, self.cfg.env.format_reward)
-        return Scored(
-            traj, rows, loss_mask, rollout_logp, lengths, think, trunc, correct, answered, rewards
-        )
+        penalty = torch.zeros_like(rewards)
+        if (over := self.cfg.env.overlong_penalty) is not None:
+            limit = self.cfg.policy.generation.max_new_tokens
+            penalty = overlong_penalty(lengths, limit, over.buffer, over.factor).to(rewards.device)
+            rewards = rewards + penalty
+        per_row = (lengths, think, trunc, correct, answered, rewards, penalty)
+        return Scored(rows, loss_mask, rollout_logp, *per_row)
 
     def _grade(self, texts: list[str], problems) -> tuple[torch.Tensor, torch.Tensor]:
         """(named reward, an answer can be read in env.answer_format) per response."""
@@ -426,6 +508,38 @@ def _mean(values) -> float:
     return sum(values) / len(values)
 
 
+def _add_time(times: dict, key: str, start: float) -> None:
+    """Accumulate: dynamic sampling rolls out and grades several times per step."""
+    times[key] = times.get(key, 0.0) + time.perf_counter() - start
+
+
+def _update_metrics(batch: PolicyBatch, scored: Scored, updates: list) -> dict:
+    """Statistics of the trained rows and their optimizer steps (None when nothing was trained)."""
+    mask = batch.loss_mask
+    if not updates:
+        return {}
+    kls = [u.kl_mean for u in updates if u.kl_mean is not None]
+    entropies = [u.entropy_mean for u in updates if u.entropy_mean is not None]
+    return {
+        "soft_fraction": float((scored.rows.is_soft & mask).sum() / mask.sum().clamp(min=1)),
+        "rollout_logp_mismatch": float(
+            ((scored.rollout_logp.exp() - batch.old_logp.exp()).abs() * mask).sum()
+            / mask.sum().clamp(min=1)
+        ),
+        "loss": _mean(u.loss for u in updates),
+        "policy_loss": _mean(u.policy_loss for u in updates),
+        "kl/mean": _mean(kls) if kls else None,
+        "entropy/mean": _mean(entropies) if entropies else None,
+        "clip_fraction": _mean(u.clip_frac_low + u.clip_frac_high for u in updates),
+        "clip_fraction/low": _mean(u.clip_frac_low for u in updates),
+        "clip_fraction/high": _mean(u.clip_frac_high for u in updates),
+        "dual_clip_fraction": _mean(u.dual_clip_frac for u in updates),
+        "ratio/mean": _mean(u.ratio_mean for u in updates),
+        "grad_norm": _mean(u.grad_norm for u in updates),
+        "lr": updates[-1].lr,
+    }
+
+
 def _trim(batch: PolicyBatch) -> PolicyBatch:
     """Drop trailing columns that are padding in every row of the mini-batch."""
     used = batch.loss_mask.any(dim=0).nonzero()
@@ -455,13 +569,8 @@ def _gather_blocks(
         length, op=torch.distributed.ReduceOp.MAX, group=ps.get_data_parallel_group()
     )
     width = int(length)
-
-    def pad(t):
-        extra = width - t.shape[1]
-        return torch.cat([t, t.new_zeros((t.shape[0], extra, *t.shape[2:]))], dim=1) if extra else t
-
     out = []
-    for t in [pad(t) for t in per_position] + per_row:
+    for t in [_pad_columns(t, width) for t in per_position] + per_row:
         wire = t.to(torch.uint8) if t.dtype == torch.bool else t
         wire = _gather_dp(wire)
         out.append(wire.bool() if t.dtype == torch.bool else wire)

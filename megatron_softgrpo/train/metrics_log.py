@@ -19,7 +19,8 @@ from megatron_softgrpo.config.schema import LoggerCfg
 # Keys of every metrics.jsonl line (besides "step"); documented in the README. "kl/mean" appears
 # when a reference model is used; validation adds "val/..." and, on step 1, "val_at_start/...".
 # "entropy/mean" (not in STEP_KEYS: the mean entropy of the scored positions' sampling distributions,
-# from the update's forward passes) appears when loss_fn.entropy_coef > 0.
+# from the update's forward passes) appears when loss_fn.entropy_coef > 0. OPTIONAL_KEYS appear with
+# the features that produce them.
 STEP_KEYS = (
     "epoch",
     "reward/mean",
@@ -52,6 +53,18 @@ STEP_KEYS = (
     "time/step",
 )
 
+# the key of a feature -> its metrics.jsonl keys (algorithms/filtering.py)
+OPTIONAL_KEYS = {
+    "grpo.dynamic_sampling": (
+        "dynamic_sampling/gen_rounds",  # rollout rounds of the step (1 + extra rounds)
+        "dynamic_sampling/filtered_fraction",  # groups with zero reward spread / groups generated
+        "dynamic_sampling/groups",  # groups trained on
+        "dynamic_sampling/short_groups",  # num_prompts_per_step - groups (the cap was reached)
+    ),
+    "loss_fn.overlong_filtering": ("overlong/filtered_fraction",),  # trained responses left out
+    "env.overlong_penalty": ("overlong/penalty_mean", "overlong/penalized_fraction"),
+}
+
 # key in metrics.jsonl -> label in the progress line (and its format)
 PROGRESS = (
     ("reward/mean", "reward", "{:.3f}"),
@@ -71,6 +84,14 @@ PROGRESS = (
 def format_progress(step: int, max_steps: int, metrics: dict) -> str:
     """One console line; a non-finite gradient norm means the optimizer step was skipped."""
     parts = [f"step {step}/{max_steps}"]
+    groups = metrics.get("dynamic_sampling/groups")
+    if groups is not None:
+        rounds = metrics["dynamic_sampling/gen_rounds"]
+        part = f"groups {groups} in {rounds} round{'s' if rounds != 1 else ''}"
+        short = metrics.get("dynamic_sampling/short_groups", 0)
+        if short:
+            part += f" ({short} short of {groups + short}: training on what there is)"
+        parts.append(part)
     for key, label, fmt in PROGRESS:
         value = metrics.get(key)
         if key == "grad_norm" and _non_finite(value):
