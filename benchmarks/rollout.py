@@ -85,7 +85,7 @@ def engine(model, tokenizer, shard, mixture_size: int | None, max_new: int):
     settings = RolloutSettings(
         thinking_sampler=thinking,
         answer_sampler=DiscreteSampler(Truncation(1.0, top_k=k, top_p=0.95), k),
-        answer_temperature=1.0,
+        thinking_temperature=1.0,
         think_end="\x00never\x00",
         max_new_tokens=max_new,
         eos_ids=frozenset(),

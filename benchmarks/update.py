@@ -166,6 +166,7 @@ def synthetic_batch(rows: int, seq: int, vocab: int, soft: bool, k: int = 5, pro
             support=torch.where(generated[..., None], torch.ones_like(recs.support), recs.support),
             is_soft=generated,
             noise_seed=recs.noise_seed,
+            thinking=generated,
         )
     mask = torch.zeros(rows, seq, dtype=torch.bool)
     mask[:, prompt:] = True

@@ -31,6 +31,7 @@ from megatron_softgrpo.soft import (
     log_density_from_logits,
     seed_noise_rng,
 )
+from megatron_softgrpo.soft.logprob import discrete_log_density
 from model_patches.mixture_embedding import mixture_embedding
 
 VOCAB = 49152  # SmolLM2's tokenizer, on tiny random models
@@ -58,7 +59,7 @@ def settings(**overrides):
         # a bounded support: an inverse-CDF draw over a near-flat 49k-token nucleus would flip on
         # the last-ulp logit differences between TP layouts, which the TP/PP test compares
         answer_sampler=DiscreteSampler(Truncation(1.0, top_k=20, top_p=0.9), 5),
-        answer_temperature=1.0,
+        thinking_temperature=1.0,
         think_end="</think>",
         max_new_tokens=12,
         eos_ids=frozenset({EOS}),
@@ -264,6 +265,7 @@ class ScriptedSampler:
             torch.ones(n, 5, dtype=torch.bool),
             torch.ones(n, dtype=torch.bool),
             torch.zeros(n, dtype=torch.long),
+            torch.ones(n, dtype=torch.bool),
         )
         return SampledStep(
             **{f.name: getattr(rows, f.name) for f in fields(rows)},
@@ -500,6 +502,55 @@ def test_rescoring_reproduces_the_rollout_log_densities(tiny_dir, tokenizer, alg
     bound = 1e-5 + 2 * slope * delta
     assert (error <= bound)[mask].all(), (error[mask], bound[mask])
     assert bound[mask & soft].max() < 1e-2  # and the bound is a real constraint
+
+
+@pytest.mark.parametrize("algorithm", ["softgrpo", "dirichlet"])
+def test_a_sampled_marker_step_is_scored_at_the_temperature_it_was_drawn_at(
+    tiny_dir, tokenizer, algorithm
+):
+    """Thinking temperature 1.3, answer 0.7, and think_end set to two tokens the first response
+    writes while thinking, so a sampled step completes it: the rollout scores that step at 1.3,
+    the temperature of the thinking sampler that drew it, and the trainer re-scores it to the
+    same value, so the importance ratio is 1 before an update."""
+    from test_policy import new_worker
+
+    from megatron_softgrpo.train.batch import PolicyBatch
+
+    cfg = rescoring_recipe(tiny_dir, algorithm)
+    assert (cfg.softgrpo.thinking.temperature, cfg.policy.generation.temperature) == (1.3, 0.7)
+    worker = new_worker(cfg)
+    base = RolloutSettings.from_recipe(
+        cfg, tokenizer, worker.source.arch.hidden_size, max_new_tokens=10, eos_ids=frozenset({EOS})
+    )
+    seed_noise_rng(7)
+    first = RolloutEngine(worker.model, tokenizer, worker.vocab, base).generate(PROMPTS[:2], 2)
+    start = int(first.prompt_lengths[0])
+    marker = tokenizer.decode(first.rows.tokens[0, start + 1 : start + 3])
+    think, answer = RecordingSampler(base.thinking_sampler), RecordingSampler(base.answer_sampler)
+    settings = replace(base, thinking_sampler=think, answer_sampler=answer, think_end=marker)
+    seed_noise_rng(7)
+    result = RolloutEngine(worker.model, tokenizer, worker.vocab, settings).generate(PROMPTS[:2], 2)
+
+    mask, rows = result.loss_mask, result.rows
+    drawn = mask & ~rows.is_soft & rows.thinking  # marker steps the thinking sampler drew
+    assert int(result.think_lengths[0]) == 3 and result.thinking_texts[0].endswith(marker)
+    assert drawn[0, start + 2] and int(drawn.sum()) == int((~rows.is_soft & rows.thinking).sum())
+    assert bool((mask & ~rows.thinking).any())  # answer-phase rows too
+    logits = sampled_logits(result, think.calls, answer.calls)
+
+    def at(temperature):
+        flat = logits.reshape(-1, logits.shape[-1])
+        lp = discrete_log_density(flat, rows.tokens.reshape(-1), temperature, worker.vocab)
+        return lp.reshape(rows.tokens.shape)
+
+    # the rollout's value is the draw's: log_softmax(l / T_thinking), not l / T_answer
+    assert (result.rollout_logp - at(1.3))[drawn].abs().max() <= 1e-5
+    assert (at(1.3) - at(0.7))[drawn].abs().min() > 1e-3
+    # the trainer re-scores every scored row, the marker step included, to the rollout's value
+    ell = worker.compute_logprobs(PolicyBatch(rows, mask))
+    assert (ell - result.rollout_logp)[mask].abs().max() <= 1e-5
+    ratio = torch.exp(ell - result.rollout_logp)
+    assert (ratio - 1)[drawn].abs().max() <= 1e-5
 
 
 def recomputed_logits(model, rows, noise) -> torch.Tensor:

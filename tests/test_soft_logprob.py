@@ -27,6 +27,7 @@ from megatron_softgrpo.soft import (
     objective_from_hidden,
     seed_noise_rng,
 )
+from megatron_softgrpo.soft.logprob import discrete_log_density
 from megatron_softgrpo.soft.rng import gaussian_from_seeds
 
 VOCAB, PADDED, HIDDEN, K = 200, 256, 16, 5
@@ -67,8 +68,14 @@ def mixed_rows(name, logits, seed=0, drift=0.0, shard=SHARD):
     seed_noise_rng(seed)
     soft = SoftSampler(TRUNC, K, NOISES[name]).sample(flat, shard)
     discrete = DiscreteSampler(Truncation(temperature=1.1), K).sample(flat, shard)
-    is_soft = torch.rand(b * s, generator=torch.Generator().manual_seed(seed)) < 0.7
+    draws = torch.rand(b * s, generator=torch.Generator().manual_seed(seed))
+    is_soft = draws < 0.7
     step = soft.where(is_soft, discrete)
+    # some discrete rows are marker steps: drawn by the thinking sampler (T = 0.8), scored at it
+    marker = draws > 0.85
+    step.thinking = step.thinking | marker
+    at_thinking = discrete_log_density(flat, step.tokens, TRUNC.temperature, shard)
+    step.log_density = torch.where(marker, at_thinking, step.log_density)
     rows = MixtureRows(**{f.name: getattr(step, f.name) for f in fields(MixtureRows)})
     return step, rows.map(lambda t: t.reshape(b, s, *t.shape[1:]))
 
@@ -78,10 +85,15 @@ def random_logits(b=2, s=12, seed=0, dtype=torch.float32, width=PADDED):
 
 
 def reference(name, logits, rows, emb_table):
-    """float64 ell [N] of flat rows: discrete at T=1.1, soft rows by docs/algorithm.md section 2/5 at T=0.8."""
+    """float64 ell [N] of flat rows: discrete at T=1.1 (marker steps at 0.8), soft rows by
+    docs/algorithm.md section 2/5 at T=0.8."""
     flat = rows.flatten()
     lg = logits.reshape(-1, PADDED).double()
-    out = ref.discrete_log_prob(lg, flat.tokens, 1.1, VOCAB)
+    out = torch.where(
+        flat.thinking,
+        ref.discrete_log_prob(lg, flat.tokens, 0.8, VOCAB),
+        ref.discrete_log_prob(lg, flat.tokens, 1.1, VOCAB),
+    )
     k_logits = lg.gather(-1, flat.mix_ids)
     if name == "gumbel":
         soft = ref.gumbel_density(k_logits, flat.support, flat.noise, 0.8)
@@ -107,7 +119,26 @@ def test_log_density_matches_reference(name):
     ell = log_density_from_logits(logits, rows, scorer(name), SHARD, InputEmbedding(emb, SHARD))
     assert ell.shape == rows.tokens.shape and ell.dtype == torch.float32
     assert 0 < int(rows.is_soft.sum()) < rows.is_soft.numel()
+    assert bool((rows.thinking & ~rows.is_soft).any())  # marker steps among the discrete rows
     assert (ell.reshape(-1).double() - reference(name, logits, rows, emb)).abs().max() <= TOL
+
+
+def test_discrete_rows_drawn_while_thinking_are_scored_at_the_thinking_temperature():
+    """The marker step (discrete, `thinking`) at T_thinking = 0.8, other discrete rows at 1.1."""
+    logits = random_logits()
+    _, rows = mixed_rows("gumbel", logits)
+    marker, answer = rows.thinking & ~rows.is_soft, ~rows.thinking & ~rows.is_soft
+    assert bool(marker.any()) and bool(answer.any())
+    ell = log_density_from_logits(logits, rows, scorer("gumbel"), SHARD).double()
+    flat = logits.reshape(-1, PADDED).double()
+
+    def at(temperature):
+        lp = ref.discrete_log_prob(flat, rows.tokens.reshape(-1), temperature, VOCAB)
+        return lp.reshape(rows.tokens.shape)
+
+    assert (ell - at(0.8))[marker].abs().max() <= TOL
+    assert (ell - at(1.1))[answer].abs().max() <= TOL
+    assert (at(0.8) - at(1.1))[marker].abs().min() > 1e-3  # the two temperatures differ there
 
 
 @pytest.mark.parametrize("name", NOISES)
@@ -253,9 +284,12 @@ def test_embedding_noise_offset_is_the_seeded_vector_on_soft_rows():
 
 
 def reference_entropy(logits, rows, vocab=VOCAB):
-    """float64 entropy [b, s] of softmax(l / T) over the real vocabulary: T = 0.8 on soft rows, 1.1 on discrete."""
+    """float64 entropy [b, s] of softmax(l / T) over the real vocabulary: T = 0.8 on soft rows and
+    marker steps (`thinking`), 1.1 on the other discrete rows."""
     temperature = torch.where(
-        rows.is_soft, torch.tensor(0.8, dtype=torch.float64), torch.tensor(1.1, dtype=torch.float64)
+        rows.thinking,
+        torch.tensor(0.8, dtype=torch.float64),
+        torch.tensor(1.1, dtype=torch.float64),
     )
     p = torch.softmax(logits.double()[..., :vocab] / temperature.unsqueeze(-1), dim=-1)
     return torch.special.entr(p).sum(-1)

@@ -130,7 +130,7 @@ def assert_same_records(a, b, atol=1e-6):
     for f in fields(a):
         x, y = getattr(a, f.name), getattr(b, f.name)
         if f.name == "rows":
-            for name in ("tokens", "mix_ids", "support", "is_soft", "noise_seed"):
+            for name in ("tokens", "mix_ids", "support", "is_soft", "noise_seed", "thinking"):
                 assert torch.equal(getattr(x, name), getattr(y, name)), name
             for name in ("mix_weights", "noise"):
                 torch.testing.assert_close(getattr(y, name), getattr(x, name), atol=atol, rtol=1e-5)

@@ -2,8 +2,9 @@
 
 Every response starts in the thinking phase, sampled by the algorithm's soft sampler (or
 discretely for GRPO, which has no soft phase). The step whose transcript token completes the
-think-end marker is recorded as a discrete step (one-hot on its token, scored at the answer
-temperature), and every later step is sampled discretely with the answer-phase parameters.
+think-end marker is recorded as a discrete step (one-hot on its token; drawn by the thinking
+sampler, so marked `thinking` and scored at the thinking temperature), and every later step is
+sampled discretely with the answer-phase parameters.
 Optional: a thinking budget and the entropy "cold stop" force the marker's tokens (forced steps
 are not the policy's actions: they are fed and recorded, but not scored). A response ends at
 EOS (also during thinking, as a soft step), at a stop string, or at the length limit; finished
@@ -44,7 +45,7 @@ REASONS = ("eos", "stop", "length")
 class RolloutSettings:
     thinking_sampler: Sampler | None  # None: discrete from the first step (GRPO, plain decoding)
     answer_sampler: Sampler
-    answer_temperature: float  # the discrete-row scoring temperature (marker step)
+    thinking_temperature: float  # the thinking sampler's: scores the marker step it draws
     think_end: str
     max_new_tokens: int
     eos_ids: frozenset[int]
@@ -70,7 +71,7 @@ class RolloutSettings:
         settings = dict(
             thinking_sampler=soft_recipe.thinking_sampler(soft, hidden_size),
             answer_sampler=soft_recipe.answer_sampler(soft, gen),
-            answer_temperature=gen.temperature,
+            thinking_temperature=soft.thinking.temperature,
             think_end=soft.think_end,
             max_new_tokens=gen.max_new_tokens,
             eos_ids=eos,
@@ -308,17 +309,17 @@ class RolloutEngine:
                     state.finish(row, "eos", t + 1, done, i)
                     continue
                 if self.marker.completed(state.transcripts[row]):
-                    # the marker step is a discrete step, scored at the answer temperature
+                    # the marker step is a discrete step, scored at the temperature it was drawn at
                     lp = discrete_log_density(
                         logits[i : i + 1],
                         step.tokens[i : i + 1],
-                        self.s.answer_temperature,
+                        self.s.thinking_temperature,
                         self.shard,
                     )
                     step = self._fill(
                         step,
                         _index_mask(i, n, device),
-                        _discrete_step(step.tokens[i : i + 1], self.mixture_size, lp),
+                        _marker_step(step.tokens[i : i + 1], self.mixture_size, lp),
                     )
                     state.enter_answer(row, t + 1)
                 else:
@@ -455,6 +456,14 @@ def _discrete_step(
     rows = MixtureRows.discrete(tokens, mixture_size)
     lp = torch.zeros(len(tokens), device=tokens.device) if log_density is None else log_density
     return SampledStep(**{f.name: getattr(rows, f.name) for f in fields(rows)}, log_density=lp)
+
+
+def _marker_step(tokens: torch.Tensor, mixture_size: int, log_density: torch.Tensor) -> SampledStep:
+    """The step that completes the think-end marker: one-hot on its token like a discrete step,
+    but drawn by the thinking sampler, so marked `thinking`: the trainer scores it at the thinking
+    temperature, as `log_density` (log_softmax(l / T_thinking)[token]) does."""
+    step = _discrete_step(tokens, mixture_size, log_density)
+    return replace(step, thinking=torch.ones_like(step.thinking))
 
 
 def _index_mask(i: int, n: int, device) -> torch.Tensor:

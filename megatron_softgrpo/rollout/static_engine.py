@@ -38,6 +38,7 @@ from megatron_softgrpo.rollout.engine import (
     RolloutEngine,
     RolloutSettings,
     _discrete_step,
+    _marker_step,
     _ResponseBuffer,
     _RowState,
     _step_tensors,
@@ -212,8 +213,8 @@ class StaticRolloutEngine(RolloutEngine):
         eos = torch.isin(tokens, self.eos)
         # thinking: EOS ends the row as a soft step; the marker step is a discrete step
         marker_step = think & ~eos & marker_done
-        lp = discrete_log_density(logits, tokens, s.answer_temperature, shard)
-        step = _discrete_step(tokens, self.mixture_size, lp).where(marker_step, step)
+        lp = discrete_log_density(logits, tokens, s.thinking_temperature, shard)
+        step = _marker_step(tokens, self.mixture_size, lp).where(marker_step, step)
         soft_step = think & ~eos & ~marker_done
         st.soft_steps = st.soft_steps + soft_step.long()
         if s.cold_stop_entropy is not None:

@@ -48,12 +48,14 @@ Record fields (`MixtureRows`; [N] for a step, [B, S] for a batch; K = mixture si
     support [..., K] bool     slot in the truncated support
     is_soft [...] bool        soft step (vs prompt / discrete)
     noise_seed [...] int64    embedding-noise seed (else 0)
+    thinking [...] bool       drawn by the thinking sampler (soft steps and the marker step)
 `SampledStep` adds log_density [N]: the rollout's own log-density of the step.
 
 Trainer: with `scorer = recipe.scorer(cfg.softgrpo, cfg.policy.generation)`,
     ell = log_density_from_hidden(hidden [s, b, h], output_weight_shard, rows [b, s], scorer, shard)
 scores record j+1 at position j (shift the records first). Discrete rows:
-log_softmax(l / T)[token]; soft rows: the noise kind's density from l[ids] / T (the
+log_softmax(l / T)[token], T the thinking temperature on the marker step (`thinking`) and the
+answer temperature elsewhere; soft rows: the noise kind's density from l[ids] / T (the
 embedding-noise density also needs `embedding=InputEmbedding(table_shard, shard)`).
 `log_density_from_logits` computes the same from given logits;
     ell, entropy = log_density_and_entropy_from_hidden(...same arguments...)

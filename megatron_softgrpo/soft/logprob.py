@@ -11,15 +11,18 @@ The entry points compute the same log-densities:
 - `log_density_and_entropy_from_hidden(...)`: the same log-densities (bitwise) and, in the
   same chunked pass, the entropy of softmax(l / T) over the whole vocabulary at each
   position. T is the temperature the position was sampled at, as for its log-density:
-  the answer temperature for discrete rows, the thinking temperature for soft rows (whose
-  mixture was drawn from that distribution's truncation). Soft rows then need their
+  the answer temperature for discrete rows (the thinking one for the marker step), the
+  thinking temperature for soft rows (whose mixture was drawn from that distribution's
+  truncation). Soft rows then need their
   chunk's full logits too (in forward and, recomputed, in backward).
 - `objective_from_hidden(..., objective)`: the training path. The same log-densities (and
   entropies), and the sum of a per-position objective of them (the policy loss), whose
   gradient is taken from each chunk's logits in the forward: nothing is recomputed.
 
-Discrete rows (is_soft False) score log_softmax(l / T_answer)[token] over the whole
-vocabulary; soft rows score the scorer's noise density from l[ids] / T_thinking. The
+Discrete rows (is_soft False) score log_softmax(l / T)[token] over the whole vocabulary, T the
+temperature of the sampler that drew them: T_thinking for the step that completes the think-end
+marker (drawn by the thinking sampler, `rows.thinking`), T_answer for the others; soft rows
+score the scorer's noise density from l[ids] / T_thinking. The
 rows are the records being scored: logits at position j score record j+1, so shift the
 records before calling. Gradients reach the logits (hence hidden states and output
 weight) only. Every TP rank gets the same values; each gets the gradient of its shard.
@@ -56,8 +59,30 @@ class Scorer:
     """How positions are scored: the soft rows' noise kind and each phase's temperature."""
 
     noise: SoftNoise | None  # None: no soft rows (discrete GRPO)
-    soft_temperature: float = 1.0
-    discrete_temperature: float = 1.0
+    soft_temperature: float = 1.0  # the thinking sampler's: soft rows and the marker step
+    discrete_temperature: float = 1.0  # the answer sampler's: the other discrete rows
+
+    def discrete_temperatures(self, thinking: torch.Tensor) -> float | torch.Tensor:
+        """The scoring temperature of discrete rows whose `thinking` flags [n] are given: the
+        thinking temperature where the thinking sampler drew the row (the marker step), the
+        answer temperature elsewhere. One float when no row was drawn while thinking, else one
+        float64 per row, on the flags' device (one host sync)."""
+        if not bool(thinking.any()):
+            return self.discrete_temperature
+        per_row = torch.full(thinking.shape, self.discrete_temperature, dtype=torch.float64)
+        return per_row.to(thinking.device).masked_fill(thinking, self.soft_temperature)
+
+
+def _at(temperature: float | torch.Tensor, index) -> float | torch.Tensor:
+    """The temperatures of rows `index`: the one temperature, or the per-row values there."""
+    return temperature[index] if isinstance(temperature, torch.Tensor) else temperature
+
+
+def _column(temperature: float | torch.Tensor, dtype: torch.dtype) -> float | torch.Tensor:
+    """The temperature shaped to scale rows of [n, W] values: a float, or [n, 1] of `dtype`."""
+    if isinstance(temperature, torch.Tensor):
+        return temperature.to(dtype).unsqueeze(-1)
+    return temperature
 
 
 def discrete_terms(scaled: torch.Tensor, tokens: torch.Tensor, shard: VocabShard):
@@ -116,9 +141,8 @@ def log_density_from_logits(
         discrete_logits = (
             logits if discrete.numel() == logits.shape[0] else logits[discrete]
         )  # no copy when all are
-        values = discrete_log_density(
-            discrete_logits, flat.tokens[discrete], scorer.discrete_temperature, shard
-        )
+        temperature = scorer.discrete_temperatures(flat.thinking[discrete])
+        values = discrete_log_density(discrete_logits, flat.tokens[discrete], temperature, shard)
         ell = ell.index_put((discrete,), values)
     if soft.numel():
         ids = flat.mix_ids[soft]
@@ -167,19 +191,24 @@ class _Chunking:
     with_entropy: bool
 
     @functools.cached_property
-    def pieces(self) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
-        """Per chunk: its rows, and the indices of its discrete and soft rows (one host sync in all)."""
-        is_soft = self.rows.is_soft.cpu()
+    def pieces(self) -> list[tuple[slice, torch.Tensor, torch.Tensor, float | torch.Tensor]]:
+        """Per chunk: its rows, the indices of its discrete and soft rows, and the discrete rows'
+        temperature (`Scorer.discrete_temperatures`); one host sync in all."""
+        is_soft, thinking = torch.stack([self.rows.is_soft, self.rows.thinking]).cpu()
         device = self.rows.is_soft.device
         out = []
         for start in range(0, is_soft.shape[0], self.chunk_size):
             piece = slice(start, min(start + self.chunk_size, is_soft.shape[0]))
             soft = is_soft[piece]
+            temperature = self.scorer.discrete_temperatures(thinking[piece][~soft])
+            if isinstance(temperature, torch.Tensor):
+                temperature = temperature.to(device)
             out.append(
                 (
                     piece,
                     (~soft).nonzero().squeeze(-1).to(device),
                     soft.nonzero().squeeze(-1).to(device),
+                    temperature,
                 )
             )
         return out
@@ -190,16 +219,19 @@ class _Chunking:
         dots = torch.bmm(k_rows, h.unsqueeze(-1)).squeeze(-1)
         return _owned_only(compute_dtype(dots), ids, self.shard), k_rows
 
-    def forward_chunk(self, hidden, weight, piece, discrete, soft, keep_logits: bool = False):
+    def forward_chunk(
+        self, hidden, weight, piece, discrete, soft, t_discrete, keep_logits: bool = False
+    ):
         """(ell of the chunk's rows, their entropy or None, what the gradient needs); `keep_logits`
-        keeps the scaled vocabulary-wide logits in it, for a gradient taken right away."""
+        keeps the scaled vocabulary-wide logits in it, for a gradient taken right away.
+        `t_discrete`: the discrete rows' temperature (one, or one per row)."""
         rows = self.rows.map(lambda t: t[piece])
         h = hidden[piece].to(weight.dtype)
         ell = torch.zeros(h.shape[0], dtype=compute_dtype_of(weight.dtype), device=h.device)
         entropy = torch.zeros_like(ell) if self.with_entropy else None
         saved_discrete = saved_soft = None
         if discrete.numel():
-            scaled = self.shard.scaled(h[discrete] @ weight.t(), self.scorer.discrete_temperature)
+            scaled = self.shard.scaled(h[discrete] @ weight.t(), t_discrete)
             values, log_norm = discrete_terms(scaled, rows.tokens[discrete], self.shard)
             ell[discrete] = values.to(ell.dtype)
             entropy_d = self._entropy_into(entropy, discrete, scaled, log_norm)
@@ -245,7 +277,7 @@ class _Chunking:
         """
         log_p = scaled.sub_(terms.log_norm.unsqueeze(-1))
         if g_entropy is None:
-            row_scale = -(g_ell / temperature).to(log_p.dtype)
+            row_scale = -(g_ell / temperature).to(log_p.dtype)  # a float or one per row
             return torch.mul(
                 log_p.exp_(),
                 row_scale.unsqueeze(-1),
@@ -262,7 +294,7 @@ class _Chunking:
         del probs
         return torch.mul(
             factor,
-            -1.0 / temperature,
+            -1.0 / _column(temperature, factor.dtype),
             out=torch.empty(factor.shape, dtype=dtype, device=factor.device),
         )
 
@@ -273,6 +305,7 @@ class _Chunking:
         piece,
         discrete,
         soft,
+        t_discrete,
         saved: _ChunkSaved,
         grads,
         grad_hidden,
@@ -291,7 +324,7 @@ class _Chunking:
         g_ell, g_entropy = grads
         g_h = grad_hidden[piece]
         if discrete.numel():
-            temperature = self.scorer.discrete_temperature
+            temperature = t_discrete
             h_d, g = h[discrete], g_ell[discrete]
             scaled = self._scaled(h_d, weight, saved.discrete, temperature)
             d_full = self._vocab_gradient(
@@ -306,7 +339,7 @@ class _Chunking:
             tokens = rows.tokens[discrete]
             mine = self.shard.owns(tokens)
             rows_mine = mine.nonzero().squeeze(-1)
-            at_token = (g[mine] / temperature).to(d_full.dtype)
+            at_token = (g[mine] / _at(temperature, mine)).to(d_full.dtype)
             d_full.index_put_(
                 (rows_mine, tokens[mine] - self.shard.start), at_token, accumulate=True
             )
@@ -358,7 +391,7 @@ def _weight_gradient_buffer(plan: _Chunking, weight: torch.Tensor) -> torch.Tens
     """The output weight's gradient accumulator: fp32 (fp64 for fp64) across chunks. One chunk of
     discrete rows is one GEMM, whose own fp32 accumulation suffices: its gradient is kept in the
     weight's dtype, as autograd through materialised logits would (no fp32 buffer to fill and cast)."""
-    (_, _, soft), *more = plan.pieces
+    (_, _, soft, _), *more = plan.pieces
     dtype = weight.dtype if not more and soft.numel() == 0 else _accumulation_dtype(weight)
     return torch.zeros(weight.shape, dtype=dtype, device=weight.device)
 
@@ -510,8 +543,8 @@ def log_density_and_entropy_from_hidden(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ell [b, s], entropy [b, s]): `log_density_from_hidden`'s values (bitwise) and the entropy
     of softmax(l / T) over the whole vocabulary (padding excluded) at each position, T being the
-    scorer's discrete temperature on discrete rows and its soft (thinking) temperature on soft
-    rows; both differentiable, computed in one chunked pass. Arguments as `log_density_from_hidden`.
+    temperature that scores the row (the scorer's discrete temperature on discrete rows, its soft
+    (thinking) temperature on soft rows and on the marker step); both differentiable, computed in one chunked pass. Arguments as `log_density_from_hidden`.
     """
     return _scores_from_hidden(
         hidden, output_weight, rows, scorer, shard, chunk_size, embedding, sequence_parallel, True

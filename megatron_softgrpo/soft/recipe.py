@@ -4,8 +4,9 @@
   (softgrpo -> gumbel; gaussian, dirichlet, embedding_noise -> the ablation of that name;
   grpo has no soft phase);
 - the answer phase (and all of GRPO) samples discretely with `policy.generation`;
-- the scorer scores soft rows with the thinking temperature and discrete rows with the
-  answer temperature, the temperatures they were sampled at.
+- the scorer scores soft rows and the marker step (the discrete step the thinking sampler drew,
+  flagged `thinking` in its record) with the thinking temperature, and the other discrete rows
+  with the answer temperature: the temperatures they were sampled at.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ One layout serves prompt tokens, soft steps and discrete steps: K slots of
 (id, weight, stored noise, in-support flag). Prompt and discrete positions are one-hot:
 slot 0 holds the token with weight 1, the other slots are out of support (id 0,
 weight 0). Leading dimensions are free ([N] for a decoding step, [B, S] for a batch).
+`thinking` says which sampler drew a position, hence the temperature that scores it: the
+thinking phase's (every soft step, and the discrete step that completes the think-end marker)
+or the answer phase's.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class MixtureRows:
     noise_seed: (
         torch.Tensor
     )  # [...] int64 embedding-noise seed of the input at this position (else 0)
+    thinking: torch.Tensor  # [...] bool drawn by the thinking sampler (soft steps, the marker step)
 
     @classmethod
     def discrete(cls, tokens: torch.Tensor, mixture_size: int) -> MixtureRows:
@@ -44,6 +48,7 @@ class MixtureRows:
             support=first,
             is_soft=torch.zeros_like(tokens, dtype=torch.bool),
             noise_seed=torch.zeros_like(tokens, dtype=torch.int64),
+            thinking=torch.zeros_like(tokens, dtype=torch.bool),
         )
 
     @property

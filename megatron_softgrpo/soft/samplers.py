@@ -184,6 +184,7 @@ class SoftSampler:
             support=support,
             is_soft=torch.ones_like(ids[:, 0], dtype=torch.bool),
             noise_seed=mixture.noise_seed,
+            thinking=torch.ones_like(ids[:, 0], dtype=torch.bool),
         )
         return _step(rows, self.noise.rollout_log_density(scaled, rows))
 

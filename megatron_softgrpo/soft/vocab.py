@@ -98,10 +98,13 @@ class VocabShard:
         pad = torch.arange(self.width, device=x.device) >= self.real_width
         return x.masked_fill(pad, NEG_INF)
 
-    def scaled(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
-        """masked(logits) / temperature, as one new tensor (the form every softmax here starts from)."""
+    def scaled(self, logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+        """masked(logits) / temperature, as one new tensor (the form every softmax here starts from).
+        `temperature`: one for all rows, or a tensor of one per row of logits [..., W]."""
         self.check(logits)
         dtype = compute_dtype_of(logits.dtype)
+        if isinstance(temperature, torch.Tensor):
+            temperature = temperature.to(dtype).unsqueeze(-1)
         # one pass: a half-precision input is divided in place in its fresh fp32 copy
         x = logits / temperature if logits.dtype == dtype else logits.to(dtype).div_(temperature)
         x[..., self.real_width :] = (

@@ -490,7 +490,7 @@ def _print_samples(problems, texts: list[str], rewards: list[float], count: int)
         )
 
 
-_ROW_FIELDS = ("tokens", "mix_ids", "mix_weights", "noise", "support", "is_soft", "noise_seed")
+_ROW_FIELDS = tuple(f.name for f in fields(MixtureRows))  # every field of the per-position record
 
 
 def _algorithm_of(sampler: str) -> str:
