@@ -1,5 +1,9 @@
 """Rollout throughput, measured side by side in one run.
 
+- engines (`--engines`): the static engine (eager step, and compiled with `--compile`) vs the
+  reference eager engine vs Hugging Face `transformers` `generate` on the same model, batch,
+  prompt, sampling (top-k 5, top-p 0.95) and token count, discrete and soft K = 5, at batch 8
+  and 32 (targets on a CPU: static / eager >= 1.0, static / HF >= 1.3);
 - soft (Gumbel, K=5 and K=30) vs discrete decoding: same model, batch and lengths
   (target: soft/discrete throughput >= 0.9);
 - per-token decode cost with the KV cache at position 1,024 vs 128 (target <= 1.5), and a
@@ -10,6 +14,7 @@ The configurations of each comparison are measured in alternation, `--repeats` t
 and each reports its median, so a slow spell of a shared machine hits all of them alike.
 
     .venv/bin/python benchmarks/rollout.py [--quick] [--model smollm2-135m-instruct|qwen2-1.5b-random]
+    .venv/bin/python benchmarks/rollout.py --engines [--compile]   # the engine comparison only
 
 Responses never stop early (no EOS, no think-end marker), so every configuration decodes
 exactly the same number of tokens. Prints `name: value` lines; ratios are `ratio/<what>`.
@@ -74,8 +79,12 @@ def load(model_name: str, precision: str, tokenizer_path: str | None = None):
     return model, tokenizer, VocabShard.whole(padded, vocab)
 
 
-def engine(model, tokenizer, shard, mixture_size: int | None, max_new: int):
+def engine(
+    model, tokenizer, shard, mixture_size: int | None, max_new: int, kind="static", eos=frozenset()
+):
+    """kind: static | compiled (its step compiled) | masked (never shrinks) | eager (the reference)."""
     from megatron_softgrpo.rollout.engine import RolloutEngine, RolloutSettings
+    from megatron_softgrpo.rollout.static_engine import StaticRolloutEngine
     from megatron_softgrpo.soft import DiscreteSampler, GumbelNoise, SoftSampler, Truncation
 
     k = mixture_size or 5
@@ -88,9 +97,104 @@ def engine(model, tokenizer, shard, mixture_size: int | None, max_new: int):
         thinking_temperature=1.0,
         think_end="\x00never\x00",
         max_new_tokens=max_new,
-        eos_ids=frozenset(),
+        eos_ids=eos,
     )
-    return RolloutEngine(model, tokenizer, shard, settings)
+    if kind == "eager":
+        return RolloutEngine(model, tokenizer, shard, settings)
+    return StaticRolloutEngine(
+        model, tokenizer, shard, settings, compile=kind == "compiled", shrink=kind != "masked"
+    )
+
+
+def staggered_eos(model, tokenizer, shard, batch: int, plen: int, new: int) -> frozenset[int]:
+    """EOS ids that end row i near step i * new / batch: the token row i wrote there, decoded
+    once without EOS (lengths then spread as in RL, where a step waits for its longest row)."""
+    from megatron_softgrpo.soft import seed_noise_rng
+
+    seed_noise_rng(0)
+    first = engine(model, tokenizer, shard, 5, new).generate([list(range(100, 100 + plen))], batch)
+    return frozenset(
+        int(first.rows.tokens[i, plen + min(new - 1, 1 + i * new // batch)]) for i in range(batch)
+    )
+
+
+def hf_tokens_per_second(hf_model, batch: int, prompt_len: int, new: int) -> Callable[[], float]:
+    """A measurement: `transformers` generate, sampling as the engines' discrete answer phase
+    (top-k 5, top-p 0.95, T = 1) and never stopping early (min_new_tokens = max_new_tokens)."""
+    device = next(hf_model.parameters()).device
+    ids = torch.arange(100, 100 + prompt_len, device=device).expand(batch, -1)
+
+    def run() -> int:
+        out = hf_model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            top_k=5,
+            top_p=0.95,
+            temperature=1.0,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=0,
+        )
+        return (out.shape[1] - prompt_len) * batch
+
+    run()  # warm-up
+
+    def measure() -> float:
+        sync()
+        t = time.perf_counter()
+        n = run()
+        sync()
+        return n / (time.perf_counter() - t)
+
+    return measure
+
+
+def load_hf(model_name: str, precision: str):
+    from transformers import AutoModelForCausalLM
+
+    from megatron_softgrpo.models.source import resolve_model_source
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[precision]
+    model = AutoModelForCausalLM.from_pretrained(
+        str(resolve_model_source(model_name).path), dtype=dtype
+    )
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+
+def compare_engines(args, model, tokenizer, shard, precision: str, batches, new, plen, repeats):
+    """static (and compiled) vs eager vs HF generate, discrete and soft K = 5, per batch size."""
+    hf = load_hf(args.model, precision)
+    kinds = ["static", "eager"] + (["compiled"] if args.compile else [])
+    results = {}
+    for batch in batches:
+        measurements = {}
+        for kind in kinds:
+            for name, k in (("discrete", None), ("soft_k5", 5)):
+                eng = engine(model, tokenizer, shard, k, new, kind)
+                measurements[f"{kind}_{name}"] = tokens_per_second(eng, batch, plen)
+        measurements["hf_generate"] = hf_tokens_per_second(hf, batch, plen, new)
+        # rows ending at spread-out steps: shrinking to smaller buckets vs keeping them masked
+        eos = staggered_eos(model, tokenizer, shard, batch, plen, new)
+        for kind in ("static", "masked", "eager"):
+            eng = engine(model, tokenizer, shard, 5, new, kind, eos)
+            measurements[f"staggered_{kind}_soft_k5"] = tokens_per_second(eng, batch, plen)
+        got = medians(measurements, repeats)
+        for name, value in got.items():
+            results[f"engines/batch{batch}/{name}_tokens_per_s"] = value
+        for kind in kinds[:1] + kinds[2:]:
+            for name in ("discrete", "soft_k5"):
+                results[f"ratio/batch{batch}/{kind}_over_eager_{name}"] = (
+                    got[f"{kind}_{name}"] / got[f"eager_{name}"]
+                )
+                results[f"ratio/batch{batch}/{kind}_{name}_over_hf_generate"] = (
+                    got[f"{kind}_{name}"] / got["hf_generate"]
+                )
+        for kind in ("masked", "eager"):
+            results[f"ratio/batch{batch}/staggered_shrink_over_{kind}"] = (
+                got["staggered_static_soft_k5"] / got[f"staggered_{kind}_soft_k5"]
+            )
+    return results
 
 
 def sync():
@@ -144,6 +248,56 @@ def decode_step_seconds(
     return measure
 
 
+def static_step_seconds(model, position: int, batch: int, steps: int) -> Callable[[], float]:
+    """A measurement: mean time of one static decode step (CUDA graph on a GPU) at ~`position`."""
+    from megatron.core import parallel_state
+
+    from megatron_softgrpo.rollout.static_engine import _Decoder
+    from megatron_softgrpo.soft import MixtureRows
+    from model_patches.static_decode import StaticDecoder
+
+    device = next(model.parameters()).device
+    group = parallel_state.get_tensor_model_parallel_group()
+    decoder = _Decoder(
+        StaticDecoder(model, batch, position + steps + 1, group), None, False, cuda_graphs=True
+    )
+    pad = torch.zeros(batch, dtype=torch.long, device=device)
+    decoder.run(MixtureRows.discrete(torch.full((batch, position), 7, device=device), 5), 0, pad)
+    step = MixtureRows.discrete(torch.full((batch, 1), 9, device=device), 5)
+
+    def measure() -> float:
+        sync()
+        t = time.perf_counter()
+        for i in range(steps):  # the same columns every round: the cache stays at `position`
+            decoder.run(step, position + i, pad)
+        sync()
+        return (time.perf_counter() - t) / steps
+
+    measure()  # warm-up (and the graph capture)
+    return measure
+
+
+def roofline_step_seconds(model, position: int, batch: int) -> tuple[float, float]:
+    """(seconds, bytes): the memory traffic a decode step cannot avoid (every weight once, the KV
+    cache up to `position`) over the bandwidth of a large device copy measured here."""
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_token = 2 * cfg.num_layers * (cfg.num_query_groups or cfg.num_attention_heads)
+    kv = per_token * cfg.kv_channels * position * batch * torch.finfo(dtype).bits // 8
+    device = next(model.parameters()).device
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync()
+    t = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    sync()
+    bandwidth = 2 * src.numel() * 10 / (time.perf_counter() - t)  # read + write
+    return (weights + kv) / bandwidth, float(weights + kv)
+
+
 def medians(measurements: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
     """Each measurement's median over `repeats` rounds, the configurations alternating within a round."""
     samples: dict[str, list[float]] = {name: [] for name in measurements}
@@ -180,6 +334,22 @@ def main():
         help="only soft vs discrete throughput (no decode-cost or batch sweep)",
     )
     p.add_argument(
+        "--engines",
+        action="store_true",
+        help="only the engine comparison (static vs eager vs transformers generate)",
+    )
+    p.add_argument(
+        "--static-gpu",
+        action="store_true",
+        help="the static engine at batch 64, 128-token prompt, --new-tokens (default 1,024): "
+        "tokens/s, step times at 128 and 1,024 vs the eager runner and the roofline",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also measure the static engine with its decode step compiled (a compile per bucket)",
+    )
+    p.add_argument(
         "--new-tokens",
         type=int,
         help="tokens decoded per response (default: 128 on GPU, 48 on CPU, 16 --quick)",
@@ -188,7 +358,8 @@ def main():
     if args.repeats < 3:
         p.error(f"--repeats must be >= 3 (medians of alternating rounds), got {args.repeats}")
     gpu = torch.cuda.is_available()
-    model, tokenizer, shard = load(args.model, "bfloat16" if gpu else "float32", args.tokenizer)
+    precision = "bfloat16" if gpu else "float32"
+    model, tokenizer, shard = load(args.model, precision, args.tokenizer)
     quick = args.quick
     batch, new, plen = (4, 16, 32) if quick else ((64, 128, 128) if gpu else (8, 48, 64))
     new = args.new_tokens or new
@@ -197,6 +368,20 @@ def main():
         "device": torch.cuda.get_device_name() if gpu else "cpu",
         "repeats": str(repeats),
     }
+    if args.static_gpu:
+        return report(
+            results | static_gpu(model, tokenizer, shard, args.new_tokens or 1024, repeats),
+            args.json,
+        )
+    if args.engines:
+        if args.model == "qwen2-1.5b-random":
+            p.error("--engines compares with transformers on real weights: use the SmolLM2 model")
+        batches = (4,) if quick else ((64,) if gpu else (8, 32))
+        results |= compare_engines(
+            args, model, tokenizer, shard, precision, batches, new, plen, repeats
+        )
+        results |= {"new_tokens": str(new), "prompt_tokens": str(plen)}
+        return report(results, args.json)
 
     throughput = medians(
         {
@@ -256,6 +441,44 @@ def main():
         results[f"rollout/soft_k5_tokens_per_s_{name}"] = value
 
     report(results, args.json)
+
+
+def static_gpu(model, tokenizer, shard, new: int, repeats: int) -> dict:
+    """Issue 14's GPU figures for the static engine (batch 64, 128-token prompt)."""
+    batch, plen, results = 64, 128, {}
+    throughput = medians(
+        {
+            name: tokens_per_second(engine(model, tokenizer, shard, k, new), batch, plen)
+            for name, k in (("discrete", None), ("soft_k5", 5))
+        },
+        repeats,
+    )
+    for name, value in throughput.items():
+        results[f"static/{name}_tokens_per_s"] = value
+    results["ratio/static_soft_k5_over_discrete"] = throughput["soft_k5"] / throughput["discrete"]
+    steps = medians(
+        {
+            f"{kind}_{pos}": measure(model, pos, batch, 16)
+            for pos in (128, 1024)
+            for kind, measure in (("static", static_step_seconds), ("eager", _eager_step))
+        },
+        repeats,
+    )
+    for pos in (128, 1024):
+        roof, traffic = roofline_step_seconds(model, pos, batch)
+        results[f"static/step_s_at_{pos}"] = steps[f"static_{pos}"]
+        results[f"eager/step_s_at_{pos}"] = steps[f"eager_{pos}"]
+        results[f"roofline/step_s_at_{pos}"] = roof
+        results[f"roofline/bytes_at_{pos}"] = traffic
+        results[f"ratio/static_step_over_roofline_at_{pos}"] = steps[f"static_{pos}"] / roof
+        results[f"ratio/eager_over_static_step_at_{pos}"] = (
+            steps[f"eager_{pos}"] / steps[f"static_{pos}"]
+        )
+    return results | {"batch": str(batch), "prompt_tokens": str(plen), "new_tokens": str(new)}
+
+
+def _eager_step(model, position, batch, steps):
+    return decode_step_seconds(model, position, batch, steps, rounds=4)
 
 
 def report(results: dict, json_path: str | None) -> None:

@@ -247,9 +247,7 @@ class ScriptedSampler:
     mixture_size: int = 5
     name: str = "scripted"
     t: int = 0
-
-    def draw_ahead(self, steps, rows, device):
-        return None  # scripted: consumes no randomness
+    draws_ahead: bool = False  # scripted: consumes no randomness
 
     def sample(self, logits, shard, raw=None):
         n = logits.shape[0]

@@ -264,3 +264,24 @@ def test_a_marker_the_model_writes_switches_phase_as_in_the_reference(tiny_dir, 
     ref, static = _both(model, shard, tokenizer, max_new_tokens=10, think_end=marker)
     assert_same_records(ref, static)
     assert ref.think_lengths[0] <= 4 and ref.thinking_texts[0].endswith(marker)
+
+
+def test_shrinking_to_a_smaller_bucket_keeps_every_record(tiny_dir, tokenizer):
+    """18 rows (a 24-row bucket), most ending by step 4: the engine moves to an 8-row bucket
+    (one cache copy) and the records are the reference's, as without shrinking."""
+    model, shard = build64(tiny_dir)
+    kwargs = dict(max_new_tokens=10)
+    first = _both(model, shard, tokenizer, g=6, **kwargs)[0]
+    marker = set(tokenizer("</think>", add_special_tokens=False)["input_ids"])
+    starts = first.prompt_lengths.tolist()
+    eos = {int(first.rows.tokens[i, starts[i] + 3]) for i in range(14)} - marker
+    s = settings(eos_ids=frozenset(eos), **kwargs)
+    seed_noise_rng(7)
+    ref = RolloutEngine(model, tokenizer, shard, s).generate(PROMPTS, 6)
+    for shrink in (True, False):
+        engine = StaticRolloutEngine(model, tokenizer, shard, s, shrink=shrink)
+        seed_noise_rng(7)
+        assert_same_records(ref, engine.generate(PROMPTS, 6))
+        (decoder,) = engine._decoders.values()
+        assert decoder.decoder.batch == (8 if shrink else 24)
+    assert (ref.response_lengths <= 4).sum() >= 10 and ref.response_lengths.max() == 10

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one run (issue 8), on a lent H100/H200 with no network:
 #   device run: bash benchmarks/gpu/run.sh [STEP...]   (carry .whl and .gpu_assets; results in $OUT)
-# With STEP names (check_cuda logprob update rollout_batch64 update_fused_swiglu) only those run.
+# With STEP names (rollout_static check_cuda logprob update rollout_batch64 update_fused_swiglu)
+# only those run.
 # .whl holds the wheels the device image lacks (megatron-core 0.16.1, pydantic for Python 3.12);
 # .gpu_assets/tokenizer the SmolLM2 tokenizer files the rollout benchmark decodes with.
 set -o pipefail
@@ -26,6 +27,9 @@ step() {  # step NAME TIMEOUT_S COMMAND...
   echo "== $name: exit ${PIPESTATUS[0]} in $((SECONDS - t0)) s" | tee -a "$OUT/bench.txt"
 }
 # most important first: a run cut short by the device budget keeps what finished
+# issue 14: the static engine with CUDA graphs (never run on a GPU yet), 1.5B shape, batch 64
+step rollout_static 300 python3 benchmarks/rollout.py --static-gpu --model qwen2-1.5b-random \
+  --tokenizer .gpu_assets/tokenizer --json "$OUT/rollout_static.json"
 step check_cuda 60 python3 benchmarks/gpu/check_cuda.py --json "$OUT/check_cuda.json"
 step logprob 100 python3 benchmarks/logprob.py
 step update 150 python3 benchmarks/update.py --rows 4 --seq-len 4096 --profile --json "$OUT/update.json"

@@ -12,9 +12,11 @@ This engine runs every step at fixed shapes (docs/architecture.md, "The static d
 - the phase machine (thinking / forced marker / answer, EOS, stop strings, length limit) is
   a handful of tensor ops, and markers and stop strings are matched on the device by byte
   automata over the token vocabulary (`string_automaton.py`), exact for multi-token markers;
-- finished rows stay in the batch, masked: their steps are computed and never recorded, so no
-  cache is ever copied. The host reads one "all finished" flag per step, copied without
-  blocking and read a few steps later on a GPU (the extra steps are discarded).
+- finished rows stay in the batch, masked (their steps are computed and never recorded) until
+  half the bucket has finished; then the rows still decoding move to a smaller bucket, one
+  cache copy per halving instead of one per finished row. The host reads one count of rows
+  still decoding per step, copied without blocking and read a few steps later on a GPU (the
+  extra steps are discarded).
 
 Rows are padded to a batch bucket and the cache to a length bucket, so decoders (and their
 compiled code or graphs) are reused across RL steps; weights are the model's own tensors,
@@ -87,6 +89,30 @@ class _DeviceState:
             stops=stops.initial(rows),
         )
 
+    def select(self, index: torch.Tensor, valid: torch.Tensor) -> None:
+        """Keep the rows `index` (a smaller batch); rows where `valid` is False are fillers."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name)[index])
+        self.alive = self.alive & valid
+
+
+@dataclass
+class _Kept:
+    index: torch.Tensor  # [B'] batch positions kept (fillers repeat one)
+    valid: torch.Tensor  # [B'] False for fillers
+
+
+class _Outcome:
+    """Each original row's (length, think length, finish reason), kept across shrinks."""
+
+    def __init__(self, rows: int, state: _DeviceState):
+        self.values = torch.stack([state.length, state.think_length, state.reason])[:, :1].repeat(
+            1, rows
+        )
+
+    def record(self, origin: torch.Tensor, state: _DeviceState) -> None:
+        self.values[:, origin] = torch.stack([state.length, state.think_length, state.reason])
+
 
 class StaticRolloutEngine(RolloutEngine):
     def __init__(
@@ -98,12 +124,16 @@ class StaticRolloutEngine(RolloutEngine):
         pad_id: int = 0,
         compile: bool = False,
         cuda_graphs: bool = False,
+        shrink: bool = True,
     ):
+        """`shrink`: move to a smaller batch bucket once half the rows have finished (else they
+        stay, masked, to the end of the pass)."""
         super().__init__(model, tokenizer, shard, settings, pad_id)
         self._check_supported(model, settings)
         self.device = next(model.parameters()).device
         self.compile = compile
         self.cuda_graphs = cuda_graphs
+        self.shrink = shrink
         self.marker_automaton = StringAutomaton.build(tokenizer, [settings.think_end], self.device)
         self.stop_automaton = StringAutomaton.build(
             tokenizer, list(settings.stop_strings), self.device
@@ -115,9 +145,9 @@ class StaticRolloutEngine(RolloutEngine):
     @staticmethod
     def _check_supported(model, settings: RolloutSettings) -> None:
         problems = static_decode.unsupported(model.config)
-        noise = getattr(settings.thinking_sampler, "noise", None)
-        if noise is not None and not noise.draws_ahead:
-            problems.append(f"{noise.name} noise (its randomness depends on pt)")
+        sampler = settings.thinking_sampler
+        if sampler is not None and not sampler.draws_ahead:
+            problems.append(f"{sampler.name} noise (its randomness depends on pt)")
         if not settings.use_kv_cache:
             problems.append("use_kv_cache=False")
         if problems:
@@ -148,8 +178,11 @@ class StaticRolloutEngine(RolloutEngine):
             pad[i] = plen - len(p)
         logits = decoder.run(MixtureRows.discrete(tokens, k), 0, pad)
 
-        out = _ResponseBuffer(rows, max_new, k, device)
-        tapes = _padded(NoiseTapes.draw(self.s, max_new, b, device), rows) if last_stage else None
+        # one spare buffer row (index `rows`) takes the records of rows added after a shrink
+        out = _ResponseBuffer(rows + 1, max_new, k, device)
+        tapes = (
+            _padded(NoiseTapes.draw(self.s, max_new, b, device), rows + 1) if last_stage else None
+        )
         state = _DeviceState.start(
             rows,
             b,
@@ -158,31 +191,52 @@ class StaticRolloutEngine(RolloutEngine):
             self.stop_automaton,
             device,
         )
+        origin = torch.arange(rows, device=device)  # batch position -> buffer (= original) row
+        outcome = _Outcome(rows + 1, state)
         flags = _FinishedFlags(device, lagged=device.type == "cuda")
         for t in range(max_new):
             if last_stage:
-                step, scored = self._step(logits, state, t, tapes)
+                step, scored = self._step(logits, state, t, tapes, origin)
             else:
-                step, scored = self._empty_step(rows, device), state.alive.clone()
+                step, scored = self._empty_step(len(origin), device), state.alive.clone()
             broadcast_from_last_stage(*_step_tensors(step), scored, state.alive)
-            out.record(slice(None), t, step, scored)
-            if t == max_new - 1 or flags.all_finished(state.alive, t):
+            out.record(origin, t, step, scored)
+            alive = flags.alive_rows(state.alive)
+            if t == max_new - 1 or alive == 0:
                 break
             feed = MixtureRows(**{f.name: getattr(step, f.name) for f in fields(MixtureRows)})
+            if self.shrink and _bucket(alive, BATCH_BUCKET) <= len(origin) // 2:
+                outcome.record(origin, state)  # the rows about to leave keep their outcome
+                keep = self._shrink(decoder, state)
+                origin = torch.where(keep.valid, origin[keep.index], rows)
+                pad, feed = pad[keep.index], feed.map(lambda x: x[keep.index])
+                logits = None if logits is None else logits[keep.index]
             logits = decoder.run(feed.map(lambda x: x[:, None]), plen + t, pad)
 
+        outcome.record(origin, state)
         result = _RowState(b, self.s.thinking_sampler is None, device)
         if last_stage:
-            summary = torch.stack([state.length, state.think_length, state.reason])[:, :b]
-            result.length, result.think_length, reasons = summary.tolist()
+            result.length, result.think_length, reasons = outcome.values[:, :b].tolist()
             result.reason = [REASONS[r] for r in reasons]
         out.keep_first(b)
         result.share_from_last_stage(out)
         return self._assemble(prompt_rows, out, result, device)
 
+    def _shrink(self, decoder: _Decoder, state: _DeviceState) -> _Kept:
+        """Move the rows still decoding to a smaller batch bucket (one cache copy per halving)."""
+        index = state.alive.nonzero().squeeze(-1)  # one host sync per shrink, not per step
+        n = len(index)
+        size = _bucket(max(n, 1), BATCH_BUCKET)
+        valid = torch.arange(size, device=index.device) < n
+        index = torch.cat([index, index[:1].expand(size - n)])  # fillers: a kept row's cache
+        decoder.keep_rows(index)
+        state.select(index, valid)
+        return _Kept(index, valid)
+
     def _decoder(self, rows: int, max_len: int) -> _Decoder:
         key = (rows, max_len)
-        if key not in self._decoders:
+        cached = self._decoders.get(key)
+        if cached is None or cached.decoder.batch != rows:  # a shrink left it smaller
             self._decoders.clear()  # one cache allocation at a time
             from megatron.core import parallel_state
 
@@ -191,21 +245,25 @@ class StaticRolloutEngine(RolloutEngine):
                 static_decode.StaticDecoder(self.model, rows, max_len, group),
                 self.input_noise,
                 self.compile,
+                self.cuda_graphs,
             )
         return self._decoders[key]
 
     # ------------------------------------------------------------------ one step, on the device
 
-    def _step(self, logits: torch.Tensor, st: _DeviceState, t: int, tapes: NoiseTapes):
-        """Sample every row, select each row's step by its phase and advance the phase machine."""
+    def _step(self, logits, st: _DeviceState, t: int, tapes: NoiseTapes, origin: torch.Tensor):
+        """Sample every row, select each row's step by its phase and advance the phase machine;
+        row i draws the noise of original row origin[i]."""
         s, shard = self.s, self.shard
         think, force, answer = st.phase == THINK, st.phase == FORCE, st.phase == ANSWER
         forced = self.marker_tokens[st.forced_pos.clamp(max=len(self.marker_ids) - 1)]
         step = _discrete_step(forced, self.mixture_size)
         if s.thinking_sampler is not None:
-            soft = s.thinking_sampler.sample(logits, shard, _at(tapes.thinking, t))
+            soft = s.thinking_sampler.sample(logits, shard, _at(tapes.thinking, t, origin))
             step = soft.where(think, step)
-        step = s.answer_sampler.sample(logits, shard, _at(tapes.answer, t)).where(answer, step)
+        step = s.answer_sampler.sample(logits, shard, _at(tapes.answer, t, origin)).where(
+            answer, step
+        )
         tokens = step.tokens
 
         st.marker, marker_done = self.marker_automaton.advance(st.marker, tokens)
@@ -245,18 +303,28 @@ class StaticRolloutEngine(RolloutEngine):
 
 class _Decoder:
     """A StaticDecoder with its input step (embedding on the first stage, receive elsewhere),
-    the pipeline hand-off around it, and the compiled step when asked for."""
+    the pipeline hand-off around it, and the decode step compiled or captured when asked for."""
 
-    def __init__(self, decoder: static_decode.StaticDecoder, input_noise, compile: bool):
+    def __init__(
+        self, decoder: static_decode.StaticDecoder, input_noise, compile: bool, cuda_graphs: bool
+    ):
         self.decoder = decoder
         self.input_noise = input_noise
-        self.forward = decoder.forward
+        self.step = decoder.forward
         if compile:
             import torch._dynamo
 
             # one compiled graph per length bucket (powers of two): more than dynamo's default 8
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self.forward = torch.compile(decoder.forward, fullgraph=True, dynamic=False)
+            self.step = torch.compile(decoder.forward, fullgraph=True, dynamic=False)
+        self.graphs: dict[int, _GraphedStep] | None = (
+            {} if cuda_graphs and decoder.device.type == "cuda" else None
+        )
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        self.decoder.keep_rows(index)
+        if self.graphs is not None:
+            self.graphs.clear()  # captured for the larger batch
 
     @torch.no_grad()
     def run(self, rows: MixtureRows, start: int, pad: torch.Tensor) -> torch.Tensor | None:
@@ -272,17 +340,47 @@ class _Decoder:
             x = torch.empty(b, q, dec.hidden, dtype=dec.dtype, device=dec.device)
             torch.distributed.recv(x, ps.get_pipeline_model_parallel_prev_rank())
         columns = torch.arange(start, start + q, device=dec.device)
-        # prefill runs eagerly (one shape per prompt length); decode steps are the compiled ones
-        forward = self.forward if q == 1 else dec.forward
-        out = forward(x, columns, pad, static_decode.length_bucket(start + q, dec.max_len))
+        length = static_decode.length_bucket(start + q, dec.max_len)
+        if q > 1:  # prefill: eager (one shape per prompt length)
+            out = dec.forward(x, columns, pad, length)
+        elif self.graphs is None:
+            out = self.step(x, columns, pad, length)
+        else:
+            if length not in self.graphs:
+                self.graphs[length] = _GraphedStep(self.step, x, columns, pad, length)
+            out = self.graphs[length](x, columns, pad)
         if not dec.last_stage:
             torch.distributed.send(out.contiguous(), ps.get_pipeline_model_parallel_next_rank())
             return None
         return out
 
 
+class _GraphedStep:
+    """One length bucket's decode step as a CUDA graph: inputs are copied into static buffers and
+    the captured kernels (TP all-reduces included) replay. The cache and weights are the same
+    tensors at every replay, so a weight update in place needs no recapture."""
+
+    def __init__(self, step, x, columns, pad, length: int):
+        self.x, self.columns, self.pad = x.clone(), columns.clone(), pad.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture (allocations, autotuning)
+            step(self.x, self.columns, self.pad, length)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = step(self.x, self.columns, self.pad, length)
+
+    def __call__(self, x, columns, pad) -> torch.Tensor:
+        self.x.copy_(x)
+        self.columns.copy_(columns)
+        self.pad.copy_(pad)
+        self.graph.replay()
+        return self.out.clone()  # the next replay overwrites the graph's output
+
+
 class _FinishedFlags:
-    """Whether every row has finished, read on the host without stalling the device.
+    """How many rows are still decoding, read on the host without stalling the device.
 
     CPU: read at once (free). GPU: each step's flag is copied without blocking into pinned
     memory and read GPU_FLAG_LAG steps later, a fixed lag, so every rank (TP and PP) stops at
@@ -293,23 +391,24 @@ class _FinishedFlags:
         self.lag = GPU_FLAG_LAG if lagged else 0
         self.pending: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
 
-    def all_finished(self, alive: torch.Tensor, t: int) -> bool:
+    def alive_rows(self, alive: torch.Tensor) -> int:
+        """Rows still decoding: now on a CPU, `lag` steps ago on a GPU (an upper bound)."""
         if not self.lag:
-            return not bool(alive.any())
-        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-        flag.copy_(~alive.any(), non_blocking=True)
+            return int(alive.sum())
+        flag = torch.empty((), dtype=torch.long, pin_memory=True)
+        flag.copy_(alive.sum(), non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         self.pending.append((flag, event))
         if len(self.pending) <= self.lag:
-            return False
+            return len(alive)
         flag, event = self.pending.pop(0)
         event.synchronize()  # recorded `lag` steps ago: normally long complete
-        return bool(flag)
+        return int(flag)
 
 
-def _at(tape: torch.Tensor | None, t: int) -> torch.Tensor | None:
-    return None if tape is None else tape[t]
+def _at(tape: torch.Tensor | None, t: int, rows: torch.Tensor) -> torch.Tensor | None:
+    return None if tape is None else tape[t][rows]
 
 
 def _padded(tapes: NoiseTapes, rows: int) -> NoiseTapes:

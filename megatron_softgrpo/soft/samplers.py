@@ -51,6 +51,8 @@ class Sampler(Protocol):
         self, logits: torch.Tensor, shard: VocabShard, raw: torch.Tensor | None = None
     ) -> SampledStep: ...
 
+    draws_ahead: bool  # its randomness can be drawn before the logits are known
+
     def draw_ahead(self, steps: int, rows: int, device) -> torch.Tensor | None: ...
 
 
@@ -110,6 +112,10 @@ class DiscreteSampler:
     def __post_init__(self):
         _check_mixture_size(self.mixture_size)
 
+    @property
+    def draws_ahead(self) -> bool:
+        return self.truncation.top_k != 1  # greedy consumes no randomness
+
     def draw_ahead(self, steps: int, rows: int, device) -> torch.Tensor | None:
         """Uniforms [steps, rows] for the inverse-CDF draw (None: greedy consumes none)."""
         return None if self.truncation.top_k == 1 else rng.uniform((steps, rows), device)
@@ -152,6 +158,10 @@ class SoftSampler:
     @property
     def name(self) -> str:
         return self.noise.name
+
+    @property
+    def draws_ahead(self) -> bool:
+        return self.noise.draws_ahead
 
     def draw_ahead(self, steps: int, rows: int, device) -> torch.Tensor:
         return self.noise.draw_ahead((steps, rows), self.mixture_size, device)
