@@ -116,6 +116,22 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+def assert_same_runs(straight, resumed) -> tuple[list[dict], list[dict]]:
+    """An uninterrupted and a resumed run: one metrics line per step (1-4), equal except timings,
+    and bit-identical final weights. Returns both runs' metrics."""
+    a, b = metrics(straight), metrics(resumed)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert {k: v for k, v in x.items() if k not in TIMING_KEYS} == {
+            k: v for k, v in y.items() if k not in TIMING_KEYS
+        }
+    wa, wb = final_weights(straight), final_weights(resumed)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    return a, b
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "algorithm", ["softgrpo", "grpo", "gaussian", "dirichlet", "embedding_noise"]
@@ -172,20 +188,7 @@ def test_exact_resume_gives_the_same_metrics_and_weights(
     resumed = write_recipe(tmp_path / "resumed", tiny_model, smollm2_hf_dir, **sections)
     assert main(["train", str(resumed), "grpo.max_num_steps=2"]) == 0
     assert main(["train", str(resumed)]) == 0  # resumes from step 2's checkpoint, runs 3 and 4
-    a, b = metrics(tmp_path / "straight" / "run"), metrics(tmp_path / "resumed" / "run")
-    # exactly one line per step, in both
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
-    for x, y in zip(a, b):
-        assert {k: v for k, v in x.items() if k not in TIMING_KEYS} == {
-            k: v for k, v in y.items() if k not in TIMING_KEYS
-        }
-    wa, wb = (
-        final_weights(tmp_path / "straight" / "run"),
-        final_weights(tmp_path / "resumed" / "run"),
-    )
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert torch.equal(wa[name], wb[name]), name
+    a, b = assert_same_runs(tmp_path / "straight" / "run", tmp_path / "resumed" / "run")
     assert a[-1]["reward/mean"] == b[-1]["reward/mean"]
     if validation:
         assert (
@@ -634,18 +637,7 @@ def test_dynamic_sampling_resumes_exactly_and_counts_every_prompt_drawn(
     saved = read_meta(tmp_path / "resumed" / "run" / "ckpt" / "step_0000002").extra["loop"]
     assert saved["data"]["index"] == 2 * sum(r["dynamic_sampling/gen_rounds"] for r in first)
     assert main(["train", str(resumed)]) == 0
-    a, b = metrics(tmp_path / "straight" / "run"), metrics(tmp_path / "resumed" / "run")
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
-    for x, y in zip(a, b):
-        assert {k: v for k, v in x.items() if k not in TIMING_KEYS} == {
-            k: v for k, v in y.items() if k not in TIMING_KEYS
-        }
-    wa, wb = (
-        final_weights(tmp_path / "straight" / "run"),
-        final_weights(tmp_path / "resumed" / "run"),
-    )
-    for name in wa:
-        assert torch.equal(wa[name], wb[name]), name
+    a, b = assert_same_runs(tmp_path / "straight" / "run", tmp_path / "resumed" / "run")
     # the run exercised extra rounds, and both features reported
     assert any(r["dynamic_sampling/gen_rounds"] > 1 for r in a)
     documented = OPTIONAL_KEYS["grpo.dynamic_sampling"] + OPTIONAL_KEYS["env.overlong_penalty"]

@@ -259,9 +259,9 @@ class StaticRolloutEngine(RolloutEngine):
         forced = self.marker_tokens[st.forced_pos.clamp(max=len(self.marker_ids) - 1)]
         step = _discrete_step(forced, self.mixture_size)
         if s.thinking_sampler is not None:
-            soft = s.thinking_sampler.sample(logits, shard, _at(tapes.thinking, t, origin))
+            soft = s.thinking_sampler.sample(logits, shard, tapes.rows("thinking", t, origin))
             step = soft.where(think, step)
-        step = s.answer_sampler.sample(logits, shard, _at(tapes.answer, t, origin)).where(
+        step = s.answer_sampler.sample(logits, shard, tapes.rows("answer", t, origin)).where(
             answer, step
         )
         tokens = step.tokens
@@ -271,8 +271,9 @@ class StaticRolloutEngine(RolloutEngine):
         eos = torch.isin(tokens, self.eos)
         # thinking: EOS ends the row as a soft step; the marker step is a discrete step
         marker_step = think & ~eos & marker_done
-        lp = discrete_log_density(logits, tokens, s.thinking_temperature, shard)
-        step = _marker_step(tokens, self.mixture_size, lp).where(marker_step, step)
+        if s.thinking_sampler is not None:  # no thinking phase (GRPO): no marker step to score
+            lp = discrete_log_density(logits, tokens, s.thinking_temperature, shard)
+            step = _marker_step(tokens, self.mixture_size, lp).where(marker_step, step)
         soft_step = think & ~eos & ~marker_done
         st.soft_steps = st.soft_steps + soft_step.long()
         if s.cold_stop_entropy is not None:
@@ -291,9 +292,12 @@ class StaticRolloutEngine(RolloutEngine):
         # the end of a row: EOS (thinking or answer, not a forced token), a stop string, the limit
         by_eos = eos & ~force
         by_stop = ~by_eos & stop_done
-        reason = torch.where(by_eos, REASONS.index("eos"), REASONS.index("stop"))
+        reason = torch.where(
+            by_eos,
+            REASONS.index("eos"),
+            torch.where(by_stop, REASONS.index("stop"), REASONS.index("length")),
+        )
         ends = by_eos | by_stop | (t + 1 == s.max_new_tokens)
-        reason = torch.where(by_eos | by_stop, reason, REASONS.index("length"))
         finished = st.alive & ends
         st.reason = torch.where(finished, reason, st.reason)
         st.length = torch.where(finished, t + 1, st.length)
@@ -405,10 +409,6 @@ class _FinishedFlags:
         flag, event = self.pending.pop(0)
         event.synchronize()  # recorded `lag` steps ago: normally long complete
         return int(flag)
-
-
-def _at(tape: torch.Tensor | None, t: int, rows: torch.Tensor) -> torch.Tensor | None:
-    return None if tape is None else tape[t][rows]
 
 
 def _padded(tapes: NoiseTapes, rows: int) -> NoiseTapes:
