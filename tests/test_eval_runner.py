@@ -111,7 +111,7 @@ def test_the_default_data_dir_is_the_built_in_benchmark_files(monkeypatch, tmp_p
     assert loaded.cfg.eval.data_dir is None
     plans = plan_eval(loaded)
     assert [len(p.problems) for p in plans] == [1319, 164]
-    assert plans[0].path == builtin.EVAL_DIR / "gsm8k_test.json" and plans[0].path.is_file()
+    assert plans[0].source == str((builtin.EVAL_DIR / "gsm8k_test.json").resolve())
 
 
 def test_a_users_data_dir_and_file_win_over_the_built_in_ones(tmp_path):
@@ -124,7 +124,10 @@ def test_a_users_data_dir_and_file_win_over_the_built_in_ones(tmp_path):
     by_dir = plan_eval(
         load_recipe(RECIPE, ["eval.benchmarks=[gsm8k]", f"eval.data_dir={own}", log])
     )
-    assert by_dir[0].path == own / "gsm8k_test.json" and len(by_dir[0].problems) == 3
+    assert (
+        by_dir[0].source == str((own / "gsm8k_test.json").resolve())
+        and len(by_dir[0].problems) == 3
+    )
     by_file = plan_eval(
         load_recipe(
             RECIPE,
@@ -132,7 +135,7 @@ def test_a_users_data_dir_and_file_win_over_the_built_in_ones(tmp_path):
         )
     )
     assert [len(p.problems) for p in by_file] == [2, 40]  # amc23 still from the built-in files
-    assert by_file[1].path == builtin.EVAL_DIR / "amc23.json"
+    assert by_file[1].source == str((builtin.EVAL_DIR / "amc23.json").resolve())
 
 
 def test_cli_names_a_missing_data_dir_before_loading_any_model(capsys, tmp_path, monkeypatch):

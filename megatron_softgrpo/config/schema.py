@@ -288,7 +288,9 @@ class EnvCfg(Section):
 # ---------------------------------------------------------------- evaluation
 
 # the names of `eval/benchmarks.py`'s BENCHMARKS (a test keeps the two in step)
-BenchmarkName = Literal["aime2024", "aime2025", "amc23", "math500", "gsm8k", "humaneval", "mbpp"]
+BenchmarkName = Literal[
+    "aime2024", "aime2025", "amc23", "math500", "gsm8k", "validation", "humaneval", "mbpp"
+]
 
 
 class EvalCfg(Section):

@@ -1,7 +1,8 @@
 """The evaluation benchmarks: a named loader and a grader for each, and sharding across data-parallel ranks.
 
-Math (aime2024, aime2025, amc23, math500, gsm8k): the right-most `\\boxed{}` graded by
-math-verify (`rewards.math`). Code (humaneval, mbpp): the last ```python block run against the
+Math (aime2024, aime2025, amc23, math500, gsm8k, and `validation`: the recipe's own
+`data.validation` split, e.g. generated reasoning-gym problems): the answer read as
+`env.answer_format` says, graded by math-verify (`rewards.math`). Code (humaneval, mbpp): the last ```python block run against the
 benchmark's tests in the sandbox (`code_grading`, `sandbox`).
 
 Files: a JSON list, or JSONL (one object per line, `.jsonl`); errors name the file and the
@@ -192,7 +193,7 @@ def _mbpp_problem(name: str, index: int, row: dict, error: _RowErrors) -> Proble
 @dataclass(frozen=True)
 class Benchmark:
     name: str
-    filename: str  # its file in the evaluation data directory (`eval.data_dir`)
+    filename: str | None  # its file in `eval.data_dir`; None: the recipe's `data.validation` split
     kind: Literal["math", "code"]
     prompt_template: (
         str | None
@@ -214,6 +215,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("amc23", "amc23.json", "math", None, _math_problem),
         Benchmark("math500", "math500.json", "math", None, _math_problem),
         Benchmark("gsm8k", "gsm8k_test.json", "math", None, _math_problem),
+        # no file: the training recipe's held-out split (data.validation)
+        Benchmark("validation", None, "math", None, _math_problem),
         Benchmark("humaneval", "humaneval.json", "code", _HUMANEVAL_TEMPLATE, _humaneval_problem),
         Benchmark("mbpp", "mbpp.json", "code", _MBPP_TEMPLATE, _mbpp_problem),
     )

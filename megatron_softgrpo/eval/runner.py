@@ -16,6 +16,7 @@ do not depend on the number of replicas nor on interruptions.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import sys
 import time
@@ -44,8 +45,8 @@ from megatron_softgrpo.rewards.answers import AnswerFormat
 @dataclass(frozen=True)
 class BenchmarkPlan:
     benchmark: Benchmark
-    path: Path  # the problem file
-    problems: list[Problem]  # the evaluated ones: the first eval.num_problems of the file
+    source: str  # where the problems come from: the resolved file, or the validation split's config
+    problems: list[Problem]  # the evaluated ones: the first eval.num_problems of the source
     template: str  # the prompt template with its {problem} placeholder
 
 
@@ -96,24 +97,55 @@ def plan_eval(loaded: LoadedRecipe) -> list[BenchmarkPlan]:
     plans = []
     for name in ev.benchmarks:
         benchmark = get_benchmark(name)
-        if name in ev.files:
-            path = Path(ev.files[name]).expanduser()
+        if benchmark.filename is None:
+            source, problems = _validation_problems(loaded)
         else:
-            data_dir = builtin.EVAL_DIR if ev.data_dir is None else Path(ev.data_dir).expanduser()
-            if not data_dir.is_dir():
-                raise loaded.error(
-                    "eval.data_dir",
-                    f"no such directory (a relative path is resolved from the current "
-                    f"directory, {Path.cwd()}); point it at the benchmark files, or set eval.files.{name}",
-                )
-            path = data_dir / benchmark.filename
-        problems = load_problems(name, path)[: ev.num_problems]
+            path = _benchmark_file(loaded, name, benchmark.filename)
+            source, problems = str(path.resolve()), load_problems(name, path)
         plan = BenchmarkPlan(
-            benchmark, path, problems, benchmark.prompt_template or data.prompt_template
+            benchmark,
+            source,
+            problems[: ev.num_problems],
+            benchmark.prompt_template or data.prompt_template,
         )
         SampleFile(eval_dir(loaded.cfg) / name).check_settings(sample_settings(loaded.cfg, plan))
         plans.append(plan)
     return plans
+
+
+def _benchmark_file(loaded: LoadedRecipe, name: str, filename: str) -> Path:
+    ev = loaded.cfg.eval
+    if name in ev.files:
+        return Path(ev.files[name]).expanduser()
+    data_dir = builtin.EVAL_DIR if ev.data_dir is None else Path(ev.data_dir).expanduser()
+    if not data_dir.is_dir():
+        raise loaded.error(
+            "eval.data_dir",
+            f"no such directory (a relative path is resolved from the current "
+            f"directory, {Path.cwd()}); point it at the benchmark files, or set eval.files.{name}",
+        )
+    return data_dir / filename
+
+
+def _validation_problems(loaded: LoadedRecipe) -> tuple[str, list[Problem]]:
+    """The `validation` benchmark: the recipe's held-out split, as training validates on it."""
+    from megatron_softgrpo.data.datasets import read_problems
+
+    data = loaded.cfg.data
+    if data.validation is None:
+        raise loaded.error("eval.benchmarks", "'validation' needs data.validation (not set)")
+    read = read_problems(
+        data.validation, key="data.validation", skip_malformed_rows=data.skip_malformed_rows
+    )
+    problems = []
+    for p in read.problems:
+        if not isinstance(p.answer, str):
+            raise UserError(
+                f"data.validation: problem {p.id}: the 'validation' benchmark grades math answers, "
+                f"got a structured answer ({type(p.answer).__name__})"
+            )
+        problems.append(Problem(p.id, p.problem, p.answer))
+    return f"data.validation {json.dumps(data.validation.model_dump(), sort_keys=True)}", problems
 
 
 def eval_dir(cfg: RecipeCfg) -> Path:
@@ -136,7 +168,7 @@ def sample_settings(cfg: RecipeCfg, plan: BenchmarkPlan) -> dict:
         "max_new_tokens": max_new_tokens(cfg),
         "prompt_template": plan.template,
         "data.system_prompt": cfg.data.system_prompt,
-        "problem_file": str(plan.path.resolve()),
+        "problem_file": plan.source,
         "eval.n": cfg.eval.n,
         "eval.batch_size": cfg.eval.batch_size,
         "eval.seed": cfg.eval.seed,
@@ -271,7 +303,7 @@ def _run_benchmark(
     problems_done = sum(len(problem_batches[b]) for b in done)
     if ctx.main:
         _log(
-            f"{name}: {len(plan.problems)} problems x {ev.n} samples from {plan.path}"
+            f"{name}: {len(plan.problems)} problems x {ev.n} samples from {plan.source}"
             + (f"; resuming with {problems_done} done" if done else "")
         )
     start, decoded = time.monotonic(), 0
