@@ -22,6 +22,8 @@
 #   job resumes from that checkpoint.
 # - SOFTGRPO_PYTHON: the Python that has megatron_softgrpo (default python3; inside the container
 #   when one is used).
+# - SOFTGRPO_COMMAND: the softgrpo subcommand the tasks run (default train; `eval` for evaluation jobs,
+#   as scripts/study.py submits them).
 set -euo pipefail
 
 REQUEUE_EXIT_CODE=75  # megatron_softgrpo.train.preemption.REQUEUE_EXIT_CODE
@@ -80,7 +82,7 @@ if [ -n "${SOFTGRPO_CONTAINER_IMAGE:-}" ]; then
     srun_args+=(--container-mounts="$SOFTGRPO_CONTAINER_MOUNTS")
   fi
 fi
-cmd=("${SOFTGRPO_PYTHON:-python3}" -m megatron_softgrpo train "$1" "${overrides[@]}")
+cmd=("${SOFTGRPO_PYTHON:-python3}" -m megatron_softgrpo "${SOFTGRPO_COMMAND:-train}" "$1" "${overrides[@]}")
 
 echo "[launch] $(date -Is) job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $num_nodes node(s) x $tasks_per_node task(s), master $MASTER_ADDR:$MASTER_PORT"
 echo "[launch] srun ${srun_args[*]} ${cmd[*]}"
