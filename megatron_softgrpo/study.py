@@ -334,19 +334,11 @@ def plot_pass_at_k_bands(rows: Sequence[Row], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
     for row in rows:
         ks = sorted(int(k.split("@")[1]) for k in row.values if k.startswith("pass@"))
-        stats = [mean_spread(row.values[f"pass@{k}"]) for k in ks]
-        means = [100 * m for m, _ in stats]
+        stats = [_percent(mean_spread(row.values[f"pass@{k}"])) for k in ks]
         style = "-" if row.decoding == "gumbel" else "--"
         label = f"{row.training}, {DECODING_NAMES.get(row.decoding, row.decoding)}"
-        (line,) = ax.plot(ks, means, style, marker="o", markersize=3, label=label)
-        if all(s is not None for _, s in stats):
-            ax.fill_between(
-                ks,
-                [m - 100 * s for m, s in stats],
-                [m + 100 * s for m, s in stats],
-                color=line.get_color(),
-                alpha=0.15,
-            )
+        (line,) = ax.plot(ks, [m for m, _ in stats], style, marker="o", markersize=3, label=label)
+        _band(ax, ks, stats, line.get_color())
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k")
     ax.set_ylabel("pass@k (%)")
@@ -399,7 +391,13 @@ def plot_training(spec: StudySpec, out: Path, training: dict[str, dict], png: Pa
         plt.close(fig)
 
 
+def _percent(stat: tuple[float, float | None]) -> tuple[float, float | None]:
+    mean, spread = stat
+    return 100 * mean, None if spread is None else 100 * spread
+
+
 def _band(ax, xs, stats, color) -> None:
+    """A band of one standard deviation around the seed mean (none for a single model)."""
     if all(s is not None for _, s in stats):
         ax.fill_between(
             xs, [m - s for m, s in stats], [m + s for m, s in stats], color=color, alpha=0.15

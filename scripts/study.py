@@ -71,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(ns.out)
     try:
         spec.check()
-        check_manifest(spec, out)
         benchmarks = None
         jobs_overrides = [[f"softgrpo.algorithm={a}", *ns.overrides] for a in ns.algorithms]
         jobs_overrides += [[f"softgrpo.sampler={d}", *ns.overrides] for d in ns.decodings]
         for overrides in jobs_overrides:  # every job's recipe is valid before any job starts
             benchmarks = load_recipe(ns.recipe, overrides).cfg.eval.benchmarks
+        check_manifest(spec, out)  # after the checks: a refused command leaves no settings behind
         jobs = plan_jobs(spec, out, benchmarks)
         if not ns.report_only:
             if ns.slurm:

@@ -73,7 +73,7 @@ def test_bad_study_arguments_exit_2_with_one_line(tmp_path, capsys):
     assert "--seeds must be distinct" in capsys.readouterr().err
     assert main([RECIPE, "--out", str(tmp_path / "b"), "eval.n=0"]) == 2
     assert "eval.n" in capsys.readouterr().err
-    assert not (tmp_path / "b" / "logs").exists()  # nothing ran
+    assert not (tmp_path / "b").exists()  # nothing ran, and a corrected rerun is not refused
 
 
 def _metrics(mean: float, length: float) -> BenchmarkMetrics:
