@@ -42,11 +42,13 @@ class StudySpec:
     overrides: tuple[str, ...] = ()  # dotted.key=value for every train and eval job
 
     def check(self) -> None:
-        for name, values in (("--algorithms", self.algorithms), ("--seeds", self.seeds)):
+        for name, values in (
+            ("--algorithms", self.algorithms),
+            ("--seeds", self.seeds),
+            ("--decodings", self.decodings),
+        ):
             if len(set(values)) != len(values) or not values:
                 raise UserError(f"study: {name} must be distinct and non-empty, got {list(values)}")
-        if not self.decodings or len(set(self.decodings)) != len(self.decodings):
-            raise UserError(f"study: --decodings must be distinct, got {list(self.decodings)}")
 
 
 @dataclass(frozen=True)
@@ -324,13 +326,7 @@ def write_report(spec: StudySpec, out: Path) -> Path:
 
 def plot_pass_at_k_bands(rows: Sequence[Row], out: Path) -> None:
     """pass@k against log2 k per (training, decoding): the seed mean, a band of ± one deviation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from megatron_softgrpo.plotting import save_png
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
     for row in rows:
         ks = sorted(int(k.split("@")[1]) for k in row.values if k.startswith("pass@"))
@@ -344,10 +340,7 @@ def plot_pass_at_k_bands(rows: Sequence[Row], out: Path) -> None:
     ax.set_ylabel("pass@k (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    try:
-        save_png(fig, out)
-    finally:
-        plt.close(fig)
+    _save(plt, fig, out)
 
 
 def moving_average(values: Sequence[float], window: int) -> list[float]:
@@ -357,13 +350,7 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
 
 def plot_training(spec: StudySpec, out: Path, training: dict[str, dict], png: Path) -> None:
     """Held-out accuracy at the validation steps, and the training reward's moving average (4 steps), seed bands."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from megatron_softgrpo.plotting import save_png
-
+    plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), constrained_layout=True)
     for algorithm, t in training.items():
         steps = [int(s) for s in t["val_accuracy"]]
@@ -385,6 +372,21 @@ def plot_training(spec: StudySpec, out: Path, training: dict[str, dict], png: Pa
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    _save(plt, fig, png)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, png: Path) -> None:
+    from megatron_softgrpo.plotting import save_png
+
     try:
         save_png(fig, png)
     finally:
