@@ -32,16 +32,18 @@ def _load_checked(
 
     `for_cluster`: outside a launcher, check the layout against the recipe's `cluster` section
     instead of this single process. `training`: also the data, reward and data-parallel batch rules."""
-    from megatron_softgrpo.config import load_recipe
-    from megatron_softgrpo.config.checks import cluster_world_size, load_checked_recipe
+    from megatron_softgrpo.config.checks import cluster_world_size, validate
+    from megatron_softgrpo.config.loader import load_recipe
     from megatron_softgrpo.distributed import detect_launch_env
 
+    loaded = load_recipe(recipe, overrides)
     env = detect_launch_env()
     if for_cluster and env.launcher == "single":
-        world_size = cluster_world_size(load_recipe(recipe, overrides).cfg.cluster)
+        world_size = cluster_world_size(loaded.cfg.cluster)
     else:
         world_size = env.world_size
-    return load_checked_recipe(recipe, overrides, world_size, training)
+    validate(loaded, world_size, training)
+    return loaded
 
 
 def _load_engine(cfg, **settings):

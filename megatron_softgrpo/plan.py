@@ -454,13 +454,8 @@ def run_plan(
     recipe: str, overrides: list[str], gpus: int | None = None, gpu_mem_gib: float | None = None
 ) -> int:
     """Validate the recipe's layout and print its memory plan; 0 fits, 1 does not fit (UserError: 2)."""
-    from megatron_softgrpo.config import load_recipe
-    from megatron_softgrpo.config.checks import (
-        check_data_parallel,
-        check_model_fit,
-        cluster_world_size,
-        recipe_model_arch,
-    )
+    from megatron_softgrpo.config.checks import cluster_world_size, validate
+    from megatron_softgrpo.config.loader import load_recipe
 
     if gpus is not None and gpus < 1:
         raise UserError(f"plan: --gpus {gpus}: expected at least 1")
@@ -468,13 +463,11 @@ def run_plan(
         raise UserError(f"plan: --gpu-mem-gib {gpu_mem_gib}: expected a positive size")
     loaded = load_recipe(recipe, overrides)
     cfg = loaded.cfg
-    arch = recipe_model_arch(loaded)
     mcfg = cfg.policy.megatron_cfg
     tp, pp = mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size
     # CPU recipes (gpus_per_node: 0) plan one model replica unless --gpus says otherwise
     world = gpus or cluster_world_size(cfg.cluster) or tp * pp
-    check_model_fit(loaded, arch, world_size=world)
-    check_data_parallel(loaded, world)
+    arch = validate(loaded, world, training=True)
     layout = Layout(tp, pp, world // (tp * pp))
     plan = plan_memory(
         arch,

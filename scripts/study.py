@@ -17,7 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_softgrpo.config import load_recipe
+from megatron_softgrpo.config.checks import cluster_world_size, validate
+from megatron_softgrpo.config.loader import load_recipe
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.study import (
     StudySpec,
@@ -72,10 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec.check()
         benchmarks = None
-        jobs_overrides = [[f"softgrpo.algorithm={a}", *ns.overrides] for a in ns.algorithms]
-        jobs_overrides += [[f"softgrpo.sampler={d}", *ns.overrides] for d in ns.decodings]
-        for overrides in jobs_overrides:  # every job's recipe is valid before any job starts
-            benchmarks = load_recipe(ns.recipe, overrides).cfg.eval.benchmarks
+        recipes = [([f"softgrpo.algorithm={a}", *ns.overrides], True) for a in ns.algorithms]
+        recipes += [([f"softgrpo.sampler={d}", *ns.overrides], False) for d in ns.decodings]
+        for overrides, training in recipes:  # every job's recipe is valid before any job starts
+            loaded = load_recipe(ns.recipe, overrides)
+            validate(loaded, cluster_world_size(loaded.cfg.cluster), training)
+            benchmarks = loaded.cfg.eval.benchmarks
         check_manifest(spec, out)  # after the checks: a refused command leaves no settings behind
         jobs = plan_jobs(spec, out, benchmarks)
         if not ns.report_only:

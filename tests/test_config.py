@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from megatron_softgrpo.cli import main
-from megatron_softgrpo.config import load_recipe
+from megatron_softgrpo.config.loader import load_recipe
 from megatron_softgrpo.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -298,3 +298,70 @@ def test_errors_name_the_default_and_the_command_line_that_built_a_mapping(capsy
     # an override that turns the recipe's string into a mapping is the command line's doing
     code, err = run_cli(capsys, recipe, "policy.model_name.x=3")
     assert code == 2 and err.startswith("softgrpo check: error: command line: policy.model_name=")
+
+
+# Each of these passed `softgrpo check` and failed `softgrpo train`, some after the model loaded.
+TRAIN_ONLY_REFUSALS = [
+    (
+        ["softgrpo.sampler=discrete"],
+        "softgrpo.sampler=discrete: training samples as the algorithm does (softgrpo); set null",
+    ),
+    (
+        [
+            "softgrpo.algorithm=embedding_noise",
+            "policy.megatron_cfg.pipeline_model_parallel_size=2",
+        ],
+        "softgrpo.algorithm=embedding_noise: needs tied embeddings",
+    ),
+    (
+        ["policy.megatron_cfg.scheduler.lr_warmup_init=1.0"],
+        "policy.megatron_cfg.scheduler.lr_warmup_init=1.0: exceeds policy.megatron_cfg.optimizer.lr",
+    ),
+    (
+        ["policy.megatron_cfg.optimizer.min_lr=1.0"],
+        "policy.megatron_cfg.optimizer.min_lr=1.0: exceeds policy.megatron_cfg.optimizer.lr",
+    ),
+    (
+        [
+            "policy.megatron_cfg.scheduler.lr_decay_style=cosine",
+            "policy.megatron_cfg.scheduler.lr_warmup_iters=100000",
+        ],
+        "policy.megatron_cfg.scheduler.lr_warmup_iters=100000: must be below the",
+    ),
+]
+GPU_RECIPE = ROOT / "recipes" / "softgrpo-r1-distill-qwen-1.5b-1n8g.yaml"
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    TRAIN_ONLY_REFUSALS,
+    ids=["sampler", "embedding_noise_pp2", "warmup_init", "min_lr", "warmup_past_decay"],
+)
+def test_check_refuses_what_train_refuses_before_any_model_loads(
+    overrides, expected, capsys, monkeypatch
+):
+    code, err = run_cli(capsys, GPU_RECIPE, *overrides)
+    assert code == 2 and expected in err and "\n" not in err
+    # rank 0 of the recipe's 8-process job: the same refusal, before the trainer starts
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setattr(
+        "megatron_softgrpo.train.loop.train", lambda loaded: pytest.fail("train started")
+    )
+    assert main(["train", str(GPU_RECIPE), *overrides]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_check_accepts_the_recipe_those_cases_change(capsys):
+    """So that each refusal above is the override's doing."""
+    assert run_cli(capsys, GPU_RECIPE) == (0, f"# {GPU_RECIPE}: valid")
+    # tied embeddings carry the input table to the last stage; eval does not score densities
+    small = ROOT / "recipes" / "softgrpo-smollm2-135m-cpu.yaml"
+    pp2 = [
+        "softgrpo.algorithm=embedding_noise",
+        "policy.megatron_cfg.pipeline_model_parallel_size=2",
+    ]
+    assert run_cli(capsys, small, *pp2)[0] == 0
+    assert (
+        run_cli(capsys, GPU_RECIPE, "policy.megatron_cfg.scheduler.lr_warmup_iters=100000")[0] == 0
+    )

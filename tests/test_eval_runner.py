@@ -17,7 +17,7 @@ from distributed_helpers import run_ranks
 from tiny_models import make_hf_model
 
 from megatron_softgrpo import cli
-from megatron_softgrpo.config import load_recipe
+from megatron_softgrpo.config.loader import load_recipe
 from megatron_softgrpo.config.schema import BenchmarkName
 from megatron_softgrpo.data import builtin
 from megatron_softgrpo.distributed import ParallelLayout, init_distributed
@@ -30,7 +30,6 @@ from megatron_softgrpo.eval.runner import (
     Responses,
     batch_seed,
     checkpoint_model_name,
-    decoding_mode,
     grade_batch,
     plan_eval,
     progress,
@@ -148,15 +147,7 @@ def test_cli_names_a_missing_data_dir_before_loading_any_model(capsys, tmp_path,
     assert len(err.strip().splitlines()) == 1
 
 
-def test_decoding_mode_and_batch_seeds():
-    soft = load_recipe(RECIPE).cfg.softgrpo
-    assert decoding_mode(soft) == "gumbel"
-    assert decoding_mode(soft.model_copy(update={"algorithm": "grpo"})) == "discrete"
-    assert (
-        decoding_mode(soft.model_copy(update={"algorithm": "grpo", "sampler": "gumbel"}))
-        == "gumbel"
-    )
-    assert decoding_mode(soft.model_copy(update={"algorithm": "dirichlet"})) == "dirichlet"
+def test_batch_seeds():
     seeds = {batch_seed(s, b, i) for s in (0, 1) for b in ("gsm8k", "math500") for i in range(50)}
     assert len(seeds) == 200 and all(0 <= x < 2**63 for x in seeds)
     assert batch_seed(0, "gsm8k", 3) == batch_seed(0, "gsm8k", 3)

@@ -60,7 +60,7 @@ def test_greedy_generate_prints_the_transformers_answer(setup, capsys):
         "policy.generation.top_k=1",
     )
     assert code == 0
-    from megatron_softgrpo.config import load_recipe
+    from megatron_softgrpo.config.loader import load_recipe
 
     template = load_recipe(str(recipe), []).cfg.data.prompt_template
     prompt = torch.tensor([encode_prompt(tokenizer, PROMPT, template)])

@@ -12,8 +12,8 @@ import torch
 from distributed_helpers import run_ranks
 
 from megatron_softgrpo.cli import main
-from megatron_softgrpo.config import load_recipe
 from megatron_softgrpo.config.checks import recipe_model_arch
+from megatron_softgrpo.config.loader import load_recipe
 from megatron_softgrpo.config.schema import MegatronCfg, RecipeCfg
 from megatron_softgrpo.distributed import ParallelLayout, init_distributed
 from megatron_softgrpo.models.arch import ModelArch

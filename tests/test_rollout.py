@@ -270,6 +270,9 @@ class ScriptedSampler:
             log_density=torch.full((n,), -1.5),
         )
 
+    def input_offset(self, rows):
+        return None
+
 
 def test_multi_token_marker_switches_phase_at_the_right_step(tiny_dir, tokenizer):
     model, shard = build(tiny_dir)

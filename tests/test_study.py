@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tiny_models import make_hf_model
 
-from megatron_softgrpo.config import load_recipe
+from megatron_softgrpo.config.loader import load_recipe
 from megatron_softgrpo.data.datasets import read_problems
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.eval.metrics import BenchmarkMetrics

@@ -1,10 +1,16 @@
-"""Rules that relate several recipe keys, or a recipe and its model. Each error names one dotted key."""
+"""Rules that relate several recipe keys, or a recipe and its model. Each error names one dotted key.
+
+`check_recipe` holds the rules that need no model (`load_recipe` runs it); `validate` holds the
+rest, and is what `check`, `plan`, `train`, `eval` and the study driver call for a job, before any
+model or data is loaded.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from megatron_softgrpo.config.loader import LoadedRecipe, load_recipe
+from megatron_softgrpo.algorithms.registry import decoding_algorithm, training_algorithm
+from megatron_softgrpo.config.recipe import LoadedRecipe
 from megatron_softgrpo.config.schema import ClusterCfg
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.arch import ModelArch
@@ -36,16 +42,17 @@ def check_recipe(loaded: LoadedRecipe) -> None:
         )
     gen = cfg.policy.generation
     if gen.engine == "static":
-        algorithm = cfg.softgrpo.sampler or cfg.softgrpo.algorithm
+        decoding = decoding_algorithm(cfg.softgrpo)
         if mcfg.fp8_cfg.enabled:
             raise loaded.error(
                 "policy.generation.engine",
                 "static decodes in bf16, but the FP8 trainer scores in FP8; set it to eager",
             )
-        if algorithm == "dirichlet":
+        if not decoding.draws_ahead:
             raise loaded.error(
                 "policy.generation.engine",
-                "static draws noise ahead, which Dirichlet (Gamma(pt)) noise cannot; set it to eager",
+                f"static draws noise ahead, which {decoding.name}'s noise cannot (it depends on "
+                "pt); set it to eager",
             )
     arch_name = cfg.policy.model_arch
     if arch_name is not None and arch_name not in KNOWN_HF_CONFIGS:
@@ -167,9 +174,33 @@ def check_model_fit(loaded: LoadedRecipe, arch: ModelArch, world_size: int | Non
         )
 
 
-def check_training(loaded: LoadedRecipe) -> None:
-    """Rules of `softgrpo train` alone (data and reward), checked before any model is loaded."""
+def validate(loaded: LoadedRecipe, world_size: int | None, training: bool) -> ModelArch:
+    """Every rule of a job of `world_size` processes (None: one CPU process) that `load_recipe` did
+    not already check; `training`: also those of `softgrpo train`. Returns the model's architecture."""
+    arch = recipe_model_arch(loaded)
+    check_model_fit(loaded, arch, world_size)
+    if training:
+        check_data_parallel(loaded, world_size)
+        _check_training(loaded, arch)
+    return arch
+
+
+def _check_training(loaded: LoadedRecipe, arch: ModelArch) -> None:
+    """Rules of `softgrpo train` alone: data, reward, algorithm and optimizer."""
     cfg = loaded.cfg
+    soft = cfg.softgrpo
+    if soft.sampler is not None and decoding_algorithm(soft).name != soft.algorithm:
+        raise loaded.error(
+            "softgrpo.sampler",
+            f"training samples as the algorithm does ({soft.algorithm}); set null",
+        )
+    pp = cfg.policy.megatron_cfg.pipeline_model_parallel_size
+    if training_algorithm(soft).needs_input_table and pp > 1 and not arch.tie_word_embeddings:
+        raise loaded.error(
+            "softgrpo.algorithm",
+            "needs tied embeddings at policy.megatron_cfg.pipeline_model_parallel_size > 1 (its "
+            "density reads the input embedding table on the last stage)",
+        )
     if cfg.data.train is None:
         raise loaded.error(
             "data.train", "training needs a dataset (a file or a reasoning-gym task)"
@@ -190,6 +221,24 @@ def check_training(loaded: LoadedRecipe) -> None:
             "env.reward=math_reference grades the last box as the reference does, so it needs "
             "answer_format boxed",
         )
+    _check_optimizer(loaded)
+
+
+def _check_optimizer(loaded: LoadedRecipe) -> None:
+    cfg = loaded.cfg
+    key = "policy.megatron_cfg"
+    o, s = cfg.policy.megatron_cfg.optimizer, cfg.policy.megatron_cfg.scheduler
+    if s.lr_warmup_init > o.lr:
+        raise loaded.error(f"{key}.scheduler.lr_warmup_init", f"exceeds {key}.optimizer.lr={o.lr}")
+    if o.min_lr > o.lr:
+        raise loaded.error(f"{key}.optimizer.min_lr", f"exceeds {key}.optimizer.lr={o.lr}")
+    decay_steps = s.lr_decay_iters or cfg.planned_optimizer_steps()
+    if s.lr_decay_style != "constant" and decay_steps <= s.lr_warmup_iters:
+        raise loaded.error(
+            f"{key}.scheduler.lr_warmup_iters",
+            f"must be below the {decay_steps} decay steps (lr_decay_iters, else the run's "
+            f"optimizer steps) for lr_decay_style={s.lr_decay_style}",
+        )
 
 
 def check_data_parallel(loaded: LoadedRecipe, world_size: int | None) -> None:
@@ -209,16 +258,3 @@ def check_data_parallel(loaded: LoadedRecipe, world_size: int | None) -> None:
             "policy.train_global_batch_size",
             f"must be divisible by {dp} data-parallel ranks x policy.train_micro_batch_size={micro}",
         )
-
-
-def load_checked_recipe(
-    recipe: str, overrides: list[str], world_size: int, training: bool = False
-) -> LoadedRecipe:
-    """The recipe validated against its model's architecture for a job of `world_size` processes,
-    before any weights are read. `training`: also the data, reward and data-parallel batch rules."""
-    loaded = load_recipe(recipe, overrides)
-    check_model_fit(loaded, recipe_model_arch(loaded), world_size=world_size)
-    if training:
-        check_data_parallel(loaded, world_size)
-        check_training(loaded)
-    return loaded

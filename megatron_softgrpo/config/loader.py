@@ -9,13 +9,14 @@ so a validation error can say exactly where the bad value came from:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from megatron_softgrpo.config.checks import check_recipe, validate
+from megatron_softgrpo.config.recipe import MISSING, LoadedRecipe, lookup
 from megatron_softgrpo.config.schema import RecipeCfg
 from megatron_softgrpo.errors import ConfigError
 
@@ -39,70 +40,6 @@ def parse_value(text: str) -> Any:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError:
         return text
-
-
-@dataclass
-class LoadedRecipe:
-    cfg: RecipeCfg
-    path: Path
-    raw: dict  # merged plain dict (what was validated), for logging and checkpoint metadata
-    provenance: dict[str, str] = field(
-        default_factory=dict
-    )  # dotted leaf key -> file or "command line"
-
-    def source_of(self, dotted_key: str) -> str:
-        """The file (or "command line") that set `dotted_key`, else its nearest set parent, else what
-        set a key under it (a mapping built from overrides), else the recipe."""
-        key = dotted_key
-        while key:
-            if key in self.provenance:
-                return self.provenance[key]
-            key = key.rpartition(".")[0]
-        below = sorted(
-            {src for k, src in self.provenance.items() if k.startswith(dotted_key + ".")}
-        )
-        return below[0] if len(below) == 1 else str(self.path)
-
-    def error(self, dotted_key: str, message: str) -> ConfigError:
-        value = _lookup(self.raw, dotted_key)
-        if value is not _MISSING:
-            shown = f"{dotted_key}={_show(value)}"
-        else:  # not set anywhere: name the schema default the check saw
-            default = _attribute(self.cfg, dotted_key)
-            shown = (
-                dotted_key
-                if default is _MISSING
-                else f"{dotted_key}={_show(default)} (the default)"
-            )
-        return ConfigError(f"{self.source_of(dotted_key)}: {shown}: {message}")
-
-
-_MISSING = object()
-
-
-def _lookup(d: dict, dotted: str) -> Any:
-    cur: Any = d
-    for part in dotted.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            return _MISSING
-        cur = cur[part]
-    return cur
-
-
-def _attribute(obj: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        obj = getattr(obj, part, _MISSING)
-        if obj is _MISSING:
-            break
-    return obj
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    return str(value)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -152,7 +89,7 @@ def _merge(base: dict, prov: dict[str, str], over: dict, over_prov: dict[str, st
     merged = _deep_merge(base, over)
     # forget sources of keys that are gone, or that were values and are now mappings (a.b=1 then a.b.c=2)
     for key in [
-        k for k in prov if _lookup(merged, k) is _MISSING or isinstance(_lookup(merged, k), dict)
+        k for k in prov if lookup(merged, k) is MISSING or isinstance(lookup(merged, k), dict)
     ]:
         del prov[key]
     prov.update(over_prov)
@@ -247,9 +184,8 @@ def _allowed_keys(dotted_parent: str) -> list[str]:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedRecipe:
-    """Load, merge and validate a recipe; any problem raises ConfigError (one line, exit code 2)."""
-    from megatron_softgrpo.config.checks import check_recipe
-
+    """Load, merge and type-check a recipe, with the rules that need no model; any problem raises
+    ConfigError (one line, exit code 2). A job's recipe then passes `config.checks.validate`."""
     path = Path(path)
     prov: dict[str, str] = {}
     raw = _load_chain(path, prov, ())
@@ -260,4 +196,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedR
     except ValidationError as e:
         raise _format_validation_error(loaded, e) from None
     check_recipe(loaded)
+    return loaded
+
+
+def load_checked_recipe(
+    recipe: str, overrides: list[str], world_size: int | None, training: bool = False
+) -> LoadedRecipe:
+    """`load_recipe`, then `validate` for a job of `world_size` processes: every rule, before any
+    weights are read. `training`: also the rules of `softgrpo train`."""
+    loaded = load_recipe(recipe, overrides)
+    validate(loaded, world_size, training)
     return loaded

@@ -176,6 +176,7 @@ class ThinkingCfg(Section):
 
 
 class SoftGRPOCfg(Section):
+    # the names of algorithms/registry.py's entries and their samplers (a test keeps them in step)
     algorithm: Literal["softgrpo", "grpo", "gaussian", "dirichlet", "embedding_noise"] = "softgrpo"
     # decoding of the thinking phase for generate/eval; null: the algorithm's own
     # (softgrpo -> gumbel, grpo -> discrete, an ablation -> its noise). Training requires null or the algorithm's.
@@ -326,3 +327,8 @@ class RecipeCfg(Section):
     checkpointing: CheckpointingCfg = Field(default_factory=CheckpointingCfg)
     cluster: ClusterCfg = Field(default_factory=ClusterCfg)
     eval: EvalCfg = Field(default_factory=EvalCfg)
+
+    def planned_optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run: RL steps x mini-batches per rollout batch."""
+        rollout_rows = self.grpo.num_prompts_per_step * self.grpo.num_generations_per_prompt
+        return self.grpo.max_num_steps * max(1, rollout_rows // self.policy.train_global_batch_size)

@@ -24,8 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_softgrpo.config.loader import LoadedRecipe
-from megatron_softgrpo.config.schema import RecipeCfg, SoftGRPOCfg
+from megatron_softgrpo.algorithms.registry import decoding_algorithm
+from megatron_softgrpo.config.recipe import LoadedRecipe
+from megatron_softgrpo.config.schema import RecipeCfg
 from megatron_softgrpo.data import builtin
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.eval.benchmarks import (
@@ -58,14 +59,6 @@ class Responses:
     lengths: list[int]
     thinking_lengths: list[int]
     finish_reasons: list[str]
-
-
-def decoding_mode(soft: SoftGRPOCfg) -> str:
-    """The thinking-phase sampler that decodes: `softgrpo.sampler`, else the algorithm's own."""
-    from megatron_softgrpo.rollout.engine import SAMPLER_ALGORITHM
-
-    own = {algorithm: sampler for sampler, algorithm in SAMPLER_ALGORITHM.items()}
-    return soft.sampler or own.get(soft.algorithm, soft.algorithm)
 
 
 def batch_seed(seed: int, benchmark: str, batch_index: int) -> int:
@@ -164,7 +157,7 @@ def sample_settings(cfg: RecipeCfg, plan: BenchmarkPlan) -> dict:
         "policy.precision": cfg.policy.precision,
         "policy.generation": cfg.policy.generation.model_dump(exclude={"max_new_tokens"}),
         "softgrpo": cfg.softgrpo.model_dump(),
-        "decoding": decoding_mode(cfg.softgrpo),
+        "decoding": decoding_algorithm(cfg.softgrpo).sampler,
         "max_new_tokens": max_new_tokens(cfg),
         "prompt_template": plan.template,
         "data.system_prompt": cfg.data.system_prompt,
@@ -269,7 +262,7 @@ def run_eval(
                 metrics[name] = result
                 summary = EvalSummary(
                     cfg.policy.model_name,
-                    decoding_mode(cfg.softgrpo),
+                    decoding_algorithm(cfg.softgrpo).sampler,
                     ev.n,
                     max_new_tokens(cfg),
                     ev.seed,

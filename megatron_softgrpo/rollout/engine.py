@@ -22,22 +22,18 @@ from pathlib import Path
 
 import torch
 
+from megatron_softgrpo.algorithms.registry import answer_sampler, decoding_algorithm
 from megatron_softgrpo.config.schema import RecipeCfg
 from megatron_softgrpo.distributed import broadcast_from_last_stage
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.rollout.model_runner import ModelRunner
 from megatron_softgrpo.rollout.text_match import TextMatcher
 from megatron_softgrpo.soft import MixtureRows, SampledStep, Sampler, VocabShard, rng
-from megatron_softgrpo.soft import recipe as soft_recipe
 from megatron_softgrpo.soft.logprob import discrete_log_density
 from megatron_softgrpo.soft.vocab import log_normalizer, softmax_entropy
 
 THINK, FORCE, ANSWER = 0, 1, 2
 GENERATION_CONFIG = "generation_config.json"
-SAMPLER_ALGORITHM = {
-    "gumbel": "softgrpo",
-    "discrete": "grpo",
-}  # other samplers share their algorithm's name
 REASONS = ("eos", "stop", "length")
 
 
@@ -61,16 +57,11 @@ class RolloutSettings:
         cls, cfg: RecipeCfg, tokenizer, hidden_size: int, **overrides
     ) -> RolloutSettings:
         soft, gen = cfg.softgrpo, cfg.policy.generation
-        if (
-            soft.sampler is not None
-        ):  # decode as another algorithm would (e.g. soft decoding of a GRPO model)
-            soft = soft.model_copy(
-                update={"algorithm": SAMPLER_ALGORITHM.get(soft.sampler, soft.sampler)}
-            )
         eos = eos_token_ids(cfg.policy.model_name, tokenizer)
         settings = dict(
-            thinking_sampler=soft_recipe.thinking_sampler(soft, hidden_size),
-            answer_sampler=soft_recipe.answer_sampler(soft, gen),
+            # softgrpo.sampler may decode as another algorithm would (soft decoding of a GRPO model)
+            thinking_sampler=decoding_algorithm(soft).thinking_sampler(soft, hidden_size),
+            answer_sampler=answer_sampler(soft, gen),
             thinking_temperature=soft.thinking.temperature,
             think_end=soft.think_end,
             max_new_tokens=gen.max_new_tokens,
@@ -83,6 +74,10 @@ class RolloutSettings:
         )
         settings.update(overrides)
         return cls(**settings)
+
+    def input_offset(self, rows: MixtureRows) -> torch.Tensor | None:
+        """What a fed step adds to its mixed input: the thinking noise's (zero on discrete rows)."""
+        return None if self.thinking_sampler is None else self.thinking_sampler.input_offset(rows)
 
 
 def eos_token_ids(model_name: str, tokenizer) -> frozenset[int]:
@@ -160,8 +155,6 @@ class RolloutEngine:
         self.marker = TextMatcher(tokenizer, [settings.think_end])
         self.stops = TextMatcher(tokenizer, list(settings.stop_strings))
         self.marker_ids = tokenizer(settings.think_end, add_special_tokens=False)["input_ids"]
-        # embedding noise perturbs the mixed input; other noise kinds return no offset
-        self.input_noise = getattr(settings.thinking_sampler, "noise", None)
 
     # ------------------------------------------------------------------ public
 
@@ -226,7 +219,9 @@ class RolloutEngine:
         prompt_rows = [p for p in prompts for _ in range(num_generations)]
         b, plen = len(prompt_rows), max(len(p) for p in prompt_rows)
         max_new = self.s.max_new_tokens
-        runner = ModelRunner(self.model, b, plen + max_new, self.s.use_kv_cache, self.input_noise)
+        runner = ModelRunner(
+            self.model, b, plen + max_new, self.s.use_kv_cache, self.s.input_offset
+        )
 
         tokens = torch.full((b, plen), self.pad_id, dtype=torch.long, device=device)
         pad = torch.ones(b, plen, dtype=torch.bool, device=device)

@@ -21,6 +21,8 @@ outputs are dropped; callers never see them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from megatron_softgrpo.models.build import token_alignment
@@ -38,9 +40,14 @@ def _pipeline():
 
 class ModelRunner:
     def __init__(
-        self, model, max_batch: int, max_len: int, use_kv_cache: bool = True, input_noise=None
+        self,
+        model,
+        max_batch: int,
+        max_len: int,
+        use_kv_cache: bool = True,
+        input_offset: Callable[[MixtureRows], torch.Tensor | None] | None = None,
     ):
-        """`input_noise`: a soft noise kind whose `input_offset(rows)` perturbs the mixed embedding."""
+        """`input_offset(rows)`: what is added to the mixed input embedding (None: nothing)."""
         from megatron.core.inference.contexts import StaticInferenceContext
 
         ps = _pipeline()
@@ -49,7 +56,7 @@ class ModelRunner:
                 "decoding with sequence_parallel=true is not supported; disable it for rollouts"
             )
         self.model = model
-        self.input_noise = input_noise
+        self.input_offset = input_offset
         self.max_len = max_len
         self.use_kv_cache = use_kv_cache
         self.first_stage = ps.is_pipeline_first_stage()
@@ -132,9 +139,11 @@ class ModelRunner:
         b = rows.tokens.shape[0]
         decoder_input = None
         if self.first_stage:
-            offset = self.input_noise.input_offset(rows) if self.input_noise is not None else None
             decoder_input = mixture_embedding(
-                self.model.embedding.word_embeddings, rows.mix_ids, rows.mix_weights, offset
+                self.model.embedding.word_embeddings,
+                rows.mix_ids,
+                rows.mix_weights,
+                None if self.input_offset is None else self.input_offset(rows),
             )
         else:
             hidden = torch.empty(queries, b, self.hidden_size, dtype=self.dtype, device=self.device)

@@ -25,6 +25,7 @@ updated in place by the trainer, so nothing needs refreshing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -243,7 +244,7 @@ class StaticRolloutEngine(RolloutEngine):
             group = parallel_state.get_tensor_model_parallel_group()
             self._decoders[key] = _Decoder(
                 static_decode.StaticDecoder(self.model, rows, max_len, group),
-                self.input_noise,
+                self.s.input_offset,
                 self.compile,
                 self.cuda_graphs,
             )
@@ -310,10 +311,14 @@ class _Decoder:
     the pipeline hand-off around it, and the decode step compiled or captured when asked for."""
 
     def __init__(
-        self, decoder: static_decode.StaticDecoder, input_noise, compile: bool, cuda_graphs: bool
+        self,
+        decoder: static_decode.StaticDecoder,
+        input_offset: Callable[[MixtureRows], torch.Tensor | None],
+        compile: bool,
+        cuda_graphs: bool,
     ):
         self.decoder = decoder
-        self.input_noise = input_noise
+        self.input_offset = input_offset
         self.step = decoder.forward
         if compile:
             import torch._dynamo
@@ -338,8 +343,7 @@ class _Decoder:
         dec = self.decoder
         b, q = rows.tokens.shape
         if dec.first_stage:
-            offset = self.input_noise.input_offset(rows) if self.input_noise is not None else None
-            x = dec.embed(rows.mix_ids, rows.mix_weights, offset)
+            x = dec.embed(rows.mix_ids, rows.mix_weights, self.input_offset(rows))
         else:
             x = torch.empty(b, q, dec.hidden, dtype=dec.dtype, device=dec.device)
             torch.distributed.recv(x, ps.get_pipeline_model_parallel_prev_rank())

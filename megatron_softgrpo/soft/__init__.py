@@ -14,23 +14,23 @@ Modules (each owns one concept):
 - `records`: `MixtureRows` (the per-position record) and `SampledStep`.
 - `noises`: the soft noise kinds `GumbelNoise`, `GaussianNoise`, `DirichletNoise`,
   `EmbeddingNoise`: mixture weights, stored noise and log-density of each.
-- `samplers`: `DiscreteSampler`, `SoftSampler`, the registry `make_sampler(name, ...)`.
+- `samplers`: `DiscreteSampler`, `SoftSampler`.
 - `logprob`: `Scorer`, `log_density_from_logits`, `log_density_from_hidden` (chunked),
   `log_density_and_entropy_from_hidden` (chunked, with the entropy term's entropies),
   `objective_from_hidden` (chunked, a per-position loss and its gradient in one pass: training).
-- `recipe`: samplers and scorer from a recipe's `softgrpo` / `policy.generation`.
-The mixture input embedding itself is a model patch: `model_patches.mixture_embedding`.
+Which samplers and scorer a recipe runs is `algorithms/registry.py`'s choice; the mixture input
+embedding itself is a model patch: `model_patches.mixture_embedding`.
 
 Rollout (every TP rank of the last pipeline stage):
     seed_noise_rng(noise_seed(grpo.seed, dp_rank))          # once, after init_distributed
     shard = VocabShard.from_parallel_state(padded_vocab, vocab_size)
-    sampler = recipe.thinking_sampler(cfg.softgrpo, hidden_size)   # or recipe.answer_sampler(...)
+    sampler = SoftSampler(Truncation(top_k=5, top_p=0.95), 5, GumbelNoise(tau=0.1))
     step = sampler.sample(last_logits_shard, shard)          # per step -> SampledStep, [N] rows
-    offset = sampler.noise.input_offset(step)                # [N, h] for embedding noise, else None
+    offset = sampler.input_offset(step)                      # [N, h] for embedding noise, else None
     x = mixture_embedding(word_embeddings, step.mix_ids[:, None], step.mix_weights[:, None],
                           None if offset is None else offset[:, None])   # next decoder_input
 
-Samplers (`sample(logits [N, W], shard) -> SampledStep`), by name:
+Samplers (`sample(logits [N, W], shard) -> SampledStep`), by `name`:
     discrete          temperature / top-k / top-p / min-p / greedy (top_k=1); one-hot record
     gumbel            SofT-GRPO: g = log(pt + 1e-6) + c * clamp(Gumbel, -1.5, 3), w = softmax(g / tau_g)
     gaussian          x = pt + sigma * N(0, 1) on the support, w = x / sum(x)
@@ -51,7 +51,7 @@ Record fields (`MixtureRows`; [N] for a step, [B, S] for a batch; K = mixture si
     thinking [...] bool       drawn by the thinking sampler (soft steps and the marker step)
 `SampledStep` adds log_density [N]: the rollout's own log-density of the step.
 
-Trainer: with `scorer = recipe.scorer(cfg.softgrpo, cfg.policy.generation)`,
+Trainer: with `scorer = Scorer(noise, soft_temperature, discrete_temperature)`,
     ell = log_density_from_hidden(hidden [s, b, h], output_weight_shard, rows [b, s], scorer, shard)
 scores record j+1 at position j (shift the records first). Discrete rows:
 log_softmax(l / T)[token], T the thinking temperature on the marker step (`thinking`) and the
@@ -73,7 +73,6 @@ from megatron_softgrpo.soft.logprob import (
     objective_from_hidden,
 )
 from megatron_softgrpo.soft.noises import (
-    NOISES,
     DirichletNoise,
     EmbeddingNoise,
     GaussianNoise,
@@ -84,18 +83,14 @@ from megatron_softgrpo.soft.noises import (
 from megatron_softgrpo.soft.records import MixtureRows, SampledStep
 from megatron_softgrpo.soft.rng import noise_rng, noise_seed, seed_noise_rng
 from megatron_softgrpo.soft.samplers import (
-    SAMPLERS,
     DiscreteSampler,
     Sampler,
     SoftSampler,
-    make_sampler,
 )
 from megatron_softgrpo.soft.truncation import Truncation
 from megatron_softgrpo.soft.vocab import VocabShard
 
 __all__ = [
-    "NOISES",
-    "SAMPLERS",
     "DirichletNoise",
     "DiscreteSampler",
     "EmbeddingNoise",
@@ -115,7 +110,6 @@ __all__ = [
     "log_density_and_entropy_from_hidden",
     "log_density_from_hidden",
     "log_density_from_logits",
-    "make_sampler",
     "objective_from_hidden",
     "noise_rng",
     "noise_seed",

@@ -71,6 +71,8 @@ class InputEmbedding:
 class SoftNoise:
     name: ClassVar[str]
     draws_ahead: ClassVar[bool] = True  # its randomness does not depend on pt (see draw_ahead)
+    perturbs_input: ClassVar[bool] = False  # input_offset adds a vector of the model's width
+    needs_input_table: ClassVar[bool] = False  # log_density reads the input embedding table
 
     def draw(self, pt: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
         return self.draw_ahead(pt.shape[:-1], pt.shape[-1], pt.device)
@@ -199,6 +201,8 @@ class EmbeddingNoise(SoftNoise):
     sigma: float = 0.01
     hidden_size: int = 0
     name: ClassVar[str] = "embedding_noise"
+    perturbs_input: ClassVar[bool] = True
+    needs_input_table: ClassVar[bool] = True
 
     def __post_init__(self):
         if not self.sigma > 0 or self.hidden_size < 1:
@@ -238,8 +242,3 @@ class EmbeddingNoise(SoftNoise):
         own = torch.einsum("nk,nkh->nh", shift, embedding.rows(rows.mix_ids, torch.float64))
         v = reduce_sum(own, embedding.shard) + self.noise_vectors(rows.noise_seed, torch.float64)
         return (-0.5 * (v * v).sum(dim=-1) / self.sigma**2).to(scaled.dtype)
-
-
-NOISES: dict[str, type[SoftNoise]] = {
-    n.name: n for n in (GumbelNoise, GaussianNoise, DirichletNoise, EmbeddingNoise)
-}

@@ -5,8 +5,8 @@ identically on every TP rank, which all return the same step. `raw` is the step'
 drawn ahead (`draw_ahead(steps, rows, device)`, [steps, rows, ...], one slice per step): a
 rollout draws it once for every (step, row), so no step touches a generator and the noise of
 a row does not depend on which other rows are still decoding. Without it the sampler draws
-inside `rng.noise_rng()` itself. Selected by name from
-`SAMPLERS` via `make_sampler`:
+inside `rng.noise_rng()` itself. `input_offset(rows)` is what the step adds to the mixed input
+embedding (None: nothing). Which sampler a recipe runs is `algorithms/registry.py`'s choice:
 
 - `discrete`: temperature, top-k, top-p, min-p (greedy = top_k 1); a multinomial draw.
   Records are one-hot; the log-density is log_softmax(l / T)[token] over the whole
@@ -23,9 +23,8 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.soft import rng
-from megatron_softgrpo.soft.noises import NOISES, SoftNoise, support_probs
+from megatron_softgrpo.soft.noises import SoftNoise, support_probs
 from megatron_softgrpo.soft.records import MixtureRows, SampledStep
 from megatron_softgrpo.soft.truncation import (
     Candidates,
@@ -54,6 +53,8 @@ class Sampler(Protocol):
     draws_ahead: bool  # its randomness can be drawn before the logits are known
 
     def draw_ahead(self, steps: int, rows: int, device) -> torch.Tensor | None: ...
+
+    def input_offset(self, rows: MixtureRows) -> torch.Tensor | None: ...
 
 
 def _step(rows: MixtureRows, log_density: torch.Tensor) -> SampledStep:
@@ -120,6 +121,9 @@ class DiscreteSampler:
         """Uniforms [steps, rows] for the inverse-CDF draw (None: greedy consumes none)."""
         return None if self.truncation.top_k == 1 else rng.uniform((steps, rows), device)
 
+    def input_offset(self, rows: MixtureRows) -> None:
+        return None  # a one-hot row is the token's own embedding
+
     def sample(
         self, logits: torch.Tensor, shard: VocabShard, raw: torch.Tensor | None = None
     ) -> SampledStep:
@@ -166,6 +170,9 @@ class SoftSampler:
     def draw_ahead(self, steps: int, rows: int, device) -> torch.Tensor:
         return self.noise.draw_ahead((steps, rows), self.mixture_size, device)
 
+    def input_offset(self, rows: MixtureRows) -> torch.Tensor | None:
+        return self.noise.input_offset(rows)
+
     def sample(
         self, logits: torch.Tensor, shard: VocabShard, raw: torch.Tensor | None = None
     ) -> SampledStep:
@@ -197,21 +204,3 @@ class SoftSampler:
             thinking=torch.ones_like(ids[:, 0], dtype=torch.bool),
         )
         return _step(rows, self.noise.rollout_log_density(scaled, rows))
-
-
-# ------------------------------------------------------------------ registry
-
-SAMPLERS: tuple[str, ...] = ("discrete", *NOISES)
-
-
-def make_sampler(name: str, truncation: Truncation, mixture_size: int, **noise_params) -> Sampler:
-    """The sampler called `name`; `noise_params` are the noise kind's fields (e.g. tau, scale)."""
-    if name == "discrete":
-        if noise_params:
-            raise UserError(
-                f"sampler 'discrete' takes no noise parameters, got {sorted(noise_params)}"
-            )
-        return DiscreteSampler(truncation, mixture_size)
-    if name not in NOISES:
-        raise UserError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
-    return SoftSampler(truncation, mixture_size, NOISES[name](**noise_params))

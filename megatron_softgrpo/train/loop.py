@@ -24,8 +24,7 @@ import torch
 
 from megatron_softgrpo.algorithms.advantages import broadcast_to_positions, group_advantages
 from megatron_softgrpo.algorithms.filtering import group_rows, informative_groups, overlong_penalty
-from megatron_softgrpo.config import LoadedRecipe
-from megatron_softgrpo.config.checks import check_data_parallel
+from megatron_softgrpo.config.recipe import LoadedRecipe
 from megatron_softgrpo.data.datasets import PromptDataset, load_split
 from megatron_softgrpo.data.prompts import encode_prompt
 from megatron_softgrpo.data.sampler import PromptSampler
@@ -114,15 +113,7 @@ class Trainer:
     def __init__(self, loaded: LoadedRecipe, watcher: PreemptionWatcher):
         cfg = self.cfg = loaded.cfg
         self.watcher = watcher
-        mcfg = cfg.policy.megatron_cfg
-        if (
-            cfg.softgrpo.sampler is not None
-            and _algorithm_of(cfg.softgrpo.sampler) != cfg.softgrpo.algorithm
-        ):
-            raise loaded.error(
-                "softgrpo.sampler",
-                f"training samples as the algorithm does ({cfg.softgrpo.algorithm}); set null",
-            )
+        mcfg = cfg.policy.megatron_cfg  # the recipe passed config.checks.validate (the CLI's job)
         env = init_distributed(
             ParallelLayout(mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size),
             seed=cfg.grpo.seed,
@@ -130,9 +121,6 @@ class Trainer:
         ps = _ps()
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         seed_noise_rng(noise_seed(cfg.grpo.seed, self.dp_rank))
-        check_data_parallel(
-            loaded, env.world_size
-        )  # the CLI checked it too; Trainer may be built directly
         # data first: a bad data file fails in seconds, before the minutes of model loading
         self.tokenizer = load_tokenizer(
             resolve_model_source(cfg.policy.model_name), cfg.policy.tokenizer.name
@@ -491,12 +479,6 @@ def _print_samples(problems, texts: list[str], rewards: list[float], count: int)
 
 
 _ROW_FIELDS = tuple(f.name for f in fields(MixtureRows))  # every field of the per-position record
-
-
-def _algorithm_of(sampler: str) -> str:
-    from megatron_softgrpo.rollout.engine import SAMPLER_ALGORITHM
-
-    return SAMPLER_ALGORITHM.get(sampler, sampler)
 
 
 def _prefixed(prefix: str, d: dict) -> dict:

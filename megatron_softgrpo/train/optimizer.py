@@ -21,8 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_softgrpo.config.schema import MegatronCfg, RecipeCfg
-from megatron_softgrpo.errors import UserError
+from megatron_softgrpo.config.schema import MegatronCfg
 from megatron_softgrpo.models.build import DTYPES
 
 
@@ -77,29 +76,11 @@ def build_optimizer(ddp, mcfg: MegatronCfg, precision: str):
     return optimizer
 
 
-def planned_optimizer_steps(cfg: RecipeCfg) -> int:
-    """Optimizer steps of the whole run: RL steps x mini-batches per rollout batch."""
-    rollout_rows = cfg.grpo.num_prompts_per_step * cfg.grpo.num_generations_per_prompt
-    return cfg.grpo.max_num_steps * max(1, rollout_rows // cfg.policy.train_global_batch_size)
-
-
 def build_scheduler(optimizer, mcfg: MegatronCfg, total_steps: int):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    o, s = mcfg.optimizer, mcfg.scheduler
-    key = "policy.megatron_cfg"
-    if s.lr_warmup_init > o.lr:
-        raise UserError(
-            f"{key}.scheduler.lr_warmup_init={s.lr_warmup_init} exceeds {key}.optimizer.lr={o.lr}"
-        )
-    if o.min_lr > o.lr:
-        raise UserError(f"{key}.optimizer.min_lr={o.min_lr} exceeds {key}.optimizer.lr={o.lr}")
+    o, s = mcfg.optimizer, mcfg.scheduler  # their rules: config/checks.py, before any model loads
     decay_steps = s.lr_decay_iters or total_steps
-    if s.lr_decay_style != "constant" and decay_steps <= s.lr_warmup_iters:
-        raise UserError(
-            f"{key}.scheduler.lr_decay_iters={decay_steps} must exceed lr_warmup_iters={s.lr_warmup_iters} "
-            f"for lr_decay_style={s.lr_decay_style}"
-        )
     return OptimizerParamScheduler(
         optimizer,
         init_lr=s.lr_warmup_init,

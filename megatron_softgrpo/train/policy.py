@@ -48,27 +48,24 @@ from megatron_softgrpo.algorithms.loss import (
     policy_loss,
     token_terms,
 )
+from megatron_softgrpo.algorithms.registry import training_algorithm
 from megatron_softgrpo.config.schema import RecipeCfg
 from megatron_softgrpo.distributed import broadcast_from_last_stage
-from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.build import token_alignment
 from megatron_softgrpo.models.forward import CAUSAL, position_ids
 from megatron_softgrpo.models.loading import load_model
 from megatron_softgrpo.models.source import resolve_model_source
 from megatron_softgrpo.soft import (
-    EmbeddingNoise,
     InputEmbedding,
     VocabShard,
     log_density_from_hidden,
     objective_from_hidden,
 )
-from megatron_softgrpo.soft.recipe import scorer as recipe_scorer
 from megatron_softgrpo.train.batch import PolicyBatch
 from megatron_softgrpo.train.optimizer import (
     build_optimizer,
     build_scheduler,
     guarded_step,
-    planned_optimizer_steps,
     wrap_ddp,
 )
 from model_patches.mixture_embedding import mixture_embedding
@@ -140,21 +137,13 @@ class PolicyWorker:
         self.model, self.padded_vocab_size = load_model(self.source, mcfg, policy.precision)
         self.ddp = wrap_ddp(self.model, mcfg)
         self.optimizer = build_optimizer(self.ddp, mcfg, policy.precision)
-        self.scheduler = build_scheduler(self.optimizer, mcfg, planned_optimizer_steps(cfg))
+        self.scheduler = build_scheduler(self.optimizer, mcfg, cfg.planned_optimizer_steps())
         self.reference = (
             self._frozen_reference() if cfg.loss_fn.reference_policy_kl_penalty > 0 else None
         )
         arch = self.source.arch
-        self.scorer = recipe_scorer(cfg.softgrpo, policy.generation, arch.hidden_size)
-        if (
-            isinstance(self.scorer.noise, EmbeddingNoise)
-            and running[1] > 1
-            and not arch.tie_word_embeddings
-        ):
-            raise UserError(
-                "softgrpo.algorithm=embedding_noise with policy.megatron_cfg.pipeline_model_parallel_size > 1 needs "
-                "tied embeddings (its density reads the input embedding on the last stage)"
-            )
+        self.algorithm = training_algorithm(cfg.softgrpo)
+        self.scorer = self.algorithm.scorer(cfg.softgrpo, policy.generation, arch.hidden_size)
         self.vocab = VocabShard.from_parallel_state(self.padded_vocab_size, arch.vocab_size)
         self.device = next(self.model.parameters()).device
         # FP8: every pass runs rows padded to a multiple of this length (b x s then is one too)
@@ -354,8 +343,8 @@ class PolicyWorker:
         )
 
     def _input_embedding(self, gpt) -> InputEmbedding | None:
-        """The input table shard, for the embedding-noise density only (tied on later stages: checked in __init__)."""
-        if not isinstance(self.scorer.noise, EmbeddingNoise):
+        """The input table shard, for a density that reads it (tied on later stages: config/checks.py)."""
+        if not self.algorithm.needs_input_table:
             return None
         table = (
             gpt.embedding.word_embeddings.weight
