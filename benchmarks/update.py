@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_softgrpo.algorithms.loss import PolicyLoss
+
 warnings.filterwarnings("ignore")
 
 SHAPES = {
@@ -185,12 +187,13 @@ def sync():
 
 def timed_updates(worker, batch, repeats: int) -> float:
     batch.old_logp = worker.compute_logprobs(batch)  # ratio 1 at the first step, as in training
-    worker.train_step(batch)  # warm-up
+    loss = PolicyLoss(worker.cfg.loss_fn)
+    worker.train_step(batch, loss)  # warm-up
     best = float("inf")
     for _ in range(repeats):
         sync()
         t = time.perf_counter()
-        worker.train_step(batch)
+        worker.train_step(batch, loss)
         sync()
         best = min(best, time.perf_counter() - t)
     return best
@@ -221,7 +224,7 @@ def print_top_kernels(worker, batch, count: int = 15) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        worker.train_step(batch)
+        worker.train_step(batch, PolicyLoss(worker.cfg.loss_fn))
         sync()
     print(
         prof.key_averages().table(

@@ -9,6 +9,8 @@ import torch
 from megatron_softgrpo.algorithms.advantages import broadcast_to_positions, group_advantages
 from megatron_softgrpo.algorithms.loss import (
     LossScale,
+    PolicyLoss,
+    StepShape,
     aggregate,
     aggregation_weights,
     k3_kl,
@@ -337,6 +339,87 @@ def test_fully_masked_rows_and_padding_garbage_give_no_nan(mode):
 
 
 # ---------------------------------------------------------------- gradient
+
+
+@pytest.mark.parametrize(
+    "mode", ["token_mean_microbatch", "token_mean_global", "seq_mean_token_mean"]
+)
+@pytest.mark.parametrize("num_micro, dp", [(2, 1), (1, 2)], ids=["2-micro", "2-ranks"])
+def test_the_workers_loss_reports_what_policy_loss_computes(mode, num_micro, dp):
+    """The loss as the policy worker takes it: two micro-batches of two rows (on one rank, or one on
+    each of two ranks), each scored in two chunks. The objective it returns, as Megatron and DDP
+    normalise it, and its metric shares summed over both equal `policy_loss` on the same rows."""
+    logp, old, adv, ref, mask, entropy = _random_inputs(6)  # hits every clip
+    logp, entropy = logp.detach(), entropy.detach()
+    cfg = LossCfg(
+        ratio_clip_c=3.0, reference_policy_kl_penalty=0.05, entropy_coef=0.01, aggregation=mode
+    )
+    loss = PolicyLoss(cfg)
+    step = StepShape(num_micro, dp, int(mask.sum()))
+    value, shares = 0.0, {}
+    for rows in (slice(0, 2), slice(2, 4)):
+        m = mask[rows]
+        at = m.nonzero(as_tuple=True)
+        micro = loss.micro_batch(m, at, old[rows], adv[rows], ref[rows], step)
+        n = at[0].numel()
+        for chunk in (slice(0, n // 2), slice(n // 2, n)):
+            value += float(micro(logp[rows][at][chunk], entropy[rows][at][chunk], chunk).sum())
+        for k, v in micro.metrics.items():
+            shares[k] = shares.get(k, 0.0) + float(v)
+    step_loss = value / (num_micro * dp)  # Megatron's division, DDP's average
+    whole = policy_loss(
+        logp,
+        old,
+        adv,
+        mask,
+        cfg,
+        ref_logp=ref,
+        entropy=entropy,
+        scale=LossScale(global_num_tokens=int(mask.sum())),
+    )
+    if mode == "token_mean_global":
+        want = float(whole.loss)
+    else:  # the mean over micro-batches of each one's loss
+        parts = [
+            policy_loss(logp[r], old[r], adv[r], mask[r], cfg, ref_logp=ref[r], entropy=entropy[r])
+            for r in (slice(0, 2), slice(2, 4))
+        ]
+        want = sum(float(p.loss) for p in parts) / 2
+    assert step_loss == pytest.approx(want, abs=1e-6)
+    assert shares["loss"] == pytest.approx(want, abs=1e-6)
+    metrics = whole.metrics
+    for name, field in [
+        ("clip_fraction/low", "clip_frac_low"),
+        ("clip_fraction/high", "clip_frac_high"),
+        ("dual_clip_fraction", "dual_clip_frac"),
+        ("ratio/mean", "ratio_mean"),
+        ("kl/mean", "kl_mean"),
+        ("entropy/mean", "entropy_mean"),
+    ]:
+        assert shares[name] == pytest.approx(float(getattr(metrics, field)), abs=1e-6), name
+    both = float(metrics.clip_frac_low + metrics.clip_frac_high)
+    assert shares["clip_fraction"] == pytest.approx(both, abs=1e-6)
+    assert shares.keys() == loss.zero_metrics("cpu").keys()
+    assert (
+        min(shares[k] for k in ("clip_fraction/low", "clip_fraction/high", "dual_clip_fraction"))
+        > 0
+    )
+
+
+def test_the_workers_loss_names_only_the_terms_it_computes():
+    assert set(PolicyLoss(LossCfg()).zero_metrics("cpu")) == {
+        "loss",
+        "policy_loss",
+        "clip_fraction",
+        "clip_fraction/low",
+        "clip_fraction/high",
+        "dual_clip_fraction",
+        "ratio/mean",
+        "kl/mean",
+    }
+    bare = PolicyLoss(LossCfg(reference_policy_kl_penalty=0, entropy_coef=0.1)).zero_metrics("cpu")
+    assert "kl/mean" not in bare and "entropy/mean" in bare
+    assert all(float(v) == 0.0 for v in bare.values())
 
 
 def _random_inputs(seed):

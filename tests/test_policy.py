@@ -14,6 +14,7 @@ import torch
 from distributed_helpers import run_ranks
 from tiny_models import make_hf_model
 
+from megatron_softgrpo.algorithms.loss import PolicyLoss
 from megatron_softgrpo.config.schema import (
     CheckpointingCfg,
     GenerationCfg,
@@ -210,6 +211,11 @@ def portable(tensors) -> list[np.ndarray]:
     return [torch.as_tensor(t).numpy() for t in tensors]
 
 
+def train(worker, batch):
+    """One optimizer step with the recipe's loss, as the trainer hands it over."""
+    return worker.train_step(batch, PolicyLoss(worker.cfg.loss_fn))
+
+
 def new_worker(cfg, tp=1, pp=1):
     from megatron_softgrpo.train.policy import PolicyWorker
 
@@ -242,19 +248,20 @@ def test_first_update_ratio_is_exactly_one_and_kl_zero(tmp_path):
     worker = new_worker(recipe(tmp_path, micro=2, kl=0.5))
     batch = with_old_logprobs(worker, make_batch(seed=2))
     assert torch.equal(batch.old_logp, batch.ref_logp)
-    metrics = worker.train_step(batch)
+    result = train(worker, batch)
     assert (
-        metrics.updated
-        and metrics.ratio_mean == 1.0
-        and metrics.kl_mean == 0.0
-        and metrics.kl_loss == 0.0
+        result.updated and result.metrics["ratio/mean"] == 1.0 and result.metrics["kl/mean"] == 0.0
     )
-    assert metrics.clip_frac_low == metrics.clip_frac_high == metrics.dual_clip_frac == 0.0
+    assert (
+        result.metrics["clip_fraction/low"]
+        == result.metrics["clip_fraction/high"]
+        == result.metrics["dual_clip_fraction"]
+        == 0.0
+    )
     # at ratio 1 every surrogate is -A: token mean per micro-batch (2 rows), averaged over micro-batches
     mask, adv = batch.loss_mask, batch.advantages.double()
     per_micro = [-(adv[i : i + 2][mask[i : i + 2]]).mean() for i in (0, 2)]
-    assert metrics.loss == pytest.approx(float(sum(per_micro) / 2), abs=1e-6)
-    assert metrics.num_tokens == int(mask.sum())
+    assert result.metrics["loss"] == pytest.approx(float(sum(per_micro) / 2), abs=1e-6)
     # the update moved the policy away from the reference
     assert not torch.equal(worker.compute_logprobs(batch), batch.ref_logp)
 
@@ -282,14 +289,14 @@ def test_fp8_token_alignment_pads_positions_without_changing_logprobs_or_the_upd
             run(model, micro_batches, *a, **k),
         )[1]
         batch = with_old_logprobs(worker, make_batch(seed=4))  # 12 positions, run as 16
-        metrics = worker.train_step(batch)
+        result = train(worker, batch)
         assert lengths == {max(12, alignment)}  # log-probs and the update both ran aligned
-        results[alignment] = (batch.old_logp, metrics, weights(worker))
+        results[alignment] = (batch.old_logp, result, weights(worker))
     (logp1, m1, w1), (logp16, m16, w16) = results[1], results[16]
     assert logp16.shape == logp1.shape == (4, 12)
     # equal up to fp32 rounding: longer rows change the GEMMs' summation order
     assert (logp16 - logp1).abs().max() <= 1e-5
-    assert m16.loss == pytest.approx(m1.loss, abs=1e-5) and m16.num_tokens == m1.num_tokens
+    assert m16.metrics["loss"] == pytest.approx(m1.metrics["loss"], abs=1e-5)
     assert max((a - b).abs().max() for a, b in zip(w1, w16)) <= 1e-5
 
 
@@ -301,8 +308,8 @@ def test_kl_coefficient_zero_builds_no_reference_model(tmp_path):
     with pytest.raises(ValueError, match="no reference model"):
         worker.compute_logprobs(batch, reference=True)
     batch.old_logp = worker.compute_logprobs(batch)  # no ref_logp needed without a reference model
-    metrics = worker.train_step(batch)
-    assert metrics.updated and metrics.kl_loss is None and metrics.kl_mean is None
+    result = train(worker, batch)
+    assert result.updated and "kl/mean" not in result.metrics
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean_global", "seq_mean_token_mean"])
@@ -313,8 +320,8 @@ def test_two_micro_batches_of_one_equal_one_micro_batch_of_two(aggregation, tmp_
     results = {}
     for micro in (1, 2):
         worker = new_worker(recipe(tmp_path, micro=micro, aggregation=aggregation))
-        metrics = worker.train_step(with_old_logprobs(worker, make_batch(seed=3).row_slice(0, 2)))
-        results[micro] = (metrics.loss, weights(worker))
+        result = train(worker, with_old_logprobs(worker, make_batch(seed=3).row_slice(0, 2)))
+        results[micro] = (result.metrics["loss"], weights(worker))
     assert results[1][0] == pytest.approx(results[2][0], abs=1e-6)
     assert max((a - b).abs().max() for a, b in zip(results[1][1], results[2][1])) <= 1e-6
 
@@ -325,9 +332,9 @@ def test_token_mean_microbatch_weighs_micro_batches_equally(tmp_path):
     losses = {}
     for micro in (1, 2):
         worker = new_worker(recipe(tmp_path, micro=micro))
-        losses[micro] = worker.train_step(
-            with_old_logprobs(worker, make_batch(seed=3).row_slice(0, 2))
-        ).loss
+        losses[micro] = train(
+            worker, with_old_logprobs(worker, make_batch(seed=3).row_slice(0, 2))
+        ).metrics["loss"]
     batch = make_batch(seed=3).row_slice(0, 2)
     adv, mask = batch.advantages.double(), batch.loss_mask
     assert losses[1] == pytest.approx(
@@ -347,7 +354,7 @@ def test_entropy_term_alone_follows_the_entropy_gradient(kind, tmp_path):
     batch.advantages = torch.zeros_like(batch.advantages)
     worker = new_worker(recipe(tmp_path, micro=2, kl=0.0, entropy=coef))
     before = weights(worker)
-    metrics = worker.train_step(with_old_logprobs(worker, batch))
+    result = train(worker, with_old_logprobs(worker, batch))
 
     entropy, mask = reference_entropies(hf, batch), batch.loss_mask
     objective = (
@@ -357,19 +364,25 @@ def test_entropy_term_alone_follows_the_entropy_gradient(kind, tmp_path):
     grad_norm = math.sqrt(
         sum(float((p.grad**2).sum()) for p in hf.parameters() if p.grad is not None)
     )
-    assert metrics.updated and metrics.policy_loss == 0.0 and metrics.kl_mean is None
     assert (
-        metrics.ratio_mean == 1.0
+        result.updated and result.metrics["policy_loss"] == 0.0 and "kl/mean" not in result.metrics
+    )
+    assert (
+        result.metrics["ratio/mean"] == 1.0
     )  # the log-densities computed alongside the entropy are the old ones, bitwise
-    assert metrics.loss == pytest.approx(float(objective.detach()), abs=1e-6)
-    assert metrics.entropy_mean == pytest.approx(float(entropy[mask].mean()), abs=1e-5)
-    assert metrics.grad_norm == pytest.approx(grad_norm, rel=1e-4)
+    assert result.metrics["loss"] == pytest.approx(float(objective.detach()), abs=1e-6)
+    assert result.metrics["entropy/mean"] == pytest.approx(float(entropy[mask].mean()), abs=1e-5)
+    assert result.metrics["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
     assert max((a - b).abs().max() for a, b in zip(before, weights(worker))) > 1e-4
     # the step ascended the entropy: the same batch now has a larger one
-    assert worker.train_step(batch).entropy_mean > metrics.entropy_mean + 1e-3
+    assert train(worker, batch).metrics["entropy/mean"] > result.metrics["entropy/mean"] + 1e-3
     plain = new_worker(recipe(tmp_path, micro=2, kl=0.0))
-    without = plain.train_step(with_old_logprobs(plain, batch))
-    assert without.entropy_mean is None and without.loss == 0.0 and without.grad_norm == 0.0
+    without = train(plain, with_old_logprobs(plain, batch))
+    assert (
+        "entropy/mean" not in without.metrics
+        and without.metrics["loss"] == 0.0
+        and without.metrics["grad_norm"] == 0.0
+    )
 
 
 @pytest.mark.parametrize(
@@ -379,23 +392,23 @@ def test_non_finite_gradient_skips_the_step(distributed, tmp_path):
     make_hf_model("qwen2", tmp_path)
     worker = new_worker(recipe(tmp_path, micro=2, warmup=4, distributed=distributed))
     good = with_old_logprobs(worker, make_batch(seed=4))
-    assert worker.train_step(good).updated  # AdamW state exists from here on
+    assert train(worker, good).updated  # AdamW state exists from here on
     before, state_before = weights(worker), adam_state(worker)
     bad = with_old_logprobs(worker, make_batch(seed=5))
     # on a discrete row (a soft row's density can be locally flat: clamped noise, no gradient at all)
     b, j = (bad.loss_mask & ~bad.rows.is_soft).nonzero()[0].tolist()
     bad.advantages[b, j] = math.nan
-    metrics = worker.train_step(bad)
-    assert not metrics.updated and not math.isfinite(metrics.grad_norm)
-    assert metrics.skipped_steps == 1 and worker.skipped_steps == 1 and worker.optimizer_steps == 1
+    result = train(worker, bad)
+    assert not result.updated and not math.isfinite(result.metrics["grad_norm"])
+    assert worker.skipped_steps == 1 and worker.optimizer_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(before, weights(worker)))
     assert all(torch.equal(a, b) for a, b in zip(state_before, adam_state(worker)))
     # the schedule did not advance, and the next finite step trains normally
-    after = worker.train_step(with_old_logprobs(worker, make_batch(seed=6)))
+    after = train(worker, with_old_logprobs(worker, make_batch(seed=6)))
     assert (
         after.updated
-        and math.isfinite(after.grad_norm)
-        and after.lr == metrics.lr == pytest.approx(1e-3 / 4)
+        and math.isfinite(after.metrics["grad_norm"])
+        and after.metrics["lr"] == result.metrics["lr"] == pytest.approx(1e-3 / 4)
     )
     assert not all(torch.equal(a, b) for a, b in zip(before, weights(worker)))
 
@@ -419,7 +432,7 @@ def _train(rank, hf_dir, ckpt_dir, seeds, save):
     restored = checkpointing.resume(cfg.checkpointing, worker)
     draws = _draws() if restored else None
     for step, seed in enumerate(seeds, start=restored.step + 1 if restored else 1):
-        worker.train_step(with_old_logprobs(worker, make_batch(seed)))
+        train(worker, with_old_logprobs(worker, make_batch(seed)))
         if save:
             checkpointing.save_training_checkpoint(
                 cfg.checkpointing, worker, step, {"data_position": step}
@@ -473,10 +486,10 @@ def test_crash_during_save_leaves_the_previous_checkpoint(distributed, tmp_path,
     make_hf_model("qwen2", tmp_path / "hf")
     cfg = recipe(tmp_path / "hf", micro=2, ckpt=tmp_path / "ckpt", distributed=distributed)
     worker = new_worker(cfg)
-    worker.train_step(with_old_logprobs(worker, make_batch(20)))
+    train(worker, with_old_logprobs(worker, make_batch(20)))
     checkpointing.save_training_checkpoint(cfg.checkpointing, worker, 1, {})
     saved, saved_state = weights(worker), adam_state(worker)
-    worker.train_step(with_old_logprobs(worker, make_batch(21)))
+    train(worker, with_old_logprobs(worker, make_batch(21)))
 
     real_save = dist_checkpointing.save
 
@@ -503,12 +516,12 @@ def test_crash_during_save_leaves_the_previous_checkpoint(distributed, tmp_path,
 def _first_step(rank, hf_dir, tp, pp, seed, entropy=0.0):
     worker = new_worker(recipe(hf_dir, tp, pp, entropy=entropy), tp, pp)
     batch = with_old_logprobs(worker, make_batch(seed))
-    metrics = worker.train_step(batch)
+    result = train(worker, batch)
     pieces = [
         (key, shape, offset, prepend, data.numpy())
         for key, shape, offset, prepend, data in sharded_pieces(worker.model)
     ]
-    return metrics, batch.old_logp.numpy(), pieces
+    return result, batch.old_logp.numpy(), pieces
 
 
 @pytest.mark.multiproc
@@ -517,7 +530,7 @@ def _first_step(rank, hf_dir, tp, pp, seed, entropy=0.0):
 )
 def test_one_step_on_two_ranks_matches_one_rank(kind, tp, pp, tmp_path):
     make_hf_model(kind, tmp_path)
-    expected_metrics, expected_logp, expected_pieces = _first_step(0, str(tmp_path), 1, 1, seed=7)
+    expected_result, expected_logp, expected_pieces = _first_step(0, str(tmp_path), 1, 1, seed=7)
     expected = assemble([expected_pieces])
     results = run_ranks(2, _first_step, str(tmp_path), tp, pp, 7)
     got = assemble(pieces for _, _, pieces in results)
@@ -525,11 +538,12 @@ def test_one_step_on_two_ranks_matches_one_rank(kind, tp, pp, tmp_path):
     assert got.keys() == expected.keys()
     for key in expected:
         assert (got[key] - expected[key]).abs().max() <= 1e-5, key
-    for metrics, logp, _ in results:  # every rank reports the same
-        assert metrics.updated
-        assert metrics.loss == pytest.approx(expected_metrics.loss, abs=1e-5)
-        assert metrics.grad_norm == pytest.approx(expected_metrics.grad_norm, rel=1e-5)
-        assert metrics.num_tokens == expected_metrics.num_tokens
+    for result, logp, _ in results:  # every rank reports the same
+        assert result.updated
+        assert result.metrics["loss"] == pytest.approx(expected_result.metrics["loss"], abs=1e-5)
+        assert result.metrics["grad_norm"] == pytest.approx(
+            expected_result.metrics["grad_norm"], rel=1e-5
+        )
         assert (torch.from_numpy(logp) - expected_logp).abs().max() <= 1e-5
     # the step changed the weights by far more than the tolerance
     initial = assemble([sharded_pieces(new_worker(recipe(tmp_path)).model)])
@@ -542,20 +556,24 @@ def test_entropy_step_at_tp2_matches_one_rank(tmp_path):
     test_soft_tensor_parallel.)"""
     make_hf_model("qwen2", tmp_path)
     coef = 1.0  # the entropy's gradient comparable to the policy term's
-    expected_metrics, _, expected_pieces = _first_step(0, str(tmp_path), 1, 1, 7, coef)
+    expected_result, _, expected_pieces = _first_step(0, str(tmp_path), 1, 1, 7, coef)
     expected = assemble([expected_pieces])
     results = run_ranks(2, _first_step, str(tmp_path), 2, 1, 7, coef)
     got = assemble(pieces for _, _, pieces in results)
     for key in expected:
         assert (got[key] - expected[key]).abs().max() <= 1e-5, key
-    for metrics, _, _ in results:
-        assert metrics.loss == pytest.approx(expected_metrics.loss, abs=1e-5)
-        assert metrics.entropy_mean == pytest.approx(expected_metrics.entropy_mean, abs=1e-5)
-        assert metrics.grad_norm == pytest.approx(expected_metrics.grad_norm, rel=1e-5)
+    for result, _, _ in results:
+        assert result.metrics["loss"] == pytest.approx(expected_result.metrics["loss"], abs=1e-5)
+        assert result.metrics["entropy/mean"] == pytest.approx(
+            expected_result.metrics["entropy/mean"], abs=1e-5
+        )
+        assert result.metrics["grad_norm"] == pytest.approx(
+            expected_result.metrics["grad_norm"], rel=1e-5
+        )
     # the entropy term is a large part of the objective (KL is 0 on a first step)
     assert (
-        expected_metrics.policy_loss - expected_metrics.loss
-        > 0.5 * coef * expected_metrics.entropy_mean
+        expected_result.metrics["policy_loss"] - expected_result.metrics["loss"]
+        > 0.5 * coef * expected_result.metrics["entropy/mean"]
     )
 
 
@@ -567,18 +585,17 @@ def _step_with_nan_on_rank_1(rank, hf_dir):
     )  # rows 2-3 are data-parallel rank 1's
     batch.advantages[2 + b, j] = math.inf
     before = weights(worker)
-    metrics = worker.train_step(batch)
-    return metrics, all(torch.equal(a, b) for a, b in zip(before, weights(worker)))
+    result = train(worker, batch)
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, weights(worker)))
+    return result, worker.skipped_steps, unchanged
 
 
 @pytest.mark.multiproc
 def test_non_finite_gradient_on_one_data_parallel_rank_skips_on_all(tmp_path):
     make_hf_model("qwen2", tmp_path)
-    for metrics, unchanged in run_ranks(2, _step_with_nan_on_rank_1, str(tmp_path)):
+    for result, skipped, unchanged in run_ranks(2, _step_with_nan_on_rank_1, str(tmp_path)):
         assert (
-            not metrics.updated
-            and not math.isfinite(metrics.grad_norm)
-            and metrics.skipped_steps == 1
+            not result.updated and not math.isfinite(result.metrics["grad_norm"]) and skipped == 1
         )
         assert unchanged
 
@@ -588,7 +605,7 @@ def _train_and_save_at_tp2(rank, hf_dir, ckpt_dir):
 
     cfg = recipe(hf_dir, 2, 1, ckpt=ckpt_dir)
     worker = new_worker(cfg, 2, 1)
-    worker.train_step(with_old_logprobs(worker, make_batch(30)))
+    train(worker, with_old_logprobs(worker, make_batch(30)))
     checkpointing.save_training_checkpoint(cfg.checkpointing, worker, 1, {"saved_at": "tp2"})
 
 
@@ -601,7 +618,7 @@ def test_checkpoint_saved_at_tp2_restores_at_tp1(tmp_path, capsys):
     cfg = recipe(tmp_path / "hf", ckpt=tmp_path / "ckpt")
 
     baseline = new_worker(cfg)  # the same step at TP=1
-    baseline.train_step(with_old_logprobs(baseline, make_batch(30)))
+    train(baseline, with_old_logprobs(baseline, make_batch(30)))
     restored = new_worker(cfg)
     assert checkpointing.resume(cfg.checkpointing, restored).extra == {"saved_at": "tp2"}
     assert "RNG states left as seeded" in capsys.readouterr().out
@@ -614,6 +631,6 @@ def test_checkpoint_saved_at_tp2_restores_at_tp1(tmp_path, capsys):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-12
     # the restored moments drive the next update as the baseline's do
     for worker in (restored, baseline):
-        worker.train_step(with_old_logprobs(worker, make_batch(31)))
+        train(worker, with_old_logprobs(worker, make_batch(31)))
     for a, b in zip(weights(restored), weights(baseline)):
         assert (a - b).abs().max() <= 1e-5

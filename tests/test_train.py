@@ -434,21 +434,13 @@ class _RecordingWorker:
         self.logprob_calls += 1
         return torch.zeros(batch.loss_mask.shape)
 
-    def train_step(self, batch):
-        from types import SimpleNamespace
+    def train_step(self, batch, loss):
+        from megatron_softgrpo.train.policy import TrainStepResult
 
         self.batches.append(batch)
         self.optimizer_steps += 1
-        stats = dict(clip_frac_low=0.0, clip_frac_high=0.0, dual_clip_frac=0.0, ratio_mean=1.0)
-        return SimpleNamespace(
-            loss=1.0,
-            policy_loss=1.0,
-            kl_mean=None,
-            entropy_mean=None,
-            grad_norm=0.5,
-            lr=1e-6,
-            **stats,
-        )
+        metrics = {name: float(v) for name, v in loss.zero_metrics("cpu").items()}
+        return TrainStepResult({**metrics, "grad_norm": 0.5, "lr": 1e-6}, updated=True)
 
 
 def _scored_round(index: int, rewards: list[float], width: int, truncated=()):
@@ -488,6 +480,7 @@ def _trainer_with_rounds(rounds, *, dp=1, items=100, **sections):
     trainer = object.__new__(loop.Trainer)
     trainer.cfg = RecipeCfg.model_validate(body)
     trainer.dp, trainer.worker = dp, _RecordingWorker()
+    trainer.loss = loop.PolicyLoss(trainer.cfg.loss_fn)
     trainer.sampler = PromptSampler(
         list(range(items)), trainer.cfg.grpo.num_prompts_per_step, seed=0
     )

@@ -17,8 +17,11 @@ exp would turn a zero gradient into NaN), and nothing divides 0 by 0: a row with
 positions is not counted as a sequence (seq_mean_token_mean), a micro-batch without any gives 0.
 
 `token_terms` gives the per-position terms and `aggregation_weights` the aggregation as
-per-position weights, so the trainer can sum the objective chunk by chunk as it scores
-positions (`soft.objective_from_hidden`).
+per-position weights. `PolicyLoss` is what the policy worker is handed (NeMo-RL's
+`policy.train(data, loss_fn)`): per micro-batch, a per-position objective that the worker's fused
+chunked pass sums as it scores positions (`soft.objective_from_hidden`), and the step's metrics
+as named shares that the worker reduces by key without knowing what they are. `policy_loss` is
+the same loss on one [B, S] batch.
 """
 
 from __future__ import annotations
@@ -179,6 +182,118 @@ def policy_loss(
         entropy_mean=entropy_mean,
     )
     return PolicyLossResult(loss, pg.detach(), _detached(kl_loss), _detached(entropy_loss), metrics)
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """How the policy worker runs one optimizer step, which the loss normalises for: the schedule
+    divides each micro-batch's returned loss by `num_micro_batches` and DDP averages the gradients
+    over `data_parallel_size` ranks; `num_tokens` counts the scored positions of the whole
+    mini-batch (all ranks)."""
+
+    num_micro_batches: int
+    data_parallel_size: int
+    num_tokens: int
+
+
+class PolicyLoss:
+    """The policy loss as the policy worker takes it (LossCfg decides everything)."""
+
+    def __init__(self, cfg: LossCfg):
+        self.cfg = cfg
+
+    @property
+    def needs_entropy(self) -> bool:
+        """The objective reads each scored position's entropy (the worker computes it)."""
+        return self.cfg.entropy_coef > 0
+
+    def micro_batch(
+        self,
+        loss_mask: Tensor,
+        at: tuple[Tensor, Tensor],
+        old_logp: Tensor,
+        advantages: Tensor,
+        ref_logp: Tensor | None,
+        step: StepShape,
+    ) -> MicroBatchLoss:
+        """The objective of one micro-batch's scored positions `at` (indices into its [b, s]
+        `loss_mask` and the record-aligned tensors)."""
+        scale = LossScale(
+            global_num_tokens=step.num_tokens, data_parallel_size=step.data_parallel_size
+        )
+        weights = aggregation_weights(loss_mask, self.cfg.aggregation, scale)[at].float()
+        if self.cfg.aggregation == "token_mean_global":
+            # normalised over the whole mini-batch already: undo the schedule's division
+            weights = weights * step.num_micro_batches
+        ref = None if ref_logp is None else ref_logp[at]
+        return MicroBatchLoss(self.cfg, step, weights, old_logp[at], advantages[at], ref)
+
+    def zero_metrics(self, device) -> dict[str, Tensor]:
+        """Every metric this loss reports, at zero (a micro-batch that scores nothing)."""
+        empty = torch.zeros(0, device=device)
+        ref = empty if self.cfg.reference_policy_kl_penalty > 0 else None
+        return MicroBatchLoss(self.cfg, StepShape(1, 1, 0), empty, empty, empty, ref).metrics
+
+
+class MicroBatchLoss:
+    """One micro-batch's scored positions [n], called chunk by chunk by the fused pass: returns each
+    position's weighted objective, and adds the chunk's detached terms to `metrics`.
+
+    A metric's value is this micro-batch's share: summed over the micro-batches and data-parallel
+    ranks of a step, it is the step's figure. A new metric is one entry in `_shares`."""
+
+    def __init__(
+        self,
+        cfg: LossCfg,
+        step: StepShape,
+        weights: Tensor,
+        old_logp: Tensor,
+        advantages: Tensor,
+        ref_logp: Tensor | None,
+    ):
+        self.cfg, self.step, self.weights = cfg, step, weights
+        self.old_logp, self.advantages, self.ref_logp = old_logp, advantages, ref_logp
+        none = slice(0, 0)  # the metrics' names, at zero: the same shares over no positions
+        entropy = old_logp[none] if cfg.entropy_coef > 0 else None
+        self.metrics: dict[str, Tensor] = self._shares(old_logp[none], entropy, none)[1]
+
+    def __call__(self, ell: Tensor, entropy: Tensor | None, positions: slice) -> Tensor:
+        weighted, shares = self._shares(ell, entropy, positions)
+        for name, value in shares.items():
+            self.metrics[name] = self.metrics[name] + value
+        return weighted
+
+    def _shares(self, ell, entropy, positions: slice) -> tuple[Tensor, dict[str, Tensor]]:
+        advantages = self.advantages[positions]
+        terms = token_terms(
+            ell,
+            self.old_logp[positions],
+            advantages,
+            torch.ones_like(advantages, dtype=torch.bool),  # every position given is scored
+            self.cfg,
+            ref_logp=None if self.ref_logp is None else self.ref_logp[positions],
+            entropy=entropy,
+        )
+        weights = self.weights[positions]
+        weighted = weights * terms.objective(self.cfg)
+        step = self.step
+        per_step = step.num_micro_batches * step.data_parallel_size  # the schedule's, DDP's means
+        tokens = max(step.num_tokens, 1)
+        bound = terms.ratio_bound
+        shares = {
+            "loss": weighted.sum() / per_step,  # what the update descends
+            "policy_loss": (weights * terms.policy).sum() / per_step,
+            "clip_fraction": (bound & (advantages != 0)).sum() / tokens,
+            "clip_fraction/low": (bound & (advantages < 0)).sum() / tokens,
+            "clip_fraction/high": (bound & (advantages > 0)).sum() / tokens,
+            "dual_clip_fraction": terms.dual_bound.sum() / tokens,
+            "ratio/mean": terms.ratio.sum() / tokens,
+        }
+        if terms.kl is not None:
+            shares["kl/mean"] = terms.kl.sum() / tokens
+        if terms.entropy is not None:
+            shares["entropy/mean"] = terms.entropy.sum() / tokens
+        return weighted, {k: v.detach().double() for k, v in shares.items()}
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor, clamp: float) -> Tensor:

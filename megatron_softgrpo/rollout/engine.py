@@ -149,7 +149,7 @@ class RolloutEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.shard = shard
-        self.s = settings
+        self.settings = settings
         self.pad_id = pad_id
         self.mixture_size = settings.answer_sampler.mixture_size
         self.marker = TextMatcher(tokenizer, [settings.think_end])
@@ -165,9 +165,9 @@ class RolloutEngine:
         self.model.eval()  # Megatron's KV-cache path is for inference mode
         try:
             per_pass = len(prompts)
-            if self.s.max_rows_per_pass is not None:
+            if self.settings.max_rows_per_pass is not None:
                 per_pass = max(
-                    1, self.s.max_rows_per_pass // num_generations
+                    1, self.settings.max_rows_per_pass // num_generations
                 )  # whole groups per pass
             passes = [
                 self._generate(prompts[i : i + per_pass], num_generations)
@@ -218,9 +218,9 @@ class RolloutEngine:
         last_stage = parallel_state.is_pipeline_last_stage()
         prompt_rows = [p for p in prompts for _ in range(num_generations)]
         b, plen = len(prompt_rows), max(len(p) for p in prompt_rows)
-        max_new = self.s.max_new_tokens
+        max_new = self.settings.max_new_tokens
         runner = ModelRunner(
-            self.model, b, plen + max_new, self.s.use_kv_cache, self.s.input_offset
+            self.model, b, plen + max_new, self.settings.use_kv_cache, self.settings.input_offset
         )
 
         tokens = torch.full((b, plen), self.pad_id, dtype=torch.long, device=device)
@@ -231,8 +231,8 @@ class RolloutEngine:
         logits = runner.prefill(MixtureRows.discrete(tokens, self.mixture_size), pad)
 
         out = _ResponseBuffer(b, max_new, self.mixture_size, device)
-        state = _RowState(b, self.s.thinking_sampler is None, device)
-        tapes = NoiseTapes.draw(self.s, max_new, b, device) if last_stage else None
+        state = _RowState(b, self.settings.thinking_sampler is None, device)
+        tapes = NoiseTapes.draw(self.settings, max_new, b, device) if last_stage else None
         active = torch.arange(b, device=device)
         for t in range(max_new):
             step = self._empty_step(len(active), device)
@@ -268,13 +268,13 @@ class RolloutEngine:
         answer = phase == ANSWER
         if THINK in phases:
             raw = tapes.rows("thinking", t, active)
-            sampled = self.s.thinking_sampler.sample(
+            sampled = self.settings.thinking_sampler.sample(
                 logits[think], self.shard, None if raw is None else raw[think]
             )
             step = self._fill(step, think, sampled)
         if ANSWER in phases:
             raw = tapes.rows("answer", t, active)
-            sampled = self.s.answer_sampler.sample(
+            sampled = self.settings.answer_sampler.sample(
                 logits[answer], self.shard, None if raw is None else raw[answer]
             )
             step = self._fill(step, answer, sampled)
@@ -292,7 +292,7 @@ class RolloutEngine:
             )
         cold = (
             self._low_entropy(logits, think).tolist()
-            if self.s.cold_stop_entropy is not None and THINK in phases
+            if self.settings.cold_stop_entropy is not None and THINK in phases
             else [False] * n
         )
 
@@ -300,7 +300,7 @@ class RolloutEngine:
         for i, (row, ph, token) in enumerate(zip(rows, phases, step.tokens.tolist())):
             state.transcripts[row].append(token)
             if ph == THINK:
-                if token in self.s.eos_ids:
+                if token in self.settings.eos_ids:
                     state.finish(row, "eos", t + 1, done, i)
                     continue
                 if self.marker.completed(state.transcripts[row]):
@@ -308,7 +308,7 @@ class RolloutEngine:
                     lp = discrete_log_density(
                         logits[i : i + 1],
                         step.tokens[i : i + 1],
-                        self.s.thinking_temperature,
+                        self.settings.thinking_temperature,
                         self.shard,
                     )
                     step = self._fill(
@@ -321,21 +321,21 @@ class RolloutEngine:
                     state.soft_steps[row] += 1
                     state.low_entropy[row] = state.low_entropy[row] + 1 if cold[i] else 0
                     budget = (
-                        self.s.max_thinking_tokens is not None
-                        and state.soft_steps[row] >= self.s.max_thinking_tokens
+                        self.settings.max_thinking_tokens is not None
+                        and state.soft_steps[row] >= self.settings.max_thinking_tokens
                     )
-                    if budget or state.low_entropy[row] >= self.s.cold_stop_steps:
+                    if budget or state.low_entropy[row] >= self.settings.cold_stop_steps:
                         state.phase[row] = FORCE
             elif ph == FORCE:
                 state.forced_pos[row] += 1
                 if state.forced_pos[row] == len(self.marker_ids):
                     state.enter_answer(row, t + 1)
-            elif token in self.s.eos_ids:
+            elif token in self.settings.eos_ids:
                 state.finish(row, "eos", t + 1, done, i)
                 continue
             if self.stops.completed(state.transcripts[row]):
                 state.finish(row, "stop", t + 1, done, i)
-            elif t + 1 == self.s.max_new_tokens:
+            elif t + 1 == self.settings.max_new_tokens:
                 state.finish(row, "length", t + 1, done, i)
         finished = torch.zeros(n, dtype=torch.bool, device=device)
         finished[done] = True
@@ -343,9 +343,9 @@ class RolloutEngine:
 
     def _low_entropy(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Entropy of p = softmax(l / T_thinking) over the whole sharded vocabulary, below the threshold."""
-        scaled = self.shard.scaled(logits, self.s.thinking_sampler.truncation.temperature)
+        scaled = self.shard.scaled(logits, self.settings.thinking_sampler.truncation.temperature)
         entropy = softmax_entropy(scaled, log_normalizer(scaled, self.shard), self.shard)
-        return (entropy < self.s.cold_stop_entropy) & rows
+        return (entropy < self.settings.cold_stop_entropy) & rows
 
     # ------------------------------------------------------------------ helpers
 

@@ -166,7 +166,7 @@ class StaticRolloutEngine(RolloutEngine):
         device, k = self.device, self.mixture_size
         prompt_rows = [p for p in prompts for _ in range(num_generations)]
         b, plen = len(prompt_rows), max(len(p) for p in prompt_rows)
-        max_new = self.s.max_new_tokens
+        max_new = self.settings.max_new_tokens
         rows = _bucket(b, BATCH_BUCKET)
         decoder = self._decoder(rows, _bucket(plen + max_new, static_decode.MIN_LENGTH_BUCKET))
 
@@ -182,12 +182,14 @@ class StaticRolloutEngine(RolloutEngine):
         # one spare buffer row (index `rows`) takes the records of rows added after a shrink
         out = _ResponseBuffer(rows + 1, max_new, k, device)
         tapes = (
-            _padded(NoiseTapes.draw(self.s, max_new, b, device), rows + 1) if last_stage else None
+            _padded(NoiseTapes.draw(self.settings, max_new, b, device), rows + 1)
+            if last_stage
+            else None
         )
         state = _DeviceState.start(
             rows,
             b,
-            self.s.thinking_sampler is None,
+            self.settings.thinking_sampler is None,
             self.marker_automaton,
             self.stop_automaton,
             device,
@@ -215,7 +217,7 @@ class StaticRolloutEngine(RolloutEngine):
             logits = decoder.run(feed.map(lambda x: x[:, None]), plen + t, pad)
 
         outcome.record(origin, state)
-        result = _RowState(b, self.s.thinking_sampler is None, device)
+        result = _RowState(b, self.settings.thinking_sampler is None, device)
         if last_stage:
             result.length, result.think_length, reasons = outcome.values[:, :b].tolist()
             result.reason = [REASONS[r] for r in reasons]
@@ -244,7 +246,7 @@ class StaticRolloutEngine(RolloutEngine):
             group = parallel_state.get_tensor_model_parallel_group()
             self._decoders[key] = _Decoder(
                 static_decode.StaticDecoder(self.model, rows, max_len, group),
-                self.s.input_offset,
+                self.settings.input_offset,
                 self.compile,
                 self.cuda_graphs,
             )
@@ -255,7 +257,7 @@ class StaticRolloutEngine(RolloutEngine):
     def _step(self, logits, st: _DeviceState, t: int, tapes: NoiseTapes, origin: torch.Tensor):
         """Sample every row, select each row's step by its phase and advance the phase machine;
         row i draws the noise of original row origin[i]."""
-        s, shard = self.s, self.shard
+        s, shard = self.settings, self.shard
         think, force, answer = st.phase == THINK, st.phase == FORCE, st.phase == ANSWER
         forced = self.marker_tokens[st.forced_pos.clamp(max=len(self.marker_ids) - 1)]
         step = _discrete_step(forced, self.mixture_size)

@@ -24,6 +24,7 @@ import torch
 
 from megatron_softgrpo.algorithms.advantages import broadcast_to_positions, group_advantages
 from megatron_softgrpo.algorithms.filtering import group_rows, informative_groups, overlong_penalty
+from megatron_softgrpo.algorithms.loss import PolicyLoss
 from megatron_softgrpo.config.recipe import LoadedRecipe
 from megatron_softgrpo.data.datasets import PromptDataset, load_split
 from megatron_softgrpo.data.prompts import encode_prompt
@@ -128,6 +129,7 @@ class Trainer:
         self.train_data = self._load("train")
         self.val_data = self._load("validation") if cfg.data.validation is not None else None
         self.worker = PolicyWorker(cfg)
+        self.loss = PolicyLoss(cfg.loss_fn)  # handed to every update: the worker knows no loss
         self.sampler = PromptSampler(
             self.train_data.problems,
             cfg.grpo.num_prompts_per_step,
@@ -297,14 +299,14 @@ class Trainer:
         times["time/logprob"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        mb = cfg.policy.train_global_batch_size
+        mini = cfg.policy.train_global_batch_size  # rows per optimizer step
         # a short step's last mini-batch: unscored rows up to a multiple of DP x micro-batch
         unit = self.dp * cfg.policy.train_micro_batch_size
         updates = []
-        for i in range(0, batch.num_rows, mb):
-            part = batch.row_slice(i, i + mb)
+        for i in range(0, batch.num_rows, mini):
+            part = batch.row_slice(i, i + mini)
             part = part.padded_rows(math.ceil(part.num_rows / unit) * unit)
-            updates.append(worker.train_step(_trim(part)))
+            updates.append(worker.train_step(_trim(part), self.loss))
         times["time/update"] = time.perf_counter() - t
         times["time/step"] = time.perf_counter() - t0
 
@@ -500,25 +502,15 @@ def _update_metrics(batch: PolicyBatch, scored: Scored, updates: list) -> dict:
     mask = batch.loss_mask
     if not updates:
         return {}
-    kls = [u.kl_mean for u in updates if u.kl_mean is not None]
-    entropies = [u.entropy_mean for u in updates if u.entropy_mean is not None]
+    means = {k: _mean(u.metrics[k] for u in updates) for k in updates[0].metrics}
     return {
         "soft_fraction": float((scored.rows.is_soft & mask).sum() / mask.sum().clamp(min=1)),
         "rollout_logp_mismatch": float(
             ((scored.rollout_logp.exp() - batch.old_logp.exp()).abs() * mask).sum()
             / mask.sum().clamp(min=1)
         ),
-        "loss": _mean(u.loss for u in updates),
-        "policy_loss": _mean(u.policy_loss for u in updates),
-        "kl/mean": _mean(kls) if kls else None,
-        "entropy/mean": _mean(entropies) if entropies else None,
-        "clip_fraction": _mean(u.clip_frac_low + u.clip_frac_high for u in updates),
-        "clip_fraction/low": _mean(u.clip_frac_low for u in updates),
-        "clip_fraction/high": _mean(u.clip_frac_high for u in updates),
-        "dual_clip_fraction": _mean(u.dual_clip_frac for u in updates),
-        "ratio/mean": _mean(u.ratio_mean for u in updates),
-        "grad_norm": _mean(u.grad_norm for u in updates),
-        "lr": updates[-1].lr,
+        **means,  # the loss's metrics and grad_norm, averaged over the step's updates
+        "lr": updates[-1].metrics["lr"],
     }
 
 

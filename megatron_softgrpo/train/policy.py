@@ -25,11 +25,12 @@ tensor, pipeline and data parallelism all work the same way:
   micro-batches of consecutive rows; gradients are averaged over the D ranks by DDP.
   `compute_logprobs` pads the batch with unscored rows up to a multiple of D x micro-batch and
   all-gathers the result, so every rank returns the log-probs of all B rows.
-- Loss normalisation (`loss_fn.aggregation`): Megatron divides each micro-batch's loss by the
-  number of micro-batches and DDP averages over ranks, which is exactly the reference
-  `token_mean_microbatch` (and `seq_mean_token_mean`); `token_mean_global` normalises by the
-  scored positions of the whole mini-batch, so the worker undoes Megatron's division there.
-  With these, one step at any TP/PP/DP gives the update of one rank on the same mini-batch,
+- The loss is handed in: `train_step(batch, loss)` (NeMo-RL's `policy.train(data, loss_fn)`). The
+  worker tells it the step's shape (`StepShape`: Megatron divides each micro-batch's loss by the
+  number of micro-batches, DDP averages over ranks, the mini-batch's scored positions), sums the
+  per-position objective it returns in the fused chunked pass, and adds up its named metrics over
+  micro-batches and data-parallel ranks without knowing what they are. With the loss's
+  normalisation, one step at any TP/PP/DP gives the update of one rank on the same mini-batch,
   provided the micro-batches hold the same rows (global rows / micro-batch size alike).
 """
 
@@ -41,13 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_softgrpo.algorithms.loss import (
-    LossScale,
-    PolicyLossResult,
-    aggregation_weights,
-    policy_loss,
-    token_terms,
-)
+from megatron_softgrpo.algorithms.loss import PolicyLoss, StepShape
 from megatron_softgrpo.algorithms.registry import training_algorithm
 from megatron_softgrpo.config.schema import RecipeCfg
 from megatron_softgrpo.distributed import broadcast_from_last_stage
@@ -73,40 +68,12 @@ from model_patches.output_layer import final_hidden_states
 
 
 @dataclass(frozen=True)
-class TrainStepMetrics:
+class TrainStepResult:
     """One optimizer step; identical on every rank."""
 
-    # the objective whose gradient was applied (policy + kl coef * kl - entropy coef * entropy), per LossCfg.aggregation
-    loss: float
-    policy_loss: float
-    kl_loss: float | None  # None without a reference model
-    num_tokens: int  # scored positions of the mini-batch
-    clip_frac_low: float  # means over the scored positions, as PolicyLossMetrics
-    clip_frac_high: float
-    dual_clip_frac: float
-    ratio_mean: float
-    kl_mean: float | None
-    entropy_mean: float | None  # None when loss_fn.entropy_coef is 0 (not computed)
-    grad_norm: float  # before clipping; not finite when the step was skipped
-    lr: float
+    # the loss's metrics (named by it), then grad_norm (before clipping) and lr: metrics.jsonl names
+    metrics: dict[str, float]
     updated: bool  # False: non-finite gradient norm, the weights were left unchanged
-    skipped_steps: int  # skipped optimizer steps so far in this run (kept across resumes)
-
-
-# per-micro-batch statistics (loss terms as the schedule backpropagates them, the rest token-weighted),
-# summed over micro-batches and data-parallel ranks
-_STATS = (
-    "objective",
-    "policy",
-    "kl",
-    "tokens",
-    "clip_low",
-    "clip_high",
-    "dual_clip",
-    "ratio",
-    "kl_mean",
-    "entropy_mean",
-)
 
 
 def _parallel_state():
@@ -189,10 +156,10 @@ class PolicyWorker:
             logp = torch.cat(parts)
         return logp[: batch.num_rows, : batch.seq_len]
 
-    def train_step(self, batch: PolicyBatch) -> TrainStepMetrics:
-        """One optimizer step on the mini-batch `batch` (gradient accumulation over micro-batches)."""
+    def train_step(self, batch: PolicyBatch, loss: PolicyLoss) -> TrainStepResult:
+        """One optimizer step of `loss` on the mini-batch `batch` (gradient accumulation over
+        micro-batches)."""
         ps = _parallel_state()
-        loss_cfg = self.cfg.loss_fn
         if batch.advantages is None or batch.old_logp is None:
             raise ValueError("train_step needs advantages and old_logp")
         if self.reference is not None and batch.ref_logp is None:
@@ -209,46 +176,20 @@ class PolicyWorker:
             lambda t: t.to(self.device)
         )
         micro_batches = [local.row_slice(i, i + micro) for i in range(0, per_rank, micro)]
-        num_micro = len(micro_batches)
-        global_mean = loss_cfg.aggregation == "token_mean_global"
-        scale = (
-            LossScale(global_num_tokens=int(batch.loss_mask.sum()), data_parallel_size=dp)
-            if global_mean
-            else LossScale()
-        )
-        # Megatron divides each micro-batch's loss by num_micro; token_mean_global is normalised already
-        undo_division = num_micro if global_mean else 1
+        step = StepShape(len(micro_batches), dp, int(batch.loss_mask.sum()))
 
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss_output = functools.partial(self._loss_output, scale, undo_division, num_micro)
-        stats = self._reduce_stats(
-            self._run(self.ddp, micro_batches, loss_output, forward_only=False)
-        )
+        output_fn = functools.partial(self._loss_output, loss, step)
+        outputs = self._run(self.ddp, micro_batches, output_fn, forward_only=False)
+        metrics = self._reduce_metrics(outputs, loss.zero_metrics(self.device))
         outcome = guarded_step(self.optimizer, self.scheduler)
         if outcome.updated:
             self.optimizer_steps += 1
         else:
             self.skipped_steps += 1
-        s = dict(zip(_STATS, stats.tolist()))
-        tokens = max(s["tokens"], 1.0)
-        with_kl = self.reference is not None
-        return TrainStepMetrics(
-            loss=s["objective"] / dp,
-            policy_loss=s["policy"] / dp,
-            kl_loss=s["kl"] / dp if with_kl else None,
-            num_tokens=int(s["tokens"]),
-            clip_frac_low=s["clip_low"] / tokens,
-            clip_frac_high=s["clip_high"] / tokens,
-            dual_clip_frac=s["dual_clip"] / tokens,
-            ratio_mean=s["ratio"] / tokens,
-            kl_mean=s["kl_mean"] / tokens if with_kl else None,
-            entropy_mean=s["entropy_mean"] / tokens if self._with_entropy else None,
-            grad_norm=outcome.grad_norm,
-            lr=outcome.lr,
-            updated=outcome.updated,
-            skipped_steps=self.skipped_steps,
-        )
+        metrics.update(grad_norm=outcome.grad_norm, lr=outcome.lr)
+        return TrainStepResult(metrics, outcome.updated)
 
     # ------------------------------------------------------------------ forward pieces
 
@@ -297,10 +238,6 @@ class PolicyWorker:
         )
         # a leaf that requires grad, so activation recomputation still builds a graph; no weight sees it
         return x.requires_grad_()
-
-    @property
-    def _with_entropy(self) -> bool:
-        return self.cfg.loss_fn.entropy_coef > 0
 
     def _scored_inputs(self, gpt, output: torch.Tensor, micro_batch: PolicyBatch):
         """(hidden [n, 1, h] scoring each record, the records [1, n], their (row, position) indices) from
@@ -359,103 +296,44 @@ class PolicyWorker:
         }
 
     def _loss_output(
-        self,
-        scale: LossScale,
-        undo_division: int,
-        num_micro: int,
-        gpt,
-        micro_batch: PolicyBatch,
-        output: torch.Tensor,
+        self, loss: PolicyLoss, step: StepShape, gpt, micro_batch: PolicyBatch, output: torch.Tensor
     ):
         """The micro-batch's loss, summed position by position as the chunked scorer computes the
-        log-densities (`objective_from_hidden`: no logits recomputed in backward), and its statistics."""
-        cfg, mb = self.cfg.loss_fn, micro_batch
-        inputs, records, at = self._scored_inputs(gpt, output, mb)
-        weights = aggregation_weights(mb.loss_mask, cfg.aggregation, scale)[at].float()
-        old, advantages = mb.old_logp[at], mb.advantages[at]
-        ref = None if mb.ref_logp is None else mb.ref_logp[at]
-        scored_everywhere = torch.ones_like(weights, dtype=torch.bool)
-
-        def objective(ell, entropy, positions: slice):
-            terms = token_terms(
-                ell,
-                old[positions],
-                advantages[positions],
-                scored_everywhere[positions],
-                cfg,
-                ref_logp=None if ref is None else ref[positions],
-                entropy=entropy,
-            )
-            return weights[positions] * terms.objective(cfg)
-
-        logp = torch.zeros(mb.loss_mask.shape, dtype=torch.float32, device=output.device)
-        entropy = torch.zeros_like(logp) if self._with_entropy else None
-        if (
-            at[0].numel() == 0
-        ):  # nothing scored: a zero that stays on the graph the schedule backpropagates
-            loss = 0 * output.sum()
+        log-densities (`objective_from_hidden`: no logits recomputed in backward), and its metrics."""
+        inputs, records, at = self._scored_inputs(gpt, output, micro_batch)
+        objective = loss.micro_batch(
+            micro_batch.loss_mask,
+            at,
+            micro_batch.old_logp,
+            micro_batch.advantages,
+            micro_batch.ref_logp,
+            step,
+        )
+        if at[0].numel() == 0:  # nothing scored: a zero on the graph the schedule backpropagates
+            value = 0 * output.sum()
         else:
-            scored = objective_from_hidden(
+            value = objective_from_hidden(
                 inputs,
                 self._output_weight(gpt),
                 records,
                 self.scorer,
                 self.vocab,
                 objective,
-                self._with_entropy,
+                loss.needs_entropy,
                 embedding=self._input_embedding(gpt),
-            )
-            loss = scored.value
-            logp = logp.index_put(at, scored.ell[0].float())
-            if entropy is not None:
-                entropy = entropy.index_put(at, scored.entropy[0].float())
-        # the same terms aggregated on the detached values: what is reported
-        result = policy_loss(
-            logp,
-            mb.old_logp,
-            mb.advantages,
-            mb.loss_mask,
-            cfg,
-            ref_logp=mb.ref_logp,
-            entropy=entropy,
-            scale=scale,
-        )
-        # the loss terms as the schedule backpropagates them: x undo_division / num_micro
-        return loss * undo_division, {
-            "stats": _micro_batch_stats(result, undo_division / num_micro)
-        }
+            ).value
+        return value, {"metrics": objective.metrics}
 
-    def _reduce_stats(self, outputs: list[dict]) -> torch.Tensor:
-        """Sum of the micro-batch statistics over micro-batches and data-parallel ranks, on every rank."""
+    def _reduce_metrics(
+        self, outputs: list[dict], zeros: dict[str, torch.Tensor]
+    ) -> dict[str, float]:
+        """Each named metric summed over micro-batches and data-parallel ranks, on every rank
+        (`zeros`: every name, for the stages that hold no outputs)."""
         ps = _parallel_state()
-        if outputs:
-            stats = torch.stack([o["stats"] for o in outputs]).sum(dim=0)
-        else:
-            stats = torch.zeros(len(_STATS), dtype=torch.float64, device=self.device)
-        broadcast_from_last_stage(stats)
+        names = list(zeros)
+        per_micro = [o["metrics"] for o in outputs] or [zeros]
+        sums = torch.stack([torch.stack([m[n] for n in names]) for m in per_micro]).sum(dim=0)
+        broadcast_from_last_stage(sums)
         if ps.get_data_parallel_world_size() > 1:
-            torch.distributed.all_reduce(stats, group=ps.get_data_parallel_group())
-        return stats
-
-
-def _micro_batch_stats(result: PolicyLossResult, loss_share: float) -> torch.Tensor:
-    """The `_STATS` of one micro-batch: loss terms times their share of the step, the rest token-weighted."""
-    m = result.metrics
-    tokens = m.num_tokens.double()
-    zero = torch.zeros((), dtype=torch.float64, device=tokens.device)
-    kl = zero if result.kl_loss is None else result.kl_loss.double()
-    kl_mean = zero if m.kl_mean is None else m.kl_mean.double()
-    entropy_mean = zero if m.entropy_mean is None else m.entropy_mean.double()
-    values = [
-        result.loss.detach().double() * loss_share,
-        result.policy_loss.double() * loss_share,
-        kl * loss_share,
-        tokens,
-        tokens * m.clip_frac_low.double(),
-        tokens * m.clip_frac_high.double(),
-        tokens * m.dual_clip_frac.double(),
-        tokens * m.ratio_mean.double(),
-        tokens * kl_mean,
-        tokens * entropy_mean,
-    ]
-    return torch.stack(values)
+            torch.distributed.all_reduce(sums, group=ps.get_data_parallel_group())
+        return dict(zip(names, sums.tolist()))
