@@ -60,7 +60,7 @@ def load(model_name: str, precision: str, tokenizer_path: str | None = None):
     from megatron_softgrpo.models.source import SMOLLM2, load_tokenizer, resolve_model_source
     from megatron_softgrpo.soft import VocabShard
 
-    init_distributed(ParallelLayout(1, 1))
+    parallel = init_distributed(ParallelLayout(1, 1))
     tokenizer = (
         AutoTokenizer.from_pretrained(tokenizer_path)
         if tokenizer_path
@@ -76,11 +76,18 @@ def load(model_name: str, precision: str, tokenizer_path: str | None = None):
         model, padded = load_model(source, MegatronCfg(), precision)
         vocab = source.arch.vocab_size
     model.eval()
-    return model, tokenizer, VocabShard.whole(padded, vocab)
+    return model, tokenizer, VocabShard.whole(padded, vocab), parallel
 
 
 def engine(
-    model, tokenizer, shard, mixture_size: int | None, max_new: int, kind="static", eos=frozenset()
+    model,
+    tokenizer,
+    shard,
+    parallel,
+    mixture_size: int | None,
+    max_new: int,
+    kind="static",
+    eos=frozenset(),
 ):
     """kind: static | compiled (its step compiled) | masked (never shrinks) | eager (the reference)."""
     from megatron_softgrpo.rollout.engine import RolloutEngine, RolloutSettings
@@ -100,19 +107,29 @@ def engine(
         eos_ids=eos,
     )
     if kind == "eager":
-        return RolloutEngine(model, tokenizer, shard, settings)
+        return RolloutEngine(model, tokenizer, shard, settings, parallel)
     return StaticRolloutEngine(
-        model, tokenizer, shard, settings, compile=kind == "compiled", shrink=kind != "masked"
+        model,
+        tokenizer,
+        shard,
+        settings,
+        parallel,
+        compile=kind == "compiled",
+        shrink=kind != "masked",
     )
 
 
-def staggered_eos(model, tokenizer, shard, batch: int, plen: int, new: int) -> frozenset[int]:
+def staggered_eos(
+    model, tokenizer, shard, parallel, batch: int, plen: int, new: int
+) -> frozenset[int]:
     """EOS ids that end row i near step i * new / batch: the token row i wrote there, decoded
     once without EOS (lengths then spread as in RL, where a step waits for its longest row)."""
     from megatron_softgrpo.soft import seed_noise_rng
 
     seed_noise_rng(0)
-    first = engine(model, tokenizer, shard, 5, new).generate([list(range(100, 100 + plen))], batch)
+    first = engine(model, tokenizer, shard, parallel, 5, new).generate(
+        [list(range(100, 100 + plen))], batch
+    )
     return frozenset(
         int(first.rows.tokens[i, plen + min(new - 1, 1 + i * new // batch)]) for i in range(batch)
     )
@@ -162,7 +179,9 @@ def load_hf(model_name: str, precision: str):
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
-def compare_engines(args, model, tokenizer, shard, precision: str, batches, new, plen, repeats):
+def compare_engines(
+    args, model, tokenizer, shard, parallel, precision: str, batches, new, plen, repeats
+):
     """static (and compiled) vs eager vs HF generate, discrete and soft K = 5, per batch size."""
     hf = load_hf(args.model, precision)
     kinds = ["static", "eager"] + (["compiled"] if args.compile else [])
@@ -171,13 +190,13 @@ def compare_engines(args, model, tokenizer, shard, precision: str, batches, new,
         measurements = {}
         for kind in kinds:
             for name, k in (("discrete", None), ("soft_k5", 5)):
-                eng = engine(model, tokenizer, shard, k, new, kind)
+                eng = engine(model, tokenizer, shard, parallel, k, new, kind)
                 measurements[f"{kind}_{name}"] = tokens_per_second(eng, batch, plen)
         measurements["hf_generate"] = hf_tokens_per_second(hf, batch, plen, new)
         # rows ending at spread-out steps: shrinking to smaller buckets vs keeping them masked
-        eos = staggered_eos(model, tokenizer, shard, batch, plen, new)
+        eos = staggered_eos(model, tokenizer, shard, parallel, batch, plen, new)
         for kind in ("static", "masked", "eager"):
-            eng = engine(model, tokenizer, shard, 5, new, kind, eos)
+            eng = engine(model, tokenizer, shard, parallel, 5, new, kind, eos)
             measurements[f"staggered_{kind}_soft_k5"] = tokens_per_second(eng, batch, plen)
         got = medians(measurements, repeats)
         for name, value in got.items():
@@ -221,7 +240,7 @@ def tokens_per_second(eng, batch: int, prompt_len: int) -> Callable[[], float]:
 
 
 def decode_step_seconds(
-    model, position: int, batch: int, steps: int, rounds: int, use_kv_cache: bool = True
+    model, parallel, position: int, batch: int, steps: int, rounds: int, use_kv_cache: bool = True
 ) -> Callable[[], float]:
     """A measurement: mean time of one decode step with ~`position` inputs before it (cached or
     recomputed). One prefill serves every round: each round adds `steps` positions (<= a few %)."""
@@ -229,7 +248,7 @@ def decode_step_seconds(
     from megatron_softgrpo.soft import MixtureRows
 
     device = next(model.parameters()).device
-    runner = ModelRunner(model, batch, position + steps * (rounds + 1) + 1, use_kv_cache)
+    runner = ModelRunner(model, batch, position + steps * (rounds + 1) + 1, parallel, use_kv_cache)
     runner.prefill(
         MixtureRows.discrete(torch.full((batch, position), 7, device=device), 5),
         torch.zeros(batch, position, dtype=torch.bool, device=device),
@@ -248,18 +267,21 @@ def decode_step_seconds(
     return measure
 
 
-def static_step_seconds(model, position: int, batch: int, steps: int) -> Callable[[], float]:
+def static_step_seconds(
+    model, parallel, position: int, batch: int, steps: int
+) -> Callable[[], float]:
     """A measurement: mean time of one static decode step (CUDA graph on a GPU) at ~`position`."""
-    from megatron.core import parallel_state
-
     from megatron_softgrpo.rollout.static_engine import _Decoder
     from megatron_softgrpo.soft import MixtureRows
     from model_patches.static_decode import StaticDecoder
 
     device = next(model.parameters()).device
-    group = parallel_state.get_tensor_model_parallel_group()
     decoder = _Decoder(
-        StaticDecoder(model, batch, position + steps + 1, group), None, False, cuda_graphs=True
+        StaticDecoder(model, batch, position + steps + 1, parallel.groups.tp),
+        parallel,
+        None,
+        False,
+        cuda_graphs=True,
     )
     pad = torch.zeros(batch, dtype=torch.long, device=device)
     decoder.run(MixtureRows.discrete(torch.full((batch, position), 7, device=device), 5), 0, pad)
@@ -359,7 +381,7 @@ def main():
         p.error(f"--repeats must be >= 3 (medians of alternating rounds), got {args.repeats}")
     gpu = torch.cuda.is_available()
     precision = "bfloat16" if gpu else "float32"
-    model, tokenizer, shard = load(args.model, precision, args.tokenizer)
+    model, tokenizer, shard, parallel = load(args.model, precision, args.tokenizer)
     quick = args.quick
     batch, new, plen = (4, 16, 32) if quick else ((64, 128, 128) if gpu else (8, 48, 64))
     new = args.new_tokens or new
@@ -370,7 +392,8 @@ def main():
     }
     if args.static_gpu:
         return report(
-            results | static_gpu(model, tokenizer, shard, args.new_tokens or 1024, repeats),
+            results
+            | static_gpu(model, tokenizer, shard, parallel, args.new_tokens or 1024, repeats),
             args.json,
         )
     if args.engines:
@@ -378,17 +401,19 @@ def main():
             p.error("--engines compares with transformers on real weights: use the SmolLM2 model")
         batches = (4,) if quick else ((64,) if gpu else (8, 32))
         results |= compare_engines(
-            args, model, tokenizer, shard, precision, batches, new, plen, repeats
+            args, model, tokenizer, shard, parallel, precision, batches, new, plen, repeats
         )
         results |= {"new_tokens": str(new), "prompt_tokens": str(plen)}
         return report(results, args.json)
 
     throughput = medians(
         {
-            "discrete": tokens_per_second(engine(model, tokenizer, shard, None, new), batch, plen),
+            "discrete": tokens_per_second(
+                engine(model, tokenizer, shard, parallel, None, new), batch, plen
+            ),
             **{
                 f"soft_k{k}": tokens_per_second(
-                    engine(model, tokenizer, shard, k, new), batch, plen
+                    engine(model, tokenizer, shard, parallel, k, new), batch, plen
                 )
                 for k in (5, 30)
             },
@@ -410,13 +435,13 @@ def main():
     recompute_batch, recompute_steps = (1, 1) if quick and not gpu else (batch, max(1, steps // 4))
     decode = medians(
         {
-            "cached_128": decode_step_seconds(model, 128, batch, steps, repeats),
-            "cached_1024": decode_step_seconds(model, 1024, batch, steps, repeats),
+            "cached_128": decode_step_seconds(model, parallel, 128, batch, steps, repeats),
+            "cached_1024": decode_step_seconds(model, parallel, 1024, batch, steps, repeats),
             "cached_1024_recompute_batch": decode_step_seconds(
-                model, 1024, recompute_batch, recompute_steps, repeats
+                model, parallel, 1024, recompute_batch, recompute_steps, repeats
             ),
             "recomputed_1024": decode_step_seconds(
-                model, 1024, recompute_batch, recompute_steps, repeats, use_kv_cache=False
+                model, parallel, 1024, recompute_batch, recompute_steps, repeats, use_kv_cache=False
             ),
         },
         repeats,
@@ -432,7 +457,9 @@ def main():
     sizes = (1, 8) if quick else (1, 8, 32, 64)
     by_batch = medians(
         {
-            f"batch{b}": tokens_per_second(engine(model, tokenizer, shard, 5, new), b, plen)
+            f"batch{b}": tokens_per_second(
+                engine(model, tokenizer, shard, parallel, 5, new), b, plen
+            )
             for b in sizes
         },
         repeats,
@@ -443,12 +470,12 @@ def main():
     report(results, args.json)
 
 
-def static_gpu(model, tokenizer, shard, new: int, repeats: int) -> dict:
+def static_gpu(model, tokenizer, shard, parallel, new: int, repeats: int) -> dict:
     """Issue 14's GPU figures for the static engine (batch 64, 128-token prompt)."""
     batch, plen, results = 64, 128, {}
     throughput = medians(
         {
-            name: tokens_per_second(engine(model, tokenizer, shard, k, new), batch, plen)
+            name: tokens_per_second(engine(model, tokenizer, shard, parallel, k, new), batch, plen)
             for name, k in (("discrete", None), ("soft_k5", 5))
         },
         repeats,
@@ -458,7 +485,7 @@ def static_gpu(model, tokenizer, shard, new: int, repeats: int) -> dict:
     results["ratio/static_soft_k5_over_discrete"] = throughput["soft_k5"] / throughput["discrete"]
     steps = medians(
         {
-            f"{kind}_{pos}": measure(model, pos, batch, 16)
+            f"{kind}_{pos}": measure(model, parallel, pos, batch, 16)
             for pos in (128, 1024)
             for kind, measure in (("static", static_step_seconds), ("eager", _eager_step))
         },
@@ -477,8 +504,8 @@ def static_gpu(model, tokenizer, shard, new: int, repeats: int) -> dict:
     return results | {"batch": str(batch), "prompt_tokens": str(plen), "new_tokens": str(new)}
 
 
-def _eager_step(model, position, batch, steps):
-    return decode_step_seconds(model, position, batch, steps, rounds=4)
+def _eager_step(model, parallel, position, batch, steps):
+    return decode_step_seconds(model, parallel, position, batch, steps, rounds=4)
 
 
 def report(results: dict, json_path: str | None) -> None:

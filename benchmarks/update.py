@@ -208,8 +208,8 @@ def timed_worker_updates(
     from megatron_softgrpo.train.policy import PolicyWorker
 
     warnings.filterwarnings("ignore")
-    init_distributed(ParallelLayout(1, 1), seed=0)
-    worker = PolicyWorker(recipe(model_dir, rows, 1, precision, algorithm, megatron))
+    parallel = init_distributed(ParallelLayout(1, 1), seed=0)
+    worker = PolicyWorker(recipe(model_dir, rows, 1, precision, algorithm, megatron), parallel)
     batch = synthetic_batch(
         rows, seq, ModelArch.from_hf_dir(model_dir).vocab_size, soft=algorithm == "softgrpo"
     )

@@ -47,7 +47,8 @@ def _load_checked(
 
 
 def _load_engine(cfg, **settings):
-    """(rollout engine, tokenizer) of this rank's shard of the policy; initialises distributed state first."""
+    """(rollout engine, tokenizer, parallel state) of this rank's shard of the policy; initialises
+    distributed state first."""
     from megatron_softgrpo.distributed import ParallelLayout, init_distributed
     from megatron_softgrpo.models.loading import load_model
     from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
@@ -58,15 +59,16 @@ def _load_engine(cfg, **settings):
     mcfg = cfg.policy.megatron_cfg
     source = resolve_model_source(cfg.policy.model_name)
     tokenizer = load_tokenizer(source, cfg.policy.tokenizer.name)
-    init_distributed(
+    parallel = init_distributed(
         ParallelLayout(mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size),
         seed=cfg.grpo.seed,
     )
     model, padded = load_model(source, mcfg, cfg.policy.precision)
     model.eval()
-    shard = VocabShard.from_parallel_state(padded, source.arch.vocab_size)
+    shard = VocabShard.of_group(padded, source.arch.vocab_size, parallel.groups.tp)
     rollout = RolloutSettings.from_recipe(cfg, tokenizer, source.arch.hidden_size, **settings)
-    return make_engine(cfg.policy.generation, model, tokenizer, shard, rollout), tokenizer
+    engine = make_engine(cfg.policy.generation, model, tokenizer, shard, rollout, parallel)
+    return engine, tokenizer, parallel
 
 
 def cmd_check(ns) -> int:
@@ -86,7 +88,6 @@ def cmd_train(ns) -> int:
 
 def cmd_generate(ns) -> int:
     from megatron_softgrpo.data.prompts import encode_prompt
-    from megatron_softgrpo.distributed import is_main_rank
     from megatron_softgrpo.rollout.show import format_soft_steps
     from megatron_softgrpo.soft import noise_seed, seed_noise_rng
 
@@ -95,13 +96,13 @@ def cmd_generate(ns) -> int:
         raise UserError('generate: missing prompt="..." argument')
     loaded = _load_checked(ns.recipe, overrides)
     cfg = loaded.cfg
-    engine, tokenizer = _load_engine(cfg)
+    engine, tokenizer, parallel = _load_engine(cfg)
     seed_noise_rng(noise_seed(ns.seed, 0))
     prompt = encode_prompt(
         tokenizer, args["prompt"], cfg.data.prompt_template, cfg.data.system_prompt
     )
     result = engine.generate([prompt])
-    if is_main_rank():
+    if parallel.main:
         if ns.show_soft:
             print(format_soft_steps(result, 0, tokenizer, top=ns.show_soft))
         print(result.texts[0])
@@ -127,8 +128,8 @@ def cmd_eval(ns) -> int:
     loaded = _load_checked(ns.recipe, overrides)
     cfg = loaded.cfg
     plans = plan_eval(loaded)
-    engine, tokenizer = _load_engine(cfg, max_new_tokens=max_new_tokens(cfg))
-    summary = run_eval(cfg, plans, engine, tokenizer)
+    engine, tokenizer, parallel = _load_engine(cfg, max_new_tokens=max_new_tokens(cfg))
+    summary = run_eval(cfg, plans, engine, tokenizer, parallel)
     if summary is not None:
         from megatron_softgrpo.eval.report import markdown_table
 

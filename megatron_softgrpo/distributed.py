@@ -6,7 +6,9 @@ One entry point, `init_distributed`, serves three launchers:
 - Slurm `srun` (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master is the first host
   of SLURM_JOB_NODELIST and the port is derived from SLURM_JOB_ID, so every task agrees
   without talking to each other first).
-gloo on CPU, NCCL on GPU.
+gloo on CPU, NCCL on GPU. It returns a `ParallelState`, this rank's place in the job, which the
+trainer, the policy worker, the rollout engines and the eval runner are handed; every collective
+they run is a function of it here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -42,6 +45,65 @@ class ParallelLayout:
 
     def data_parallel(self, world_size: int) -> int:
         return world_size // (self.tensor_parallel * self.pipeline_parallel)
+
+
+@dataclass(frozen=True)
+class ParallelState:
+    """This rank's place in the job: sizes, ranks and process groups of tensor (tp), pipeline (pp)
+    and data (dp) parallelism. Megatron-Core's modules read the same groups from its own global
+    state; our code is handed this object instead."""
+
+    launch: LaunchEnv
+    tp: int
+    tp_rank: int
+    pp: int
+    pp_rank: int
+    dp: int
+    dp_rank: int
+    groups: Any  # Megatron-Core's ProcessGroupCollection (.tp, .pp, .dp, ...)
+    pp_prev_rank: int  # global ranks of the previous, next and last stage of this rank's pipeline
+    pp_next_rank: int
+    pp_last_rank: int
+    cpu_group: Any  # all ranks, gloo even under NCCL: for Python objects and small flags
+
+    @property
+    def first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def main(self) -> bool:
+        """Global rank 0: reads and writes the job's files and prints its progress."""
+        return self.launch.rank == 0
+
+    @property
+    def replica_lead(self) -> bool:
+        """The first rank of its model replica (TP and PP rank 0)."""
+        return self.tp_rank == 0 and self.pp_rank == 0
+
+    @classmethod
+    def current(cls, launch: LaunchEnv, cpu_group) -> ParallelState:
+        """Read once from Megatron's initialised parallel_state (init_distributed's last step)."""
+        from megatron.core import parallel_state as mpu
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        return cls(
+            launch,
+            mpu.get_tensor_model_parallel_world_size(),
+            mpu.get_tensor_model_parallel_rank(),
+            mpu.get_pipeline_model_parallel_world_size(),
+            mpu.get_pipeline_model_parallel_rank(),
+            mpu.get_data_parallel_world_size(),
+            mpu.get_data_parallel_rank(),
+            ProcessGroupCollection.use_mpu_process_groups(["tp", "pp", "dp", "mp"]),
+            mpu.get_pipeline_model_parallel_prev_rank(),
+            mpu.get_pipeline_model_parallel_next_rank(),
+            mpu.get_pipeline_model_parallel_last_rank(),
+            cpu_group,
+        )
 
 
 def expand_hostlist(nodelist: str) -> list[str]:
@@ -129,7 +191,7 @@ _CPU_GROUP = None
 
 def init_distributed(
     layout: ParallelLayout, seed: int = 1234, timeout_minutes: int = 30
-) -> LaunchEnv:
+) -> ParallelState:
     """Initialise torch.distributed and Megatron's parallel_state (idempotent per process).
 
     Seeds the default generators and Megatron's model-parallel RNG tracker, so noise drawn
@@ -169,29 +231,87 @@ def init_distributed(
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
-    return env
+    return ParallelState.current(env, _CPU_GROUP)
 
 
-def cpu_group():
-    """A process group over all ranks for small CPU tensors (flags, counters): gloo even under NCCL."""
-    return _CPU_GROUP
+# ------------------------------------------------------------------ collectives
 
 
-def broadcast_from_last_stage(*tensors: torch.Tensor) -> None:
+def broadcast_from_last_stage(parallel: ParallelState, *tensors: torch.Tensor) -> None:
     """Give every pipeline stage the last stage's values (in place), e.g. the sampled step."""
-    from megatron.core import parallel_state as ps
-
-    if ps.get_pipeline_model_parallel_world_size() == 1:
+    if parallel.pp == 1:
         return
-    src = ps.get_pipeline_model_parallel_last_rank()
-    group = ps.get_pipeline_model_parallel_group()
     for t in tensors:
         if t.dtype == torch.bool:  # not every backend broadcasts bool
             wire = t.to(torch.uint8)
-            torch.distributed.broadcast(wire, src, group=group)
+            torch.distributed.broadcast(wire, parallel.pp_last_rank, group=parallel.groups.pp)
             t.copy_(wire.bool())
         else:
-            torch.distributed.broadcast(t, src, group=group)
+            torch.distributed.broadcast(t, parallel.pp_last_rank, group=parallel.groups.pp)
+
+
+def send_to_next_stage(parallel: ParallelState, x: torch.Tensor) -> None:
+    torch.distributed.send(x.contiguous(), parallel.pp_next_rank)
+
+
+def receive_from_previous_stage(parallel: ParallelState, x: torch.Tensor) -> torch.Tensor:
+    """`x` filled in place with what the previous pipeline stage sent."""
+    torch.distributed.recv(x, parallel.pp_prev_rank)
+    return x
+
+
+def gather_data_parallel(parallel: ParallelState, x: torch.Tensor) -> torch.Tensor:
+    """Every data-parallel rank's `x`, concatenated along dim 0 in rank order (bool travels as uint8)."""
+    if parallel.dp == 1:
+        return x
+    wire = x.to(torch.uint8) if x.dtype == torch.bool else x.contiguous()
+    parts = [torch.empty_like(wire) for _ in range(parallel.dp)]
+    torch.distributed.all_gather(parts, wire, group=parallel.groups.dp)
+    out = torch.cat(parts)
+    return out.bool() if x.dtype == torch.bool else out
+
+
+def sum_data_parallel(parallel: ParallelState, x: torch.Tensor) -> torch.Tensor:
+    """`x` summed over the data-parallel ranks, in place."""
+    if parallel.dp > 1:
+        torch.distributed.all_reduce(x, group=parallel.groups.dp)
+    return x
+
+
+def max_data_parallel(parallel: ParallelState, value: int, device) -> int:
+    """The largest `value` of any data-parallel rank."""
+    if parallel.dp == 1:
+        return value
+    t = torch.tensor([value], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=parallel.groups.dp)
+    return int(t)
+
+
+def any_rank(parallel: ParallelState, flag: bool) -> bool:
+    """True on every rank when `flag` is True on any rank."""
+    if parallel.launch.world_size == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=parallel.cpu_group)
+    return bool(t.item())
+
+
+def share_from_main(parallel: ParallelState, obj):
+    """The main rank's Python object `obj`, on every rank."""
+    if parallel.launch.world_size == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0, group=parallel.cpu_group)
+    return box[0]
+
+
+def gather_to_main(parallel: ParallelState, items: list) -> list:
+    """Every rank's list, concatenated in rank order on the main rank; [] elsewhere."""
+    if parallel.launch.world_size == 1:
+        return list(items)
+    gathered = [None] * parallel.launch.world_size if parallel.main else None
+    torch.distributed.gather_object(items, gathered, dst=0, group=parallel.cpu_group)
+    return [x for part in gathered for x in part] if parallel.main else []
 
 
 def destroy_distributed() -> None:
@@ -202,7 +322,3 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def is_main_rank() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0

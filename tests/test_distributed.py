@@ -107,11 +107,12 @@ def test_impossible_layouts_are_refused():
 def test_init_single_process_sets_megatron_state():
     from megatron.core import parallel_state
 
-    env = init_distributed(ParallelLayout(1, 1), seed=7)
-    assert env.launcher == "single" and torch.distributed.get_world_size() == 1
+    parallel = init_distributed(ParallelLayout(1, 1), seed=7)
+    assert parallel.launch.launcher == "single" and torch.distributed.get_world_size() == 1
     assert torch.distributed.get_backend() == "gloo"
-    assert parallel_state.get_tensor_model_parallel_world_size() == 1
-    assert parallel_state.get_data_parallel_world_size() == 1
+    assert parallel_state.get_tensor_model_parallel_world_size() == 1 == parallel.tp
+    assert parallel_state.get_data_parallel_world_size() == 1 == parallel.dp
+    assert parallel.first_stage and parallel.last_stage and parallel.main
 
 
 def _slurm_rank(rank, job_id):
@@ -128,14 +129,16 @@ def _slurm_rank(rank, job_id):
         SLURM_JOB_ID=str(job_id),
         SLURM_JOB_NODELIST="localhost",
     )
-    env = init_distributed(ParallelLayout(2, 1))
+    parallel = init_distributed(ParallelLayout(2, 1))
+    assert parallel.tp_rank == parallel_state.get_tensor_model_parallel_rank()
+    assert parallel.groups.tp.size() == 2 and parallel.dp == parallel.pp == 1
     return (
-        env.launcher,
+        parallel.launch.launcher,
         torch.distributed.get_rank(),
         torch.distributed.get_world_size(),
-        parallel_state.get_tensor_model_parallel_rank(),
-        env.master_addr,
-        env.master_port,
+        parallel.tp_rank,
+        parallel.launch.master_addr,
+        parallel.launch.master_port,
     )
 
 
@@ -155,3 +158,51 @@ def test_two_ranks_from_slurm_variables():
     results = run_ranks(2, _slurm_rank, job_id)
     port = slurm_master_port(str(job_id))
     assert results == [("slurm", 0, 2, 0, "localhost", port), ("slurm", 1, 2, 1, "localhost", port)]
+
+
+def _collectives(rank, layout):
+    from megatron_softgrpo.distributed import (
+        any_rank,
+        broadcast_from_last_stage,
+        gather_data_parallel,
+        gather_to_main,
+        max_data_parallel,
+        share_from_main,
+        sum_data_parallel,
+    )
+
+    parallel = init_distributed(ParallelLayout(*layout))
+    mine = torch.tensor([[rank, 10 + rank]])
+    flags = torch.tensor([rank == 1, True])
+    staged = torch.tensor([100 + rank, parallel.last_stage])  # the last stage's values win
+    broadcast_from_last_stage(parallel, staged)
+    return (
+        (parallel.dp, parallel.dp_rank, parallel.pp, parallel.first_stage, parallel.last_stage),
+        gather_data_parallel(parallel, mine).tolist(),
+        gather_data_parallel(parallel, flags).tolist(),
+        sum_data_parallel(parallel, mine.clone()).tolist(),
+        max_data_parallel(parallel, 3 + rank, "cpu"),
+        staged.tolist(),
+        share_from_main(parallel, {"rank": rank}),
+        gather_to_main(parallel, [rank, rank]),
+        any_rank(parallel, rank == 1),
+        any_rank(parallel, False),
+    )
+
+
+@pytest.mark.multiproc
+def test_collectives_take_the_parallel_state_they_run_on():
+    from distributed_helpers import run_ranks
+
+    dp0, dp1 = run_ranks(2, _collectives, (1, 1))  # two data-parallel ranks
+    assert dp0[0] == (2, 0, 1, True, True) and dp1[0] == (2, 1, 1, True, True)
+    for got in (dp0, dp1):
+        assert got[1] == [[0, 10], [1, 11]] and got[2] == [False, True, True, True]
+        assert got[3] == [[1, 21]] and got[4] == 4 and got[5] == [100 + got[0][1], 1]
+        assert got[6] == {"rank": 0} and got[8] is True and got[9] is False
+    assert dp0[7] == [0, 0, 1, 1] and dp1[7] == []
+    pp0, pp1 = run_ranks(2, _collectives, (1, 2))  # two pipeline stages, one replica
+    assert pp0[0] == (1, 0, 2, True, False) and pp1[0] == (1, 0, 2, False, True)
+    for rank, got in enumerate((pp0, pp1)):
+        assert got[1] == [[rank, 10 + rank]]  # DP=1: a rank's own rows
+        assert got[5] == [101, 1]  # the last stage's values on both stages

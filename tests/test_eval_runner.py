@@ -461,8 +461,8 @@ def _fake_eval(log_dir: Path, data_dir: Path, tokenizer, engine: FakeEngine, *ex
         *extra,
     ]
     loaded = load_recipe(RECIPE, overrides)
-    init_distributed(ParallelLayout(1, 1))
-    return run_eval(loaded.cfg, plan_eval(loaded), engine, tokenizer)
+    parallel = init_distributed(ParallelLayout(1, 1))
+    return run_eval(loaded.cfg, plan_eval(loaded), engine, tokenizer, parallel)
 
 
 def test_runner_writes_samples_and_a_summary_that_recomputes(tmp_path, builtin_data, tokenizer):

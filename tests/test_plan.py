@@ -171,11 +171,11 @@ def test_one_gpu_holds_every_parameter_once_with_the_padded_vocabulary():
 def tiny_model():
     from megatron_softgrpo.models.build import build_gpt_model
 
-    init_distributed(ParallelLayout(1, 1))
+    parallel = init_distributed(ParallelLayout(1, 1))
     arch = ModelArch.from_hf_config({**TINY["qwen2"], "num_hidden_layers": 3})
 
     def build(**mcfg):
-        return arch, build_gpt_model(arch, MegatronCfg(**mcfg))
+        return arch, build_gpt_model(arch, MegatronCfg(**mcfg)), parallel
 
     return build
 
@@ -184,10 +184,10 @@ def test_kv_cache_matches_megatron_allocation(tiny_model):
     from megatron_softgrpo.rollout.model_runner import ModelRunner
     from megatron_softgrpo.soft import MixtureRows
 
-    arch, model = tiny_model()
+    arch, model, parallel = tiny_model()
     model.eval()
     rows, prompt, length = 3, 5, 20
-    runner = ModelRunner(model, rows, length)
+    runner = ModelRunner(model, rows, length, parallel)
     runner.prefill(
         MixtureRows.discrete(torch.randint(0, 1000, (rows, prompt)), 5),
         torch.zeros(rows, prompt, dtype=torch.bool),
@@ -201,7 +201,7 @@ def test_kv_cache_matches_megatron_allocation(tiny_model):
 def test_gradient_buffer_is_fp32_and_as_large_as_the_parameters(tiny_model):
     from megatron_softgrpo.train.optimizer import wrap_ddp
 
-    arch, model = tiny_model()
+    arch, model, _ = tiny_model()
     ddp = wrap_ddp(model, MegatronCfg())
     grads = [buffer.grad_data for buffer in ddp.buffers]
     assert {g.dtype for g in grads} == {torch.float32}
@@ -217,7 +217,7 @@ def test_stored_activations_match_what_autograd_keeps(tiny_model, recompute):
     from megatron_softgrpo.models.forward import CAUSAL, position_ids
     from model_patches.output_layer import final_hidden_states
 
-    arch, model = tiny_model(activation_checkpointing=recompute)
+    arch, model, _ = tiny_model(activation_checkpointing=recompute)
     model.train()
     b, s = 4, 48
     x = torch.randn(s, b, arch.hidden_size, requires_grad=True)

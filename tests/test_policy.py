@@ -219,8 +219,7 @@ def train(worker, batch):
 def new_worker(cfg, tp=1, pp=1):
     from megatron_softgrpo.train.policy import PolicyWorker
 
-    init_distributed(ParallelLayout(tp, pp))
-    return PolicyWorker(cfg)
+    return PolicyWorker(cfg, init_distributed(ParallelLayout(tp, pp)))
 
 
 # ------------------------------------------------------------------ single process

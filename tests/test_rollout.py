@@ -40,13 +40,14 @@ EOS = 2
 
 
 def build(tiny_dir, tp=1, pp=1):
-    init_distributed(ParallelLayout(tp, pp))
+    """(model, vocabulary shard, parallel state) of this rank."""
+    parallel = init_distributed(ParallelLayout(tp, pp))
     model, padded = load_model(
         resolve_model_source(tiny_dir),
         MegatronCfg(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
     )
     model.eval()
-    return model, VocabShard.from_parallel_state(padded, VOCAB)
+    return model, VocabShard.of_group(padded, VOCAB, parallel.groups.tp), parallel
 
 
 def gumbel(scale=1.0, tau=0.1):
@@ -67,9 +68,10 @@ def settings(**overrides):
     return RolloutSettings(**{**base, **overrides})
 
 
-def run(model, shard, tokenizer, prompts=PROMPTS, g=2, seed=7, **overrides):
+def run(model, shard, parallel, tokenizer, prompts=PROMPTS, g=2, seed=7, **overrides):
     seed_noise_rng(seed)
-    return RolloutEngine(model, tokenizer, shard, settings(**overrides)).generate(prompts, g)
+    engine = RolloutEngine(model, tokenizer, shard, settings(**overrides), parallel)
+    return engine.generate(prompts, g)
 
 
 def response(result, i, field="tokens"):
@@ -111,12 +113,12 @@ def first_new_token(result, min_pos: int, exclude) -> tuple[int, int]:
     raise AssertionError("no fresh token to end a row with")
 
 
-def staggered_eos(model, shard, tokenizer, marker, **kwargs) -> frozenset[int]:
+def staggered_eos(model, shard, parallel, tokenizer, marker, **kwargs) -> frozenset[int]:
     """EOS ids that end three rows at three different steps (found by re-running with each added)."""
     eos, pos = {EOS}, 0
     for _ in range(3):
         token, pos = first_new_token(
-            run(model, shard, tokenizer, eos_ids=frozenset(eos), **kwargs),
+            run(model, shard, parallel, tokenizer, eos_ids=frozenset(eos), **kwargs),
             pos + 1,
             set(marker) | eos,
         )
@@ -127,12 +129,12 @@ def staggered_eos(model, shard, tokenizer, marker, **kwargs) -> frozenset[int]:
 @pytest.mark.parametrize("thinking", ["gumbel", "embedding_noise", "discrete"])
 def test_kv_cache_matches_recomputation(tiny_dir, tokenizer, thinking):
     """Rows finish at different steps (the cache drops them) and switch phase after a thinking budget."""
-    model, shard = build(tiny_dir)
+    model, shard, parallel = build(tiny_dir)
     marker = tokenizer("</think>", add_special_tokens=False)["input_ids"]
     kwargs = {"thinking_sampler": thinking_sampler(thinking), "max_thinking_tokens": 3}
-    eos = staggered_eos(model, shard, tokenizer, marker, **kwargs)
-    cached = run(model, shard, tokenizer, eos_ids=eos, **kwargs)
-    recomputed = run(model, shard, tokenizer, eos_ids=eos, use_kv_cache=False, **kwargs)
+    eos = staggered_eos(model, shard, parallel, tokenizer, marker, **kwargs)
+    cached = run(model, shard, parallel, tokenizer, eos_ids=eos, **kwargs)
+    recomputed = run(model, shard, parallel, tokenizer, eos_ids=eos, use_kv_cache=False, **kwargs)
     lengths = cached.response_lengths.tolist()
     assert (
         "eos" in cached.finish_reasons and len(set(lengths)) >= 3
@@ -162,15 +164,15 @@ def test_kv_cache_matches_recomputation(tiny_dir, tokenizer, thinking):
 def test_decoding_in_passes_equals_decoding_at_once(tiny_dir, tokenizer):
     """policy.generation.max_rows_per_pass: whole groups per pass, joined in prompt order and padded
     to the longest pass. Deterministic soft and greedy answer steps: per-batch noise draws differ."""
-    model, shard = build(tiny_dir)
+    model, shard, parallel = build(tiny_dir)
     kwargs = {
         "thinking_sampler": gumbel(scale=0.0, tau=1.0),
         "max_thinking_tokens": 3,
         "answer_sampler": DiscreteSampler(Truncation.greedy(), 5),
     }
-    at_once = run(model, shard, tokenizer, **kwargs)
+    at_once = run(model, shard, parallel, tokenizer, **kwargs)
     in_passes = run(
-        model, shard, tokenizer, max_rows_per_pass=3, **kwargs
+        model, shard, parallel, tokenizer, max_rows_per_pass=3, **kwargs
     )  # one prompt (2 rows) per pass
     # prompts of 5, 2 and 8 tokens: the passes are narrower than the joined batch
     assert at_once.rows.tokens.shape == in_passes.rows.tokens.shape == (6, 8 + 12)
@@ -193,11 +195,11 @@ def test_fp8_row_alignment_pads_the_batch_invisibly(tiny_dir, tokenizer, monkeyp
     also after rows finish; the trajectories are the unaligned ones."""
     from megatron_softgrpo.rollout import model_runner
 
-    model, shard = build(tiny_dir)
+    model, shard, parallel = build(tiny_dir)
     marker = tokenizer("</think>", add_special_tokens=False)["input_ids"]
     kwargs = {"max_thinking_tokens": 3}
-    eos = staggered_eos(model, shard, tokenizer, marker, **kwargs)
-    plain = run(model, shard, tokenizer, eos_ids=eos, **kwargs)
+    eos = staggered_eos(model, shard, parallel, tokenizer, marker, **kwargs)
+    plain = run(model, shard, parallel, tokenizer, eos_ids=eos, **kwargs)
     batch_sizes = []
     forward = model_runner.ModelRunner._run
     monkeypatch.setattr(model_runner, "token_alignment", lambda config: 4)
@@ -209,7 +211,7 @@ def test_fp8_row_alignment_pads_the_batch_invisibly(tiny_dir, tokenizer, monkeyp
             forward(self, rows, queries),
         )[1],
     )
-    aligned = run(model, shard, tokenizer, eos_ids=eos, **kwargs)
+    aligned = run(model, shard, parallel, tokenizer, eos_ids=eos, **kwargs)
     real_rows = len(PROMPTS) * 2
     assert real_rows % 4 and all(n % 4 == 0 for n in batch_sizes) and len(set(batch_sizes)) > 1
     assert aligned.finish_reasons == plain.finish_reasons
@@ -222,15 +224,15 @@ def test_fp8_row_alignment_pads_the_batch_invisibly(tiny_dir, tokenizer, monkeyp
 @pytest.mark.parametrize("thinking", ["deterministic_soft", "greedy"])
 def test_padding_invariance(tiny_dir, tokenizer, thinking):
     """A prompt decoded alone and inside a batch of longer and shorter prompts gives the same response."""
-    model, shard = build(tiny_dir)
+    model, shard, parallel = build(tiny_dir)
     # no noise, and tau_g = 1 (weights = pt) so the random model does not amplify last-ulp differences
     kwargs = (
         dict(thinking_sampler=gumbel(scale=0.0, tau=1.0))
         if thinking == "deterministic_soft"
         else dict(thinking_sampler=None, answer_sampler=DiscreteSampler(Truncation.greedy(), 5))
     )
-    alone = run(model, shard, tokenizer, prompts=[PROMPTS[0]], g=1, **kwargs)
-    batch = run(model, shard, tokenizer, prompts=PROMPTS, g=1, **kwargs)
+    alone = run(model, shard, parallel, tokenizer, prompts=[PROMPTS[0]], g=1, **kwargs)
+    batch = run(model, shard, parallel, tokenizer, prompts=PROMPTS, g=1, **kwargs)
     assert torch.equal(response(alone, 0), response(batch, 0))
     # RoPE sees shifted absolute positions under left padding: equal up to float rounding, which
     # this random model (weights ~ N(0, 0.2^2)) amplifies over the steps; tokens must be identical
@@ -275,7 +277,7 @@ class ScriptedSampler:
 
 
 def test_multi_token_marker_switches_phase_at_the_right_step(tiny_dir, tokenizer):
-    model, shard = build(tiny_dir)
+    model, shard, parallel = build(tiny_dir)
     marker = tokenizer("</think>", add_special_tokens=False)["input_ids"]
     assert len(marker) > 1  # SmolLM2 has no </think> token
     words = tokenizer(" so the answer", add_special_tokens=False)["input_ids"]
@@ -283,6 +285,7 @@ def test_multi_token_marker_switches_phase_at_the_right_step(tiny_dir, tokenizer
     result = run(
         model,
         shard,
+        parallel,
         tokenizer,
         prompts=[PROMPTS[0]],
         g=1,
@@ -313,8 +316,8 @@ def test_multi_token_marker_switches_phase_at_the_right_step(tiny_dir, tokenizer
 def test_gumbel_soft_records_follow_the_spec(tiny_dir, tokenizer):
     """docs/algorithm.md section 1 on a real Gumbel rollout: weights softmax(g / tau_g) over the support,
     slots sorted by weight, out-of-support slots last with weight 0, slot 0 the transcript token."""
-    model, shard = build(tiny_dir)
-    result = run(model, shard, tokenizer, max_new_tokens=16)
+    model, shard, parallel = build(tiny_dir)
+    result = run(model, shard, parallel, tokenizer, max_new_tokens=16)
     soft = result.rows.is_soft
     assert soft.sum() >= 20
     w, g, support = (
@@ -336,10 +339,11 @@ def test_gumbel_soft_records_follow_the_spec(tiny_dir, tokenizer):
 
 
 def test_eos_during_thinking_ends_the_response_as_a_soft_step(tiny_dir, tokenizer):
-    model, shard = build(tiny_dir)
+    model, shard, parallel = build(tiny_dir)
     result = run(
         model,
         shard,
+        parallel,
         tokenizer,
         prompts=[PROMPTS[1]],
         g=1,
@@ -350,10 +354,17 @@ def test_eos_during_thinking_ends_the_response_as_a_soft_step(tiny_dir, tokenize
 
 
 def test_thinking_budget_forces_the_marker_and_forced_steps_are_not_scored(tiny_dir, tokenizer):
-    model, shard = build(tiny_dir)
+    model, shard, parallel = build(tiny_dir)
     marker = tokenizer("</think>", add_special_tokens=False)["input_ids"]
     result = run(
-        model, shard, tokenizer, prompts=[PROMPTS[1]], g=1, max_thinking_tokens=3, max_new_tokens=10
+        model,
+        shard,
+        parallel,
+        tokenizer,
+        prompts=[PROMPTS[1]],
+        g=1,
+        max_thinking_tokens=3,
+        max_new_tokens=10,
     )
     tokens = response(result, 0)
     start = int(result.prompt_lengths[0])
@@ -368,11 +379,12 @@ def test_thinking_budget_forces_the_marker_and_forced_steps_are_not_scored(tiny_
 
 
 def test_stop_strings_and_length_limit(tiny_dir, tokenizer):
-    model, shard = build(tiny_dir)
+    model, shard, parallel = build(tiny_dir)
     words = tokenizer(" one two STOP three", add_special_tokens=False)["input_ids"]
     result = run(
         model,
         shard,
+        parallel,
         tokenizer,
         prompts=[PROMPTS[0]],
         g=1,
@@ -383,6 +395,7 @@ def test_stop_strings_and_length_limit(tiny_dir, tokenizer):
     result = run(
         model,
         shard,
+        parallel,
         tokenizer,
         prompts=[PROMPTS[0]],
         g=1,
@@ -470,6 +483,7 @@ def test_rescoring_reproduces_the_rollout_log_densities(tiny_dir, tokenizer, alg
         tokenizer,
         worker.vocab,
         replace(base, thinking_sampler=think, answer_sampler=answer),
+        worker.parallel,
     )
     seed_noise_rng(7)
     result = engine.generate(PROMPTS[:2], 2)
@@ -524,13 +538,17 @@ def test_a_sampled_marker_step_is_scored_at_the_temperature_it_was_drawn_at(
         cfg, tokenizer, worker.source.arch.hidden_size, max_new_tokens=10, eos_ids=frozenset({EOS})
     )
     seed_noise_rng(7)
-    first = RolloutEngine(worker.model, tokenizer, worker.vocab, base).generate(PROMPTS[:2], 2)
+    first = RolloutEngine(worker.model, tokenizer, worker.vocab, base, worker.parallel).generate(
+        PROMPTS[:2], 2
+    )
     start = int(first.prompt_lengths[0])
     marker = tokenizer.decode(first.rows.tokens[0, start + 1 : start + 3])
     think, answer = RecordingSampler(base.thinking_sampler), RecordingSampler(base.answer_sampler)
     settings = replace(base, thinking_sampler=think, answer_sampler=answer, think_end=marker)
     seed_noise_rng(7)
-    result = RolloutEngine(worker.model, tokenizer, worker.vocab, settings).generate(PROMPTS[:2], 2)
+    result = RolloutEngine(
+        worker.model, tokenizer, worker.vocab, settings, worker.parallel
+    ).generate(PROMPTS[:2], 2)
 
     mask, rows = result.loss_mask, result.rows
     drawn = mask & ~rows.is_soft & rows.thinking  # marker steps the thinking sampler drew
@@ -577,17 +595,17 @@ def density_slope(logits, rows, scorer, shard, embedding) -> torch.Tensor:
 
 
 def _rank_rollout(rank, tiny_dir, tp, pp, tokenizer_dir):
-    model, shard = build(tiny_dir, tp, pp)
+    model, shard, parallel = build(tiny_dir, tp, pp)
     tokenizer = load_tokenizer(resolve_model_source(tokenizer_dir))
-    result = run(model, shard, tokenizer, max_thinking_tokens=5)
+    result = run(model, shard, parallel, tokenizer, max_thinking_tokens=5)
     return result.rows.tokens, result.rows.mix_weights, result.rollout_logp, result.loss_mask
 
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_same_seed_same_trajectory_at_tp2_and_pp2(tiny_dir, tokenizer, smollm2_hf_dir, tp, pp):
-    model, shard = build(tiny_dir)
-    reference = run(model, shard, tokenizer, max_thinking_tokens=5)
+    model, shard, parallel = build(tiny_dir)
+    reference = run(model, shard, parallel, tokenizer, max_thinking_tokens=5)
     for tokens, weights, logp, mask in run_ranks(
         tp * pp, _rank_rollout, tiny_dir, tp, pp, str(smollm2_hf_dir)
     ):
@@ -599,12 +617,13 @@ def test_same_seed_same_trajectory_at_tp2_and_pp2(tiny_dir, tokenizer, smollm2_h
 
 
 def test_entropy_cold_stop_forces_the_marker(tiny_dir, tokenizer):
-    model, shard = build(tiny_dir)
+    model, shard, parallel = build(tiny_dir)
     marker = tokenizer("</think>", add_special_tokens=False)["input_ids"]
     # every distribution is below an entropy of 100 nats: the cold stop fires after 2 soft steps
     result = run(
         model,
         shard,
+        parallel,
         tokenizer,
         prompts=[PROMPTS[1]],
         g=1,
@@ -617,6 +636,7 @@ def test_entropy_cold_stop_forces_the_marker(tiny_dir, tokenizer):
     result = run(
         model,
         shard,
+        parallel,
         tokenizer,
         prompts=[PROMPTS[1]],
         g=1,

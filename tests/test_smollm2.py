@@ -44,7 +44,7 @@ def test_logits_and_kv_cached_greedy_decoding_match_transformers(setup):
     assert tokenizer.decode(prompt).startswith(
         "<|im_start|>system"
     )  # the real chat template was applied
-    init_distributed(ParallelLayout(1, 1))
+    parallel = init_distributed(ParallelLayout(1, 1))
     model, _ = load_model(source, MegatronCfg())
     model.eval()
     tokens = torch.tensor([prompt])
@@ -58,9 +58,8 @@ def test_logits_and_kv_cached_greedy_decoding_match_transformers(setup):
     settings = RolloutSettings(
         None, greedy, 1.0, "</think>", 32, frozenset({tokenizer.eos_token_id})
     )
-    engine = RolloutEngine(
-        model, tokenizer, VocabShard.whole(model.vocab_size, source.arch.vocab_size), settings
-    )
+    shard = VocabShard.whole(model.vocab_size, source.arch.vocab_size)
+    engine = RolloutEngine(model, tokenizer, shard, settings, parallel)
     result = engine.generate([prompt])
     ours_tokens = result.rows.tokens[
         0, len(prompt) : len(prompt) + int(result.response_lengths[0])

@@ -170,8 +170,8 @@ def _entropy(shard: VocabShard, hidden, weight, coef, rows, emb):
 
 
 def _rank(rank, inputs):
-    init_distributed(ParallelLayout(2, 1))
-    return compute(VocabShard.from_parallel_state(PADDED, VOCAB), *inputs)
+    parallel = init_distributed(ParallelLayout(2, 1))
+    return compute(VocabShard.of_group(PADDED, VOCAB, parallel.groups.tp), *inputs)
 
 
 # per-rank slices: vocabulary or sequence

@@ -49,10 +49,10 @@ def _prompt_batch(b=3, plen=6, seed=0):
 def test_static_step_matches_megatron_cached_forward(kind, tiny_dir, llama_dir):
     """Prefill and decode steps over left-padded rows: the logit shard of Megatron's own cached
     forward (ModelRunner, itself held to full recomputation) to fp32 rounding."""
-    model, _ = build(tiny_dir if kind == "qwen2" else llama_dir)
+    model, _, parallel = build(tiny_dir if kind == "qwen2" else llama_dir)
     tokens, pad = _prompt_batch()
     b, plen = tokens.shape
-    runner, static = ModelRunner(model, b, 16), StaticDecoder(model, b, 16)
+    runner, static = ModelRunner(model, b, 16, parallel), StaticDecoder(model, b, 16)
     rows = MixtureRows.discrete(tokens, 5)
     with torch.no_grad():
         expected = [runner.prefill(rows, pad)]
@@ -77,7 +77,7 @@ def test_compiled_step_equals_eager_one_compile_per_bucket(tiny_dir):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
-    model, _ = build(tiny_dir)
+    model, _, _ = build(tiny_dir)
     tokens, pad = _prompt_batch()
     b, plen = tokens.shape
     eager, compiled = StaticDecoder(model, b, 80), StaticDecoder(model, b, 80)
@@ -111,16 +111,16 @@ def test_compiled_step_equals_eager_one_compile_per_bucket(tiny_dir):
 
 
 def build64(tiny_dir, tp=1, pp=1):
-    model, shard = build(tiny_dir, tp, pp)
-    return model.double(), shard
+    model, shard, parallel = build(tiny_dir, tp, pp)
+    return model.double(), shard, parallel
 
 
-def _both(model, shard, tokenizer, prompts=PROMPTS, g=2, seed=7, **overrides):
+def _both(model, shard, parallel, tokenizer, prompts=PROMPTS, g=2, seed=7, **overrides):
     s = settings(**overrides)
     seed_noise_rng(seed)
-    reference = RolloutEngine(model, tokenizer, shard, s).generate(prompts, g)
+    reference = RolloutEngine(model, tokenizer, shard, s, parallel).generate(prompts, g)
     seed_noise_rng(seed)
-    static = StaticRolloutEngine(model, tokenizer, shard, s).generate(prompts, g)
+    static = StaticRolloutEngine(model, tokenizer, shard, s, parallel).generate(prompts, g)
     return reference, static
 
 
@@ -143,9 +143,11 @@ def assert_same_records(a, b, atol=1e-6):
 
 
 def test_greedy_decoding_is_token_for_token_the_reference(tiny_dir, tokenizer):
-    model, shard = build64(tiny_dir)
+    model, shard, parallel = build64(tiny_dir)
     greedy = DiscreteSampler(Truncation.greedy(), 5)
-    ref, static = _both(model, shard, tokenizer, thinking_sampler=None, answer_sampler=greedy)
+    ref, static = _both(
+        model, shard, parallel, tokenizer, thinking_sampler=None, answer_sampler=greedy
+    )
     assert_same_records(ref, static)
     assert not ref.rows.is_soft.any()
 
@@ -154,7 +156,7 @@ def test_greedy_decoding_is_token_for_token_the_reference(tiny_dir, tokenizer):
 def test_seeded_soft_decoding_gives_the_reference_records(tiny_dir, tokenizer, noise):
     """Rows finishing at three different steps (EOS ids found on the reference), a forced marker
     after a thinking budget, and a stop string: every record as the reference engine's."""
-    model, shard = build64(tiny_dir)
+    model, shard, parallel = build64(tiny_dir)
     sampler = {
         "gumbel": gumbel(),
         "gaussian": SoftSampler(Truncation(1.0, 5, 0.95), 5, GaussianNoise(0.05)),
@@ -162,8 +164,8 @@ def test_seeded_soft_decoding_gives_the_reference_records(tiny_dir, tokenizer, n
     }[noise]
     marker = tokenizer("</think>", add_special_tokens=False)["input_ids"]
     kwargs = dict(thinking_sampler=sampler, max_thinking_tokens=4, max_new_tokens=14)
-    eos = staggered_eos(model, shard, tokenizer, marker, **kwargs)
-    ref, static = _both(model, shard, tokenizer, eos_ids=eos, **kwargs)
+    eos = staggered_eos(model, shard, parallel, tokenizer, marker, **kwargs)
+    ref, static = _both(model, shard, parallel, tokenizer, eos_ids=eos, **kwargs)
     assert_same_records(ref, static)
     assert len(set(ref.response_lengths.tolist())) >= 3  # rows ended at different steps
     assert "eos" in ref.finish_reasons and ref.rows.is_soft.any()
@@ -171,13 +173,19 @@ def test_seeded_soft_decoding_gives_the_reference_records(tiny_dir, tokenizer, n
 
 
 def test_entropy_cold_stop_and_stop_strings_as_the_reference(tiny_dir, tokenizer):
-    model, shard = build64(tiny_dir)
-    first = _both(model, shard, tokenizer, cold_stop_entropy=50.0, cold_stop_steps=2)[0]
+    model, shard, parallel = build64(tiny_dir)
+    first = _both(model, shard, parallel, tokenizer, cold_stop_entropy=50.0, cold_stop_steps=2)[0]
     assert (first.think_lengths < first.response_lengths).all()  # cold stop forced every row
     # a stop string the reference's first response produces in its answer
     stop = first.answer_texts[0].strip()[:3]
     ref, static = _both(
-        model, shard, tokenizer, cold_stop_entropy=50.0, cold_stop_steps=2, stop_strings=(stop,)
+        model,
+        shard,
+        parallel,
+        tokenizer,
+        cold_stop_entropy=50.0,
+        cold_stop_steps=2,
+        stop_strings=(stop,),
     )
     assert_same_records(ref, static)
     assert "stop" in ref.finish_reasons
@@ -186,8 +194,8 @@ def test_entropy_cold_stop_and_stop_strings_as_the_reference(tiny_dir, tokenizer
 def test_odd_batches_reuse_the_decoder_bucket(tiny_dir, tokenizer):
     """3 prompts x 2 rows pad to an 8-row bucket: the padding rows leave no trace, and a second
     call of another batch size in the same bucket reuses the decoder (and its compiled code)."""
-    model, shard = build64(tiny_dir)
-    engine = StaticRolloutEngine(model, tokenizer, shard, settings())
+    model, shard, parallel = build64(tiny_dir)
+    engine = StaticRolloutEngine(model, tokenizer, shard, settings(), parallel)
     seed_noise_rng(3)
     engine.generate(PROMPTS, 2)
     (decoder,) = engine._decoders.values()
@@ -196,26 +204,26 @@ def test_odd_batches_reuse_the_decoder_bucket(tiny_dir, tokenizer):
     (again,) = engine._decoders.values()
     assert again is decoder
     seed_noise_rng(3)
-    ref = RolloutEngine(model, tokenizer, shard, settings()).generate(PROMPTS[:2], 3)
+    ref = RolloutEngine(model, tokenizer, shard, settings(), parallel).generate(PROMPTS[:2], 3)
     assert_same_records(ref, static)
 
 
 def test_unsupported_settings_name_the_key_and_the_way_out(tiny_dir, tokenizer):
-    model, shard = build64(tiny_dir)
+    model, shard, parallel = build64(tiny_dir)
     dirichlet = SoftSampler(Truncation(1.0, 5, 0.95), 5, DirichletNoise())
     with pytest.raises(UserError, match=r"dirichlet noise.*policy.generation.engine: eager"):
-        StaticRolloutEngine(model, tokenizer, shard, settings(thinking_sampler=dirichlet))
+        StaticRolloutEngine(model, tokenizer, shard, settings(thinking_sampler=dirichlet), parallel)
     with pytest.raises(UserError, match="use_kv_cache=False"):
-        StaticRolloutEngine(model, tokenizer, shard, settings(use_kv_cache=False))
+        StaticRolloutEngine(model, tokenizer, shard, settings(use_kv_cache=False), parallel)
 
 
 def _rank_static(rank, tiny_dir, tp, pp, tokenizer_dir):
-    model, shard = build64(tiny_dir, tp, pp)
+    model, shard, parallel = build64(tiny_dir, tp, pp)
     tokenizer = load_tokenizer(resolve_model_source(tokenizer_dir))
     seed_noise_rng(7)
-    return StaticRolloutEngine(model, tokenizer, shard, settings(max_thinking_tokens=5)).generate(
-        PROMPTS, 2
-    )
+    return StaticRolloutEngine(
+        model, tokenizer, shard, settings(max_thinking_tokens=5), parallel
+    ).generate(PROMPTS, 2)
 
 
 @pytest.mark.multiproc
@@ -223,11 +231,11 @@ def _rank_static(rank, tiny_dir, tp, pp, tokenizer_dir):
 def test_static_engine_at_tp2_and_pp2_gives_the_tp1_reference(
     tiny_dir, tokenizer, smollm2_hf_dir, tp, pp
 ):
-    model, shard = build64(tiny_dir)
+    model, shard, parallel = build64(tiny_dir)
     seed_noise_rng(7)
-    ref = RolloutEngine(model, tokenizer, shard, settings(max_thinking_tokens=5)).generate(
-        PROMPTS, 2
-    )
+    ref = RolloutEngine(
+        model, tokenizer, shard, settings(max_thinking_tokens=5), parallel
+    ).generate(PROMPTS, 2)
     for result in run_ranks(tp * pp, _rank_static, tiny_dir, tp, pp, str(smollm2_hf_dir)):
         # the TP sampler reduces its fp32 candidates across ranks: weights within a few ulps
         assert_same_records(ref, result, atol=1e-5)
@@ -248,7 +256,8 @@ def test_trainer_rescores_the_static_rollout(tiny_dir, tokenizer, algorithm):
         cfg, tokenizer, worker.source.arch.hidden_size, max_new_tokens=10, eos_ids=frozenset({EOS})
     )
     seed_noise_rng(7)
-    result = StaticRolloutEngine(worker.model, tokenizer, worker.vocab, s).generate(PROMPTS[:2], 2)
+    engine = StaticRolloutEngine(worker.model, tokenizer, worker.vocab, s, worker.parallel)
+    result = engine.generate(PROMPTS[:2], 2)
     ell = worker.compute_logprobs(PolicyBatch(result.rows, result.loss_mask))
     mask = result.loss_mask
     assert bool((mask & result.rows.is_soft).any()) == (algorithm != "grpo")
@@ -258,11 +267,11 @@ def test_trainer_rescores_the_static_rollout(tiny_dir, tokenizer, algorithm):
 def test_a_marker_the_model_writes_switches_phase_as_in_the_reference(tiny_dir, tokenizer):
     """think_end set to two tokens the first response writes while thinking: the sampled step
     that completes it becomes a discrete, scored step in both engines, and the answer follows."""
-    model, shard = build64(tiny_dir)
-    first = _both(model, shard, tokenizer, max_new_tokens=10)[0]
+    model, shard, parallel = build64(tiny_dir)
+    first = _both(model, shard, parallel, tokenizer, max_new_tokens=10)[0]
     start = int(first.prompt_lengths[0])
     marker = tokenizer.decode(first.rows.tokens[0, start + 2 : start + 4])
-    ref, static = _both(model, shard, tokenizer, max_new_tokens=10, think_end=marker)
+    ref, static = _both(model, shard, parallel, tokenizer, max_new_tokens=10, think_end=marker)
     assert_same_records(ref, static)
     assert ref.think_lengths[0] <= 4 and ref.thinking_texts[0].endswith(marker)
 
@@ -270,17 +279,17 @@ def test_a_marker_the_model_writes_switches_phase_as_in_the_reference(tiny_dir, 
 def test_shrinking_to_a_smaller_bucket_keeps_every_record(tiny_dir, tokenizer):
     """18 rows (a 24-row bucket), most ending by step 4: the engine moves to an 8-row bucket
     (one cache copy) and the records are the reference's, as without shrinking."""
-    model, shard = build64(tiny_dir)
+    model, shard, parallel = build64(tiny_dir)
     kwargs = dict(max_new_tokens=10)
-    first = _both(model, shard, tokenizer, g=6, **kwargs)[0]
+    first = _both(model, shard, parallel, tokenizer, g=6, **kwargs)[0]
     marker = set(tokenizer("</think>", add_special_tokens=False)["input_ids"])
     starts = first.prompt_lengths.tolist()
     eos = {int(first.rows.tokens[i, starts[i] + 3]) for i in range(14)} - marker
     s = settings(eos_ids=frozenset(eos), **kwargs)
     seed_noise_rng(7)
-    ref = RolloutEngine(model, tokenizer, shard, s).generate(PROMPTS, 6)
+    ref = RolloutEngine(model, tokenizer, shard, s, parallel).generate(PROMPTS, 6)
     for shrink in (True, False):
-        engine = StaticRolloutEngine(model, tokenizer, shard, s, shrink=shrink)
+        engine = StaticRolloutEngine(model, tokenizer, shard, s, parallel, shrink=shrink)
         seed_noise_rng(7)
         assert_same_records(ref, engine.generate(PROMPTS, 6))
         (decoder,) = engine._decoders.values()

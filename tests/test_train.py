@@ -387,11 +387,11 @@ def test_validation_gathers_on_the_model_device_and_prints_samples(monkeypatch, 
 
     gathered = []
 
-    def fake_gather(x):
+    def fake_gather(parallel, x):
         gathered.append(x.device)
         return torch.ones(x.shape)  # every problem correct, answered, length 1
 
-    monkeypatch.setattr(loop, "_gather_dp", fake_gather)
+    monkeypatch.setattr(loop, "gather_data_parallel", fake_gather)
     monkeypatch.setattr(loop, "encode_prompt", lambda tokenizer, problem, *a: [1, 2])
     problems = [Problem(f"p:{i}", f"{i}+1", str(i + 1), {}) for i in range(3)]
     trainer = object.__new__(loop.Trainer)
@@ -401,7 +401,8 @@ def test_validation_gathers_on_the_model_device_and_prints_samples(monkeypatch, 
         logger=SimpleNamespace(num_val_samples_to_print=1),
     )
     trainer.val_data = SimpleNamespace(problems=problems)
-    trainer.dp, trainer.dp_rank, trainer.step, trainer.tokenizer = 2, 1, 0, None
+    trainer.parallel = SimpleNamespace(dp=2, dp_rank=1, main=True)
+    trainer.step, trainer.tokenizer = 0, None
     trainer.worker = SimpleNamespace(device=torch.device("meta"))
     trainer.engine = SimpleNamespace(
         generate=lambda prompts, g: SimpleNamespace(
@@ -470,6 +471,8 @@ def _scored_round(index: int, rewards: list[float], width: int, truncated=()):
 
 def _trainer_with_rounds(rounds, *, dp=1, items=100, **sections):
     """A Trainer whose rollouts return `rounds` in turn (the real sampler, a recording worker)."""
+    from types import SimpleNamespace
+
     import megatron_softgrpo.train.loop as loop
     from megatron_softgrpo.config.schema import RecipeCfg
     from megatron_softgrpo.data.sampler import PromptSampler
@@ -479,7 +482,8 @@ def _trainer_with_rounds(rounds, *, dp=1, items=100, **sections):
         body[section] = {**body.get(section, {}), **values}
     trainer = object.__new__(loop.Trainer)
     trainer.cfg = RecipeCfg.model_validate(body)
-    trainer.dp, trainer.worker = dp, _RecordingWorker()
+    trainer.parallel = SimpleNamespace(dp=dp, dp_rank=0, main=True)
+    trainer.worker = _RecordingWorker()
     trainer.loss = loop.PolicyLoss(trainer.cfg.loss_fn)
     trainer.sampler = PromptSampler(
         list(range(items)), trainer.cfg.grpo.num_prompts_per_step, seed=0
@@ -682,7 +686,7 @@ def test_rollout_rewards_include_the_soft_overlong_penalty(monkeypatch):
     from megatron_softgrpo.soft import MixtureRows
 
     monkeypatch.setattr(
-        loop, "_gather_blocks", lambda per_position, per_row: per_position + per_row
+        loop, "_gather_blocks", lambda parallel, per_position, per_row: per_position + per_row
     )
     monkeypatch.setattr(loop, "encode_prompt", lambda tokenizer, problem, *a: [1, 2])
     trainer = object.__new__(loop.Trainer)
@@ -692,7 +696,8 @@ def test_rollout_rewards_include_the_soft_overlong_penalty(monkeypatch):
             "env": {"overlong_penalty": {"buffer": 4, "factor": 0.5}},
         }
     )
-    trainer.dp, trainer.dp_rank, trainer.tokenizer = 1, 0, None
+    trainer.parallel = SimpleNamespace(dp=1, dp_rank=0, main=True)
+    trainer.tokenizer = None
     lengths = torch.tensor([2, 5, 7, 8])
     trainer.engine = SimpleNamespace(
         generate=lambda prompts, g: SimpleNamespace(

@@ -297,7 +297,7 @@ def check_model_path():
 
     with tempfile.TemporaryDirectory() as tmp:
         make_hf_model("qwen2", Path(tmp), vocab_size=1000)
-        init_distributed(ParallelLayout(1, 1))
+        parallel = init_distributed(ParallelLayout(1, 1))
         model, padded = load_model(resolve_model_source(tmp), MegatronCfg())
     model.eval()
     emb = model.embedding.word_embeddings
@@ -334,7 +334,9 @@ def check_model_path():
             use_kv_cache=cache,
         )
         out[cache] = (
-            RolloutEngine(model, _Tok(), shard, settings).generate(prompts, 1).rows.tokens.cpu()
+            RolloutEngine(model, _Tok(), shard, settings, parallel)
+            .generate(prompts, 1)
+            .rows.tokens.cpu()
         )
     record("rollout/kv_cache_equals_recompute_greedy", float((out[True] != out[False]).sum()), 0)
 

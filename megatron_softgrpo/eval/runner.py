@@ -28,6 +28,7 @@ from megatron_softgrpo.algorithms.registry import decoding_algorithm
 from megatron_softgrpo.config.recipe import LoadedRecipe
 from megatron_softgrpo.config.schema import RecipeCfg
 from megatron_softgrpo.data import builtin
+from megatron_softgrpo.distributed import ParallelState, gather_to_main, share_from_main
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.eval.benchmarks import (
     Benchmark,
@@ -228,7 +229,7 @@ def grade_batch(
 
 
 def run_eval(
-    cfg: RecipeCfg, plans: Sequence[BenchmarkPlan], engine, tokenizer
+    cfg: RecipeCfg, plans: Sequence[BenchmarkPlan], engine, tokenizer, parallel: ParallelState
 ) -> EvalSummary | None:
     """Evaluate every planned benchmark (a collective: every rank calls it); the main rank returns the summary.
 
@@ -236,14 +237,15 @@ def run_eval(
     """
     from megatron_softgrpo.rewards.math import MathGrader
 
-    ctx = _Parallel.current()
     ev = cfg.eval
     out_dir = eval_dir(cfg)
     needs_math = any(p.benchmark.kind == "math" for p in plans)
     grader = (
-        MathGrader(cfg.env.num_workers, cfg.env.timeout_s) if ctx.grades and needs_math else None
+        MathGrader(cfg.env.num_workers, cfg.env.timeout_s)
+        if parallel.replica_lead and needs_math
+        else None
     )
-    if ctx.main and any(p.benchmark.kind == "code" for p in plans):
+    if parallel.main and any(p.benchmark.kind == "code" for p in plans):
         from megatron_softgrpo.eval.sandbox import isolation
 
         name = isolation().name
@@ -257,8 +259,8 @@ def run_eval(
     try:
         for plan in plans:
             name = plan.benchmark.name
-            result = _run_benchmark(cfg, plan, engine, tokenizer, grader, ctx, out_dir / name)
-            if ctx.main:  # after each benchmark: a long evaluation reports as it goes
+            result = _run_benchmark(cfg, plan, engine, tokenizer, grader, parallel, out_dir / name)
+            if parallel.main:  # after each benchmark: a long evaluation reports as it goes
                 metrics[name] = result
                 summary = EvalSummary(
                     cfg.policy.model_name,
@@ -272,14 +274,20 @@ def run_eval(
     finally:
         if grader is not None:
             grader.close()
-    if ctx.main:
+    if parallel.main:
         _log(f"wrote {out_dir / 'summary.md'}")
         return summary
     return None
 
 
 def _run_benchmark(
-    cfg: RecipeCfg, plan: BenchmarkPlan, engine, tokenizer, grader, ctx: _Parallel, out_dir: Path
+    cfg: RecipeCfg,
+    plan: BenchmarkPlan,
+    engine,
+    tokenizer,
+    grader,
+    parallel: ParallelState,
+    out_dir: Path,
 ) -> BenchmarkMetrics | None:
     """Decode, grade and record what is left of one benchmark; the main rank returns its metrics."""
     from megatron_softgrpo.data.prompts import encode_prompt
@@ -288,19 +296,19 @@ def _run_benchmark(
     ev, name = cfg.eval, plan.benchmark.name
     problem_batches = batches(len(plan.problems), ev.batch_size)
     sample_file = SampleFile(out_dir)
-    done = ctx.from_main(
-        lambda: sample_file.resume(sample_settings(cfg, plan), problem_batches, ev.n)
+    done = _from_main(
+        parallel, lambda: sample_file.resume(sample_settings(cfg, plan), problem_batches, ev.n)
     )
     remaining = [b for b in range(len(problem_batches)) if b not in done]
-    mine = shard(remaining, ctx.dp_rank, ctx.dp_size)
+    mine = shard(remaining, parallel.dp_rank, parallel.dp)
     problems_done = sum(len(problem_batches[b]) for b in done)
-    if ctx.main:
+    if parallel.main:
         _log(
             f"{name}: {len(plan.problems)} problems x {ev.n} samples from {plan.source}"
             + (f"; resuming with {problems_done} done" if done else "")
         )
     start, decoded = time.monotonic(), 0
-    for round_index in range(math.ceil(len(remaining) / ctx.dp_size)):
+    for round_index in range(math.ceil(len(remaining) / parallel.dp)):
         records: list[SampleRecord] = []
         if round_index < len(mine):
             batch = mine[round_index]
@@ -312,7 +320,7 @@ def _run_benchmark(
             ]
             seed_noise_rng(batch_seed(ev.seed, name, batch))
             out = engine.generate(prompts, ev.n)
-            if ctx.grades:
+            if parallel.replica_lead:
                 lengths, thinking = out.response_lengths.tolist(), out.think_lengths.tolist()
                 responses = Responses(out.texts, lengths, thinking, list(out.finish_reasons))
                 records = grade_batch(
@@ -325,8 +333,8 @@ def _run_benchmark(
                     cfg.env.num_workers,
                     cfg.env.answer_format,
                 )
-        gathered = ctx.gather_to_main(records)
-        if ctx.main:
+        gathered = gather_to_main(parallel, records)
+        if parallel.main:
             gathered.sort(key=lambda r: (r.problem_index, r.sample))
             sample_file.append(gathered)
             decoded += len(gathered)
@@ -337,7 +345,7 @@ def _run_benchmark(
                     problems_done, len(plan.problems), ev.n, decoded, time.monotonic() - start
                 )
             )
-    if not ctx.main:
+    if not parallel.main:
         return None
     current = sample_file.records(
         len(plan.problems)
@@ -372,61 +380,15 @@ def _log(message: str) -> None:
     print(f"[eval] {message}", file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------- data parallelism
-
-
-@dataclass(frozen=True)
-class _Parallel:
-    dp_rank: int
-    dp_size: int
-    main: bool  # global rank 0: reads and writes the files
-    grades: bool  # first rank of its model-parallel group: grades its replica's responses
-
-    @classmethod
-    def current(cls) -> _Parallel:
-        import torch
-        from megatron.core import parallel_state as ps
-
-        main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        first = (
-            ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
-        )
-        return cls(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), main, first)
-
-    @staticmethod
-    def _world() -> int:
-        import torch
-
-        return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-    def from_main(self, fn):
-        """fn() evaluated on the main rank and shared with all; its UserError is raised on every rank."""
-        import torch
-
-        from megatron_softgrpo.distributed import cpu_group
-
-        result: tuple = (None, None)
-        if self.main:
-            try:
-                result = (fn(), None)
-            except UserError as exc:
-                result = (None, str(exc))
-        if self._world() > 1:
-            box = [result]
-            torch.distributed.broadcast_object_list(box, src=0, group=cpu_group())
-            result = box[0]
-        if result[1] is not None:
-            raise UserError(result[1])
-        return result[0]
-
-    def gather_to_main(self, records: list) -> list:
-        """Everyone's records on the main rank (in rank order); [] elsewhere."""
-        import torch
-
-        from megatron_softgrpo.distributed import cpu_group
-
-        if self._world() == 1:
-            return list(records)
-        gathered = [None] * self._world() if self.main else None
-        torch.distributed.gather_object(records, gathered, dst=0, group=cpu_group())
-        return [r for part in gathered for r in part] if self.main else []
+def _from_main(parallel: ParallelState, fn):
+    """fn() evaluated on the main rank and shared with all; its UserError is raised on every rank."""
+    result: tuple = (None, None)
+    if parallel.main:
+        try:
+            result = (fn(), None)
+        except UserError as exc:
+            result = (None, str(exc))
+    value, error = share_from_main(parallel, result)
+    if error is not None:
+        raise UserError(error)
+    return value

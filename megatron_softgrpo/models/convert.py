@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from megatron_softgrpo.config.schema import MegatronCfg
-from megatron_softgrpo.distributed import ParallelLayout, init_distributed, is_main_rank
+from megatron_softgrpo.distributed import ParallelLayout, init_distributed
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.checkpoint import CheckpointMeta, read_meta, save_checkpoint
 from megatron_softgrpo.models.hf_mapping import full_state_dict, hf_state_from_full_megatron
@@ -48,7 +48,7 @@ def hf_to_megatron(hf: str, out: str, tp: int = 1, pp: int = 1, precision: str =
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"--out {out}: directory exists and is not empty; choose a new directory")
     mcfg = _layout_mcfg(source, tp, pp)
-    init_distributed(ParallelLayout(tp, pp))
+    parallel = init_distributed(ParallelLayout(tp, pp))
     model, padded = load_model(source, mcfg, precision)
     meta = CheckpointMeta(
         arch=source.arch.to_dict(),
@@ -56,9 +56,9 @@ def hf_to_megatron(hf: str, out: str, tp: int = 1, pp: int = 1, precision: str =
         hf_config=json.loads((source.path / "config.json").read_text()),
         precision=precision,
     )
-    tokenizer = load_tokenizer(source) if is_main_rank() and has_tokenizer(source.path) else None
+    tokenizer = load_tokenizer(source) if parallel.main and has_tokenizer(source.path) else None
     save_checkpoint(out_dir, {"model": model.sharded_state_dict()}, meta, tokenizer=tokenizer)
-    if is_main_rank():
+    if parallel.main:
         print(
             f"[softgrpo] wrote {out_dir} (saved at TP={tp} PP={pp}; loads at any layout)",
             flush=True,

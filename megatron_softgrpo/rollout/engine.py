@@ -24,7 +24,7 @@ import torch
 
 from megatron_softgrpo.algorithms.registry import answer_sampler, decoding_algorithm
 from megatron_softgrpo.config.schema import RecipeCfg
-from megatron_softgrpo.distributed import broadcast_from_last_stage
+from megatron_softgrpo.distributed import ParallelState, broadcast_from_last_stage
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.rollout.model_runner import ModelRunner
 from megatron_softgrpo.rollout.text_match import TextMatcher
@@ -144,9 +144,16 @@ def _step_tensors(step: SampledStep) -> list[torch.Tensor]:
 
 class RolloutEngine:
     def __init__(
-        self, model, tokenizer, shard: VocabShard, settings: RolloutSettings, pad_id: int = 0
+        self,
+        model,
+        tokenizer,
+        shard: VocabShard,
+        settings: RolloutSettings,
+        parallel: ParallelState,
+        pad_id: int = 0,
     ):
         self.model = model
+        self.parallel = parallel
         self.tokenizer = tokenizer
         self.shard = shard
         self.settings = settings
@@ -212,15 +219,18 @@ class RolloutEngine:
         return Trajectories(**joined)
 
     def _generate(self, prompts: list[list[int]], num_generations: int) -> Trajectories:
-        from megatron.core import parallel_state
-
         device = next(self.model.parameters()).device
-        last_stage = parallel_state.is_pipeline_last_stage()
+        last_stage = self.parallel.last_stage
         prompt_rows = [p for p in prompts for _ in range(num_generations)]
         b, plen = len(prompt_rows), max(len(p) for p in prompt_rows)
         max_new = self.settings.max_new_tokens
         runner = ModelRunner(
-            self.model, b, plen + max_new, self.settings.use_kv_cache, self.settings.input_offset
+            self.model,
+            b,
+            plen + max_new,
+            self.parallel,
+            self.settings.use_kv_cache,
+            self.settings.input_offset,
         )
 
         tokens = torch.full((b, plen), self.pad_id, dtype=torch.long, device=device)
@@ -240,7 +250,7 @@ class RolloutEngine:
             finished = torch.zeros(len(active), dtype=torch.bool, device=device)
             if last_stage:
                 step, scored, finished = self._sample(logits, state, active, t, tapes)
-            broadcast_from_last_stage(*_step_tensors(step), scored, finished)
+            broadcast_from_last_stage(self.parallel, *_step_tensors(step), scored, finished)
             out.record(active, t, step, scored)
             if t == max_new - 1:
                 break
@@ -252,7 +262,7 @@ class RolloutEngine:
                 runner.keep_rows(keep.nonzero().squeeze(-1))
                 step = step.map(lambda x: x[keep])
             logits = runner.step(step)
-        state.share_from_last_stage(out)
+        state.share_from_last_stage(self.parallel, out)
         return self._assemble(prompt_rows, out, state, device)
 
     # ------------------------------------------------------------------ one step (last pipeline stage)
@@ -486,7 +496,7 @@ class _RowState:
         self.length[row] = length
         done.append(i)
 
-    def share_from_last_stage(self, out: _ResponseBuffer) -> None:
+    def share_from_last_stage(self, parallel: ParallelState, out: _ResponseBuffer) -> None:
         """Other pipeline stages only saw the steps: give them the outcome of each response."""
         summary = torch.tensor(
             [
@@ -497,7 +507,7 @@ class _RowState:
             dtype=torch.long,
             device=self.device,
         )
-        broadcast_from_last_stage(summary)
+        broadcast_from_last_stage(parallel, summary)
         self.length = summary[0].tolist()
         self.think_length = summary[1].tolist()
         self.reason = [REASONS[i] for i in summary[2].tolist()]

@@ -25,17 +25,16 @@ from collections.abc import Callable
 
 import torch
 
+from megatron_softgrpo.distributed import (
+    ParallelState,
+    receive_from_previous_stage,
+    send_to_next_stage,
+)
 from megatron_softgrpo.models.build import token_alignment
 from megatron_softgrpo.soft import MixtureRows
 from model_patches.mixture_embedding import mixture_embedding
 from model_patches.output_layer import sharded_inference_logits
 from model_patches.sdpa_attention import additive_mask
-
-
-def _pipeline():
-    from megatron.core import parallel_state as ps
-
-    return ps
 
 
 class ModelRunner:
@@ -44,24 +43,22 @@ class ModelRunner:
         model,
         max_batch: int,
         max_len: int,
+        parallel: ParallelState,
         use_kv_cache: bool = True,
         input_offset: Callable[[MixtureRows], torch.Tensor | None] | None = None,
     ):
         """`input_offset(rows)`: what is added to the mixed input embedding (None: nothing)."""
         from megatron.core.inference.contexts import StaticInferenceContext
 
-        ps = _pipeline()
         if model.config.sequence_parallel:
             raise NotImplementedError(
                 "decoding with sequence_parallel=true is not supported; disable it for rollouts"
             )
-        self.model = model
+        self.model, self.parallel = model, parallel
         self.input_offset = input_offset
         self.max_len = max_len
         self.use_kv_cache = use_kv_cache
-        self.first_stage = ps.is_pipeline_first_stage()
-        self.last_stage = ps.is_pipeline_last_stage()
-        self.pp = ps.get_pipeline_model_parallel_world_size()
+        self.first_stage, self.last_stage = parallel.first_stage, parallel.last_stage
         self.dtype = next(model.parameters()).dtype
         self.hidden_size = model.config.hidden_size
         self.device = next(model.parameters()).device
@@ -135,7 +132,6 @@ class ModelRunner:
         return additive_mask(causal[None, None] | self.key_pad[:, None, None, :], self.dtype)
 
     def _run(self, rows: MixtureRows, queries: int) -> torch.Tensor | None:
-        ps = _pipeline()
         b = rows.tokens.shape[0]
         decoder_input = None
         if self.first_stage:
@@ -147,8 +143,7 @@ class ModelRunner:
             )
         else:
             hidden = torch.empty(queries, b, self.hidden_size, dtype=self.dtype, device=self.device)
-            torch.distributed.recv(hidden, ps.get_pipeline_model_parallel_prev_rank())
-            self.model.set_input_tensor(hidden)
+            self.model.set_input_tensor(receive_from_previous_stage(self.parallel, hidden))
         position_ids = torch.arange(self.length - queries, self.length, device=self.device).expand(
             b, -1
         )
@@ -164,7 +159,7 @@ class ModelRunner:
         if self.ctx is not None:
             self.ctx.sequence_len_offset += queries
         if not self.last_stage:
-            torch.distributed.send(out.contiguous(), ps.get_pipeline_model_parallel_next_rank())
+            send_to_next_stage(self.parallel, out)
             return None
         return out[:, -1].float()
 

@@ -30,7 +30,12 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from megatron_softgrpo.distributed import broadcast_from_last_stage
+from megatron_softgrpo.distributed import (
+    ParallelState,
+    broadcast_from_last_stage,
+    receive_from_previous_stage,
+    send_to_next_stage,
+)
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.rollout.engine import (
     ANSWER,
@@ -122,6 +127,7 @@ class StaticRolloutEngine(RolloutEngine):
         tokenizer,
         shard: VocabShard,
         settings: RolloutSettings,
+        parallel: ParallelState,
         pad_id: int = 0,
         compile: bool = False,
         cuda_graphs: bool = False,
@@ -129,7 +135,7 @@ class StaticRolloutEngine(RolloutEngine):
     ):
         """`shrink`: move to a smaller batch bucket once half the rows have finished (else they
         stay, masked, to the end of the pass)."""
-        super().__init__(model, tokenizer, shard, settings, pad_id)
+        super().__init__(model, tokenizer, shard, settings, parallel, pad_id)
         self._check_supported(model, settings)
         self.device = next(model.parameters()).device
         self.compile = compile
@@ -160,9 +166,7 @@ class StaticRolloutEngine(RolloutEngine):
     # ------------------------------------------------------------------ decoding pass
 
     def _generate(self, prompts: list[list[int]], num_generations: int):
-        from megatron.core import parallel_state
-
-        last_stage = parallel_state.is_pipeline_last_stage()
+        last_stage = self.parallel.last_stage
         device, k = self.device, self.mixture_size
         prompt_rows = [p for p in prompts for _ in range(num_generations)]
         b, plen = len(prompt_rows), max(len(p) for p in prompt_rows)
@@ -202,7 +206,7 @@ class StaticRolloutEngine(RolloutEngine):
                 step, scored = self._step(logits, state, t, tapes, origin)
             else:
                 step, scored = self._empty_step(len(origin), device), state.alive.clone()
-            broadcast_from_last_stage(*_step_tensors(step), scored, state.alive)
+            broadcast_from_last_stage(self.parallel, *_step_tensors(step), scored, state.alive)
             out.record(origin, t, step, scored)
             alive = flags.alive_rows(state.alive)
             if t == max_new - 1 or alive == 0:
@@ -222,7 +226,7 @@ class StaticRolloutEngine(RolloutEngine):
             result.length, result.think_length, reasons = outcome.values[:, :b].tolist()
             result.reason = [REASONS[r] for r in reasons]
         out.keep_first(b)
-        result.share_from_last_stage(out)
+        result.share_from_last_stage(self.parallel, out)
         return self._assemble(prompt_rows, out, result, device)
 
     def _shrink(self, decoder: _Decoder, state: _DeviceState) -> _Kept:
@@ -241,11 +245,10 @@ class StaticRolloutEngine(RolloutEngine):
         cached = self._decoders.get(key)
         if cached is None or cached.decoder.batch != rows:  # a shrink left it smaller
             self._decoders.clear()  # one cache allocation at a time
-            from megatron.core import parallel_state
-
-            group = parallel_state.get_tensor_model_parallel_group()
+            group = self.parallel.groups.tp
             self._decoders[key] = _Decoder(
                 static_decode.StaticDecoder(self.model, rows, max_len, group),
+                self.parallel,
                 self.settings.input_offset,
                 self.compile,
                 self.cuda_graphs,
@@ -315,11 +318,12 @@ class _Decoder:
     def __init__(
         self,
         decoder: static_decode.StaticDecoder,
-        input_offset: Callable[[MixtureRows], torch.Tensor | None],
+        parallel: ParallelState,
+        input_offset: Callable[[MixtureRows], torch.Tensor | None] | None,
         compile: bool,
         cuda_graphs: bool,
     ):
-        self.decoder = decoder
+        self.decoder, self.parallel = decoder, parallel
         self.input_offset = input_offset
         self.step = decoder.forward
         if compile:
@@ -340,15 +344,14 @@ class _Decoder:
     @torch.no_grad()
     def run(self, rows: MixtureRows, start: int, pad: torch.Tensor) -> torch.Tensor | None:
         """Feed positions [start, start + q) of every row (rows [B, q]); the last stage's logits."""
-        from megatron.core import parallel_state as ps
-
         dec = self.decoder
         b, q = rows.tokens.shape
         if dec.first_stage:
-            x = dec.embed(rows.mix_ids, rows.mix_weights, self.input_offset(rows))
+            offset = None if self.input_offset is None else self.input_offset(rows)
+            x = dec.embed(rows.mix_ids, rows.mix_weights, offset)
         else:
             x = torch.empty(b, q, dec.hidden, dtype=dec.dtype, device=dec.device)
-            torch.distributed.recv(x, ps.get_pipeline_model_parallel_prev_rank())
+            receive_from_previous_stage(self.parallel, x)
         columns = torch.arange(start, start + q, device=dec.device)
         length = static_decode.length_bucket(start + q, dec.max_len)
         if q > 1:  # prefill: eager (one shape per prompt length)
@@ -360,7 +363,7 @@ class _Decoder:
                 self.graphs[length] = _GraphedStep(self.step, x, columns, pad, length)
             out = self.graphs[length](x, columns, pad)
         if not dec.last_stage:
-            torch.distributed.send(out.contiguous(), ps.get_pipeline_model_parallel_next_rank())
+            send_to_next_stage(self.parallel, out)
             return None
         return out
 
@@ -434,11 +437,17 @@ def _padded(tapes: NoiseTapes, rows: int) -> NoiseTapes:
 
 
 def make_engine(
-    gen, model, tokenizer, shard: VocabShard, settings: RolloutSettings
+    gen, model, tokenizer, shard: VocabShard, settings: RolloutSettings, parallel: ParallelState
 ) -> RolloutEngine:
     """The engine `policy.generation.engine` names (gen: the recipe's GenerationCfg)."""
     if gen.engine == "eager":
-        return RolloutEngine(model, tokenizer, shard, settings)
+        return RolloutEngine(model, tokenizer, shard, settings, parallel)
     return StaticRolloutEngine(
-        model, tokenizer, shard, settings, compile=gen.compile_decode, cuda_graphs=gen.cuda_graphs
+        model,
+        tokenizer,
+        shard,
+        settings,
+        parallel,
+        compile=gen.compile_decode,
+        cuda_graphs=gen.cuda_graphs,
     )

@@ -23,7 +23,7 @@ embedding itself is a model patch: `model_patches.mixture_embedding`.
 
 Rollout (every TP rank of the last pipeline stage):
     seed_noise_rng(noise_seed(grpo.seed, dp_rank))          # once, after init_distributed
-    shard = VocabShard.from_parallel_state(padded_vocab, vocab_size)
+    shard = VocabShard.of_group(padded_vocab, vocab_size, parallel.groups.tp)
     sampler = SoftSampler(Truncation(top_k=5, top_p=0.95), 5, GumbelNoise(tau=0.1))
     step = sampler.sample(last_logits_shard, shard)          # per step -> SampledStep, [N] rows
     offset = sampler.input_offset(step)                      # [N, h] for embedding noise, else None

@@ -48,11 +48,8 @@ class VocabShard:
         return cls(rank * width, (rank + 1) * width, vocab_size, group)
 
     @classmethod
-    def from_parallel_state(cls, padded_vocab_size: int, vocab_size: int) -> VocabShard:
-        """This rank's shard under Megatron's initialised tensor-parallel group."""
-        from megatron.core import parallel_state
-
-        group = parallel_state.get_tensor_model_parallel_group()
+    def of_group(cls, padded_vocab_size: int, vocab_size: int, group) -> VocabShard:
+        """This rank's shard of the tensor-parallel process group `group`."""
         return cls.of_rank(padded_vocab_size, vocab_size, group.rank(), group.size(), group)
 
     @property

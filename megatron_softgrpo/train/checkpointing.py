@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from megatron_softgrpo.config.schema import CheckpointingCfg
-from megatron_softgrpo.distributed import is_main_rank
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.checkpoint import (
     CheckpointMeta,
@@ -87,7 +86,7 @@ def save_training_checkpoint(
         "rng": _rng_sharded(_rng_state()),
     }
     out = save_checkpoint(root / step_dir_name(step), states, meta, tokenizer=tokenizer)
-    if is_main_rank():
+    if worker.parallel.main:
         _write_latest(root, out.name)
         _prune(root, ckpt_cfg.keep_top_k, keep=out.name)
     if torch.distributed.is_initialized():
@@ -236,7 +235,7 @@ def restore_training_checkpoint(worker: PolicyWorker, path: str | Path) -> Resto
     worker.skipped_steps = trainer["skipped_steps"]
     if meta.saved_layout == _layout():
         _set_rng_state(load_sharded(path, "rng", _rng_sharded(_rng_state()))["rng_state"])
-    elif is_main_rank():
+    elif worker.parallel.main:
         print(
             f"[softgrpo] {path.name}: saved at {meta.saved_layout}, running at {_layout()}: "
             "model, optimizer and schedule restored; RNG states left as seeded",

@@ -29,7 +29,13 @@ from megatron_softgrpo.config.recipe import LoadedRecipe
 from megatron_softgrpo.data.datasets import PromptDataset, load_split
 from megatron_softgrpo.data.prompts import encode_prompt
 from megatron_softgrpo.data.sampler import PromptSampler
-from megatron_softgrpo.distributed import ParallelLayout, init_distributed, is_main_rank
+from megatron_softgrpo.distributed import (
+    ParallelLayout,
+    ParallelState,
+    gather_data_parallel,
+    init_distributed,
+    max_data_parallel,
+)
 from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
 from megatron_softgrpo.rewards.answers import extract_answer
 from megatron_softgrpo.rewards.format import with_format_bonus
@@ -43,12 +49,6 @@ from megatron_softgrpo.train.metrics_log import MetricsLog
 from megatron_softgrpo.train.plots import TRAINING_CURVES, plot_runs
 from megatron_softgrpo.train.policy import PolicyWorker
 from megatron_softgrpo.train.preemption import REQUEUE_EXIT_CODE, PreemptionWatcher
-
-
-def _ps():
-    from megatron.core import parallel_state
-
-    return parallel_state
 
 
 @dataclass
@@ -115,20 +115,18 @@ class Trainer:
         cfg = self.cfg = loaded.cfg
         self.watcher = watcher
         mcfg = cfg.policy.megatron_cfg  # the recipe passed config.checks.validate (the CLI's job)
-        env = init_distributed(
+        parallel = self.parallel = init_distributed(
             ParallelLayout(mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size),
             seed=cfg.grpo.seed,
         )
-        ps = _ps()
-        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        seed_noise_rng(noise_seed(cfg.grpo.seed, self.dp_rank))
+        seed_noise_rng(noise_seed(cfg.grpo.seed, parallel.dp_rank))
         # data first: a bad data file fails in seconds, before the minutes of model loading
         self.tokenizer = load_tokenizer(
             resolve_model_source(cfg.policy.model_name), cfg.policy.tokenizer.name
         )
         self.train_data = self._load("train")
         self.val_data = self._load("validation") if cfg.data.validation is not None else None
-        self.worker = PolicyWorker(cfg)
+        self.worker = PolicyWorker(cfg, parallel)
         self.loss = PolicyLoss(cfg.loss_fn)  # handed to every update: the worker knows no loss
         self.sampler = PromptSampler(
             self.train_data.problems,
@@ -140,7 +138,12 @@ class Trainer:
             cfg, self.tokenizer, self.worker.source.arch.hidden_size
         )
         self.engine = make_engine(
-            cfg.policy.generation, self.worker.model, self.tokenizer, self.worker.vocab, settings
+            cfg.policy.generation,
+            self.worker.model,
+            self.tokenizer,
+            self.worker.vocab,
+            settings,
+            parallel,
         )
         self.reward = get_reward(
             cfg.env.reward,
@@ -148,19 +151,19 @@ class Trainer:
             num_workers=cfg.env.num_workers,
             timeout_s=cfg.env.timeout_s,
         )
-        self.log = MetricsLog(cfg.logger, loaded.raw, enabled=is_main_rank())
+        self.log = MetricsLog(cfg.logger, loaded.raw, enabled=parallel.main)
         self.step = 0
         self._last_val: tuple[int, dict] | None = None  # (step, result) of the latest validation
-        if env.launcher != "single" and is_main_rank():
+        if parallel.launch.launcher != "single" and parallel.main:
             print(
-                f"[softgrpo] {env.world_size} ranks: TP={mcfg.tensor_model_parallel_size} "
-                f"PP={mcfg.pipeline_model_parallel_size} DP={self.dp}",
+                f"[softgrpo] {parallel.launch.world_size} ranks: TP={parallel.tp} "
+                f"PP={parallel.pp} DP={parallel.dp}",
                 flush=True,
             )
 
     def _load(self, split: str) -> PromptDataset:
         data = load_split(self.cfg.data, split, self.tokenizer)
-        if is_main_rank():
+        if self.parallel.main:
             print(f"[softgrpo] {split}: {data.summary()}", flush=True)
         return data
 
@@ -178,9 +181,9 @@ class Trainer:
                 self.step = restored.step
                 self.sampler.load_state_dict(restored.extra["data"])
                 self.log.truncate_after(self.step)
-                if is_main_rank():
+                if self.parallel.main:
                     print(f"[softgrpo] resumed from {restored.path} (step {self.step})", flush=True)
-            if watcher.should_stop():  # signalled during start-up: nothing new to save
+            if watcher.should_stop(self.parallel):  # signalled during start-up: nothing new to save
                 return self._requeue()
             first_val = (
                 self._validate()
@@ -201,7 +204,7 @@ class Trainer:
                 if self.step == 1 and first_val is not None:
                     metrics.update(_prefixed("val_at_start/", first_val))
                 self.log.log(self.step, metrics, cfg.grpo.max_num_steps)
-                stop = watcher.should_stop()
+                stop = watcher.should_stop(self.parallel)
                 if cfg.checkpointing.enabled and (
                     stop or self.step % cfg.checkpointing.save_period == 0
                 ):
@@ -219,7 +222,7 @@ class Trainer:
                 close()
 
     def _requeue(self) -> int:
-        if is_main_rank():
+        if self.parallel.main:
             print(
                 f"[softgrpo] stopped by signal at step {self.step}; exit {REQUEUE_EXIT_CODE} (requeue to resume)",
                 flush=True,
@@ -243,7 +246,7 @@ class Trainer:
                 if self._last_val is not None and self._last_val[0] == self.step
                 else self._validate()
             )
-        if not is_main_rank():
+        if not self.parallel.main:
             return
         if final is not None:
             if first_val is None:
@@ -301,7 +304,7 @@ class Trainer:
         t = time.perf_counter()
         mini = cfg.policy.train_global_batch_size  # rows per optimizer step
         # a short step's last mini-batch: unscored rows up to a multiple of DP x micro-batch
-        unit = self.dp * cfg.policy.train_micro_batch_size
+        unit = self.parallel.dp * cfg.policy.train_micro_batch_size
         updates = []
         for i in range(0, batch.num_rows, mini):
             part = batch.row_slice(i, i + mini)
@@ -369,8 +372,8 @@ class Trainer:
     def _rollout_and_score(self, problems, g: int, times: dict) -> Scored:
         """Rollout of this rank's block of prompts, rewards, then the whole batch on every rank."""
         t = time.perf_counter()
-        block = len(problems) // self.dp
-        mine = problems[self.dp_rank * block : (self.dp_rank + 1) * block]
+        rank, block = self.parallel.dp_rank, len(problems) // self.parallel.dp
+        mine = problems[rank * block : (rank + 1) * block]
         prompts = [
             encode_prompt(
                 self.tokenizer,
@@ -389,6 +392,7 @@ class Trainer:
         truncated = torch.tensor([r == "length" for r in traj.finish_reasons])
         device = traj.rows.tokens.device
         gathered = _gather_blocks(
+            self.parallel,
             [*[getattr(traj.rows, k) for k in _ROW_FIELDS], traj.loss_mask, traj.rollout_logp],
             [
                 traj.response_lengths,
@@ -418,8 +422,8 @@ class Trainer:
     def _validate(self) -> dict:
         """One sample per validation problem with the training decoding; accuracy and mean reward."""
         problems = self.val_data.problems
-        per_rank = math.ceil(len(problems) / self.dp)
-        mine = problems[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
+        rank, per_rank = self.parallel.dp_rank, math.ceil(len(problems) / self.parallel.dp)
+        mine = problems[rank * per_rank : (rank + 1) * per_rank]
         # on the model's device: the data-parallel group is NCCL on GPU
         correct, answered, lengths, valid = (
             torch.zeros(per_rank, device=self.worker.device) for _ in range(4)
@@ -438,13 +442,13 @@ class Trainer:
             got, has = self._grade(traj.texts, mine)
             correct[: len(mine)], answered[: len(mine)] = got, has.float()
             lengths[: len(mine)] = traj.response_lengths.float()
-            if is_main_rank():
+            if self.parallel.main:
                 _print_samples(
                     mine, traj.texts, got.tolist(), self.cfg.logger.num_val_samples_to_print
                 )
         valid[: len(mine)] = 1
         correct, answered, lengths, valid = (
-            _gather_dp(x) for x in (correct, answered, lengths, valid)
+            gather_data_parallel(self.parallel, x) for x in (correct, answered, lengths, valid)
         )
         n = valid.sum().clamp(min=1)
         result = {
@@ -521,34 +525,15 @@ def _trim(batch: PolicyBatch) -> PolicyBatch:
     return batch.map(lambda t: t[:, :length])
 
 
-def _gather_dp(x: torch.Tensor) -> torch.Tensor:
-    ps = _ps()
-    if ps.get_data_parallel_world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(ps.get_data_parallel_world_size())]
-    torch.distributed.all_gather(parts, x.contiguous(), group=ps.get_data_parallel_group())
-    return torch.cat(parts)
-
-
 def _gather_blocks(
-    per_position: list[torch.Tensor], per_row: list[torch.Tensor]
+    parallel: ParallelState, per_position: list[torch.Tensor], per_row: list[torch.Tensor]
 ) -> list[torch.Tensor]:
     """Concatenate every data-parallel rank's block of rows (in rank order); [B, S] tensors are
     right-padded to the longest block first."""
-    ps = _ps()
-    if ps.get_data_parallel_world_size() == 1:
-        return per_position + per_row
-    length = torch.tensor([per_position[0].shape[1]], device=per_position[0].device)
-    torch.distributed.all_reduce(
-        length, op=torch.distributed.ReduceOp.MAX, group=ps.get_data_parallel_group()
-    )
-    width = int(length)
-    out = []
-    for t in [_pad_columns(t, width) for t in per_position] + per_row:
-        wire = t.to(torch.uint8) if t.dtype == torch.bool else t
-        wire = _gather_dp(wire)
-        out.append(wire.bool() if t.dtype == torch.bool else wire)
-    return out
+    first = per_position[0]
+    width = max_data_parallel(parallel, first.shape[1], first.device)
+    padded = [_pad_columns(t, width) for t in per_position]
+    return [gather_data_parallel(parallel, t) for t in padded + per_row]
 
 
 def train(loaded: LoadedRecipe) -> int:

@@ -45,7 +45,12 @@ import torch
 from megatron_softgrpo.algorithms.loss import PolicyLoss, StepShape
 from megatron_softgrpo.algorithms.registry import training_algorithm
 from megatron_softgrpo.config.schema import RecipeCfg
-from megatron_softgrpo.distributed import broadcast_from_last_stage
+from megatron_softgrpo.distributed import (
+    ParallelState,
+    broadcast_from_last_stage,
+    gather_data_parallel,
+    sum_data_parallel,
+)
 from megatron_softgrpo.models.build import token_alignment
 from megatron_softgrpo.models.forward import CAUSAL, position_ids
 from megatron_softgrpo.models.loading import load_model
@@ -76,30 +81,20 @@ class TrainStepResult:
     updated: bool  # False: non-finite gradient norm, the weights were left unchanged
 
 
-def _parallel_state():
-    from megatron.core import parallel_state
-
-    return parallel_state
-
-
 def _unwrapped(model_chunk):
     return getattr(model_chunk, "module", model_chunk)  # DDP -> GPTModel
 
 
 class PolicyWorker:
-    def __init__(self, cfg: RecipeCfg):
-        ps = _parallel_state()
+    def __init__(self, cfg: RecipeCfg, parallel: ParallelState):
         policy, mcfg = cfg.policy, cfg.policy.megatron_cfg
-        running = (
-            ps.get_tensor_model_parallel_world_size(),
-            ps.get_pipeline_model_parallel_world_size(),
-        )
+        running = (parallel.tp, parallel.pp)
         wanted = (mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size)
         if running != wanted:
             raise ValueError(
                 f"init_distributed set TP, PP = {running}; the recipe asks for {wanted}"
             )
-        self.cfg = cfg
+        self.cfg, self.parallel = cfg, parallel
         self.source = resolve_model_source(policy.model_name)
         self.model, self.padded_vocab_size = load_model(self.source, mcfg, policy.precision)
         self.ddp = wrap_ddp(self.model, mcfg)
@@ -111,7 +106,9 @@ class PolicyWorker:
         arch = self.source.arch
         self.algorithm = training_algorithm(cfg.softgrpo)
         self.scorer = self.algorithm.scorer(cfg.softgrpo, policy.generation, arch.hidden_size)
-        self.vocab = VocabShard.from_parallel_state(self.padded_vocab_size, arch.vocab_size)
+        self.vocab = VocabShard.of_group(
+            self.padded_vocab_size, arch.vocab_size, parallel.groups.tp
+        )
         self.device = next(self.model.parameters()).device
         # FP8: every pass runs rows padded to a multiple of this length (b x s then is one too)
         self.seq_alignment = token_alignment(self.model.config)
@@ -132,8 +129,8 @@ class PolicyWorker:
         model = self.reference if reference else self.ddp
         if model is None:
             raise ValueError("no reference model: loss_fn.reference_policy_kl_penalty is 0")
-        ps = _parallel_state()
-        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        parallel = self.parallel
+        dp, dp_rank = parallel.dp, parallel.dp_rank
         per_rank = math.ceil(batch.num_rows / dp)
         micro = min(self.cfg.policy.logprob_batch_size, per_rank)
         per_rank = math.ceil(per_rank / micro) * micro
@@ -145,26 +142,22 @@ class PolicyWorker:
         local = self._aligned(local).map(lambda t: t.to(self.device))
         micro_batches = [local.row_slice(i, i + micro) for i in range(0, per_rank, micro)]
         outputs = self._run(model, micro_batches, self._logp_output, forward_only=True)
-        if ps.is_pipeline_last_stage():
+        if parallel.last_stage:
             logp = torch.cat([o["logp"] for o in outputs]).float()
         else:
             logp = torch.empty(per_rank, local.seq_len, device=self.device)
-        broadcast_from_last_stage(logp)
-        if dp > 1:
-            parts = [torch.empty_like(logp) for _ in range(dp)]
-            torch.distributed.all_gather(parts, logp, group=ps.get_data_parallel_group())
-            logp = torch.cat(parts)
+        broadcast_from_last_stage(parallel, logp)
+        logp = gather_data_parallel(parallel, logp)
         return logp[: batch.num_rows, : batch.seq_len]
 
     def train_step(self, batch: PolicyBatch, loss: PolicyLoss) -> TrainStepResult:
         """One optimizer step of `loss` on the mini-batch `batch` (gradient accumulation over
         micro-batches)."""
-        ps = _parallel_state()
         if batch.advantages is None or batch.old_logp is None:
             raise ValueError("train_step needs advantages and old_logp")
         if self.reference is not None and batch.ref_logp is None:
             raise ValueError("train_step needs ref_logp: loss_fn.reference_policy_kl_penalty > 0")
-        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        dp, dp_rank = self.parallel.dp, self.parallel.dp_rank
         micro = self.cfg.policy.train_micro_batch_size
         if batch.num_rows % (dp * micro):
             raise ValueError(
@@ -329,11 +322,9 @@ class PolicyWorker:
     ) -> dict[str, float]:
         """Each named metric summed over micro-batches and data-parallel ranks, on every rank
         (`zeros`: every name, for the stages that hold no outputs)."""
-        ps = _parallel_state()
         names = list(zeros)
         per_micro = [o["metrics"] for o in outputs] or [zeros]
         sums = torch.stack([torch.stack([m[n] for n in names]) for m in per_micro]).sum(dim=0)
-        broadcast_from_last_stage(sums)
-        if ps.get_data_parallel_world_size() > 1:
-            torch.distributed.all_reduce(sums, group=ps.get_data_parallel_group())
+        broadcast_from_last_stage(self.parallel, sums)
+        sum_data_parallel(self.parallel, sums)
         return dict(zip(names, sums.tolist()))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import signal
 
-import torch
+from megatron_softgrpo.distributed import ParallelState, any_rank
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
 
@@ -31,14 +31,9 @@ class PreemptionWatcher:
             flush=True,
         )
 
-    def should_stop(self) -> bool:
+    def should_stop(self, parallel: ParallelState) -> bool:
         """True on every rank as soon as any rank got a signal (a collective: call it on all ranks)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            from megatron_softgrpo.distributed import cpu_group
-
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=cpu_group())
-        return bool(flag.item())
+        return any_rank(parallel, self.received is not None)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
