@@ -4,6 +4,10 @@
 - `mixture_embedding`: sum_k w_k E[ids_k] on the vocabulary-parallel embedding table, fed as `decoder_input`.
 - `output_layer`: vocab-sharded logits during decoding; final hidden states for the chunked log-densities.
 - `sdpa_attention`: the core attention of both layer specs on torch SDPA (flash on GPU; honours the decoding mask).
+- `static_decode`: the fixed-shape decode step on the modules' own weights (the static engine).
+- `inference_cache`: Megatron's StaticInferenceContext as the eager engine uses it (reset, drop rows).
+- `optimizer_step`: the step that skips a non-finite gradient; the optimizer's checkpoint state.
+- `rope`: a model's exact RoPE frequencies (Megatron hard-codes Llama 3.1's llama3 scaling).
 """
 
 from model_patches import cpu_compat

@@ -365,3 +365,31 @@ def test_check_accepts_the_recipe_those_cases_change(capsys):
     assert (
         run_cli(capsys, GPU_RECIPE, "policy.megatron_cfg.scheduler.lr_warmup_iters=100000")[0] == 0
     )
+
+
+def test_tp_must_divide_a_checkpoints_padded_vocabulary(tmp_path, capsys):
+    """A checkpoint fixes its vocabulary padding (an HF model is padded per the recipe): check
+    refuses a TP that cannot split it, naming the key, before any weights are read."""
+    import json
+    from dataclasses import asdict
+
+    from megatron_softgrpo.models.checkpoint import META_FILE, CheckpointMeta
+    from megatron_softgrpo.models.source import SMOLLM2_ARCH
+
+    recipe = ROOT / "recipes" / "softgrpo-smollm2-135m-cpu.yaml"
+    tp3 = ["policy.megatron_cfg.tensor_model_parallel_size=3"]
+    tp3.append("policy.megatron_cfg.make_vocab_size_divisible_by=3")  # 9 heads, 3 KV heads
+    for padded, refused in ((49280, True), (49152, False)):  # 49280 = 3 * 16426 + 2
+        ckpt = tmp_path / f"ckpt{padded}"
+        ckpt.mkdir()
+        meta = CheckpointMeta(arch=SMOLLM2_ARCH.to_dict(), padded_vocab_size=padded)
+        (ckpt / META_FILE).write_text(json.dumps(asdict(meta)))
+        code, err = run_cli(capsys, recipe, f"policy.model_name={ckpt}", *tp3)
+        if refused:
+            assert code == 2 and "\n" not in err
+            assert (
+                "tensor_model_parallel_size=3: must divide the checkpoint's padded vocabulary (49280"
+                in err
+            )
+        else:
+            assert code == 0, err

@@ -192,9 +192,7 @@ def test_kv_cache_matches_megatron_allocation(tiny_model):
         MixtureRows.discrete(torch.randint(0, 1000, (rows, prompt)), 5),
         torch.zeros(rows, prompt, dtype=torch.bool),
     )
-    allocated = sum(
-        t.numel() * t.element_size() for kv in runner.ctx.key_value_memory_dict.values() for t in kv
-    )
+    allocated = runner.cache.nbytes()
     assert allocated == kv_cache_bytes(arch, 1, arch.num_layers, rows, length, 4)
 
 

@@ -685,9 +685,6 @@ def test_rollout_rewards_include_the_soft_overlong_penalty(monkeypatch):
     from megatron_softgrpo.data.datasets import Problem
     from megatron_softgrpo.soft import MixtureRows
 
-    monkeypatch.setattr(
-        loop, "_gather_blocks", lambda parallel, per_position, per_row: per_position + per_row
-    )
     monkeypatch.setattr(loop, "encode_prompt", lambda tokenizer, problem, *a: [1, 2])
     trainer = object.__new__(loop.Trainer)
     trainer.cfg = RecipeCfg.model_validate(

@@ -140,6 +140,14 @@ def recipe_model_arch(loaded: LoadedRecipe) -> ModelArch:
         raise loaded.error("policy.model_name", str(e)) from None
 
 
+def _checkpoint_padded_vocab(model_name: str) -> int | None:
+    """The padded vocabulary a megatron-softgrpo checkpoint was saved with; None for other models."""
+    from megatron_softgrpo.models.checkpoint import is_checkpoint, read_meta
+
+    path = Path(model_name).expanduser()
+    return read_meta(path).padded_vocab_size if is_checkpoint(path) else None
+
+
 def cluster_world_size(cluster: ClusterCfg) -> int | None:
     """Processes of the job the recipe describes; None for CPU recipes (gpus_per_node: 0)."""
     return cluster.num_nodes * cluster.gpus_per_node or None
@@ -158,6 +166,11 @@ def check_model_fit(loaded: LoadedRecipe, arch: ModelArch, world_size: int | Non
         raise loaded.error(
             "policy.megatron_cfg.make_vocab_size_divisible_by",
             f"must be a multiple of tensor_model_parallel_size ({tp})",
+        )
+    padded = _checkpoint_padded_vocab(loaded.cfg.policy.model_name)
+    if padded is not None and padded % tp:  # a checkpoint fixes its padding; an HF model's is ours
+        raise loaded.error(
+            tp_key, f"must divide the checkpoint's padded vocabulary ({padded}, policy.model_name)"
         )
     fp8 = mcfg.fp8_cfg
     if fp8.enabled and fp8.first_last_layers_bf16:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from megatron_softgrpo.config.schema import MegatronCfg
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.arch import ModelArch
+from model_patches.rope import set_rope_frequencies
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -132,8 +133,7 @@ def build_gpt_model(
         position_embedding_type="rope",
         rotary_base=int(arch.rope_theta),
     )
-    # Megatron's llama3 scaling hard-codes the 3.1 constants; set the exact frequencies of this model.
-    model.rotary_pos_emb.inv_freq = arch.rope_inv_freq().to(model.rotary_pos_emb.inv_freq.device)
+    set_rope_frequencies(model, arch.rope_inv_freq())
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

@@ -35,7 +35,11 @@ def _layout_mcfg(source: ModelSource, tp: int, pp: int) -> MegatronCfg:
     if problem:
         flag = "--tp" if problem[0] == "tp" else "--pp"
         raise UserError(f"{flag} {tp if flag == '--tp' else pp}: {problem[1]}")
-    return MegatronCfg(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    mcfg = MegatronCfg(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    padded = source.arch.padded_vocab_size(mcfg.make_vocab_size_divisible_by)
+    if padded % tp:
+        raise UserError(f"--tp {tp}: must divide the padded vocabulary ({padded})")
+    return mcfg
 
 
 def hf_to_megatron(hf: str, out: str, tp: int = 1, pp: int = 1, precision: str = "float32") -> Path:

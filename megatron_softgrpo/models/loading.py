@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from megatron_softgrpo.config.schema import MegatronCfg
-from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.build import build_gpt_model
 from megatron_softgrpo.models.checkpoint import load_model_weights
 from megatron_softgrpo.models.hf_mapping import HFCheckpointReader, load_hf_weights
@@ -11,15 +10,10 @@ from megatron_softgrpo.models.source import ModelSource
 
 
 def padded_vocab_for(source: ModelSource, mcfg: MegatronCfg) -> int:
-    padded = source.padded_vocab_size or source.arch.padded_vocab_size(
+    """A checkpoint's own padding, else the recipe's (TP divides either: config/checks.py)."""
+    return source.padded_vocab_size or source.arch.padded_vocab_size(
         mcfg.make_vocab_size_divisible_by
     )
-    if padded % mcfg.tensor_model_parallel_size:
-        raise UserError(
-            f"{source.path}: padded vocabulary {padded} is not divisible by "
-            f"tensor_model_parallel_size={mcfg.tensor_model_parallel_size}"
-        )
-    return padded
 
 
 def load_model(source: ModelSource, mcfg: MegatronCfg, precision: str = "float32"):

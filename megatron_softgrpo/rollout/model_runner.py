@@ -1,7 +1,7 @@
 """One decoding step of the (TP/PP-sharded) policy on mixtures of token embeddings.
 
 The runner owns everything model-side of decoding: the KV cache (Megatron's
-StaticInferenceContext), left padding, the mixture input embedding, hidden states sent between
+StaticInferenceContext, through `model_patches.inference_cache`), left padding, the mixture input embedding, hidden states sent between
 pipeline stages each step, and dropping finished rows from the cache. It returns this TP rank's
 vocabulary shard of the last-position logits on the last pipeline stage (None elsewhere).
 
@@ -32,6 +32,7 @@ from megatron_softgrpo.distributed import (
 )
 from megatron_softgrpo.models.build import token_alignment
 from megatron_softgrpo.soft import MixtureRows
+from model_patches.inference_cache import KVCache
 from model_patches.mixture_embedding import mixture_embedding
 from model_patches.output_layer import sharded_inference_logits
 from model_patches.sdpa_attention import additive_mask
@@ -48,8 +49,6 @@ class ModelRunner:
         input_offset: Callable[[MixtureRows], torch.Tensor | None] | None = None,
     ):
         """`input_offset(rows)`: what is added to the mixed input embedding (None: nothing)."""
-        from megatron.core.inference.contexts import StaticInferenceContext
-
         if model.config.sequence_parallel:
             raise NotImplementedError(
                 "decoding with sequence_parallel=true is not supported; disable it for rollouts"
@@ -64,10 +63,8 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.row_alignment = token_alignment(model.config)
         self.ghosts = 0  # rows appended to reach the alignment (copies of row 0)
-        self.ctx = (
-            StaticInferenceContext(_aligned(max_batch, self.row_alignment), max_len)
-            if use_kv_cache
-            else None
+        self.cache = (
+            KVCache(_aligned(max_batch, self.row_alignment), max_len) if use_kv_cache else None
         )
         self.key_pad: torch.Tensor | None = None  # [B, L] True where the key is left padding
         self.history: MixtureRows | None = None  # recompute mode: every input so far [B, L]
@@ -82,9 +79,8 @@ class ModelRunner:
         self.ghosts = _aligned(pad.shape[0], self.row_alignment) - pad.shape[0]
         rows, pad = _with_ghosts(rows, self.ghosts), _with_ghosts(pad, self.ghosts)
         self.key_pad = pad.to(self.device)
-        if self.ctx is not None:
-            self.ctx.reset()
-            self.ctx.key_value_memory_dict.clear()
+        if self.cache is not None:
+            self.cache.reset()
         else:
             self.history = rows
         return self._real(self._run(rows, queries=pad.shape[1]))
@@ -97,10 +93,10 @@ class ModelRunner:
         b = self.key_pad.shape[0]
         self.key_pad = torch.cat([self.key_pad, self.key_pad.new_zeros(b, 1)], dim=1)
         new = _with_ghosts(rows, self.ghosts).map(lambda t: t[:, None])
-        if self.ctx is None:
+        if self.cache is None:
             self.history = MixtureRows.cat([self.history, new], dim=1)
             return self._real(self._run(self.history, queries=self.length))
-        self.ctx.enable_decode_mode()
+        self.cache.decode_mode()
         return self._real(self._run(new, queries=1))
 
     def keep_rows(self, rows: torch.Tensor) -> None:
@@ -109,14 +105,10 @@ class ModelRunner:
         self.ghosts = _aligned(len(rows), self.row_alignment) - len(rows)
         rows = _with_ghosts(rows, self.ghosts)
         self.key_pad = self.key_pad[rows]
-        if self.ctx is None:
+        if self.cache is None:
             self.history = self.history.map(lambda t: t[rows])
-            return
-        for layer, (k, v) in self.ctx.key_value_memory_dict.items():
-            self.ctx.key_value_memory_dict[layer] = (
-                k[:, rows].contiguous(),
-                v[:, rows].contiguous(),
-            )
+        else:
+            self.cache.keep_rows(rows)
 
     def _real(self, logits: torch.Tensor | None) -> torch.Tensor | None:
         if logits is None or not self.ghosts:
@@ -153,11 +145,11 @@ class ModelRunner:
                 position_ids,
                 self._mask(queries),
                 decoder_input=decoder_input,
-                inference_context=self.ctx,
+                inference_context=None if self.cache is None else self.cache.context,
                 runtime_gather_output=True,
             )
-        if self.ctx is not None:
-            self.ctx.sequence_len_offset += queries
+        if self.cache is not None:
+            self.cache.advance(queries)
         if not self.last_stage:
             send_to_next_stage(self.parallel, out)
             return None

@@ -41,8 +41,8 @@ from megatron_softgrpo.models.checkpoint import (
     save_checkpoint,
 )
 from megatron_softgrpo.models.source import ModelSource
-from megatron_softgrpo.train.optimizer import load_optimizer_state, optimizer_sharded_state
 from megatron_softgrpo.train.policy import PolicyWorker
+from model_patches.optimizer_step import load_optimizer_state, optimizer_sharded_state
 
 LATEST = "latest"
 _STEP_DIR = re.compile(r"step_(\d+)")

@@ -31,7 +31,6 @@ from megatron_softgrpo.data.prompts import encode_prompt
 from megatron_softgrpo.data.sampler import PromptSampler
 from megatron_softgrpo.distributed import (
     ParallelLayout,
-    ParallelState,
     gather_data_parallel,
     init_distributed,
     max_data_parallel,
@@ -390,20 +389,18 @@ class Trainer:
         correct, answered = self._grade(traj.texts, [p for p in mine for _ in range(g)])
         _add_time(times, "time/reward", t)
         truncated = torch.tensor([r == "length" for r in traj.finish_reasons])
-        device = traj.rows.tokens.device
-        gathered = _gather_blocks(
-            self.parallel,
-            [*[getattr(traj.rows, k) for k in _ROW_FIELDS], traj.loss_mask, traj.rollout_logp],
-            [
-                traj.response_lengths,
-                traj.think_lengths,
-                *(x.to(device) for x in (truncated, correct, answered)),
-            ],
-        )
-        rows = MixtureRows(**dict(zip(_ROW_FIELDS, gathered[: len(_ROW_FIELDS)])))
-        loss_mask, rollout_logp, lengths, think, trunc, correct, answered = gathered[
-            len(_ROW_FIELDS) :
-        ]
+        # every data-parallel rank's block of rows, in rank order; [B, S] tensors right-padded
+        # to the longest block first
+        device, parallel = traj.rows.tokens.device, self.parallel
+        width = max_data_parallel(parallel, traj.rows.tokens.shape[1], device)
+
+        def gathered(t: torch.Tensor, per_position: bool = False) -> torch.Tensor:
+            return gather_data_parallel(parallel, _pad_columns(t, width) if per_position else t)
+
+        rows = traj.rows.map(lambda t: gathered(t, per_position=True))
+        loss_mask, rollout_logp = (gathered(t, True) for t in (traj.loss_mask, traj.rollout_logp))
+        lengths, think = gathered(traj.response_lengths), gathered(traj.think_lengths)
+        trunc, correct, answered = (gathered(x.to(device)) for x in (truncated, correct, answered))
         rewards = with_format_bonus(correct, answered, trunc, self.cfg.env.format_reward)
         penalty = torch.zeros_like(rewards)
         if (over := self.cfg.env.overlong_penalty) is not None:
@@ -484,9 +481,6 @@ def _print_samples(problems, texts: list[str], rewards: list[float], count: int)
         )
 
 
-_ROW_FIELDS = tuple(f.name for f in fields(MixtureRows))  # every field of the per-position record
-
-
 def _prefixed(prefix: str, d: dict) -> dict:
     return {prefix + k: v for k, v in d.items()}
 
@@ -523,17 +517,6 @@ def _trim(batch: PolicyBatch) -> PolicyBatch:
     used = batch.loss_mask.any(dim=0).nonzero()
     length = int(used.max()) + 1 if len(used) else 1
     return batch.map(lambda t: t[:, :length])
-
-
-def _gather_blocks(
-    parallel: ParallelState, per_position: list[torch.Tensor], per_row: list[torch.Tensor]
-) -> list[torch.Tensor]:
-    """Concatenate every data-parallel rank's block of rows (in rank order); [B, S] tensors are
-    right-padded to the longest block first."""
-    first = per_position[0]
-    width = max_data_parallel(parallel, first.shape[1], first.device)
-    padded = [_pad_columns(t, width) for t in per_position]
-    return [gather_data_parallel(parallel, t) for t in padded + per_row]
 
 
 def train(loaded: LoadedRecipe) -> int:

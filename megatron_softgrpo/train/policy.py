@@ -62,13 +62,9 @@ from megatron_softgrpo.soft import (
     objective_from_hidden,
 )
 from megatron_softgrpo.train.batch import PolicyBatch
-from megatron_softgrpo.train.optimizer import (
-    build_optimizer,
-    build_scheduler,
-    guarded_step,
-    wrap_ddp,
-)
+from megatron_softgrpo.train.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from model_patches.mixture_embedding import mixture_embedding
+from model_patches.optimizer_step import guarded_step
 from model_patches.output_layer import final_hidden_states
 
 
