@@ -129,23 +129,23 @@ def print_agreement(tag, hidden, weight, rows, scorer, shard, chunk_size) -> Non
         h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
         if name == "fused":
             scored = objective_from_hidden(
-                h, w, rows, scorer, shard, lambda ell, _, __: ell, chunk_size=chunk_size
+                h, w, rows, scorer, shard, lambda logp, _, __: logp, chunk_size=chunk_size
             )
-            ell, loss = scored.ell, scored.value
+            logp, loss = scored.logp, scored.value
         else:
             if name == "chunked":
-                ell = log_density_from_hidden(h, w, rows, scorer, shard, chunk_size=chunk_size)
+                logp = log_density_from_hidden(h, w, rows, scorer, shard, chunk_size=chunk_size)
             else:
-                ell = log_density_from_logits(
+                logp = log_density_from_logits(
                     (h.transpose(0, 1) @ w.t()).float(), rows, scorer, shard
                 )
-            loss = ell.sum()
+            loss = logp.sum()
         loss.backward()
-        outputs[name] = (ell.detach(), h.grad.float(), w.grad.float())
+        outputs[name] = (logp.detach(), h.grad.float(), w.grad.float())
     ell_n, gh_n, gw_n = outputs["naive"]
     for name in ("chunked", "fused"):
-        ell, gh, gw = outputs[name]
-        print(f"{tag}/{name}_max_abs_diff_vs_naive: {(ell_n - ell).abs().max().item():.2e}")
+        logp, gh, gw = outputs[name]
+        print(f"{tag}/{name}_max_abs_diff_vs_naive: {(ell_n - logp).abs().max().item():.2e}")
         print(
             f"{tag}/{name}_max_rel_diff_grad_hidden: {((gh_n - gh).abs().max() / gh_n.abs().max()).item():.2e}"
         )
@@ -196,24 +196,24 @@ def main() -> None:
                 h, w = hidden.detach().requires_grad_(grad), weight.detach().requires_grad_(grad)
                 with torch.set_grad_enabled(grad):
                     logits = (h.transpose(0, 1) @ w.t()).float()
-                    ell = log_density_from_logits(logits, rows, scorer, shard)
+                    logp = log_density_from_logits(logits, rows, scorer, shard)
                     if grad:
-                        ell.sum().backward()
+                        logp.sum().backward()
 
             def chunked(grad: bool):
                 h, w = hidden.detach().requires_grad_(grad), weight.detach().requires_grad_(grad)
                 with torch.set_grad_enabled(grad):
-                    ell = log_density_from_hidden(
+                    logp = log_density_from_hidden(
                         h, w, rows, scorer, shard, chunk_size=args.chunk_size
                     )
                     if grad:
-                        ell.sum().backward()
+                        logp.sum().backward()
 
             def fused(grad: bool):
                 assert grad, "the fused path is the training (forward + backward) path"
                 h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
                 objective_from_hidden(
-                    h, w, rows, scorer, shard, lambda ell, _, __: ell, chunk_size=args.chunk_size
+                    h, w, rows, scorer, shard, lambda logp, _, __: logp, chunk_size=args.chunk_size
                 ).value.backward()
 
             naive_fits = (

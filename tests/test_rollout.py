@@ -487,7 +487,7 @@ def test_rescoring_reproduces_the_rollout_log_densities(tiny_dir, tokenizer, alg
     )
     seed_noise_rng(7)
     result = engine.generate(PROMPTS[:2], 2)
-    ell = worker.compute_logprobs(PolicyBatch(result.rows, result.loss_mask))
+    logp = worker.compute_logprobs(PolicyBatch(result.rows, result.loss_mask))
 
     mask, soft = result.loss_mask, result.rows.is_soft
     assert bool((mask & ~soft).any()) and bool((mask & soft).any()) == (algorithm != "grpo")
@@ -501,13 +501,13 @@ def test_rescoring_reproduces_the_rollout_log_densities(tiny_dir, tokenizer, alg
     )
     assert (at_rollout - result.rollout_logp)[mask].abs().max() <= 1e-5
     # 2. the trainer's full-sequence recompute reproduces it
-    error = (ell - result.rollout_logp).abs()
+    error = (logp - result.rollout_logp).abs()
     assert error[mask & ~soft].max() <= 1e-5
     if algorithm != "embedding_noise":
         assert error[mask].max() <= 1e-5
         return
     # The embedding-noise density -|sigma eps + sum_k (w_k - pt_k) E_k|^2 / (2 sigma^2) has slope
-    # d ell / d l_k = (eps . E_k) pt-terms / (sigma T) ~ |E_k| / sigma ~ 160 here: the ~1e-6 logit
+    # d logp / d l_k = (eps . E_k) pt-terms / (sigma T) ~ |E_k| / sigma ~ 160 here: the ~1e-6 logit
     # differences between cached decoding and the trainer's recompute (summation orders, RoPE
     # offsets of left padding) become ~1e-4. Bound: first order in the measured logit difference
     # (factor 2 for the trainer's own h @ W rounding; the second-order term is ~1e-8).
@@ -566,9 +566,9 @@ def test_a_sampled_marker_step_is_scored_at_the_temperature_it_was_drawn_at(
     assert (result.rollout_logp - at(1.3))[drawn].abs().max() <= 1e-5
     assert (at(1.3) - at(0.7))[drawn].abs().min() > 1e-3
     # the trainer re-scores every scored row, the marker step included, to the rollout's value
-    ell = worker.compute_logprobs(PolicyBatch(rows, mask))
-    assert (ell - result.rollout_logp)[mask].abs().max() <= 1e-5
-    ratio = torch.exp(ell - result.rollout_logp)
+    logp = worker.compute_logprobs(PolicyBatch(rows, mask))
+    assert (logp - result.rollout_logp)[mask].abs().max() <= 1e-5
+    ratio = torch.exp(logp - result.rollout_logp)
     assert (ratio - 1)[drawn].abs().max() <= 1e-5
 
 
@@ -586,11 +586,11 @@ def recomputed_logits(model, rows, noise) -> torch.Tensor:
 
 
 def density_slope(logits, rows, scorer, shard, embedding) -> torch.Tensor:
-    """[B, S]: sum_k |d ell / d l_k| of the trainer's function at the given logits."""
+    """[B, S]: sum_k |d logp / d l_k| of the trainer's function at the given logits."""
     logits = logits.clone().requires_grad_()
     with torch.enable_grad():
-        ell = log_density_from_logits(logits, rows, scorer, shard, embedding)
-        (grad,) = torch.autograd.grad(ell.sum(), logits)
+        logp = log_density_from_logits(logits, rows, scorer, shard, embedding)
+        (grad,) = torch.autograd.grad(logp.sum(), logits)
     return grad.abs().sum(-1)
 
 

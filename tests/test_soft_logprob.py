@@ -85,7 +85,7 @@ def random_logits(b=2, s=12, seed=0, dtype=torch.float32, width=PADDED):
 
 
 def reference(name, logits, rows, emb_table):
-    """float64 ell [N] of flat rows: discrete at T=1.1 (marker steps at 0.8), soft rows by
+    """float64 logp [N] of flat rows: discrete at T=1.1 (marker steps at 0.8), soft rows by
     docs/algorithm.md section 2/5 at T=0.8."""
     flat = rows.flatten()
     lg = logits.reshape(-1, PADDED).double()
@@ -116,11 +116,11 @@ def test_log_density_matches_reference(name):
     logits = random_logits()
     _, rows = mixed_rows(name, logits)
     emb = table()
-    ell = log_density_from_logits(logits, rows, scorer(name), SHARD, InputEmbedding(emb, SHARD))
-    assert ell.shape == rows.tokens.shape and ell.dtype == torch.float32
+    logp = log_density_from_logits(logits, rows, scorer(name), SHARD, InputEmbedding(emb, SHARD))
+    assert logp.shape == rows.tokens.shape and logp.dtype == torch.float32
     assert 0 < int(rows.is_soft.sum()) < rows.is_soft.numel()
     assert bool((rows.thinking & ~rows.is_soft).any())  # marker steps among the discrete rows
-    assert (ell.reshape(-1).double() - reference(name, logits, rows, emb)).abs().max() <= TOL
+    assert (logp.reshape(-1).double() - reference(name, logits, rows, emb)).abs().max() <= TOL
 
 
 def test_discrete_rows_drawn_while_thinking_are_scored_at_the_thinking_temperature():
@@ -129,25 +129,27 @@ def test_discrete_rows_drawn_while_thinking_are_scored_at_the_thinking_temperatu
     _, rows = mixed_rows("gumbel", logits)
     marker, answer = rows.thinking & ~rows.is_soft, ~rows.thinking & ~rows.is_soft
     assert bool(marker.any()) and bool(answer.any())
-    ell = log_density_from_logits(logits, rows, scorer("gumbel"), SHARD).double()
+    logp = log_density_from_logits(logits, rows, scorer("gumbel"), SHARD).double()
     flat = logits.reshape(-1, PADDED).double()
 
     def at(temperature):
         lp = ref.discrete_log_prob(flat, rows.tokens.reshape(-1), temperature, VOCAB)
         return lp.reshape(rows.tokens.shape)
 
-    assert (ell - at(0.8))[marker].abs().max() <= TOL
-    assert (ell - at(1.1))[answer].abs().max() <= TOL
+    assert (logp - at(0.8))[marker].abs().max() <= TOL
+    assert (logp - at(1.1))[answer].abs().max() <= TOL
     assert (at(0.8) - at(1.1))[marker].abs().min() > 1e-3  # the two temperatures differ there
 
 
 @pytest.mark.parametrize("name", NOISES)
 def test_rollout_density_equals_training_density(name):
-    """The health metric of docs/algorithm.md section 2: the rollout's own ell equals the trainer's at the same logits."""
+    """The health metric of docs/algorithm.md section 2: the rollout's own logp equals the trainer's at the same logits."""
     logits = random_logits()
     step, rows = mixed_rows(name, logits)
-    ell = log_density_from_logits(logits, rows, scorer(name), SHARD, InputEmbedding(table(), SHARD))
-    assert (ell.reshape(-1) - step.log_density).abs().max() <= TOL
+    logp = log_density_from_logits(
+        logits, rows, scorer(name), SHARD, InputEmbedding(table(), SHARD)
+    )
+    assert (logp.reshape(-1) - step.log_density).abs().max() <= TOL
 
 
 @pytest.mark.parametrize("name", NOISES)
@@ -220,10 +222,10 @@ def test_gradients_reach_only_the_logits():
     logits = random_logits().requires_grad_()
     _, rows = mixed_rows("embedding_noise", logits.detach())
     emb_table = table().requires_grad_()
-    ell = log_density_from_logits(
+    logp = log_density_from_logits(
         logits, rows, scorer("embedding_noise"), SHARD, InputEmbedding(emb_table, SHARD)
     )
-    ell.sum().backward()
+    logp.sum().backward()
     assert emb_table.grad is None and logits.grad.abs().sum() > 0
     assert not any(t.requires_grad for t in vars(rows).values())
 
@@ -265,9 +267,9 @@ def test_tiny_temperature_densities_stay_finite():
     logits = random_logits().requires_grad_()
     _, rows = mixed_rows("gumbel", logits.detach())
     sharp = Scorer(NOISES["gumbel"], soft_temperature=1e-4, discrete_temperature=1e-4)
-    ell = log_density_from_logits(logits, rows, sharp, SHARD)
-    ell.sum().backward()
-    assert bool(torch.isfinite(ell).all() and torch.isfinite(logits.grad).all())
+    logp = log_density_from_logits(logits, rows, sharp, SHARD)
+    logp.sum().backward()
+    assert bool(torch.isfinite(logp).all() and torch.isfinite(logits.grad).all())
 
 
 def test_embedding_noise_offset_is_the_seeded_vector_on_soft_rows():
@@ -304,14 +306,14 @@ def test_chunked_entropy_matches_float64_reference_and_keeps_the_log_densities(c
     logits64 = hidden.double().transpose(0, 1) @ weight.double().t()
     _, rows = mixed_rows("gumbel", logits64.float().detach(), drift=0.5)
     assert 0 < int(rows.is_soft.sum()) < rows.is_soft.numel()
-    ell, entropy = log_density_and_entropy_from_hidden(
+    logp, entropy = log_density_and_entropy_from_hidden(
         hidden, weight, rows, scorer("gumbel"), SHARD, chunk_size=chunk_size
     )
     expected = reference_entropy(logits64, rows)
     assert entropy.shape == rows.tokens.shape and entropy.dtype == torch.float32
     assert (entropy.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
     assert torch.equal(
-        ell,
+        logp,
         log_density_from_hidden(
             hidden, weight, rows, scorer("gumbel"), SHARD, chunk_size=chunk_size
         ),
@@ -324,7 +326,7 @@ def test_chunked_entropy_matches_float64_reference_and_keeps_the_log_densities(c
     want = torch.autograd.grad(
         plain + (c_entropy * reference_entropy(full, rows)).sum(), (h64, w64)
     )
-    got = torch.autograd.grad((c_ell * ell + c_entropy * entropy).sum(), (hidden, weight))
+    got = torch.autograd.grad((c_ell * logp + c_entropy * entropy).sum(), (hidden, weight))
     for g, w in zip(got, want):
         assert (g.double() - w).abs().max() <= 1e-4 * w.abs().max()
     assert (
@@ -373,8 +375,8 @@ def _objective(old, coef_ell, coef_entropy):
     """A nonlinear per-position objective like the policy loss's: depends on its positions' data."""
     old, coef_ell, coef_entropy = (t.reshape(-1) for t in (old, coef_ell, coef_entropy))
 
-    def objective(ell, entropy, positions: slice):
-        out = coef_ell[positions] * torch.exp(torch.clamp(ell - old[positions], -20, 20))
+    def objective(logp, entropy, positions: slice):
+        out = coef_ell[positions] * torch.exp(torch.clamp(logp - old[positions], -20, 20))
         return out if entropy is None else out + coef_entropy[positions] * entropy
 
     return objective
@@ -397,23 +399,23 @@ def test_fused_objective_equals_scores_then_autograd(name, with_entropy):
     for chunk_size in (5, 1024):
         args = (hidden, weight, rows, scorer(name), SHARD)
         if with_entropy:
-            ell, entropy = log_density_and_entropy_from_hidden(
+            logp, entropy = log_density_and_entropy_from_hidden(
                 *args, chunk_size=chunk_size, embedding=emb
             )
         else:
-            ell, entropy = (
+            logp, entropy = (
                 log_density_from_hidden(*args, chunk_size=chunk_size, embedding=emb),
                 None,
             )
         want_value = objective(
-            ell.reshape(-1), None if entropy is None else entropy.reshape(-1), slice(None)
+            logp.reshape(-1), None if entropy is None else entropy.reshape(-1), slice(None)
         ).sum()
         want = torch.autograd.grad(want_value, (hidden, weight))
         fused = objective_from_hidden(
             *args, objective, with_entropy, chunk_size=chunk_size, embedding=emb
         )
         got = torch.autograd.grad(fused.value, (hidden, weight))
-        assert torch.equal(fused.ell, ell.detach())  # the same log-densities, bitwise
+        assert torch.equal(fused.logp, logp.detach())  # the same log-densities, bitwise
         assert (fused.entropy is None) == (not with_entropy)
         if with_entropy:
             assert torch.equal(fused.entropy, entropy.detach())

@@ -88,8 +88,8 @@ def compute(shard: VocabShard, logits, hidden, weight, table, coef, rows):
     emb = InputEmbedding(table[cols], shard)
     for name in NOISES:
         local = logits[:, cols].reshape(4, 6, -1).clone().requires_grad_()
-        ell = log_density_from_logits(local, rows[name], scorer(name), shard, emb)
-        (coef * ell).sum().backward()
+        logp = log_density_from_logits(local, rows[name], scorer(name), shard, emb)
+        (coef * logp).sum().backward()
         h, w = hidden.clone().requires_grad_(), weight[cols].clone().requires_grad_()
         chunked = log_density_from_hidden(
             h, w, rows[name], scorer(name), shard, chunk_size=7, embedding=emb
@@ -110,7 +110,7 @@ def compute(shard: VocabShard, logits, hidden, weight, table, coef, rows):
         )
         (coef * sp).sum().backward()
         out[f"density/{name}"] = dict(
-            ell=ell.detach(),
+            logp=logp.detach(),
             grad_logits=local.grad,
             chunked=chunked.detach(),
             grad_hidden=h.grad,
@@ -134,12 +134,12 @@ def _entropy(shard: VocabShard, hidden, weight, coef, rows, emb):
         ("_sp", hidden[shard.rank * part : (shard.rank + 1) * part], True),
     ):
         h, w = h.clone().requires_grad_(), weight.clone().requires_grad_()
-        ell, entropy = log_density_and_entropy_from_hidden(
+        logp, entropy = log_density_and_entropy_from_hidden(
             h, w, rows, scorer("gumbel"), shard, chunk_size=7, embedding=emb, sequence_parallel=sp
         )
-        (coef * ell + coef.flip(-1) * entropy).sum().backward()
+        (coef * logp + coef.flip(-1) * entropy).sum().backward()
         out |= {
-            f"ell{label}": ell.detach(),
+            f"logp{label}": logp.detach(),
             f"entropy{label}": entropy.detach(),
             f"grad_hidden{label}": h.grad,
             f"grad_weight{label}": w.grad,
@@ -162,7 +162,7 @@ def _entropy(shard: VocabShard, hidden, weight, coef, rows, emb):
         fused.value.backward()
         out |= {
             f"fused_value{label}": fused.value.detach(),
-            f"fused_ell{label}": fused.ell,
+            f"fused_logp{label}": fused.logp,
             f"grad_hidden_fused{label}": h.grad,
             f"grad_weight_fused{label}": w.grad,
         }
@@ -215,13 +215,13 @@ def test_tensor_parallel_2_equals_1():
     )  # both shards get gradient
     entropy = single["entropy/gumbel"]
     assert torch.equal(
-        entropy["ell"], single["density/gumbel"]["chunked"]
+        entropy["logp"], single["density/gumbel"]["chunked"]
     )  # the log-densities are unchanged
     assert bool((entropy["entropy"] > 0).all()) and all(
         r["entropy/gumbel"]["grad_weight"].abs().sum() > 0 for r in ranks
     )
     for label in ("", "_sp"):  # fused == scores then autograd, at TP=1 (TP=2 equals TP=1 above)
-        assert torch.equal(entropy[f"fused_ell{label}"], entropy[f"ell{label}"])
+        assert torch.equal(entropy[f"fused_logp{label}"], entropy[f"logp{label}"])
         for grad in ("grad_hidden", "grad_weight"):
             want = entropy[f"{grad}{label}"]
             assert (entropy[f"{grad}_fused{label}"] - want).abs().max() <= 1e-5 * want.abs().max()

@@ -258,10 +258,10 @@ def test_trainer_rescores_the_static_rollout(tiny_dir, tokenizer, algorithm):
     seed_noise_rng(7)
     engine = StaticRolloutEngine(worker.model, tokenizer, worker.vocab, s, worker.parallel)
     result = engine.generate(PROMPTS[:2], 2)
-    ell = worker.compute_logprobs(PolicyBatch(result.rows, result.loss_mask))
+    logp = worker.compute_logprobs(PolicyBatch(result.rows, result.loss_mask))
     mask = result.loss_mask
     assert bool((mask & result.rows.is_soft).any()) == (algorithm != "grpo")
-    assert (ell - result.rollout_logp)[mask].abs().max() <= 1e-5
+    assert (logp - result.rollout_logp)[mask].abs().max() <= 1e-5
 
 
 def test_a_marker_the_model_writes_switches_phase_as_in_the_reference(tiny_dir, tokenizer):

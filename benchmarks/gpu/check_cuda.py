@@ -146,9 +146,9 @@ def check_log_densities(noisy, shard, logits):
     def run(device):
         hd = hidden.detach().to(device).clone().requires_grad_()
         wt = weight.detach().to(device).clone().requires_grad_()
-        ell = log_density_from_hidden(hd, wt, seq_rows.map(lambda t: t.to(device)), scorer, shard)
-        ell.sum().backward()
-        return ell.detach().cpu(), hd.grad.cpu(), wt.grad.cpu()
+        logp = log_density_from_hidden(hd, wt, seq_rows.map(lambda t: t.to(device)), scorer, shard)
+        logp.sum().backward()
+        return logp.detach().cpu(), hd.grad.cpu(), wt.grad.cpu()
 
     (e_c, gh_c, gw_c), (e_g, gh_g, gw_g) = run("cpu"), run(DEV)
     record("log_density_from_hidden/value/fp32", float((e_c - e_g).abs().max()), 1e-4)
@@ -205,28 +205,28 @@ def check_policy_objective(scorer, shard, hidden, weight, rows):
     ):  # the reference: log-densities, then the loss by autograd
         hd = hidden.to(device, dtype, copy=True).requires_grad_()
         wt = weight.to(device, dtype, copy=True).requires_grad_()
-        ell, entropy = log_density_and_entropy_from_hidden(
+        logp, entropy = log_density_and_entropy_from_hidden(
             hd, wt, rows.map(lambda t: t.to(device)), scorer, shard
         )
-        loss = loss_on(device, ell, entropy)
+        loss = loss_on(device, logp, entropy)
         loss.backward()
         return (
             loss.detach().cpu(),
             hd.grad.float().cpu(),
             wt.grad.float().cpu(),
-            ell.detach().cpu(),
+            logp.detach().cpu(),
             entropy.detach().cpu(),
         )
 
     references = {torch.float32: scores_then_autograd("cpu", torch.float32)}
-    want, _, _, ell, entropy = references[torch.float32]
+    want, _, _, logp, entropy = references[torch.float32]
     references[torch.bfloat16] = scores_then_autograd(
         DEV, torch.bfloat16
     )  # bf16 rounding moves Gumbel gradients
-    lp, en = (t.to(DEV, copy=True).requires_grad_() for t in (ell, entropy))
+    lp, en = (t.to(DEV, copy=True).requires_grad_() for t in (logp, entropy))
     got = loss_on(DEV, lp, en)
     got.backward()
-    lp_c, en_c = (t.clone().requires_grad_() for t in (ell, entropy))
+    lp_c, en_c = (t.clone().requires_grad_() for t in (logp, entropy))
     loss_on("cpu", lp_c, en_c).backward()
     record("policy_loss/value", abs(float(got.cpu() - want)), 1e-6)
     record("policy_loss/grad_logp", float((lp.grad.cpu() - lp_c.grad).abs().max()), 1e-7)

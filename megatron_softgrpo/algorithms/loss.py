@@ -257,16 +257,16 @@ class MicroBatchLoss:
         entropy = old_logp[none] if cfg.entropy_coef > 0 else None
         self.metrics: dict[str, Tensor] = self._shares(old_logp[none], entropy, none)[1]
 
-    def __call__(self, ell: Tensor, entropy: Tensor | None, positions: slice) -> Tensor:
-        weighted, shares = self._shares(ell, entropy, positions)
+    def __call__(self, logp: Tensor, entropy: Tensor | None, positions: slice) -> Tensor:
+        weighted, shares = self._shares(logp, entropy, positions)
         for name, value in shares.items():
             self.metrics[name] = self.metrics[name] + value
         return weighted
 
-    def _shares(self, ell, entropy, positions: slice) -> tuple[Tensor, dict[str, Tensor]]:
+    def _shares(self, logp, entropy, positions: slice) -> tuple[Tensor, dict[str, Tensor]]:
         advantages = self.advantages[positions]
         terms = token_terms(
-            ell,
+            logp,
             self.old_logp[positions],
             advantages,
             torch.ones_like(advantages, dtype=torch.bool),  # every position given is scored

@@ -52,13 +52,13 @@ Record fields (`MixtureRows`; [N] for a step, [B, S] for a batch; K = mixture si
 `SampledStep` adds log_density [N]: the rollout's own log-density of the step.
 
 Trainer: with `scorer = Scorer(noise, soft_temperature, discrete_temperature)`,
-    ell = log_density_from_hidden(hidden [s, b, h], output_weight_shard, rows [b, s], scorer, shard)
+    logp = log_density_from_hidden(hidden [s, b, h], output_weight_shard, rows [b, s], scorer, shard)
 scores record j+1 at position j (shift the records first). Discrete rows:
 log_softmax(l / T)[token], T the thinking temperature on the marker step (`thinking`) and the
 answer temperature elsewhere; soft rows: the noise kind's density from l[ids] / T (the
 embedding-noise density also needs `embedding=InputEmbedding(table_shard, shard)`).
 `log_density_from_logits` computes the same from given logits;
-    ell, entropy = log_density_and_entropy_from_hidden(...same arguments...)
+    logp, entropy = log_density_and_entropy_from_hidden(...same arguments...)
 adds the entropy of softmax(l / T) over the whole vocabulary (T of the row's phase) for
 the loss's optional entropy term.
 """

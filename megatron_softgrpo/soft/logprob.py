@@ -129,12 +129,12 @@ def log_density_from_logits(
     shard: VocabShard,
     embedding: InputEmbedding | None = None,
 ) -> torch.Tensor:
-    """ell [...] of the records `rows` [...] scored by the sharded logits [..., W] (fp32 or bf16)."""
+    """logp [...] of the records `rows` [...] scored by the sharded logits [..., W] (fp32 or bf16)."""
     lead = rows.tokens.shape
     flat = rows.flatten()
     logits = logits.reshape(-1, logits.shape[-1])
     discrete, soft = _split(flat)
-    ell = torch.zeros(
+    logp = torch.zeros(
         flat.tokens.shape[0], dtype=compute_dtype_of(logits.dtype), device=logits.device
     )
     if discrete.numel():
@@ -143,17 +143,17 @@ def log_density_from_logits(
         )  # no copy when all are
         temperature = scorer.discrete_temperatures(flat.thinking[discrete])
         values = discrete_log_density(discrete_logits, flat.tokens[discrete], temperature, shard)
-        ell = ell.index_put((discrete,), values)
+        logp = logp.index_put((discrete,), values)
     if soft.numel():
         ids = flat.mix_ids[soft]
         partial = _owned_only(
             compute_dtype(logits[soft].gather(-1, shard.local_index(ids))), ids, shard
         )
-        ell = ell.index_put(
+        logp = logp.index_put(
             (soft,),
             _soft_log_density(partial, flat.map(lambda t: t[soft]), scorer, shard, embedding),
         )
-    return ell.reshape(lead)
+    return logp.reshape(lead)
 
 
 # ------------------------------------------------------------------ chunked, from hidden states
@@ -222,18 +222,18 @@ class _Chunking:
     def forward_chunk(
         self, hidden, weight, piece, discrete, soft, t_discrete, keep_logits: bool = False
     ):
-        """(ell of the chunk's rows, their entropy or None, what the gradient needs); `keep_logits`
+        """(logp of the chunk's rows, their entropy or None, what the gradient needs); `keep_logits`
         keeps the scaled vocabulary-wide logits in it, for a gradient taken right away.
         `t_discrete`: the discrete rows' temperature (one, or one per row)."""
         rows = self.rows.map(lambda t: t[piece])
         h = hidden[piece].to(weight.dtype)
-        ell = torch.zeros(h.shape[0], dtype=compute_dtype_of(weight.dtype), device=h.device)
-        entropy = torch.zeros_like(ell) if self.with_entropy else None
+        logp = torch.zeros(h.shape[0], dtype=compute_dtype_of(weight.dtype), device=h.device)
+        entropy = torch.zeros_like(logp) if self.with_entropy else None
         saved_discrete = saved_soft = None
         if discrete.numel():
             scaled = self.shard.scaled(h[discrete] @ weight.t(), t_discrete)
             values, log_norm = discrete_terms(scaled, rows.tokens[discrete], self.shard)
-            ell[discrete] = values.to(ell.dtype)
+            logp[discrete] = values.to(logp.dtype)
             entropy_d = self._entropy_into(entropy, discrete, scaled, log_norm)
             saved_discrete = _VocabTerms(log_norm, entropy_d, scaled if keep_logits else None)
         if soft.numel():
@@ -241,13 +241,13 @@ class _Chunking:
             values = _soft_log_density(
                 partial, rows.map(lambda t: t[soft]), self.scorer, self.shard, self.embedding
             )
-            ell[soft] = values.to(ell.dtype)
+            logp[soft] = values.to(logp.dtype)
             if self.with_entropy:
                 scaled = self.shard.scaled(h[soft] @ weight.t(), self.scorer.soft_temperature)
                 log_norm = log_normalizer(scaled, self.shard)
                 entropy_s = self._entropy_into(entropy, soft, scaled, log_norm)
                 saved_soft = _VocabTerms(log_norm, entropy_s, scaled if keep_logits else None)
-        return ell, entropy, _ChunkSaved(saved_discrete, saved_soft)
+        return logp, entropy, _ChunkSaved(saved_discrete, saved_soft)
 
     def _entropy_into(self, entropy, index, scaled, log_norm) -> torch.Tensor | None:
         """Writes the entropy of softmax(scaled) into entropy[index] and returns it (None without entropy)."""
@@ -313,7 +313,7 @@ class _Chunking:
     ):
         """One chunk's share of the output layer's gradients: grad_hidden rows set, grad_weight accumulated.
 
-        `grads` are the chunk's (grad_ell, grad_entropy or None). Discrete rows: d ell / d l =
+        `grads` are the chunk's (grad_logp, grad_entropy or None). Discrete rows: d logp / d l =
         (onehot(token) - softmax(l / T)) / T (plus the entropy's term) from the kept or recomputed
         logits, in one fp32 [n_d, W] buffer (two with the entropy). Soft rows: autograd through
         the noise density down to their K logits only, plus, with the entropy, its term on their
@@ -397,7 +397,7 @@ def _weight_gradient_buffer(plan: _Chunking, weight: torch.Tensor) -> torch.Tens
 
 
 class _ChunkedScores(torch.autograd.Function):
-    """hidden [N, h], weight [W, h] -> ell [N] (and entropy [N] when the plan asks for it)."""
+    """hidden [N, h], weight [W, h] -> logp [N] (and entropy [N] when the plan asks for it)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, plan: _Chunking):
@@ -406,24 +406,26 @@ class _ChunkedScores(torch.autograd.Function):
         with torch.no_grad():
             pieces = [plan.forward_chunk(hidden, weight, *piece) for piece in plan.pieces]
         ctx.chunk_saved = [saved for _, _, saved in pieces]
-        ell = torch.cat([ell for ell, _, _ in pieces])
-        return (ell, torch.cat([entropy for _, entropy, _ in pieces])) if plan.with_entropy else ell
+        logp = torch.cat([logp for logp, _, _ in pieces])
+        return (
+            (logp, torch.cat([entropy for _, entropy, _ in pieces])) if plan.with_entropy else logp
+        )
 
     @staticmethod
-    def backward(ctx, grad_ell, grad_entropy=None):
+    def backward(ctx, grad_logp, grad_entropy=None):
         hidden, weight = ctx.saved_tensors
         grad_hidden = torch.zeros(
             hidden.shape, dtype=_accumulation_dtype(hidden), device=hidden.device
         )
         grad_weight = _weight_gradient_buffer(ctx.plan, weight)
         for piece, saved in zip(ctx.plan.pieces, ctx.chunk_saved):
-            grads = (grad_ell[piece[0]], None if grad_entropy is None else grad_entropy[piece[0]])
+            grads = (grad_logp[piece[0]], None if grad_entropy is None else grad_entropy[piece[0]])
             ctx.plan.backward_chunk(hidden, weight, *piece, saved, grads, grad_hidden, grad_weight)
         return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None
 
 
 class _ChunkedObjective(torch.autograd.Function):
-    """hidden [N, h], weight [W, h] -> (sum of the objective, ell [N], entropy [N] or None), the
+    """hidden [N, h], weight [W, h] -> (sum of the objective, logp [N], entropy [N] or None), the
     objective's gradient taken chunk by chunk in the forward from the logits just computed."""
 
     @staticmethod
@@ -432,28 +434,28 @@ class _ChunkedObjective(torch.autograd.Function):
             hidden.shape, dtype=_accumulation_dtype(hidden), device=hidden.device
         )
         grad_weight = _weight_gradient_buffer(plan, weight)
-        ells, entropies, values = [], [], []
+        logps, entropies, values = [], [], []
         for piece in plan.pieces:
-            ell, entropy, saved = plan.forward_chunk(hidden, weight, *piece, keep_logits=True)
-            leaves = [ell.requires_grad_()] + (
+            logp, entropy, saved = plan.forward_chunk(hidden, weight, *piece, keep_logits=True)
+            leaves = [logp.requires_grad_()] + (
                 [entropy.requires_grad_()] if entropy is not None else []
             )
             with torch.enable_grad():
-                value = objective(ell, entropy, piece[0]).sum()
+                value = objective(logp, entropy, piece[0]).sum()
                 grads = torch.autograd.grad(
                     value, leaves, allow_unused=True, materialize_grads=True
                 )
             grads = (grads[0], grads[1] if entropy is not None else None)
             plan.backward_chunk(hidden, weight, *piece, saved, grads, grad_hidden, grad_weight)
             del saved  # the chunk's kept logits
-            ells.append(ell.detach())
+            logps.append(logp.detach())
             entropies.append(None if entropy is None else entropy.detach())
             values.append(value.detach())
         ctx.grads = (grad_hidden, grad_weight, hidden.dtype, weight.dtype)
-        ell = torch.cat(ells)
+        logp = torch.cat(logps)
         entropy = torch.cat(entropies) if plan.with_entropy else None
-        ctx.mark_non_differentiable(*(t for t in (ell, entropy) if t is not None))
-        return torch.stack(values).sum(), ell, entropy
+        ctx.mark_non_differentiable(*(t for t in (logp, entropy) if t is not None))
+        return torch.stack(values).sum(), logp, entropy
 
     @staticmethod
     def backward(ctx, grad_value, *_):
@@ -518,7 +520,7 @@ def log_density_from_hidden(
     embedding: InputEmbedding | None = None,
     sequence_parallel: bool = False,
 ) -> torch.Tensor:
-    """ell [b, s] of the records `rows` [b, s] scored by the final hidden states [s, b, h].
+    """logp [b, s] of the records `rows` [b, s] scored by the final hidden states [s, b, h].
 
     `hidden` is Megatron's layout: the full sequence, or this rank's sequence slice when
     `sequence_parallel` (it is gathered here, like the output layer would). The hidden
@@ -541,7 +543,7 @@ def log_density_and_entropy_from_hidden(
     embedding: InputEmbedding | None = None,
     sequence_parallel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ell [b, s], entropy [b, s]): `log_density_from_hidden`'s values (bitwise) and the entropy
+    """(logp [b, s], entropy [b, s]): `log_density_from_hidden`'s values (bitwise) and the entropy
     of softmax(l / T) over the whole vocabulary (padding excluded) at each position, T being the
     temperature that scores the row (the scorer's discrete temperature on discrete rows, its soft
     (thinking) temperature on soft rows and on the marker step); both differentiable, computed in one chunked pass. Arguments as `log_density_from_hidden`.
@@ -551,8 +553,8 @@ def log_density_and_entropy_from_hidden(
     )
 
 
-# (ell [n], entropy [n] or None, the positions' slice of the flattened [b s] records) -> the
-# objective of each position [n], differentiable in ell and entropy; the loss is their sum.
+# (logp [n], entropy [n] or None, the positions' slice of the flattened [b s] records) -> the
+# objective of each position [n], differentiable in logp and entropy; the loss is their sum.
 TokenObjective = Callable[[torch.Tensor, torch.Tensor | None, slice], torch.Tensor]
 
 
@@ -561,7 +563,7 @@ class ScoredObjective:
     value: (
         torch.Tensor
     )  # scalar: sum of the objective over all positions, differentiable in hidden and weight
-    ell: torch.Tensor  # [b, s], detached: `log_density_from_hidden`'s values, bitwise
+    logp: torch.Tensor  # [b, s], detached: `log_density_from_hidden`'s values, bitwise
     entropy: torch.Tensor | None  # [b, s], detached (with_entropy), else None
 
 
@@ -586,11 +588,11 @@ def objective_from_hidden(
     recomputes the logits in backward (four). Extra memory stays bounded by one chunk, plus
     the output weight's gradient held from this forward to the backward. Values and gradients
     equal `log_density_from_hidden` (or `log_density_and_entropy_from_hidden`) followed by the
-    objective, up to float rounding; `ell` and `entropy` are their values bitwise.
+    objective, up to float rounding; `logp` and `entropy` are their values bitwise.
     Arguments as `log_density_from_hidden`.
     """
     flat_hidden = _flat_inputs(hidden, rows, shard, chunk_size, sequence_parallel)
     plan = _Chunking(rows.flatten(), scorer, shard, chunk_size, embedding, with_entropy)
-    value, ell, entropy = _ChunkedObjective.apply(flat_hidden, output_weight, plan, objective)
+    value, logp, entropy = _ChunkedObjective.apply(flat_hidden, output_weight, plan, objective)
     b, s = rows.tokens.shape
-    return ScoredObjective(value, ell.view(b, s), None if entropy is None else entropy.view(b, s))
+    return ScoredObjective(value, logp.view(b, s), None if entropy is None else entropy.view(b, s))

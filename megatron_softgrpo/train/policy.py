@@ -245,11 +245,11 @@ class PolicyWorker:
         return inputs, records, (b_idx, j_idx)
 
     def _scores(self, gpt, output: torch.Tensor, micro_batch: PolicyBatch) -> torch.Tensor:
-        """Record-aligned ell [b, s] of the scored records (0 at unscored positions), no gradient needed."""
+        """Record-aligned logp [b, s] of the scored records (0 at unscored positions), no gradient needed."""
         inputs, records, at = self._scored_inputs(gpt, output, micro_batch)
-        ell = torch.zeros(micro_batch.loss_mask.shape, dtype=torch.float32, device=output.device)
+        logp = torch.zeros(micro_batch.loss_mask.shape, dtype=torch.float32, device=output.device)
         if at[0].numel() == 0:
-            return ell
+            return logp
         scored = log_density_from_hidden(
             inputs,
             self._output_weight(gpt),
@@ -258,7 +258,7 @@ class PolicyWorker:
             self.vocab,
             embedding=self._input_embedding(gpt),
         )
-        return ell.index_put(at, scored[0].float())
+        return logp.index_put(at, scored[0].float())
 
     @staticmethod
     def _output_weight(gpt) -> torch.Tensor:
