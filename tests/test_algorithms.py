@@ -348,7 +348,7 @@ def test_fully_masked_rows_and_padding_garbage_give_no_nan(mode):
 def test_the_workers_loss_reports_what_policy_loss_computes(mode, num_micro, dp):
     """The loss as the policy worker takes it: two micro-batches of two rows (on one rank, or one on
     each of two ranks), each scored in two chunks. The objective it returns, as Megatron and DDP
-    normalise it, and its metric shares summed over both equal `policy_loss` on the same rows."""
+    normalise it, and its metrics summed over both and reported equal `policy_loss` on the same rows."""
     logp, old, adv, ref, mask, entropy = _random_inputs(6)  # hits every clip
     logp, entropy = logp.detach(), entropy.detach()
     cfg = LossCfg(
@@ -356,7 +356,7 @@ def test_the_workers_loss_reports_what_policy_loss_computes(mode, num_micro, dp)
     )
     loss = PolicyLoss(cfg)
     step = StepShape(num_micro, dp, int(mask.sum()))
-    value, shares = 0.0, {}
+    value, sums = 0.0, {}
     for rows in (slice(0, 2), slice(2, 4)):
         m = mask[rows]
         at = m.nonzero(as_tuple=True)
@@ -365,7 +365,8 @@ def test_the_workers_loss_reports_what_policy_loss_computes(mode, num_micro, dp)
         for chunk in (slice(0, n // 2), slice(n // 2, n)):
             value += float(micro(logp[rows][at][chunk], entropy[rows][at][chunk], chunk).sum())
         for k, v in micro.metrics.items():
-            shares[k] = shares.get(k, 0.0) + float(v)
+            sums[k] = sums.get(k, 0.0) + float(v)
+    reported = loss.report(sums, step)
     step_loss = value / (num_micro * dp)  # Megatron's division, DDP's average
     whole = policy_loss(
         logp,
@@ -386,7 +387,7 @@ def test_the_workers_loss_reports_what_policy_loss_computes(mode, num_micro, dp)
         ]
         want = sum(float(p.loss) for p in parts) / 2
     assert step_loss == pytest.approx(want, abs=1e-6)
-    assert shares["loss"] == pytest.approx(want, abs=1e-6)
+    assert reported["loss"] == pytest.approx(want, abs=1e-6)
     metrics = whole.metrics
     for name, field in [
         ("clip_fraction/low", "clip_frac_low"),
@@ -396,12 +397,12 @@ def test_the_workers_loss_reports_what_policy_loss_computes(mode, num_micro, dp)
         ("kl/mean", "kl_mean"),
         ("entropy/mean", "entropy_mean"),
     ]:
-        assert shares[name] == pytest.approx(float(getattr(metrics, field)), abs=1e-6), name
+        assert reported[name] == pytest.approx(float(getattr(metrics, field)), abs=1e-6), name
     both = float(metrics.clip_frac_low + metrics.clip_frac_high)
-    assert shares["clip_fraction"] == pytest.approx(both, abs=1e-6)
-    assert shares.keys() == loss.zero_metrics("cpu").keys()
+    assert reported["clip_fraction"] == pytest.approx(both, abs=1e-6)
+    assert reported.keys() == loss.zero_metrics("cpu").keys()
     assert (
-        min(shares[k] for k in ("clip_fraction/low", "clip_fraction/high", "dual_clip_fraction"))
+        min(reported[k] for k in ("clip_fraction/low", "clip_fraction/high", "dual_clip_fraction"))
         > 0
     )
 

@@ -273,9 +273,9 @@ def test_signal_during_start_up_exits_for_requeue(
     try:
         build_worker = loop.PolicyWorker
 
-        def signalled_while_loading(cfg):
+        def signalled_while_loading(cfg, parallel):
             os.kill(os.getpid(), sig)
-            return build_worker(cfg)
+            return build_worker(cfg, parallel)
 
         monkeypatch.setattr(loop, "PolicyWorker", signalled_while_loading)
         recipe = write_recipe(tmp_path, tiny_model, smollm2_hf_dir)

@@ -20,7 +20,7 @@ positions is not counted as a sequence (seq_mean_token_mean), a micro-batch with
 per-position weights. `PolicyLoss` is what the policy worker is handed (NeMo-RL's
 `policy.train(data, loss_fn)`): per micro-batch, a per-position objective that the worker's fused
 chunked pass sums as it scores positions (`soft.objective_from_hidden`), and the step's metrics
-as named shares that the worker reduces by key without knowing what they are. `policy_loss` is
+as named sums that the worker adds up by key without knowing what they are. `policy_loss` is
 the same loss on one [B, S] batch.
 """
 
@@ -228,6 +228,14 @@ class PolicyLoss:
         ref = None if ref_logp is None else ref_logp[at]
         return MicroBatchLoss(self.cfg, step, weights, old_logp[at], advantages[at], ref)
 
+    def report(self, sums: dict[str, float], step: StepShape) -> dict[str, float]:
+        """The step's metrics from `MicroBatchLoss.metrics` summed over its micro-batches and
+        ranks: the loss terms as the update descends them (the schedule's mean over micro-batches,
+        DDP's over ranks), the rest as means over the step's scored positions."""
+        per_step = step.num_micro_batches * step.data_parallel_size
+        tokens = max(step.num_tokens, 1)
+        return {k: v / (per_step if k in _LOSS_TERMS else tokens) for k, v in sums.items()}
+
     def zero_metrics(self, device) -> dict[str, Tensor]:
         """Every metric this loss reports, at zero (a micro-batch that scores nothing)."""
         empty = torch.zeros(0, device=device)
@@ -235,12 +243,16 @@ class PolicyLoss:
         return MicroBatchLoss(self.cfg, StepShape(1, 1, 0), empty, empty, empty, ref).metrics
 
 
+_LOSS_TERMS = ("loss", "policy_loss")  # aggregated by the loss's weights; the rest are means
+
+
 class MicroBatchLoss:
     """One micro-batch's scored positions [n], called chunk by chunk by the fused pass: returns each
     position's weighted objective, and adds the chunk's detached terms to `metrics`.
 
-    A metric's value is this micro-batch's share: summed over the micro-batches and data-parallel
-    ranks of a step, it is the step's figure. A new metric is one entry in `_shares`."""
+    A metric is a sum over this micro-batch's positions (detached, float64), which the worker adds
+    up over the step's micro-batches and ranks and `PolicyLoss.report` normalises: the loss terms
+    by the step's shape, the rest by its scored positions. A new metric is one entry in `_sums`."""
 
     def __init__(
         self,
@@ -253,17 +265,17 @@ class MicroBatchLoss:
     ):
         self.cfg, self.step, self.weights = cfg, step, weights
         self.old_logp, self.advantages, self.ref_logp = old_logp, advantages, ref_logp
-        none = slice(0, 0)  # the metrics' names, at zero: the same shares over no positions
+        none = slice(0, 0)  # the metrics' names, at zero: the same sums over no positions
         entropy = old_logp[none] if cfg.entropy_coef > 0 else None
-        self.metrics: dict[str, Tensor] = self._shares(old_logp[none], entropy, none)[1]
+        self.metrics: dict[str, Tensor] = self._sums(old_logp[none], entropy, none)[1]
 
     def __call__(self, logp: Tensor, entropy: Tensor | None, positions: slice) -> Tensor:
-        weighted, shares = self._shares(logp, entropy, positions)
-        for name, value in shares.items():
+        weighted, sums = self._sums(logp, entropy, positions)
+        for name, value in sums.items():
             self.metrics[name] = self.metrics[name] + value
         return weighted
 
-    def _shares(self, logp, entropy, positions: slice) -> tuple[Tensor, dict[str, Tensor]]:
+    def _sums(self, logp, entropy, positions: slice) -> tuple[Tensor, dict[str, Tensor]]:
         advantages = self.advantages[positions]
         terms = token_terms(
             logp,
@@ -276,24 +288,21 @@ class MicroBatchLoss:
         )
         weights = self.weights[positions]
         weighted = weights * terms.objective(self.cfg)
-        step = self.step
-        per_step = step.num_micro_batches * step.data_parallel_size  # the schedule's, DDP's means
-        tokens = max(step.num_tokens, 1)
         bound = terms.ratio_bound
-        shares = {
-            "loss": weighted.sum() / per_step,  # what the update descends
-            "policy_loss": (weights * terms.policy).sum() / per_step,
-            "clip_fraction": (bound & (advantages != 0)).sum() / tokens,
-            "clip_fraction/low": (bound & (advantages < 0)).sum() / tokens,
-            "clip_fraction/high": (bound & (advantages > 0)).sum() / tokens,
-            "dual_clip_fraction": terms.dual_bound.sum() / tokens,
-            "ratio/mean": terms.ratio.sum() / tokens,
+        sums = {
+            "loss": weighted,  # what the update descends (a _LOSS_TERMS entry)
+            "policy_loss": weights * terms.policy,
+            "clip_fraction": bound & (advantages != 0),
+            "clip_fraction/low": bound & (advantages < 0),
+            "clip_fraction/high": bound & (advantages > 0),
+            "dual_clip_fraction": terms.dual_bound,
+            "ratio/mean": terms.ratio,
         }
         if terms.kl is not None:
-            shares["kl/mean"] = terms.kl.sum() / tokens
+            sums["kl/mean"] = terms.kl
         if terms.entropy is not None:
-            shares["entropy/mean"] = terms.entropy.sum() / tokens
-        return weighted, {k: v.detach().double() for k, v in shares.items()}
+            sums["entropy/mean"] = terms.entropy
+        return weighted, {k: v.detach().double().sum() for k, v in sums.items()}
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor, clamp: float) -> Tensor:

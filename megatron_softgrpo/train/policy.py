@@ -171,7 +171,7 @@ class PolicyWorker:
         self.optimizer.zero_grad()
         output_fn = functools.partial(self._loss_output, loss, step)
         outputs = self._run(self.ddp, micro_batches, output_fn, forward_only=False)
-        metrics = self._reduce_metrics(outputs, loss.zero_metrics(self.device))
+        metrics = loss.report(self._reduce_metrics(outputs, loss.zero_metrics(self.device)), step)
         outcome = guarded_step(self.optimizer, self.scheduler)
         if outcome.updated:
             self.optimizer_steps += 1
