@@ -153,7 +153,7 @@ def cluster_world_size(cluster: ClusterCfg) -> int | None:
     return cluster.num_nodes * cluster.gpus_per_node or None
 
 
-def check_model_fit(loaded: LoadedRecipe, arch: ModelArch, world_size: int | None = None) -> None:
+def _check_model_fit(loaded: LoadedRecipe, arch: ModelArch, world_size: int | None = None) -> None:
     """Refuse parallel layouts that the model or the world size cannot support."""
     mcfg = loaded.cfg.policy.megatron_cfg
     tp, pp = mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size
@@ -191,9 +191,9 @@ def validate(loaded: LoadedRecipe, world_size: int | None, training: bool) -> Mo
     """Every rule of a job of `world_size` processes (None: one CPU process) that `load_recipe` did
     not already check; `training`: also those of `softgrpo train`. Returns the model's architecture."""
     arch = recipe_model_arch(loaded)
-    check_model_fit(loaded, arch, world_size)
+    _check_model_fit(loaded, arch, world_size)
     if training:
-        check_data_parallel(loaded, world_size)
+        _check_data_parallel(loaded, world_size)
         _check_training(loaded, arch)
     return arch
 
@@ -254,8 +254,8 @@ def _check_optimizer(loaded: LoadedRecipe) -> None:
         )
 
 
-def check_data_parallel(loaded: LoadedRecipe, world_size: int | None) -> None:
-    """Refuse training batches that the data-parallel ranks cannot split (after check_model_fit)."""
+def _check_data_parallel(loaded: LoadedRecipe, world_size: int | None) -> None:
+    """Refuse training batches that the data-parallel ranks cannot split (after _check_model_fit)."""
     if world_size is None:
         return
     cfg = loaded.cfg
