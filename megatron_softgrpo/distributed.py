@@ -98,7 +98,7 @@ class ParallelState:
             mpu.get_pipeline_model_parallel_rank(),
             mpu.get_data_parallel_world_size(),
             mpu.get_data_parallel_rank(),
-            ProcessGroupCollection.use_mpu_process_groups(["tp", "pp", "dp", "mp"]),
+            ProcessGroupCollection.use_mpu_process_groups(["tp", "pp", "dp"]),
             mpu.get_pipeline_model_parallel_prev_rank(),
             mpu.get_pipeline_model_parallel_next_rank(),
             mpu.get_pipeline_model_parallel_last_rank(),

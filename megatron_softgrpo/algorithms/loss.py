@@ -226,7 +226,7 @@ class PolicyLoss:
             # normalised over the whole mini-batch already: undo the schedule's division
             weights = weights * step.num_micro_batches
         ref = None if ref_logp is None else ref_logp[at]
-        return MicroBatchLoss(self.cfg, step, weights, old_logp[at], advantages[at], ref)
+        return MicroBatchLoss(self.cfg, weights, old_logp[at], advantages[at], ref)
 
     def report(self, sums: dict[str, float], step: StepShape) -> dict[str, float]:
         """The step's metrics from `MicroBatchLoss.metrics` summed over its micro-batches and
@@ -240,7 +240,7 @@ class PolicyLoss:
         """Every metric this loss reports, at zero (a micro-batch that scores nothing)."""
         empty = torch.zeros(0, device=device)
         ref = empty if self.cfg.reference_policy_kl_penalty > 0 else None
-        return MicroBatchLoss(self.cfg, StepShape(1, 1, 0), empty, empty, empty, ref).metrics
+        return MicroBatchLoss(self.cfg, empty, empty, empty, ref).metrics
 
 
 _LOSS_TERMS = ("loss", "policy_loss")  # aggregated by the loss's weights; the rest are means
@@ -257,13 +257,12 @@ class MicroBatchLoss:
     def __init__(
         self,
         cfg: LossCfg,
-        step: StepShape,
         weights: Tensor,
         old_logp: Tensor,
         advantages: Tensor,
         ref_logp: Tensor | None,
     ):
-        self.cfg, self.step, self.weights = cfg, step, weights
+        self.cfg, self.weights = cfg, weights
         self.old_logp, self.advantages, self.ref_logp = old_logp, advantages, ref_logp
         none = slice(0, 0)  # the metrics' names, at zero: the same sums over no positions
         entropy = old_logp[none] if cfg.entropy_coef > 0 else None
