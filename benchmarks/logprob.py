@@ -103,17 +103,17 @@ def timed_ms(fn, repeats: int) -> float:
 
 
 def make_rows(kind: str, length: int, device, gen):
-    from megatron_softgrpo.soft import MixtureRows
+    from megatron_softgrpo.soft import MixtureRecord
 
     tokens = torch.randint(0, VOCAB, (1, length), device=device, generator=gen)
-    rows = MixtureRows.discrete(tokens, K)
+    records = MixtureRecord.discrete(tokens, K)
     if kind == "soft":
-        rows.mix_ids = torch.randint(0, VOCAB, (1, length, K), device=device, generator=gen)
-        rows.noise = torch.randn(1, length, K, device=device, generator=gen) - 2.0
-        rows.support = torch.ones(1, length, K, dtype=torch.bool, device=device)
-        rows.is_soft = torch.ones(1, length, dtype=torch.bool, device=device)
-        rows.tokens = rows.mix_ids[..., 0]
-    return rows
+        records.mix_ids = torch.randint(0, VOCAB, (1, length, K), device=device, generator=gen)
+        records.noise = torch.randn(1, length, K, device=device, generator=gen) - 2.0
+        records.support = torch.ones(1, length, K, dtype=torch.bool, device=device)
+        records.is_soft = torch.ones(1, length, dtype=torch.bool, device=device)
+        records.tokens = records.mix_ids[..., 0]
+    return records
 
 
 def print_agreement(tag, hidden, weight, rows, scorer, shard, chunk_size) -> None:

@@ -131,7 +131,8 @@ def staggered_eos(
         [list(range(100, 100 + plen))], batch
     )
     return frozenset(
-        int(first.rows.tokens[i, plen + min(new - 1, 1 + i * new // batch)]) for i in range(batch)
+        int(first.records.tokens[i, plen + min(new - 1, 1 + i * new // batch)])
+        for i in range(batch)
     )
 
 
@@ -245,15 +246,15 @@ def decode_step_seconds(
     """A measurement: mean time of one decode step with ~`position` inputs before it (cached or
     recomputed). One prefill serves every round: each round adds `steps` positions (<= a few %)."""
     from megatron_softgrpo.rollout.model_runner import ModelRunner
-    from megatron_softgrpo.soft import MixtureRows
+    from megatron_softgrpo.soft import MixtureRecord
 
     device = next(model.parameters()).device
     runner = ModelRunner(model, batch, position + steps * (rounds + 1) + 1, parallel, use_kv_cache)
     runner.prefill(
-        MixtureRows.discrete(torch.full((batch, position), 7, device=device), 5),
+        MixtureRecord.discrete(torch.full((batch, position), 7, device=device), 5),
         torch.zeros(batch, position, dtype=torch.bool, device=device),
     )
-    step = MixtureRows.discrete(torch.full((batch,), 9, device=device), 5)
+    step = MixtureRecord.discrete(torch.full((batch,), 9, device=device), 5)
 
     def measure() -> float:
         sync()
@@ -272,7 +273,7 @@ def static_step_seconds(
 ) -> Callable[[], float]:
     """A measurement: mean time of one static decode step (CUDA graph on a GPU) at ~`position`."""
     from megatron_softgrpo.rollout.static_engine import _Decoder
-    from megatron_softgrpo.soft import MixtureRows
+    from megatron_softgrpo.soft import MixtureRecord
     from model_patches.static_decode import StaticDecoder
 
     device = next(model.parameters()).device
@@ -284,8 +285,8 @@ def static_step_seconds(
         cuda_graphs=True,
     )
     pad = torch.zeros(batch, dtype=torch.long, device=device)
-    decoder.run(MixtureRows.discrete(torch.full((batch, position), 7, device=device), 5), 0, pad)
-    step = MixtureRows.discrete(torch.full((batch, 1), 9, device=device), 5)
+    decoder.run(MixtureRecord.discrete(torch.full((batch, position), 7, device=device), 5), 0, pad)
+    step = MixtureRecord.discrete(torch.full((batch, 1), 9, device=device), 5)
 
     def measure() -> float:
         sync()

@@ -142,12 +142,12 @@ def recipe(model_dir: Path, rows: int, micro: int, precision: str, algorithm: st
 
 def synthetic_batch(rows: int, seq: int, vocab: int, soft: bool, k: int = 5, prompt: int = 64):
     """Trajectory-shaped records: a one-hot prompt, then generated rows (soft thinking or discrete)."""
-    from megatron_softgrpo.soft import MixtureRows
+    from megatron_softgrpo.soft import MixtureRecord
     from megatron_softgrpo.train.batch import PolicyBatch
 
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocab, (rows, seq), generator=g)
-    recs = MixtureRows.discrete(tokens, k)
+    recs = MixtureRecord.discrete(tokens, k)
     if soft:
         generated = torch.zeros(rows, seq, dtype=torch.bool)
         generated[:, prompt:] = True
@@ -158,7 +158,7 @@ def synthetic_batch(rows: int, seq: int, vocab: int, soft: bool, k: int = 5, pro
             .sort(-1, descending=True)
             .values
         )
-        recs = MixtureRows(
+        recs = MixtureRecord(
             tokens=tokens,
             mix_ids=torch.where(generated[..., None], ids, recs.mix_ids),
             mix_weights=torch.where(generated[..., None], weights, recs.mix_weights),

@@ -108,7 +108,7 @@ def unsupported(config) -> list[str]:
 class StaticDecoder:
     """This pipeline stage's layers as a static-shape step over a preallocated KV cache.
 
-    `forward(x, columns, pad)`: x is a MixtureRows-like (mix_ids, mix_weights, offset) input on
+    `forward(x, columns, pad)`: x is a MixtureRecord-like (mix_ids, mix_weights, offset) input on
     the first stage and hidden states [B, q, h] elsewhere; `columns` [q] int64 are the cache
     columns of the q new positions (contiguous, the same for every row); `pad` [B] int64 each
     row's left-padding length. Returns hidden states [B, q, h], or on the last stage the logit

@@ -182,14 +182,14 @@ def tiny_model():
 
 def test_kv_cache_matches_megatron_allocation(tiny_model):
     from megatron_softgrpo.rollout.model_runner import ModelRunner
-    from megatron_softgrpo.soft import MixtureRows
+    from megatron_softgrpo.soft import MixtureRecord
 
     arch, model, parallel = tiny_model()
     model.eval()
     rows, prompt, length = 3, 5, 20
     runner = ModelRunner(model, rows, length, parallel)
     runner.prefill(
-        MixtureRows.discrete(torch.randint(0, 1000, (rows, prompt)), 5),
+        MixtureRecord.discrete(torch.randint(0, 1000, (rows, prompt)), 5),
         torch.zeros(rows, prompt, dtype=torch.bool),
     )
     allocated = runner.cache.nbytes()

@@ -27,7 +27,7 @@ from megatron_softgrpo.config.schema import (
     SoftGRPOCfg,
 )
 from megatron_softgrpo.distributed import ParallelLayout, init_distributed
-from megatron_softgrpo.soft import MixtureRows
+from megatron_softgrpo.soft import MixtureRecord
 from megatron_softgrpo.train.batch import PolicyBatch
 
 VOCAB = 1000  # tiny_models' real vocabulary (padded to 1024)
@@ -82,7 +82,7 @@ def recipe(
 def make_batch(seed: int, rows: int = 4, seq: int = 12) -> PolicyBatch:
     """Right-padded rows of different lengths: a discrete prompt, then soft and discrete steps."""
     g = torch.Generator().manual_seed(seed)
-    records = MixtureRows.discrete(torch.randint(0, VOCAB, (rows, seq), generator=g), K)
+    records = MixtureRecord.discrete(torch.randint(0, VOCAB, (rows, seq), generator=g), K)
     loss_mask = torch.zeros(rows, seq, dtype=torch.bool)
     for b in range(rows):
         prompt, length = 3 + b % 2, seq - b % 3
@@ -111,23 +111,23 @@ def make_batch(seed: int, rows: int = 4, seq: int = 12) -> PolicyBatch:
 def reference_logprobs(hf_model, batch: PolicyBatch) -> torch.Tensor:
     """docs/algorithm.md section 2 in float64 with transformers: inputs sum_k w_k E[ids_k], logits j-1 score record j."""
     model = hf_model.double()
-    rows = batch.rows
+    records = batch.records
     table = model.get_input_embeddings().weight
-    inputs = (rows.mix_weights.double().unsqueeze(-1) * table[rows.mix_ids]).sum(dim=2)
+    inputs = (records.mix_weights.double().unsqueeze(-1) * table[records.mix_ids]).sum(dim=2)
     with torch.no_grad():
         logits = model(inputs_embeds=inputs).logits
     out = torch.zeros(batch.loss_mask.shape, dtype=torch.float64)
     for b, j in batch.loss_mask.nonzero().tolist():
         lj = logits[b, j - 1]
-        if not rows.is_soft[b, j]:
-            out[b, j] = torch.log_softmax(lj / ANSWER_T, -1)[rows.tokens[b, j]]
+        if not records.is_soft[b, j]:
+            out[b, j] = torch.log_softmax(lj / ANSWER_T, -1)[records.tokens[b, j]]
             continue
-        support = rows.support[b, j]
+        support = records.support[b, j]
         pt = torch.softmax(
-            (lj[rows.mix_ids[b, j]] / THINKING_T).masked_fill(~support, -math.inf), -1
+            (lj[records.mix_ids[b, j]] / THINKING_T).masked_fill(~support, -math.inf), -1
         )
         lam = torch.log(pt + 1e-6)
-        z = (rows.noise[b, j].double() - lam).clamp(-1.5, 3.0)
+        z = (records.noise[b, j].double() - lam).clamp(-1.5, 3.0)
         m = (lam > -3).double()
         out[b, j] = (m * (-z - torch.exp(-z))).sum() / m.sum().clamp(min=1)
     return out
@@ -137,15 +137,15 @@ def reference_entropies(hf_model, batch: PolicyBatch) -> torch.Tensor:
     """Float64 entropy [B, S] (0 off loss_mask) of softmax(logits_{j-1} / T) over the real vocabulary, T the
     temperature record j was sampled at, differentiable in the weights; inputs detached as the trainer's are."""
     model = hf_model.double()
-    rows = batch.rows
+    records = batch.records
     inputs = (
-        rows.mix_weights.double().unsqueeze(-1)
-        * model.get_input_embeddings().weight.detach()[rows.mix_ids]
+        records.mix_weights.double().unsqueeze(-1)
+        * model.get_input_embeddings().weight.detach()[records.mix_ids]
     ).sum(dim=2)
     logits = model(inputs_embeds=inputs).logits
     b, j = batch.loss_mask.nonzero(as_tuple=True)
     temperature = torch.tensor([ANSWER_T, THINKING_T], dtype=torch.float64)[
-        rows.is_soft[b, j].long()
+        records.is_soft[b, j].long()
     ].unsqueeze(-1)
     p = torch.softmax(logits[b, j - 1] / temperature, dim=-1)
     return torch.zeros(batch.loss_mask.shape, dtype=torch.float64).index_put(
@@ -229,7 +229,7 @@ def new_worker(cfg, tp=1, pp=1):
 def test_logprobs_match_transformers_in_float64(kind, tmp_path):
     hf = make_hf_model(kind, tmp_path)
     batch = make_batch(seed=1)
-    assert batch.rows.is_soft.any() and (batch.loss_mask & ~batch.rows.is_soft).any()
+    assert batch.records.is_soft.any() and (batch.loss_mask & ~batch.records.is_soft).any()
     worker = new_worker(recipe(tmp_path, micro=2))
     expected = reference_logprobs(hf, batch)
     for logp in (worker.compute_logprobs(batch), worker.compute_logprobs(batch, reference=True)):
@@ -395,7 +395,7 @@ def test_non_finite_gradient_skips_the_step(distributed, tmp_path):
     before, state_before = weights(worker), adam_state(worker)
     bad = with_old_logprobs(worker, make_batch(seed=5))
     # on a discrete row (a soft row's density can be locally flat: clamped noise, no gradient at all)
-    b, j = (bad.loss_mask & ~bad.rows.is_soft).nonzero()[0].tolist()
+    b, j = (bad.loss_mask & ~bad.records.is_soft).nonzero()[0].tolist()
     bad.advantages[b, j] = math.nan
     result = train(worker, bad)
     assert not result.updated and not math.isfinite(result.metrics["grad_norm"])
@@ -580,7 +580,7 @@ def _step_with_nan_on_rank_1(rank, hf_dir):
     worker = new_worker(recipe(hf_dir))
     batch = with_old_logprobs(worker, make_batch(8))
     b, j = (
-        (batch.loss_mask & ~batch.rows.is_soft)[2:].nonzero()[0].tolist()
+        (batch.loss_mask & ~batch.records.is_soft)[2:].nonzero()[0].tolist()
     )  # rows 2-3 are data-parallel rank 1's
     batch.advantages[2 + b, j] = math.inf
     before = weights(worker)

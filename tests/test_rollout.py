@@ -23,7 +23,7 @@ from megatron_softgrpo.soft import (
     EmbeddingNoise,
     GumbelNoise,
     InputEmbedding,
-    MixtureRows,
+    MixtureRecord,
     SampledStep,
     SoftSampler,
     Truncation,
@@ -76,7 +76,7 @@ def run(model, shard, parallel, tokenizer, prompts=PROMPTS, g=2, seed=7, **overr
 
 def response(result, i, field="tokens"):
     start = int(result.prompt_lengths[i])
-    return getattr(result.rows, field)[i, start : start + int(result.response_lengths[i])]
+    return getattr(result.records, field)[i, start : start + int(result.response_lengths[i])]
 
 
 def thinking_sampler(kind):
@@ -91,14 +91,14 @@ def first_new_token(result, min_pos: int, exclude) -> tuple[int, int]:
     """(token, response position >= min_pos): the earliest sampled token that no row has produced
     before or at that position. Made an EOS id, it ends its row at that step, and nothing earlier
     changes (the random draws only change once a row leaves the batch)."""
-    b = result.rows.tokens.shape[0]
+    b = result.records.tokens.shape[0]
     seen = set()
     for t in range(int(result.response_lengths.max())):
         at_t = []
         for i in range(b):
             j = int(result.prompt_lengths[i]) + t
             if t < int(result.response_lengths[i]):
-                at_t.append((int(result.rows.tokens[i, j]), bool(result.loss_mask[i, j])))
+                at_t.append((int(result.records.tokens[i, j]), bool(result.loss_mask[i, j])))
         counts = [tok for tok, _ in at_t]
         for tok, scored in at_t:
             if (
@@ -139,7 +139,7 @@ def test_kv_cache_matches_recomputation(tiny_dir, tokenizer, thinking):
     assert (
         "eos" in cached.finish_reasons and len(set(lengths)) >= 3
     )  # rows left the batch at different steps
-    soft = cached.rows.is_soft
+    soft = cached.records.is_soft
     if thinking != "discrete":
         assert (
             soft.any() and (cached.think_lengths < cached.response_lengths).any()
@@ -148,11 +148,11 @@ def test_kv_cache_matches_recomputation(tiny_dir, tokenizer, thinking):
     for name in ("response_lengths", "think_lengths", "loss_mask"):
         assert torch.equal(getattr(cached, name), getattr(recomputed, name)), name
     for name in ("tokens", "mix_ids", "support", "is_soft", "noise_seed"):
-        assert torch.equal(getattr(cached.rows, name), getattr(recomputed.rows, name)), name
+        assert torch.equal(getattr(cached.records, name), getattr(recomputed.records, name)), name
     # tau_g = 0.1 amplifies the last-ulp logit differences of two attention orders step after step
     # (~1e-6 -> 1e-4 in the weights); embedding noise's density magnifies them by |E| / sigma ~ 160
-    assert torch.allclose(cached.rows.mix_weights, recomputed.rows.mix_weights, atol=1e-3)
-    assert torch.allclose(cached.rows.noise, recomputed.rows.noise, atol=1e-3)
+    assert torch.allclose(cached.records.mix_weights, recomputed.records.mix_weights, atol=1e-3)
+    assert torch.allclose(cached.records.noise, recomputed.records.noise, atol=1e-3)
     assert torch.allclose(
         cached.rollout_logp,
         recomputed.rollout_logp,
@@ -175,7 +175,7 @@ def test_decoding_in_passes_equals_decoding_at_once(tiny_dir, tokenizer):
         model, shard, parallel, tokenizer, max_rows_per_pass=3, **kwargs
     )  # one prompt (2 rows) per pass
     # prompts of 5, 2 and 8 tokens: the passes are narrower than the joined batch
-    assert at_once.rows.tokens.shape == in_passes.rows.tokens.shape == (6, 8 + 12)
+    assert at_once.records.tokens.shape == in_passes.records.tokens.shape == (6, 8 + 12)
     for f in fields(at_once):
         a, b = getattr(at_once, f.name), getattr(in_passes, f.name)
         if f.name == "rows":
@@ -206,9 +206,9 @@ def test_fp8_row_alignment_pads_the_batch_invisibly(tiny_dir, tokenizer, monkeyp
     monkeypatch.setattr(
         model_runner.ModelRunner,
         "_run",
-        lambda self, rows, queries: (
-            batch_sizes.append(rows.tokens.shape[0]),
-            forward(self, rows, queries),
+        lambda self, records, queries: (
+            batch_sizes.append(records.tokens.shape[0]),
+            forward(self, records, queries),
         )[1],
     )
     aligned = run(model, shard, parallel, tokenizer, eos_ids=eos, **kwargs)
@@ -216,8 +216,8 @@ def test_fp8_row_alignment_pads_the_batch_invisibly(tiny_dir, tokenizer, monkeyp
     assert real_rows % 4 and all(n % 4 == 0 for n in batch_sizes) and len(set(batch_sizes)) > 1
     assert aligned.finish_reasons == plain.finish_reasons
     for name in ("tokens", "mix_ids", "support", "is_soft"):
-        assert torch.equal(getattr(aligned.rows, name), getattr(plain.rows, name)), name
-    assert torch.allclose(aligned.rows.mix_weights, plain.rows.mix_weights, atol=1e-3)
+        assert torch.equal(getattr(aligned.records, name), getattr(plain.records, name)), name
+    assert torch.allclose(aligned.records.mix_weights, plain.records.mix_weights, atol=1e-3)
     assert torch.allclose(aligned.rollout_logp, plain.rollout_logp, atol=1e-4)
 
 
@@ -257,7 +257,7 @@ class ScriptedSampler:
         self.t += 1
         ids = torch.stack([token, token + 1, token + 2, token + 3, token + 4], -1)
         weights = torch.tensor([0.6, 0.2, 0.1, 0.06, 0.04]).expand(n, -1)
-        rows = MixtureRows(
+        records = MixtureRecord(
             token,
             ids,
             weights.clone(),
@@ -268,7 +268,7 @@ class ScriptedSampler:
             torch.ones(n, dtype=torch.bool),
         )
         return SampledStep(
-            **{f.name: getattr(rows, f.name) for f in fields(rows)},
+            **{f.name: getattr(records, f.name) for f in fields(records)},
             log_density=torch.full((n,), -1.5),
         )
 
@@ -305,9 +305,9 @@ def test_multi_token_marker_switches_phase_at_the_right_step(tiny_dir, tokenizer
     assert response(result, 0)[:end].tolist() == words + marker
     # the marker step is one-hot on its token, with only slot 0 in support
     j = int(result.prompt_lengths[0]) + end - 1
-    assert result.rows.mix_weights[0, j].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
-    assert result.rows.support[0, j].tolist() == [True, False, False, False, False]
-    assert result.rows.mix_ids[0, j, 0] == marker[-1] and result.loss_mask[0, j]
+    assert result.records.mix_weights[0, j].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert result.records.support[0, j].tolist() == [True, False, False, False, False]
+    assert result.records.mix_ids[0, j, 0] == marker[-1] and result.loss_mask[0, j]
     assert (
         result.thinking_texts[0].endswith("</think>") and "</think>" not in result.answer_texts[0]
     )
@@ -318,14 +318,14 @@ def test_gumbel_soft_records_follow_the_spec(tiny_dir, tokenizer):
     slots sorted by weight, out-of-support slots last with weight 0, slot 0 the transcript token."""
     model, shard, parallel = build(tiny_dir)
     result = run(model, shard, parallel, tokenizer, max_new_tokens=16)
-    soft = result.rows.is_soft
+    soft = result.records.is_soft
     assert soft.sum() >= 20
     w, g, support = (
-        result.rows.mix_weights[soft],
-        result.rows.noise[soft],
-        result.rows.support[soft],
+        result.records.mix_weights[soft],
+        result.records.noise[soft],
+        result.records.support[soft],
     )
-    ids, tokens = result.rows.mix_ids[soft], result.rows.tokens[soft]
+    ids, tokens = result.records.mix_ids[soft], result.records.tokens[soft]
     assert (~support).any() and support.all(-1).any()  # both truncated and full supports occur
     assert torch.equal(ids[:, 0], tokens)
     assert torch.all(w[:, :-1] >= w[:, 1:])  # sorted, descending
@@ -427,7 +427,7 @@ def sampled_logits(result, think_calls, answer_calls) -> torch.Tensor:
     thinking part; forced marker steps are unscored) and the answer sampler on the others, each in
     ascending row order; so every call's rows are found from the finished records.
     """
-    b, s = result.rows.tokens.shape
+    b, s = result.records.tokens.shape
     out = torch.zeros(b, s, think_calls[0].shape[-1] if think_calls else answer_calls[0].shape[-1])
     think_calls, answer_calls = list(think_calls), list(answer_calls)
     for t in range(int(result.response_lengths.max())):
@@ -487,9 +487,9 @@ def test_rescoring_reproduces_the_rollout_log_densities(tiny_dir, tokenizer, alg
     )
     seed_noise_rng(7)
     result = engine.generate(PROMPTS[:2], 2)
-    logp = worker.compute_logprobs(PolicyBatch(result.rows, result.loss_mask))
+    logp = worker.compute_logprobs(PolicyBatch(result.records, result.loss_mask))
 
-    mask, soft = result.loss_mask, result.rows.is_soft
+    mask, soft = result.loss_mask, result.records.is_soft
     assert bool((mask & ~soft).any()) and bool((mask & soft).any()) == (algorithm != "grpo")
     if algorithm != "grpo":  # the budget forced the marker: answer-phase rows come after it
         assert (result.think_lengths < result.response_lengths).all()
@@ -497,7 +497,7 @@ def test_rescoring_reproduces_the_rollout_log_densities(tiny_dir, tokenizer, alg
     logits = sampled_logits(result, think.calls if think else [], answer.calls)
     embedding = InputEmbedding(worker.model.embedding.word_embeddings.weight, worker.vocab)
     at_rollout = log_density_from_logits(
-        logits, result.rows, worker.scorer, worker.vocab, embedding
+        logits, result.records, worker.scorer, worker.vocab, embedding
     )
     assert (at_rollout - result.rollout_logp)[mask].abs().max() <= 1e-5
     # 2. the trainer's full-sequence recompute reproduces it
@@ -511,9 +511,9 @@ def test_rescoring_reproduces_the_rollout_log_densities(tiny_dir, tokenizer, alg
     # differences between cached decoding and the trainer's recompute (summation orders, RoPE
     # offsets of left padding) become ~1e-4. Bound: first order in the measured logit difference
     # (factor 2 for the trainer's own h @ W rounding; the second-order term is ~1e-8).
-    trainer_logits = recomputed_logits(worker.model, result.rows, worker.scorer.noise)
-    delta = (trainer_logits - logits).gather(-1, result.rows.mix_ids).abs().amax(-1)  # [B, S]
-    slope = density_slope(logits, result.rows, worker.scorer, worker.vocab, embedding)
+    trainer_logits = recomputed_logits(worker.model, result.records, worker.scorer.noise)
+    delta = (trainer_logits - logits).gather(-1, result.records.mix_ids).abs().amax(-1)  # [B, S]
+    slope = density_slope(logits, result.records, worker.scorer, worker.vocab, embedding)
     bound = 1e-5 + 2 * slope * delta
     assert (error <= bound)[mask].all(), (error[mask], bound[mask])
     assert bound[mask & soft].max() < 1e-2  # and the bound is a real constraint
@@ -542,7 +542,7 @@ def test_a_sampled_marker_step_is_scored_at_the_temperature_it_was_drawn_at(
         PROMPTS[:2], 2
     )
     start = int(first.prompt_lengths[0])
-    marker = tokenizer.decode(first.rows.tokens[0, start + 1 : start + 3])
+    marker = tokenizer.decode(first.records.tokens[0, start + 1 : start + 3])
     think, answer = RecordingSampler(base.thinking_sampler), RecordingSampler(base.answer_sampler)
     settings = replace(base, thinking_sampler=think, answer_sampler=answer, think_end=marker)
     seed_noise_rng(7)
@@ -550,33 +550,38 @@ def test_a_sampled_marker_step_is_scored_at_the_temperature_it_was_drawn_at(
         worker.model, tokenizer, worker.vocab, settings, worker.parallel
     ).generate(PROMPTS[:2], 2)
 
-    mask, rows = result.loss_mask, result.rows
-    drawn = mask & ~rows.is_soft & rows.thinking  # marker steps the thinking sampler drew
+    mask, records = result.loss_mask, result.records
+    drawn = mask & ~records.is_soft & records.thinking  # marker steps the thinking sampler drew
     assert int(result.think_lengths[0]) == 3 and result.thinking_texts[0].endswith(marker)
-    assert drawn[0, start + 2] and int(drawn.sum()) == int((~rows.is_soft & rows.thinking).sum())
-    assert bool((mask & ~rows.thinking).any())  # answer-phase rows too
+    assert drawn[0, start + 2] and int(drawn.sum()) == int(
+        (~records.is_soft & records.thinking).sum()
+    )
+    assert bool((mask & ~records.thinking).any())  # answer-phase rows too
     logits = sampled_logits(result, think.calls, answer.calls)
 
     def at(temperature):
         flat = logits.reshape(-1, logits.shape[-1])
-        lp = discrete_log_density(flat, rows.tokens.reshape(-1), temperature, worker.vocab)
-        return lp.reshape(rows.tokens.shape)
+        lp = discrete_log_density(flat, records.tokens.reshape(-1), temperature, worker.vocab)
+        return lp.reshape(records.tokens.shape)
 
     # the rollout's value is the draw's: log_softmax(l / T_thinking), not l / T_answer
     assert (result.rollout_logp - at(1.3))[drawn].abs().max() <= 1e-5
     assert (at(1.3) - at(0.7))[drawn].abs().min() > 1e-3
     # the trainer re-scores every scored row, the marker step included, to the rollout's value
-    logp = worker.compute_logprobs(PolicyBatch(rows, mask))
+    logp = worker.compute_logprobs(PolicyBatch(records, mask))
     assert (logp - result.rollout_logp)[mask].abs().max() <= 1e-5
     ratio = torch.exp(logp - result.rollout_logp)
     assert (ratio - 1)[drawn].abs().max() <= 1e-5
 
 
-def recomputed_logits(model, rows, noise) -> torch.Tensor:
+def recomputed_logits(model, records, noise) -> torch.Tensor:
     """[B, S, W]: the logits that score each record, from one full-sequence forward (as the trainer's)."""
-    b, s = rows.tokens.shape
+    b, s = records.tokens.shape
     x = mixture_embedding(
-        model.embedding.word_embeddings, rows.mix_ids, rows.mix_weights, noise.input_offset(rows)
+        model.embedding.word_embeddings,
+        records.mix_ids,
+        records.mix_weights,
+        noise.input_offset(records),
     )
     with torch.no_grad():
         logits = model(None, position_ids(b, s, "cpu"), CAUSAL, decoder_input=x)
@@ -598,7 +603,7 @@ def _rank_rollout(rank, tiny_dir, tp, pp, tokenizer_dir):
     model, shard, parallel = build(tiny_dir, tp, pp)
     tokenizer = load_tokenizer(resolve_model_source(tokenizer_dir))
     result = run(model, shard, parallel, tokenizer, max_thinking_tokens=5)
-    return result.rows.tokens, result.rows.mix_weights, result.rollout_logp, result.loss_mask
+    return result.records.tokens, result.records.mix_weights, result.rollout_logp, result.loss_mask
 
 
 @pytest.mark.multiproc
@@ -609,10 +614,10 @@ def test_same_seed_same_trajectory_at_tp2_and_pp2(tiny_dir, tokenizer, smollm2_h
     for tokens, weights, logp, mask in run_ranks(
         tp * pp, _rank_rollout, tiny_dir, tp, pp, str(smollm2_hf_dir)
     ):
-        assert torch.equal(tokens, reference.rows.tokens)
+        assert torch.equal(tokens, reference.records.tokens)
         assert torch.equal(mask, reference.loss_mask)
         # fp32 sums in another order: the soft weights differ by ~1e-4 and later logits inherit it
-        assert torch.allclose(weights, reference.rows.mix_weights, atol=1e-3)
+        assert torch.allclose(weights, reference.records.mix_weights, atol=1e-3)
         assert torch.allclose(logp, reference.rollout_logp, atol=1e-3)
 
 

@@ -61,7 +61,7 @@ def test_logits_and_kv_cached_greedy_decoding_match_transformers(setup):
     shard = VocabShard.whole(model.vocab_size, source.arch.vocab_size)
     engine = RolloutEngine(model, tokenizer, shard, settings, parallel)
     result = engine.generate([prompt])
-    ours_tokens = result.rows.tokens[
+    ours_tokens = result.records.tokens[
         0, len(prompt) : len(prompt) + int(result.response_lengths[0])
     ].tolist()
     ref_tokens = hf.generate(tokens, max_new_tokens=32, do_sample=False)[0, len(prompt) :].tolist()

@@ -16,7 +16,7 @@ from megatron_softgrpo.soft import (
     GaussianNoise,
     GumbelNoise,
     InputEmbedding,
-    MixtureRows,
+    MixtureRecord,
     Scorer,
     SoftSampler,
     Truncation,
@@ -76,18 +76,18 @@ def mixed_rows(name, logits, seed=0, drift=0.0, shard=SHARD):
     step.thinking = step.thinking | marker
     at_thinking = discrete_log_density(flat, step.tokens, TRUNC.temperature, shard)
     step.log_density = torch.where(marker, at_thinking, step.log_density)
-    rows = MixtureRows(**{f.name: getattr(step, f.name) for f in fields(MixtureRows)})
-    return step, rows.map(lambda t: t.reshape(b, s, *t.shape[1:]))
+    records = MixtureRecord(**{f.name: getattr(step, f.name) for f in fields(MixtureRecord)})
+    return step, records.map(lambda t: t.reshape(b, s, *t.shape[1:]))
 
 
 def random_logits(b=2, s=12, seed=0, dtype=torch.float32, width=PADDED):
     return (torch.randn(b, s, width, generator=torch.Generator().manual_seed(seed)) * 2).to(dtype)
 
 
-def reference(name, logits, rows, emb_table):
+def reference(name, logits, records, emb_table):
     """float64 logp [N] of flat rows: discrete at T=1.1 (marker steps at 0.8), soft rows by
     docs/algorithm.md section 2/5 at T=0.8."""
-    flat = rows.flatten()
+    flat = records.flatten()
     lg = logits.reshape(-1, PADDED).double()
     out = torch.where(
         flat.thinking,
@@ -114,27 +114,27 @@ def reference(name, logits, rows, emb_table):
 @pytest.mark.parametrize("name", NOISES)
 def test_log_density_matches_reference(name):
     logits = random_logits()
-    _, rows = mixed_rows(name, logits)
+    _, records = mixed_rows(name, logits)
     emb = table()
-    logp = log_density_from_logits(logits, rows, scorer(name), SHARD, InputEmbedding(emb, SHARD))
-    assert logp.shape == rows.tokens.shape and logp.dtype == torch.float32
-    assert 0 < int(rows.is_soft.sum()) < rows.is_soft.numel()
-    assert bool((rows.thinking & ~rows.is_soft).any())  # marker steps among the discrete rows
-    assert (logp.reshape(-1).double() - reference(name, logits, rows, emb)).abs().max() <= TOL
+    logp = log_density_from_logits(logits, records, scorer(name), SHARD, InputEmbedding(emb, SHARD))
+    assert logp.shape == records.tokens.shape and logp.dtype == torch.float32
+    assert 0 < int(records.is_soft.sum()) < records.is_soft.numel()
+    assert bool((records.thinking & ~records.is_soft).any())  # marker steps among the discrete rows
+    assert (logp.reshape(-1).double() - reference(name, logits, records, emb)).abs().max() <= TOL
 
 
 def test_discrete_rows_drawn_while_thinking_are_scored_at_the_thinking_temperature():
     """The marker step (discrete, `thinking`) at T_thinking = 0.8, other discrete rows at 1.1."""
     logits = random_logits()
-    _, rows = mixed_rows("gumbel", logits)
-    marker, answer = rows.thinking & ~rows.is_soft, ~rows.thinking & ~rows.is_soft
+    _, records = mixed_rows("gumbel", logits)
+    marker, answer = records.thinking & ~records.is_soft, ~records.thinking & ~records.is_soft
     assert bool(marker.any()) and bool(answer.any())
-    logp = log_density_from_logits(logits, rows, scorer("gumbel"), SHARD).double()
+    logp = log_density_from_logits(logits, records, scorer("gumbel"), SHARD).double()
     flat = logits.reshape(-1, PADDED).double()
 
     def at(temperature):
-        lp = ref.discrete_log_prob(flat, rows.tokens.reshape(-1), temperature, VOCAB)
-        return lp.reshape(rows.tokens.shape)
+        lp = ref.discrete_log_prob(flat, records.tokens.reshape(-1), temperature, VOCAB)
+        return lp.reshape(records.tokens.shape)
 
     assert (logp - at(0.8))[marker].abs().max() <= TOL
     assert (logp - at(1.1))[answer].abs().max() <= TOL
@@ -274,22 +274,22 @@ def test_tiny_temperature_densities_stay_finite():
 
 def test_embedding_noise_offset_is_the_seeded_vector_on_soft_rows():
     logits = random_logits()
-    _, rows = mixed_rows("embedding_noise", logits)
-    offset = NOISES["embedding_noise"].input_offset(rows)
-    assert offset.shape == (*rows.tokens.shape, HIDDEN)
-    assert not bool(offset[~rows.is_soft].any())
-    expected = 0.1 * gaussian_from_seeds(rows.noise_seed[rows.is_soft], HIDDEN)
-    assert torch.equal(offset[rows.is_soft], expected)
+    _, records = mixed_rows("embedding_noise", logits)
+    offset = NOISES["embedding_noise"].input_offset(records)
+    assert offset.shape == (*records.tokens.shape, HIDDEN)
+    assert not bool(offset[~records.is_soft].any())
+    expected = 0.1 * gaussian_from_seeds(records.noise_seed[records.is_soft], HIDDEN)
+    assert torch.equal(offset[records.is_soft], expected)
 
 
 # ------------------------------------------------------------------ the entropy term's entropies
 
 
-def reference_entropy(logits, rows, vocab=VOCAB):
+def reference_entropy(logits, records, vocab=VOCAB):
     """float64 entropy [b, s] of softmax(l / T) over the real vocabulary: T = 0.8 on soft rows and
     marker steps (`thinking`), 1.1 on the other discrete rows."""
     temperature = torch.where(
-        rows.thinking,
+        records.thinking,
         torch.tensor(0.8, dtype=torch.float64),
         torch.tensor(1.1, dtype=torch.float64),
     )
@@ -304,27 +304,27 @@ def test_chunked_entropy_matches_float64_reference_and_keeps_the_log_densities(c
     weight = (torch.randn(PADDED, HIDDEN, generator=gen) * 0.5).requires_grad_()
     weight.data[VOCAB:] *= 8.0  # large padding logits: counted, they would dominate the entropy
     logits64 = hidden.double().transpose(0, 1) @ weight.double().t()
-    _, rows = mixed_rows("gumbel", logits64.float().detach(), drift=0.5)
-    assert 0 < int(rows.is_soft.sum()) < rows.is_soft.numel()
+    _, records = mixed_rows("gumbel", logits64.float().detach(), drift=0.5)
+    assert 0 < int(records.is_soft.sum()) < records.is_soft.numel()
     logp, entropy = log_density_and_entropy_from_hidden(
-        hidden, weight, rows, scorer("gumbel"), SHARD, chunk_size=chunk_size
+        hidden, weight, records, scorer("gumbel"), SHARD, chunk_size=chunk_size
     )
-    expected = reference_entropy(logits64, rows)
-    assert entropy.shape == rows.tokens.shape and entropy.dtype == torch.float32
+    expected = reference_entropy(logits64, records)
+    assert entropy.shape == records.tokens.shape and entropy.dtype == torch.float32
     assert (entropy.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
     assert torch.equal(
         logp,
         log_density_from_hidden(
-            hidden, weight, rows, scorer("gumbel"), SHARD, chunk_size=chunk_size
+            hidden, weight, records, scorer("gumbel"), SHARD, chunk_size=chunk_size
         ),
     )
     # the gradient of a mix of both outputs against float64 autograd through full logits
     c_ell, c_entropy = torch.randn(2, 2, 12, generator=gen)
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     full = h64.transpose(0, 1) @ w64.t()
-    plain = (c_ell * log_density_from_logits(full, rows, scorer("gumbel"), SHARD)).sum()
+    plain = (c_ell * log_density_from_logits(full, records, scorer("gumbel"), SHARD)).sum()
     want = torch.autograd.grad(
-        plain + (c_entropy * reference_entropy(full, rows)).sum(), (h64, w64)
+        plain + (c_entropy * reference_entropy(full, records)).sum(), (h64, w64)
     )
     got = torch.autograd.grad((c_ell * logp + c_entropy * entropy).sum(), (hidden, weight))
     for g, w in zip(got, want):
@@ -341,15 +341,15 @@ def test_gradcheck_chunked_entropy_from_hidden(name):
     weight = (
         torch.randn(SMALL.width, HIDDEN, generator=gen, dtype=torch.float64) * 0.5
     ).requires_grad_()
-    _, rows = mixed_rows(
+    _, records = mixed_rows(
         name, (hidden.transpose(0, 1) @ weight.t()).float().detach(), drift=0.5, shard=SMALL
     )
-    assert 0 < int(rows.is_soft.sum()) < rows.is_soft.numel()
-    emb = InputEmbedding(table(rows=SMALL.width).double(), SMALL)
+    assert 0 < int(records.is_soft.sum()) < records.is_soft.numel()
+    emb = InputEmbedding(table(records=SMALL.width).double(), SMALL)
 
     def fn(h, w):
         return log_density_and_entropy_from_hidden(
-            h, w, rows, scorer(name), SMALL, chunk_size=3, embedding=emb
+            h, w, records, scorer(name), SMALL, chunk_size=3, embedding=emb
         )
 
     assert torch.autograd.gradcheck(fn, (hidden, weight), eps=1e-6, atol=1e-5, fast_mode=True)
@@ -433,16 +433,16 @@ def test_fused_objective_gradient_scales_with_the_output_gradient_and_passes_gra
     weight = (
         torch.randn(SMALL.width, HIDDEN, generator=gen, dtype=torch.float64) * 0.5
     ).requires_grad_()
-    _, rows = mixed_rows(
+    _, records = mixed_rows(
         "gumbel", (hidden.transpose(0, 1) @ weight.t()).float().detach(), drift=0.5, shard=SMALL
     )
-    assert 0 < int(rows.is_soft.sum()) < rows.is_soft.numel()
+    assert 0 < int(records.is_soft.sum()) < records.is_soft.numel()
     old = torch.randn(2, 4, generator=gen, dtype=torch.float64) - 2.0
     objective = _objective(old, *torch.randn(2, 2, 4, generator=gen, dtype=torch.float64))
 
     def fn(h, w):
         return objective_from_hidden(
-            h, w, rows, scorer("gumbel"), SMALL, objective, True, chunk_size=3
+            h, w, records, scorer("gumbel"), SMALL, objective, True, chunk_size=3
         ).value
 
     assert torch.autograd.gradcheck(fn, (hidden, weight), eps=1e-6, atol=1e-5, fast_mode=True)

@@ -14,7 +14,7 @@ from megatron_softgrpo.soft import (
     EmbeddingNoise,
     GaussianNoise,
     GumbelNoise,
-    MixtureRows,
+    MixtureRecord,
     SoftSampler,
     Truncation,
     VocabShard,
@@ -193,17 +193,17 @@ def test_dirichlet_density_counts_only_slots_with_pt_above_0_05_as_the_reference
     terms = [clamped_gamma(a, v) for a, v in zip(pt, x)]
     reference, by_support = sum(terms[:2]) / 2, sum(terms) / 3
     assert abs(reference - -0.7127) <= 1e-4 and abs(by_support - 0.5249) <= 1e-4
-    rows = MixtureRows.discrete(torch.tensor([5]), 3)
-    rows.mix_ids[:] = torch.tensor([5, 6, 7])
-    rows.support[:], rows.is_soft[:] = True, True
-    rows.noise = torch.tensor([x])
+    records = MixtureRecord.discrete(torch.tensor([5]), 3)
+    records.mix_ids[:] = torch.tensor([5, 6, 7])
+    records.support[:], records.is_soft[:] = True, True
+    records.noise = torch.tensor([x])
     for dtype in (torch.float64, torch.float32):
         scaled = torch.log(torch.tensor([pt], dtype=dtype)) + 1.5  # logits / T: pt is their softmax
-        ours = DirichletNoise().log_density(scaled, rows)
+        ours = DirichletNoise().log_density(scaled, records)
         assert abs(float(ours) - reference) <= 1e-5
         assert abs(float(ours) - -0.7127) <= 1e-4
     # K = 30 uniform slots: none has pt > 0.05, so the row scores 0 (the reference: 0/0)
-    wide = MixtureRows.discrete(torch.tensor([5]), 30)
+    wide = MixtureRecord.discrete(torch.tensor([5]), 30)
     wide.support[:], wide.noise = True, torch.full((1, 30), 0.02)
     assert float(DirichletNoise().log_density(torch.zeros(1, 30), wide)) == 0.0
 

@@ -17,7 +17,7 @@ from megatron_softgrpo.soft import (
     GaussianNoise,
     GumbelNoise,
     InputEmbedding,
-    MixtureRows,
+    MixtureRecord,
     Scorer,
     SoftSampler,
     Truncation,
@@ -72,7 +72,7 @@ def make_inputs():
         soft = SAMPLERS[name].sample(drifted, VocabShard.whole(PADDED, VOCAB))
         discrete = SAMPLERS["discrete"].sample(drifted, VocabShard.whole(PADDED, VOCAB))
         mixed = soft.where(torch.arange(ROWS) % 3 != 0, discrete)
-        rows[name] = MixtureRows(
+        rows[name] = MixtureRecord(
             **{k: v for k, v in asdict(mixed).items() if k != "log_density"}
         ).map(lambda t: t.reshape(4, 6, *t.shape[1:]))
     return logits, hidden, weight, table, coef, rows

@@ -19,7 +19,7 @@ from megatron_softgrpo.rollout.static_engine import StaticRolloutEngine
 from megatron_softgrpo.soft import (
     DiscreteSampler,
     EmbeddingNoise,
-    MixtureRows,
+    MixtureRecord,
     SoftSampler,
     Truncation,
     seed_noise_rng,
@@ -53,14 +53,14 @@ def test_static_step_matches_megatron_cached_forward(kind, tiny_dir, llama_dir):
     tokens, pad = _prompt_batch()
     b, plen = tokens.shape
     runner, static = ModelRunner(model, b, 16, parallel), StaticDecoder(model, b, 16)
-    rows = MixtureRows.discrete(tokens, 5)
+    records = MixtureRecord.discrete(tokens, 5)
     with torch.no_grad():
-        expected = [runner.prefill(rows, pad)]
-        x = static.embed(rows.mix_ids, rows.mix_weights)
+        expected = [runner.prefill(records, pad)]
+        x = static.embed(records.mix_ids, records.mix_weights)
         got = [static.forward(x, torch.arange(plen), pad.sum(1), 8)]
         g = torch.Generator().manual_seed(1)
         for t in range(6):
-            step = MixtureRows.discrete(torch.randint(0, VOCAB, (b,), generator=g), 5)
+            step = MixtureRecord.discrete(torch.randint(0, VOCAB, (b,), generator=g), 5)
             step.mix_weights[:, :2] = torch.tensor([0.7, 0.3])  # a soft mixture input
             step.mix_ids[:, 1] = (step.tokens + 11) % VOCAB
             expected.append(runner.step(step))
@@ -83,15 +83,15 @@ def test_compiled_step_equals_eager_one_compile_per_bucket(tiny_dir):
     eager, compiled = StaticDecoder(model, b, 80), StaticDecoder(model, b, 80)
     counter = CompileCounterWithBackend("inductor")
     step = torch.compile(compiled.forward, backend=counter, fullgraph=True, dynamic=False)
-    rows = MixtureRows.discrete(tokens, 5)
+    records = MixtureRecord.discrete(tokens, 5)
     with torch.no_grad():
         for dec in (eager, compiled):
             dec.forward(
-                dec.embed(rows.mix_ids, rows.mix_weights), torch.arange(plen), pad.sum(1), 8
+                dec.embed(records.mix_ids, records.mix_weights), torch.arange(plen), pad.sum(1), 8
             )
         g = torch.Generator().manual_seed(2)
         for t in range(plen, 70):  # crosses from the 64-column bucket into the 80-column one
-            nxt = MixtureRows.discrete(torch.randint(0, VOCAB, (b,), generator=g), 5)
+            nxt = MixtureRecord.discrete(torch.randint(0, VOCAB, (b,), generator=g), 5)
             x = eager.embed(nxt.mix_ids[:, None], nxt.mix_weights[:, None])
             length = length_bucket(t + 1, 80)
             want = eager.forward(x, torch.tensor([t]), pad.sum(1), length)
@@ -149,7 +149,7 @@ def test_greedy_decoding_is_token_for_token_the_reference(tiny_dir, tokenizer):
         model, shard, parallel, tokenizer, thinking_sampler=None, answer_sampler=greedy
     )
     assert_same_records(ref, static)
-    assert not ref.rows.is_soft.any()
+    assert not ref.records.is_soft.any()
 
 
 @pytest.mark.parametrize("noise", ["gumbel", "gaussian", "embedding_noise"])
@@ -168,7 +168,7 @@ def test_seeded_soft_decoding_gives_the_reference_records(tiny_dir, tokenizer, n
     ref, static = _both(model, shard, parallel, tokenizer, eos_ids=eos, **kwargs)
     assert_same_records(ref, static)
     assert len(set(ref.response_lengths.tolist())) >= 3  # rows ended at different steps
-    assert "eos" in ref.finish_reasons and ref.rows.is_soft.any()
+    assert "eos" in ref.finish_reasons and ref.records.is_soft.any()
     assert (ref.think_lengths < ref.response_lengths).any()  # some row was forced into answering
 
 
@@ -258,9 +258,9 @@ def test_trainer_rescores_the_static_rollout(tiny_dir, tokenizer, algorithm):
     seed_noise_rng(7)
     engine = StaticRolloutEngine(worker.model, tokenizer, worker.vocab, s, worker.parallel)
     result = engine.generate(PROMPTS[:2], 2)
-    logp = worker.compute_logprobs(PolicyBatch(result.rows, result.loss_mask))
+    logp = worker.compute_logprobs(PolicyBatch(result.records, result.loss_mask))
     mask = result.loss_mask
-    assert bool((mask & result.rows.is_soft).any()) == (algorithm != "grpo")
+    assert bool((mask & result.records.is_soft).any()) == (algorithm != "grpo")
     assert (logp - result.rollout_logp)[mask].abs().max() <= 1e-5
 
 
@@ -270,7 +270,7 @@ def test_a_marker_the_model_writes_switches_phase_as_in_the_reference(tiny_dir, 
     model, shard, parallel = build64(tiny_dir)
     first = _both(model, shard, parallel, tokenizer, max_new_tokens=10)[0]
     start = int(first.prompt_lengths[0])
-    marker = tokenizer.decode(first.rows.tokens[0, start + 2 : start + 4])
+    marker = tokenizer.decode(first.records.tokens[0, start + 2 : start + 4])
     ref, static = _both(model, shard, parallel, tokenizer, max_new_tokens=10, think_end=marker)
     assert_same_records(ref, static)
     assert ref.think_lengths[0] <= 4 and ref.thinking_texts[0].endswith(marker)
@@ -284,7 +284,7 @@ def test_shrinking_to_a_smaller_bucket_keeps_every_record(tiny_dir, tokenizer):
     first = _both(model, shard, parallel, tokenizer, g=6, **kwargs)[0]
     marker = set(tokenizer("</think>", add_special_tokens=False)["input_ids"])
     starts = first.prompt_lengths.tolist()
-    eos = {int(first.rows.tokens[i, starts[i] + 3]) for i in range(14)} - marker
+    eos = {int(first.records.tokens[i, starts[i] + 3]) for i in range(14)} - marker
     s = settings(eos_ids=frozenset(eos), **kwargs)
     seed_noise_rng(7)
     ref = RolloutEngine(model, tokenizer, shard, s, parallel).generate(PROMPTS, 6)

@@ -446,7 +446,7 @@ class _RecordingWorker:
 
 def _scored_round(index: int, rewards: list[float], width: int, truncated=()):
     """One round's gathered batch: token 0 of row b is 100 * index + b; positions 1.. are scored."""
-    from megatron_softgrpo.soft import MixtureRows
+    from megatron_softgrpo.soft import MixtureRecord
     from megatron_softgrpo.train.loop import Scored
 
     b = len(rewards)
@@ -456,7 +456,7 @@ def _scored_round(index: int, rewards: list[float], width: int, truncated=()):
     mask[:, 0] = False
     rewards = torch.tensor(rewards, dtype=torch.float32)
     return Scored(
-        rows=MixtureRows.discrete(tokens, 2),
+        records=MixtureRecord.discrete(tokens, 2),
         loss_mask=mask,
         rollout_logp=torch.zeros(b, width),
         response_lengths=torch.full((b,), width - 1),
@@ -527,7 +527,7 @@ def test_dynamic_sampling_draws_until_the_step_has_enough_informative_groups():
     assert metrics["reward/mean"] == 0.5 and metrics["accuracy"] == 0.5
     # one optimizer step on the two informative groups, in the order they were generated
     (batch,) = trainer.worker.batches
-    assert batch.rows.tokens[:, 0].tolist() == [4, 5, 6, 7, 200, 201, 202, 203]
+    assert batch.records.tokens[:, 0].tolist() == [4, 5, 6, 7, 200, 201, 202, 203]
     assert batch.seq_len == 6 and not batch.loss_mask[:4, 5].any()  # round 0 right-padded
     # overlong filtering: the truncated response leaves the loss but stays in its group's baseline
     assert not batch.loss_mask[5].any() and batch.loss_mask[4, 1:].all()
@@ -561,8 +561,8 @@ def test_a_short_step_trains_on_what_there_is_in_whole_micro_batches():
     assert trainer.sampler.state_dict()["index"] == 4
     # 3 rows padded with an unscored row to a multiple of DP x micro-batch = 4
     (batch,) = trainer.worker.batches
-    assert batch.num_rows == 4 and batch.rows.tokens[:3, 0].tolist() == [3, 4, 5]
-    assert not batch.loss_mask[3].any() and not batch.rows.mix_weights[3].any()
+    assert batch.num_rows == 4 and batch.records.tokens[:3, 0].tolist() == [3, 4, 5]
+    assert not batch.loss_mask[3].any() and not batch.records.mix_weights[3].any()
     line = format_progress(1, 4, metrics)
     assert "groups 1 in 2 rounds (1 short of 2: training on what there is)" in line
 
@@ -683,7 +683,7 @@ def test_rollout_rewards_include_the_soft_overlong_penalty(monkeypatch):
     import megatron_softgrpo.train.loop as loop
     from megatron_softgrpo.config.schema import RecipeCfg
     from megatron_softgrpo.data.datasets import Problem
-    from megatron_softgrpo.soft import MixtureRows
+    from megatron_softgrpo.soft import MixtureRecord
 
     monkeypatch.setattr(loop, "encode_prompt", lambda tokenizer, problem, *a: [1, 2])
     trainer = object.__new__(loop.Trainer)
@@ -698,7 +698,7 @@ def test_rollout_rewards_include_the_soft_overlong_penalty(monkeypatch):
     lengths = torch.tensor([2, 5, 7, 8])
     trainer.engine = SimpleNamespace(
         generate=lambda prompts, g: SimpleNamespace(
-            rows=MixtureRows.discrete(torch.ones(4, 10, dtype=torch.long), 2),
+            records=MixtureRecord.discrete(torch.ones(4, 10, dtype=torch.long), 2),
             loss_mask=torch.zeros(4, 10, dtype=torch.bool),
             rollout_logp=torch.zeros(4, 10),
             response_lengths=lengths,

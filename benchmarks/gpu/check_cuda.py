@@ -106,18 +106,18 @@ def check_log_densities(noisy, shard, logits):
 
     scorer = Scorer(GumbelNoise(tau=0.1, scale=1.0), 1.0, 1.0)
     seed_noise_rng(3)
-    rows = noisy.sample(logits, shard)  # soft rows; make every other row discrete
+    records = noisy.sample(logits, shard)  # soft rows; make every other row discrete
     discrete = torch.arange(N) % 2 == 0
-    rows.is_soft = ~discrete
-    cpu = log_density_from_logits(logits, rows, scorer, shard)
+    records.is_soft = ~discrete
+    cpu = log_density_from_logits(logits, records, scorer, shard)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
         gpu = log_density_from_logits(
-            logits.to(dtype).to(DEV), rows.map(lambda t: t.to(DEV)), scorer, shard
+            logits.to(dtype).to(DEV), records.map(lambda t: t.to(DEV)), scorer, shard
         ).cpu()
         ref = (
             cpu
             if dtype == torch.float32
-            else log_density_from_logits(logits.to(dtype), rows, scorer, shard)
+            else log_density_from_logits(logits.to(dtype), records, scorer, shard)
         )
         record(
             f"log_density_from_logits/{dtype}",
@@ -137,16 +137,18 @@ def check_log_densities(noisy, shard, logits):
     # clamp bounds for some slots and whether they get gradient depends on rounding (as in the reference)
     behaviour = flat_logits + 0.3 * torch.randn(flat_logits.shape, generator=g)
     step = noisy.sample(behaviour.reshape(-1, PADDED), shard)
-    seq_rows = step.map(lambda t: t.reshape(b, s, *t.shape[1:]))
-    seq_rows.tokens = torch.where(
-        seq_rows.is_soft & (torch.arange(s) % 3 == 0), tokens, seq_rows.tokens
+    seq_records = step.map(lambda t: t.reshape(b, s, *t.shape[1:]))
+    seq_records.tokens = torch.where(
+        seq_records.is_soft & (torch.arange(s) % 3 == 0), tokens, seq_records.tokens
     )
-    seq_rows.is_soft = seq_rows.is_soft & (torch.arange(s) % 3 != 0)
+    seq_records.is_soft = seq_records.is_soft & (torch.arange(s) % 3 != 0)
 
     def run(device):
         hd = hidden.detach().to(device).clone().requires_grad_()
         wt = weight.detach().to(device).clone().requires_grad_()
-        logp = log_density_from_hidden(hd, wt, seq_rows.map(lambda t: t.to(device)), scorer, shard)
+        logp = log_density_from_hidden(
+            hd, wt, seq_records.map(lambda t: t.to(device)), scorer, shard
+        )
         logp.sum().backward()
         return logp.detach().cpu(), hd.grad.cpu(), wt.grad.cpu()
 
@@ -164,10 +166,10 @@ def check_log_densities(noisy, shard, logits):
         1e-4,
         "(relative)",
     )
-    check_policy_objective(scorer, shard, hidden, weight, seq_rows)
+    check_policy_objective(scorer, shard, hidden, weight, seq_records)
 
 
-def check_policy_objective(scorer, shard, hidden, weight, rows):
+def check_policy_objective(scorer, shard, hidden, weight, records):
     """The policy loss, and the fused training objective built from its per-position terms."""
     from megatron_softgrpo.algorithms.loss import (
         LossScale,
@@ -185,11 +187,11 @@ def check_policy_objective(scorer, shard, hidden, weight, rows):
         aggregation="seq_mean_token_mean",
     )
     scale = LossScale(num_micro_batches=2)
-    b, s = rows.tokens.shape
+    b, s = records.tokens.shape
     g = torch.Generator().manual_seed(6)
     mask = torch.rand(b, s, generator=g) > 0.2
     with torch.no_grad():
-        ell0, _ = log_density_and_entropy_from_hidden(hidden, weight, rows, scorer, shard)
+        ell0, _ = log_density_and_entropy_from_hidden(hidden, weight, records, scorer, shard)
     old = ell0 + 0.3 * torch.randn(b, s, generator=g)
     ref = ell0 + 0.3 * torch.randn(b, s, generator=g)
     adv = torch.randn(b, 1, generator=g).expand(b, s).contiguous()
@@ -206,7 +208,7 @@ def check_policy_objective(scorer, shard, hidden, weight, rows):
         hd = hidden.to(device, dtype, copy=True).requires_grad_()
         wt = weight.to(device, dtype, copy=True).requires_grad_()
         logp, entropy = log_density_and_entropy_from_hidden(
-            hd, wt, rows.map(lambda t: t.to(device)), scorer, shard
+            hd, wt, records.map(lambda t: t.to(device)), scorer, shard
         )
         loss = loss_on(device, logp, entropy)
         loss.backward()
@@ -255,7 +257,7 @@ def check_policy_objective(scorer, shard, hidden, weight, rows):
             hidden.to(DEV).transpose(0, 1)[at].unsqueeze(1).to(dtype).requires_grad_()
         )  # [n, 1, h] as the trainer passes
         wt = weight.to(DEV, dtype, copy=True).requires_grad_()
-        picked = rows.map(lambda t: t[at].unsqueeze(0).to(DEV))
+        picked = records.map(lambda t: t[at].unsqueeze(0).to(DEV))
         fused = objective_from_hidden(hd, wt, picked, scorer, shard, objective, True)
         fused.value.backward()
         gh = (
@@ -292,7 +294,7 @@ def check_model_path():
     from megatron_softgrpo.models.loading import load_model
     from megatron_softgrpo.models.source import resolve_model_source
     from megatron_softgrpo.rollout.engine import RolloutEngine, RolloutSettings
-    from megatron_softgrpo.soft import DiscreteSampler, MixtureRows, Truncation, VocabShard
+    from megatron_softgrpo.soft import DiscreteSampler, MixtureRecord, Truncation, VocabShard
     from model_patches.mixture_embedding import mixture_embedding
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -304,7 +306,7 @@ def check_model_path():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 1000, (3, 7, K), generator=g)
     weights = torch.softmax(torch.randn(3, 7, K, generator=g), -1)
-    one_hot = MixtureRows.discrete(ids[..., 0], K)
+    one_hot = MixtureRecord.discrete(ids[..., 0], K)
     ours = mixture_embedding(emb, one_hot.mix_ids.to(DEV), one_hot.mix_weights.to(DEV))
     own = emb(ids[..., 0].to(DEV)).transpose(0, 1)
     record("mixture_embedding/one_hot_equals_embedding", float((ours - own).abs().max()), 0)
@@ -336,7 +338,7 @@ def check_model_path():
         out[cache] = (
             RolloutEngine(model, _Tok(), shard, settings, parallel)
             .generate(prompts, 1)
-            .rows.tokens.cpu()
+            .records.tokens.cpu()
         )
     record("rollout/kv_cache_equals_recompute_greedy", float((out[True] != out[False]).sum()), 0)
 

@@ -28,7 +28,7 @@ from megatron_softgrpo.distributed import ParallelState, broadcast_from_last_sta
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.rollout.model_runner import ModelRunner
 from megatron_softgrpo.rollout.text_match import TextMatcher
-from megatron_softgrpo.soft import MixtureRows, SampledStep, Sampler, VocabShard, rng
+from megatron_softgrpo.soft import MixtureRecord, SampledStep, Sampler, VocabShard, rng
 from megatron_softgrpo.soft.logprob import discrete_log_density
 from megatron_softgrpo.soft.vocab import log_normalizer, softmax_entropy
 
@@ -75,9 +75,11 @@ class RolloutSettings:
         settings.update(overrides)
         return cls(**settings)
 
-    def input_offset(self, rows: MixtureRows) -> torch.Tensor | None:
+    def input_offset(self, records: MixtureRecord) -> torch.Tensor | None:
         """What a fed step adds to its mixed input: the thinking noise's (zero on discrete rows)."""
-        return None if self.thinking_sampler is None else self.thinking_sampler.input_offset(rows)
+        return (
+            None if self.thinking_sampler is None else self.thinking_sampler.input_offset(records)
+        )
 
 
 def eos_token_ids(model_name: str, tokenizer) -> frozenset[int]:
@@ -116,7 +118,7 @@ class Trajectories:
     j - 1. Prompt rows and padding are one-hot and never scored.
     """
 
-    rows: MixtureRows  # [B, S]
+    records: MixtureRecord  # [B, S]
     loss_mask: (
         torch.Tensor
     )  # [B, S] bool: generated rows the policy sampled (not forced, not padding)
@@ -133,7 +135,7 @@ class Trajectories:
 
     @property
     def is_generated(self) -> torch.Tensor:
-        pos = torch.arange(self.rows.tokens.shape[1], device=self.prompt_lengths.device)
+        pos = torch.arange(self.records.tokens.shape[1], device=self.prompt_lengths.device)
         start = self.prompt_lengths[:, None]
         return (pos >= start) & (pos < start + self.response_lengths[:, None])
 
@@ -186,22 +188,22 @@ class RolloutEngine:
 
     def _concatenated(self, passes: list[Trajectories]) -> Trajectories:
         """The passes' rows in order; [B, S] tensors right-padded to the longest pass as _assemble pads."""
-        width = max(t.rows.tokens.shape[1] for t in passes)
+        width = max(t.records.tokens.shape[1] for t in passes)
 
         def padded(t: Trajectories) -> Trajectories:
-            extra = width - t.rows.tokens.shape[1]
+            extra = width - t.records.tokens.shape[1]
             if not extra:
                 return t
-            b, device = t.rows.tokens.shape[0], t.rows.tokens.device
-            fill = MixtureRows.discrete(
+            b, device = t.records.tokens.shape[0], t.records.tokens.device
+            fill = MixtureRecord.discrete(
                 torch.full((b, extra), self.pad_id, dtype=torch.long, device=device),
                 self.mixture_size,
             )
-            rows = MixtureRows.cat([t.rows, fill], dim=1)
+            records = MixtureRecord.cat([t.records, fill], dim=1)
             zeros = torch.zeros(b, extra, device=device)
             return replace(
                 t,
-                rows=rows,
+                records=records,
                 loss_mask=torch.cat([t.loss_mask, zeros.bool()], 1),
                 rollout_logp=torch.cat([t.rollout_logp, zeros], 1),
             )
@@ -211,7 +213,7 @@ class RolloutEngine:
         for f in fields(Trajectories):
             values = [getattr(t, f.name) for t in parts]
             if f.name == "rows":
-                joined[f.name] = MixtureRows.cat(values)
+                joined[f.name] = MixtureRecord.cat(values)
             elif isinstance(values[0], list):
                 joined[f.name] = [x for v in values for x in v]
             else:
@@ -238,7 +240,7 @@ class RolloutEngine:
         for i, p in enumerate(prompt_rows):
             tokens[i, plen - len(p) :] = torch.tensor(p, device=device)
             pad[i, plen - len(p) :] = False
-        logits = runner.prefill(MixtureRows.discrete(tokens, self.mixture_size), pad)
+        logits = runner.prefill(MixtureRecord.discrete(tokens, self.mixture_size), pad)
 
         out = _ResponseBuffer(b, max_new, self.mixture_size, device)
         state = _RowState(b, self.settings.thinking_sampler is None, device)
@@ -277,13 +279,13 @@ class RolloutEngine:
         think = phase == THINK
         answer = phase == ANSWER
         if THINK in phases:
-            raw = tapes.rows("thinking", t, active)
+            raw = tapes.at("thinking", t, active)
             sampled = self.settings.thinking_sampler.sample(
                 logits[think], self.shard, None if raw is None else raw[think]
             )
             step = self._fill(step, think, sampled)
         if ANSWER in phases:
-            raw = tapes.rows("answer", t, active)
+            raw = tapes.at("answer", t, active)
             sampled = self.settings.answer_sampler.sample(
                 logits[answer], self.shard, None if raw is None else raw[answer]
             )
@@ -360,11 +362,11 @@ class RolloutEngine:
     # ------------------------------------------------------------------ helpers
 
     def _empty_step(self, n: int, device) -> SampledStep:
-        rows = MixtureRows.discrete(
+        records = MixtureRecord.discrete(
             torch.full((n,), self.pad_id, dtype=torch.long, device=device), self.mixture_size
         )
         return SampledStep(
-            **{f.name: getattr(rows, f.name) for f in fields(rows)},
+            **{f.name: getattr(records, f.name) for f in fields(records)},
             log_density=torch.zeros(n, device=device),
         )
 
@@ -389,17 +391,17 @@ class RolloutEngine:
         lengths = torch.tensor(state.length, dtype=torch.long, device=device)
         plens = torch.tensor([len(p) for p in prompt_rows], device=device)
         total = int((plens + lengths).max())
-        rows = MixtureRows.discrete(
+        records = MixtureRecord.discrete(
             torch.full((b, total), self.pad_id, dtype=torch.long, device=device), self.mixture_size
         )
         loss_mask = torch.zeros(b, total, dtype=torch.bool, device=device)
         logp = torch.zeros(b, total, device=device)
         for i, p in enumerate(prompt_rows):
-            rows.tokens[i, : len(p)] = torch.tensor(p, device=device)
-            rows.mix_ids[i, : len(p), 0] = rows.tokens[i, : len(p)]
+            records.tokens[i, : len(p)] = torch.tensor(p, device=device)
+            records.mix_ids[i, : len(p), 0] = records.tokens[i, : len(p)]
             n, lo = int(lengths[i]), len(p)
-            for f in fields(rows):
-                getattr(rows, f.name)[i, lo : lo + n] = getattr(out.rows, f.name)[i, :n]
+            for f in fields(records):
+                getattr(records, f.name)[i, lo : lo + n] = getattr(out.records, f.name)[i, :n]
             loss_mask[i, lo : lo + n] = out.scored[i, :n]
             logp[i, lo : lo + n] = out.log_density[i, :n]
         texts, thinking, answers = [], [], []
@@ -410,7 +412,7 @@ class RolloutEngine:
             thinking.append(self.tokenizer.decode(response[:cut], skip_special_tokens=True))
             answers.append(self.tokenizer.decode(response[cut:], skip_special_tokens=True))
         return Trajectories(
-            rows=rows,
+            records=records,
             loss_mask=loss_mask,
             rollout_logp=logp,
             prompt_lengths=plens,
@@ -446,7 +448,7 @@ class NoiseTapes:
                     tapes[name] = sampler.draw_ahead(steps, rows, device)
         return cls(**tapes)
 
-    def rows(self, name: str, t: int, rows: torch.Tensor) -> torch.Tensor | None:
+    def at(self, name: str, t: int, rows: torch.Tensor) -> torch.Tensor | None:
         tape = getattr(self, name)
         return None if tape is None else tape[t][rows]
 
@@ -454,9 +456,11 @@ class NoiseTapes:
 def _discrete_step(
     tokens: torch.Tensor, mixture_size: int, log_density: torch.Tensor | None = None
 ) -> SampledStep:
-    rows = MixtureRows.discrete(tokens, mixture_size)
+    records = MixtureRecord.discrete(tokens, mixture_size)
     lp = torch.zeros(len(tokens), device=tokens.device) if log_density is None else log_density
-    return SampledStep(**{f.name: getattr(rows, f.name) for f in fields(rows)}, log_density=lp)
+    return SampledStep(
+        **{f.name: getattr(records, f.name) for f in fields(records)}, log_density=lp
+    )
 
 
 def _marker_step(tokens: torch.Tensor, mixture_size: int, log_density: torch.Tensor) -> SampledStep:
@@ -512,7 +516,7 @@ class _RowState:
         self.think_length = summary[1].tolist()
         self.reason = [REASONS[i] for i in summary[2].tolist()]
         self.transcripts = [
-            out.rows.tokens[i, : self.length[i]].tolist() for i in range(len(self.length))
+            out.records.tokens[i, : self.length[i]].tolist() for i in range(len(self.length))
         ]
 
 
@@ -520,7 +524,7 @@ class _ResponseBuffer:
     """Generated rows by (original row, response position)."""
 
     def __init__(self, b: int, max_new: int, k: int, device):
-        self.rows = MixtureRows.discrete(
+        self.records = MixtureRecord.discrete(
             torch.zeros(b, max_new, dtype=torch.long, device=device), k
         )
         self.scored = torch.zeros(b, max_new, dtype=torch.bool, device=device)
@@ -528,13 +532,13 @@ class _ResponseBuffer:
 
     def keep_first(self, b: int) -> None:
         """Only rows [0, b) (the real rows of a padded batch)."""
-        self.rows = self.rows.map(lambda x: x[:b])
+        self.records = self.records.map(lambda x: x[:b])
         self.scored, self.log_density = self.scored[:b], self.log_density[:b]
 
     def record(self, active, t: int, step: SampledStep, scored: torch.Tensor) -> None:
-        for f in fields(self.rows):
-            getattr(self.rows, f.name)[active, t] = getattr(step, f.name).to(
-                getattr(self.rows, f.name).dtype
+        for f in fields(self.records):
+            getattr(self.records, f.name)[active, t] = getattr(step, f.name).to(
+                getattr(self.records, f.name).dtype
             )
         self.scored[active, t] = scored
         self.log_density[active, t] = step.log_density.float()

@@ -31,7 +31,7 @@ from megatron_softgrpo.distributed import (
     send_to_next_stage,
 )
 from megatron_softgrpo.models.build import token_alignment
-from megatron_softgrpo.soft import MixtureRows
+from megatron_softgrpo.soft import MixtureRecord
 from model_patches.inference_cache import KVCache
 from model_patches.mixture_embedding import mixture_embedding
 from model_patches.output_layer import sharded_inference_logits
@@ -46,7 +46,7 @@ class ModelRunner:
         max_len: int,
         parallel: ParallelState,
         use_kv_cache: bool = True,
-        input_offset: Callable[[MixtureRows], torch.Tensor | None] | None = None,
+        input_offset: Callable[[MixtureRecord], torch.Tensor | None] | None = None,
     ):
         """`input_offset(rows)`: what is added to the mixed input embedding (None: nothing)."""
         if model.config.sequence_parallel:
@@ -67,34 +67,34 @@ class ModelRunner:
             KVCache(_aligned(max_batch, self.row_alignment), max_len) if use_kv_cache else None
         )
         self.key_pad: torch.Tensor | None = None  # [B, L] True where the key is left padding
-        self.history: MixtureRows | None = None  # recompute mode: every input so far [B, L]
+        self.history: MixtureRecord | None = None  # recompute mode: every input so far [B, L]
 
     @property
     def length(self) -> int:
         return 0 if self.key_pad is None else self.key_pad.shape[1]
 
     @torch.no_grad()
-    def prefill(self, rows: MixtureRows, pad: torch.Tensor) -> torch.Tensor | None:
+    def prefill(self, records: MixtureRecord, pad: torch.Tensor) -> torch.Tensor | None:
         """Run the left-padded prompts (rows [B, P]); returns last-position logits [B, V/TP]."""
         self.ghosts = _aligned(pad.shape[0], self.row_alignment) - pad.shape[0]
-        rows, pad = _with_ghosts(rows, self.ghosts), _with_ghosts(pad, self.ghosts)
+        records, pad = _with_ghosts(records, self.ghosts), _with_ghosts(pad, self.ghosts)
         self.key_pad = pad.to(self.device)
         if self.cache is not None:
             self.cache.reset()
         else:
-            self.history = rows
-        return self._real(self._run(rows, queries=pad.shape[1]))
+            self.history = records
+        return self._real(self._run(records, queries=pad.shape[1]))
 
     @torch.no_grad()
-    def step(self, rows: MixtureRows) -> torch.Tensor | None:
+    def step(self, records: MixtureRecord) -> torch.Tensor | None:
         """Feed one new position per row (rows [B]); returns the next last-position logits."""
         if self.length >= self.max_len:
             raise RuntimeError(f"decoding past the KV cache length {self.max_len}")
         b = self.key_pad.shape[0]
         self.key_pad = torch.cat([self.key_pad, self.key_pad.new_zeros(b, 1)], dim=1)
-        new = _with_ghosts(rows, self.ghosts).map(lambda t: t[:, None])
+        new = _with_ghosts(records, self.ghosts).map(lambda t: t[:, None])
         if self.cache is None:
-            self.history = MixtureRows.cat([self.history, new], dim=1)
+            self.history = MixtureRecord.cat([self.history, new], dim=1)
             return self._real(self._run(self.history, queries=self.length))
         self.cache.decode_mode()
         return self._real(self._run(new, queries=1))
@@ -123,15 +123,15 @@ class ModelRunner:
         )
         return additive_mask(causal[None, None] | self.key_pad[:, None, None, :], self.dtype)
 
-    def _run(self, rows: MixtureRows, queries: int) -> torch.Tensor | None:
-        b = rows.tokens.shape[0]
+    def _run(self, records: MixtureRecord, queries: int) -> torch.Tensor | None:
+        b = records.tokens.shape[0]
         decoder_input = None
         if self.first_stage:
             decoder_input = mixture_embedding(
                 self.model.embedding.word_embeddings,
-                rows.mix_ids,
-                rows.mix_weights,
-                None if self.input_offset is None else self.input_offset(rows),
+                records.mix_ids,
+                records.mix_weights,
+                None if self.input_offset is None else self.input_offset(records),
             )
         else:
             hidden = torch.empty(queries, b, self.hidden_size, dtype=self.dtype, device=self.device)
@@ -161,9 +161,9 @@ def _aligned(n: int, alignment: int) -> int:
 
 
 def _with_ghosts(x, ghosts: int):
-    """`x` (a tensor or MixtureRows, rows first) with `ghosts` copies of its first row appended."""
+    """`x` (a tensor or MixtureRecord, rows first) with `ghosts` copies of its first row appended."""
     if not ghosts:
         return x
-    if isinstance(x, MixtureRows):
+    if isinstance(x, MixtureRecord):
         return x.map(lambda t: _with_ghosts(t, ghosts))
     return torch.cat([x, x[:1].expand(ghosts, *x.shape[1:])])

@@ -52,7 +52,7 @@ from megatron_softgrpo.rollout.engine import (
     _step_tensors,
 )
 from megatron_softgrpo.rollout.string_automaton import StringAutomaton
-from megatron_softgrpo.soft import MixtureRows, VocabShard
+from megatron_softgrpo.soft import MixtureRecord, VocabShard
 from megatron_softgrpo.soft.logprob import discrete_log_density
 from model_patches import static_decode
 
@@ -181,7 +181,7 @@ class StaticRolloutEngine(RolloutEngine):
         for i, p in enumerate(prompt_rows):
             tokens[i, plen - len(p) :] = torch.tensor(p, device=device)
             pad[i] = plen - len(p)
-        logits = decoder.run(MixtureRows.discrete(tokens, k), 0, pad)
+        logits = decoder.run(MixtureRecord.discrete(tokens, k), 0, pad)
 
         # one spare buffer row (index `rows`) takes the records of rows added after a shrink
         out = _ResponseBuffer(rows + 1, max_new, k, device)
@@ -211,7 +211,7 @@ class StaticRolloutEngine(RolloutEngine):
             alive = flags.alive_rows(state.alive)
             if t == max_new - 1 or alive == 0:
                 break
-            feed = MixtureRows(**{f.name: getattr(step, f.name) for f in fields(MixtureRows)})
+            feed = MixtureRecord(**{f.name: getattr(step, f.name) for f in fields(MixtureRecord)})
             if self.shrink and _bucket(alive, BATCH_BUCKET) <= len(origin) // 2:
                 outcome.record(origin, state)  # the rows about to leave keep their outcome
                 keep = self._shrink(decoder, state)
@@ -265,9 +265,9 @@ class StaticRolloutEngine(RolloutEngine):
         forced = self.marker_tokens[st.forced_pos.clamp(max=len(self.marker_ids) - 1)]
         step = _discrete_step(forced, self.mixture_size)
         if s.thinking_sampler is not None:
-            soft = s.thinking_sampler.sample(logits, shard, tapes.rows("thinking", t, origin))
+            soft = s.thinking_sampler.sample(logits, shard, tapes.at("thinking", t, origin))
             step = soft.where(think, step)
-        step = s.answer_sampler.sample(logits, shard, tapes.rows("answer", t, origin)).where(
+        step = s.answer_sampler.sample(logits, shard, tapes.at("answer", t, origin)).where(
             answer, step
         )
         tokens = step.tokens
@@ -319,7 +319,7 @@ class _Decoder:
         self,
         decoder: static_decode.StaticDecoder,
         parallel: ParallelState,
-        input_offset: Callable[[MixtureRows], torch.Tensor | None] | None,
+        input_offset: Callable[[MixtureRecord], torch.Tensor | None] | None,
         compile: bool,
         cuda_graphs: bool,
     ):
@@ -342,13 +342,13 @@ class _Decoder:
             self.graphs.clear()  # captured for the larger batch
 
     @torch.no_grad()
-    def run(self, rows: MixtureRows, start: int, pad: torch.Tensor) -> torch.Tensor | None:
+    def run(self, records: MixtureRecord, start: int, pad: torch.Tensor) -> torch.Tensor | None:
         """Feed positions [start, start + q) of every row (rows [B, q]); the last stage's logits."""
         dec = self.decoder
-        b, q = rows.tokens.shape
+        b, q = records.tokens.shape
         if dec.first_stage:
-            offset = None if self.input_offset is None else self.input_offset(rows)
-            x = dec.embed(rows.mix_ids, rows.mix_weights, offset)
+            offset = None if self.input_offset is None else self.input_offset(records)
+            x = dec.embed(records.mix_ids, records.mix_weights, offset)
         else:
             x = torch.empty(b, q, dec.hidden, dtype=dec.dtype, device=dec.device)
             receive_from_previous_stage(self.parallel, x)

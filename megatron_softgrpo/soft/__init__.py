@@ -11,7 +11,7 @@ Modules (each owns one concept):
   distribution -> min-p), exact cross-shard top candidates (ties: lower id wins).
 - `rng`: the sampling-noise state in Megatron's RNG tracker (`seed_noise_rng`,
   `noise_rng`, `noise_seed`) and seed-recomputable Gaussian vectors.
-- `records`: `MixtureRows` (the per-position record) and `SampledStep`.
+- `records`: `MixtureRecord` (the per-position record) and `SampledStep`.
 - `noises`: the soft noise kinds `GumbelNoise`, `GaussianNoise`, `DirichletNoise`,
   `EmbeddingNoise`: mixture weights, stored noise and log-density of each.
 - `samplers`: `DiscreteSampler`, `SoftSampler`.
@@ -40,7 +40,7 @@ Soft steps sort slots by weight descending (out-of-support last); slot 0 is the
 transcript token. Noise is drawn for the K selected slots after the global selection,
 from the tracker state, identically on every TP rank: same seed, same step at any TP.
 
-Record fields (`MixtureRows`; [N] for a step, [B, S] for a batch; K = mixture size):
+Record fields (`MixtureRecord`; [N] for a step, [B, S] for a batch; K = mixture size):
     tokens [...] int64        transcript token
     mix_ids [..., K] int64    mixture ids (one-hot rows: slot 0 = token, others id 0)
     mix_weights [..., K] fp32 exact weights fed to the model
@@ -52,10 +52,10 @@ Record fields (`MixtureRows`; [N] for a step, [B, S] for a batch; K = mixture si
 `SampledStep` adds log_density [N]: the rollout's own log-density of the step.
 
 Trainer: with `scorer = Scorer(noise, soft_temperature, discrete_temperature)`,
-    logp = log_density_from_hidden(hidden [s, b, h], output_weight_shard, rows [b, s], scorer, shard)
-scores record j+1 at position j (shift the records first). Discrete rows:
+    logp = log_density_from_hidden(hidden [s, b, h], output_weight_shard, records [b, s], scorer, shard)
+scores record j+1 at position j (shift the records first). Discrete positions:
 log_softmax(l / T)[token], T the thinking temperature on the marker step (`thinking`) and the
-answer temperature elsewhere; soft rows: the noise kind's density from l[ids] / T (the
+answer temperature elsewhere; soft positions: the noise kind's density from l[ids] / T (the
 embedding-noise density also needs `embedding=InputEmbedding(table_shard, shard)`).
 `log_density_from_logits` computes the same from given logits;
     logp, entropy = log_density_and_entropy_from_hidden(...same arguments...)
@@ -80,7 +80,7 @@ from megatron_softgrpo.soft.noises import (
     InputEmbedding,
     SoftNoise,
 )
-from megatron_softgrpo.soft.records import MixtureRows, SampledStep
+from megatron_softgrpo.soft.records import MixtureRecord, SampledStep
 from megatron_softgrpo.soft.rng import noise_rng, noise_seed, seed_noise_rng
 from megatron_softgrpo.soft.samplers import (
     DiscreteSampler,
@@ -97,7 +97,7 @@ __all__ = [
     "GaussianNoise",
     "GumbelNoise",
     "InputEmbedding",
-    "MixtureRows",
+    "MixtureRecord",
     "SampledStep",
     "Sampler",
     "Scorer",

@@ -2,28 +2,28 @@
 policy update (docs/algorithm.md sections 2-3).
 
 The entry points compute the same log-densities:
-- `log_density_from_logits(logits, rows, scorer, shard)`: on given vocab-sharded logits.
-- `log_density_from_hidden(hidden, output_weight, rows, scorer, shard)`: the old/reference passes,
+- `log_density_from_logits(logits, records, scorer, shard)`: on given vocab-sharded logits.
+- `log_density_from_hidden(hidden, output_weight, records, scorer, shard)`: the old/reference passes,
   from the final hidden states [s, b, h] and this rank's output-weight shard [W, h]. It
-  never holds [s, b, W] logits: positions are processed in chunks, soft rows need only
-  their K logits (h . W[ids], no vocabulary-wide matmul), discrete rows' chunk logits
+  never holds [s, b, W] logits: positions are processed in chunks, soft positions need only
+  their K logits (h . W[ids], no vocabulary-wide matmul), discrete positions' chunk logits
   are recomputed in backward, so extra memory is bounded by one chunk.
 - `log_density_and_entropy_from_hidden(...)`: the same log-densities (bitwise) and, in the
   same chunked pass, the entropy of softmax(l / T) over the whole vocabulary at each
   position. T is the temperature the position was sampled at, as for its log-density:
-  the answer temperature for discrete rows (the thinking one for the marker step), the
-  thinking temperature for soft rows (whose mixture was drawn from that distribution's
-  truncation). Soft rows then need their
+  the answer temperature for discrete positions (the thinking one for the marker step), the
+  thinking temperature for soft positions (whose mixture was drawn from that distribution's
+  truncation). Soft positions then need their
   chunk's full logits too (in forward and, recomputed, in backward).
 - `objective_from_hidden(..., objective)`: the training path. The same log-densities (and
   entropies), and the sum of a per-position objective of them (the policy loss), whose
   gradient is taken from each chunk's logits in the forward: nothing is recomputed.
 
-Discrete rows (is_soft False) score log_softmax(l / T)[token] over the whole vocabulary, T the
+Discrete positions (is_soft False) score log_softmax(l / T)[token] over the whole vocabulary, T the
 temperature of the sampler that drew them: T_thinking for the step that completes the think-end
-marker (drawn by the thinking sampler, `rows.thinking`), T_answer for the others; soft rows
+marker (drawn by the thinking sampler, `records.thinking`), T_answer for the others; soft positions
 score the scorer's noise density from l[ids] / T_thinking. The
-rows are the records being scored: logits at position j score record j+1, so shift the
+records are the ones being scored: logits at position j score record j+1, so shift the
 records before calling. Gradients reach the logits (hence hidden states and output
 weight) only. Every TP rank gets the same values; each gets the gradient of its shard.
 """
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_softgrpo.soft.noises import InputEmbedding, SoftNoise
-from megatron_softgrpo.soft.records import MixtureRows
+from megatron_softgrpo.soft.records import MixtureRecord
 from megatron_softgrpo.soft.vocab import (
     VocabShard,
     compute_dtype,
@@ -50,20 +50,20 @@ from megatron_softgrpo.soft.vocab import (
 )
 
 DEFAULT_CHUNK_SIZE = (
-    1024  # positions per chunk: a chunk of discrete rows holds [chunk, W] fp32 logits
+    1024  # positions per chunk: a chunk of discrete positions holds [chunk, W] fp32 logits
 )
 
 
 @dataclass(frozen=True)
 class Scorer:
-    """How positions are scored: the soft rows' noise kind and each phase's temperature."""
+    """How positions are scored: the soft positions' noise kind and each phase's temperature."""
 
-    noise: SoftNoise | None  # None: no soft rows (discrete GRPO)
-    soft_temperature: float = 1.0  # the thinking sampler's: soft rows and the marker step
-    discrete_temperature: float = 1.0  # the answer sampler's: the other discrete rows
+    noise: SoftNoise | None  # None: no soft positions (discrete GRPO)
+    soft_temperature: float = 1.0  # the thinking sampler's: soft positions and the marker step
+    discrete_temperature: float = 1.0  # the answer sampler's: the other discrete positions
 
     def discrete_temperatures(self, thinking: torch.Tensor) -> float | torch.Tensor:
-        """The scoring temperature of discrete rows whose `thinking` flags [n] are given: the
+        """The scoring temperature of discrete positions whose `thinking` flags [n] are given: the
         thinking temperature where the thinking sampler drew the row (the marker step), the
         answer temperature elsewhere. One float when no row was drawn while thinking, else one
         float64 per row, on the flags' device (one host sync)."""
@@ -102,9 +102,9 @@ def discrete_log_density(
 # ------------------------------------------------------------------ from given logits
 
 
-def _split(rows: MixtureRows) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the discrete and of the soft rows (identical on every TP rank)."""
-    return (~rows.is_soft).nonzero().squeeze(-1), rows.is_soft.nonzero().squeeze(-1)
+def _split(records: MixtureRecord) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the discrete and of the soft positions (identical on every TP rank)."""
+    return (~records.is_soft).nonzero().squeeze(-1), records.is_soft.nonzero().squeeze(-1)
 
 
 def _owned_only(values: torch.Tensor, ids: torch.Tensor, shard: VocabShard) -> torch.Tensor:
@@ -112,26 +112,28 @@ def _owned_only(values: torch.Tensor, ids: torch.Tensor, shard: VocabShard) -> t
 
 
 def _soft_log_density(
-    partial: torch.Tensor, rows: MixtureRows, scorer: Scorer, shard: VocabShard, embedding
+    partial: torch.Tensor, records: MixtureRecord, scorer: Scorer, shard: VocabShard, embedding
 ):
-    """The noise density of soft rows from the K logits this rank owns [n_s, K] (zeros elsewhere)."""
+    """The noise density of soft positions from the K logits this rank owns [n_s, K] (zeros elsewhere)."""
     if scorer.noise is None:
-        raise ValueError("soft rows to score, but the scorer has no soft noise (discrete GRPO)")
+        raise ValueError(
+            "soft positions to score, but the scorer has no soft noise (discrete GRPO)"
+        )
     return scorer.noise.log_density(
-        reduce_sum(partial, shard) / scorer.soft_temperature, rows, embedding
+        reduce_sum(partial, shard) / scorer.soft_temperature, records, embedding
     )
 
 
 def log_density_from_logits(
     logits: torch.Tensor,
-    rows: MixtureRows,
+    records: MixtureRecord,
     scorer: Scorer,
     shard: VocabShard,
     embedding: InputEmbedding | None = None,
 ) -> torch.Tensor:
-    """logp [...] of the records `rows` [...] scored by the sharded logits [..., W] (fp32 or bf16)."""
-    lead = rows.tokens.shape
-    flat = rows.flatten()
+    """logp [...] of `records` [...] scored by the sharded logits [..., W] (fp32 or bf16)."""
+    lead = records.tokens.shape
+    flat = records.flatten()
     logits = logits.reshape(-1, logits.shape[-1])
     discrete, soft = _split(flat)
     logp = torch.zeros(
@@ -172,9 +174,9 @@ class _VocabTerms:
 
 @dataclass(frozen=True)
 class _ChunkSaved:
-    discrete: _VocabTerms | None = None  # the chunk's discrete rows (when it has any)
+    discrete: _VocabTerms | None = None  # the chunk's discrete positions (when it has any)
     soft: _VocabTerms | None = (
-        None  # its soft rows (with the entropy only: their density needs K logits)
+        None  # its soft positions (with the entropy only: their density needs K logits)
     )
 
 
@@ -183,7 +185,7 @@ class _Chunking:
     """The chunked computation. Products are taken in the weight's dtype, as Megatron's output
     layer does, so that bf16 models score the logits the rollout sampled from."""
 
-    rows: MixtureRows  # flat [N]
+    records: MixtureRecord  # flat [N]
     scorer: Scorer
     shard: VocabShard
     chunk_size: int
@@ -192,10 +194,10 @@ class _Chunking:
 
     @functools.cached_property
     def pieces(self) -> list[tuple[slice, torch.Tensor, torch.Tensor, float | torch.Tensor]]:
-        """Per chunk: its rows, the indices of its discrete and soft rows, and the discrete rows'
+        """Per chunk: its rows, the indices of its discrete and soft positions, and the discrete positions'
         temperature (`Scorer.discrete_temperatures`); one host sync in all."""
-        is_soft, thinking = torch.stack([self.rows.is_soft, self.rows.thinking]).cpu()
-        device = self.rows.is_soft.device
+        is_soft, thinking = torch.stack([self.records.is_soft, self.records.thinking]).cpu()
+        device = self.records.is_soft.device
         out = []
         for start in range(0, is_soft.shape[0], self.chunk_size):
             piece = slice(start, min(start + self.chunk_size, is_soft.shape[0]))
@@ -215,31 +217,31 @@ class _Chunking:
 
     def _soft_partial(self, h: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor):
         """(owned K logits [n_s, K] in the compute dtype, the K weight rows [n_s, K, h])."""
-        k_rows = weight[self.shard.local_index(ids)]
-        dots = torch.bmm(k_rows, h.unsqueeze(-1)).squeeze(-1)
-        return _owned_only(compute_dtype(dots), ids, self.shard), k_rows
+        k_vectors = weight[self.shard.local_index(ids)]
+        dots = torch.bmm(k_vectors, h.unsqueeze(-1)).squeeze(-1)
+        return _owned_only(compute_dtype(dots), ids, self.shard), k_vectors
 
     def forward_chunk(
         self, hidden, weight, piece, discrete, soft, t_discrete, keep_logits: bool = False
     ):
         """(logp of the chunk's rows, their entropy or None, what the gradient needs); `keep_logits`
         keeps the scaled vocabulary-wide logits in it, for a gradient taken right away.
-        `t_discrete`: the discrete rows' temperature (one, or one per row)."""
-        rows = self.rows.map(lambda t: t[piece])
+        `t_discrete`: the discrete positions' temperature (one, or one per row)."""
+        records = self.records.map(lambda t: t[piece])
         h = hidden[piece].to(weight.dtype)
         logp = torch.zeros(h.shape[0], dtype=compute_dtype_of(weight.dtype), device=h.device)
         entropy = torch.zeros_like(logp) if self.with_entropy else None
         saved_discrete = saved_soft = None
         if discrete.numel():
             scaled = self.shard.scaled(h[discrete] @ weight.t(), t_discrete)
-            values, log_norm = discrete_terms(scaled, rows.tokens[discrete], self.shard)
+            values, log_norm = discrete_terms(scaled, records.tokens[discrete], self.shard)
             logp[discrete] = values.to(logp.dtype)
             entropy_d = self._entropy_into(entropy, discrete, scaled, log_norm)
             saved_discrete = _VocabTerms(log_norm, entropy_d, scaled if keep_logits else None)
         if soft.numel():
-            partial, _ = self._soft_partial(h[soft], weight, rows.mix_ids[soft])
+            partial, _ = self._soft_partial(h[soft], weight, records.mix_ids[soft])
             values = _soft_log_density(
-                partial, rows.map(lambda t: t[soft]), self.scorer, self.shard, self.embedding
+                partial, records.map(lambda t: t[soft]), self.scorer, self.shard, self.embedding
             )
             logp[soft] = values.to(logp.dtype)
             if self.with_entropy:
@@ -313,13 +315,13 @@ class _Chunking:
     ):
         """One chunk's share of the output layer's gradients: grad_hidden rows set, grad_weight accumulated.
 
-        `grads` are the chunk's (grad_logp, grad_entropy or None). Discrete rows: d logp / d l =
+        `grads` are the chunk's (grad_logp, grad_entropy or None). Discrete positions: d logp / d l =
         (onehot(token) - softmax(l / T)) / T (plus the entropy's term) from the kept or recomputed
-        logits, in one fp32 [n_d, W] buffer (two with the entropy). Soft rows: autograd through
+        logits, in one fp32 [n_d, W] buffer (two with the entropy). Soft positions: autograd through
         the noise density down to their K logits only, plus, with the entropy, its term on their
         full logits.
         """
-        rows = self.rows.map(lambda t: t[piece])
+        records = self.records.map(lambda t: t[piece])
         h = hidden[piece].to(weight.dtype)
         g_ell, g_entropy = grads
         g_h = grad_hidden[piece]
@@ -336,7 +338,7 @@ class _Chunking:
                 weight.dtype,
             )
             del scaled
-            tokens = rows.tokens[discrete]
+            tokens = records.tokens[discrete]
             mine = self.shard.owns(tokens)
             rows_mine = mine.nonzero().squeeze(-1)
             at_token = (g[mine] / _at(temperature, mine)).to(d_full.dtype)
@@ -346,16 +348,16 @@ class _Chunking:
             g_h[discrete] = (d_full @ weight).to(g_h.dtype)
             _accumulate_product(grad_weight, d_full.t(), h_d)
         if soft.numel():
-            h_s, ids = h[soft], rows.mix_ids[soft]
-            partial, k_rows = self._soft_partial(h_s, weight, ids)
+            h_s, ids = h[soft], records.mix_ids[soft]
+            partial, k_vectors = self._soft_partial(h_s, weight, ids)
             partial = partial.detach().requires_grad_()
             with torch.enable_grad():
                 values = _soft_log_density(
-                    partial, rows.map(lambda t: t[soft]), self.scorer, self.shard, self.embedding
+                    partial, records.map(lambda t: t[soft]), self.scorer, self.shard, self.embedding
                 )
                 (d_partial,) = torch.autograd.grad(values, partial, g_ell[soft].to(values.dtype))
             d_dots = _owned_only(d_partial, ids, self.shard).to(weight.dtype)  # [n_s, K]
-            g_h_soft = torch.bmm(d_dots.unsqueeze(1), k_rows).squeeze(1).to(g_h.dtype)
+            g_h_soft = torch.bmm(d_dots.unsqueeze(1), k_vectors).squeeze(1).to(g_h.dtype)
             per_slot = d_dots.unsqueeze(-1) * h_s.unsqueeze(1)  # [n_s, K, h]
             owned = self.shard.owns(ids)
             grad_weight.index_add_(
@@ -389,7 +391,7 @@ def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
 
 def _weight_gradient_buffer(plan: _Chunking, weight: torch.Tensor) -> torch.Tensor:
     """The output weight's gradient accumulator: fp32 (fp64 for fp64) across chunks. One chunk of
-    discrete rows is one GEMM, whose own fp32 accumulation suffices: its gradient is kept in the
+    discrete positions is one GEMM, whose own fp32 accumulation suffices: its gradient is kept in the
     weight's dtype, as autograd through materialised logits would (no fp32 buffer to fill and cast)."""
     (_, _, soft, _), *more = plan.pieces
     dtype = weight.dtype if not more and soft.numel() == 0 else _accumulation_dtype(weight)
@@ -474,7 +476,7 @@ def _times(total: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return total * scale if total.dtype == dtype else total.to(dtype).mul_(scale)
 
 
-def _flat_inputs(hidden, rows, shard, chunk_size, sequence_parallel):
+def _flat_inputs(hidden, records, shard, chunk_size, sequence_parallel):
     """hidden [s(/TP), b, h] -> [b s, h] (row-major like the records), gathered over the TP group."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -484,7 +486,7 @@ def _flat_inputs(hidden, rows, shard, chunk_size, sequence_parallel):
         hidden = gather_from_sequence_parallel_region(hidden, group=shard.group)
     else:
         hidden = copy_to_group(hidden, shard)
-    b, s = rows.tokens.shape
+    b, s = records.tokens.shape
     if hidden.shape[:2] != (s, b):
         raise ValueError(
             f"hidden states {tuple(hidden.shape)} do not match records [b={b}, s={s}] (expected [s, b, h])"
@@ -495,7 +497,7 @@ def _flat_inputs(hidden, rows, shard, chunk_size, sequence_parallel):
 def _scores_from_hidden(
     hidden,
     output_weight,
-    rows,
+    records,
     scorer,
     shard,
     chunk_size,
@@ -503,24 +505,24 @@ def _scores_from_hidden(
     sequence_parallel,
     with_entropy,
 ):
-    flat_hidden = _flat_inputs(hidden, rows, shard, chunk_size, sequence_parallel)
-    plan = _Chunking(rows.flatten(), scorer, shard, chunk_size, embedding, with_entropy)
+    flat_hidden = _flat_inputs(hidden, records, shard, chunk_size, sequence_parallel)
+    plan = _Chunking(records.flatten(), scorer, shard, chunk_size, embedding, with_entropy)
     out = _ChunkedScores.apply(flat_hidden, output_weight, plan)
-    b, s = rows.tokens.shape
+    b, s = records.tokens.shape
     return tuple(t.view(b, s) for t in out) if with_entropy else out.view(b, s)
 
 
 def log_density_from_hidden(
     hidden: torch.Tensor,
     output_weight: torch.Tensor,
-    rows: MixtureRows,
+    records: MixtureRecord,
     scorer: Scorer,
     shard: VocabShard,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     embedding: InputEmbedding | None = None,
     sequence_parallel: bool = False,
 ) -> torch.Tensor:
-    """logp [b, s] of the records `rows` [b, s] scored by the final hidden states [s, b, h].
+    """logp [b, s] of `records` [b, s] scored by the final hidden states [s, b, h].
 
     `hidden` is Megatron's layout: the full sequence, or this rank's sequence slice when
     `sequence_parallel` (it is gathered here, like the output layer would). The hidden
@@ -529,14 +531,22 @@ def log_density_from_hidden(
     or output_layer.weight).
     """
     return _scores_from_hidden(
-        hidden, output_weight, rows, scorer, shard, chunk_size, embedding, sequence_parallel, False
+        hidden,
+        output_weight,
+        records,
+        scorer,
+        shard,
+        chunk_size,
+        embedding,
+        sequence_parallel,
+        False,
     )
 
 
 def log_density_and_entropy_from_hidden(
     hidden: torch.Tensor,
     output_weight: torch.Tensor,
-    rows: MixtureRows,
+    records: MixtureRecord,
     scorer: Scorer,
     shard: VocabShard,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -545,11 +555,19 @@ def log_density_and_entropy_from_hidden(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp [b, s], entropy [b, s]): `log_density_from_hidden`'s values (bitwise) and the entropy
     of softmax(l / T) over the whole vocabulary (padding excluded) at each position, T being the
-    temperature that scores the row (the scorer's discrete temperature on discrete rows, its soft
-    (thinking) temperature on soft rows and on the marker step); both differentiable, computed in one chunked pass. Arguments as `log_density_from_hidden`.
+    temperature that scores the row (the scorer's discrete temperature on discrete positions, its soft
+    (thinking) temperature on soft positions and on the marker step); both differentiable, computed in one chunked pass. Arguments as `log_density_from_hidden`.
     """
     return _scores_from_hidden(
-        hidden, output_weight, rows, scorer, shard, chunk_size, embedding, sequence_parallel, True
+        hidden,
+        output_weight,
+        records,
+        scorer,
+        shard,
+        chunk_size,
+        embedding,
+        sequence_parallel,
+        True,
     )
 
 
@@ -570,7 +588,7 @@ class ScoredObjective:
 def objective_from_hidden(
     hidden: torch.Tensor,
     output_weight: torch.Tensor,
-    rows: MixtureRows,
+    records: MixtureRecord,
     scorer: Scorer,
     shard: VocabShard,
     objective: TokenObjective,
@@ -579,7 +597,7 @@ def objective_from_hidden(
     embedding: InputEmbedding | None = None,
     sequence_parallel: bool = False,
 ) -> ScoredObjective:
-    """sum_j objective_j(ell_j, H_j) over the records `rows` [b, s] scored by the hidden states
+    """sum_j objective_j(logp_j, H_j) over `records` [b, s] scored by the hidden states
     [s, b, h], for a loss that is a sum of per-position terms (the policy loss is).
 
     The training path. Each chunk's logits serve its log-densities and, with the objective's
@@ -591,8 +609,8 @@ def objective_from_hidden(
     objective, up to float rounding; `logp` and `entropy` are their values bitwise.
     Arguments as `log_density_from_hidden`.
     """
-    flat_hidden = _flat_inputs(hidden, rows, shard, chunk_size, sequence_parallel)
-    plan = _Chunking(rows.flatten(), scorer, shard, chunk_size, embedding, with_entropy)
+    flat_hidden = _flat_inputs(hidden, records, shard, chunk_size, sequence_parallel)
+    plan = _Chunking(records.flatten(), scorer, shard, chunk_size, embedding, with_entropy)
     value, logp, entropy = _ChunkedObjective.apply(flat_hidden, output_weight, plan, objective)
-    b, s = rows.tokens.shape
+    b, s = records.tokens.shape
     return ScoredObjective(value, logp.view(b, s), None if entropy is None else entropy.view(b, s))

@@ -6,7 +6,7 @@ A noise kind owns three things for the K globally selected slots of a step:
   for the kinds whose randomness does not depend on pt (all but Dirichlet);
 - `mix(pt, support, raw)`: the pure map to the mixture weights, the stored noise value
   and the per-row seed;
-- `log_density(scaled, rows, embedding)`: the action log-density that the policy update
+- `log_density(scaled, records, embedding)`: the action log-density that the policy update
   uses, from the K stored ids' logits / T of the model being evaluated (docs/algorithm.md
   sections 2 and 5). `pt` is always the softmax of those logits over the in-support slots, so the
   rollout's own density (`rollout_log_density`) is the same function at rollout logits.
@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 
 from megatron_softgrpo.soft import rng
-from megatron_softgrpo.soft.records import MixtureRows
+from megatron_softgrpo.soft.records import MixtureRecord
 from megatron_softgrpo.soft.vocab import NEG_INF, VocabShard, copy_to_group, reduce_sum
 
 LOG_EPS = 1e-6  # g = log(pt + 1e-6) + c * eps
@@ -62,10 +62,10 @@ class InputEmbedding:
     table: torch.Tensor  # [W, h] (VocabParallelEmbedding.weight)
     shard: VocabShard
 
-    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """E[ids] [..., K, h] for the ids this rank owns, zero rows for the others."""
-        rows = self.table.detach()[self.shard.local_index(ids)].to(dtype)
-        return rows * self.shard.owns(ids).unsqueeze(-1).to(dtype)
+    def vectors(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """E[ids] [..., K, h] for the ids this rank owns, zero vectors for the others."""
+        vectors = self.table.detach()[self.shard.local_index(ids)].to(dtype)
+        return vectors * self.shard.owns(ids).unsqueeze(-1).to(dtype)
 
 
 class SoftNoise:
@@ -85,14 +85,14 @@ class SoftNoise:
         raise NotImplementedError
 
     def log_density(
-        self, scaled: torch.Tensor, rows: MixtureRows, embedding: InputEmbedding | None = None
+        self, scaled: torch.Tensor, records: MixtureRecord, embedding: InputEmbedding | None = None
     ):
         raise NotImplementedError
 
-    def rollout_log_density(self, scaled: torch.Tensor, rows: MixtureRows) -> torch.Tensor:
-        return self.log_density(scaled, rows)
+    def rollout_log_density(self, scaled: torch.Tensor, records: MixtureRecord) -> torch.Tensor:
+        return self.log_density(scaled, records)
 
-    def input_offset(self, rows: MixtureRows) -> torch.Tensor | None:
+    def input_offset(self, records: MixtureRecord) -> torch.Tensor | None:
         """What is added to the mixed input embedding [..., h] (None: nothing)."""
         return None
 
@@ -123,9 +123,9 @@ class GumbelNoise(SoftNoise):
         weights = torch.softmax((g / self.tau).masked_fill(~support, NEG_INF), dim=-1)
         return Mixture(weights, g, _no_seed(pt))
 
-    def log_density(self, scaled, rows, embedding=None):
-        lam = torch.log(support_probs(scaled, rows.support) + LOG_EPS)
-        z = (rows.noise.to(lam.dtype) - lam).clamp(*GUMBEL_CLAMP)
+    def log_density(self, scaled, records, embedding=None):
+        lam = torch.log(support_probs(scaled, records.support) + LOG_EPS)
+        z = (records.noise.to(lam.dtype) - lam).clamp(*GUMBEL_CLAMP)
         return masked_mean(-z - torch.exp(-z), lam > GUMBEL_MASK_LOG_PROB)
 
 
@@ -151,14 +151,16 @@ class GaussianNoise(SoftNoise):
         x = torch.where(support, pt + self.sigma * raw, torch.zeros_like(pt))
         return Mixture(x / x.sum(dim=-1, keepdim=True), x, _no_seed(pt))
 
-    def log_density(self, scaled, rows, embedding=None):
-        pt = support_probs(scaled, rows.support)
+    def log_density(self, scaled, records, embedding=None):
+        pt = support_probs(scaled, records.support)
         half_width = GAUSSIAN_CLAMP_SIGMAS * self.sigma
-        x = torch.minimum(torch.maximum(rows.noise.to(pt.dtype), pt - half_width), pt + half_width)
+        x = torch.minimum(
+            torch.maximum(records.noise.to(pt.dtype), pt - half_width), pt + half_width
+        )
         log_n = (
             -0.5 * ((x - pt) / self.sigma) ** 2 - math.log(self.sigma) - 0.5 * math.log(2 * math.pi)
         )
-        return masked_mean(log_n, (pt > GAUSSIAN_MASK_PROB) & rows.support)
+        return masked_mean(log_n, (pt > GAUSSIAN_MASK_PROB) & records.support)
 
 
 @dataclass(frozen=True)
@@ -176,15 +178,17 @@ class DirichletNoise(SoftNoise):
         x = torch.where(support, raw.clamp(min=torch.finfo(raw.dtype).tiny), torch.zeros_like(raw))
         return Mixture(x / x.sum(dim=-1, keepdim=True), x, _no_seed(pt))
 
-    def log_density(self, scaled, rows, embedding=None):
-        pt = support_probs(scaled, rows.support)
+    def log_density(self, scaled, records, embedding=None):
+        pt = support_probs(scaled, records.support)
         tiny = torch.finfo(pt.dtype).tiny
         # out-of-support slots are masked below; give them harmless finite terms
-        alpha = torch.where(rows.support, pt.clamp(min=tiny), torch.ones_like(pt))
-        x = torch.where(rows.support, rows.noise.to(pt.dtype), torch.ones_like(pt)).clamp(min=tiny)
+        alpha = torch.where(records.support, pt.clamp(min=tiny), torch.ones_like(pt))
+        x = torch.where(records.support, records.noise.to(pt.dtype), torch.ones_like(pt)).clamp(
+            min=tiny
+        )
         log_gamma = (alpha - 1) * torch.log(x) - x - torch.lgamma(alpha)
         # the reference's mask (its rollout and trainer alike): slots with pt <= 0.05 do not count
-        mask = (pt > DIRICHLET_MASK_PROB) & rows.support
+        mask = (pt > DIRICHLET_MASK_PROB) & records.support
         return masked_mean(log_gamma.clamp(*DIRICHLET_CLAMP), mask)
 
 
@@ -222,23 +226,23 @@ class EmbeddingNoise(SoftNoise):
     ) -> torch.Tensor:
         return self.sigma * rng.gaussian_from_seeds(seeds, self.hidden_size, dtype)
 
-    def input_offset(self, rows):
-        return self.noise_vectors(rows.noise_seed) * rows.is_soft.unsqueeze(-1)
+    def input_offset(self, records):
+        return self.noise_vectors(records.noise_seed) * records.is_soft.unsqueeze(-1)
 
-    def rollout_log_density(self, scaled, rows):
-        eps = rng.gaussian_from_seeds(rows.noise_seed, self.hidden_size, torch.float64)
+    def rollout_log_density(self, scaled, records):
+        eps = rng.gaussian_from_seeds(records.noise_seed, self.hidden_size, torch.float64)
         return (-0.5 * (eps * eps).sum(dim=-1)).to(scaled.dtype)
 
-    def log_density(self, scaled, rows, embedding=None):
+    def log_density(self, scaled, records, embedding=None):
         if embedding is None:
             raise ValueError(
                 "the embedding-noise density needs the input embedding table (InputEmbedding)"
             )
         # in float64: rounding of the weights, amplified by |E| / sigma, would otherwise reach 1e-5
-        pt = support_probs(scaled.double(), rows.support)
+        pt = support_probs(scaled.double(), records.support)
         shift = copy_to_group(
-            rows.mix_weights.double() - pt, embedding.shard
+            records.mix_weights.double() - pt, embedding.shard
         )  # grads summed over ranks
-        own = torch.einsum("nk,nkh->nh", shift, embedding.rows(rows.mix_ids, torch.float64))
-        v = reduce_sum(own, embedding.shard) + self.noise_vectors(rows.noise_seed, torch.float64)
+        own = torch.einsum("nk,nkh->nh", shift, embedding.vectors(records.mix_ids, torch.float64))
+        v = reduce_sum(own, embedding.shard) + self.noise_vectors(records.noise_seed, torch.float64)
         return (-0.5 * (v * v).sum(dim=-1) / self.sigma**2).to(scaled.dtype)

@@ -18,7 +18,7 @@ import torch
 
 
 @dataclass
-class MixtureRows:
+class MixtureRecord:
     tokens: torch.Tensor  # [...] int64 transcript token (what the text, stop checks and reward see)
     mix_ids: torch.Tensor  # [..., K] int64 support ids of the mixture
     mix_weights: torch.Tensor  # [..., K] fp32 exact weights fed to the model (one-hot for discrete)
@@ -33,7 +33,7 @@ class MixtureRows:
     thinking: torch.Tensor  # [...] bool drawn by the thinking sampler (soft steps, the marker step)
 
     @classmethod
-    def discrete(cls, tokens: torch.Tensor, mixture_size: int) -> MixtureRows:
+    def discrete(cls, tokens: torch.Tensor, mixture_size: int) -> MixtureRecord:
         """One-hot records of plain tokens (prompt or discrete steps)."""
         k_shape = (*tokens.shape, mixture_size)
         first = torch.zeros(k_shape, dtype=torch.bool, device=tokens.device)
@@ -60,7 +60,7 @@ class MixtureRows:
         return type(self)(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
 
     @classmethod
-    def cat(cls, parts: Sequence[MixtureRows], dim: int = 0) -> MixtureRows:
+    def cat(cls, parts: Sequence[MixtureRecord], dim: int = 0) -> MixtureRecord:
         """Records joined along rows (dim 0) or positions (dim 1)."""
         return cls(
             **{f.name: torch.cat([getattr(p, f.name) for p in parts], dim) for f in fields(cls)}
@@ -71,12 +71,12 @@ class MixtureRows:
         lead = self.tokens.dim()
         return self.map(lambda t: t.reshape(-1, *t.shape[lead:]))
 
-    def where(self, rows: torch.Tensor, other):
-        """Per row: this record where `rows` [...] is True, `other` elsewhere."""
+    def where(self, keep: torch.Tensor, other):
+        """Per position: this record where `keep` [...] is True, `other` elsewhere."""
         lead = self.tokens.dim()
 
         def pick(a, b):
-            mask = rows.reshape(*rows.shape, *([1] * (a.dim() - lead)))
+            mask = keep.reshape(*keep.shape, *([1] * (a.dim() - lead)))
             return torch.where(mask, a, b)
 
         return type(self)(
@@ -85,7 +85,7 @@ class MixtureRows:
 
 
 @dataclass
-class SampledStep(MixtureRows):
+class SampledStep(MixtureRecord):
     """A sampler's output for one decoding step ([N] rows): the record plus the rollout's log-density."""
 
     log_density: torch.Tensor  # [N] fp32 log-density of this step under the sampling policy

@@ -5,7 +5,7 @@ identically on every TP rank, which all return the same step. `raw` is the step'
 drawn ahead (`draw_ahead(steps, rows, device)`, [steps, rows, ...], one slice per step): a
 rollout draws it once for every (step, row), so no step touches a generator and the noise of
 a row does not depend on which other rows are still decoding. Without it the sampler draws
-inside `rng.noise_rng()` itself. `input_offset(rows)` is what the step adds to the mixed input
+inside `rng.noise_rng()` itself. `input_offset(records)` is what the step adds to the mixed input
 embedding (None: nothing). Which sampler a recipe runs is `algorithms/registry.py`'s choice:
 
 - `discrete`: temperature, top-k, top-p, min-p (greedy = top_k 1); a multinomial draw.
@@ -25,7 +25,7 @@ import torch
 
 from megatron_softgrpo.soft import rng
 from megatron_softgrpo.soft.noises import SoftNoise, support_probs
-from megatron_softgrpo.soft.records import MixtureRows, SampledStep
+from megatron_softgrpo.soft.records import MixtureRecord, SampledStep
 from megatron_softgrpo.soft.truncation import (
     Candidates,
     Truncation,
@@ -54,12 +54,12 @@ class Sampler(Protocol):
 
     def draw_ahead(self, steps: int, rows: int, device) -> torch.Tensor | None: ...
 
-    def input_offset(self, rows: MixtureRows) -> torch.Tensor | None: ...
+    def input_offset(self, records: MixtureRecord) -> torch.Tensor | None: ...
 
 
-def _step(rows: MixtureRows, log_density: torch.Tensor) -> SampledStep:
+def _step(records: MixtureRecord, log_density: torch.Tensor) -> SampledStep:
     return SampledStep(
-        **{f.name: getattr(rows, f.name) for f in fields(rows)}, log_density=log_density
+        **{f.name: getattr(records, f.name) for f in fields(records)}, log_density=log_density
     )
 
 
@@ -121,7 +121,7 @@ class DiscreteSampler:
         """Uniforms [steps, rows] for the inverse-CDF draw (None: greedy consumes none)."""
         return None if self.truncation.top_k == 1 else rng.uniform((steps, rows), device)
 
-    def input_offset(self, rows: MixtureRows) -> None:
+    def input_offset(self, records: MixtureRecord) -> None:
         return None  # a one-hot row is the token's own embedding
 
     def sample(
@@ -144,7 +144,7 @@ class DiscreteSampler:
                 else _draw_from_shards(scaled, log_norm, u, shard)
             )
         log_density = gather_logits(scaled, token.unsqueeze(-1), shard).squeeze(-1) - log_norm
-        return _step(MixtureRows.discrete(token, self.mixture_size), log_density)
+        return _step(MixtureRecord.discrete(token, self.mixture_size), log_density)
 
 
 # ------------------------------------------------------------------ soft
@@ -170,8 +170,8 @@ class SoftSampler:
     def draw_ahead(self, steps: int, rows: int, device) -> torch.Tensor:
         return self.noise.draw_ahead((steps, rows), self.mixture_size, device)
 
-    def input_offset(self, rows: MixtureRows) -> torch.Tensor | None:
-        return self.noise.input_offset(rows)
+    def input_offset(self, records: MixtureRecord) -> torch.Tensor | None:
+        return self.noise.input_offset(records)
 
     def sample(
         self, logits: torch.Tensor, shard: VocabShard, raw: torch.Tensor | None = None
@@ -193,7 +193,7 @@ class SoftSampler:
             scaled.gather(-1, order),
             support.gather(-1, order),
         )
-        rows = MixtureRows(
+        records = MixtureRecord(
             tokens=ids[:, 0],
             mix_ids=ids,
             mix_weights=mixture.weights.gather(-1, order),
@@ -203,4 +203,4 @@ class SoftSampler:
             noise_seed=mixture.noise_seed,
             thinking=torch.ones_like(ids[:, 0], dtype=torch.bool),
         )
-        return _step(rows, self.noise.rollout_log_density(scaled, rows))
+        return _step(records, self.noise.rollout_log_density(scaled, records))

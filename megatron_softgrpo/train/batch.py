@@ -25,19 +25,19 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from megatron_softgrpo.soft import MixtureRows
+from megatron_softgrpo.soft import MixtureRecord
 
 
 @dataclass
 class PolicyBatch:
-    rows: MixtureRows  # [B, S] records; row j is the model's input at position j
+    records: MixtureRecord  # [B, S] records; row j is the model's input at position j
     loss_mask: torch.Tensor  # [B, S] bool
     advantages: torch.Tensor | None = None  # [B, S] fp32 (train_step)
     old_logp: torch.Tensor | None = None  # [B, S] fp32 (train_step)
     ref_logp: torch.Tensor | None = None  # [B, S] fp32 (train_step with a KL penalty)
 
     def __post_init__(self):
-        shape = tuple(self.rows.tokens.shape)
+        shape = tuple(self.records.tokens.shape)
         if len(shape) != 2:
             raise ValueError(f"records must be [B, S], got tokens of shape {shape}")
         for f in fields(self):
@@ -55,16 +55,16 @@ class PolicyBatch:
 
     @property
     def num_rows(self) -> int:
-        return self.rows.tokens.shape[0]
+        return self.records.tokens.shape[0]
 
     @property
     def seq_len(self) -> int:
-        return self.rows.tokens.shape[1]
+        return self.records.tokens.shape[1]
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PolicyBatch:
         """`fn` applied to every tensor (row slicing, padding, device moves); absent fields stay None."""
         return PolicyBatch(
-            rows=self.rows.map(fn),
+            records=self.records.map(fn),
             **{
                 f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
                 for f in fields(self)

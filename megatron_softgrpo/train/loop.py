@@ -41,7 +41,7 @@ from megatron_softgrpo.rewards.format import with_format_bonus
 from megatron_softgrpo.rewards.registry import get_reward
 from megatron_softgrpo.rollout.engine import RolloutSettings
 from megatron_softgrpo.rollout.static_engine import make_engine
-from megatron_softgrpo.soft import MixtureRows, noise_seed, seed_noise_rng
+from megatron_softgrpo.soft import MixtureRecord, noise_seed, seed_noise_rng
 from megatron_softgrpo.train.batch import PolicyBatch
 from megatron_softgrpo.train.checkpointing import resume, save_training_checkpoint
 from megatron_softgrpo.train.metrics_log import MetricsLog
@@ -55,7 +55,7 @@ class Scored:
     """Trajectories of a whole batch of groups (identical on every rank) and their rewards; rows
     prompt-major (row p*G + g)."""
 
-    rows: MixtureRows  # [B, S] all data-parallel blocks
+    records: MixtureRecord  # [B, S] all data-parallel blocks
     loss_mask: torch.Tensor
     rollout_logp: torch.Tensor
     response_lengths: torch.Tensor
@@ -69,7 +69,7 @@ class Scored:
 
     @property
     def num_rows(self) -> int:
-        return self.rows.tokens.shape[0]
+        return self.records.tokens.shape[0]
 
     def select(self, index: torch.Tensor) -> Scored:
         """The rows `index`, in that order."""
@@ -78,17 +78,17 @@ class Scored:
     @staticmethod
     def cat(parts: list[Scored]) -> Scored:
         """The rows of every part in order, [B, S] fields right-padded with zeros (unscored records)."""
-        width = max(p.rows.tokens.shape[1] for p in parts)
+        width = max(p.records.tokens.shape[1] for p in parts)
         padded = [p._map(lambda t: _pad_columns(t, width), per_row=False) for p in parts]
         return Scored(
-            rows=MixtureRows.cat([p.rows for p in padded]),
+            records=MixtureRecord.cat([p.records for p in padded]),
             **{f: torch.cat([getattr(p, f) for p in padded]) for f in _SCORED_TENSORS},
         )
 
     def _map(self, fn, per_row: bool = True) -> Scored:
         """`fn` on the [B, S] fields, and (`per_row`) on the [B] ones."""
         return Scored(
-            rows=self.rows.map(fn),
+            records=self.records.map(fn),
             **{
                 f: fn(getattr(self, f)) if per_row or f in _PER_POSITION else getattr(self, f)
                 for f in _SCORED_TENSORS
@@ -293,7 +293,9 @@ class Trainer:
             filter_metrics["overlong/filtered_fraction"] = (
                 float(scored.truncated.float().mean()) if scored.num_rows else 0.0
             )
-        batch = PolicyBatch(scored.rows, mask, advantages=broadcast_to_positions(advantages, mask))
+        batch = PolicyBatch(
+            scored.records, mask, advantages=broadcast_to_positions(advantages, mask)
+        )
         if batch.num_rows:
             batch.old_logp = worker.compute_logprobs(batch)
             if worker.reference is not None:
@@ -391,13 +393,13 @@ class Trainer:
         truncated = torch.tensor([r == "length" for r in traj.finish_reasons])
         # every data-parallel rank's block of rows, in rank order; [B, S] tensors right-padded
         # to the longest block first
-        device, parallel = traj.rows.tokens.device, self.parallel
-        width = max_data_parallel(parallel, traj.rows.tokens.shape[1], device)
+        device, parallel = traj.records.tokens.device, self.parallel
+        width = max_data_parallel(parallel, traj.records.tokens.shape[1], device)
 
         def gathered(t: torch.Tensor, per_position: bool = False) -> torch.Tensor:
             return gather_data_parallel(parallel, _pad_columns(t, width) if per_position else t)
 
-        rows = traj.rows.map(lambda t: gathered(t, per_position=True))
+        records = traj.records.map(lambda t: gathered(t, per_position=True))
         loss_mask, rollout_logp = (gathered(t, True) for t in (traj.loss_mask, traj.rollout_logp))
         lengths, think = gathered(traj.response_lengths), gathered(traj.think_lengths)
         trunc, correct, answered = (gathered(x.to(device)) for x in (truncated, correct, answered))
@@ -408,7 +410,7 @@ class Trainer:
             penalty = overlong_penalty(lengths, limit, over.buffer, over.factor).to(rewards.device)
             rewards = rewards + penalty
         per_row = (lengths, think, trunc, correct, answered, rewards, penalty)
-        return Scored(rows, loss_mask, rollout_logp, *per_row)
+        return Scored(records, loss_mask, rollout_logp, *per_row)
 
     def _grade(self, texts: list[str], problems) -> tuple[torch.Tensor, torch.Tensor]:
         """(named reward, an answer can be read in env.answer_format) per response."""
@@ -502,7 +504,7 @@ def _update_metrics(batch: PolicyBatch, scored: Scored, updates: list) -> dict:
         return {}
     means = {k: _mean(u.metrics[k] for u in updates) for k in updates[0].metrics}
     return {
-        "soft_fraction": float((scored.rows.is_soft & mask).sum() / mask.sum().clamp(min=1)),
+        "soft_fraction": float((scored.records.is_soft & mask).sum() / mask.sum().clamp(min=1)),
         "rollout_logp_mismatch": float(
             ((scored.rollout_logp.exp() - batch.old_logp.exp()).abs() * mask).sum()
             / mask.sum().clamp(min=1)

@@ -216,12 +216,12 @@ class PolicyWorker:
 
     def _inputs(self, gpt, micro_batch: PolicyBatch) -> torch.Tensor:
         """decoder_input [s, b, h]: the stored mixtures (plus the embedding-noise offset), detached."""
-        rows, noise = micro_batch.rows, self.scorer.noise
-        offset = noise.input_offset(rows) if noise is not None else None
+        records, noise = micro_batch.records, self.scorer.noise
+        offset = noise.input_offset(records) if noise is not None else None
         x = mixture_embedding(
             gpt.embedding.word_embeddings,
-            rows.mix_ids,
-            rows.mix_weights,
+            records.mix_ids,
+            records.mix_weights,
             offset,
             sequence_parallel=gpt.config.sequence_parallel,
         )
@@ -241,7 +241,7 @@ class PolicyWorker:
             )
         b_idx, j_idx = micro_batch.loss_mask.nonzero(as_tuple=True)
         inputs = hidden[j_idx - 1, b_idx].unsqueeze(1)  # the output at j - 1 scores record j
-        records = micro_batch.rows.map(lambda t: t[b_idx, j_idx].unsqueeze(0))
+        records = micro_batch.records.map(lambda t: t[b_idx, j_idx].unsqueeze(0))
         return inputs, records, (b_idx, j_idx)
 
     def _scores(self, gpt, output: torch.Tensor, micro_batch: PolicyBatch) -> torch.Tensor:
