@@ -178,7 +178,7 @@ def test_decoding_in_passes_equals_decoding_at_once(tiny_dir, tokenizer):
     assert at_once.records.tokens.shape == in_passes.records.tokens.shape == (6, 8 + 12)
     for f in fields(at_once):
         a, b = getattr(at_once, f.name), getattr(in_passes, f.name)
-        if f.name == "rows":
+        if f.name == "records":
             for name in ("tokens", "mix_ids", "support", "is_soft"):
                 assert torch.equal(getattr(a, name), getattr(b, name)), name
             assert torch.allclose(a.mix_weights, b.mix_weights, atol=1e-4)

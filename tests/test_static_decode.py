@@ -129,7 +129,7 @@ def assert_same_records(a, b, atol=1e-6):
     reduces another number of rows than the reference: fp32 sums in another order)."""
     for f in fields(a):
         x, y = getattr(a, f.name), getattr(b, f.name)
-        if f.name == "rows":
+        if f.name == "records":
             for name in ("tokens", "mix_ids", "support", "is_soft", "noise_seed", "thinking"):
                 assert torch.equal(getattr(x, name), getattr(y, name)), name
             for name in ("mix_weights", "noise"):

@@ -212,7 +212,7 @@ class RolloutEngine:
         joined = {}
         for f in fields(Trajectories):
             values = [getattr(t, f.name) for t in parts]
-            if f.name == "rows":
+            if f.name == "records":
                 joined[f.name] = MixtureRecord.cat(values)
             elif isinstance(values[0], list):
                 joined[f.name] = [x for v in values for x in v]

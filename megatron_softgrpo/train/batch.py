@@ -42,7 +42,7 @@ class PolicyBatch:
             raise ValueError(f"records must be [B, S], got tokens of shape {shape}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name != "rows" and value is not None and tuple(value.shape) != shape:
+            if f.name != "records" and value is not None and tuple(value.shape) != shape:
                 raise ValueError(
                     f"{f.name} has shape {tuple(value.shape)}; the records are {shape}"
                 )
@@ -68,7 +68,7 @@ class PolicyBatch:
             **{
                 f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
                 for f in fields(self)
-                if f.name != "rows"
+                if f.name != "records"
             },
         )
 

@@ -97,7 +97,7 @@ class Scored:
 
 
 _PER_POSITION = ("loss_mask", "rollout_logp")
-_SCORED_TENSORS = tuple(f.name for f in fields(Scored) if f.name != "rows")
+_SCORED_TENSORS = tuple(f.name for f in fields(Scored) if f.name != "records")
 
 
 def _pad_columns(t: torch.Tensor, width: int) -> torch.Tensor:
