@@ -345,7 +345,7 @@ def test_gradcheck_chunked_entropy_from_hidden(name):
         name, (hidden.transpose(0, 1) @ weight.t()).float().detach(), drift=0.5, shard=SMALL
     )
     assert 0 < int(records.is_soft.sum()) < records.is_soft.numel()
-    emb = InputEmbedding(table(records=SMALL.width).double(), SMALL)
+    emb = InputEmbedding(table(rows=SMALL.width).double(), SMALL)
 
     def fn(h, w):
         return log_density_and_entropy_from_hidden(
