@@ -68,12 +68,12 @@ def load(model_name: str, precision: str, tokenizer_path: str | None = None):
     )
     if model_name == "qwen2-1.5b-random":  # random weights: throughput only
         arch = ModelArch.from_hf_config(QWEN2_1P5B)
-        model = build_gpt_model(arch, MegatronCfg(), precision)
+        model = build_gpt_model(arch, MegatronCfg(), parallel, precision)
         vocab = arch.vocab_size
         padded = arch.padded_vocab_size()
     else:
         source = resolve_model_source(model_name)
-        model, padded = load_model(source, MegatronCfg(), precision)
+        model, padded = load_model(source, MegatronCfg(), parallel, precision)
         vocab = source.arch.vocab_size
     model.eval()
     return model, tokenizer, VocabShard.whole(padded, vocab), parallel

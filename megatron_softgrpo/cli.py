@@ -63,7 +63,7 @@ def _load_engine(cfg, **settings):
         ParallelLayout(mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size),
         seed=cfg.grpo.seed,
     )
-    model, padded = load_model(source, mcfg, cfg.policy.precision)
+    model, padded = load_model(source, mcfg, parallel, cfg.policy.precision)
     model.eval()
     shard = VocabShard.of_group(padded, source.arch.vocab_size, parallel.groups.tp)
     rollout = RolloutSettings.from_recipe(cfg, tokenizer, source.arch.hidden_size, **settings)

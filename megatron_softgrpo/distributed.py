@@ -50,8 +50,8 @@ class ParallelLayout:
 @dataclass(frozen=True)
 class ParallelState:
     """This rank's place in the job: sizes, ranks and process groups of tensor (tp), pipeline (pp)
-    and data (dp) parallelism. Megatron-Core's modules read the same groups from its own global
-    state; our code is handed this object instead."""
+    and data (dp) parallelism. Our code is handed this object; Megatron-Core's model, DDP wrapper
+    and schedules are handed its `groups`."""
 
     launch: LaunchEnv
     tp: int
@@ -60,7 +60,9 @@ class ParallelState:
     pp_rank: int
     dp: int
     dp_rank: int
-    groups: Any  # Megatron-Core's ProcessGroupCollection (.tp, .pp, .dp, ...)
+    groups: (
+        Any  # Megatron-Core's ProcessGroupCollection: every group it defines (.tp, .pp, .dp, ...)
+    )
     pp_prev_rank: int  # global ranks of the previous, next and last stage of this rank's pipeline
     pp_next_rank: int
     pp_last_rank: int
@@ -84,6 +86,14 @@ class ParallelState:
         """The first rank of its model replica (TP and PP rank 0)."""
         return self.tp_rank == 0 and self.pp_rank == 0
 
+    def layout(self) -> dict[str, int]:
+        """What a checkpoint records of the layout it was saved at."""
+        return {
+            "tensor_parallel": self.tp,
+            "pipeline_parallel": self.pp,
+            "world_size": self.launch.world_size,
+        }
+
     @classmethod
     def current(cls, launch: LaunchEnv, cpu_group) -> ParallelState:
         """Read once from Megatron's initialised parallel_state (init_distributed's last step)."""
@@ -98,7 +108,7 @@ class ParallelState:
             mpu.get_pipeline_model_parallel_rank(),
             mpu.get_data_parallel_world_size(),
             mpu.get_data_parallel_rank(),
-            ProcessGroupCollection.use_mpu_process_groups(["tp", "pp", "dp"]),
+            ProcessGroupCollection.use_mpu_process_groups(),  # what GPTModel would fetch itself
             mpu.get_pipeline_model_parallel_prev_rank(),
             mpu.get_pipeline_model_parallel_next_rank(),
             mpu.get_pipeline_model_parallel_last_rank(),

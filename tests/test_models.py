@@ -31,13 +31,12 @@ def hf_logits(model, tokens=TOKENS):
 
 def megatron_logits(model_name: str, tp: int = 1, pp: int = 1, tokens=TOKENS):
     """Logits of `model_name` on this process's layout; None off the last pipeline stage."""
-    init_distributed(ParallelLayout(tp, pp))
+    parallel = init_distributed(ParallelLayout(tp, pp))
     source = resolve_model_source(model_name)
-    model, _ = load_model(
-        source, MegatronCfg(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    )
+    mcfg = MegatronCfg(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    model, _ = load_model(source, mcfg, parallel)
     model.eval()
-    logits = forward_logits(model, tokens)
+    logits = forward_logits(model, tokens, parallel)
     return None if logits is None else logits[..., : source.arch.vocab_size].clone()
 
 
@@ -170,8 +169,10 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     hf_to_megatron(str(tmp_path / "hf"), str(ckpt))
     before = sorted(p.relative_to(ckpt) for p in ckpt.rglob("*"))
 
-    init_distributed(ParallelLayout(1, 1))
-    model, _ = load_model(resolve_model_source(str(ckpt)), MegatronCfg())
+    parallel = init_distributed(ParallelLayout(1, 1))
+    model, _ = load_model(resolve_model_source(str(ckpt)), MegatronCfg(), parallel)
+
+    layout = parallel.layout()
 
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash mid-save")
@@ -179,7 +180,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(dist_checkpointing, "save", crash)
     with pytest.raises(RuntimeError):
         checkpoint.save_checkpoint(
-            ckpt, {"model": model.sharded_state_dict()}, checkpoint.read_meta(ckpt)
+            ckpt, {"model": model.sharded_state_dict()}, checkpoint.read_meta(ckpt), layout
         )
     monkeypatch.undo()
     assert sorted(p.relative_to(ckpt) for p in ckpt.rglob("*")) == before
@@ -198,7 +199,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint.os, "replace", crash_on_second)
     with pytest.raises(RuntimeError, match="between the renames"):
         checkpoint.save_checkpoint(
-            ckpt, {"model": model.sharded_state_dict()}, checkpoint.read_meta(ckpt)
+            ckpt, {"model": model.sharded_state_dict()}, checkpoint.read_meta(ckpt), layout
         )
     monkeypatch.undo()
     assert not ckpt.exists() and (tmp_path / "ckpt.old").is_dir()

@@ -127,19 +127,16 @@ def test_parameter_counts_match_transformers_and_the_published_sizes(name):
 
 
 def _rank_parameters(rank, tp, pp):
-    from megatron.core import parallel_state
-
     from megatron_softgrpo.models.build import build_gpt_model
 
-    init_distributed(ParallelLayout(tp, pp))
+    parallel = init_distributed(ParallelLayout(tp, pp))
     counts = {}
     for kind, hf in TINY.items():
         arch = ModelArch.from_hf_config(hf)
-        model = build_gpt_model(
-            arch, MegatronCfg(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-        )
+        mcfg = MegatronCfg(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        model = build_gpt_model(arch, mcfg, parallel)
         counts[kind] = sum(p.numel() for p in model.parameters())
-    return parallel_state.get_pipeline_model_parallel_rank(), counts
+    return parallel.pp_rank, counts
 
 
 @pytest.mark.slow
@@ -175,7 +172,7 @@ def tiny_model():
     arch = ModelArch.from_hf_config({**TINY["qwen2"], "num_hidden_layers": 3})
 
     def build(**mcfg):
-        return arch, build_gpt_model(arch, MegatronCfg(**mcfg)), parallel
+        return arch, build_gpt_model(arch, MegatronCfg(**mcfg), parallel), parallel
 
     return build
 
@@ -199,8 +196,8 @@ def test_kv_cache_matches_megatron_allocation(tiny_model):
 def test_gradient_buffer_is_fp32_and_as_large_as_the_parameters(tiny_model):
     from megatron_softgrpo.train.optimizer import wrap_ddp
 
-    arch, model, _ = tiny_model()
-    ddp = wrap_ddp(model, MegatronCfg())
+    arch, model, parallel = tiny_model()
+    ddp = wrap_ddp(model, MegatronCfg(), parallel)
     grads = [buffer.grad_data for buffer in ddp.buffers]
     assert {g.dtype for g in grads} == {torch.float32}
     params = stage_parameters(arch, 1, 1, 0, arch.padded_vocab_size())

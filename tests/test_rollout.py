@@ -45,6 +45,7 @@ def build(tiny_dir, tp=1, pp=1):
     model, padded = load_model(
         resolve_model_source(tiny_dir),
         MegatronCfg(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+        parallel,
     )
     model.eval()
     return model, VocabShard.of_group(padded, VOCAB, parallel.groups.tp), parallel

@@ -45,10 +45,10 @@ def test_logits_and_kv_cached_greedy_decoding_match_transformers(setup):
         "<|im_start|>system"
     )  # the real chat template was applied
     parallel = init_distributed(ParallelLayout(1, 1))
-    model, _ = load_model(source, MegatronCfg())
+    model, _ = load_model(source, MegatronCfg(), parallel)
     model.eval()
     tokens = torch.tensor([prompt])
-    ours = forward_logits(model, tokens)[..., : source.arch.vocab_size]
+    ours = forward_logits(model, tokens, parallel)[..., : source.arch.vocab_size]
     with torch.no_grad():
         ref = hf(tokens).logits
     rel = (ours - ref).norm() / ref.norm()

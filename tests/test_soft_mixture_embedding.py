@@ -39,10 +39,9 @@ def one_hot(tokens):
 
 
 def build(model_dir, tp):
-    init_distributed(ParallelLayout(tp, 1))
-    model, _ = load_model(
-        resolve_model_source(str(model_dir)), MegatronCfg(tensor_model_parallel_size=tp)
-    )
+    parallel = init_distributed(ParallelLayout(tp, 1))
+    mcfg = MegatronCfg(tensor_model_parallel_size=tp)
+    model, _ = load_model(resolve_model_source(str(model_dir)), mcfg, parallel)
     return model.eval()
 
 

@@ -107,10 +107,9 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from megatron_softgrpo.models.source import resolve_model_source
     from megatron_softgrpo.train.checkpointing import latest_checkpoint
 
-    init_distributed(ParallelLayout(1, 1))
-    model, _ = load_model(
-        resolve_model_source(str(latest_checkpoint(run_dir / "ckpt"))), MegatronCfg()
-    )
+    parallel = init_distributed(ParallelLayout(1, 1))
+    source = resolve_model_source(str(latest_checkpoint(run_dir / "ckpt")))
+    model, _ = load_model(source, MegatronCfg(), parallel)
     weights = {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
     destroy_distributed()
     return weights

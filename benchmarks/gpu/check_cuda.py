@@ -300,7 +300,7 @@ def check_model_path():
     with tempfile.TemporaryDirectory() as tmp:
         make_hf_model("qwen2", Path(tmp), vocab_size=1000)
         parallel = init_distributed(ParallelLayout(1, 1))
-        model, padded = load_model(resolve_model_source(tmp), MegatronCfg())
+        model, padded = load_model(resolve_model_source(tmp), MegatronCfg(), parallel)
     model.eval()
     emb = model.embedding.word_embeddings
     g = torch.Generator().manual_seed(0)

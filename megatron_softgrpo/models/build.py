@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_softgrpo.config.schema import MegatronCfg
+from megatron_softgrpo.distributed import ParallelState
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.arch import ModelArch
 from model_patches.rope import set_rope_frequencies
@@ -113,11 +114,11 @@ def layer_spec(mcfg: MegatronCfg):
 def build_gpt_model(
     arch: ModelArch,
     mcfg: MegatronCfg,
+    parallel: ParallelState,
     precision: str = "float32",
     padded_vocab_size: int | None = None,
 ):
-    """This rank's shard of the model; parallel_state must be initialised (see distributed.py)."""
-    from megatron.core import parallel_state
+    """This rank's shard of the model: its pipeline stage's layers, on its process groups."""
     from megatron.core.models.gpt import GPTModel
 
     config = transformer_config(arch, mcfg, precision)
@@ -126,8 +127,9 @@ def build_gpt_model(
         transformer_layer_spec=layer_spec(mcfg),
         vocab_size=padded_vocab_size or arch.padded_vocab_size(mcfg.make_vocab_size_divisible_by),
         max_sequence_length=arch.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel.first_stage,
+        post_process=parallel.last_stage,
+        pg_collection=parallel.groups,
         parallel_output=True,
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
         position_embedding_type="rope",

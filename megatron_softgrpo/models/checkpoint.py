@@ -94,13 +94,15 @@ def save_checkpoint(
     out_dir: str | Path,
     sharded_states: dict[str, dict],
     meta: CheckpointMeta,
+    layout: dict[str, int],
     tokenizer=None,
 ) -> Path:
     """Collectively save `{"model": model.sharded_state_dict(), ...}` with metadata, atomically.
 
-    Every rank calls this. An existing `out_dir` is replaced only after the new one is complete.
+    Every rank calls this; `layout` (`ParallelState.layout()`) is recorded as `saved_layout`.
+    An existing `out_dir` is replaced only after the new one is complete.
     """
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import dist_checkpointing
 
     out_dir = Path(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
@@ -116,13 +118,7 @@ def save_checkpoint(
         dist_checkpointing.save(sharded, str(sub))
     if _rank() == 0:
         meta.created_unix = time.time()
-        meta.saved_layout = {
-            "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
-            "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
-            "world_size": torch.distributed.get_world_size()
-            if torch.distributed.is_initialized()
-            else 1,
-        }
+        meta.saved_layout = dict(layout)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(partial / "tokenizer"))
         (partial / META_FILE).write_text(json.dumps(asdict(meta), indent=2, sort_keys=True))

@@ -53,7 +53,7 @@ def hf_to_megatron(hf: str, out: str, tp: int = 1, pp: int = 1, precision: str =
         raise UserError(f"--out {out}: directory exists and is not empty; choose a new directory")
     mcfg = _layout_mcfg(source, tp, pp)
     parallel = init_distributed(ParallelLayout(tp, pp))
-    model, padded = load_model(source, mcfg, precision)
+    model, padded = load_model(source, mcfg, parallel, precision)
     meta = CheckpointMeta(
         arch=source.arch.to_dict(),
         padded_vocab_size=padded,
@@ -61,7 +61,8 @@ def hf_to_megatron(hf: str, out: str, tp: int = 1, pp: int = 1, precision: str =
         precision=precision,
     )
     tokenizer = load_tokenizer(source) if parallel.main and has_tokenizer(source.path) else None
-    save_checkpoint(out_dir, {"model": model.sharded_state_dict()}, meta, tokenizer=tokenizer)
+    states = {"model": model.sharded_state_dict()}
+    save_checkpoint(out_dir, states, meta, parallel.layout(), tokenizer=tokenizer)
     if parallel.main:
         print(
             f"[softgrpo] wrote {out_dir} (saved at TP={tp} PP={pp}; loads at any layout)",
@@ -106,8 +107,8 @@ def megatron_to_hf(ckpt: str, out: str, dtype: str | None = None) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"--out {out}: directory exists and is not empty; choose a new directory")
     source = resolve_model_source(ckpt)
-    init_distributed(ParallelLayout(1, 1))
-    model, _ = load_model(source, MegatronCfg(), meta.precision)
+    parallel = init_distributed(ParallelLayout(1, 1))
+    model, _ = load_model(source, MegatronCfg(), parallel, meta.precision)
     hf_state = hf_state_from_full_megatron(full_state_dict(model), source.arch)
     if dtype is not None:
         from megatron_softgrpo.models.build import DTYPES

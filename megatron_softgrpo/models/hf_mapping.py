@@ -186,10 +186,8 @@ def tp_slice(
 @torch.no_grad()
 def load_hf_weights(model, reader: HFCheckpointReader, arch: ModelArch, padded_vocab: int) -> None:
     """Fill this rank's model shard from a Hugging Face checkpoint."""
-    from megatron.core import parallel_state
-
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tp = model.pg_collection.tp  # the group the model was built on
+    tp_rank, tp_size = tp.rank(), tp.size()
     for name, _, param in named_model_tensors(model):
         full = full_megatron_tensor(name, arch, padded_vocab, reader.get)
         shard = tp_slice(full, param, name, tp_rank, tp_size)

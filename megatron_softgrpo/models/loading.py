@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from megatron_softgrpo.config.schema import MegatronCfg
+from megatron_softgrpo.distributed import ParallelState
 from megatron_softgrpo.models.build import build_gpt_model
 from megatron_softgrpo.models.checkpoint import load_model_weights
 from megatron_softgrpo.models.hf_mapping import HFCheckpointReader, load_hf_weights
@@ -16,10 +17,12 @@ def padded_vocab_for(source: ModelSource, mcfg: MegatronCfg) -> int:
     )
 
 
-def load_model(source: ModelSource, mcfg: MegatronCfg, precision: str = "float32"):
-    """(model shard, padded vocabulary size); parallel_state must be initialised."""
+def load_model(
+    source: ModelSource, mcfg: MegatronCfg, parallel: ParallelState, precision: str = "float32"
+):
+    """(this rank's model shard, padded vocabulary size)."""
     padded = padded_vocab_for(source, mcfg)
-    model = build_gpt_model(source.arch, mcfg, precision, padded)
+    model = build_gpt_model(source.arch, mcfg, parallel, precision, padded)
     if source.kind == "hf":
         load_hf_weights(model, HFCheckpointReader(source.path), source.arch, padded)
     else:

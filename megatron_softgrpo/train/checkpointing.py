@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from megatron_softgrpo.config.schema import CheckpointingCfg
+from megatron_softgrpo.distributed import ParallelState
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.checkpoint import (
     CheckpointMeta,
@@ -83,9 +84,10 @@ def save_training_checkpoint(
     states = {
         "model": model_sd,
         "optimizer": optimizer_sharded_state(worker.optimizer, model_sd),
-        "rng": _rng_sharded(_rng_state()),
+        "rng": _rng_sharded(_rng_state(), worker.parallel),
     }
-    out = save_checkpoint(root / step_dir_name(step), states, meta, tokenizer=tokenizer)
+    layout = worker.parallel.layout()
+    out = save_checkpoint(root / step_dir_name(step), states, meta, layout, tokenizer=tokenizer)
     if worker.parallel.main:
         _write_latest(root, out.name)
         _prune(root, ckpt_cfg.keep_top_k, keep=out.name)
@@ -164,33 +166,12 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _layout() -> dict:
-    from megatron.core import parallel_state as ps
-
-    return {
-        "tensor_parallel": ps.get_tensor_model_parallel_world_size(),
-        "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
-        "world_size": torch.distributed.get_world_size()
-        if torch.distributed.is_initialized()
-        else 1,
-    }
-
-
-def _rng_sharded(state: dict) -> dict:
+def _rng_sharded(state: dict, parallel: ParallelState) -> dict:
     """One object per rank, addressed by (PP rank, TP rank, DP rank)."""
-    from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    shape = (
-        ps.get_pipeline_model_parallel_world_size(),
-        ps.get_tensor_model_parallel_world_size(),
-        ps.get_data_parallel_world_size(),
-    )
-    offset = (
-        ps.get_pipeline_model_parallel_rank(),
-        ps.get_tensor_model_parallel_rank(),
-        ps.get_data_parallel_rank(),
-    )
+    shape = (parallel.pp, parallel.tp, parallel.dp)
+    offset = (parallel.pp_rank, parallel.tp_rank, parallel.dp_rank)
     return {"rng_state": ShardedObject("rng_state", state, shape, offset, replica_id=0)}
 
 
@@ -233,11 +214,13 @@ def restore_training_checkpoint(worker: PolicyWorker, path: str | Path) -> Resto
     worker.scheduler.load_state_dict(trainer["scheduler"])
     worker.optimizer_steps = trainer["optimizer_steps"]
     worker.skipped_steps = trainer["skipped_steps"]
-    if meta.saved_layout == _layout():
-        _set_rng_state(load_sharded(path, "rng", _rng_sharded(_rng_state()))["rng_state"])
-    elif worker.parallel.main:
+    parallel = worker.parallel
+    if meta.saved_layout == parallel.layout():
+        rng_state = load_sharded(path, "rng", _rng_sharded(_rng_state(), parallel))["rng_state"]
+        _set_rng_state(rng_state)
+    elif parallel.main:
         print(
-            f"[softgrpo] {path.name}: saved at {meta.saved_layout}, running at {_layout()}: "
+            f"[softgrpo] {path.name}: saved at {meta.saved_layout}, running at {parallel.layout()}: "
             "model, optimizer and schedule restored; RNG states left as seeded",
             flush=True,
         )

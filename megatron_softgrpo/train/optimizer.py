@@ -17,10 +17,11 @@ Megatron's optimizer internals, so they live in `model_patches/optimizer_step.py
 from __future__ import annotations
 
 from megatron_softgrpo.config.schema import MegatronCfg
+from megatron_softgrpo.distributed import ParallelState
 from megatron_softgrpo.models.build import DTYPES
 
 
-def wrap_ddp(model, mcfg: MegatronCfg):
+def wrap_ddp(model, mcfg: MegatronCfg, parallel: ParallelState):
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -34,6 +35,7 @@ def wrap_ddp(model, mcfg: MegatronCfg):
             use_distributed_optimizer=mcfg.optimizer.use_distributed_optimizer,
         ),
         model,
+        pg_collection=parallel.groups,
     )
     model.config.finalize_model_grads_func = finalize_model_grads
     return ddp
@@ -57,6 +59,8 @@ def build_optimizer(ddp, mcfg: MegatronCfg, precision: str):
         fp16=precision == "float16",
         params_dtype=DTYPES[precision],
     )
+    # Megatron's default groups: 0.16 refuses gloo groups beside a pg_collection, and the
+    # distributed optimizer gathers its reshardable checkpoint state over them
     optimizer = get_megatron_optimizer(config, [ddp])
     ddp.config.grad_scale_func = (
         optimizer.scale_loss

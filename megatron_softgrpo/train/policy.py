@@ -1,7 +1,7 @@
 """PolicyWorker: this rank's shard of the policy (and of the frozen reference), its log-probs and updates.
 
 Every rank of the job builds one worker after `init_distributed` and calls every method
-(they are collectives). Everything runs through Megatron's `get_forward_backward_func`, so
+(they are collectives). Everything runs through Megatron's schedule (`models/forward.py::run_schedule`), so
 tensor, pipeline and data parallelism all work the same way:
 
 - Inputs: position j reads the mixture of stored record j (`mixture_embedding`, detached,
@@ -52,7 +52,7 @@ from megatron_softgrpo.distributed import (
     sum_data_parallel,
 )
 from megatron_softgrpo.models.build import token_alignment
-from megatron_softgrpo.models.forward import CAUSAL, position_ids
+from megatron_softgrpo.models.forward import CAUSAL, position_ids, run_schedule
 from megatron_softgrpo.models.loading import load_model
 from megatron_softgrpo.models.source import resolve_model_source
 from megatron_softgrpo.soft import (
@@ -92,8 +92,10 @@ class PolicyWorker:
             )
         self.cfg, self.parallel = cfg, parallel
         self.source = resolve_model_source(policy.model_name)
-        self.model, self.padded_vocab_size = load_model(self.source, mcfg, policy.precision)
-        self.ddp = wrap_ddp(self.model, mcfg)
+        self.model, self.padded_vocab_size = load_model(
+            self.source, mcfg, parallel, policy.precision
+        )
+        self.ddp = wrap_ddp(self.model, mcfg, parallel)
         self.optimizer = build_optimizer(self.ddp, mcfg, policy.precision)
         self.scheduler = build_scheduler(self.optimizer, mcfg, cfg.planned_optimizer_steps())
         self.reference = (
@@ -112,7 +114,8 @@ class PolicyWorker:
         self.skipped_steps = 0  # updates skipped for a non-finite gradient norm (checkpointed)
 
     def _frozen_reference(self):
-        model, _ = load_model(self.source, self.cfg.policy.megatron_cfg, self.cfg.policy.precision)
+        policy = self.cfg.policy
+        model, _ = load_model(self.source, policy.megatron_cfg, self.parallel, policy.precision)
         model.requires_grad_(False)
         return model
 
@@ -191,13 +194,11 @@ class PolicyWorker:
         self, model, micro_batches: list[PolicyBatch], output_fn, forward_only: bool
     ) -> list[dict]:
         """Megatron's schedule over the micro-batches; per-micro-batch dicts on the last stage ([] elsewhere)."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        return get_forward_backward_func()(
-            forward_step_func=functools.partial(self._forward_step, output_fn),
-            data_iterator=iter(micro_batches),
-            model=[model],
-            num_microbatches=len(micro_batches),
+        return run_schedule(
+            self.parallel,
+            model,
+            functools.partial(self._forward_step, output_fn),
+            micro_batches,
             seq_length=micro_batches[0].seq_len,
             micro_batch_size=micro_batches[0].num_rows,
             forward_only=forward_only,
