@@ -9,12 +9,11 @@ rows are dropped by indexing those tensors in place ([s, b, ...]: rows are dim 1
 from __future__ import annotations
 
 import torch
+from megatron.core.inference.contexts import StaticInferenceContext
 
 
 class KVCache:
     def __init__(self, max_batch: int, max_len: int):
-        from megatron.core.inference.contexts import StaticInferenceContext
-
         self.context = StaticInferenceContext(max_batch, max_len)  # handed to GPTModel.forward
 
     def reset(self) -> None:

@@ -16,6 +16,10 @@ first pipeline stage. Not applied here: embedding dropout (0 in these recipes) a
 from __future__ import annotations
 
 import torch
+from megatron.core.tensor_parallel import (
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
 
 
 def local_mixture(
@@ -50,11 +54,6 @@ def mixture_embedding(
     mix_ids, mix_weights: [b, s, K] global ids and their weights (0 for unused slots).
     offset: [b, s, h] added after the mixture on every rank alike (embedding noise).
     """
-    from megatron.core.tensor_parallel import (
-        reduce_from_tensor_model_parallel_region,
-        reduce_scatter_to_sequence_parallel_region,
-    )
-
     table = word_embeddings.weight
     mixed = local_mixture(
         table,

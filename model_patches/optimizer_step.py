@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,6 @@ def load_optimizer_state(optimizer, model_sharded_state: dict, load) -> None:
     the loaded step count is one tensor shared by all parameters, which AdamW would increment
     once per parameter: each parameter gets its own copy.
     """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     subs = _sub_optimizers(optimizer)
     distributed = [sub for sub in subs if isinstance(sub, DistributedOptimizer)]
     for sub in distributed:
@@ -101,8 +101,6 @@ def guarded_step(optimizer, scheduler) -> StepOutcome:
     data-parallel) ranks, so every rank takes the same branch. The schedule advances only on
     an update, as in Megatron's training loop.
     """
-    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
-
     lr = current_lr(optimizer)
     found_inf = optimizer.prepare_grads()  # copies gradients to the main (fp32) grads
     grad_norm = math.inf if found_inf else float(optimizer.get_grad_norm())

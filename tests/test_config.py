@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -393,3 +395,17 @@ def test_tp_must_divide_a_checkpoints_padded_vocabulary(tmp_path, capsys):
             )
         else:
             assert code == 0, err
+
+
+def test_check_and_plan_do_not_import_megatron():
+    """Validating a recipe must stay quick: Megatron-Core takes seconds to import and warns."""
+    code = (
+        "import sys; from megatron_softgrpo.cli import main\n"
+        f"assert main(['check', {str(GPU_RECIPE)!r}]) == 0\n"
+        f"assert main(['plan', {str(GPU_RECIPE)!r}]) == 0\n"
+        "print(sorted(m for m in sys.modules if m.startswith('megatron.')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
+    assert out.strip().splitlines()[-1] == "[]"

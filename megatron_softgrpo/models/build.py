@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.fp8_utils import get_fp8_align_size
+from megatron.core.models.gpt import GPTModel, gpt_layer_specs
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_softgrpo.config.schema import MegatronCfg
 from megatron_softgrpo.distributed import ParallelState
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.arch import ModelArch
 from model_patches.rope import set_rope_frequencies
+from model_patches.sdpa_attention import SdpaDotProductAttention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,8 +28,6 @@ def have_transformer_engine() -> bool:
 
 def transformer_config(arch: ModelArch, mcfg: MegatronCfg, precision: str = "float32"):
     """Megatron TransformerConfig for `arch` under the recipe's parallel/precision settings."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     dtype = DTYPES[precision]
     on_gpu = torch.cuda.is_available()
     fp8 = mcfg.fp8_cfg
@@ -85,16 +87,10 @@ def token_alignment(config) -> int:
     (16; 32 for MXFP8). 1 without FP8."""
     if not config.fp8:
         return 1
-    from megatron.core.fp8_utils import get_fp8_align_size
-
     return get_fp8_align_size(config.fp8_recipe)
 
 
 def layer_spec(mcfg: MegatronCfg):
-    from megatron.core.models.gpt import gpt_layer_specs
-
-    from model_patches.sdpa_attention import SdpaDotProductAttention
-
     if mcfg.transformer_impl == "transformer_engine":
         if not have_transformer_engine():
             raise UserError(
@@ -119,8 +115,6 @@ def build_gpt_model(
     padded_vocab_size: int | None = None,
 ):
     """This rank's shard of the model: its pipeline stage's layers, on its process groups."""
-    from megatron.core.models.gpt import GPTModel
-
     config = transformer_config(arch, mcfg, precision)
     model = GPTModel(
         config=config,

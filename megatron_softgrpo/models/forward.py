@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from megatron.core import tensor_parallel
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+from megatron.core.utils import get_model_config
 
 from megatron_softgrpo.distributed import ParallelState
 
@@ -29,9 +33,6 @@ def run_schedule(
 ) -> list:
     """Megatron's forward(/backward) schedule over `micro_batches` on this rank's process groups:
     `forward_step(data_iterator, model)` per micro-batch; its outputs on the last stage, [] elsewhere."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
-    from megatron.core.utils import get_model_config
 
     config = get_model_config(model)
     return get_forward_backward_func(pp_size=parallel.pp)(
@@ -56,8 +57,6 @@ def forward_logits(
     Every rank of the model-parallel group calls this; the logits are returned on the last
     pipeline stage and None elsewhere.
     """
-    from megatron.core import tensor_parallel
-
     b, s = tokens.shape
     pos = position_ids(b, s, tokens.device)
 

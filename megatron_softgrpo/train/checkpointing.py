@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_softgrpo.config.schema import CheckpointingCfg
 from megatron_softgrpo.distributed import ParallelState
@@ -144,8 +146,6 @@ def _prune(root: Path, keep_top_k: int | None, keep: str) -> None:
 
 
 def _rng_state() -> dict:
-    from megatron.core import tensor_parallel
-
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -156,8 +156,6 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -168,8 +166,6 @@ def _set_rng_state(state: dict) -> None:
 
 def _rng_sharded(state: dict, parallel: ParallelState) -> dict:
     """One object per rank, addressed by (PP rank, TP rank, DP rank)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
     shape = (parallel.pp, parallel.tp, parallel.dp)
     offset = (parallel.pp_rank, parallel.tp_rank, parallel.dp_rank)
     return {"rng_state": ShardedObject("rng_state", state, shape, offset, replica_id=0)}

@@ -16,18 +16,20 @@ Megatron's optimizer internals, so they live in `model_patches/optimizer_step.py
 
 from __future__ import annotations
 
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
 from megatron_softgrpo.config.schema import MegatronCfg
 from megatron_softgrpo.distributed import ParallelState
 from megatron_softgrpo.models.build import DTYPES
 
 
 def wrap_ddp(model, mcfg: MegatronCfg, parallel: ParallelState):
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-
     ddp = DistributedDataParallel(
         model.config,
         DistributedDataParallelConfig(
@@ -42,8 +44,6 @@ def wrap_ddp(model, mcfg: MegatronCfg, parallel: ParallelState):
 
 
 def build_optimizer(ddp, mcfg: MegatronCfg, precision: str):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
     o = mcfg.optimizer
     config = OptimizerConfig(
         optimizer=o.optimizer,
@@ -69,8 +69,6 @@ def build_optimizer(ddp, mcfg: MegatronCfg, precision: str):
 
 
 def build_scheduler(optimizer, mcfg: MegatronCfg, total_steps: int):
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     o, s = mcfg.optimizer, mcfg.scheduler  # their rules: config/checks.py, before any model loads
     decay_steps = s.lr_decay_iters or total_steps
     return OptimizerParamScheduler(

@@ -41,6 +41,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from megatron_softgrpo.algorithms.loss import PolicyLoss, StepShape
 from megatron_softgrpo.algorithms.registry import training_algorithm
@@ -234,8 +235,6 @@ class PolicyWorker:
         the model output [b, s(/TP), h], for the n positions of `loss_mask`."""
         hidden = output.transpose(0, 1)  # [s, b, h]
         if gpt.config.sequence_parallel and self.vocab.distributed:
-            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
-
             # backward only splits: the scorers sum the TP ranks' gradients themselves
             hidden = gather_from_sequence_parallel_region(
                 hidden, tensor_parallel_output_grad=False, group=self.vocab.group
