@@ -324,6 +324,79 @@ def gather_to_main(parallel: ParallelState, items: list) -> list:
     return [x for part in gathered for x in part] if parallel.main else []
 
 
+# ---------------------------------------------- tensor-parallel collectives (over a vocab shard)
+# They take the TP group itself (`VocabShard.group`, `parallel.groups.tp`), so that the soft
+# math need not know the ParallelState; None or a group of one is the identity. The two
+# autograd-aware sums are Megatron's conjugate pair (reduce_from / copy_to_tensor_model_parallel
+# _region): a loss computed alike on every TP rank gives each rank the gradient of its shard.
+
+
+def _tensor_parallel(group) -> bool:
+    return group is not None and group.size() > 1
+
+
+class _SumOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        total = x.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _SumGradsOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # (Megatron's copy_to_tensor_model_parallel_region would reduce a contiguous copy of a
+        # non-contiguous gradient and return the unreduced original; reduce our own copy.)
+        total = grad.contiguous().clone()
+        torch.distributed.all_reduce(total, group=ctx.group)
+        return total, None
+
+
+def sum_tensor_parallel(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum over the TP ranks; backward is the identity (each rank owns its share of the summands)."""
+    return _SumOverRanks.apply(x, group) if _tensor_parallel(group) else x
+
+
+def copy_to_tensor_parallel(x: torch.Tensor, group) -> torch.Tensor:
+    """Identity forward; backward sums the TP ranks' partial gradients."""
+    return _SumGradsOverRanks.apply(x, group) if _tensor_parallel(group) else x
+
+
+def sum_tensor_parallel_(x: torch.Tensor, group) -> torch.Tensor:
+    """`x` summed over the TP ranks in place, no autograd (an NCCL all-reduce a CUDA graph captures)."""
+    if _tensor_parallel(group):
+        torch.distributed.all_reduce(x, group=group)
+    return x
+
+
+def max_tensor_parallel(x: torch.Tensor, group) -> torch.Tensor:
+    """Element-wise max over the TP ranks (no autograd)."""
+    if not _tensor_parallel(group):
+        return x
+    x = x.detach().clone()
+    torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX, group=group)
+    return x
+
+
+def gather_tensor_parallel(x: torch.Tensor, group) -> torch.Tensor:
+    """Every TP rank's `x` concatenated along the last dimension, in rank order (no autograd)."""
+    if not _tensor_parallel(group):
+        return x
+    parts = [torch.empty_like(x) for _ in range(group.size())]
+    torch.distributed.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
 def destroy_distributed() -> None:
     global _CPU_GROUP
     _CPU_GROUP = None

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from megatron_softgrpo.distributed import sum_tensor_parallel_
 from model_patches.mixture_embedding import local_mixture
 from model_patches.sdpa_attention import MASKED_SCORE
 
@@ -222,9 +223,7 @@ class StaticDecoder:
         return out if layer.fc2_bias is None else out + layer.fc2_bias
 
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp_group is not None:  # in place: NCCL all-reduce is captured by a CUDA graph
-            torch.distributed.all_reduce(x, group=self.tp_group)
-        return x
+        return sum_tensor_parallel_(x, self.tp_group)  # in place: a CUDA graph captures it
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

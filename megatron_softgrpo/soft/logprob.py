@@ -36,16 +36,15 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_softgrpo.distributed import copy_to_tensor_parallel, sum_tensor_parallel
 from megatron_softgrpo.soft.noises import InputEmbedding, SoftNoise
 from megatron_softgrpo.soft.records import MixtureRecord
 from megatron_softgrpo.soft.vocab import (
     VocabShard,
     compute_dtype,
     compute_dtype_of,
-    copy_to_group,
     gather_logits,
     log_normalizer,
-    reduce_sum,
     softmax_entropy,
 )
 
@@ -120,7 +119,7 @@ def _soft_log_density(
             "soft positions to score, but the scorer has no soft noise (discrete GRPO)"
         )
     return scorer.noise.log_density(
-        reduce_sum(partial, shard) / scorer.soft_temperature, records, embedding
+        sum_tensor_parallel(partial, shard.group) / scorer.soft_temperature, records, embedding
     )
 
 
@@ -485,7 +484,7 @@ def _flat_inputs(hidden, records, shard, chunk_size, sequence_parallel):
 
         hidden = gather_from_sequence_parallel_region(hidden, group=shard.group)
     else:
-        hidden = copy_to_group(hidden, shard)
+        hidden = copy_to_tensor_parallel(hidden, shard.group)
     b, s = records.tokens.shape
     if hidden.shape[:2] != (s, b):
         raise ValueError(

@@ -25,9 +25,10 @@ from typing import ClassVar
 
 import torch
 
+from megatron_softgrpo.distributed import copy_to_tensor_parallel, sum_tensor_parallel
 from megatron_softgrpo.soft import rng
 from megatron_softgrpo.soft.records import MixtureRecord
-from megatron_softgrpo.soft.vocab import NEG_INF, VocabShard, copy_to_group, reduce_sum
+from megatron_softgrpo.soft.vocab import NEG_INF, VocabShard
 
 LOG_EPS = 1e-6  # g = log(pt + 1e-6) + c * eps
 GUMBEL_CLAMP = (-1.5, 3.0)  # clamp of the Gumbel noise, in the rollout and in the density
@@ -240,9 +241,8 @@ class EmbeddingNoise(SoftNoise):
             )
         # in float64: rounding of the weights, amplified by |E| / sigma, would otherwise reach 1e-5
         pt = support_probs(scaled.double(), records.support)
-        shift = copy_to_group(
-            records.mix_weights.double() - pt, embedding.shard
-        )  # grads summed over ranks
+        group = embedding.shard.group
+        shift = copy_to_tensor_parallel(records.mix_weights.double() - pt, group)  # grads summed
         own = torch.einsum("nk,nkh->nh", shift, embedding.vectors(records.mix_ids, torch.float64))
-        v = reduce_sum(own, embedding.shard) + self.noise_vectors(records.noise_seed, torch.float64)
+        v = sum_tensor_parallel(own, group) + self.noise_vectors(records.noise_seed, torch.float64)
         return (-0.5 * (v * v).sum(dim=-1) / self.sigma**2).to(scaled.dtype)

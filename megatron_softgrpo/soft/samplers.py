@@ -23,6 +23,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
+from megatron_softgrpo.distributed import gather_tensor_parallel, sum_tensor_parallel_
 from megatron_softgrpo.soft import rng
 from megatron_softgrpo.soft.noises import SoftNoise, support_probs
 from megatron_softgrpo.soft.records import MixtureRecord, SampledStep
@@ -33,13 +34,7 @@ from megatron_softgrpo.soft.truncation import (
     full_support,
     top_logits,
 )
-from megatron_softgrpo.soft.vocab import (
-    NEG_INF,
-    VocabShard,
-    all_gather_last,
-    gather_logits,
-    log_normalizer,
-)
+from megatron_softgrpo.soft.vocab import NEG_INF, VocabShard, gather_logits, log_normalizer
 
 
 class Sampler(Protocol):
@@ -89,7 +84,7 @@ def _draw_from_shards(
     target u * total finds the token in its own cumulative sum and shares the id.
     """
     probs = torch.exp(scaled - log_norm.unsqueeze(-1))  # padding columns are exp(-inf) = 0
-    masses = all_gather_last(probs.sum(dim=-1, keepdim=True), shard)  # [N, TP]
+    masses = gather_tensor_parallel(probs.sum(dim=-1, keepdim=True), shard.group)  # [N, TP]
     ends = masses.cumsum(dim=-1)
     target = u * ends[:, -1]
     owner = (ends <= target.unsqueeze(-1)).sum(dim=-1).clamp(max=shard.world_size - 1)
@@ -99,9 +94,7 @@ def _draw_from_shards(
     ).squeeze(-1)
     token = column.clamp(max=shard.real_width - 1) + shard.start
     token = torch.where(owner == shard.rank, token, torch.zeros_like(token))
-    if shard.distributed:
-        torch.distributed.all_reduce(token, group=shard.group)
-    return token
+    return sum_tensor_parallel_(token, shard.group)  # only the owner's is non-zero
 
 
 @dataclass(frozen=True)

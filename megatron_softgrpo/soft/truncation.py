@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_softgrpo.soft.vocab import NEG_INF, VocabShard, all_gather_last, log_normalizer
+from megatron_softgrpo.distributed import gather_tensor_parallel
+from megatron_softgrpo.soft.vocab import NEG_INF, VocabShard, log_normalizer
 
 _LOW32 = 0xFFFFFFFF
 _ADAPTIVE_START = 128  # first candidate count when top-p/min-p alone bound the support
@@ -144,7 +145,9 @@ def top_logits(
     ids = cols + shard.start
     if not shard.distributed:
         return ids, values
-    return _top_by_key(all_gather_last(values, shard), all_gather_last(ids, shard), count)
+    return _top_by_key(
+        gather_tensor_parallel(values, shard.group), gather_tensor_parallel(ids, shard.group), count
+    )
 
 
 # ------------------------------------------------------------------ truncation rules

@@ -5,12 +5,10 @@ vocabulary: TP rank r holds the global ids [start, end). Ids >= `vocab_size` are
 padding (Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by
 x TP): they are -inf before every softmax, top-k or noise and never enter a mixture.
 
-With `group=None` (one process, torch.distributed not needed) every collective is the
-identity. The autograd-aware reductions are Megatron's conjugate pair (reduce_from /
-copy_to_tensor_model_parallel_region): `reduce_sum` (forward all-reduce, backward
-identity) and `copy_to_group` (forward identity, backward all-reduce); a loss computed
-identically on every TP rank then gives each rank exactly the gradient of the logits it
-owns.
+The reductions over the vocabulary run the tensor-parallel collectives of `distributed.py` on
+the shard's `group`; with `group=None` (one process, torch.distributed not needed) each is
+the identity, and a loss computed identically on every TP rank gives each rank exactly the
+gradient of the logits it owns.
 """
 
 from __future__ import annotations
@@ -19,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from megatron_softgrpo.distributed import max_tensor_parallel, sum_tensor_parallel
 
 NEG_INF = float("-inf")
 
@@ -119,68 +119,6 @@ def compute_dtype(x: torch.Tensor) -> torch.Tensor:
     return x.to(compute_dtype_of(x.dtype))
 
 
-# ------------------------------------------------------------------ collectives
-
-
-def all_gather_last(x: torch.Tensor, shard: VocabShard) -> torch.Tensor:
-    """Concatenate every rank's `x` along the last dimension, in rank order (no autograd)."""
-    if not shard.distributed:
-        return x
-    parts = [torch.empty_like(x) for _ in range(shard.world_size)]
-    torch.distributed.all_gather(parts, x.contiguous(), group=shard.group)
-    return torch.cat(parts, dim=-1)
-
-
-def all_reduce_max(x: torch.Tensor, shard: VocabShard) -> torch.Tensor:
-    """Element-wise max over ranks (no autograd)."""
-    if not shard.distributed:
-        return x
-    x = x.detach().clone()
-    torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX, group=shard.group)
-    return x
-
-
-class _SumOverRanks(torch.autograd.Function):
-    """Forward: all-reduce (sum). Backward: identity."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        total = x.contiguous().clone()
-        torch.distributed.all_reduce(total, group=group)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _SumGradsOverRanks(torch.autograd.Function):
-    """Forward: identity. Backward: all-reduce (sum) of the gradient."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # (Megatron's copy_to_tensor_model_parallel_region would reduce a contiguous copy of a
-        # non-contiguous gradient and return the unreduced original; reduce our own copy.)
-        total = grad.contiguous().clone()
-        torch.distributed.all_reduce(total, group=ctx.group)
-        return total, None
-
-
-def reduce_sum(x: torch.Tensor, shard: VocabShard) -> torch.Tensor:
-    """Sum over ranks; backward is the identity (each rank owns its share of the summands)."""
-    return _SumOverRanks.apply(x, shard.group) if shard.distributed else x
-
-
-def copy_to_group(x: torch.Tensor, shard: VocabShard) -> torch.Tensor:
-    """Identity forward; backward sums the per-rank partial gradients."""
-    return _SumGradsOverRanks.apply(x, shard.group) if shard.distributed else x
-
-
 # ------------------------------------------------------------------ vocabulary-wide reductions
 
 
@@ -188,17 +126,17 @@ def log_normalizer(scaled: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     """logsumexp over the whole (sharded) vocabulary of padding-masked scaled logits [..., W] -> [...]."""
     if not shard.distributed:
         return torch.logsumexp(scaled, dim=-1)
-    peak = all_reduce_max(
-        scaled.detach().amax(dim=-1), shard
-    )  # a constant shift: no gradient needed
-    mass = reduce_sum(torch.exp(scaled - peak.unsqueeze(-1)).sum(dim=-1), shard)
+    peak = max_tensor_parallel(scaled.detach().amax(dim=-1), shard.group)  # a shift: no gradient
+    mass = sum_tensor_parallel(torch.exp(scaled - peak.unsqueeze(-1)).sum(dim=-1), shard.group)
     return torch.log(mass) + peak
 
 
 def gather_logits(logits: torch.Tensor, ids: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     """logits[..., ids] for global ids [..., K] from the sharded logits [..., W] (autograd-aware)."""
     local = logits.gather(-1, shard.local_index(ids))
-    return reduce_sum(torch.where(shard.owns(ids), local, torch.zeros_like(local)), shard)
+    return sum_tensor_parallel(
+        torch.where(shard.owns(ids), local, torch.zeros_like(local)), shard.group
+    )
 
 
 def softmax_entropy(
@@ -213,4 +151,4 @@ def softmax_entropy(
     log_p = scaled[..., : shard.real_width] - log_norm.unsqueeze(
         -1
     )  # padding columns: p = 0, left out
-    return -reduce_sum(torch.linalg.vecdot(log_p.exp(), log_p), shard)
+    return -sum_tensor_parallel(torch.linalg.vecdot(log_p.exp(), log_p), shard.group)
