@@ -21,7 +21,7 @@ per-position weights. `PolicyLoss` is what the policy worker is handed (NeMo-RL'
 `policy.train(data, loss_fn)`): per micro-batch, a per-position objective that the worker's fused
 chunked pass sums as it scores positions (`soft.objective_from_hidden`), and the step's metrics
 as named sums that the worker adds up by key without knowing what they are. `policy_loss` is
-the same loss on one [B, S] batch.
+the same loss on one [B, S] batch, whose metrics have the same names (`position_metrics`).
 """
 
 from __future__ import annotations
@@ -55,25 +55,12 @@ class LossScale:
 
 
 @dataclass(frozen=True)
-class PolicyLossMetrics:
-    """Detached scalars, means over the micro-batch's valid positions (weight by num_tokens to combine)."""
-
-    num_tokens: Tensor
-    clip_frac_low: Tensor  # A < 0 and r < 1 - ratio_clip_min: the lower clip bounds the loss
-    clip_frac_high: Tensor  # A > 0 and r > 1 + ratio_clip_max: the upper clip bounds the loss
-    dual_clip_frac: Tensor  # A < 0 and -A c bounds the loss
-    ratio_mean: Tensor
-    kl_mean: Tensor | None  # None when reference_policy_kl_penalty = 0 (no reference model)
-    entropy_mean: Tensor | None  # None without an entropy tensor
-
-
-@dataclass(frozen=True)
 class PolicyLossResult:
     loss: Tensor  # the scalar to backpropagate
     policy_loss: Tensor  # the aggregated terms, detached
     kl_loss: Tensor | None
     entropy_loss: Tensor | None
-    metrics: PolicyLossMetrics
+    metrics: dict[str, Tensor]  # the worker's metrics (`position_metrics`), means over the mask
 
 
 @dataclass(frozen=True)
@@ -159,29 +146,36 @@ def policy_loss(
     pg = aggregate(terms.policy, mask, cfg.aggregation, scale)
     loss = pg
 
-    kl_loss = kl_mean = None
+    kl_loss = None
     if terms.kl is not None:
         kl_loss = aggregate(terms.kl, mask, cfg.aggregation, scale)
         loss = loss + cfg.reference_policy_kl_penalty * kl_loss
-        kl_mean = masked_mean(terms.kl, mask)
 
-    entropy_loss = entropy_mean = None
+    entropy_loss = None
     if terms.entropy is not None:
         entropy_loss = aggregate(terms.entropy, mask, cfg.aggregation, scale)
         loss = loss - cfg.entropy_coef * entropy_loss
-        entropy_mean = masked_mean(terms.entropy, mask)
 
     advantages = torch.where(mask, advantages.detach(), 0.0)
-    metrics = PolicyLossMetrics(
-        num_tokens=mask.sum(),
-        clip_frac_low=masked_mean(terms.ratio_bound & (advantages < 0), mask),
-        clip_frac_high=masked_mean(terms.ratio_bound & (advantages > 0), mask),
-        dual_clip_frac=masked_mean(terms.dual_bound, mask),
-        ratio_mean=masked_mean(terms.ratio, mask),
-        kl_mean=kl_mean,
-        entropy_mean=entropy_mean,
-    )
+    metrics = {k: masked_mean(v, mask) for k, v in position_metrics(terms, advantages).items()}
     return PolicyLossResult(loss, pg.detach(), _detached(kl_loss), _detached(entropy_loss), metrics)
+
+
+def position_metrics(terms: TokenTerms, advantages: Tensor) -> dict[str, Tensor]:
+    """The per-position values behind each reported mean, under its `metrics.jsonl` name."""
+    bound = terms.ratio_bound
+    metrics = {
+        "clip_fraction": bound & (advantages != 0),
+        "clip_fraction/low": bound & (advantages < 0),  # r < 1 - ratio_clip_min bounds the loss
+        "clip_fraction/high": bound & (advantages > 0),  # r > 1 + ratio_clip_max bounds it
+        "dual_clip_fraction": terms.dual_bound,  # A < 0 and -A c bounds it
+        "ratio/mean": terms.ratio,
+    }
+    if terms.kl is not None:  # reference_policy_kl_penalty > 0
+        metrics["kl/mean"] = terms.kl
+    if terms.entropy is not None:
+        metrics["entropy/mean"] = terms.entropy
+    return metrics
 
 
 @dataclass(frozen=True)
@@ -252,7 +246,8 @@ class MicroBatchLoss:
 
     A metric is a sum over this micro-batch's positions (detached, float64), which the worker adds
     up over the step's micro-batches and ranks and `PolicyLoss.report` normalises: the loss terms
-    by the step's shape, the rest by its scored positions. A new metric is one entry in `_sums`."""
+    by the step's shape, the rest by its scored positions. A new metric is one entry in
+    `position_metrics`."""
 
     def __init__(
         self,
@@ -287,20 +282,11 @@ class MicroBatchLoss:
         )
         weights = self.weights[positions]
         weighted = weights * terms.objective(self.cfg)
-        bound = terms.ratio_bound
         sums = {
             "loss": weighted,  # what the update descends (a _LOSS_TERMS entry)
             "policy_loss": weights * terms.policy,
-            "clip_fraction": bound & (advantages != 0),
-            "clip_fraction/low": bound & (advantages < 0),
-            "clip_fraction/high": bound & (advantages > 0),
-            "dual_clip_fraction": terms.dual_bound,
-            "ratio/mean": terms.ratio,
+            **position_metrics(terms, advantages),
         }
-        if terms.kl is not None:
-            sums["kl/mean"] = terms.kl
-        if terms.entropy is not None:
-            sums["entropy/mean"] = terms.entropy
         return weighted, {k: v.detach().double().sum() for k, v in sums.items()}
 
 
