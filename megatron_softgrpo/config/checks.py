@@ -128,24 +128,24 @@ def _check_eval(loaded: LoadedRecipe) -> None:
 def recipe_model_arch(loaded: LoadedRecipe) -> ModelArch:
     """The policy's architecture: read from `policy.model_name` when it is readable here (a
     directory, a checkpoint or a built-in model), else the `policy.model_arch` registry entry."""
-    from megatron_softgrpo.models.source import SMOLLM2, model_arch_of
+    return _recipe_model(loaded)[0]
+
+
+def _recipe_model(loaded: LoadedRecipe) -> tuple[ModelArch, int | None]:
+    """(the policy's architecture, the padded vocabulary a megatron-softgrpo checkpoint was saved
+    with; None for other models), from one read of its metadata."""
+    from megatron_softgrpo.models.source import SMOLLM2, SMOLLM2_ARCH, resolve_model_source
 
     policy = loaded.cfg.policy
-    readable = policy.model_name == SMOLLM2 or Path(policy.model_name).expanduser().exists()
-    if not readable and policy.model_arch is not None:
-        return known_arch(policy.model_arch)
+    if policy.model_name == SMOLLM2:
+        return SMOLLM2_ARCH, None  # without materialising its weights
+    if not Path(policy.model_name).expanduser().exists() and policy.model_arch is not None:
+        return known_arch(policy.model_arch), None
     try:
-        return model_arch_of(policy.model_name)
+        source = resolve_model_source(policy.model_name)
     except UserError as e:
         raise loaded.error("policy.model_name", str(e)) from None
-
-
-def _checkpoint_padded_vocab(model_name: str) -> int | None:
-    """The padded vocabulary a megatron-softgrpo checkpoint was saved with; None for other models."""
-    from megatron_softgrpo.models.checkpoint import is_checkpoint, read_meta
-
-    path = Path(model_name).expanduser()
-    return read_meta(path).padded_vocab_size if is_checkpoint(path) else None
+    return source.arch, source.padded_vocab_size
 
 
 def cluster_world_size(cluster: ClusterCfg) -> int | None:
@@ -153,7 +153,9 @@ def cluster_world_size(cluster: ClusterCfg) -> int | None:
     return cluster.num_nodes * cluster.gpus_per_node or None
 
 
-def _check_model_fit(loaded: LoadedRecipe, arch: ModelArch, world_size: int | None = None) -> None:
+def _check_model_fit(
+    loaded: LoadedRecipe, arch: ModelArch, padded: int | None, world_size: int | None
+) -> None:
     """Refuse parallel layouts that the model or the world size cannot support."""
     mcfg = loaded.cfg.policy.megatron_cfg
     tp, pp = mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size
@@ -167,7 +169,6 @@ def _check_model_fit(loaded: LoadedRecipe, arch: ModelArch, world_size: int | No
             "policy.megatron_cfg.make_vocab_size_divisible_by",
             f"must be a multiple of tensor_model_parallel_size ({tp})",
         )
-    padded = _checkpoint_padded_vocab(loaded.cfg.policy.model_name)
     if padded is not None and padded % tp:  # a checkpoint fixes its padding; an HF model's is ours
         raise loaded.error(
             tp_key, f"must divide the checkpoint's padded vocabulary ({padded}, policy.model_name)"
@@ -190,8 +191,8 @@ def _check_model_fit(loaded: LoadedRecipe, arch: ModelArch, world_size: int | No
 def validate(loaded: LoadedRecipe, world_size: int | None, training: bool) -> ModelArch:
     """Every rule of a job of `world_size` processes (None: one CPU process) that `load_recipe` did
     not already check; `training`: also those of `softgrpo train`. Returns the model's architecture."""
-    arch = recipe_model_arch(loaded)
-    _check_model_fit(loaded, arch, world_size)
+    arch, padded = _recipe_model(loaded)
+    _check_model_fit(loaded, arch, padded, world_size)
     if training:
         _check_data_parallel(loaded, world_size)
         _check_training(loaded, arch)

@@ -107,11 +107,6 @@ def materialize_smollm2(target: Path | None = None) -> Path:
     return target
 
 
-def model_arch_of(name: str) -> ModelArch:
-    """The architecture behind `policy.model_name`, cheaply (no weights read, nothing converted)."""
-    return SMOLLM2_ARCH if name == SMOLLM2 else resolve_model_source(name).arch
-
-
 def resolve_model_source(name: str) -> ModelSource:
     """Resolve `policy.model_name` (or a CLI path) to a ModelSource; raises UserError if unusable."""
     if name == SMOLLM2:
