@@ -370,21 +370,19 @@ class Trainer:
             "dynamic_sampling/short_groups": target - num_kept,
         }
 
+    def _prompts(self, problems) -> list[list[int]]:
+        data = self.cfg.data
+        return [
+            encode_prompt(self.tokenizer, p.problem, data.prompt_template, data.system_prompt)
+            for p in problems
+        ]
+
     def _rollout_and_score(self, problems, g: int, times: dict) -> Scored:
         """Rollout of this rank's block of prompts, rewards, then the whole batch on every rank."""
         t = time.perf_counter()
         rank, block = self.parallel.dp_rank, len(problems) // self.parallel.dp
         mine = problems[rank * block : (rank + 1) * block]
-        prompts = [
-            encode_prompt(
-                self.tokenizer,
-                p.problem,
-                self.cfg.data.prompt_template,
-                self.cfg.data.system_prompt,
-            )
-            for p in mine
-        ]
-        traj = self.engine.generate(prompts, g)
+        traj = self.engine.generate(self._prompts(mine), g)
         _add_time(times, "time/rollout", t)
 
         t = time.perf_counter()
@@ -428,16 +426,7 @@ class Trainer:
             torch.zeros(per_rank, device=self.worker.device) for _ in range(4)
         )
         if mine:
-            prompts = [
-                encode_prompt(
-                    self.tokenizer,
-                    p.problem,
-                    self.cfg.data.prompt_template,
-                    self.cfg.data.system_prompt,
-                )
-                for p in mine
-            ]
-            traj = self.engine.generate(prompts, 1)
+            traj = self.engine.generate(self._prompts(mine), 1)
             got, has = self._grade(traj.texts, mine)
             correct[: len(mine)], answered[: len(mine)] = got, has.float()
             lengths[: len(mine)] = traj.response_lengths.float()
