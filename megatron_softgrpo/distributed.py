@@ -60,9 +60,7 @@ class ParallelState:
     pp_rank: int
     dp: int
     dp_rank: int
-    groups: (
-        Any  # Megatron-Core's ProcessGroupCollection: every group it defines (.tp, .pp, .dp, ...)
-    )
+    groups: Any  # Megatron-Core's ProcessGroupCollection, all its groups (.tp, .pp, .dp, ...)
     pp_prev_rank: int  # global ranks of the previous, next and last stage of this rank's pipeline
     pp_next_rank: int
     pp_last_rank: int
