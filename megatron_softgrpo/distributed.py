@@ -295,6 +295,12 @@ def max_data_parallel(parallel: ParallelState, value: int, device) -> int:
     return int(t)
 
 
+def barrier(parallel: ParallelState) -> None:
+    """Wait until every rank of the job is here."""
+    if parallel.launch.world_size > 1:
+        torch.distributed.barrier(group=parallel.cpu_group)
+
+
 def any_rank(parallel: ParallelState, flag: bool) -> bool:
     """True on every rank when `flag` is True on any rank."""
     if parallel.launch.world_size == 1:

@@ -172,15 +172,13 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     parallel = init_distributed(ParallelLayout(1, 1))
     model, _ = load_model(resolve_model_source(str(ckpt)), MegatronCfg(), parallel)
 
-    layout = parallel.layout()
-
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash mid-save")
 
     monkeypatch.setattr(dist_checkpointing, "save", crash)
     with pytest.raises(RuntimeError):
         checkpoint.save_checkpoint(
-            ckpt, {"model": model.sharded_state_dict()}, checkpoint.read_meta(ckpt), layout
+            ckpt, {"model": model.sharded_state_dict()}, checkpoint.read_meta(ckpt), parallel
         )
     monkeypatch.undo()
     assert sorted(p.relative_to(ckpt) for p in ckpt.rglob("*")) == before
@@ -199,7 +197,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint.os, "replace", crash_on_second)
     with pytest.raises(RuntimeError, match="between the renames"):
         checkpoint.save_checkpoint(
-            ckpt, {"model": model.sharded_state_dict()}, checkpoint.read_meta(ckpt), layout
+            ckpt, {"model": model.sharded_state_dict()}, checkpoint.read_meta(ckpt), parallel
         )
     monkeypatch.undo()
     assert not ckpt.exists() and (tmp_path / "ckpt.old").is_dir()

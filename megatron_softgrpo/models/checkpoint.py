@@ -22,8 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
+from megatron_softgrpo.distributed import ParallelState, barrier
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.arch import ModelArch
 
@@ -81,44 +80,35 @@ def read_meta(path: str | Path) -> CheckpointMeta:
     return meta
 
 
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def save_checkpoint(
     out_dir: str | Path,
     sharded_states: dict[str, dict],
     meta: CheckpointMeta,
-    layout: dict[str, int],
+    parallel: ParallelState,
     tokenizer=None,
 ) -> Path:
     """Collectively save `{"model": model.sharded_state_dict(), ...}` with metadata, atomically.
 
-    Every rank calls this; `layout` (`ParallelState.layout()`) is recorded as `saved_layout`.
-    An existing `out_dir` is replaced only after the new one is complete.
+    Every rank calls this; the main rank writes the files around the shards. An existing
+    `out_dir` is replaced only after the new one is complete.
     """
     from megatron.core import dist_checkpointing
 
     out_dir = Path(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
-    if _rank() == 0:
+    if parallel.main:
         shutil.rmtree(partial, ignore_errors=True)  # leftovers of a crashed save
         partial.mkdir(parents=True)
-    _barrier()
+    barrier(parallel)
     for name, sharded in sharded_states.items():
         sub = partial / name
-        if _rank() == 0:
+        if parallel.main:
             sub.mkdir()
-        _barrier()
+        barrier(parallel)
         dist_checkpointing.save(sharded, str(sub))
-    if _rank() == 0:
+    if parallel.main:
         meta.created_unix = time.time()
-        meta.saved_layout = dict(layout)
+        meta.saved_layout = parallel.layout()
         if tokenizer is not None:
             tokenizer.save_pretrained(str(partial / "tokenizer"))
         (partial / META_FILE).write_text(json.dumps(asdict(meta), indent=2, sort_keys=True))
@@ -131,7 +121,7 @@ def save_checkpoint(
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(partial, out_dir)
-    _barrier()
+    barrier(parallel)
     return out_dir
 
 

@@ -62,7 +62,7 @@ def hf_to_megatron(hf: str, out: str, tp: int = 1, pp: int = 1, precision: str =
     )
     tokenizer = load_tokenizer(source) if parallel.main and has_tokenizer(source.path) else None
     states = {"model": model.sharded_state_dict()}
-    save_checkpoint(out_dir, states, meta, parallel.layout(), tokenizer=tokenizer)
+    save_checkpoint(out_dir, states, meta, parallel, tokenizer=tokenizer)
     if parallel.main:
         print(
             f"[softgrpo] wrote {out_dir} (saved at TP={tp} PP={pp}; loads at any layout)",

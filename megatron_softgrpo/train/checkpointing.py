@@ -34,7 +34,7 @@ from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_softgrpo.config.schema import CheckpointingCfg
-from megatron_softgrpo.distributed import ParallelState
+from megatron_softgrpo.distributed import ParallelState, barrier
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.checkpoint import (
     CheckpointMeta,
@@ -81,20 +81,18 @@ def save_training_checkpoint(
         json.dumps(meta.extra)
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint extra is not JSON-serialisable: {e}") from None
-    root = Path(ckpt_cfg.checkpoint_dir)
+    root, parallel = Path(ckpt_cfg.checkpoint_dir), worker.parallel
     model_sd = worker.model.sharded_state_dict()
     states = {
         "model": model_sd,
         "optimizer": optimizer_sharded_state(worker.optimizer, model_sd),
-        "rng": _rng_sharded(_rng_state(), worker.parallel),
+        "rng": _rng_sharded(_rng_state(), parallel),
     }
-    layout = worker.parallel.layout()
-    out = save_checkpoint(root / step_dir_name(step), states, meta, layout, tokenizer=tokenizer)
-    if worker.parallel.main:
+    out = save_checkpoint(root / step_dir_name(step), states, meta, parallel, tokenizer=tokenizer)
+    if parallel.main:
         _write_latest(root, out.name)
         _prune(root, ckpt_cfg.keep_top_k, keep=out.name)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    barrier(parallel)
     return out
 
 
