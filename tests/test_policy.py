@@ -11,72 +11,15 @@ import random
 import numpy as np
 import pytest
 import torch
+from builders import ANSWER_T, THINKING_T, K, new_worker, recipe
 from distributed_helpers import run_ranks
 from tiny_models import make_hf_model
 
 from megatron_softgrpo.algorithms.loss import PolicyLoss
-from megatron_softgrpo.config.schema import (
-    CheckpointingCfg,
-    GenerationCfg,
-    LossCfg,
-    MegatronCfg,
-    OptimizerCfg,
-    PolicyCfg,
-    RecipeCfg,
-    SchedulerCfg,
-    SoftGRPOCfg,
-)
-from megatron_softgrpo.distributed import ParallelLayout, init_distributed
 from megatron_softgrpo.soft import MixtureRecord
 from megatron_softgrpo.train.batch import PolicyBatch
 
 VOCAB = 1000  # tiny_models' real vocabulary (padded to 1024)
-K = 3  # mixture size
-ANSWER_T = 0.7  # policy.generation.temperature: scores discrete rows
-THINKING_T = 1.0  # softgrpo.thinking.temperature: scores soft rows
-
-
-def recipe(
-    hf_dir,
-    tp=1,
-    pp=1,
-    *,
-    micro=1,
-    kl=0.001,
-    aggregation="token_mean_microbatch",
-    warmup=0,
-    ckpt=None,
-    keep=3,
-    distributed=True,
-    entropy=0.0,
-):
-    return RecipeCfg(
-        policy=PolicyCfg(
-            model_name=str(hf_dir),
-            precision="float32",
-            train_micro_batch_size=micro,
-            logprob_batch_size=micro,
-            generation=GenerationCfg(temperature=ANSWER_T),
-            megatron_cfg=MegatronCfg(
-                tensor_model_parallel_size=tp,
-                pipeline_model_parallel_size=pp,
-                # eps far above gradient rounding noise: some gradients are exactly 0 in exact arithmetic
-                # (the key bias: softmax is shift-invariant) and ~1e-9 numerically, which Adam with
-                # eps=1e-8 would turn into steps of ~lr that differ between layouts
-                optimizer=OptimizerCfg(
-                    lr=1e-3, adam_eps=1e-5, use_distributed_optimizer=distributed
-                ),
-                scheduler=SchedulerCfg(lr_warmup_iters=warmup),
-            ),
-        ),
-        loss_fn=LossCfg(
-            reference_policy_kl_penalty=kl, aggregation=aggregation, entropy_coef=entropy
-        ),
-        softgrpo=SoftGRPOCfg(algorithm="softgrpo", mixture_size=K),
-        checkpointing=CheckpointingCfg(checkpoint_dir=str(ckpt), keep_top_k=keep)
-        if ckpt
-        else CheckpointingCfg(),
-    )
 
 
 def make_batch(seed: int, rows: int = 4, seq: int = 12) -> PolicyBatch:
@@ -214,12 +157,6 @@ def portable(tensors) -> list[np.ndarray]:
 def train(worker, batch):
     """One optimizer step with the recipe's loss, as the trainer hands it over."""
     return worker.train_step(batch, PolicyLoss(worker.cfg.loss_fn))
-
-
-def new_worker(cfg, tp=1, pp=1):
-    from megatron_softgrpo.train.policy import PolicyWorker
-
-    return PolicyWorker(cfg, init_distributed(ParallelLayout(tp, pp)))
 
 
 # ------------------------------------------------------------------ single process

@@ -8,71 +8,37 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import (
+    EOS,
+    PROMPTS,
+    build,
+    gumbel,
+    new_worker,
+    recipe,
+    rescoring_recipe,
+    run,
+    staggered_eos,
+)
 from distributed_helpers import run_ranks
 
-from megatron_softgrpo.config.schema import MegatronCfg
-from megatron_softgrpo.distributed import ParallelLayout, init_distributed
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.forward import CAUSAL, position_ids
-from megatron_softgrpo.models.loading import load_model
 from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
 from megatron_softgrpo.rollout.engine import RolloutEngine, RolloutSettings
 from megatron_softgrpo.rollout.text_match import TextMatcher
 from megatron_softgrpo.soft import (
     DiscreteSampler,
     EmbeddingNoise,
-    GumbelNoise,
     InputEmbedding,
     MixtureRecord,
     SampledStep,
     SoftSampler,
     Truncation,
-    VocabShard,
     log_density_from_logits,
     seed_noise_rng,
 )
 from megatron_softgrpo.soft.logprob import discrete_log_density
 from model_patches.mixture_embedding import mixture_embedding
-
-VOCAB = 49152  # SmolLM2's tokenizer, on tiny random models
-PROMPTS = [[5, 17, 999, 3, 42], [7, 8], [1, 2, 3, 4, 5, 6, 7, 8]]
-EOS = 2
-
-
-def build(tiny_dir, tp=1, pp=1):
-    """(model, vocabulary shard, parallel state) of this rank."""
-    parallel = init_distributed(ParallelLayout(tp, pp))
-    model, padded = load_model(
-        resolve_model_source(tiny_dir),
-        MegatronCfg(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
-        parallel,
-    )
-    model.eval()
-    return model, VocabShard.of_group(padded, VOCAB, parallel.groups.tp), parallel
-
-
-def gumbel(scale=1.0, tau=0.1):
-    return SoftSampler(Truncation(1.0, 5, 0.95), 5, GumbelNoise(tau=tau, scale=scale))
-
-
-def settings(**overrides):
-    base = dict(
-        thinking_sampler=gumbel(),
-        # a bounded support: an inverse-CDF draw over a near-flat 49k-token nucleus would flip on
-        # the last-ulp logit differences between TP layouts, which the TP/PP test compares
-        answer_sampler=DiscreteSampler(Truncation(1.0, top_k=20, top_p=0.9), 5),
-        thinking_temperature=1.0,
-        think_end="</think>",
-        max_new_tokens=12,
-        eos_ids=frozenset({EOS}),
-    )
-    return RolloutSettings(**{**base, **overrides})
-
-
-def run(model, shard, parallel, tokenizer, prompts=PROMPTS, g=2, seed=7, **overrides):
-    seed_noise_rng(seed)
-    engine = RolloutEngine(model, tokenizer, shard, settings(**overrides), parallel)
-    return engine.generate(prompts, g)
 
 
 def response(result, i, field="tokens"):
@@ -86,45 +52,6 @@ def thinking_sampler(kind):
         "embedding_noise": SoftSampler(Truncation(1.0, 5, 0.95), 5, EmbeddingNoise(0.01, 64)),
         "discrete": None,
     }[kind]
-
-
-def first_new_token(result, min_pos: int, exclude) -> tuple[int, int]:
-    """(token, response position >= min_pos): the earliest sampled token that no row has produced
-    before or at that position. Made an EOS id, it ends its row at that step, and nothing earlier
-    changes (the random draws only change once a row leaves the batch)."""
-    b = result.records.tokens.shape[0]
-    seen = set()
-    for t in range(int(result.response_lengths.max())):
-        at_t = []
-        for i in range(b):
-            j = int(result.prompt_lengths[i]) + t
-            if t < int(result.response_lengths[i]):
-                at_t.append((int(result.records.tokens[i, j]), bool(result.loss_mask[i, j])))
-        counts = [tok for tok, _ in at_t]
-        for tok, scored in at_t:
-            if (
-                t >= min_pos
-                and scored
-                and tok not in exclude
-                and tok not in seen
-                and counts.count(tok) == 1
-            ):
-                return tok, t
-        seen.update(counts)
-    raise AssertionError("no fresh token to end a row with")
-
-
-def staggered_eos(model, shard, parallel, tokenizer, marker, **kwargs) -> frozenset[int]:
-    """EOS ids that end three rows at three different steps (found by re-running with each added)."""
-    eos, pos = {EOS}, 0
-    for _ in range(3):
-        token, pos = first_new_token(
-            run(model, shard, parallel, tokenizer, eos_ids=frozenset(eos), **kwargs),
-            pos + 1,
-            set(marker) | eos,
-        )
-        eos.add(token)
-    return frozenset(eos)
 
 
 @pytest.mark.parametrize("thinking", ["gumbel", "embedding_noise", "discrete"])
@@ -445,30 +372,12 @@ def sampled_logits(result, think_calls, answer_calls) -> torch.Tensor:
     return out
 
 
-def rescoring_recipe(tiny_dir, algorithm):
-    from test_policy import recipe
-
-    cfg = recipe(tiny_dir, kl=0)  # answer temperature 0.7
-    # thinking temperature 1.3 != 0.7: each row must be scored at its own phase's temperature
-    thinking = cfg.softgrpo.thinking.model_copy(
-        update={"temperature": 1.3, "max_thinking_tokens": 3}
-    )
-    return cfg.model_copy(
-        update={
-            "softgrpo": cfg.softgrpo.model_copy(
-                update={"algorithm": algorithm, "mixture_size": 5, "thinking": thinking}
-            )
-        }
-    )
-
-
 @pytest.mark.parametrize(
     "algorithm", ["softgrpo", "gaussian", "dirichlet", "embedding_noise", "grpo"]
 )
 def test_rescoring_reproduces_the_rollout_log_densities(tiny_dir, tokenizer, algorithm):
     """The trainer's log-prob function (PolicyWorker.compute_logprobs) on a finished rollout gives the
     rollout's own log-densities, soft rows at the thinking temperature and discrete ones at the answer's."""
-    from test_policy import new_worker
 
     from megatron_softgrpo.train.batch import PolicyBatch
 
@@ -528,7 +437,6 @@ def test_a_sampled_marker_step_is_scored_at_the_temperature_it_was_drawn_at(
     writes while thinking, so a sampled step completes it: the rollout scores that step at 1.3,
     the temperature of the thinking sampler that drew it, and the trainer re-scores it to the
     same value, so the importance ratio is 1 before an update."""
-    from test_policy import new_worker
 
     from megatron_softgrpo.train.batch import PolicyBatch
 
@@ -715,7 +623,6 @@ def test_stop_strings_match_the_first_completed_string(tokenizer):
 
 @pytest.mark.parametrize("value,expected", [([7, 11], {7, 11}), (7, {7}), (None, set())])
 def test_eos_ids_include_the_generation_config(tiny_dir, tokenizer, tmp_path, value, expected):
-    from test_policy import recipe
 
     model_dir = tmp_path / "model"
     model_dir.mkdir()
@@ -728,7 +635,6 @@ def test_eos_ids_include_the_generation_config(tiny_dir, tokenizer, tmp_path, va
 
 
 def test_eos_ids_without_a_generation_config_eos_and_a_bad_one(tiny_dir, tokenizer, tmp_path):
-    from test_policy import recipe
 
     # make_hf_model's generation_config.json has no eos_token_id
     assert RolloutSettings.from_recipe(recipe(tiny_dir, kl=0), tokenizer, 64).eos_ids == {

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from builders import write_recipe
 from local_slurm import (
     REQUIRE_SLURM,
     current_user,
@@ -30,7 +31,6 @@ from local_slurm import (
     slurm_conf,
     start_local_slurm,
 )
-from test_train import write_recipe
 from tiny_models import make_hf_model
 
 from megatron_softgrpo.distributed import detect_launch_env, slurm_master_port

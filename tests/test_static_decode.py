@@ -7,8 +7,18 @@ from dataclasses import fields
 
 import pytest
 import torch
+from builders import (
+    EOS,
+    PROMPTS,
+    VOCAB,
+    build,
+    gumbel,
+    new_worker,
+    rescoring_recipe,
+    settings,
+    staggered_eos,
+)
 from distributed_helpers import run_ranks
-from test_rollout import EOS, PROMPTS, build, gumbel, settings, staggered_eos
 from tiny_models import make_hf_model
 
 from megatron_softgrpo.errors import UserError
@@ -26,8 +36,6 @@ from megatron_softgrpo.soft import (
 )
 from megatron_softgrpo.soft.noises import DirichletNoise, GaussianNoise
 from model_patches.static_decode import StaticDecoder, length_bucket
-
-VOCAB = 49152
 
 
 @pytest.fixture(scope="module")
@@ -244,8 +252,6 @@ def test_static_engine_at_tp2_and_pp2_gives_the_tp1_reference(
 @pytest.mark.parametrize("algorithm", ["softgrpo", "gaussian", "grpo"])
 def test_trainer_rescores_the_static_rollout(tiny_dir, tokenizer, algorithm):
     """The trainer's full-sequence log-probs reproduce the static rollout's densities to 1e-5."""
-    from test_policy import new_worker
-    from test_rollout import rescoring_recipe
 
     from megatron_softgrpo.rollout.engine import RolloutSettings
     from megatron_softgrpo.train.batch import PolicyBatch

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import write_recipe
 from distributed_helpers import run_ranks
 from tiny_models import make_hf_model
 
@@ -34,52 +35,6 @@ TIMING_KEYS = {"tokens_per_second"} | {k for k in STEP_KEYS if k.startswith("tim
 def tiny_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     make_hf_model("llama", path, vocab_size=49152)
-    return path
-
-
-def write_recipe(tmp_path: Path, model: Path, tokenizer: Path, **sections) -> Path:
-    run = tmp_path / "run"
-    body = {
-        "defaults": str(ROOT / "recipes" / "base.yaml"),
-        "policy": {
-            "model_name": str(model),
-            "tokenizer": {"name": str(tokenizer)},
-            "precision": "float32",
-            "train_global_batch_size": 4,
-            "train_micro_batch_size": 2,
-            "logprob_batch_size": 2,
-            "max_total_sequence_length": 256,
-            "generation": {"max_new_tokens": 8},
-            "megatron_cfg": {"optimizer": {"lr": 1e-4}},
-        },
-        "grpo": {
-            "num_prompts_per_step": 2,
-            "num_generations_per_prompt": 4,
-            "max_num_steps": 4,
-            "seed": 3,
-        },
-        "loss_fn": {"reference_policy_kl_penalty": 0.01},
-        "data": {
-            "max_input_seq_length": 128,
-            "train": {
-                "kind": "reasoning_gym",
-                "task": "basic_arithmetic",
-                "size": 40,
-                "seed": 1,
-                "task_config": {"min_terms": 2, "max_terms": 2, "max_digits": 1},
-            },
-        },
-        "env": {"reward": "reasoning_gym", "num_workers": 1},
-        "softgrpo": {"thinking": {"max_thinking_tokens": 4}},
-        "logger": {"log_dir": str(run), "tensorboard_enabled": True},
-        "checkpointing": {"checkpoint_dir": str(run / "ckpt"), "save_period": 2, "keep_top_k": 2},
-        "cluster": {"gpus_per_node": 0},
-    }
-    for section, values in sections.items():
-        body[section] = {**body.get(section, {}), **values}
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(json.dumps(body))  # JSON is YAML
     return path
 
 

@@ -1,0 +1,235 @@
+"""Builders the test modules share: a PolicyWorker recipe on a tiny model, a `softgrpo train`
+recipe file, and a rollout engine with its settings on a tiny SmolLM2-vocabulary model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from megatron_softgrpo.config.schema import (
+    CheckpointingCfg,
+    GenerationCfg,
+    LossCfg,
+    MegatronCfg,
+    OptimizerCfg,
+    PolicyCfg,
+    RecipeCfg,
+    SchedulerCfg,
+    SoftGRPOCfg,
+)
+from megatron_softgrpo.distributed import ParallelLayout, init_distributed
+from megatron_softgrpo.models.loading import load_model
+from megatron_softgrpo.models.source import resolve_model_source
+from megatron_softgrpo.rollout.engine import RolloutEngine, RolloutSettings
+from megatron_softgrpo.soft import (
+    DiscreteSampler,
+    GumbelNoise,
+    SoftSampler,
+    Truncation,
+    VocabShard,
+    seed_noise_rng,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 49152  # the rollout tests' tiny models have SmolLM2's vocabulary
+
+# ------------------------------------------------------------------ the policy worker
+
+K = 3  # mixture size
+ANSWER_T = 0.7  # policy.generation.temperature: scores discrete positions
+THINKING_T = 1.0  # softgrpo.thinking.temperature: scores soft positions
+
+
+def recipe(
+    hf_dir,
+    tp=1,
+    pp=1,
+    *,
+    micro=1,
+    kl=0.001,
+    aggregation="token_mean_microbatch",
+    warmup=0,
+    ckpt=None,
+    keep=3,
+    distributed=True,
+    entropy=0.0,
+):
+    return RecipeCfg(
+        policy=PolicyCfg(
+            model_name=str(hf_dir),
+            precision="float32",
+            train_micro_batch_size=micro,
+            logprob_batch_size=micro,
+            generation=GenerationCfg(temperature=ANSWER_T),
+            megatron_cfg=MegatronCfg(
+                tensor_model_parallel_size=tp,
+                pipeline_model_parallel_size=pp,
+                # eps far above gradient rounding noise: some gradients are exactly 0 in exact arithmetic
+                # (the key bias: softmax is shift-invariant) and ~1e-9 numerically, which Adam with
+                # eps=1e-8 would turn into steps of ~lr that differ between layouts
+                optimizer=OptimizerCfg(
+                    lr=1e-3, adam_eps=1e-5, use_distributed_optimizer=distributed
+                ),
+                scheduler=SchedulerCfg(lr_warmup_iters=warmup),
+            ),
+        ),
+        loss_fn=LossCfg(
+            reference_policy_kl_penalty=kl, aggregation=aggregation, entropy_coef=entropy
+        ),
+        softgrpo=SoftGRPOCfg(algorithm="softgrpo", mixture_size=K),
+        checkpointing=CheckpointingCfg(checkpoint_dir=str(ckpt), keep_top_k=keep)
+        if ckpt
+        else CheckpointingCfg(),
+    )
+
+
+def new_worker(cfg, tp=1, pp=1):
+    from megatron_softgrpo.train.policy import PolicyWorker
+
+    return PolicyWorker(cfg, init_distributed(ParallelLayout(tp, pp)))
+
+
+# ------------------------------------------------------------------ softgrpo train
+
+
+def write_recipe(tmp_path: Path, model: Path, tokenizer: Path, **sections) -> Path:
+    run = tmp_path / "run"
+    body = {
+        "defaults": str(ROOT / "recipes" / "base.yaml"),
+        "policy": {
+            "model_name": str(model),
+            "tokenizer": {"name": str(tokenizer)},
+            "precision": "float32",
+            "train_global_batch_size": 4,
+            "train_micro_batch_size": 2,
+            "logprob_batch_size": 2,
+            "max_total_sequence_length": 256,
+            "generation": {"max_new_tokens": 8},
+            "megatron_cfg": {"optimizer": {"lr": 1e-4}},
+        },
+        "grpo": {
+            "num_prompts_per_step": 2,
+            "num_generations_per_prompt": 4,
+            "max_num_steps": 4,
+            "seed": 3,
+        },
+        "loss_fn": {"reference_policy_kl_penalty": 0.01},
+        "data": {
+            "max_input_seq_length": 128,
+            "train": {
+                "kind": "reasoning_gym",
+                "task": "basic_arithmetic",
+                "size": 40,
+                "seed": 1,
+                "task_config": {"min_terms": 2, "max_terms": 2, "max_digits": 1},
+            },
+        },
+        "env": {"reward": "reasoning_gym", "num_workers": 1},
+        "softgrpo": {"thinking": {"max_thinking_tokens": 4}},
+        "logger": {"log_dir": str(run), "tensorboard_enabled": True},
+        "checkpointing": {"checkpoint_dir": str(run / "ckpt"), "save_period": 2, "keep_top_k": 2},
+        "cluster": {"gpus_per_node": 0},
+    }
+    for section, values in sections.items():
+        body[section] = {**body.get(section, {}), **values}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(body))  # JSON is YAML
+    return path
+
+
+# ------------------------------------------------------------------ the rollout engine
+
+PROMPTS = [[5, 17, 999, 3, 42], [7, 8], [1, 2, 3, 4, 5, 6, 7, 8]]
+
+EOS = 2
+
+
+def build(tiny_dir, tp=1, pp=1):
+    """(model, vocabulary shard, parallel state) of this rank."""
+    parallel = init_distributed(ParallelLayout(tp, pp))
+    model, padded = load_model(
+        resolve_model_source(tiny_dir),
+        MegatronCfg(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+        parallel,
+    )
+    model.eval()
+    return model, VocabShard.of_group(padded, VOCAB, parallel.groups.tp), parallel
+
+
+def gumbel(scale=1.0, tau=0.1):
+    return SoftSampler(Truncation(1.0, 5, 0.95), 5, GumbelNoise(tau=tau, scale=scale))
+
+
+def settings(**overrides):
+    base = dict(
+        thinking_sampler=gumbel(),
+        # a bounded support: an inverse-CDF draw over a near-flat 49k-token nucleus would flip on
+        # the last-ulp logit differences between TP layouts, which the TP/PP test compares
+        answer_sampler=DiscreteSampler(Truncation(1.0, top_k=20, top_p=0.9), 5),
+        thinking_temperature=1.0,
+        think_end="</think>",
+        max_new_tokens=12,
+        eos_ids=frozenset({EOS}),
+    )
+    return RolloutSettings(**{**base, **overrides})
+
+
+def run(model, shard, parallel, tokenizer, prompts=PROMPTS, g=2, seed=7, **overrides):
+    seed_noise_rng(seed)
+    engine = RolloutEngine(model, tokenizer, shard, settings(**overrides), parallel)
+    return engine.generate(prompts, g)
+
+
+def first_new_token(result, min_pos: int, exclude) -> tuple[int, int]:
+    """(token, response position >= min_pos): the earliest sampled token that no row has produced
+    before or at that position. Made an EOS id, it ends its row at that step, and nothing earlier
+    changes (the random draws only change once a row leaves the batch)."""
+    b = result.records.tokens.shape[0]
+    seen = set()
+    for t in range(int(result.response_lengths.max())):
+        at_t = []
+        for i in range(b):
+            j = int(result.prompt_lengths[i]) + t
+            if t < int(result.response_lengths[i]):
+                at_t.append((int(result.records.tokens[i, j]), bool(result.loss_mask[i, j])))
+        counts = [tok for tok, _ in at_t]
+        for tok, scored in at_t:
+            if (
+                t >= min_pos
+                and scored
+                and tok not in exclude
+                and tok not in seen
+                and counts.count(tok) == 1
+            ):
+                return tok, t
+        seen.update(counts)
+    raise AssertionError("no fresh token to end a row with")
+
+
+def staggered_eos(model, shard, parallel, tokenizer, marker, **kwargs) -> frozenset[int]:
+    """EOS ids that end three rows at three different steps (found by re-running with each added)."""
+    eos, pos = {EOS}, 0
+    for _ in range(3):
+        token, pos = first_new_token(
+            run(model, shard, parallel, tokenizer, eos_ids=frozenset(eos), **kwargs),
+            pos + 1,
+            set(marker) | eos,
+        )
+        eos.add(token)
+    return frozenset(eos)
+
+
+def rescoring_recipe(tiny_dir, algorithm):
+    cfg = recipe(tiny_dir, kl=0)  # answer temperature 0.7
+    # thinking temperature 1.3 != 0.7: each row must be scored at its own phase's temperature
+    thinking = cfg.softgrpo.thinking.model_copy(
+        update={"temperature": 1.3, "max_thinking_tokens": 3}
+    )
+    return cfg.model_copy(
+        update={
+            "softgrpo": cfg.softgrpo.model_copy(
+                update={"algorithm": algorithm, "mixture_size": 5, "thinking": thinking}
+            )
+        }
+    )
