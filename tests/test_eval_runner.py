@@ -735,6 +735,11 @@ def test_an_interrupted_eval_resumes_to_the_same_summary(e2e_runs, tmp_path, cap
     # other settings in the same directory are refused (before the model is loaded)
     assert _eval(tmp_path, data_dir, "softgrpo.sampler=discrete") == 2
     assert 'decoded with decoding="gumbel", now decoding="discrete"' in capsys.readouterr().err
+    assert (
+        _eval(tmp_path, data_dir, "softgrpo.sampler=gumbel", "env.answer_format=last_number") == 2
+    )
+    err = capsys.readouterr().err
+    assert 'env.answer_format="boxed", now env.answer_format="last_number"' in err
 
 
 # ---------------------------------------------------------------- data parallel

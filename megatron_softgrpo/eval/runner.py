@@ -162,6 +162,7 @@ def sample_settings(cfg: RecipeCfg, plan: BenchmarkPlan) -> dict:
         "max_new_tokens": max_new_tokens(cfg),
         "prompt_template": plan.template,
         "data.system_prompt": cfg.data.system_prompt,
+        "env.answer_format": cfg.env.answer_format,  # samples are stored graded
         "problem_file": plan.source,
         "eval.n": cfg.eval.n,
         "eval.batch_size": cfg.eval.batch_size,
