@@ -367,7 +367,7 @@ class _SumGradsOverRanks(torch.autograd.Function):
 
 
 def sum_tensor_parallel(x: torch.Tensor, group) -> torch.Tensor:
-    """Sum over the TP ranks; backward is the identity (each rank owns its share of the summands)."""
+    """Sum over the TP ranks; backward is the identity (each rank owns its share of the sum)."""
     return _SumOverRanks.apply(x, group) if _tensor_parallel(group) else x
 
 
@@ -377,7 +377,7 @@ def copy_to_tensor_parallel(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def sum_tensor_parallel_(x: torch.Tensor, group) -> torch.Tensor:
-    """`x` summed over the TP ranks in place, no autograd (an NCCL all-reduce a CUDA graph captures)."""
+    """`x` summed over the TP ranks in place, no autograd (a CUDA graph captures it)."""
     if _tensor_parallel(group):
         torch.distributed.all_reduce(x, group=group)
     return x

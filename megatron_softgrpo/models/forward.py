@@ -32,7 +32,8 @@ def run_schedule(
     forward_only: bool,
 ) -> list:
     """Megatron's forward(/backward) schedule over `micro_batches` on this rank's process groups:
-    `forward_step(data_iterator, model)` per micro-batch; its outputs on the last stage, [] elsewhere."""
+    `forward_step(data_iterator, model)` per micro-batch; its outputs on the last stage, []
+    elsewhere."""
     config = get_model_config(model)
     return get_forward_backward_func(pp_size=parallel.pp)(
         forward_step_func=forward_step,

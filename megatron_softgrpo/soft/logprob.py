@@ -193,7 +193,7 @@ class _Chunking:
 
     @functools.cached_property
     def pieces(self) -> list[tuple[slice, torch.Tensor, torch.Tensor, float | torch.Tensor]]:
-        """Per chunk: its rows, the indices of its discrete and soft positions, and the discrete positions'
+        """Per chunk: its positions, the indices of its discrete and soft ones, and the discrete ones'
         temperature (`Scorer.discrete_temperatures`); one host sync in all."""
         is_soft, thinking = torch.stack([self.records.is_soft, self.records.thinking]).cpu()
         device = self.records.is_soft.device

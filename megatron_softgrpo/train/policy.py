@@ -1,8 +1,9 @@
 """PolicyWorker: this rank's shard of the policy (and of the frozen reference), its log-probs and updates.
 
 Every rank of the job builds one worker after `init_distributed` and calls every method
-(they are collectives). Everything runs through Megatron's schedule (`models/forward.py::run_schedule`), so
-tensor, pipeline and data parallelism all work the same way:
+(they are collectives). Everything runs through Megatron's schedule
+(`models/forward.py::run_schedule`), so tensor, pipeline and data parallelism all work the same
+way:
 
 - Inputs: position j reads the mixture of stored record j (`mixture_embedding`, detached,
   docs/algorithm.md section 2) as `decoder_input` on the first pipeline stage; attention is causal with
