@@ -59,6 +59,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from megatron_softgrpo.config.checks import cluster_world_size, validate
+from megatron_softgrpo.config.loader import load_recipe
 from megatron_softgrpo.config.schema import RecipeCfg
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.arch import ModelArch
@@ -454,9 +456,6 @@ def run_plan(
     recipe: str, overrides: list[str], gpus: int | None = None, gpu_mem_gib: float | None = None
 ) -> int:
     """Validate the recipe's layout and print its memory plan; 0 fits, 1 does not fit (UserError: 2)."""
-    from megatron_softgrpo.config.checks import cluster_world_size, validate
-    from megatron_softgrpo.config.loader import load_recipe
-
     if gpus is not None and gpus < 1:
         raise UserError(f"plan: --gpus {gpus}: expected at least 1")
     if gpu_mem_gib is not None and gpu_mem_gib <= 0:

@@ -15,6 +15,7 @@ from megatron_softgrpo.config.schema import ClusterCfg
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.arch import ModelArch
 from megatron_softgrpo.models.known import KNOWN_HF_CONFIGS, known_arch
+from megatron_softgrpo.models.source import SMOLLM2, SMOLLM2_ARCH, resolve_model_source
 
 
 def check_recipe(loaded: LoadedRecipe) -> None:
@@ -134,8 +135,6 @@ def recipe_model_arch(loaded: LoadedRecipe) -> ModelArch:
 def _recipe_model(loaded: LoadedRecipe) -> tuple[ModelArch, int | None]:
     """(the policy's architecture, the padded vocabulary a megatron-softgrpo checkpoint was saved
     with; None for other models), from one read of its metadata."""
-    from megatron_softgrpo.models.source import SMOLLM2, SMOLLM2_ARCH, resolve_model_source
-
     policy = loaded.cfg.policy
     if policy.model_name == SMOLLM2:
         return SMOLLM2_ARCH, None  # without materialising its weights

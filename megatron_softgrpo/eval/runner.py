@@ -28,6 +28,8 @@ from megatron_softgrpo.algorithms.registry import decoding_algorithm
 from megatron_softgrpo.config.recipe import LoadedRecipe
 from megatron_softgrpo.config.schema import RecipeCfg
 from megatron_softgrpo.data import builtin
+from megatron_softgrpo.data.datasets import read_problems
+from megatron_softgrpo.data.prompts import encode_prompt
 from megatron_softgrpo.distributed import ParallelState, gather_to_main, share_from_main
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.eval.benchmarks import (
@@ -41,7 +43,12 @@ from megatron_softgrpo.eval.benchmarks import (
 from megatron_softgrpo.eval.metrics import BenchmarkMetrics, summarize
 from megatron_softgrpo.eval.report import EvalSummary, write_summary
 from megatron_softgrpo.eval.samples import SampleFile, SampleRecord, batches, sample_table
+from megatron_softgrpo.eval.sandbox import isolation
+from megatron_softgrpo.models.checkpoint import is_checkpoint
 from megatron_softgrpo.rewards.answers import AnswerFormat
+from megatron_softgrpo.rewards.math import MathGrader
+from megatron_softgrpo.soft import seed_noise_rng
+from megatron_softgrpo.train.checkpointing import latest_checkpoint
 
 
 @dataclass(frozen=True)
@@ -70,9 +77,6 @@ def batch_seed(seed: int, benchmark: str, batch_index: int) -> int:
 
 def checkpoint_model_name(checkpoint: str) -> str:
     """`checkpoint=DIR`: a megatron-softgrpo checkpoint, or a checkpoint_dir whose `latest` names one."""
-    from megatron_softgrpo.models.checkpoint import is_checkpoint
-    from megatron_softgrpo.train.checkpointing import latest_checkpoint
-
     path = Path(checkpoint).expanduser()
     if is_checkpoint(path):
         return str(path)
@@ -123,8 +127,6 @@ def _benchmark_file(loaded: LoadedRecipe, name: str, filename: str) -> Path:
 
 def _validation_problems(loaded: LoadedRecipe) -> tuple[str, list[Problem]]:
     """The `validation` benchmark: the recipe's held-out split, as training validates on it."""
-    from megatron_softgrpo.data.datasets import read_problems
-
     data = loaded.cfg.data
     if data.validation is None:
         raise loaded.error("eval.benchmarks", "'validation' needs data.validation (not set)")
@@ -236,8 +238,6 @@ def run_eval(
 
     `engine` is this rank's `RolloutEngine`, built after `init_distributed` with `max_new_tokens(cfg)`.
     """
-    from megatron_softgrpo.rewards.math import MathGrader
-
     ev = cfg.eval
     out_dir = eval_dir(cfg)
     needs_math = any(p.benchmark.kind == "math" for p in plans)
@@ -247,8 +247,6 @@ def run_eval(
         else None
     )
     if parallel.main and any(p.benchmark.kind == "code" for p in plans):
-        from megatron_softgrpo.eval.sandbox import isolation
-
         name = isolation().name
         caveat = (
             " (no namespaces: eval/sandbox.py says what a program could still do)"
@@ -291,9 +289,6 @@ def _run_benchmark(
     out_dir: Path,
 ) -> BenchmarkMetrics | None:
     """Decode, grade and record what is left of one benchmark; the main rank returns its metrics."""
-    from megatron_softgrpo.data.prompts import encode_prompt
-    from megatron_softgrpo.soft import seed_noise_rng
-
     ev, name = cfg.eval, plan.benchmark.name
     problem_batches = batches(len(plan.problems), ev.batch_size)
     sample_file = SampleFile(out_dir)

@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from megatron_softgrpo.config.loader import load_checked_recipe
 from megatron_softgrpo.errors import UserError
 
 if TYPE_CHECKING:
@@ -214,8 +215,6 @@ def submit(job: TrainJob, executor, name: str = "softgrpo", detach: bool = False
 def check_recipe(job: TrainJob, world_size: int) -> None:
     """Refuse (UserError) a recipe that `softgrpo train` would refuse in a job of `world_size` processes:
     the same checks, for the job's world size instead of this process's."""
-    from megatron_softgrpo.config.loader import load_checked_recipe
-
     load_checked_recipe(job.recipe, list(job.overrides), world_size, training=True)
 
 

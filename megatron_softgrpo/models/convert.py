@@ -12,10 +12,12 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from megatron_softgrpo.config.schema import MegatronCfg
 from megatron_softgrpo.distributed import ParallelLayout, init_distributed
 from megatron_softgrpo.errors import UserError
+from megatron_softgrpo.models.build import DTYPES
 from megatron_softgrpo.models.checkpoint import CheckpointMeta, read_meta, save_checkpoint
 from megatron_softgrpo.models.hf_mapping import full_state_dict, hf_state_from_full_megatron
 from megatron_softgrpo.models.loading import load_model
@@ -72,8 +74,6 @@ def hf_to_megatron(hf: str, out: str, tp: int = 1, pp: int = 1, precision: str =
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path) -> None:
-    from safetensors.torch import save_file
-
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():
@@ -111,8 +111,6 @@ def megatron_to_hf(ckpt: str, out: str, dtype: str | None = None) -> Path:
     model, _ = load_model(source, MegatronCfg(), parallel, meta.precision)
     hf_state = hf_state_from_full_megatron(full_state_dict(model), source.arch)
     if dtype is not None:
-        from megatron_softgrpo.models.build import DTYPES
-
         hf_state = {k: v.to(DTYPES[dtype]) for k, v in hf_state.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_safetensors(hf_state, out_dir)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.arch import ModelArch
@@ -35,8 +36,6 @@ class HFCheckpointReader:
     """Lazy access to the tensors of a Hugging Face safetensors checkpoint (single file or sharded)."""
 
     def __init__(self, hf_dir: str | Path):
-        from safetensors import safe_open
-
         self.dir = Path(hf_dir)
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():

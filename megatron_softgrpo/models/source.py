@@ -15,6 +15,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.arch import ModelArch
 from megatron_softgrpo.models.checkpoint import is_checkpoint, read_meta
@@ -86,7 +88,6 @@ def materialize_smollm2(target: Path | None = None) -> Path:
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     )
     # transformers refuses save_pretrained on a GGUF-loaded model, so write the dequantised tensors ourselves
-    from safetensors.torch import save_file
 
     config = model.config.to_dict()
     config.pop("quantization_config", None)

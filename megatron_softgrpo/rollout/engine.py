@@ -26,6 +26,7 @@ from megatron_softgrpo.algorithms.registry import answer_sampler, decoding_algor
 from megatron_softgrpo.config.schema import RecipeCfg
 from megatron_softgrpo.distributed import ParallelState, broadcast_from_last_stage
 from megatron_softgrpo.errors import UserError
+from megatron_softgrpo.models.source import resolve_model_source
 from megatron_softgrpo.rollout.model_runner import ModelRunner
 from megatron_softgrpo.rollout.text_match import TextMatcher
 from megatron_softgrpo.soft import MixtureRecord, SampledStep, Sampler, VocabShard, rng
@@ -85,8 +86,6 @@ class RolloutSettings:
 def eos_token_ids(model_name: str, tokenizer) -> frozenset[int]:
     """The tokenizer's EOS id and every id in the model's generation_config.json `eos_token_id`
     (an id or a list: instruct models often end turns with a token other than the tokenizer's EOS)."""
-    from megatron_softgrpo.models.source import resolve_model_source
-
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     source = resolve_model_source(model_name)
     for path in dict.fromkeys(

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from megatron_softgrpo.config.schema import LoggerCfg
+from megatron_softgrpo.errors import UserError
 
 # Keys of every metrics.jsonl line (besides "step"); documented in the README. "kl/mean" appears
 # when a reference model is used; validation adds "val/..." and, on step 1, "val_at_start/...".
@@ -131,8 +132,6 @@ class MetricsLog:
             try:
                 import wandb
             except ImportError:
-                from megatron_softgrpo.errors import UserError
-
                 raise UserError(
                     "logger.wandb_enabled=true: the wandb package is not installed (pip install wandb)"
                 ) from None
@@ -210,7 +209,5 @@ def _strict(value):
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        from megatron_softgrpo.errors import UserError
-
         raise UserError(f"{path}: no metrics.jsonl in this run directory")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
