@@ -92,6 +92,16 @@ def new_worker(cfg, tp=1, pp=1):
 # ------------------------------------------------------------------ softgrpo train
 
 
+# one-digit sums from reasoning-gym: graded on CPU in microseconds
+TRAIN_DATA = {
+    "kind": "reasoning_gym",
+    "task": "basic_arithmetic",
+    "size": 40,
+    "seed": 1,
+    "task_config": {"min_terms": 2, "max_terms": 2, "max_digits": 1},
+}
+
+
 def write_recipe(tmp_path: Path, model: Path, tokenizer: Path, **sections) -> Path:
     run = tmp_path / "run"
     body = {
@@ -116,13 +126,7 @@ def write_recipe(tmp_path: Path, model: Path, tokenizer: Path, **sections) -> Pa
         "loss_fn": {"reference_policy_kl_penalty": 0.01},
         "data": {
             "max_input_seq_length": 128,
-            "train": {
-                "kind": "reasoning_gym",
-                "task": "basic_arithmetic",
-                "size": 40,
-                "seed": 1,
-                "task_config": {"min_terms": 2, "max_terms": 2, "max_digits": 1},
-            },
+            "train": TRAIN_DATA,
         },
         "env": {"reward": "reasoning_gym", "num_workers": 1},
         "softgrpo": {"thinking": {"max_thinking_tokens": 4}},

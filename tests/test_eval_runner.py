@@ -13,6 +13,7 @@ from typing import get_args
 
 import pytest
 import torch
+from builders import TRAIN_DATA, write_recipe
 from distributed_helpers import run_ranks
 from tiny_models import make_hf_model
 
@@ -749,45 +750,18 @@ def test_eval_of_a_training_checkpoint(tmp_path, smollm2_hf_dir, builtin_data):
     """`checkpoint=DIR` (a checkpoint_dir) evaluates its latest step, and the summary names that step."""
     model = tmp_path / "tiny-llama"
     make_hf_model("llama", model, vocab_size=49152)
-    run = tmp_path / "run"
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        json.dumps(
-            {  # JSON is YAML
-                "defaults": str(ROOT / "recipes" / "base.yaml"),
-                "policy": {
-                    "model_name": str(model),
-                    "tokenizer": {"name": str(smollm2_hf_dir)},
-                    "precision": "float32",
-                    "train_global_batch_size": 4,
-                    "train_micro_batch_size": 2,
-                    "logprob_batch_size": 2,
-                    "max_total_sequence_length": 160,
-                    "generation": {"max_new_tokens": 4},
-                },
-                "grpo": {
-                    "num_prompts_per_step": 2,
-                    "num_generations_per_prompt": 2,
-                    "max_num_steps": 1,
-                },
-                "loss_fn": {"reference_policy_kl_penalty": 0.0},
-                "data": {
-                    "max_input_seq_length": 128,
-                    "train": {
-                        "kind": "reasoning_gym",
-                        "task": "basic_arithmetic",
-                        "size": 8,
-                        "seed": 1,
-                        "task_config": {"min_terms": 2, "max_terms": 2, "max_digits": 1},
-                    },
-                },
-                "env": {"reward": "reasoning_gym", "num_workers": 1},
-                "logger": {"log_dir": str(run), "tensorboard_enabled": False},
-                "checkpointing": {"checkpoint_dir": str(run / "ckpt"), "save_period": 1},
-                "cluster": {"gpus_per_node": 0},
-            }
-        )
+    recipe = write_recipe(
+        tmp_path,
+        model,
+        smollm2_hf_dir,
+        policy={"max_total_sequence_length": 160, "generation": {"max_new_tokens": 4}},
+        grpo={"num_generations_per_prompt": 2, "max_num_steps": 1},
+        loss_fn={"reference_policy_kl_penalty": 0.0},
+        data={"train": {**TRAIN_DATA, "size": 8}},
+        logger={"tensorboard_enabled": False},
+        checkpointing={"save_period": 1},
     )
+    run = tmp_path / "run"
     assert cli.main(["train", str(recipe)]) == 0
     step = run / "ckpt" / "step_0000001"
     assert (step / "softgrpo_checkpoint.json").is_file()

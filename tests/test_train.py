@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import write_recipe
+from builders import TRAIN_DATA, write_recipe
 from distributed_helpers import run_ranks
 from tiny_models import make_hf_model
 
@@ -39,15 +39,7 @@ def tiny_model(tmp_path_factory):
 
 
 # a small held-out set, disjoint from the training problems (another generator seed)
-VALIDATION = {
-    "validation": {
-        "kind": "reasoning_gym",
-        "task": "basic_arithmetic",
-        "size": 3,
-        "seed": 2,
-        "task_config": {"min_terms": 2, "max_terms": 2, "max_digits": 1},
-    }
-}
+VALIDATION = {"validation": {**TRAIN_DATA, "size": 3, "seed": 2}}
 
 
 def metrics(run_dir: Path) -> list[dict]:
