@@ -12,7 +12,7 @@ import torch
 from distributed_helpers import run_ranks
 
 from megatron_softgrpo.cli import main
-from megatron_softgrpo.config.checks import recipe_model_arch
+from megatron_softgrpo.config.checks import recipe_model
 from megatron_softgrpo.config.loader import load_recipe
 from megatron_softgrpo.config.schema import MegatronCfg, RecipeCfg
 from megatron_softgrpo.distributed import ParallelLayout, init_distributed
@@ -330,7 +330,7 @@ def test_every_shipped_recipe_passes_its_own_plan(recipe, capsys):
     code, out, err = plan_cli(capsys, recipe)
     assert code == 0, err
     assert "fits: yes" in out.splitlines()
-    arch = recipe_model_arch(load_recipe(recipe))
+    arch = recipe_model(load_recipe(recipe))[0]
     assert f"params: {arch.num_parameters()}" in out.splitlines()
 
 
@@ -528,8 +528,8 @@ def test_a_readable_model_wins_over_the_registry(tmp_path):
     recipe.write_text(
         f"policy: {{model_name: {tmp_path / 'tiny'}, model_arch: llama-3.1-70b-instruct}}\n"
     )
-    assert recipe_model_arch(load_recipe(recipe)).hidden_size == 64
+    assert recipe_model(load_recipe(recipe))[0].hidden_size == 64
     recipe.write_text(
         f"policy: {{model_name: {tmp_path / 'absent'}, model_arch: llama-3.1-70b-instruct}}\n"
     )
-    assert recipe_model_arch(load_recipe(recipe)) == known_arch("llama-3.1-70b-instruct")
+    assert recipe_model(load_recipe(recipe))[0] == known_arch("llama-3.1-70b-instruct")

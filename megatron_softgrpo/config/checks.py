@@ -126,15 +126,10 @@ def _check_eval(loaded: LoadedRecipe) -> None:
         )
 
 
-def recipe_model_arch(loaded: LoadedRecipe) -> ModelArch:
-    """The policy's architecture: read from `policy.model_name` when it is readable here (a
-    directory, a checkpoint or a built-in model), else the `policy.model_arch` registry entry."""
-    return _recipe_model(loaded)[0]
-
-
-def _recipe_model(loaded: LoadedRecipe) -> tuple[ModelArch, int | None]:
+def recipe_model(loaded: LoadedRecipe) -> tuple[ModelArch, int | None]:
     """(the policy's architecture, the padded vocabulary a megatron-softgrpo checkpoint was saved
-    with; None for other models), from one read of its metadata."""
+    with; None for other models). Read from `policy.model_name` when it is readable here (a
+    directory, a checkpoint or a built-in model), else the `policy.model_arch` registry entry."""
     policy = loaded.cfg.policy
     if policy.model_name == SMOLLM2:
         return SMOLLM2_ARCH, None  # without materialising its weights
@@ -190,7 +185,7 @@ def _check_model_fit(
 def validate(loaded: LoadedRecipe, world_size: int | None, training: bool) -> ModelArch:
     """Every rule of a job of `world_size` processes (None: one CPU process) that `load_recipe` did
     not already check; `training`: also those of `softgrpo train`. Returns the model's architecture."""
-    arch, padded = _recipe_model(loaded)
+    arch, padded = recipe_model(loaded)
     _check_model_fit(loaded, arch, padded, world_size)
     if training:
         _check_data_parallel(loaded, world_size)

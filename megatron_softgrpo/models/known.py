@@ -3,7 +3,7 @@
 Each entry holds the architecture keys of the model's Hugging Face `config.json` with their
 published values (checked against the config.json files on the Hugging Face Hub). A recipe
 names an entry with `policy.model_arch`; it is used only when `policy.model_name` cannot be
-read on this machine (see `config/checks.py::recipe_model_arch`).
+read on this machine (see `config/checks.py::recipe_model`).
 """
 
 from __future__ import annotations
