@@ -16,7 +16,8 @@ This engine runs every step at fixed shapes (docs/architecture.md, "The static d
   half the bucket has finished; then the rows still decoding move to a smaller bucket, one
   cache copy per halving instead of one per finished row. The host reads one count of rows
   still decoding per step, copied without blocking and read a few steps later on a GPU (the
-  extra steps are discarded).
+  extra steps are discarded; `flag_lag` sets the lag, so the CPU tests run the GPU's). A late
+  count is an upper bound: a shrink that finds no row still decoding ends the pass.
 
 Rows are padded to a batch bucket and the cache to a length bucket, so decoders (and their
 compiled code or graphs) are reused across RL steps; weights are the model's own tensors,
@@ -132,15 +133,20 @@ class StaticRolloutEngine(RolloutEngine):
         compile: bool = False,
         cuda_graphs: bool = False,
         shrink: bool = True,
+        flag_lag: int | None = None,
     ):
         """`shrink`: move to a smaller batch bucket once half the rows have finished (else they
-        stay, masked, to the end of the pass)."""
+        stay, masked, to the end of the pass). `flag_lag`: steps the host reads the count of rows
+        still decoding late (None: GPU_FLAG_LAG on a GPU, 0 on the CPU)."""
         super().__init__(model, tokenizer, shard, settings, parallel, pad_id)
         self._check_supported(model, settings)
         self.device = next(model.parameters()).device
         self.compile = compile
         self.cuda_graphs = cuda_graphs
         self.shrink = shrink
+        if flag_lag is None:  # a GPU reads the count late not to stall; the CPU at once (free)
+            flag_lag = GPU_FLAG_LAG if self.device.type == "cuda" else 0
+        self.flag_lag = flag_lag
         self.marker_automaton = StringAutomaton.build(tokenizer, [settings.think_end], self.device)
         self.stop_automaton = StringAutomaton.build(
             tokenizer, list(settings.stop_strings), self.device
@@ -200,7 +206,7 @@ class StaticRolloutEngine(RolloutEngine):
         )
         origin = torch.arange(rows, device=device)  # batch position -> buffer (= original) row
         outcome = _Outcome(rows + 1, state)
-        flags = _FinishedFlags(device, lagged=device.type == "cuda")
+        flags = _FinishedFlags(device, self.flag_lag)
         for t in range(max_new):
             if last_stage:
                 step, scored = self._step(logits, state, t, tapes, origin)
@@ -215,6 +221,8 @@ class StaticRolloutEngine(RolloutEngine):
             if self.shrink and _bucket(alive, BATCH_BUCKET) <= len(origin) // 2:
                 outcome.record(origin, state)  # the rows about to leave keep their outcome
                 keep = self._shrink(decoder, state)
+                if keep is None:  # the late count was stale: every row has finished
+                    break
                 origin = torch.where(keep.valid, origin[keep.index], rows)
                 pad, feed = pad[keep.index], feed.map(lambda x: x[keep.index])
                 logits = None if logits is None else logits[keep.index]
@@ -229,11 +237,14 @@ class StaticRolloutEngine(RolloutEngine):
         result.share_from_last_stage(self.parallel, out)
         return self._assemble(prompt_rows, out, result, device)
 
-    def _shrink(self, decoder: _Decoder, state: _DeviceState) -> _Kept:
-        """Move the rows still decoding to a smaller batch bucket (one cache copy per halving)."""
+    def _shrink(self, decoder: _Decoder, state: _DeviceState) -> _Kept | None:
+        """Move the rows still decoding to a smaller batch bucket (one cache copy per halving);
+        None, and nothing moved, when no row is still decoding."""
         index = state.alive.nonzero().squeeze(-1)  # one host sync per shrink, not per step
         n = len(index)
-        size = _bucket(max(n, 1), BATCH_BUCKET)
+        if n == 0:
+            return None
+        size = _bucket(n, BATCH_BUCKET)
         valid = torch.arange(size, device=index.device) < n
         index = torch.cat([index, index[:1].expand(size - n)])  # fillers: a kept row's cache
         decoder.keep_rows(index)
@@ -395,28 +406,31 @@ class _GraphedStep:
 class _FinishedFlags:
     """How many rows are still decoding, read on the host without stalling the device.
 
-    CPU: read at once (free). GPU: each step's flag is copied without blocking into pinned
-    memory and read GPU_FLAG_LAG steps later, a fixed lag, so every rank (TP and PP) stops at
-    the same step; the steps decoded after the end are never recorded.
+    Lag 0 (the CPU's default): read at once (free). Otherwise each step's count is read `lag`
+    steps later, a fixed lag, so every rank (TP and PP) stops at the same step; the steps decoded
+    after the end are never recorded. On a GPU the count is copied without blocking into pinned
+    memory; on the CPU (tests of the GPU's lag) it is just kept.
     """
 
-    def __init__(self, device, lagged: bool):
-        self.lag = GPU_FLAG_LAG if lagged else 0
+    def __init__(self, device, lag: int):
+        self.lag, self.cuda = lag, device.type == "cuda"
         self.pending: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
 
     def alive_rows(self, alive: torch.Tensor) -> int:
-        """Rows still decoding: now on a CPU, `lag` steps ago on a GPU (an upper bound)."""
+        """Rows still decoding `lag` steps ago: an upper bound of those decoding now."""
         if not self.lag:
             return int(alive.sum())
-        flag = torch.empty((), dtype=torch.long, pin_memory=True)
-        flag.copy_(alive.sum(), non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        flag, event = alive.sum(), None
+        if self.cuda:
+            flag = torch.empty((), dtype=torch.long, pin_memory=True).copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
         self.pending.append((flag, event))
         if len(self.pending) <= self.lag:
             return len(alive)
         flag, event = self.pending.pop(0)
-        event.synchronize()  # recorded `lag` steps ago: normally long complete
+        if event is not None:
+            event.synchronize()  # recorded `lag` steps ago: normally long complete
         return int(flag)
 
 

@@ -15,7 +15,8 @@ On a GPU nothing here waits for the device (a decode step must be capturable as 
 graph): the top-k is taken on the keys directly, and a support bounded only by top-p or
 min-p is found among all tokens. On the CPU, where a host check costs nothing, a plain
 top-k is redone on keys only for rows with a tie at the boundary, and the candidate count
-grows adaptively: both several times faster there, with the same results.
+grows adaptively: both several times faster there, with the same results. `_host_checks`
+picks the branch; the tests patch it to run the GPU's branch on the CPU.
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ def _decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _host_checks(x: torch.Tensor) -> bool:
-    """Whether a data-dependent branch may read `x` on the host (free on the CPU only)."""
+    """Whether a data-dependent branch may read `x` on the host (free on the CPU only).
+
+    The one switch between the two branches: patched to False, the CPU runs the GPU's."""
     return x.device.type == "cpu"
 
 

@@ -1,0 +1,192 @@
+"""The static engine's GPU-only branches, run on the CPU: the finished-row count read
+GPU_FLAG_LAG steps late, and the truncation's branch without host reads; against the
+reference engine (rollout/engine.py) and the CPU's branch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from builders import PROMPTS, gumbel, settings
+from test_static_decode import assert_same_records, build64
+
+from megatron_softgrpo.rollout.engine import RolloutEngine
+from megatron_softgrpo.rollout.static_engine import GPU_FLAG_LAG, StaticRolloutEngine
+from megatron_softgrpo.soft import DiscreteSampler, Truncation, VocabShard, seed_noise_rng
+from megatron_softgrpo.soft import truncation as trunc_module
+from megatron_softgrpo.soft.truncation import full_support, top_logits
+
+SAMPLERS = {
+    "greedy": dict(thinking_sampler=None, answer_sampler=DiscreteSampler(Truncation.greedy(), 5)),
+    "gumbel": dict(thinking_sampler=gumbel()),
+}
+
+
+def response_tokens(result) -> list[list[int]]:
+    return [
+        result.records.tokens[i, p : p + n].tolist()
+        for i, (p, n) in enumerate(
+            zip(result.prompt_lengths.tolist(), result.response_lengths.tolist(), strict=True)
+        )
+    ]
+
+
+def eos_ending_within(result, windows: list[tuple[int, int]]) -> frozenset[int] | None:
+    """EOS ids that end row i after a number of steps in windows[i] = (first, last), taken from
+    `result`, a run none of them ended; None if none found. A row's draws do not depend on the
+    other rows (noise per (step, row)), so an EOS id only cuts the rows that write it: the
+    lengths are simulated (and checked on the reference by the caller)."""
+    rows = response_tokens(result)
+    eos = set(settings().eos_ids)
+
+    def lengths():
+        return [next((t + 1 for t, x in enumerate(r) if x in eos), len(r)) for r in rows]
+
+    def fits(upto):  # rows [0, upto) in their windows, none ended before its window
+        n = lengths()
+        return all(lo <= n[j] and (j >= upto or n[j] <= hi) for j, (lo, hi) in enumerate(windows))
+
+    for i, (first, last) in enumerate(windows):
+        for token in rows[i][first - 1 : last]:
+            if fits(i + 1):
+                break
+            if token not in eos:
+                eos.add(token)
+                if not fits(i):
+                    eos.discard(token)
+    return frozenset(eos) if fits(len(rows)) else None
+
+
+def _lagged_run(tiny_dir, tokenizer, sampler, prompts, g, choices, max_new):
+    """(reference, static engine with the GPU's lag, its result, what each shrink kept): rows
+    ending within the first windows of `choices` EOS ids can give (row i: windows[i // g])."""
+    model, shard, parallel = build64(tiny_dir)
+    base = settings(max_new_tokens=max_new, **SAMPLERS[sampler])
+    seed_noise_rng(7)
+    free = RolloutEngine(model, tokenizer, shard, base, parallel).generate(prompts, g)
+    rows = range(len(prompts) * g)
+    found = [(w, eos_ending_within(free, [w[i // g] for i in rows])) for w in choices]
+    windows, eos = next((w, eos) for w, eos in found if eos is not None)
+    s = settings(max_new_tokens=max_new, eos_ids=eos, **SAMPLERS[sampler])
+    seed_noise_rng(7)
+    ref = RolloutEngine(model, tokenizer, shard, s, parallel).generate(prompts, g)
+    for i, n in enumerate(ref.response_lengths.tolist()):
+        lo, hi = windows[i // g]
+        assert lo <= n <= hi and ref.finish_reasons[i] == "eos"
+    engine = StaticRolloutEngine(model, tokenizer, shard, s, parallel, flag_lag=GPU_FLAG_LAG)
+    shrinks, shrink = [], engine._shrink
+
+    def counted(*args):  # the rows each shrink keeps (None: it found none)
+        shrinks.append(shrink(*args))
+        return shrinks[-1]
+
+    engine._shrink = counted
+    seed_noise_rng(7)
+    return ref, engine, engine.generate(prompts, g), shrinks
+
+
+@pytest.mark.parametrize("sampler", ["greedy", "gumbel"])
+def test_last_rows_ending_within_the_lag(tiny_dir, tokenizer, sampler):
+    """2 prompts x 8 rows: one group ends at step 2-3, the other at step 4-6, within the lag. The
+    late count still says 8 rows decode when none does: the shrink finds none and the pass ends
+    (the shrink raised a RuntimeError on its empty index)."""
+    ref, _, static, shrinks = _lagged_run(
+        tiny_dir, tokenizer, sampler, PROMPTS[:2], 8, [[(2, 3), (4, 6)]], max_new=12
+    )
+    assert_same_records(ref, static)
+    assert shrinks == [None]  # the shrink was reached, with no row left to move
+
+
+@pytest.mark.parametrize("sampler", ["greedy", "gumbel"])
+def test_every_row_ending_at_the_same_step(tiny_dir, tokenizer, sampler):
+    """18 rows (a 24-row bucket) all ending at one step (the first from 2 EOS ids can give): the
+    pass decodes on, unrecorded, until the late count says 0, and never shrinks."""
+    ref, _, static, shrinks = _lagged_run(
+        tiny_dir, tokenizer, sampler, PROMPTS, 6, [[(t, t)] * 3 for t in range(2, 9)], max_new=12
+    )
+    assert_same_records(ref, static)
+    assert len(set(ref.response_lengths.tolist())) == 1 and shrinks == []
+
+
+@pytest.mark.parametrize("sampler", ["greedy", "gumbel"])
+def test_staggered_ends_shrink_twice_on_the_late_count(tiny_dir, tokenizer, sampler):
+    """4 prompts x 8 rows ending by groups more than the lag apart: 32 -> 16 -> 8 rows, each
+    shrink on a count 4 steps old; the rows moved keep drawing their own noise."""
+    ref, engine, static, shrinks = _lagged_run(
+        tiny_dir,
+        tokenizer,
+        sampler,
+        [*PROMPTS, [9, 10, 11]],
+        8,
+        [[(2, 3), (7, 9), (14, 16), (21, 23)]],
+        max_new=24,
+    )
+    assert_same_records(ref, static)
+    assert [(len(k.index), int(k.valid.sum())) for k in shrinks] == [(16, 16), (8, 8)]
+    (decoder,) = engine._decoders.values()
+    assert decoder.decoder.batch == 8
+
+
+# ------------------------------------------------------------------ truncation without host reads
+
+VOCAB, PADDED = 1000, 1024
+SHARD = VocabShard.whole(PADDED, VOCAB)
+TRUNCATIONS = [
+    Truncation.greedy(),
+    Truncation(top_k=5, top_p=0.95),
+    Truncation(temperature=0.7, top_k=30, top_p=0.9, min_p=0.02),
+    Truncation(temperature=1.3, top_p=0.8),
+    Truncation(min_p=0.1),
+    Truncation(top_p=0.5, min_p=0.3),
+]
+
+
+def awkward_logits() -> torch.Tensor:
+    """Random rows, rows of few distinct values (ties everywhere, at every boundary), rows of one
+    finite logit, an all -inf row, and padding columns of large junk."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, PADDED, generator=g) * 3
+    logits[4:8] = torch.randint(-3, 3, (4, PADDED), generator=g).float()
+    logits[8:11] = float("-inf")
+    logits[8, 500] = logits[9, 0] = logits[10, VOCAB - 1] = 1.0
+    logits[11] = float("-inf")
+    logits[:, VOCAB:] = 50.0
+    return logits
+
+
+@pytest.mark.parametrize("truncation", TRUNCATIONS, ids=str)
+def test_the_gpu_truncation_branch_equals_the_cpu_branch(truncation, monkeypatch):
+    logits = awkward_logits()
+    cpu = full_support(logits, SHARD, truncation)
+    tops = [top_logits(logits, SHARD, c) for c in (1, 7, 64)]
+    monkeypatch.setattr(trunc_module, "_host_checks", lambda x: False)
+    gpu = full_support(logits, SHARD, truncation)
+    c = cpu.ids.shape[1]
+    if truncation.top_k is None:  # every token a candidate, where the CPU grows its count
+        assert gpu.ids.shape[1] == VOCAB and not bool(gpu.support[:, c:].any())
+    assert torch.equal(gpu.ids[:, :c], cpu.ids)
+    assert torch.equal(gpu.scaled[:, :c], cpu.scaled)
+    assert torch.equal(gpu.support[:, :c], cpu.support)
+    for (ids, values), c in zip(tops, (1, 7, 64), strict=True):
+        gpu_ids, gpu_values = top_logits(logits, SHARD, c)
+        assert torch.equal(gpu_ids, ids) and torch.equal(gpu_values, values)
+    ids = tops[-1][0]
+    assert ids[8:11, 0].tolist() == [500, 0, VOCAB - 1]  # the one finite logit leads
+    assert ids[11, :3].tolist() == [0, 1, 2]  # all tied: by id
+
+
+def test_static_engine_on_both_gpu_branches_gives_the_reference(tiny_dir, tokenizer, monkeypatch):
+    """The late count and the truncation without host reads together, as a GPU runs them: a
+    gumbel thinking phase (top-k candidates), a forced marker, and answers by top-p and min-p
+    alone (every token a candidate)."""
+    model, shard, parallel = build64(tiny_dir)
+    s = settings(
+        max_thinking_tokens=4,
+        answer_sampler=DiscreteSampler(Truncation(top_p=0.9, min_p=0.3), 5),
+    )
+    seed_noise_rng(7)
+    ref = RolloutEngine(model, tokenizer, shard, s, parallel).generate(PROMPTS, 2)
+    monkeypatch.setattr(trunc_module, "_host_checks", lambda x: False)
+    engine = StaticRolloutEngine(model, tokenizer, shard, s, parallel, flag_lag=GPU_FLAG_LAG)
+    seed_noise_rng(7)
+    assert_same_records(ref, engine.generate(PROMPTS, 2))
+    assert (ref.think_lengths < ref.response_lengths).any()  # some rows sampled answers
