@@ -359,6 +359,22 @@ def test_mixture_size_larger_than_the_surviving_support():
     assert torch.equal(torch.sort(step.mix_ids[:, :2], -1).values, torch.sort(top_two, -1).values)
 
 
+def test_untruncated_draw_near_one_lands_on_the_last_token_with_mass():
+    """The whole-vocabulary inverse CDF at u = the largest fp32 below 1: where the fp32 sum of a
+    row exceeds its cumulative sum's end (some rows here), u * sum passed the end of the searched
+    CDF, and the draw fell on the last real id, a token of probability 0."""
+    logits = random_logits(rows=256, scale=2.0)
+    logits[:, 990:VOCAB] = float("-inf")  # the last real ids have no mass
+    logits[:, 989] = 0.0  # the last token with mass: not negligible at u's distance from 1
+    scaled = SHARD.scaled(logits, 1.0)
+    probs = torch.exp(scaled - torch.logsumexp(scaled, -1, keepdim=True))
+    u = torch.full((256,), 1.0).nextafter(torch.tensor(0.0))
+    assert bool((u * probs.sum(-1) > probs.cumsum(-1)[:, -1]).any())  # the case arises here
+    step = DiscreteSampler(Truncation(), 2).sample(logits, SHARD, u)
+    assert step.tokens.tolist() == [989] * 256
+    assert bool(torch.isfinite(step.log_density).all())
+
+
 @pytest.mark.parametrize("name", ["discrete", "gumbel", "gaussian", "dirichlet"])
 def test_padding_rows_are_never_selected(name):
     logits = random_logits(rows=512)  # padding columns hold the largest logits of every row

@@ -82,17 +82,22 @@ def _draw_from_shards(
 
     Each rank's probability mass is all-gathered; the rank whose id range holds the
     target u * total finds the token in its own cumulative sum and shares the id.
+    A rank's mass is its cumulative sum's last value (a plain sum rounds otherwise: the
+    target could pass the end of the sum searched), and a target at or past an end (u * total
+    may round to total) takes the last token with mass, never a zero-probability one.
     """
     probs = torch.exp(scaled - log_norm.unsqueeze(-1))  # padding columns are exp(-inf) = 0
-    masses = gather_tensor_parallel(probs.sum(dim=-1, keepdim=True), shard.group)  # [N, TP]
+    cdf = probs.cumsum(dim=-1)
+    masses = gather_tensor_parallel(cdf[:, -1:], shard.group)  # [N, TP]
     ends = masses.cumsum(dim=-1)
     target = u * ends[:, -1]
-    owner = (ends <= target.unsqueeze(-1)).sum(dim=-1).clamp(max=shard.world_size - 1)
-    local_target = target - (ends - masses).gather(-1, owner.unsqueeze(-1)).squeeze(-1)
-    column = torch.searchsorted(
-        probs.cumsum(dim=-1), local_target.unsqueeze(-1), right=True
-    ).squeeze(-1)
-    token = column.clamp(max=shard.real_width - 1) + shard.start
+    last = (ends < ends[:, -1:]).sum(dim=-1)  # the last rank with mass
+    owner = torch.minimum((ends <= target.unsqueeze(-1)).sum(dim=-1), last)
+    starts = torch.nn.functional.pad(ends[:, :-1], (1, 0))  # the mass of the ranks before
+    local_target = target - starts.gather(-1, owner.unsqueeze(-1)).squeeze(-1)
+    column = torch.searchsorted(cdf, local_target.unsqueeze(-1), right=True).squeeze(-1)
+    column = torch.minimum(column, (cdf < cdf[:, -1:]).sum(dim=-1))  # the last column with mass
+    token = column + shard.start
     token = torch.where(owner == shard.rank, token, torch.zeros_like(token))
     return sum_tensor_parallel_(token, shard.group)  # only the owner's is non-zero
 
