@@ -13,6 +13,7 @@ from megatron_softgrpo.algorithms.registry import (
     BY_SAMPLER,
     answer_sampler,
     decoding_algorithm,
+    decoding_spec,
     training_algorithm,
 )
 from megatron_softgrpo.config.schema import GenerationCfg, SoftGRPOCfg
@@ -101,3 +102,21 @@ def test_capability_flags_match_what_the_noise_does(name):
     else:
         with pytest.raises(NotImplementedError, match="drawn per step"):
             sampler.draw_ahead(2, 6, "cpu")
+
+
+def test_decoding_spec_names_the_sampling_of_each_phase():
+    soft = SoftGRPOCfg(mixture_size=7, gumbel_tau=0.3, noise_scale=0.5)
+    soft.thinking.temperature, soft.thinking.top_k = 0.6, 30
+    generation = GenerationCfg(temperature=0.9, top_p=0.8, top_k=None, min_p=0.05)
+    answer = {"sampler": "discrete", "temperature": 0.9, "top_k": None, "top_p": 0.8}
+    answer |= {"min_p": 0.05, "mixture_size": None, "gumbel_tau": None, "noise_scale": None}
+    assert decoding_spec(soft, generation) == {
+        "sampler": "gumbel", "temperature": 0.6, "top_k": 30, "top_p": 0.95, "min_p": 0.0,
+        "mixture_size": 7, "gumbel_tau": 0.3, "noise_scale": 0.5, "answer": answer,
+    }  # fmt: skip
+    soft.sampler = "discrete"  # one phase, all of it policy.generation
+    assert decoding_spec(soft, generation) == answer | {"answer": None}
+    soft.sampler = "gaussian"  # its own noise key; no Gumbel fields
+    spec = decoding_spec(soft, generation)
+    assert spec["gaussian_sigma"] == soft.gaussian_sigma and spec["gumbel_tau"] is None
+    assert spec["sampler"] == "gaussian" and spec["answer"] == answer

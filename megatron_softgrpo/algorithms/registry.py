@@ -101,5 +101,31 @@ def answer_sampler(soft: SoftGRPOCfg, generation: GenerationCfg) -> DiscreteSamp
     return DiscreteSampler(_truncation(generation), soft.mixture_size)
 
 
+def decoding_spec(soft: SoftGRPOCfg, generation: GenerationCfg) -> dict:
+    """What `decoding_algorithm` samples with, in the study report's field names (null: does not
+    apply). A soft sampler's thinking phase at the top level, the discrete answer phase that follows
+    the marker under `answer`; a discrete decoding is one phase (`answer`: null)."""
+    algorithm = decoding_algorithm(soft)
+    answer = _phase("discrete", generation)
+    if algorithm.noise_kind is None:
+        return answer | {"answer": None}
+    noise = {key: getattr(soft, key) for key in algorithm.params.values()}  # by recipe key
+    thinking = _phase(algorithm.sampler, soft.thinking) | {"mixture_size": soft.mixture_size}
+    return thinking | noise | {"answer": answer}
+
+
+def _phase(sampler: str, section: ThinkingCfg | GenerationCfg) -> dict:
+    return {
+        "sampler": sampler,
+        "temperature": section.temperature,
+        "top_k": section.top_k,
+        "top_p": section.top_p,
+        "min_p": section.min_p,
+        "mixture_size": None,
+        "gumbel_tau": None,
+        "noise_scale": None,
+    }
+
+
 def _truncation(section: ThinkingCfg | GenerationCfg) -> Truncation:
     return Truncation(section.temperature, section.top_k, section.top_p, section.min_p)
