@@ -12,6 +12,7 @@ from megatron_softgrpo.eval.metrics import (
     majority_sample,
     pass_at_k_first,
     pass_at_k_unbiased,
+    problem_scores,
     summarize,
 )
 from megatron_softgrpo.rewards.math import MathGrader, exact_answer_classes
@@ -107,6 +108,25 @@ def test_summarize_a_hand_made_table():
     assert m.mean_length == pytest.approx((10 + 20 + 30 + 40 + 10 * 8) / 12)
     assert m.truncated_fraction == pytest.approx(2 / 12)
     assert summarize(table, ks=(1,), vote=False).maj_at_k == {}
+
+
+def test_problem_scores_average_to_the_summary():
+    table = [
+        _samples([0, 0, 2, 3], [True, True, False, False]),
+        _samples([None, 1, 1, None], [False, False, False, False]),
+        _samples([0, 1, 2, 2], [False, False, True, True]),
+    ]
+    m = summarize(table, ks=(1, 2, 4))
+    scores = [problem_scores(p, (1, 2, 4)) for p in table]
+    assert set(scores[0]) == {"pass@1", "pass@2", "pass@4", "maj@1", "maj@2", "maj@4"}
+    assert scores[0]["pass@1"] == 0.5 and scores[1]["pass@4"] == 0.0
+    mean = lambda key: sum(s[key] for s in scores) / len(scores)  # noqa: E731
+    assert mean("pass@1") == pytest.approx(m.mean_at_n)
+    for k in (2, 4):
+        assert mean(f"pass@{k}") == pytest.approx(m.pass_at_k[k])
+    for k in (1, 2, 4):
+        assert mean(f"maj@{k}") == pytest.approx(m.maj_at_k[k])
+    assert "maj@1" not in problem_scores(table[0], (1,), vote=False)
 
 
 def test_summarize_rejects_ragged_or_empty_tables():

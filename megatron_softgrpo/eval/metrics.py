@@ -101,6 +101,17 @@ def summarize(
     )
 
 
+def problem_scores(
+    samples: Sequence[GradedSample], ks: Sequence[int] = DEFAULT_KS, vote: bool = True
+) -> dict[str, float]:
+    """One problem's share of the metrics, by the study report's names: `pass@1` (its mean@n),
+    `pass@k` (unbiased) and `maj@k` for k in `ks` up to n; `summarize` averages the same values."""
+    n, c = len(samples), sum(s.correct for s in samples)
+    ks = [k for k in ks if k <= n]
+    scores = {"pass@1": c / n} | {f"pass@{k}": pass_at_k_unbiased(n, c, k) for k in ks if k > 1}
+    return scores | ({f"maj@{k}": float(maj_at_k(samples, k)) for k in ks} if vote else {})
+
+
 def _mean(values) -> float:
     values = [float(v) for v in values]
     return sum(values) / len(values)
