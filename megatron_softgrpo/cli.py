@@ -316,13 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def quiet_library_warnings() -> None:
+    """Silence what the libraries say that a user can do nothing about."""
     # Megatron announces every missing optional kernel (Apex, TE) at import; the support table covers it.
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*")
     warnings.filterwarnings("ignore", message="full scope is deprecated")
-    # Megatron's optimizer probes .grad of non-leaf views; torch's collectives renamed a function
+    # Megatron's optimizer probes .grad of non-leaf views, and calls torch collectives that torch
+    # renamed (all_gather_into_tensor, reduce_scatter_tensor, ...)
     warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.\w+` is (deprecated|a private function)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_library_warnings()
     parser = build_parser()
     # flags may come after the overrides (`plan RECIPE --gpus 8 a.b=1`): argparse leaves the
     # overrides that follow a flag unparsed, and they join the others here

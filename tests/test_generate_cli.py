@@ -6,13 +6,14 @@ from __future__ import annotations
 import ast
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from tiny_models import make_hf_model
 
-from megatron_softgrpo.cli import main
+from megatron_softgrpo.cli import main, quiet_library_warnings
 from megatron_softgrpo.data.prompts import encode_prompt
 from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
 
@@ -111,3 +112,17 @@ def test_generate_without_a_prompt_is_a_user_error(setup, capsys):
     recipe, *_ = setup
     assert main(["generate", str(recipe)]) == 2
     assert 'missing prompt="..."' in capsys.readouterr().err
+
+
+def test_the_cli_silences_torchs_renamed_collectives_but_not_other_warnings():
+    import torch.distributed as dist
+
+    x = torch.zeros(2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_library_warnings()
+        for fn in (dist.reduce_scatter_tensor, dist.all_gather_into_tensor):
+            with pytest.raises((ValueError, RuntimeError)):  # no process group: torch warns first
+                fn(x, x)
+        warnings.warn("`torch.load` is deprecated", FutureWarning, stacklevel=1)  # not ours
+    assert [str(w.message) for w in caught] == ["`torch.load` is deprecated"]
