@@ -24,6 +24,7 @@ from megatron_softgrpo.train.metrics_log import (
     format_progress,
     json_line,
 )
+from megatron_softgrpo.train.plots import held_out_points
 from megatron_softgrpo.train.preemption import REQUEUE_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -709,6 +710,10 @@ def test_plot_without_out_writes_training_curves_into_the_run_directory(tmp_path
         for s in (1, 2)
     ]
     rows[1]["grad_norm"] = None  # a skipped step's null
+    rows[0]["val_at_start/accuracy"], rows[1]["val/accuracy"] = 0.3, 0.4
+    assert held_out_points(rows) == [(0, 0.3), (2, 0.4)]  # drawn dashed on the accuracy panel
+    final = {"step": 3, "num_problems": 8, "at_start": None, "final": {"accuracy": 0.5}}
+    assert held_out_points(rows, final)[-1] == (3, 0.5)  # final_validation.json's
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["plot", str(run)]) == 0
     assert (run / "training_curves.png").stat().st_size > 0

@@ -24,6 +24,7 @@ from pathlib import Path
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.eval.report import read_summary, summary_path
 from megatron_softgrpo.study.spec import StudySpec
+from megatron_softgrpo.train.metrics_log import FINAL_VALIDATION
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Job:
 
     def done(self) -> bool:
         if self.command == "train":
-            return (self.log_dir / "final_validation.json").is_file()
+            return (self.log_dir / FINAL_VALIDATION).is_file()
         if summary_path(self.log_dir) is None:
             return False
         return set(self.benchmarks) <= set(read_summary(self.log_dir).benchmarks)

@@ -44,7 +44,7 @@ from megatron_softgrpo.rollout.static_engine import make_engine
 from megatron_softgrpo.soft import MixtureRecord, noise_seed, seed_noise_rng
 from megatron_softgrpo.train.batch import PolicyBatch
 from megatron_softgrpo.train.checkpointing import resume, save_training_checkpoint
-from megatron_softgrpo.train.metrics_log import MetricsLog
+from megatron_softgrpo.train.metrics_log import FINAL_VALIDATION, MetricsLog
 from megatron_softgrpo.train.plots import TRAINING_CURVES, plot_runs
 from megatron_softgrpo.train.policy import PolicyWorker
 from megatron_softgrpo.train.preemption import REQUEUE_EXIT_CODE, PreemptionWatcher
@@ -446,9 +446,6 @@ class Trainer:
         }
         self._last_val = (self.step, result)
         return result
-
-
-FINAL_VALIDATION = "final_validation.json"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from megatron_softgrpo.config.schema import LoggerCfg
 from megatron_softgrpo.errors import UserError
 
 # Keys of every metrics.jsonl line (besides "step"); documented in the README. "kl/mean" appears
+FINAL_VALIDATION = "final_validation.json"  # held-out before -> after, beside metrics.jsonl
+
 # when a reference model is used; validation adds "val/..." and, on step 1, "val_at_start/...".
 # "entropy/mean" (not in STEP_KEYS: the mean entropy of the scored positions' sampling distributions,
 # from the update's forward passes) appears when loss_fn.entropy_coef > 0. OPTIONAL_KEYS appear with

@@ -1,15 +1,17 @@
-"""Training curves as PNG: reward, accuracy, KL and response length per step, runs overlaid."""
+"""Training curves as PNG: reward, accuracy (training, and held-out where validated), KL and
+response length per step, runs overlaid."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from megatron_softgrpo.plotting import png_path, save_png
-from megatron_softgrpo.train.metrics_log import read_metrics
+from megatron_softgrpo.train.metrics_log import FINAL_VALIDATION, read_metrics
 
 PANELS = (
     ("reward/mean", "reward"),
-    ("accuracy", "accuracy"),
+    ("accuracy", "accuracy (held-out: dashed, step 0 = before training)"),
     ("kl/mean", "KL to reference"),  # runs without a reference model show the answer rate instead
     ("response_length/mean", "response length (tokens)"),
 )
@@ -17,6 +19,24 @@ NO_KL_PANEL = ("answer_rate", "answer rate (env.answer_format)")
 TRAINING_CURVES = (
     "training_curves.png"  # what training writes into its log_dir; `softgrpo plot DIR`'s default
 )
+
+
+def held_out_points(rows: list[dict], final: dict | None = None) -> list[tuple[int, float]]:
+    """Held-out accuracy by step: before training at step 0, each validation's, and the final
+    one (`final_validation.json`, which a run without periodic validation only writes there)."""
+    points = {}
+    for r in rows:
+        if r.get("val_at_start/accuracy") is not None:
+            points[0] = r["val_at_start/accuracy"]
+    points |= {r["step"]: r["val/accuracy"] for r in rows if r.get("val/accuracy") is not None}
+    if final is not None:
+        points[final["step"]] = final["final"]["accuracy"]
+    return sorted(points.items())
+
+
+def _final_validation(run_dir: str | Path) -> dict | None:
+    path = Path(run_dir) / FINAL_VALIDATION
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | None = None) -> Path:
@@ -27,15 +47,19 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
     import matplotlib.pyplot as plt
 
     runs = [read_metrics(d) for d in run_dirs]
+    finals = [_final_validation(d) for d in run_dirs]
     labels = labels or [Path(d).name for d in run_dirs]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
     with_kl = any("kl/mean" in r for rows in runs for r in rows)
     panels = [p if p[0] != "kl/mean" or with_kl else NO_KL_PANEL for p in PANELS]
     for ax, (key, title) in zip(axes.flat, panels):
-        for rows, label in zip(runs, labels):
+        for rows, final, label in zip(runs, finals, labels):
             points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+                (line,) = ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+                held_out = held_out_points(rows, final) if key == "accuracy" else []
+                if held_out:
+                    ax.plot(*zip(*held_out), "--", marker="s", markersize=3, color=line.get_color())
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
