@@ -224,6 +224,50 @@ def staggered_eos(model, shard, parallel, tokenizer, marker, **kwargs) -> frozen
     return frozenset(eos)
 
 
+# ------------------------------------------------------------------ rows ending at chosen steps
+# (tests/test_static_gpu_paths.py and benchmarks/gpu/check_graphs.py)
+
+SAMPLERS = {
+    "greedy": dict(thinking_sampler=None, answer_sampler=DiscreteSampler(Truncation.greedy(), 5)),
+    "gumbel": dict(thinking_sampler=gumbel()),
+}
+
+
+def response_tokens(result) -> list[list[int]]:
+    return [
+        result.records.tokens[i, p : p + n].tolist()
+        for i, (p, n) in enumerate(
+            zip(result.prompt_lengths.tolist(), result.response_lengths.tolist(), strict=True)
+        )
+    ]
+
+
+def eos_ending_within(result, windows: list[tuple[int, int]]) -> frozenset[int] | None:
+    """EOS ids that end row i after a number of steps in windows[i] = (first, last), taken from
+    `result`, a run none of them ended; None if none found. A row's draws do not depend on the
+    other rows (noise per (step, row)), so an EOS id only cuts the rows that write it: the
+    lengths are simulated (and checked on the reference by the caller)."""
+    rows = response_tokens(result)
+    eos = set(settings().eos_ids)
+
+    def lengths():
+        return [next((t + 1 for t, x in enumerate(r) if x in eos), len(r)) for r in rows]
+
+    def fits(upto):  # rows [0, upto) in their windows, none ended before its window
+        n = lengths()
+        return all(lo <= n[j] and (j >= upto or n[j] <= hi) for j, (lo, hi) in enumerate(windows))
+
+    for i, (first, last) in enumerate(windows):
+        for token in rows[i][first - 1 : last]:
+            if fits(i + 1):
+                break
+            if token not in eos:
+                eos.add(token)
+                if not fits(i):
+                    eos.discard(token)
+    return frozenset(eos) if fits(len(rows)) else None
+
+
 def rescoring_recipe(tiny_dir, algorithm):
     cfg = recipe(tiny_dir, kl=0)  # answer temperature 0.7
     # thinking temperature 1.3 != 0.7: each row must be scored at its own phase's temperature

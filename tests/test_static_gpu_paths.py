@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from builders import PROMPTS, gumbel, settings
+from builders import PROMPTS, SAMPLERS, eos_ending_within, settings
 from test_static_decode import assert_same_records, build64
 
 from megatron_softgrpo.rollout.engine import RolloutEngine
@@ -14,46 +14,6 @@ from megatron_softgrpo.rollout.static_engine import GPU_FLAG_LAG, StaticRolloutE
 from megatron_softgrpo.soft import DiscreteSampler, Truncation, VocabShard, seed_noise_rng
 from megatron_softgrpo.soft import truncation as trunc_module
 from megatron_softgrpo.soft.truncation import full_support, top_logits
-
-SAMPLERS = {
-    "greedy": dict(thinking_sampler=None, answer_sampler=DiscreteSampler(Truncation.greedy(), 5)),
-    "gumbel": dict(thinking_sampler=gumbel()),
-}
-
-
-def response_tokens(result) -> list[list[int]]:
-    return [
-        result.records.tokens[i, p : p + n].tolist()
-        for i, (p, n) in enumerate(
-            zip(result.prompt_lengths.tolist(), result.response_lengths.tolist(), strict=True)
-        )
-    ]
-
-
-def eos_ending_within(result, windows: list[tuple[int, int]]) -> frozenset[int] | None:
-    """EOS ids that end row i after a number of steps in windows[i] = (first, last), taken from
-    `result`, a run none of them ended; None if none found. A row's draws do not depend on the
-    other rows (noise per (step, row)), so an EOS id only cuts the rows that write it: the
-    lengths are simulated (and checked on the reference by the caller)."""
-    rows = response_tokens(result)
-    eos = set(settings().eos_ids)
-
-    def lengths():
-        return [next((t + 1 for t, x in enumerate(r) if x in eos), len(r)) for r in rows]
-
-    def fits(upto):  # rows [0, upto) in their windows, none ended before its window
-        n = lengths()
-        return all(lo <= n[j] and (j >= upto or n[j] <= hi) for j, (lo, hi) in enumerate(windows))
-
-    for i, (first, last) in enumerate(windows):
-        for token in rows[i][first - 1 : last]:
-            if fits(i + 1):
-                break
-            if token not in eos:
-                eos.add(token)
-                if not fits(i):
-                    eos.discard(token)
-    return frozenset(eos) if fits(len(rows)) else None
 
 
 def _lagged_run(tiny_dir, tokenizer, sampler, prompts, g, choices, max_new):
