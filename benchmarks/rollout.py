@@ -8,7 +8,10 @@
   (target: soft/discrete throughput >= 0.9);
 - per-token decode cost with the KV cache at position 1,024 vs 128 (target <= 1.5), and a
   full recomputation step vs a cached step at position 1,024 (what the cache saves);
-- tokens/s vs batch size (1, 8, 32, 64) on the small real model.
+- tokens/s vs batch size (1, 8, 32, 64) on the small real model;
+- `--static-gpu` (issue 32): the static engine as training runs it (CUDA graphs on) beside graphs
+  off, and its decode step against a roofline, each number printed and written to `--json` as
+  soon as it is measured, the graph measurements first (a run cut short keeps them).
 
 The configurations of each comparison are measured in alternation, `--repeats` times (>= 3),
 and each reports its median, so a slow spell of a shared machine hits all of them alike.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 import warnings
@@ -88,8 +92,11 @@ def engine(
     max_new: int,
     kind="static",
     eos=frozenset(),
+    cuda_graphs: bool = True,
 ):
-    """kind: static | compiled (its step compiled) | masked (never shrinks) | eager (the reference)."""
+    """kind: static | compiled (its step compiled) | masked (never shrinks) | eager (the reference).
+    cuda_graphs: as training runs the static engine (policy.generation.cuda_graphs, default on);
+    ignored on the CPU."""
     from megatron_softgrpo.rollout.engine import RolloutEngine, RolloutSettings
     from megatron_softgrpo.rollout.static_engine import StaticRolloutEngine
     from megatron_softgrpo.soft import DiscreteSampler, GumbelNoise, SoftSampler, Truncation
@@ -115,6 +122,7 @@ def engine(
         settings,
         parallel,
         compile=kind == "compiled",
+        cuda_graphs=cuda_graphs,
         shrink=kind != "masked",
     )
 
@@ -269,9 +277,10 @@ def decode_step_seconds(
 
 
 def static_step_seconds(
-    model, parallel, position: int, batch: int, steps: int
+    model, parallel, position: int, batch: int, steps: int, graphs: bool = True
 ) -> Callable[[], float]:
-    """A measurement: mean time of one static decode step (CUDA graph on a GPU) at ~`position`."""
+    """A measurement: mean time of one static decode step at ~`position` (a replayed CUDA graph
+    with `graphs` on a GPU)."""
     from megatron_softgrpo.rollout.static_engine import _Decoder
     from megatron_softgrpo.soft import MixtureRecord
     from model_patches.static_decode import StaticDecoder
@@ -282,7 +291,7 @@ def static_step_seconds(
         parallel,
         None,
         False,
-        cuda_graphs=True,
+        cuda_graphs=graphs,
     )
     pad = torch.zeros(batch, dtype=torch.long, device=device)
     decoder.run(MixtureRecord.discrete(torch.full((batch, position), 7, device=device), 5), 0, pad)
@@ -300,12 +309,18 @@ def static_step_seconds(
     return measure
 
 
-def roofline_step_seconds(model, position: int, batch: int) -> tuple[float, float]:
-    """(seconds, bytes): the memory traffic a decode step cannot avoid (every weight once, the KV
-    cache up to `position`) over the bandwidth of a large device copy measured here."""
+def roofline_step_seconds(model, position: int, batch: int, k: int = 5) -> tuple[float, float]:
+    """(seconds, bytes): the memory traffic a decode step cannot avoid (every weight it reads
+    once, the KV cache up to `position`) over the bandwidth of a large device copy measured here.
+    The input embedding table is not read whole: a step embeds K ids per row (its rows only),
+    unless the output layer shares the table."""
     cfg = model.config
     dtype = next(model.parameters()).dtype
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    table = model.embedding.word_embeddings.weight
+    if not model.share_embeddings_and_output_weights:
+        rows_read = min(batch * k, table.shape[0])
+        weights -= (table.shape[0] - rows_read) * table.shape[1] * table.element_size()
     per_token = 2 * cfg.num_layers * (cfg.num_query_groups or cfg.num_attention_heads)
     kv = per_token * cfg.kv_channels * position * batch * torch.finfo(dtype).bits // 8
     device = next(model.parameters()).device
@@ -365,7 +380,8 @@ def main():
         "--static-gpu",
         action="store_true",
         help="the static engine at batch 64, 128-token prompt, --new-tokens (default 1,024): "
-        "tokens/s, step times at 128 and 1,024 vs the eager runner and the roofline",
+        "tokens/s with CUDA graphs and without, step times at 128 and 1,024 vs the roofline and "
+        "the eager runner; each number printed and written to --json when measured, graphs first",
     )
     p.add_argument(
         "--compile",
@@ -387,16 +403,11 @@ def main():
     batch, new, plen = (4, 16, 32) if quick else ((64, 128, 128) if gpu else (8, 48, 64))
     new = args.new_tokens or new
     repeats = args.repeats
-    results: dict[str, float | str] = {
-        "device": torch.cuda.get_device_name() if gpu else "cpu",
-        "repeats": str(repeats),
-    }
+    out = Report(args.json)
+    out.update({"device": torch.cuda.get_device_name() if gpu else "cpu", "repeats": str(repeats)})
     if args.static_gpu:
-        return report(
-            results
-            | static_gpu(model, tokenizer, shard, parallel, args.new_tokens or 1024, repeats),
-            args.json,
-        )
+        return static_gpu(out, model, tokenizer, shard, parallel, args.new_tokens or 1024, repeats)
+    results: dict[str, float | str] = {}
     if args.engines:
         if args.model == "qwen2-1.5b-random":
             p.error("--engines compares with transformers on real weights: use the SmolLM2 model")
@@ -405,7 +416,7 @@ def main():
             args, model, tokenizer, shard, parallel, precision, batches, new, plen, repeats
         )
         results |= {"new_tokens": str(new), "prompt_tokens": str(plen)}
-        return report(results, args.json)
+        return out.update(results)
 
     throughput = medians(
         {
@@ -429,7 +440,7 @@ def main():
         )
     results |= {"batch": str(batch), "new_tokens": str(new)}
     if args.throughput_only:
-        return report(results, args.json)
+        return out.update(results)
 
     steps = 4 if quick else 16
     # recomputing 1,024 positions per step is slow on a CPU: one step, one row there
@@ -468,53 +479,103 @@ def main():
     for name, value in by_batch.items():
         results[f"rollout/soft_k5_tokens_per_s_{name}"] = value
 
-    report(results, args.json)
+    out.update(results)
 
 
-def static_gpu(model, tokenizer, shard, parallel, new: int, repeats: int) -> dict:
-    """Issue 14's GPU figures for the static engine (batch 64, 128-token prompt)."""
-    batch, plen, results = 64, 128, {}
-    throughput = medians(
-        {
-            name: tokens_per_second(engine(model, tokenizer, shard, parallel, k, new), batch, plen)
-            for name, k in (("discrete", None), ("soft_k5", 5))
-        },
-        repeats,
-    )
-    for name, value in throughput.items():
-        results[f"static/{name}_tokens_per_s"] = value
-    results["ratio/static_soft_k5_over_discrete"] = throughput["soft_k5"] / throughput["discrete"]
+def static_gpu(
+    out: Report,
+    model,
+    tokenizer,
+    shard,
+    parallel,
+    new: int,
+    repeats: int,
+    batch: int = 64,
+    plen: int = 128,
+    positions: tuple[int, int] = (128, 1024),
+) -> None:
+    """Issue 14's and 32's GPU figures for the static engine (batch 64, 128-token prompt), each
+    reported as soon as it is measured, the graph measurements first: tokens/s with CUDA graphs
+    (as training runs it), the graphed step at positions 128 and 1,024 against the roofline, then
+    graphs off, the step without graphs and the eager runner's step. (Smaller sizes: a CPU smoke.)"""
+    out.update({"batch": str(batch), "prompt_tokens": str(plen), "new_tokens": str(new)})
+    tokens_per_s = {}
+    for graphs in ("on", "off"):
+        got = medians(
+            {
+                name: tokens_per_second(
+                    engine(model, tokenizer, shard, parallel, k, new, cuda_graphs=graphs == "on"),
+                    batch,
+                    plen,
+                )
+                for name, k in (("discrete", None), ("soft_k5", 5))
+            },
+            repeats,
+        )
+        for name, value in got.items():
+            tokens_per_s[graphs, name] = value
+            out.add(f"static/graphs_{graphs}/{name}_tokens_per_s", value)
+        out.add(f"ratio/graphs_{graphs}/soft_k5_over_discrete", got["soft_k5"] / got["discrete"])
+        if graphs == "on":  # the graphed step against the roofline, before anything without graphs
+            steps = medians(
+                {pos: static_step_seconds(model, parallel, pos, batch, 16) for pos in positions},
+                repeats,
+            )
+            for pos, step in steps.items():
+                roof, traffic = roofline_step_seconds(model, pos, batch)
+                out.add(f"static/graphs_on/step_s_at_{pos}", step)
+                out.add(f"roofline/step_s_at_{pos}", roof)
+                out.add(f"roofline/bytes_at_{pos}", traffic)
+                out.add(f"ratio/graphed_step_over_roofline_at_{pos}", step / roof)
+    for name in ("discrete", "soft_k5"):
+        out.add(
+            f"ratio/graphs_on_over_off/{name}_tokens_per_s",
+            tokens_per_s["on", name] / tokens_per_s["off", name],
+        )
     steps = medians(
         {
             f"{kind}_{pos}": measure(model, parallel, pos, batch, 16)
-            for pos in (128, 1024)
-            for kind, measure in (("static", static_step_seconds), ("eager", _eager_step))
+            for pos in positions
+            for kind, measure in (("static", _ungraphed_step), ("eager", _eager_step))
         },
         repeats,
     )
-    for pos in (128, 1024):
-        roof, traffic = roofline_step_seconds(model, pos, batch)
-        results[f"static/step_s_at_{pos}"] = steps[f"static_{pos}"]
-        results[f"eager/step_s_at_{pos}"] = steps[f"eager_{pos}"]
-        results[f"roofline/step_s_at_{pos}"] = roof
-        results[f"roofline/bytes_at_{pos}"] = traffic
-        results[f"ratio/static_step_over_roofline_at_{pos}"] = steps[f"static_{pos}"] / roof
-        results[f"ratio/eager_over_static_step_at_{pos}"] = (
-            steps[f"eager_{pos}"] / steps[f"static_{pos}"]
-        )
-    return results | {"batch": str(batch), "prompt_tokens": str(plen), "new_tokens": str(new)}
+    for pos in positions:
+        out.add(f"static/graphs_off/step_s_at_{pos}", steps[f"static_{pos}"])
+        out.add(f"eager/step_s_at_{pos}", steps[f"eager_{pos}"])
+        graphed = out.values[f"static/graphs_on/step_s_at_{pos}"]
+        out.add(f"ratio/ungraphed_over_graphed_step_at_{pos}", steps[f"static_{pos}"] / graphed)
+        out.add(f"ratio/eager_over_graphed_step_at_{pos}", steps[f"eager_{pos}"] / graphed)
+
+
+def _ungraphed_step(model, parallel, position, batch, steps):
+    return static_step_seconds(model, parallel, position, batch, steps, graphs=False)
 
 
 def _eager_step(model, parallel, position, batch, steps):
     return decode_step_seconds(model, parallel, position, batch, steps, rounds=4)
 
 
-def report(results: dict, json_path: str | None) -> None:
-    for key, value in results.items():
-        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(results, f, indent=2)
+class Report:
+    """Prints each result as soon as it exists and rewrites `json_path` with every result so far
+    (atomically), so a run cut short by a time limit keeps what it measured."""
+
+    def __init__(self, json_path: str | None):
+        self.json_path = json_path
+        self.values: dict[str, float | str] = {}
+
+    def add(self, key: str, value) -> None:
+        self.values[key] = value
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}", flush=True)
+        if self.json_path:
+            partial = f"{self.json_path}.partial"
+            with open(partial, "w") as f:
+                json.dump(self.values, f, indent=2)
+            os.replace(partial, self.json_path)
+
+    def update(self, results: dict) -> None:
+        for key, value in results.items():
+            self.add(key, value)
 
 
 if __name__ == "__main__":

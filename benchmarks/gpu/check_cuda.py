@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 V, PADDED, N, K = 151_936, 152_064, 64, 5
 DEV = "cuda"  # --smoke-cpu runs every check CPU-vs-CPU, to test this script without a GPU
 results: dict[str, dict] = {}
+JSON_PATH: str | None = None  # rewritten after each check: a run cut short keeps what it checked
 
 
 def record(name: str, diff: float, tol: float, extra: str = "") -> None:
@@ -45,6 +46,9 @@ def record(name: str, diff: float, tol: float, extra: str = "") -> None:
     print(
         f"{'PASS' if ok else 'FAIL'} {name}: max|diff| {diff:.3g} (tol {tol:g}) {extra}", flush=True
     )
+    if JSON_PATH:
+        device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
+        Path(JSON_PATH).write_text(json.dumps({"device": device, "checks": results}, indent=2))
 
 
 def check_samplers():
@@ -348,7 +352,8 @@ def main():
     p.add_argument("--json")
     p.add_argument("--smoke-cpu", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    global DEV
+    global DEV, JSON_PATH
+    JSON_PATH = args.json
     if args.smoke_cpu:
         DEV = "cpu"
     else:
@@ -361,10 +366,6 @@ def main():
         f"{len(results) - len(failed)}/{len(results)} checks passed"
         + (f"; failed: {failed}" if failed else "")
     )
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({"device": torch.cuda.get_device_name(), "checks": results}, indent=2)
-        )
     return 1 if failed else 0
 
 
