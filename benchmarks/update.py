@@ -142,8 +142,8 @@ def recipe(model_dir: Path, rows: int, micro: int, precision: str, algorithm: st
 
 def synthetic_batch(rows: int, seq: int, vocab: int, soft: bool, k: int = 5, prompt: int = 64):
     """Trajectory-shaped records: a one-hot prompt, then generated rows (soft thinking or discrete)."""
+    from megatron_softgrpo.batch import Batch
     from megatron_softgrpo.soft import MixtureRecord
-    from megatron_softgrpo.train.batch import PolicyBatch
 
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocab, (rows, seq), generator=g)
@@ -172,7 +172,7 @@ def synthetic_batch(rows: int, seq: int, vocab: int, soft: bool, k: int = 5, pro
         )
     mask = torch.zeros(rows, seq, dtype=torch.bool)
     mask[:, prompt:] = True
-    return PolicyBatch(
+    return Batch(
         recs,
         mask,
         advantages=torch.randn(rows, 1, generator=g).expand(rows, seq) * mask,
@@ -185,9 +185,8 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed_updates(worker, batch, repeats: int) -> float:
+def timed_updates(worker, batch, repeats: int, loss: PolicyLoss) -> float:
     batch.old_logp = worker.compute_logprobs(batch)  # ratio 1 at the first step, as in training
-    loss = PolicyLoss(worker.cfg.loss_fn)
     worker.train_step(batch, loss)  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -205,26 +204,28 @@ def timed_worker_updates(
     """Best seconds of one update step of a new PolicyWorker (run in its own process)."""
     from megatron_softgrpo.distributed import ParallelLayout, init_distributed
     from megatron_softgrpo.models.arch import ModelArch
-    from megatron_softgrpo.train.policy import PolicyWorker
+    from megatron_softgrpo.train.loop import build_worker
 
     warnings.filterwarnings("ignore")
     parallel = init_distributed(ParallelLayout(1, 1), seed=0)
-    worker = PolicyWorker(recipe(model_dir, rows, 1, precision, algorithm, megatron), parallel)
+    cfg = recipe(model_dir, rows, 1, precision, algorithm, megatron)
+    worker = build_worker(cfg, parallel)
     batch = synthetic_batch(
         rows, seq, ModelArch.from_hf_dir(model_dir).vocab_size, soft=algorithm == "softgrpo"
     )
-    seconds = timed_updates(worker, batch, reps)
+    loss = PolicyLoss(cfg.loss_fn)
+    seconds = timed_updates(worker, batch, reps, loss)
     if profile and torch.cuda.is_available():
-        print_top_kernels(worker, batch)
+        print_top_kernels(worker, batch, loss)
     return seconds
 
 
-def print_top_kernels(worker, batch, count: int = 15) -> None:
+def print_top_kernels(worker, batch, loss: PolicyLoss, count: int = 15) -> None:
     """The GPU kernels taking most of one update step (torch.profiler), to show what limits MFU."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        worker.train_step(batch, PolicyLoss(worker.cfg.loss_fn))
+        worker.train_step(batch, loss)
         sync()
     print(
         prof.key_averages().table(

@@ -84,9 +84,13 @@ def recipe(
 
 
 def new_worker(cfg, tp=1, pp=1):
-    from megatron_softgrpo.train.policy import PolicyWorker
+    """The recipe's worker, with `recipe_loss`: the loss the trainer would hand its updates."""
+    from megatron_softgrpo.algorithms.loss import PolicyLoss
+    from megatron_softgrpo.train.loop import build_worker
 
-    return PolicyWorker(cfg, init_distributed(ParallelLayout(tp, pp)))
+    worker = build_worker(cfg, init_distributed(ParallelLayout(tp, pp)))
+    worker.recipe_loss = PolicyLoss(cfg.loss_fn)
+    return worker
 
 
 # ------------------------------------------------------------------ softgrpo train

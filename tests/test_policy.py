@@ -15,14 +15,13 @@ from builders import ANSWER_T, THINKING_T, K, new_worker, recipe
 from distributed_helpers import run_ranks
 from tiny_models import make_hf_model
 
-from megatron_softgrpo.algorithms.loss import PolicyLoss
+from megatron_softgrpo.batch import Batch
 from megatron_softgrpo.soft import MixtureRecord
-from megatron_softgrpo.train.batch import PolicyBatch
 
 VOCAB = 1000  # tiny_models' real vocabulary (padded to 1024)
 
 
-def make_batch(seed: int, rows: int = 4, seq: int = 12) -> PolicyBatch:
+def make_batch(seed: int, rows: int = 4, seq: int = 12) -> Batch:
     """Right-padded rows of different lengths: a discrete prompt, then soft and discrete steps."""
     g = torch.Generator().manual_seed(seed)
     records = MixtureRecord.discrete(torch.randint(0, VOCAB, (rows, seq), generator=g), K)
@@ -48,10 +47,10 @@ def make_batch(seed: int, rows: int = 4, seq: int = 12) -> PolicyBatch:
             ) = ids, support, noise, weights
             records.tokens[b, j], records.is_soft[b, j] = ids[0], True
     advantages = torch.randn(rows, 1, generator=g) * loss_mask
-    return PolicyBatch(records, loss_mask, advantages=advantages)
+    return Batch(records, loss_mask, advantages=advantages)
 
 
-def reference_logprobs(hf_model, batch: PolicyBatch) -> torch.Tensor:
+def reference_logprobs(hf_model, batch: Batch) -> torch.Tensor:
     """docs/algorithm.md section 2 in float64 with transformers: inputs sum_k w_k E[ids_k], logits j-1 score record j."""
     model = hf_model.double()
     records = batch.records
@@ -76,7 +75,7 @@ def reference_logprobs(hf_model, batch: PolicyBatch) -> torch.Tensor:
     return out
 
 
-def reference_entropies(hf_model, batch: PolicyBatch) -> torch.Tensor:
+def reference_entropies(hf_model, batch: Batch) -> torch.Tensor:
     """Float64 entropy [B, S] (0 off loss_mask) of softmax(logits_{j-1} / T) over the real vocabulary, T the
     temperature record j was sampled at, differentiable in the weights; inputs detached as the trainer's are."""
     model = hf_model.double()
@@ -96,7 +95,7 @@ def reference_entropies(hf_model, batch: PolicyBatch) -> torch.Tensor:
     )
 
 
-def with_old_logprobs(worker, batch: PolicyBatch) -> PolicyBatch:
+def with_old_logprobs(worker, batch: Batch) -> Batch:
     batch.old_logp = worker.compute_logprobs(batch)
     if worker.reference is not None:
         batch.ref_logp = worker.compute_logprobs(batch, reference=True)
@@ -156,7 +155,7 @@ def portable(tensors) -> list[np.ndarray]:
 
 def train(worker, batch):
     """One optimizer step with the recipe's loss, as the trainer hands it over."""
-    return worker.train_step(batch, PolicyLoss(worker.cfg.loss_fn))
+    return worker.train_step(batch, worker.recipe_loss)
 
 
 # ------------------------------------------------------------------ single process

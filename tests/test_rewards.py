@@ -308,7 +308,7 @@ def test_reasoning_gym_reward_uses_the_task_scorer():
 def test_format_bonus_needs_a_boxed_answer_and_a_finished_response():
     import torch
 
-    from megatron_softgrpo.rewards.format import with_format_bonus
+    from megatron_softgrpo.rewards.shaping import with_format_bonus
 
     correct = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0])
     answered = torch.tensor([True, True, False, True, True])

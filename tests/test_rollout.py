@@ -379,7 +379,7 @@ def test_rescoring_reproduces_the_rollout_log_densities(tiny_dir, tokenizer, alg
     """The trainer's log-prob function (PolicyWorker.compute_logprobs) on a finished rollout gives the
     rollout's own log-densities, soft rows at the thinking temperature and discrete ones at the answer's."""
 
-    from megatron_softgrpo.train.batch import PolicyBatch
+    from megatron_softgrpo.batch import Batch
 
     cfg = rescoring_recipe(tiny_dir, algorithm)
     worker = new_worker(cfg)
@@ -397,7 +397,7 @@ def test_rescoring_reproduces_the_rollout_log_densities(tiny_dir, tokenizer, alg
     )
     seed_noise_rng(7)
     result = engine.generate(PROMPTS[:2], 2)
-    logp = worker.compute_logprobs(PolicyBatch(result.records, result.loss_mask))
+    logp = worker.compute_logprobs(Batch(result.records, result.loss_mask))
 
     mask, soft = result.loss_mask, result.records.is_soft
     assert bool((mask & ~soft).any()) and bool((mask & soft).any()) == (algorithm != "grpo")
@@ -438,7 +438,7 @@ def test_a_sampled_marker_step_is_scored_at_the_temperature_it_was_drawn_at(
     the temperature of the thinking sampler that drew it, and the trainer re-scores it to the
     same value, so the importance ratio is 1 before an update."""
 
-    from megatron_softgrpo.train.batch import PolicyBatch
+    from megatron_softgrpo.batch import Batch
 
     cfg = rescoring_recipe(tiny_dir, algorithm)
     assert (cfg.softgrpo.thinking.temperature, cfg.policy.generation.temperature) == (1.3, 0.7)
@@ -477,7 +477,7 @@ def test_a_sampled_marker_step_is_scored_at_the_temperature_it_was_drawn_at(
     assert (result.rollout_logp - at(1.3))[drawn].abs().max() <= 1e-5
     assert (at(1.3) - at(0.7))[drawn].abs().min() > 1e-3
     # the trainer re-scores every scored row, the marker step included, to the rollout's value
-    logp = worker.compute_logprobs(PolicyBatch(records, mask))
+    logp = worker.compute_logprobs(Batch(records, mask))
     assert (logp - result.rollout_logp)[mask].abs().max() <= 1e-5
     ratio = torch.exp(logp - result.rollout_logp)
     assert (ratio - 1)[drawn].abs().max() <= 1e-5

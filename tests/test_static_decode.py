@@ -253,8 +253,8 @@ def test_static_engine_at_tp2_and_pp2_gives_the_tp1_reference(
 def test_trainer_rescores_the_static_rollout(tiny_dir, tokenizer, algorithm):
     """The trainer's full-sequence log-probs reproduce the static rollout's densities to 1e-5."""
 
+    from megatron_softgrpo.batch import Batch
     from megatron_softgrpo.rollout.engine import RolloutSettings
-    from megatron_softgrpo.train.batch import PolicyBatch
 
     cfg = rescoring_recipe(tiny_dir, algorithm)
     worker = new_worker(cfg)
@@ -264,7 +264,7 @@ def test_trainer_rescores_the_static_rollout(tiny_dir, tokenizer, algorithm):
     seed_noise_rng(7)
     engine = StaticRolloutEngine(worker.model, tokenizer, worker.vocab, s, worker.parallel)
     result = engine.generate(PROMPTS[:2], 2)
-    logp = worker.compute_logprobs(PolicyBatch(result.records, result.loss_mask))
+    logp = worker.compute_logprobs(Batch(result.records, result.loss_mask))
     mask = result.loss_mask
     assert bool((mask & result.records.is_soft).any()) == (algorithm != "grpo")
     assert (logp - result.rollout_logp)[mask].abs().max() <= 1e-5
@@ -293,11 +293,19 @@ def test_shrinking_to_a_smaller_bucket_keeps_every_record(tiny_dir, tokenizer):
     eos = {int(first.records.tokens[i, starts[i] + 3]) for i in range(14)} - marker
     s = settings(eos_ids=frozenset(eos), **kwargs)
     seed_noise_rng(7)
-    ref = RolloutEngine(model, tokenizer, shard, s, parallel).generate(PROMPTS, 6)
+    reports = {"ref": []}
+    ref = RolloutEngine(model, tokenizer, shard, s, parallel).generate(
+        PROMPTS, 6, lambda *r: reports["ref"].append(r)
+    )
     for shrink in (True, False):
         engine = StaticRolloutEngine(model, tokenizer, shard, s, parallel, shrink=shrink)
         seed_noise_rng(7)
-        assert_same_records(ref, engine.generate(PROMPTS, 6))
+        progress = reports.setdefault(shrink, []).append
+        assert_same_records(ref, engine.generate(PROMPTS, 6, lambda *r: progress(r)))
         (decoder,) = engine._decoders.values()
         assert decoder.decoder.batch == (8 if shrink else 24)
     assert (ref.response_lengths <= 4).sum() >= 10 and ref.response_lengths.max() == 10
+    # progress: (rows finished, steps done) after every step, the same from both engines
+    ended = [int(((ref.response_lengths <= t) & ~ref.truncated).sum()) for t in range(1, 10)]
+    ended.append(18)  # the last step ends every row, at the length limit
+    assert reports["ref"] == reports[True] == reports[False] == list(zip(ended, range(1, 11)))

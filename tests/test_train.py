@@ -21,6 +21,7 @@ from megatron_softgrpo.cli import main
 from megatron_softgrpo.train.metrics_log import (
     OPTIONAL_KEYS,
     STEP_KEYS,
+    ProgressLine,
     format_progress,
     json_line,
 )
@@ -218,13 +219,13 @@ def test_signal_during_start_up_exits_for_requeue(
         sig, lambda signum, frame: received.append(signum)
     )  # stands in for "killed"
     try:
-        build_worker = loop.PolicyWorker
+        build_worker = loop.build_worker
 
         def signalled_while_loading(cfg, parallel):
             os.kill(os.getpid(), sig)
             return build_worker(cfg, parallel)
 
-        monkeypatch.setattr(loop, "PolicyWorker", signalled_while_loading)
+        monkeypatch.setattr(loop, "build_worker", signalled_while_loading)
         recipe = write_recipe(tmp_path, tiny_model, smollm2_hf_dir)
         assert main(["train", str(recipe)]) == REQUEUE_EXIT_CODE
         assert received == []  # the trainer's handler took it
@@ -352,7 +353,7 @@ def test_validation_gathers_on_the_model_device_and_prints_samples(monkeypatch, 
     trainer.step, trainer.tokenizer = 0, None
     trainer.worker = SimpleNamespace(device=torch.device("meta"))
     trainer.engine = SimpleNamespace(
-        generate=lambda prompts, g: SimpleNamespace(
+        generate=lambda prompts, g, progress=None: SimpleNamespace(
             texts=["\\boxed{3}"] * len(prompts), response_lengths=torch.full((len(prompts),), 5)
         )
     )
@@ -393,8 +394,8 @@ class _RecordingWorker:
 
 def _scored_round(index: int, rewards: list[float], width: int, truncated=()):
     """One round's gathered batch: token 0 of row b is 100 * index + b; positions 1.. are scored."""
+    from megatron_softgrpo.batch import Batch
     from megatron_softgrpo.soft import MixtureRecord
-    from megatron_softgrpo.train.loop import Scored
 
     b = len(rewards)
     tokens = torch.ones(b, width, dtype=torch.long)
@@ -402,7 +403,7 @@ def _scored_round(index: int, rewards: list[float], width: int, truncated=()):
     mask = torch.ones(b, width, dtype=torch.bool)
     mask[:, 0] = False
     rewards = torch.tensor(rewards, dtype=torch.float32)
-    return Scored(
+    return Batch(
         records=MixtureRecord.discrete(tokens, 2),
         loss_mask=mask,
         rollout_logp=torch.zeros(b, width),
@@ -438,11 +439,11 @@ def _trainer_with_rounds(rounds, *, dp=1, items=100, **sections):
     trainer.drawn = []
     queue = list(rounds)
 
-    def rollout(problems, g, times):
+    def rollout(problems, times):
         trainer.drawn.append(list(problems))
         return queue.pop(0)
 
-    trainer._rollout_and_score = rollout
+    trainer._rollout = rollout
     return trainer
 
 
@@ -628,9 +629,11 @@ def test_rollout_rewards_include_the_soft_overlong_penalty(monkeypatch):
     from types import SimpleNamespace
 
     import megatron_softgrpo.train.loop as loop
+    from megatron_softgrpo.batch import Batch
     from megatron_softgrpo.config.schema import RecipeCfg
     from megatron_softgrpo.data.datasets import Problem
     from megatron_softgrpo.soft import MixtureRecord
+    from megatron_softgrpo.train.metrics_log import Timings
 
     monkeypatch.setattr(loop, "encode_prompt", lambda tokenizer, problem, *a: [1, 2])
     trainer = object.__new__(loop.Trainer)
@@ -638,28 +641,32 @@ def test_rollout_rewards_include_the_soft_overlong_penalty(monkeypatch):
         {
             "policy": {"model_name": "m", "generation": {"max_new_tokens": 8}},
             "env": {"overlong_penalty": {"buffer": 4, "factor": 0.5}},
+            "grpo": {"num_generations_per_prompt": 4},
         }
     )
     trainer.parallel = SimpleNamespace(dp=1, dp_rank=0, main=True)
     trainer.tokenizer = None
     lengths = torch.tensor([2, 5, 7, 8])
     trainer.engine = SimpleNamespace(
-        generate=lambda prompts, g: SimpleNamespace(
+        generate=lambda prompts, g: Batch(
             records=MixtureRecord.discrete(torch.ones(4, 10, dtype=torch.long), 2),
             loss_mask=torch.zeros(4, 10, dtype=torch.bool),
             rollout_logp=torch.zeros(4, 10),
             response_lengths=lengths,
             think_lengths=torch.zeros(4, dtype=torch.long),
             finish_reasons=["eos", "eos", "stop", "length"],
+            truncated=torch.tensor([False, False, False, True]),
             texts=["\\boxed{1}"] * 4,
         )
     )
+    trainer.worker = SimpleNamespace(optimizer_steps=3)
     trainer.reward = lambda texts, answers, metadata: [1.0] * len(texts)
-    scored = trainer._rollout_and_score([Problem("p", "0+1", "1", {})], 4, {})
+    scored = trainer._rollout([Problem("p", "0+1", "1", {})], Timings())
     # no penalty up to Lmax - buffer = 4 tokens, then -(L - 4) / 4, times 0.5
     assert scored.penalty.tolist() == [0.0, -0.125, -0.375, -0.5]
     assert scored.rewards.tolist() == [1.0, 0.875, 0.625, 0.5]
     assert scored.truncated.tolist() == [False, False, False, True]
+    assert scored.policy_version == 3  # tagged with the policy that decoded it
 
 
 # ------------------------------------------------------------------ progress line and metrics.jsonl
@@ -719,3 +726,19 @@ def test_plot_without_out_writes_training_curves_into_the_run_directory(tmp_path
     assert (run / "training_curves.png").stat().st_size > 0
     assert main(["plot", str(run), str(run)]) == 2
     assert "--out FILE is required with 2 directories" in capsys.readouterr().err
+
+
+def test_validation_progress_line_bounds_the_time_left_and_is_rate_limited(capsys):
+    line = ProgressLine("validation", 128, 32, enabled=True, every_s=10.0)
+    # 8 of 32 steps in 20 s: at most 24 more steps at 2.5 s each
+    assert (
+        line.line(40, 8, 20.0)
+        == "[softgrpo] validation: 40/128 problems, step 8/32, at most 1:00 left"
+    )
+    line(40, 8)  # within every_s of the start: silent
+    line.last -= 11
+    line(41, 9)
+    assert capsys.readouterr().out.startswith("[softgrpo] validation: 41/128 problems, step 9/32")
+    quiet = ProgressLine("validation", 128, 32, enabled=False, every_s=0.0)
+    quiet(1, 1)  # not the main rank
+    assert capsys.readouterr().out == ""

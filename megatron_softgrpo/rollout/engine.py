@@ -17,12 +17,14 @@ ranks); the resulting step is broadcast to every stage, so all ranks hold the sa
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
 from megatron_softgrpo.algorithms.registry import answer_sampler, decoding_algorithm
+from megatron_softgrpo.batch import Batch
 from megatron_softgrpo.config.schema import RecipeCfg
 from megatron_softgrpo.distributed import ParallelState, broadcast_from_last_stage
 from megatron_softgrpo.errors import UserError
@@ -109,34 +111,12 @@ def _generation_config_eos(path: Path) -> set[int]:
     return set(values)
 
 
-@dataclass
-class Trajectories:
-    """B = prompts x G responses, prompt-major (row p*G + g). [B, S] tensors are right-padded.
+Progress = Callable[[int, int], None]  # (rows finished, decode steps done)
 
-    Position j of `rows` is the model input at j; a scored row j is predicted by the logits at
-    j - 1. Prompt rows and padding are one-hot and never scored.
-    """
 
-    records: MixtureRecord  # [B, S]
-    loss_mask: (
-        torch.Tensor
-    )  # [B, S] bool: generated rows the policy sampled (not forced, not padding)
-    rollout_logp: torch.Tensor  # [B, S] fp32: the rollout's own log-density of each scored row
-    prompt_lengths: torch.Tensor  # [B]
-    response_lengths: torch.Tensor  # [B]
-    think_lengths: (
-        torch.Tensor
-    )  # [B] response tokens before the answer phase (= length if never ended)
-    finish_reasons: list[str]  # "eos" | "stop" | "length"
-    texts: list[str]  # the whole response
-    thinking_texts: list[str]
-    answer_texts: list[str]
-
-    @property
-    def is_generated(self) -> torch.Tensor:
-        pos = torch.arange(self.records.tokens.shape[1], device=self.prompt_lengths.device)
-        start = self.prompt_lengths[:, None]
-        return (pos >= start) & (pos < start + self.response_lengths[:, None])
+def _offset(progress: Progress | None, rows: int) -> Progress | None:
+    """`progress` of a later pass: the rows of the passes before it have finished."""
+    return None if progress is None else lambda done, step: progress(rows + done, step)
 
 
 def _step_tensors(step: SampledStep) -> list[torch.Tensor]:
@@ -167,8 +147,11 @@ class RolloutEngine:
     # ------------------------------------------------------------------ public
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], num_generations: int = 1) -> Trajectories:
-        """G responses per prompt (rows prompt-major); every rank of the model calls this."""
+    def generate(
+        self, prompts: list[list[int]], num_generations: int = 1, progress: Progress | None = None
+    ) -> Batch:
+        """G responses per prompt (rows prompt-major; the rollout's fields of `Batch`); every rank
+        of the model calls this. `progress(rows_finished, steps_done)` after every decode step."""
         was_training = self.model.training
         self.model.eval()  # Megatron's KV-cache path is for inference mode
         try:
@@ -178,48 +161,29 @@ class RolloutEngine:
                     1, self.settings.max_rows_per_pass // num_generations
                 )  # whole groups per pass
             passes = [
-                self._generate(prompts[i : i + per_pass], num_generations)
+                self._generate(
+                    prompts[i : i + per_pass],
+                    num_generations,
+                    _offset(progress, i * num_generations),
+                )
                 for i in range(0, len(prompts), per_pass)
             ]
-            return passes[0] if len(passes) == 1 else self._concatenated(passes)
+            return passes[0] if len(passes) == 1 else Batch.cat(passes, self._padded_pass)
         finally:
             self.model.train(was_training)
 
-    def _concatenated(self, passes: list[Trajectories]) -> Trajectories:
-        """The passes' rows in order; [B, S] tensors right-padded to the longest pass as _assemble pads."""
-        width = max(t.records.tokens.shape[1] for t in passes)
+    def _padded_pass(self, batch: Batch, width: int) -> Batch:
+        """A pass right-padded to `width` as _assemble pads: pad tokens, unscored."""
+        extra = width - batch.seq_len
+        if not extra:
+            return batch
+        pads = torch.full((batch.num_rows, extra), self.pad_id, device=batch.records.tokens.device)
+        fill = MixtureRecord.discrete(pads, self.mixture_size)
+        return replace(
+            batch.padded_positions(width), records=MixtureRecord.cat([batch.records, fill], dim=1)
+        )
 
-        def padded(t: Trajectories) -> Trajectories:
-            extra = width - t.records.tokens.shape[1]
-            if not extra:
-                return t
-            b, device = t.records.tokens.shape[0], t.records.tokens.device
-            fill = MixtureRecord.discrete(
-                torch.full((b, extra), self.pad_id, dtype=torch.long, device=device),
-                self.mixture_size,
-            )
-            records = MixtureRecord.cat([t.records, fill], dim=1)
-            zeros = torch.zeros(b, extra, device=device)
-            return replace(
-                t,
-                records=records,
-                loss_mask=torch.cat([t.loss_mask, zeros.bool()], 1),
-                rollout_logp=torch.cat([t.rollout_logp, zeros], 1),
-            )
-
-        parts = [padded(t) for t in passes]
-        joined = {}
-        for f in fields(Trajectories):
-            values = [getattr(t, f.name) for t in parts]
-            if f.name == "records":
-                joined[f.name] = MixtureRecord.cat(values)
-            elif isinstance(values[0], list):
-                joined[f.name] = [x for v in values for x in v]
-            else:
-                joined[f.name] = torch.cat(values)
-        return Trajectories(**joined)
-
-    def _generate(self, prompts: list[list[int]], num_generations: int) -> Trajectories:
+    def _generate(self, prompts: list[list[int]], num_generations: int, progress) -> Batch:
         device = next(self.model.parameters()).device
         last_stage = self.parallel.last_stage
         prompt_rows = [p for p in prompts for _ in range(num_generations)]
@@ -253,6 +217,8 @@ class RolloutEngine:
                 step, scored, finished = self._sample(logits, state, active, t, tapes)
             broadcast_from_last_stage(self.parallel, *_step_tensors(step), scored, finished)
             out.record(active, t, step, scored)
+            if progress is not None:
+                progress(b - len(active) + int(finished.sum()), t + 1)  # one host read per step
             if t == max_new - 1:
                 break
             keep = ~finished
@@ -383,9 +349,7 @@ class RolloutEngine:
             **{f.name: put(getattr(step, f.name), getattr(part, f.name)) for f in fields(step)}
         )
 
-    def _assemble(
-        self, prompt_rows, out: _ResponseBuffer, state: _RowState, device
-    ) -> Trajectories:
+    def _assemble(self, prompt_rows, out: _ResponseBuffer, state: _RowState, device) -> Batch:
         b = len(prompt_rows)
         lengths = torch.tensor(state.length, dtype=torch.long, device=device)
         plens = torch.tensor([len(p) for p in prompt_rows], device=device)
@@ -410,7 +374,7 @@ class RolloutEngine:
             texts.append(self.tokenizer.decode(response, skip_special_tokens=True))
             thinking.append(self.tokenizer.decode(response[:cut], skip_special_tokens=True))
             answers.append(self.tokenizer.decode(response[cut:], skip_special_tokens=True))
-        return Trajectories(
+        return Batch(
             records=records,
             loss_mask=loss_mask,
             rollout_logp=logp,
@@ -420,6 +384,7 @@ class RolloutEngine:
                 [min(state.think_length[i], int(lengths[i])) for i in range(b)], device=device
             ),
             finish_reasons=list(state.reason),
+            truncated=torch.tensor([r == "length" for r in state.reason], device=device),
             texts=texts,
             thinking_texts=thinking,
             answer_texts=answers,

@@ -171,7 +171,7 @@ class StaticRolloutEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ decoding pass
 
-    def _generate(self, prompts: list[list[int]], num_generations: int):
+    def _generate(self, prompts: list[list[int]], num_generations: int, progress):
         last_stage = self.parallel.last_stage
         device, k = self.device, self.mixture_size
         prompt_rows = [p for p in prompts for _ in range(num_generations)]
@@ -215,6 +215,8 @@ class StaticRolloutEngine(RolloutEngine):
             broadcast_from_last_stage(self.parallel, *_step_tensors(step), scored, state.alive)
             out.record(origin, t, step, scored)
             alive = flags.alive_rows(state.alive)
+            if progress is not None:
+                progress(b - min(alive, b), t + 1)  # the lagged count: finished rows, or fewer
             if t == max_new - 1 or alive == 0:
                 break
             feed = MixtureRecord(**{f.name: getattr(step, f.name) for f in fields(MixtureRecord)})

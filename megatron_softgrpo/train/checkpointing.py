@@ -74,7 +74,7 @@ def save_training_checkpoint(
         padded_vocab_size=worker.padded_vocab_size,
         hf_config=_hf_config(worker.source),
         step=step,
-        precision=worker.cfg.policy.precision,
+        precision=worker.policy.precision,
         extra={"loop": extra, "trainer": _trainer_state(worker)},
     )
     try:  # fail on every rank before any collective, not on rank 0 after them
@@ -195,7 +195,7 @@ def restore_training_checkpoint(worker: PolicyWorker, path: str | Path) -> Resto
     meta = read_meta(path)
     if meta.arch != worker.source.arch.to_dict():
         raise UserError(
-            f"{path}: saved for a different model than policy.model_name={worker.cfg.policy.model_name}"
+            f"{path}: saved for a different model than policy.model_name={worker.policy.model_name}"
         )
     model_sd = worker.model.sharded_state_dict()
     worker.model.load_state_dict(load_sharded(path, "model", model_sd), strict=False)

@@ -17,93 +17,43 @@ from __future__ import annotations
 
 import math
 import sys
-import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from megatron_softgrpo.algorithms.advantages import broadcast_to_positions, group_advantages
-from megatron_softgrpo.algorithms.filtering import group_rows, informative_groups, overlong_penalty
+from megatron_softgrpo.algorithms.filtering import group_rows, informative_groups
 from megatron_softgrpo.algorithms.loss import PolicyLoss
+from megatron_softgrpo.algorithms.registry import training_algorithm
+from megatron_softgrpo.batch import Batch
 from megatron_softgrpo.config.recipe import LoadedRecipe
+from megatron_softgrpo.config.schema import RecipeCfg
 from megatron_softgrpo.data.datasets import PromptDataset, load_split
 from megatron_softgrpo.data.prompts import encode_prompt
 from megatron_softgrpo.data.sampler import PromptSampler
 from megatron_softgrpo.distributed import (
     ParallelLayout,
+    ParallelState,
     gather_data_parallel,
     init_distributed,
-    max_data_parallel,
 )
 from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
 from megatron_softgrpo.rewards.answers import extract_answer
-from megatron_softgrpo.rewards.format import with_format_bonus
 from megatron_softgrpo.rewards.registry import get_reward
+from megatron_softgrpo.rewards.shaping import shaped_rewards
 from megatron_softgrpo.rollout.engine import RolloutSettings
 from megatron_softgrpo.rollout.static_engine import make_engine
-from megatron_softgrpo.soft import MixtureRecord, noise_seed, seed_noise_rng
-from megatron_softgrpo.train.batch import PolicyBatch
+from megatron_softgrpo.soft import noise_seed, seed_noise_rng
 from megatron_softgrpo.train.checkpointing import resume, save_training_checkpoint
-from megatron_softgrpo.train.metrics_log import FINAL_VALIDATION, MetricsLog
+from megatron_softgrpo.train.metrics_log import (
+    FINAL_VALIDATION,
+    MetricsLog,
+    ProgressLine,
+    Timings,
+)
 from megatron_softgrpo.train.plots import TRAINING_CURVES, plot_runs
 from megatron_softgrpo.train.policy import PolicyWorker
 from megatron_softgrpo.train.preemption import REQUEUE_EXIT_CODE, PreemptionWatcher
-
-
-@dataclass
-class Scored:
-    """Trajectories of a whole batch of groups (identical on every rank) and their rewards; rows
-    prompt-major (row p*G + g)."""
-
-    records: MixtureRecord  # [B, S] all data-parallel blocks
-    loss_mask: torch.Tensor
-    rollout_logp: torch.Tensor
-    response_lengths: torch.Tensor
-    think_lengths: torch.Tensor
-    truncated: torch.Tensor  # [B] finished by the length limit
-    correct: torch.Tensor  # [B] the named reward (correctness)
-    answered: torch.Tensor  # [B] an answer can be read from the response (env.answer_format)
-    # [B] correct + env.format_reward * (answered and finished) + penalty: what the advantages use
-    rewards: torch.Tensor
-    penalty: torch.Tensor  # [B] the env.overlong_penalty part of `rewards` (0 without one)
-
-    @property
-    def num_rows(self) -> int:
-        return self.records.tokens.shape[0]
-
-    def select(self, index: torch.Tensor) -> Scored:
-        """The rows `index`, in that order."""
-        return self._map(lambda t: t[index])
-
-    @staticmethod
-    def cat(parts: list[Scored]) -> Scored:
-        """The rows of every part in order, [B, S] fields right-padded with zeros (unscored records)."""
-        width = max(p.records.tokens.shape[1] for p in parts)
-        padded = [p._map(lambda t: _pad_columns(t, width), per_row=False) for p in parts]
-        return Scored(
-            records=MixtureRecord.cat([p.records for p in padded]),
-            **{f: torch.cat([getattr(p, f) for p in padded]) for f in _SCORED_TENSORS},
-        )
-
-    def _map(self, fn, per_row: bool = True) -> Scored:
-        """`fn` on the [B, S] fields, and (`per_row`) on the [B] ones."""
-        return Scored(
-            records=self.records.map(fn),
-            **{
-                f: fn(getattr(self, f)) if per_row or f in _PER_POSITION else getattr(self, f)
-                for f in _SCORED_TENSORS
-            },
-        )
-
-
-_PER_POSITION = ("loss_mask", "rollout_logp")
-_SCORED_TENSORS = tuple(f.name for f in fields(Scored) if f.name != "records")
-
-
-def _pad_columns(t: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, S, ...] right-padded with zeros to S = width."""
-    extra = width - t.shape[1]
-    return torch.cat([t, t.new_zeros((t.shape[0], extra, *t.shape[2:]))], dim=1) if extra else t
 
 
 class Trainer:
@@ -125,7 +75,7 @@ class Trainer:
         )
         self.train_data = self._load("train")
         self.val_data = self._load("validation") if cfg.data.validation is not None else None
-        self.worker = PolicyWorker(cfg, parallel)
+        self.worker = build_worker(cfg, parallel)
         self.loss = PolicyLoss(cfg.loss_fn)  # handed to every update: the worker knows no loss
         self.sampler = PromptSampler(
             self.train_data.problems,
@@ -264,90 +214,102 @@ class Trainer:
     # ------------------------------------------------------------------ one RL step
 
     def _rl_step(self) -> dict:
-        cfg, worker = self.cfg, self.worker
-        times: dict[str, float] = {}
-        t0 = time.perf_counter()
-        g = cfg.grpo.num_generations_per_prompt
-        problems = self.sampler.next_batch()
-        epoch = self.sampler.epoch
-        generated = [self._rollout_and_score(problems, g, times)]
-        scored, filter_metrics = generated[0], {}
-        if cfg.grpo.dynamic_sampling.enabled:
-            scored, filter_metrics = self._dynamic_sampling(generated, g, times)
-        # rollout statistics cover every response generated in the step
-        rolled = {
-            f: torch.cat([getattr(s, f) for s in generated])
-            for f in _SCORED_TENSORS
-            if f not in _PER_POSITION
-        }
+        """rollout (+ rewards) -> advantages -> scoring -> update -> metrics."""
+        times = Timings()
+        with times("time/step"):
+            generated = [self._rollout(self.sampler.next_batch(), times)]
+            epoch = self.sampler.epoch
+            batch, extra = generated[0], {}
+            if self.cfg.grpo.dynamic_sampling.enabled:
+                batch, extra = self._dynamic_sampling(generated, times)
+            with times("time/logprob"):
+                batch = self._advantages(batch, extra)
+                batch = self._score(batch)
+            with times("time/update"):
+                updates = self._update(batch)
+        rolled = Batch.cat(generated)  # rollout statistics cover every response of the step
+        metrics = {"epoch": epoch, **step_metrics(rolled, batch, updates, self.worker, times)}
+        metrics |= {**extra, **times}
+        if self.cfg.env.overlong_penalty is not None:
+            metrics["overlong/penalty_mean"] = float(rolled.penalty.mean())
+            metrics["overlong/penalized_fraction"] = float((rolled.penalty < 0).float().mean())
+        return {k: v for k, v in metrics.items() if v is not None}
 
-        t = time.perf_counter()
+    # ------------------------------------------------------------------ the stages
+
+    def _rollout(self, problems, times: Timings) -> Batch:
+        """This rank's block of prompts decoded and graded, then every rank's rows on every
+        rank, with their shaped rewards."""
+        g, parallel = self.cfg.grpo.num_generations_per_prompt, self.parallel
+        block = len(problems) // parallel.dp
+        mine = problems[parallel.dp_rank * block : (parallel.dp_rank + 1) * block]
+        with times("time/rollout"):
+            local = self.engine.generate(self._prompts(mine), g)
+        with times("time/reward"):
+            correct, answered = self._grade(local.texts, [p for p in mine for _ in range(g)])
+        batch = replace(local, correct=correct, answered=answered).gather_data_parallel(parallel)
+        rewards, penalty = shaped_rewards(
+            batch.correct,
+            batch.answered,
+            batch.truncated,
+            batch.response_lengths,
+            self.cfg.env,
+            self.cfg.policy.generation.max_new_tokens,
+        )
+        version = self.worker.optimizer_steps  # the policy that decoded these rows
+        return replace(batch, rewards=rewards, penalty=penalty, policy_version=version)
+
+    def _advantages(self, batch: Batch, metrics: dict) -> Batch:
+        """Group advantages on every scored position (truncated responses out of the loss under
+        overlong filtering, still in their group's baseline)."""
+        cfg = self.cfg
         advantages = (
-            group_advantages(scored.rewards, g, normalize=cfg.grpo.normalize_rewards)
-            if scored.num_rows
-            else scored.rewards  # dynamic sampling left no group to train on
-        )
-        mask = scored.loss_mask
-        if cfg.loss_fn.overlong_filtering:  # out of the loss, still in the group's baseline
-            mask = mask & ~scored.truncated.unsqueeze(1)
-            filter_metrics["overlong/filtered_fraction"] = (
-                float(scored.truncated.float().mean()) if scored.num_rows else 0.0
+            group_advantages(
+                batch.rewards,
+                cfg.grpo.num_generations_per_prompt,
+                normalize=cfg.grpo.normalize_rewards,
             )
-        batch = PolicyBatch(
-            scored.records, mask, advantages=broadcast_to_positions(advantages, mask)
+            if batch.num_rows
+            else batch.rewards  # dynamic sampling left no group to train on
         )
-        if batch.num_rows:
-            batch.old_logp = worker.compute_logprobs(batch)
-            if worker.reference is not None:
-                batch.ref_logp = worker.compute_logprobs(batch, reference=True)
-        times["time/logprob"] = time.perf_counter() - t
+        mask = batch.loss_mask
+        if cfg.loss_fn.overlong_filtering:
+            mask = mask & ~batch.truncated.unsqueeze(1)
+            metrics["overlong/filtered_fraction"] = (
+                float(batch.truncated.float().mean()) if batch.num_rows else 0.0
+            )
+        return replace(batch, loss_mask=mask, advantages=broadcast_to_positions(advantages, mask))
 
-        t = time.perf_counter()
-        mini = cfg.policy.train_global_batch_size  # rows per optimizer step
-        # a short step's last mini-batch: unscored rows up to a multiple of DP x micro-batch
-        unit = self.parallel.dp * cfg.policy.train_micro_batch_size
+    def _score(self, batch: Batch) -> Batch:
+        """Old- and reference-policy log-densities of the scored positions (no grad)."""
+        if not batch.num_rows:
+            return batch
+        old = self.worker.compute_logprobs(batch)
+        reference = self.worker.reference is not None
+        ref = self.worker.compute_logprobs(batch, reference=True) if reference else None
+        return replace(batch, old_logp=old, ref_logp=ref)
+
+    def _update(self, batch: Batch) -> list:
+        """One optimizer step per `train_global_batch_size` rows; a short last mini-batch gets
+        unscored rows up to a multiple of DP x micro-batch."""
+        mini = self.cfg.policy.train_global_batch_size
+        unit = self.parallel.dp * self.cfg.policy.train_micro_batch_size
         updates = []
         for i in range(0, batch.num_rows, mini):
             part = batch.row_slice(i, i + mini)
             part = part.padded_rows(math.ceil(part.num_rows / unit) * unit)
-            updates.append(worker.train_step(_trim(part), self.loss))
-        times["time/update"] = time.perf_counter() - t
-        times["time/step"] = time.perf_counter() - t0
+            updates.append(self.worker.train_step(_trim(part), self.loss))
+        return updates
 
-        rewards, lengths, penalty = rolled["rewards"], rolled["response_lengths"], rolled["penalty"]
-        metrics = {
-            "epoch": epoch,
-            "reward/mean": float(rewards.mean()),
-            "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-            "accuracy": float((rolled["correct"] >= 0.5).float().mean()),
-            "answer_rate": float(rolled["answered"].float().mean()),
-            "response_length/mean": float(lengths.float().mean()),
-            "response_length/max": int(lengths.max()),
-            "think_length/mean": float(rolled["think_lengths"].float().mean()),
-            "truncated_fraction": float(rolled["truncated"].float().mean()),
-            **_update_metrics(batch, scored, updates),
-            "optimizer_steps": worker.optimizer_steps,
-            "skipped_steps": worker.skipped_steps,
-            "tokens_per_second": int(lengths.sum()) / times["time/step"],
-            **filter_metrics,
-            **times,
-        }
-        if cfg.env.overlong_penalty is not None:
-            metrics["overlong/penalty_mean"] = float(penalty.mean())
-            metrics["overlong/penalized_fraction"] = float((penalty < 0).float().mean())
-        return {k: v for k, v in metrics.items() if v is not None}
-
-    def _dynamic_sampling(
-        self, generated: list[Scored], g: int, times: dict
-    ) -> tuple[Scored, dict]:
+    def _dynamic_sampling(self, generated: list[Batch], times: Timings) -> tuple[Batch, dict]:
         """Keep the groups with nonzero reward spread, drawing further batches of prompts until
         `num_prompts_per_step` are kept, `max_gen_rounds` extra rounds were used, or the epochs
         run out; a short step trains on what there is. Informative groups beyond the target are
         dropped (as in verl's DAPO recipe). Every rank holds the whole gathered batch of each round,
         so every rank keeps the same groups and runs the same number of rounds and updates."""
         grpo = self.cfg.grpo
-        target = grpo.num_prompts_per_step
-        kept: list[Scored] = []
+        g, target = grpo.num_generations_per_prompt, grpo.num_prompts_per_step
+        kept: list[Batch] = []
         num_kept = num_informative = 0
         while True:
             informative = informative_groups(generated[-1].rewards, g).nonzero().flatten()
@@ -361,9 +323,9 @@ class Trainer:
                 or self.sampler.epoch >= grpo.max_num_epochs
             ):
                 break
-            generated.append(self._rollout_and_score(self.sampler.next_batch(), g, times))
-        num_groups = sum(s.num_rows for s in generated) // g
-        return Scored.cat(kept), {
+            generated.append(self._rollout(self.sampler.next_batch(), times))
+        num_groups = sum(b.num_rows for b in generated) // g
+        return Batch.cat(kept), {
             "dynamic_sampling/gen_rounds": len(generated),
             "dynamic_sampling/filtered_fraction": 1 - num_informative / num_groups,
             "dynamic_sampling/groups": num_kept,
@@ -376,39 +338,6 @@ class Trainer:
             encode_prompt(self.tokenizer, p.problem, data.prompt_template, data.system_prompt)
             for p in problems
         ]
-
-    def _rollout_and_score(self, problems, g: int, times: dict) -> Scored:
-        """Rollout of this rank's block of prompts, rewards, then the whole batch on every rank."""
-        t = time.perf_counter()
-        rank, block = self.parallel.dp_rank, len(problems) // self.parallel.dp
-        mine = problems[rank * block : (rank + 1) * block]
-        traj = self.engine.generate(self._prompts(mine), g)
-        _add_time(times, "time/rollout", t)
-
-        t = time.perf_counter()
-        correct, answered = self._grade(traj.texts, [p for p in mine for _ in range(g)])
-        _add_time(times, "time/reward", t)
-        truncated = torch.tensor([r == "length" for r in traj.finish_reasons])
-        # every data-parallel rank's block of rows, in rank order; [B, S] tensors right-padded
-        # to the longest block first
-        device, parallel = traj.records.tokens.device, self.parallel
-        width = max_data_parallel(parallel, traj.records.tokens.shape[1], device)
-
-        def gathered(t: torch.Tensor, per_position: bool = False) -> torch.Tensor:
-            return gather_data_parallel(parallel, _pad_columns(t, width) if per_position else t)
-
-        records = traj.records.map(lambda t: gathered(t, per_position=True))
-        loss_mask, rollout_logp = (gathered(t, True) for t in (traj.loss_mask, traj.rollout_logp))
-        lengths, think = gathered(traj.response_lengths), gathered(traj.think_lengths)
-        trunc, correct, answered = (gathered(x.to(device)) for x in (truncated, correct, answered))
-        rewards = with_format_bonus(correct, answered, trunc, self.cfg.env.format_reward)
-        penalty = torch.zeros_like(rewards)
-        if (over := self.cfg.env.overlong_penalty) is not None:
-            limit = self.cfg.policy.generation.max_new_tokens
-            penalty = overlong_penalty(lengths, limit, over.buffer, over.factor).to(rewards.device)
-            rewards = rewards + penalty
-        per_row = (lengths, think, trunc, correct, answered, rewards, penalty)
-        return Scored(records, loss_mask, rollout_logp, *per_row)
 
     def _grade(self, texts: list[str], problems) -> tuple[torch.Tensor, torch.Tensor]:
         """(named reward, an answer can be read in env.answer_format) per response."""
@@ -426,7 +355,9 @@ class Trainer:
             torch.zeros(per_rank, device=self.worker.device) for _ in range(4)
         )
         if mine:
-            traj = self.engine.generate(self._prompts(mine), 1)
+            steps = self.cfg.policy.generation.max_new_tokens
+            progress = ProgressLine("validation", len(mine), steps, self.parallel.main)
+            traj = self.engine.generate(self._prompts(mine), 1, progress)
             got, has = self._grade(traj.texts, mine)
             correct[: len(mine)], answered[: len(mine)] = got, has.float()
             lengths[: len(mine)] = traj.response_lengths.float()
@@ -478,21 +409,36 @@ def _mean(values) -> float:
     return sum(values) / len(values)
 
 
-def _add_time(times: dict, key: str, start: float) -> None:
-    """Accumulate: dynamic sampling rolls out and grades several times per step."""
-    times[key] = times.get(key, 0.0) + time.perf_counter() - start
+def step_metrics(rolled: Batch, trained: Batch, updates: list, worker, times: Timings) -> dict:
+    """The step's metrics.jsonl values: rollout statistics over every response generated in the
+    step (`rolled`), and statistics of the trained rows and their optimizer steps."""
+    rewards, lengths = rolled.rewards, rolled.response_lengths
+    return {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+        "accuracy": float((rolled.correct >= 0.5).float().mean()),
+        "answer_rate": float(rolled.answered.float().mean()),
+        "response_length/mean": float(lengths.float().mean()),
+        "response_length/max": int(lengths.max()),
+        "think_length/mean": float(rolled.think_lengths.float().mean()),
+        "truncated_fraction": float(rolled.truncated.float().mean()),
+        **_update_metrics(trained, updates),
+        "optimizer_steps": worker.optimizer_steps,
+        "skipped_steps": worker.skipped_steps,
+        "tokens_per_second": int(lengths.sum()) / times["time/step"],
+    }
 
 
-def _update_metrics(batch: PolicyBatch, scored: Scored, updates: list) -> dict:
-    """Statistics of the trained rows and their optimizer steps (None when nothing was trained)."""
+def _update_metrics(batch: Batch, updates: list) -> dict:
+    """Statistics of the trained rows and their optimizer steps (none when nothing was trained)."""
     mask = batch.loss_mask
     if not updates:
         return {}
     means = {k: _mean(u.metrics[k] for u in updates) for k in updates[0].metrics}
     return {
-        "soft_fraction": float((scored.records.is_soft & mask).sum() / mask.sum().clamp(min=1)),
+        "soft_fraction": float((batch.records.is_soft & mask).sum() / mask.sum().clamp(min=1)),
         "rollout_logp_mismatch": float(
-            ((scored.rollout_logp.exp() - batch.old_logp.exp()).abs() * mask).sum()
+            ((batch.rollout_logp.exp() - batch.old_logp.exp()).abs() * mask).sum()
             / mask.sum().clamp(min=1)
         ),
         **means,  # the loss's metrics and grad_norm, averaged over the step's updates
@@ -500,11 +446,26 @@ def _update_metrics(batch: PolicyBatch, scored: Scored, updates: list) -> dict:
     }
 
 
-def _trim(batch: PolicyBatch) -> PolicyBatch:
+def _trim(batch: Batch) -> Batch:
     """Drop trailing columns that are padding in every row of the mini-batch."""
     used = batch.loss_mask.any(dim=0).nonzero()
     length = int(used.max()) + 1 if len(used) else 1
-    return batch.map(lambda t: t[:, :length])
+    return batch.positions(lambda t: t[:, :length])
+
+
+def build_worker(cfg: RecipeCfg, parallel: ParallelState) -> PolicyWorker:
+    """The policy worker of a recipe: handed the training algorithm's scorer, never the recipe."""
+    hidden_size = resolve_model_source(cfg.policy.model_name).arch.hidden_size
+    scorer = training_algorithm(cfg.softgrpo).scorer(
+        cfg.softgrpo, cfg.policy.generation, hidden_size
+    )
+    return PolicyWorker(
+        cfg.policy,
+        parallel,
+        scorer,
+        reference=cfg.loss_fn.reference_policy_kl_penalty > 0,
+        planned_steps=cfg.planned_optimizer_steps(),
+    )
 
 
 def train(loaded: LoadedRecipe) -> int:

@@ -12,12 +12,54 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from megatron_softgrpo.config.schema import LoggerCfg
 from megatron_softgrpo.errors import UserError
 
+
 # Keys of every metrics.jsonl line (besides "step"); documented in the README. "kl/mean" appears
+class Timings(dict):
+    """Seconds by metric name; `with timings("time/rollout"):` adds the block's wall time (a
+    step with dynamic sampling rolls out and grades several times)."""
+
+    @contextmanager
+    def __call__(self, key: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[key] = self.get(key, 0.0) + time.perf_counter() - start
+
+
+class ProgressLine:
+    """A long phase's progress on the console, at most every `every_s` seconds: rows finished of
+    `rows`, decode steps of `steps`, and the time left at most (a row stops at its end or at the
+    last step)."""
+
+    def __init__(self, name: str, rows: int, steps: int, enabled: bool, every_s: float = 10.0):
+        self.name, self.rows, self.steps, self.enabled = name, rows, steps, enabled
+        self.every_s = every_s
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, finished: int, step: int) -> None:
+        now = time.perf_counter()
+        if not self.enabled or now - self.last < self.every_s:
+            return
+        self.last = now
+        print(self.line(finished, step, now - self.start), flush=True)
+
+    def line(self, finished: int, step: int, elapsed_s: float) -> str:
+        left = round(elapsed_s / max(step, 1) * (self.steps - step))
+        return (
+            f"[softgrpo] {self.name}: {finished}/{self.rows} problems, step {step}/{self.steps}, "
+            f"at most {left // 60}:{left % 60:02d} left"
+        )
+
+
 FINAL_VALIDATION = "final_validation.json"  # held-out before -> after, beside metrics.jsonl
 
 # when a reference model is used; validation adds "val/..." and, on step 1, "val_at_start/...".

@@ -45,8 +45,8 @@ import torch
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from megatron_softgrpo.algorithms.loss import PolicyLoss, StepShape
-from megatron_softgrpo.algorithms.registry import training_algorithm
-from megatron_softgrpo.config.schema import RecipeCfg
+from megatron_softgrpo.batch import Batch
+from megatron_softgrpo.config.schema import PolicyCfg
 from megatron_softgrpo.distributed import (
     ParallelState,
     broadcast_from_last_stage,
@@ -59,11 +59,11 @@ from megatron_softgrpo.models.loading import load_model
 from megatron_softgrpo.models.source import resolve_model_source
 from megatron_softgrpo.soft import (
     InputEmbedding,
+    Scorer,
     VocabShard,
     log_density_from_hidden,
     objective_from_hidden,
 )
-from megatron_softgrpo.train.batch import PolicyBatch
 from megatron_softgrpo.train.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from model_patches.mixture_embedding import mixture_embedding
 from model_patches.optimizer_step import guarded_step
@@ -84,30 +84,40 @@ def _unwrapped(model_chunk):
 
 
 class PolicyWorker:
-    def __init__(self, cfg: RecipeCfg, parallel: ParallelState):
-        policy, mcfg = cfg.policy, cfg.policy.megatron_cfg
+    """The policy's Megatron model, optimizer and (optionally) frozen reference on this rank.
+
+    It is handed how positions are scored (`scorer`) and, per update, the loss: it knows neither
+    the algorithm nor the rest of the recipe (`train/loop.py::build_worker` unpacks a recipe)."""
+
+    def __init__(
+        self,
+        policy: PolicyCfg,
+        parallel: ParallelState,
+        scorer: Scorer,
+        *,
+        reference: bool,
+        planned_steps: int,
+    ):
+        """`reference`: keep a frozen copy for a KL penalty; `planned_steps`: optimizer steps of the
+        run (the learning-rate schedule's length)."""
+        mcfg = policy.megatron_cfg
         running = (parallel.tp, parallel.pp)
         wanted = (mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size)
         if running != wanted:
             raise ValueError(
                 f"init_distributed set TP, PP = {running}; the recipe asks for {wanted}"
             )
-        self.cfg, self.parallel = cfg, parallel
+        self.policy, self.parallel, self.scorer = policy, parallel, scorer
         self.source = resolve_model_source(policy.model_name)
         self.model, self.padded_vocab_size = load_model(
             self.source, mcfg, parallel, policy.precision
         )
         self.ddp = wrap_ddp(self.model, mcfg, parallel)
         self.optimizer = build_optimizer(self.ddp, mcfg, policy.precision)
-        self.scheduler = build_scheduler(self.optimizer, mcfg, cfg.planned_optimizer_steps())
-        self.reference = (
-            self._frozen_reference() if cfg.loss_fn.reference_policy_kl_penalty > 0 else None
-        )
-        arch = self.source.arch
-        self.algorithm = training_algorithm(cfg.softgrpo)
-        self.scorer = self.algorithm.scorer(cfg.softgrpo, policy.generation, arch.hidden_size)
+        self.scheduler = build_scheduler(self.optimizer, mcfg, planned_steps)
+        self.reference = self._frozen_reference() if reference else None
         self.vocab = VocabShard.of_group(
-            self.padded_vocab_size, arch.vocab_size, parallel.groups.tp
+            self.padded_vocab_size, self.source.arch.vocab_size, parallel.groups.tp
         )
         self.device = next(self.model.parameters()).device
         # FP8: every pass runs rows padded to a multiple of this length (b x s then is one too)
@@ -116,7 +126,7 @@ class PolicyWorker:
         self.skipped_steps = 0  # updates skipped for a non-finite gradient norm (checkpointed)
 
     def _frozen_reference(self):
-        policy = self.cfg.policy
+        policy = self.policy
         model, _ = load_model(self.source, policy.megatron_cfg, self.parallel, policy.precision)
         model.requires_grad_(False)
         return model
@@ -124,7 +134,7 @@ class PolicyWorker:
     # ------------------------------------------------------------------ public API
 
     @torch.no_grad()
-    def compute_logprobs(self, batch: PolicyBatch, *, reference: bool = False) -> torch.Tensor:
+    def compute_logprobs(self, batch: Batch, *, reference: bool = False) -> torch.Tensor:
         """Record-aligned log-densities [B, S] (fp32, 0 where loss_mask is False) under the
         current policy, or under the frozen reference model; the same on every rank."""
         model = self.reference if reference else self.ddp
@@ -133,14 +143,14 @@ class PolicyWorker:
         parallel = self.parallel
         dp, dp_rank = parallel.dp, parallel.dp_rank
         per_rank = math.ceil(batch.num_rows / dp)
-        micro = min(self.cfg.policy.logprob_batch_size, per_rank)
+        micro = min(self.policy.logprob_batch_size, per_rank)
         per_rank = math.ceil(per_rank / micro) * micro
         local = (
-            batch.without_targets()
+            batch.only()
             .padded_rows(per_rank * dp)
             .row_slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
         )
-        local = self._aligned(local).map(lambda t: t.to(self.device))
+        local = self._aligned(local).to(self.device)
         micro_batches = [local.row_slice(i, i + micro) for i in range(0, per_rank, micro)]
         outputs = self._run(model, micro_batches, self._logp_output, forward_only=True)
         if parallel.last_stage:
@@ -151,7 +161,7 @@ class PolicyWorker:
         logp = gather_data_parallel(parallel, logp)
         return logp[: batch.num_rows, : batch.seq_len]
 
-    def train_step(self, batch: PolicyBatch, loss: PolicyLoss) -> TrainStepResult:
+    def train_step(self, batch: Batch, loss: PolicyLoss) -> TrainStepResult:
         """One optimizer step of `loss` on the mini-batch `batch` (gradient accumulation over
         micro-batches)."""
         if batch.advantages is None or batch.old_logp is None:
@@ -159,16 +169,16 @@ class PolicyWorker:
         if self.reference is not None and batch.ref_logp is None:
             raise ValueError("train_step needs ref_logp: loss_fn.reference_policy_kl_penalty > 0")
         dp, dp_rank = self.parallel.dp, self.parallel.dp_rank
-        micro = self.cfg.policy.train_micro_batch_size
+        micro = self.policy.train_micro_batch_size
         if batch.num_rows % (dp * micro):
             raise ValueError(
                 f"a mini-batch of {batch.num_rows} rows does not split into {dp} data-parallel ranks x "
                 f"micro-batches of policy.train_micro_batch_size={micro}"
             )
         per_rank = batch.num_rows // dp
-        local = self._aligned(batch.row_slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)).map(
-            lambda t: t.to(self.device)
-        )
+        local = batch.only("advantages", "old_logp", "ref_logp")
+        local = self._aligned(local.row_slice(dp_rank * per_rank, (dp_rank + 1) * per_rank))
+        local = local.to(self.device)
         micro_batches = [local.row_slice(i, i + micro) for i in range(0, per_rank, micro)]
         step = StepShape(len(micro_batches), dp, int(batch.loss_mask.sum()))
 
@@ -187,14 +197,12 @@ class PolicyWorker:
 
     # ------------------------------------------------------------------ forward pieces
 
-    def _aligned(self, batch: PolicyBatch) -> PolicyBatch:
+    def _aligned(self, batch: Batch) -> Batch:
         return batch.padded_positions(
             math.ceil(batch.seq_len / self.seq_alignment) * self.seq_alignment
         )
 
-    def _run(
-        self, model, micro_batches: list[PolicyBatch], output_fn, forward_only: bool
-    ) -> list[dict]:
+    def _run(self, model, micro_batches: list[Batch], output_fn, forward_only: bool) -> list[dict]:
         """Megatron's schedule over the micro-batches; per-micro-batch dicts on the last stage ([] elsewhere)."""
         return run_schedule(
             self.parallel,
@@ -217,7 +225,7 @@ class PolicyWorker:
             )
         return output, functools.partial(output_fn, gpt, micro_batch)
 
-    def _inputs(self, gpt, micro_batch: PolicyBatch) -> torch.Tensor:
+    def _inputs(self, gpt, micro_batch: Batch) -> torch.Tensor:
         """decoder_input [s, b, h]: the stored mixtures (plus the embedding-noise offset), detached."""
         records, noise = micro_batch.records, self.scorer.noise
         offset = noise.input_offset(records) if noise is not None else None
@@ -231,7 +239,7 @@ class PolicyWorker:
         # a leaf that requires grad, so activation recomputation still builds a graph; no weight sees it
         return x.requires_grad_()
 
-    def _scored_inputs(self, gpt, output: torch.Tensor, micro_batch: PolicyBatch):
+    def _scored_inputs(self, gpt, output: torch.Tensor, micro_batch: Batch):
         """(hidden [n, 1, h] scoring each record, the records [1, n], their (row, position) indices) from
         the model output [b, s(/TP), h], for the n positions of `loss_mask`."""
         hidden = output.transpose(0, 1)  # [s, b, h]
@@ -245,7 +253,7 @@ class PolicyWorker:
         records = micro_batch.records.map(lambda t: t[b_idx, j_idx].unsqueeze(0))
         return inputs, records, (b_idx, j_idx)
 
-    def _scores(self, gpt, output: torch.Tensor, micro_batch: PolicyBatch) -> torch.Tensor:
+    def _scores(self, gpt, output: torch.Tensor, micro_batch: Batch) -> torch.Tensor:
         """Record-aligned logp [b, s] of the scored records (0 at unscored positions), no gradient needed."""
         inputs, records, at = self._scored_inputs(gpt, output, micro_batch)
         logp = torch.zeros(micro_batch.loss_mask.shape, dtype=torch.float32, device=output.device)
@@ -271,7 +279,7 @@ class PolicyWorker:
 
     def _input_embedding(self, gpt) -> InputEmbedding | None:
         """The input table shard, for a density that reads it (tied on later stages: config/checks.py)."""
-        if not self.algorithm.needs_input_table:
+        if self.scorer.noise is None or not self.scorer.noise.needs_input_table:
             return None
         table = (
             gpt.embedding.word_embeddings.weight
@@ -280,13 +288,13 @@ class PolicyWorker:
         )
         return InputEmbedding(table, self.vocab)
 
-    def _logp_output(self, gpt, micro_batch: PolicyBatch, output: torch.Tensor):
+    def _logp_output(self, gpt, micro_batch: Batch, output: torch.Tensor):
         return torch.zeros((), device=output.device), {
             "logp": self._scores(gpt, output, micro_batch)
         }
 
     def _loss_output(
-        self, loss: PolicyLoss, step: StepShape, gpt, micro_batch: PolicyBatch, output: torch.Tensor
+        self, loss: PolicyLoss, step: StepShape, gpt, micro_batch: Batch, output: torch.Tensor
     ):
         """The micro-batch's loss, summed position by position as the chunked scorer computes the
         log-densities (`objective_from_hidden`: no logits recomputed in backward), and its metrics."""
