@@ -206,12 +206,18 @@ class StaticDecoder:
         self.keys[i].index_copy_(2, columns, key)
         self.values[i].index_copy_(2, columns, value)
         keys, values = self.keys[i][:, :, :length], self.values[i][:, :, :length]
-        # [B, g, r*q, d] against [B, g, L, d]: grouped heads share the cache without repeating it
-        scores = query.reshape(b, self.groups, r * q, self.head_dim) @ keys.transpose(-1, -2)
-        scores = scores.view(b, self.groups, r, q, length) * self.head_dim**-0.5 + mask[:, :, None]
-        probs = torch.softmax(scores, dim=-1, dtype=self.softmax_dtype).to(self.dtype)
-        context = probs.view(b, self.groups, r * q, length) @ values
-        context = context.view(b, self.groups, r, q, self.head_dim).permute(0, 3, 1, 2, 4)
+        if q > 1:  # prefill: SDPA's fused kernels keep memory linear in the prompt length
+            context = F.scaled_dot_product_attention(
+                query.reshape(b, self.heads, q, self.head_dim), keys, values, mask, enable_gqa=True
+            )  # query head g*r + j reads key group g, as in Megatron's layout
+            context = context.view(b, self.groups, r, q, self.head_dim).permute(0, 3, 1, 2, 4)
+        else:
+            # [B, g, r, d] against [B, g, L, d]: grouped heads share the cache without repeating
+            # it; the query scaled first, so fp16 scores do not overflow
+            query = query.reshape(b, self.groups, r, self.head_dim) * self.head_dim**-0.5
+            scores = query @ keys.transpose(-1, -2) + mask
+            probs = torch.softmax(scores, dim=-1, dtype=self.softmax_dtype).to(self.dtype)
+            context = (probs @ values).view(b, 1, self.groups, r, self.head_dim)
         out = F.linear(context.reshape(b, q, self.heads * self.head_dim), layer.proj)
         out = self._all_reduce(out)
         return out if layer.proj_bias is None else out + layer.proj_bias
