@@ -394,7 +394,9 @@ class _GraphedStep:
             step(self.x, self.columns, self.pad, length)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: NCCL's watchdog thread polls its events during a capture of the TP
+        # all-reduces, which the default (global) mode would turn into a capture error
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.out = step(self.x, self.columns, self.pad, length)
 
     def __call__(self, x, columns, pad) -> torch.Tensor:
