@@ -21,7 +21,6 @@ from builders import (
 from distributed_helpers import run_ranks
 from tiny_models import make_hf_model
 
-from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
 from megatron_softgrpo.rollout.engine import RolloutEngine
 from megatron_softgrpo.rollout.model_runner import ModelRunner
@@ -34,7 +33,7 @@ from megatron_softgrpo.soft import (
     Truncation,
     seed_noise_rng,
 )
-from megatron_softgrpo.soft.noises import DirichletNoise, GaussianNoise
+from megatron_softgrpo.soft.noises import GaussianNoise
 from model_patches.static_decode import StaticDecoder, length_bucket
 
 
@@ -214,15 +213,6 @@ def test_odd_batches_reuse_the_decoder_bucket(tiny_dir, tokenizer):
     seed_noise_rng(3)
     ref = RolloutEngine(model, tokenizer, shard, settings(), parallel).generate(PROMPTS[:2], 3)
     assert_same_records(ref, static)
-
-
-def test_unsupported_settings_name_the_key_and_the_way_out(tiny_dir, tokenizer):
-    model, shard, parallel = build64(tiny_dir)
-    dirichlet = SoftSampler(Truncation(1.0, 5, 0.95), 5, DirichletNoise())
-    with pytest.raises(UserError, match=r"dirichlet noise.*policy.generation.engine: eager"):
-        StaticRolloutEngine(model, tokenizer, shard, settings(thinking_sampler=dirichlet), parallel)
-    with pytest.raises(UserError, match="use_kv_cache=False"):
-        StaticRolloutEngine(model, tokenizer, shard, settings(use_kv_cache=False), parallel)
 
 
 def _rank_static(rank, tiny_dir, tp, pp, tokenizer_dir):

@@ -49,10 +49,6 @@ class ModelRunner:
         input_offset: Callable[[MixtureRecord], torch.Tensor | None] | None = None,
     ):
         """`input_offset(rows)`: what is added to the mixed input embedding (None: nothing)."""
-        if model.config.sequence_parallel:
-            raise NotImplementedError(
-                "decoding with sequence_parallel=true is not supported; disable it for rollouts"
-            )
         self.model, self.parallel = model, parallel
         self.input_offset = input_offset
         self.max_len = max_len

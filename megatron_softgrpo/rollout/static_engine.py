@@ -37,7 +37,6 @@ from megatron_softgrpo.distributed import (
     receive_from_previous_stage,
     send_to_next_stage,
 )
-from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.rollout.engine import (
     ANSWER,
     FORCE,
@@ -139,7 +138,6 @@ class StaticRolloutEngine(RolloutEngine):
         stay, masked, to the end of the pass). `flag_lag`: steps the host reads the count of rows
         still decoding late (None: GPU_FLAG_LAG on a GPU, 0 on the CPU)."""
         super().__init__(model, tokenizer, shard, settings, parallel, pad_id)
-        self._check_supported(model, settings)
         self.device = next(model.parameters()).device
         self.compile = compile
         self.cuda_graphs = cuda_graphs
@@ -154,20 +152,6 @@ class StaticRolloutEngine(RolloutEngine):
         self.eos = torch.tensor(sorted(settings.eos_ids), dtype=torch.long, device=self.device)
         self.marker_tokens = torch.tensor(self.marker_ids, dtype=torch.long, device=self.device)
         self._decoders: dict[tuple[int, int], _Decoder] = {}
-
-    @staticmethod
-    def _check_supported(model, settings: RolloutSettings) -> None:
-        problems = static_decode.unsupported(model.config)
-        sampler = settings.thinking_sampler
-        if sampler is not None and not sampler.draws_ahead:
-            problems.append(f"{sampler.name} noise (its randomness depends on pt)")
-        if not settings.use_kv_cache:
-            problems.append("use_kv_cache=False")
-        if problems:
-            raise UserError(
-                f"policy.generation.engine=static does not support {'; '.join(problems)}; "
-                "set policy.generation.engine: eager"
-            )
 
     # ------------------------------------------------------------------ decoding pass
 

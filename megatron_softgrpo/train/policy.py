@@ -170,11 +170,6 @@ class PolicyWorker:
             raise ValueError("train_step needs ref_logp: loss_fn.reference_policy_kl_penalty > 0")
         dp, dp_rank = self.parallel.dp, self.parallel.dp_rank
         micro = self.policy.train_micro_batch_size
-        if batch.num_rows % (dp * micro):
-            raise ValueError(
-                f"a mini-batch of {batch.num_rows} rows does not split into {dp} data-parallel ranks x "
-                f"micro-batches of policy.train_micro_batch_size={micro}"
-            )
         per_rank = batch.num_rows // dp
         local = batch.only("advantages", "old_logp", "ref_logp")
         local = self._aligned(local.row_slice(dp_rank * per_rank, (dp_rank + 1) * per_rank))
