@@ -347,6 +347,7 @@ def test_validation_gathers_on_the_model_device_and_prints_samples(monkeypatch, 
         data=SimpleNamespace(prompt_template="{problem}", system_prompt=None),
         env=SimpleNamespace(answer_format="boxed"),
         logger=SimpleNamespace(num_val_samples_to_print=1),
+        policy=SimpleNamespace(generation=SimpleNamespace(max_new_tokens=5)),
     )
     trainer.val_data = SimpleNamespace(problems=problems)
     trainer.parallel = SimpleNamespace(dp=2, dp_rank=1, main=True)
