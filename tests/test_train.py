@@ -731,12 +731,14 @@ def test_plot_without_out_writes_training_curves_into_the_run_directory(tmp_path
 
 def test_validation_progress_line_bounds_the_time_left_and_is_rate_limited(capsys):
     line = ProgressLine("validation", 128, 32, enabled=True, every_s=10.0)
-    # 8 of 32 steps in 20 s: at most 24 more steps at 2.5 s each
+    # steps 2-9 (8 steps: the clock starts after step 1, the prefill's) in 20 s: 23 more at 2.5 s
     assert (
-        line.line(40, 8, 20.0)
-        == "[softgrpo] validation: 40/128 problems, step 8/32, at most 1:00 left"
+        line.line(40, 9, 20.0)
+        == "[softgrpo] validation: 40/128 problems, step 9/32, at most 0:58 left"
     )
+    line(0, 1)  # step 1 only starts the clock
     line(40, 8)  # within every_s of the start: silent
+    assert capsys.readouterr().out == ""
     line.last -= 11
     line(41, 9)
     assert capsys.readouterr().out.startswith("[softgrpo] validation: 41/128 problems, step 9/32")

@@ -47,13 +47,15 @@ class ProgressLine:
 
     def __call__(self, finished: int, step: int) -> None:
         now = time.perf_counter()
-        if not self.enabled or now - self.last < self.every_s:
+        if step == 1:  # the clock starts after the prefill, which is no decode step
+            self.start = now
+        if not self.enabled or step == 1 or now - self.last < self.every_s:
             return
         self.last = now
         print(self.line(finished, step, now - self.start), flush=True)
 
     def line(self, finished: int, step: int, elapsed_s: float) -> str:
-        left = round(elapsed_s / max(step, 1) * (self.steps - step))
+        left = round(elapsed_s / max(step - 1, 1) * (self.steps - step))
         return (
             f"[softgrpo] {self.name}: {finished}/{self.rows} problems, step {step}/{self.steps}, "
             f"at most {left // 60}:{left % 60:02d} left"
