@@ -223,7 +223,8 @@ def _fake_study(out: Path, spec: StudySpec, problems: int = 12, n: int = 4) -> N
                 for t in range(1, 5)
             ]
             (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            (run / "final_validation.json").write_text("{}")
+            final = {"step": 5, "num_problems": 8, "at_start": None, "final": {"accuracy": 0.5}}
+            (run / "final_validation.json").write_text(json.dumps(final))
 
 
 def test_report_rows_changes_and_differences_with_standard_errors(tmp_path):
@@ -275,7 +276,11 @@ def test_report_rows_changes_and_differences_with_standard_errors(tmp_path):
         f"| softgrpo | soft | 2 | 12 | {100 * cell['value']:.1f} ± {100 * cell['se']:.1f} |" in md
     )
     training = report["training"]["grpo"]
-    assert training["val_accuracy"] == {"0": [0.2, 0.2], "4": pytest.approx([0.31, 0.32])}
+    assert training["val_accuracy"] == {
+        "0": [0.2, 0.2],
+        "4": pytest.approx([0.31, 0.32]),
+        "5": [0.5, 0.5],  # final_validation.json's
+    }
     assert training["seconds_per_step"] == 6.0  # median of steps 2-4 (step 1 warms up)
     for png in ("pass_at_k.png", "training.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"

@@ -23,6 +23,7 @@ from megatron_softgrpo.study.jobs import eval_dir, train_dir
 from megatron_softgrpo.study.spec import StudySpec
 from megatron_softgrpo.study.stats import Estimate, Scores, estimate
 from megatron_softgrpo.train.metrics_log import read_metrics
+from megatron_softgrpo.train.plots import held_out_points, read_final_validation
 
 SPEC_COLUMNS = ("sampler", "temperature", "top_k", "top_p", "min_p", "mixture_size", "gumbel_tau")
 
@@ -131,7 +132,8 @@ def _metric_keys(arms: dict[str, list[Evaluated]]) -> list[str]:
 
 
 def training_summary(spec: StudySpec, out: Path) -> dict[str, dict]:
-    """Per algorithm: held-out accuracy at each validation step and seconds per RL step, over seeds."""
+    """Per algorithm: held-out accuracy before training, at each validation and at the end
+    (`final_validation.json`), and seconds per RL step, over seeds."""
     result = {}
     for algorithm in spec.algorithms:
         curves, step_times = {}, []
@@ -139,13 +141,10 @@ def training_summary(spec: StudySpec, out: Path) -> dict[str, dict]:
             run = train_dir(out, algorithm, seed)
             if not (run / "metrics.jsonl").is_file():
                 continue
-            for r in read_metrics(run):
-                if r.get("val_at_start/accuracy") is not None:
-                    curves.setdefault(0, []).append(r["val_at_start/accuracy"])
-                if r.get("val/accuracy") is not None:
-                    curves.setdefault(r["step"], []).append(r["val/accuracy"])
-                if r.get("time/step") is not None and r["step"] > 1:  # step 1 pays warm-up
-                    step_times.append(r["time/step"])
+            rows = read_metrics(run)
+            for step, accuracy in held_out_points(rows, read_final_validation(run)):
+                curves.setdefault(step, []).append(accuracy)
+            step_times += [r["time/step"] for r in rows if r["step"] > 1]  # step 1 warms up
         if curves:
             result[algorithm] = {
                 "val_accuracy": {str(s): curves[s] for s in sorted(curves)},

@@ -34,7 +34,7 @@ def held_out_points(rows: list[dict], final: dict | None = None) -> list[tuple[i
     return sorted(points.items())
 
 
-def _final_validation(run_dir: str | Path) -> dict | None:
+def read_final_validation(run_dir: str | Path) -> dict | None:
     path = Path(run_dir) / FINAL_VALIDATION
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -47,7 +47,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
     import matplotlib.pyplot as plt
 
     runs = [read_metrics(d) for d in run_dirs]
-    finals = [_final_validation(d) for d in run_dirs]
+    finals = [read_final_validation(d) for d in run_dirs]
     labels = labels or [Path(d).name for d in run_dirs]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
     with_kl = any("kl/mean" in r for rows in runs for r in rows)
