@@ -196,7 +196,7 @@ def markdown_report(
     evals: dict[str, dict],
 ) -> str:
     lines = []
-    mismatches = spec.exploration_mismatches()
+    mismatches = spec.exploration_mismatches(arms)
     if mismatches:
         lines += [
             "**The training arms explore differently** (run with --allow-mismatched-exploration): "
@@ -276,9 +276,8 @@ def markdown_report(
 
 
 def _seed_cell(values: Sequence[float]) -> str:
-    mean = statistics.fmean(values)
-    spread = f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else ""
-    return f"{100 * mean:.1f}{spread}"
+    mean, sd = _mean_sd(values)
+    return f"{100 * mean:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
 
 
 def write_report(spec: StudySpec, out: Path) -> Path:
@@ -291,7 +290,7 @@ def write_report(spec: StudySpec, out: Path) -> Path:
     arms, evals = spec.arm_decodings(), spec.eval_decodings()
     report = {
         "allow_mismatched_exploration": spec.allow_mismatched_exploration,
-        "exploration_mismatches": spec.exploration_mismatches(),
+        "exploration_mismatches": spec.exploration_mismatches(arms),
         "arms": {a: {"decoding": s} for a, s in arms.items()},
         "decodings": {n: asdict(spec.decodings[n]) | {"decoding": s} for n, s in evals.items()},
         "rows": [asdict(r) for r in rows],

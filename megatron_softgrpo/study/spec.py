@@ -181,9 +181,10 @@ class StudySpec:
             loaded = load_recipe(self.recipe, overrides)
             validate(loaded, cluster_world_size(loaded.cfg.cluster), training)
 
-    def exploration_mismatches(self) -> list[str]:
-        """How the arms' exploring phases differ, one 'key=value' list per arm; [] when alike."""
-        arms = self.arm_decodings()
+    def exploration_mismatches(self, arms: dict[str, dict] | None = None) -> list[str]:
+        """How the arms' exploring phases differ, one 'key=value' list per arm; [] when alike.
+        `arms`: `arm_decodings()` when the caller has it already."""
+        arms = self.arm_decodings() if arms is None else arms
         differs = [
             key for key in EXPLORATION_KEYS if len({json.dumps(s[key]) for s in arms.values()}) > 1
         ]
