@@ -94,11 +94,12 @@ def engine(
     eos=frozenset(),
     cuda_graphs: bool = True,
 ):
-    """kind: static | compiled (its step compiled) | masked (never shrinks) | eager (the reference).
-    cuda_graphs: as training runs the static engine (policy.generation.cuda_graphs, default on);
-    ignored on the CPU."""
-    from megatron_softgrpo.rollout.engine import RolloutEngine, RolloutSettings
-    from megatron_softgrpo.rollout.static_engine import StaticRolloutEngine
+    """kind: static | compiled (its step compiled) | masked (never shrinks) | eager (Megatron's
+    forward, the reference). cuda_graphs: as training runs the fixed-shape backend
+    (policy.generation.cuda_graphs, default on); ignored on the CPU."""
+    from megatron_softgrpo.rollout.engine import RolloutEngine
+    from megatron_softgrpo.rollout.settings import RolloutSettings
+    from megatron_softgrpo.rollout.static_backend import StaticBackend
     from megatron_softgrpo.soft import DiscreteSampler, GumbelNoise, SoftSampler, Truncation
 
     k = mixture_size or 5
@@ -115,15 +116,9 @@ def engine(
     )
     if kind == "eager":
         return RolloutEngine(model, tokenizer, shard, settings, parallel)
-    return StaticRolloutEngine(
-        model,
-        tokenizer,
-        shard,
-        settings,
-        parallel,
-        compile=kind == "compiled",
-        cuda_graphs=cuda_graphs,
-        shrink=kind != "masked",
+    backend = StaticBackend(model, parallel, kind == "compiled", cuda_graphs)
+    return RolloutEngine(
+        model, tokenizer, shard, settings, parallel, backend, shrink=kind != "masked"
     )
 
 
@@ -253,14 +248,16 @@ def decode_step_seconds(
 ) -> Callable[[], float]:
     """A measurement: mean time of one decode step with ~`position` inputs before it (cached or
     recomputed). One prefill serves every round: each round adds `steps` positions (<= a few %)."""
-    from megatron_softgrpo.rollout.model_runner import ModelRunner
+    from megatron_softgrpo.rollout.megatron_backend import MegatronBackend
     from megatron_softgrpo.soft import MixtureRecord
 
     device = next(model.parameters()).device
-    runner = ModelRunner(model, batch, position + steps * (rounds + 1) + 1, parallel, use_kv_cache)
+    runner = MegatronBackend(model, parallel, use_kv_cache)
+    runner.start(batch, position + steps * (rounds + 1) + 1)
     runner.prefill(
         MixtureRecord.discrete(torch.full((batch, position), 7, device=device), 5),
-        torch.zeros(batch, position, dtype=torch.bool, device=device),
+        torch.zeros(batch, dtype=torch.long, device=device),
+        None,
     )
     step = MixtureRecord.discrete(torch.full((batch,), 9, device=device), 5)
 
@@ -268,7 +265,7 @@ def decode_step_seconds(
         sync()
         t = time.perf_counter()
         for _ in range(steps):
-            runner.step(step)
+            runner.step(step, None)
         sync()
         return (time.perf_counter() - t) / steps
 
@@ -281,27 +278,24 @@ def static_step_seconds(
 ) -> Callable[[], float]:
     """A measurement: mean time of one static decode step at ~`position` (a replayed CUDA graph
     with `graphs` on a GPU)."""
-    from megatron_softgrpo.rollout.static_engine import _Decoder
+    from megatron_softgrpo.rollout.static_backend import StaticBackend
     from megatron_softgrpo.soft import MixtureRecord
-    from model_patches.static_decode import StaticDecoder
 
     device = next(model.parameters()).device
-    decoder = _Decoder(
-        StaticDecoder(model, batch, position + steps + 1, parallel.groups.tp),
-        parallel,
-        None,
-        False,
-        cuda_graphs=graphs,
-    )
+    backend = StaticBackend(model, parallel, cuda_graphs=graphs)
+    backend.start(batch, position + steps + 1)
     pad = torch.zeros(batch, dtype=torch.long, device=device)
-    decoder.run(MixtureRecord.discrete(torch.full((batch, position), 7, device=device), 5), 0, pad)
-    step = MixtureRecord.discrete(torch.full((batch, 1), 9, device=device), 5)
+    backend.prefill(
+        MixtureRecord.discrete(torch.full((batch, position), 7, device=device), 5), pad, None
+    )
+    step = MixtureRecord.discrete(torch.full((batch,), 9, device=device), 5)
 
     def measure() -> float:
         sync()
         t = time.perf_counter()
-        for i in range(steps):  # the same columns every round: the cache stays at `position`
-            decoder.run(step, position + i, pad)
+        backend.column = position  # the same columns every round: the cache stays at `position`
+        for _ in range(steps):
+            backend.step(step, None)
         sync()
         return (time.perf_counter() - t) / steps
 

@@ -52,8 +52,8 @@ def _load_engine(cfg, **settings):
     from megatron_softgrpo.distributed import ParallelLayout, init_distributed
     from megatron_softgrpo.models.loading import load_model
     from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
-    from megatron_softgrpo.rollout.engine import RolloutSettings
-    from megatron_softgrpo.rollout.static_engine import make_engine
+    from megatron_softgrpo.rollout.engine import make_engine
+    from megatron_softgrpo.rollout.settings import RolloutSettings
     from megatron_softgrpo.soft import VocabShard
 
     mcfg = cfg.policy.megatron_cfg

@@ -5,7 +5,7 @@
 - `output_layer`: vocab-sharded logits during decoding; final hidden states for the chunked log-densities.
 - `sdpa_attention`: the core attention of both layer specs on torch SDPA (flash on GPU; honours the decoding mask).
 - `static_decode`: the fixed-shape decode step on the modules' own weights (the static engine).
-- `inference_cache`: Megatron's StaticInferenceContext as the eager engine uses it (reset, drop rows).
+- `inference_cache`: Megatron's StaticInferenceContext as the Megatron decode backend uses it (reset, drop rows).
 - `optimizer_step`: the step that skips a non-finite gradient; the optimizer's checkpoint state.
 - `rope`: a model's exact RoPE frequencies (Megatron hard-codes Llama 3.1's llama3 scaling).
 """

@@ -16,13 +16,13 @@ columns), so it can be compiled whole or captured as one CUDA graph:
 - the last stage returns this TP rank's vocabulary shard of the logits (the samplers select
   across shards themselves). The pipeline hand-off stays outside the step.
 
-Positions are padded columns, as in `rollout/model_runner.py`: every row ends at the same
+Positions are padded columns, as in `rollout/megatron_backend.py`: every row ends at the same
 column, the prompt is left-padded, and RoPE sees shifted positions, which leaves attention
 unchanged (it depends only on relative positions).
 
 Supported: the local (and, untested here, Transformer Engine) spec of Qwen2 / Llama / SmolLM2
 models: RMSNorm, SwiGLU, RoPE, grouped-query attention, optional QKV bias, tied or untied
-output. Not supported (the eager runner serves them): FP8 GEMMs, sequence parallelism, QK
+output. Not supported (the Megatron backend serves them): FP8 GEMMs, sequence parallelism, QK
 layernorm, interleaved RoPE.
 """
 
@@ -121,7 +121,7 @@ class StaticDecoder:
         bad = unsupported(cfg)
         if bad:
             raise NotImplementedError(
-                f"static decoding does not support {', '.join(bad)}; use the eager engine"
+                f"static decoding does not support {', '.join(bad)}; set policy.generation.engine: eager"
             )
         self.tp_group = tp_group if tp_group is not None and tp_group.size() > 1 else None
         tp = 1 if self.tp_group is None else self.tp_group.size()

@@ -20,7 +20,8 @@ from megatron_softgrpo.config.schema import (
 from megatron_softgrpo.distributed import ParallelLayout, init_distributed
 from megatron_softgrpo.models.loading import load_model
 from megatron_softgrpo.models.source import resolve_model_source
-from megatron_softgrpo.rollout.engine import RolloutEngine, RolloutSettings
+from megatron_softgrpo.rollout.engine import RolloutEngine
+from megatron_softgrpo.rollout.settings import RolloutSettings
 from megatron_softgrpo.soft import (
     DiscreteSampler,
     GumbelNoise,
@@ -183,9 +184,11 @@ def settings(**overrides):
     return RolloutSettings(**{**base, **overrides})
 
 
-def run(model, shard, parallel, tokenizer, prompts=PROMPTS, g=2, seed=7, **overrides):
+def run(model, shard, parallel, tokenizer, prompts=PROMPTS, g=2, seed=7, backend=None, **overrides):
+    """`backend(model, parallel)` builds the decode backend (None: Megatron's forward)."""
     seed_noise_rng(seed)
-    engine = RolloutEngine(model, tokenizer, shard, settings(**overrides), parallel)
+    backend = None if backend is None else backend(model, parallel)
+    engine = RolloutEngine(model, tokenizer, shard, settings(**overrides), parallel, backend)
     return engine.generate(prompts, g)
 
 

@@ -7,7 +7,8 @@ import importlib.util
 
 from builders import ROOT
 
-from megatron_softgrpo.rollout.static_engine import StaticRolloutEngine
+from megatron_softgrpo.rollout.phases import PhaseMachine
+from megatron_softgrpo.rollout.static_backend import StaticBackend
 
 spec = importlib.util.spec_from_file_location(
     "check_graphs", ROOT / "benchmarks" / "gpu" / "check_graphs.py"
@@ -23,22 +24,27 @@ def test_the_graph_check_passes_with_shrinks_on_the_late_count(tiny_dir, tokeniz
     )
     assert result["ok"] and result["differences"] == [], result
     assert result["compared"] == "reference = graphs_off = graphs_on"
-    assert result["rows_end_in_windows"] and result["shrinks_to"] == [16, 8]
+    assert result["rows_end_in_windows"] and result["shrinks_to"] == [24, 16, 8]
     assert result["graphs_captured"] == []  # the CPU ignores cuda_graphs
     assert emitted and emitted[-1][-1] is result  # each result handed out as soon as it exists
 
 
 def test_the_graph_check_reports_a_token_that_differs(tiny_dir, tokenizer, monkeypatch):
-    step = StaticRolloutEngine._step
+    backend_step, phase_step, graphs = StaticBackend.step, PhaseMachine.step, [False]
+
+    def noting_graphs(self, records, offset):  # whether this pass replays graphs
+        graphs[0] = self.cuda_graphs
+        return backend_step(self, records, offset)
 
     def wrong_on_replay(self, logits, st, t, tapes, origin):
-        out, scored = step(self, logits, st, t, tapes, origin)
-        if self.cuda_graphs and t == 1:  # as a stale graph input would: row 3's token
+        out, scored = phase_step(self, logits, st, t, tapes, origin)
+        if graphs[0] and t == 1:  # as a stale graph input would: row 3's token
             out.tokens = out.tokens.clone()
             out.tokens[3] += 1
         return out, scored
 
-    monkeypatch.setattr(StaticRolloutEngine, "_step", wrong_on_replay)
+    monkeypatch.setattr(StaticBackend, "step", noting_graphs)
+    monkeypatch.setattr(PhaseMachine, "step", wrong_on_replay)
     (result,) = check_graphs.run(tokenizer, tiny_dir, ["within_lag"], ["greedy"], ["float32"])
     assert not result["ok"] and result["compared"] == "graphs_off = graphs_on"
     assert any(

@@ -178,16 +178,18 @@ def tiny_model():
 
 
 def test_kv_cache_matches_megatron_allocation(tiny_model):
-    from megatron_softgrpo.rollout.model_runner import ModelRunner
+    from megatron_softgrpo.rollout.megatron_backend import MegatronBackend
     from megatron_softgrpo.soft import MixtureRecord
 
     arch, model, parallel = tiny_model()
     model.eval()
     rows, prompt, length = 3, 5, 20
-    runner = ModelRunner(model, rows, length, parallel)
+    runner = MegatronBackend(model, parallel)
+    runner.start(rows, length)
     runner.prefill(
         MixtureRecord.discrete(torch.randint(0, 1000, (rows, prompt)), 5),
-        torch.zeros(rows, prompt, dtype=torch.bool),
+        torch.zeros(rows, dtype=torch.long),
+        None,
     )
     allocated = runner.cache.nbytes()
     assert allocated == kv_cache_bytes(arch, 1, arch.num_layers, rows, length, 4)

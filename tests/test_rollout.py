@@ -24,8 +24,10 @@ from distributed_helpers import run_ranks
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.forward import CAUSAL, position_ids
 from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
-from megatron_softgrpo.rollout.engine import RolloutEngine, RolloutSettings
-from megatron_softgrpo.rollout.text_match import TextMatcher
+from megatron_softgrpo.rollout.engine import RolloutEngine
+from megatron_softgrpo.rollout.megatron_backend import MegatronBackend
+from megatron_softgrpo.rollout.settings import RolloutSettings
+from megatron_softgrpo.rollout.string_automaton import StringAutomaton
 from megatron_softgrpo.soft import (
     DiscreteSampler,
     EmbeddingNoise,
@@ -54,6 +56,10 @@ def thinking_sampler(kind):
     }[kind]
 
 
+def recomputing(model, parallel):
+    return MegatronBackend(model, parallel, use_kv_cache=False)
+
+
 @pytest.mark.parametrize("thinking", ["gumbel", "embedding_noise", "discrete"])
 def test_kv_cache_matches_recomputation(tiny_dir, tokenizer, thinking):
     """Rows finish at different steps (the cache drops them) and switch phase after a thinking budget."""
@@ -62,7 +68,7 @@ def test_kv_cache_matches_recomputation(tiny_dir, tokenizer, thinking):
     kwargs = {"thinking_sampler": thinking_sampler(thinking), "max_thinking_tokens": 3}
     eos = staggered_eos(model, shard, parallel, tokenizer, marker, **kwargs)
     cached = run(model, shard, parallel, tokenizer, eos_ids=eos, **kwargs)
-    recomputed = run(model, shard, parallel, tokenizer, eos_ids=eos, use_kv_cache=False, **kwargs)
+    recomputed = run(model, shard, parallel, tokenizer, eos_ids=eos, backend=recomputing, **kwargs)
     lengths = cached.response_lengths.tolist()
     assert (
         "eos" in cached.finish_reasons and len(set(lengths)) >= 3
@@ -121,7 +127,7 @@ def test_decoding_in_passes_equals_decoding_at_once(tiny_dir, tokenizer):
 def test_fp8_row_alignment_pads_the_batch_invisibly(tiny_dir, tokenizer, monkeypatch):
     """Under FP8 the runner keeps every forward at a multiple of the alignment with ghost rows,
     also after rows finish; the trajectories are the unaligned ones."""
-    from megatron_softgrpo.rollout import model_runner
+    from megatron_softgrpo.rollout import megatron_backend
 
     model, shard, parallel = build(tiny_dir)
     marker = tokenizer("</think>", add_special_tokens=False)["input_ids"]
@@ -129,14 +135,14 @@ def test_fp8_row_alignment_pads_the_batch_invisibly(tiny_dir, tokenizer, monkeyp
     eos = staggered_eos(model, shard, parallel, tokenizer, marker, **kwargs)
     plain = run(model, shard, parallel, tokenizer, eos_ids=eos, **kwargs)
     batch_sizes = []
-    forward = model_runner.ModelRunner._run
-    monkeypatch.setattr(model_runner, "token_alignment", lambda config: 4)
+    forward = megatron_backend.MegatronBackend._run
+    monkeypatch.setattr(megatron_backend, "token_alignment", lambda config: 4)
     monkeypatch.setattr(
-        model_runner.ModelRunner,
+        megatron_backend.MegatronBackend,
         "_run",
-        lambda self, records, queries: (
+        lambda self, records, offset, queries: (
             batch_sizes.append(records.tokens.shape[0]),
-            forward(self, records, queries),
+            forward(self, records, offset, queries),
         )[1],
     )
     aligned = run(model, shard, parallel, tokenizer, eos_ids=eos, **kwargs)
@@ -348,27 +354,20 @@ class RecordingSampler:
         return self.inner.sample(logits, shard, raw)
 
 
-def sampled_logits(result, think_calls, answer_calls) -> torch.Tensor:
-    """[B, S, W]: at each scored record, the logits the rollout sampled it from.
+def sampled_logits(result, calls) -> torch.Tensor:
+    """[B, S, W]: at each record, the logits the rollout sampled it from.
 
-    Step t calls the thinking sampler on the rows still thinking (scored and before the end of the
-    thinking part; forced marker steps are unscored) and the answer sampler on the others, each in
-    ascending row order; so every call's rows are found from the finished records.
+    The answer sampler draws for every row of the batch at every step (each row then takes its
+    phase's draw), and on Megatron's forward finished rows leave the batch at once: step t's call
+    holds the rows still decoding, in ascending order.
     """
     b, s = result.records.tokens.shape
-    out = torch.zeros(b, s, think_calls[0].shape[-1] if think_calls else answer_calls[0].shape[-1])
-    think_calls, answer_calls = list(think_calls), list(answer_calls)
-    for t in range(int(result.response_lengths.max())):
-        alive = result.response_lengths > t
-        j = result.prompt_lengths + t
-        scored = alive & result.loss_mask[torch.arange(b), j.clamp(max=s - 1)]
-        thinking = scored & (result.think_lengths > t)
-        for rows, calls in ((thinking, think_calls), (scored & ~thinking, answer_calls)):
-            if rows.any():
-                logits = calls.pop(0)
-                assert logits.shape[0] == int(rows.sum())
-                out[rows.nonzero().squeeze(-1), j[rows]] = logits
-    assert not think_calls and not answer_calls  # every call was placed
+    out = torch.zeros(b, s, calls[0].shape[-1])
+    assert len(calls) == int(result.response_lengths.max())
+    for t, logits in enumerate(calls):
+        rows = (result.response_lengths > t).nonzero().squeeze(-1)
+        assert logits.shape[0] == len(rows)
+        out[rows, result.prompt_lengths[rows] + t] = logits
     return out
 
 
@@ -386,14 +385,9 @@ def test_rescoring_reproduces_the_rollout_log_densities(tiny_dir, tokenizer, alg
     base = RolloutSettings.from_recipe(
         cfg, tokenizer, worker.source.arch.hidden_size, max_new_tokens=10, eos_ids=frozenset({EOS})
     )
-    think = RecordingSampler(base.thinking_sampler) if base.thinking_sampler is not None else None
     answer = RecordingSampler(base.answer_sampler)
     engine = RolloutEngine(
-        worker.model,
-        tokenizer,
-        worker.vocab,
-        replace(base, thinking_sampler=think, answer_sampler=answer),
-        worker.parallel,
+        worker.model, tokenizer, worker.vocab, replace(base, answer_sampler=answer), worker.parallel
     )
     seed_noise_rng(7)
     result = engine.generate(PROMPTS[:2], 2)
@@ -404,7 +398,7 @@ def test_rescoring_reproduces_the_rollout_log_densities(tiny_dir, tokenizer, alg
     if algorithm != "grpo":  # the budget forced the marker: answer-phase rows come after it
         assert (result.think_lengths < result.response_lengths).all()
     # 1. the rollout's density is the trainer's function at the rollout's own logits
-    logits = sampled_logits(result, think.calls if think else [], answer.calls)
+    logits = sampled_logits(result, answer.calls)
     embedding = InputEmbedding(worker.model.embedding.word_embeddings.weight, worker.vocab)
     at_rollout = log_density_from_logits(
         logits, result.records, worker.scorer, worker.vocab, embedding
@@ -452,8 +446,8 @@ def test_a_sampled_marker_step_is_scored_at_the_temperature_it_was_drawn_at(
     )
     start = int(first.prompt_lengths[0])
     marker = tokenizer.decode(first.records.tokens[0, start + 1 : start + 3])
-    think, answer = RecordingSampler(base.thinking_sampler), RecordingSampler(base.answer_sampler)
-    settings = replace(base, thinking_sampler=think, answer_sampler=answer, think_end=marker)
+    answer = RecordingSampler(base.answer_sampler)
+    settings = replace(base, answer_sampler=answer, think_end=marker)
     seed_noise_rng(7)
     result = RolloutEngine(
         worker.model, tokenizer, worker.vocab, settings, worker.parallel
@@ -466,7 +460,7 @@ def test_a_sampled_marker_step_is_scored_at_the_temperature_it_was_drawn_at(
         (~records.is_soft & records.thinking).sum()
     )
     assert bool((mask & ~records.thinking).any())  # answer-phase rows too
-    logits = sampled_logits(result, think.calls, answer.calls)
+    logits = sampled_logits(result, answer.calls)
 
     def at(temperature):
         flat = logits.reshape(-1, logits.shape[-1])
@@ -563,6 +557,9 @@ def test_entropy_cold_stop_forces_the_marker(tiny_dir, tokenizer):
 # ------------------------------------------------------------------ marker matching on text
 
 
+MARKER = ["</think>"]
+
+
 def ids_of(tokenizer, *pieces: str) -> list[int]:
     """One token per piece (checked): the transcript spelled with exactly these splits."""
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in pieces]
@@ -570,37 +567,43 @@ def ids_of(tokenizer, *pieces: str) -> list[int]:
     return [i[0] for i in ids]
 
 
-def completions(matcher, tokens: list[int]) -> list[str | None]:
-    """What `completed` says after each step of the transcript."""
-    return [matcher.completed(tokens[: t + 1]) for t in range(len(tokens))]
+def completions(tokenizer, strings: list[str], tokens: list[int]) -> list[str | None]:
+    """The string (or None) the automaton says each step of the transcript completes."""
+    automaton = StringAutomaton.build(tokenizer, strings, "cpu")
+    state, out = automaton.initial(1), []
+    for token in tokens:
+        state, which = automaton.step(state, torch.tensor([token]))
+        out.append(strings[int(which)] if int(which) >= 0 else None)
+    return out
 
 
 def test_marker_spelled_one_character_per_token(tokenizer):
-    matcher = TextMatcher(tokenizer, ["</think>"])
     tokens = ids_of(tokenizer, "so", *"</think>", "The")
-    assert completions(matcher, tokens) == [None] * 8 + ["</think>", None]
+    assert completions(tokenizer, MARKER, tokens) == [None] * 8 + ["</think>", None]
 
 
 def test_marker_inside_merged_tokens(tokenizer):
-    matcher = TextMatcher(tokenizer, ["</think>"])
     # "></" starts the marker mid-token; ">," ends it mid-token: the step that supplies ">" completes it
-    assert completions(matcher, ids_of(tokenizer, "a", "></", "think", ">,")) == [
+    assert completions(tokenizer, MARKER, ids_of(tokenizer, "a", "></", "think", ">,")) == [
         None,
         None,
         None,
         "</think>",
     ]
-    assert completions(matcher, ids_of(tokenizer, "</", "think", ">")) == [None, None, "</think>"]
+    assert completions(tokenizer, MARKER, ids_of(tokenizer, "</", "think", ">")) == [
+        None,
+        None,
+        "</think>",
+    ]
     # a second occurrence completes again
     again = ids_of(tokenizer, "</", "think", ">", "x", "</", "think", ">")
     assert (
-        completions(matcher, again)[-1] == "</think>"
-        and completions(matcher, again)[3:6] == [None] * 3
+        completions(tokenizer, MARKER, again)[-1] == "</think>"
+        and completions(tokenizer, MARKER, again)[3:6] == [None] * 3
     )
 
 
 def test_near_misses_and_lone_sub_tokens_do_not_complete_the_marker(tokenizer):
-    matcher = TextMatcher(tokenizer, ["</think>"])
     for pieces in (
         ("</", "thinking", ">"),
         ("<", "think", ">"),
@@ -608,14 +611,20 @@ def test_near_misses_and_lone_sub_tokens_do_not_complete_the_marker(tokenizer):
         ("think", ">"),
         (">",),
     ):
-        assert completions(matcher, ids_of(tokenizer, *pieces)) == [None] * len(pieces), pieces
-    assert TextMatcher(tokenizer, []).completed(ids_of(tokenizer, "</", "think", ">")) is None
+        assert completions(tokenizer, MARKER, ids_of(tokenizer, *pieces)) == [None] * len(pieces), (
+            pieces
+        )
+    assert completions(tokenizer, [], ids_of(tokenizer, "</", "think", ">")) == [None] * 3
 
 
 def test_stop_strings_match_the_first_completed_string(tokenizer):
-    matcher = TextMatcher(tokenizer, ["STOP", "\n\n"])
-    assert completions(matcher, ids_of(tokenizer, " ST", "OP", "x")) == [None, "STOP", None]
-    assert completions(matcher, ids_of(tokenizer, "\n", "\n")) == [None, "\n\n"]
+    stops = ["STOP", "\n\n"]
+    assert completions(tokenizer, stops, ids_of(tokenizer, " ST", "OP", "x")) == [
+        None,
+        "STOP",
+        None,
+    ]
+    assert completions(tokenizer, stops, ids_of(tokenizer, "\n", "\n")) == [None, "\n\n"]
 
 
 # ------------------------------------------------------------------ EOS ids from the recipe

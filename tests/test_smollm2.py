@@ -12,7 +12,8 @@ from megatron_softgrpo.models.arch import ModelArch
 from megatron_softgrpo.models.forward import forward_logits
 from megatron_softgrpo.models.loading import load_model
 from megatron_softgrpo.models.source import SMOLLM2_ARCH, load_tokenizer, resolve_model_source
-from megatron_softgrpo.rollout.engine import RolloutEngine, RolloutSettings
+from megatron_softgrpo.rollout.engine import RolloutEngine
+from megatron_softgrpo.rollout.settings import RolloutSettings
 from megatron_softgrpo.soft import DiscreteSampler, Truncation, VocabShard
 
 pytestmark = pytest.mark.slow

@@ -1,16 +1,15 @@
-"""The static engine's GPU-only branches, run on the CPU: the finished-row count read
-GPU_FLAG_LAG steps late, and the truncation's branch without host reads; against the
-reference engine (rollout/engine.py) and the CPU's branch."""
+"""The GPU-only branches, run on the CPU: the finished-row count read GPU_FLAG_LAG steps late
+(on the fixed-shape backend), and the truncation's branch without host reads; against the
+engine on Megatron's forward with the CPU's lag, and the CPU's branch."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from builders import PROMPTS, SAMPLERS, eos_ending_within, settings
-from test_static_decode import assert_same_records, build64
+from test_rollout_backends import assert_same_records, build64, static_engine
 
-from megatron_softgrpo.rollout.engine import RolloutEngine
-from megatron_softgrpo.rollout.static_engine import GPU_FLAG_LAG, StaticRolloutEngine
+from megatron_softgrpo.rollout.engine import GPU_FLAG_LAG, RolloutEngine
 from megatron_softgrpo.soft import DiscreteSampler, Truncation, VocabShard, seed_noise_rng
 from megatron_softgrpo.soft import truncation as trunc_module
 from megatron_softgrpo.soft.truncation import full_support, top_logits
@@ -32,7 +31,7 @@ def _lagged_run(tiny_dir, tokenizer, sampler, prompts, g, choices, max_new):
     for i, n in enumerate(ref.response_lengths.tolist()):
         lo, hi = windows[i // g]
         assert lo <= n <= hi and ref.finish_reasons[i] == "eos"
-    engine = StaticRolloutEngine(model, tokenizer, shard, s, parallel, flag_lag=GPU_FLAG_LAG)
+    engine = static_engine(model, tokenizer, shard, s, parallel, flag_lag=GPU_FLAG_LAG)
     shrinks, shrink = [], engine._shrink
 
     def counted(*args):  # the rows each shrink keeps (None: it found none)
@@ -68,9 +67,9 @@ def test_every_row_ending_at_the_same_step(tiny_dir, tokenizer, sampler):
 
 
 @pytest.mark.parametrize("sampler", ["greedy", "gumbel"])
-def test_staggered_ends_shrink_twice_on_the_late_count(tiny_dir, tokenizer, sampler):
-    """4 prompts x 8 rows ending by groups more than the lag apart: 32 -> 16 -> 8 rows, each
-    shrink on a count 4 steps old; the rows moved keep drawing their own noise."""
+def test_staggered_ends_shrink_at_each_group_on_the_late_count(tiny_dir, tokenizer, sampler):
+    """4 prompts x 8 rows ending by groups more than the lag apart: 32 -> 24 -> 16 -> 8 rows,
+    each shrink on a count 4 steps old; the rows moved keep drawing their own noise."""
     ref, engine, static, shrinks = _lagged_run(
         tiny_dir,
         tokenizer,
@@ -81,9 +80,8 @@ def test_staggered_ends_shrink_twice_on_the_late_count(tiny_dir, tokenizer, samp
         max_new=24,
     )
     assert_same_records(ref, static)
-    assert [(len(k.index), int(k.valid.sum())) for k in shrinks] == [(16, 16), (8, 8)]
-    (decoder,) = engine._decoders.values()
-    assert decoder.decoder.batch == 8
+    assert [(len(k.index), int(k.valid.sum())) for k in shrinks] == [(24, 24), (16, 16), (8, 8)]
+    assert engine.backend.decoder.batch == 8
 
 
 # ------------------------------------------------------------------ truncation without host reads
@@ -146,7 +144,7 @@ def test_static_engine_on_both_gpu_branches_gives_the_reference(tiny_dir, tokeni
     seed_noise_rng(7)
     ref = RolloutEngine(model, tokenizer, shard, s, parallel).generate(PROMPTS, 2)
     monkeypatch.setattr(trunc_module, "_host_checks", lambda x: False)
-    engine = StaticRolloutEngine(model, tokenizer, shard, s, parallel, flag_lag=GPU_FLAG_LAG)
+    engine = static_engine(model, tokenizer, shard, s, parallel, flag_lag=GPU_FLAG_LAG)
     seed_noise_rng(7)
     assert_same_records(ref, engine.generate(PROMPTS, 2))
     assert (ref.think_lengths < ref.response_lengths).any()  # some rows sampled answers

@@ -1,4 +1,4 @@
-"""Device-side string matching: the automaton, TextMatcher and a brute-force byte reference agree."""
+"""Device-side string matching: the automaton and a brute-force byte reference agree."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode as hf_bytes_to_
 
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.rollout.string_automaton import StringAutomaton, token_bytes
-from megatron_softgrpo.rollout.text_match import TextMatcher
 
 MARKER = "</think>"
 STRING_SETS = [
@@ -99,25 +98,8 @@ def random_rows(tokenizer, rows: int, steps: int, seed: int) -> list[list[int]]:
     return out
 
 
-class TextOnly:
-    """The real tokenizer with its last entry spelled outside the byte alphabet: TextMatcher falls back
-    to matching on decoded text."""
-
-    def __init__(self, tokenizer):
-        self._tokenizer = tokenizer
-
-    def __getattr__(self, name):
-        return getattr(self._tokenizer, name)
-
-    def __len__(self) -> int:
-        return len(self._tokenizer)
-
-    def convert_ids_to_tokens(self, ids):
-        return [*self._tokenizer.convert_ids_to_tokens(ids[:-1]), "\u2581"]
-
-
 @pytest.mark.parametrize("strings", STRING_SETS, ids=lambda s: "|".join(map(repr, s)))
-def test_automaton_text_matcher_and_reference_agree(tokenizer, strings):
+def test_automaton_and_reference_agree(tokenizer, strings):
     pieces = reference_bytes(tokenizer)
     rows = random_rows(tokenizer, rows=48, steps=40, seed=len(strings))
     for row in rows:  # the reference's bytes are what decode concatenates
@@ -136,18 +118,9 @@ def test_automaton_text_matcher_and_reference_agree(tokenizer, strings):
         got.append(which)
     assert torch.stack(got, 1).tolist() == expected
 
-    for matcher in (TextMatcher(tokenizer, strings), TextMatcher(TextOnly(tokenizer), strings)):
-        found = [
-            [strings.index(m) if (m := matcher.completed(row[: t + 1])) else -1 for t in range(40)]
-            for row in rows
-        ]
-        assert found == expected
-    assert TextMatcher(TextOnly(tokenizer), strings)._table is None  # the text path ran
-
 
 def test_lone_sub_tokens_never_complete_the_marker(tokenizer):
     automaton = StringAutomaton.build(tokenizer, [MARKER], "cpu")
-    matcher = TextMatcher(tokenizer, [MARKER])
     pieces = token_bytes(tokenizer)
     subs = [
         t
@@ -163,7 +136,6 @@ def test_lone_sub_tokens_never_complete_the_marker(tokenizer):
             state, _ = automaton.advance(state, torch.full((len(subs),), t))
         _, completed = automaton.advance(state, torch.tensor(subs))
         assert not completed.any()
-        assert all(matcher.completed([*before, t]) is None for t in subs)
     # the whole marker in one step does complete (the special-token spelling, as a string)
     special = StringAutomaton.build(tokenizer, ["<|im_end|>"], "cpu")
     assert special.advance(special.initial(1), torch.tensor([2]))[1].item()
@@ -171,7 +143,7 @@ def test_lone_sub_tokens_never_complete_the_marker(tokenizer):
 
 def test_empty_strings_and_ids_outside_the_tokenizer(tokenizer):
     none = StringAutomaton.build(tokenizer, ["", ""], "cpu")
-    assert none.strings == () and TextMatcher(tokenizer, [""]).completed([9617, 17400, 46]) is None
+    assert none.strings == ()
     state = none.initial(3)
     for t in ids_of(tokenizer, MARKER):
         state, completed = none.advance(state, torch.full((3,), t))
@@ -185,7 +157,6 @@ def test_empty_strings_and_ids_outside_the_tokenizer(tokenizer):
         for t in [*head, pad, *tail]:
             state, completed = automaton.advance(state, torch.tensor([t]))
         assert completed.item()
-        assert TextMatcher(tokenizer, [MARKER]).completed([*head, pad, *tail]) == MARKER
 
 
 def test_advance_is_one_graph_with_no_host_sync(tokenizer):
@@ -263,6 +234,4 @@ def test_a_tokenizer_that_is_not_byte_level_is_refused(fake):
         StringAutomaton.build(fake, [MARKER], "cpu")
     message = str(error.value)
     assert "\n" not in message and fake.name_or_path in message
-    assert "policy.generation.engine: eager" in message
-    # the eager engine's TextMatcher matches on the decoded text instead
-    assert TextMatcher(fake, ["there"]).completed([1, 3] if len(fake) == 4 else [0, 1]) == "there"
+    assert "byte-level BPE tokenizers" in message

@@ -17,7 +17,7 @@ Each check computes the same thing on the CPU (fp32, the tested reference) and o
 Noise is drawn from the device's generator, so noisy samples are compared for
 reproducibility on the GPU, not against the CPU's stream.
 
-    python3 benchmarks/gpu/check_cuda.py [--json FILE]     (needs a GPU)
+    python3 benchmarks/gpu/check_cuda.py --tokenizer DIR [--json FILE]     (needs a GPU)
 """
 
 from __future__ import annotations
@@ -290,14 +290,16 @@ def check_policy_objective(scorer, shard, hidden, weight, records):
         )
 
 
-def check_model_path():
+def check_model_path(tokenizer_dir: str):
     from tiny_models import make_hf_model
 
     from megatron_softgrpo.config.schema import MegatronCfg
     from megatron_softgrpo.distributed import ParallelLayout, init_distributed
     from megatron_softgrpo.models.loading import load_model
-    from megatron_softgrpo.models.source import resolve_model_source
-    from megatron_softgrpo.rollout.engine import RolloutEngine, RolloutSettings
+    from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
+    from megatron_softgrpo.rollout.engine import RolloutEngine
+    from megatron_softgrpo.rollout.megatron_backend import MegatronBackend
+    from megatron_softgrpo.rollout.settings import RolloutSettings
     from megatron_softgrpo.soft import DiscreteSampler, MixtureRecord, Truncation, VocabShard
     from model_patches.mixture_embedding import mixture_embedding
 
@@ -319,37 +321,24 @@ def check_model_path():
     got = mixture_embedding(emb, ids.to(DEV), weights.to(DEV)).cpu()
     record("mixture_embedding/soft_vs_cpu", float((got - expected).abs().max()), 1e-5)
 
-    class _Tok:  # decoding is irrelevant here: no markers, no stop strings
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [0]}
-
-        def decode(self, ids, skip_special_tokens=False):
-            return ""
-
     shard = VocabShard.whole(padded, 1000)
+    tokenizer = load_tokenizer(resolve_model_source(tokenizer_dir))  # the engine's string automata
     prompts = [[5, 17, 999, 3, 42], [7, 8]]
     out = {}
     for cache in (True, False):
         settings = RolloutSettings(
-            None,
-            DiscreteSampler(Truncation.greedy(), K),
-            1.0,
-            "\x00",
-            16,
-            frozenset(),
-            use_kv_cache=cache,
+            None, DiscreteSampler(Truncation.greedy(), K), 1.0, "\x00", 16, frozenset()
         )
-        out[cache] = (
-            RolloutEngine(model, _Tok(), shard, settings, parallel)
-            .generate(prompts, 1)
-            .records.tokens.cpu()
-        )
+        backend = MegatronBackend(model, parallel, use_kv_cache=cache)
+        engine = RolloutEngine(model, tokenizer, shard, settings, parallel, backend)
+        out[cache] = engine.generate(prompts, 1).records.tokens.cpu()
     record("rollout/kv_cache_equals_recompute_greedy", float((out[True] != out[False]).sum()), 0)
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--json")
+    p.add_argument("--tokenizer", required=True, help="SmolLM2's tokenizer directory")
     p.add_argument("--smoke-cpu", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     global DEV, JSON_PATH
@@ -360,7 +349,7 @@ def main():
         assert torch.cuda.is_available(), "needs a GPU"
     noisy, shard, logits = check_samplers()
     check_log_densities(noisy, shard, logits)
-    check_model_path()
+    check_model_path(args.tokenizer)
     failed = [k for k, v in results.items() if not v["ok"]]
     print(
         f"{len(results) - len(failed)}/{len(results)} checks passed"

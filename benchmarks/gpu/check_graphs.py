@@ -1,19 +1,19 @@
-"""CUDA-graph replay gives the records of no graphs and of the reference engine (issue 32).
+"""CUDA-graph replay gives the records of no graphs and of Megatron's forward (issue 32).
 
 A tiny random Qwen2 on SmolLM2's vocabulary (seconds on a GPU). Rows end at staggered steps, by
-EOS ids found on this device from a run without them, and the static engine reads its count of
+EOS ids found on this device from a run without them, and the engine reads its count of
 rows still decoding GPU_FLAG_LAG steps late (as on a GPU, also on the CPU), so it shrinks and
 recaptures:
 
 - staggered: 4 prompts x 8 rows, one prompt 60 tokens long (the pass crosses from the 64-column
-  length bucket to the 128 one), the groups ending about 7 steps apart: 32 -> 16 -> 8 rows;
+  length bucket to the 128 one), the groups ending about 7 steps apart: 32 -> 24 -> 16 -> 8 rows;
 - within_lag: 2 prompts x 8 rows, the last ones ending within the lag (the shrink finds none).
 
 Greedy and seeded soft (Gumbel) decoding, each in
-- float64: graphs on = graphs off = the reference engine, every record (ids exact, weights to
-  1e-6): in float64 the two engines' different summation orders flip no token;
+- float64: graphs on = graphs off = the Megatron backend (the reference), every record (ids
+  exact, weights to 1e-6): in float64 the two backends' summation orders flip no token;
 - float32: graphs on = graphs off, every record (the same kernels, replayed; soft thinking would
-  amplify fp32 rounding between the two engines, so no reference there).
+  amplify fp32 rounding between the two backends, so no reference there).
 
 On the CPU `cuda_graphs` is ignored and the check still runs (tests/test_check_graphs.py).
 
@@ -93,8 +93,8 @@ def differences(a, b, atol: float = 1e-6) -> list[str]:
 def run_case(case: str, sampler: str, dtype: str, tokenizer, model_dir) -> dict:
     from builders import PROMPTS, SAMPLERS, build, eos_ending_within, settings
 
-    from megatron_softgrpo.rollout import static_engine
-    from megatron_softgrpo.rollout.engine import RolloutEngine
+    from megatron_softgrpo.rollout import static_backend
+    from megatron_softgrpo.rollout.engine import GPU_FLAG_LAG, RolloutEngine
     from megatron_softgrpo.soft import seed_noise_rng
 
     spec, g, choices, max_new = CASES[case]
@@ -107,7 +107,7 @@ def run_case(case: str, sampler: str, dtype: str, tokenizer, model_dir) -> dict:
     exact = dtype == "float64"  # float32: graphs on vs off only (see the module docstring)
     shrinks, captures = [], []
 
-    class Counted(static_engine._GraphedStep):  # which (rows, length bucket) were captured
+    class Counted(static_backend._GraphedStep):  # which (rows, length bucket) were captured
         def __init__(self, step, x, columns, pad, length):
             captures.append((x.shape[0], length))
             super().__init__(step, x, columns, pad, length)
@@ -116,15 +116,8 @@ def run_case(case: str, sampler: str, dtype: str, tokenizer, model_dir) -> dict:
         seed_noise_rng(7)
         if kind == "reference":
             return RolloutEngine(model, tokenizer, shard, s, parallel).generate(prompts, g)
-        engine = static_engine.StaticRolloutEngine(
-            model,
-            tokenizer,
-            shard,
-            s,
-            parallel,
-            cuda_graphs=kind == "graphs_on",
-            flag_lag=static_engine.GPU_FLAG_LAG,
-        )
+        backend = static_backend.StaticBackend(model, parallel, cuda_graphs=kind == "graphs_on")
+        engine = RolloutEngine(model, tokenizer, shard, s, parallel, backend, flag_lag=GPU_FLAG_LAG)
         shrink = engine._shrink
 
         def counted(*args):
@@ -133,12 +126,12 @@ def run_case(case: str, sampler: str, dtype: str, tokenizer, model_dir) -> dict:
                 shrinks.append(None if kept is None else len(kept.index))
             return kept
 
-        engine._shrink, plain = counted, static_engine._GraphedStep
-        static_engine._GraphedStep = Counted
+        engine._shrink, plain = counted, static_backend._GraphedStep
+        static_backend._GraphedStep = Counted
         try:
             return engine.generate(prompts, g)
         finally:
-            static_engine._GraphedStep = plain
+            static_backend._GraphedStep = plain
 
     base = "reference" if exact else "graphs_off"
     free = decode(base, settings(max_new_tokens=max_new, **SAMPLERS[sampler]))

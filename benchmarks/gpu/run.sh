@@ -59,7 +59,7 @@ TOK=(--tokenizer .gpu_assets/tokenizer)
 step graphs 120 python3 benchmarks/gpu/check_graphs.py "${TOK[@]}" --json "$OUT/graphs.json"
 step rollout_static 300 python3 benchmarks/rollout.py --static-gpu --model qwen2-1.5b-random \
   "${TOK[@]}" --json "$OUT/rollout_static.json"
-step check_cuda 60 python3 benchmarks/gpu/check_cuda.py --json "$OUT/check_cuda.json"
+step check_cuda 60 python3 benchmarks/gpu/check_cuda.py "${TOK[@]}" --json "$OUT/check_cuda.json"
 step logprob 100 python3 benchmarks/logprob.py
 step update 150 python3 benchmarks/update.py --rows 4 --seq-len 4096 --profile --json "$OUT/update.json"
 step rollout_batch64 120 python3 benchmarks/rollout.py --throughput-only --new-tokens 64 \

@@ -28,7 +28,7 @@ NONE = -1  # "no string completes" in the index column of the table
 
 
 class NotByteLevelError(UserError):
-    """The tokenizer's tokens are not byte strings: match on decoded text (the eager engine)."""
+    """The tokenizer's tokens are not byte strings: the rollout cannot match its strings."""
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -69,7 +69,7 @@ def token_bytes(tokenizer) -> TokenBytes:
     added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if i < n}
     names = tokenizer.convert_ids_to_tokens(list(range(n)))
     regular = ["" if t is None or i in added else t for i, t in enumerate(names)]
-    hint = "use the eager engine (policy.generation.engine: eager)"
+    hint = "the rollout supports byte-level BPE tokenizers (SmolLM2, Qwen2, Llama-3)"
     if bad := set("".join(regular)) - _CHAR_TO_BYTE.keys():
         token = next(i for i, t in enumerate(regular) if bad & set(t))
         raise NotByteLevelError(

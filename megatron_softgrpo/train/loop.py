@@ -41,8 +41,8 @@ from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
 from megatron_softgrpo.rewards.answers import extract_answer
 from megatron_softgrpo.rewards.registry import get_reward
 from megatron_softgrpo.rewards.shaping import shaped_rewards
-from megatron_softgrpo.rollout.engine import RolloutSettings
-from megatron_softgrpo.rollout.static_engine import make_engine
+from megatron_softgrpo.rollout.engine import make_engine
+from megatron_softgrpo.rollout.settings import RolloutSettings
 from megatron_softgrpo.soft import noise_seed, seed_noise_rng
 from megatron_softgrpo.train.checkpointing import resume, save_training_checkpoint
 from megatron_softgrpo.train.metrics_log import (

@@ -1,5 +1,6 @@
-"""The static decode path: the step against Megatron's forward, compiled against eager, and the
-static engine's records against the reference engine's (rollout/engine.py)."""
+"""The decode backends against each other: the fixed-shape step against Megatron's forward,
+compiled against eager, and the engine's records on the fixed-shape backend against those on
+Megatron's forward (the reference), at TP=1, TP=2 and PP=2."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from tiny_models import make_hf_model
 
 from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
 from megatron_softgrpo.rollout.engine import RolloutEngine
-from megatron_softgrpo.rollout.model_runner import ModelRunner
-from megatron_softgrpo.rollout.static_engine import StaticRolloutEngine
+from megatron_softgrpo.rollout.megatron_backend import MegatronBackend
+from megatron_softgrpo.rollout.static_backend import StaticBackend
 from megatron_softgrpo.soft import (
     DiscreteSampler,
     EmbeddingNoise,
@@ -55,14 +56,15 @@ def _prompt_batch(b=3, plen=6, seed=0):
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
 def test_static_step_matches_megatron_cached_forward(kind, tiny_dir, llama_dir):
     """Prefill and decode steps over left-padded rows: the logit shard of Megatron's own cached
-    forward (ModelRunner, itself held to full recomputation) to fp32 rounding."""
+    forward (MegatronBackend, itself held to full recomputation) to fp32 rounding."""
     model, _, parallel = build(tiny_dir if kind == "qwen2" else llama_dir)
     tokens, pad = _prompt_batch()
     b, plen = tokens.shape
-    runner, static = ModelRunner(model, b, 16, parallel), StaticDecoder(model, b, 16)
+    runner, static = MegatronBackend(model, parallel), StaticDecoder(model, b, 16)
+    runner.start(b, 16)
     records = MixtureRecord.discrete(tokens, 5)
     with torch.no_grad():
-        expected = [runner.prefill(records, pad)]
+        expected = [runner.prefill(records, pad.sum(1), None)]
         x = static.embed(records.mix_ids, records.mix_weights)
         got = [static.forward(x, torch.arange(plen), pad.sum(1), 8)]
         g = torch.Generator().manual_seed(1)
@@ -70,7 +72,7 @@ def test_static_step_matches_megatron_cached_forward(kind, tiny_dir, llama_dir):
             step = MixtureRecord.discrete(torch.randint(0, VOCAB, (b,), generator=g), 5)
             step.mix_weights[:, :2] = torch.tensor([0.7, 0.3])  # a soft mixture input
             step.mix_ids[:, 1] = (step.tokens + 11) % VOCAB
-            expected.append(runner.step(step))
+            expected.append(runner.step(step, None))
             x = static.embed(step.mix_ids[:, None], step.mix_weights[:, None])
             got.append(static.forward(x, torch.tensor([plen + t]), pad.sum(1), 16))
     for e, s in zip(expected, got, strict=True):
@@ -109,11 +111,11 @@ def test_compiled_step_equals_eager_one_compile_per_bucket(tiny_dir):
         torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-4)
 
 
-# ------------------------------------------------------------------ the engine against the reference
+# ------------------------------------------------------------------ the engine, backend against backend
 #
 # In float64: soft thinking amplifies differences step by step (softmax(g / 0.1) of the logits
 # feeds the next input), so the fp32 rounding differences of two summation orders grow into
-# different trajectories within ~10 steps on these random models. In float64 both engines give
+# different trajectories within ~10 steps on these random models. In float64 both backends give
 # the same fp32 logits, so every record can be compared tightly on any CPU.
 
 
@@ -122,12 +124,19 @@ def build64(tiny_dir, tp=1, pp=1):
     return model.double(), shard, parallel
 
 
+def static_engine(model, tokenizer, shard, s, parallel, **kwargs):
+    """The engine on the fixed-shape backend."""
+    return RolloutEngine(
+        model, tokenizer, shard, s, parallel, StaticBackend(model, parallel), **kwargs
+    )
+
+
 def _both(model, shard, parallel, tokenizer, prompts=PROMPTS, g=2, seed=7, **overrides):
     s = settings(**overrides)
     seed_noise_rng(seed)
     reference = RolloutEngine(model, tokenizer, shard, s, parallel).generate(prompts, g)
     seed_noise_rng(seed)
-    static = StaticRolloutEngine(model, tokenizer, shard, s, parallel).generate(prompts, g)
+    static = static_engine(model, tokenizer, shard, s, parallel).generate(prompts, g)
     return reference, static
 
 
@@ -202,14 +211,13 @@ def test_odd_batches_reuse_the_decoder_bucket(tiny_dir, tokenizer):
     """3 prompts x 2 rows pad to an 8-row bucket: the padding rows leave no trace, and a second
     call of another batch size in the same bucket reuses the decoder (and its compiled code)."""
     model, shard, parallel = build64(tiny_dir)
-    engine = StaticRolloutEngine(model, tokenizer, shard, settings(), parallel)
+    engine = static_engine(model, tokenizer, shard, settings(), parallel)
     seed_noise_rng(3)
     engine.generate(PROMPTS, 2)
-    (decoder,) = engine._decoders.values()
+    decoder = engine.backend.decoder
     seed_noise_rng(3)
     static = engine.generate(PROMPTS[:2], 3)
-    (again,) = engine._decoders.values()
-    assert again is decoder
+    assert engine.backend.decoder is decoder
     seed_noise_rng(3)
     ref = RolloutEngine(model, tokenizer, shard, settings(), parallel).generate(PROMPTS[:2], 3)
     assert_same_records(ref, static)
@@ -219,7 +227,7 @@ def _rank_static(rank, tiny_dir, tp, pp, tokenizer_dir):
     model, shard, parallel = build64(tiny_dir, tp, pp)
     tokenizer = load_tokenizer(resolve_model_source(tokenizer_dir))
     seed_noise_rng(7)
-    return StaticRolloutEngine(
+    return static_engine(
         model, tokenizer, shard, settings(max_thinking_tokens=5), parallel
     ).generate(PROMPTS, 2)
 
@@ -244,7 +252,7 @@ def test_trainer_rescores_the_static_rollout(tiny_dir, tokenizer, algorithm):
     """The trainer's full-sequence log-probs reproduce the static rollout's densities to 1e-5."""
 
     from megatron_softgrpo.batch import Batch
-    from megatron_softgrpo.rollout.engine import RolloutSettings
+    from megatron_softgrpo.rollout.settings import RolloutSettings
 
     cfg = rescoring_recipe(tiny_dir, algorithm)
     worker = new_worker(cfg)
@@ -252,7 +260,7 @@ def test_trainer_rescores_the_static_rollout(tiny_dir, tokenizer, algorithm):
         cfg, tokenizer, worker.source.arch.hidden_size, max_new_tokens=10, eos_ids=frozenset({EOS})
     )
     seed_noise_rng(7)
-    engine = StaticRolloutEngine(worker.model, tokenizer, worker.vocab, s, worker.parallel)
+    engine = static_engine(worker.model, tokenizer, worker.vocab, s, worker.parallel)
     result = engine.generate(PROMPTS[:2], 2)
     logp = worker.compute_logprobs(Batch(result.records, result.loss_mask))
     mask = result.loss_mask
@@ -288,12 +296,11 @@ def test_shrinking_to_a_smaller_bucket_keeps_every_record(tiny_dir, tokenizer):
         PROMPTS, 6, lambda *r: reports["ref"].append(r)
     )
     for shrink in (True, False):
-        engine = StaticRolloutEngine(model, tokenizer, shard, s, parallel, shrink=shrink)
+        engine = static_engine(model, tokenizer, shard, s, parallel, shrink=shrink)
         seed_noise_rng(7)
         progress = reports.setdefault(shrink, []).append
         assert_same_records(ref, engine.generate(PROMPTS, 6, lambda *r: progress(r)))
-        (decoder,) = engine._decoders.values()
-        assert decoder.decoder.batch == (8 if shrink else 24)
+        assert engine.backend.decoder.batch == (8 if shrink else 24)
     assert (ref.response_lengths <= 4).sum() >= 10 and ref.response_lengths.max() == 10
     # progress: (rows finished, steps done) after every step, the same from both engines
     ended = [int(((ref.response_lengths <= t) & ~ref.truncated).sum()) for t in range(1, 10)]

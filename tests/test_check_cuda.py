@@ -1,0 +1,22 @@
+"""benchmarks/gpu/check_cuda.py on the CPU (--smoke-cpu: every check CPU against CPU): the GPU
+run's script runs to the end on the code as it is, so a GPU session never spends its minutes on
+a crash."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from builders import ROOT
+
+
+def test_the_cuda_check_runs_to_the_end_on_the_cpu(smollm2_hf_dir, tmp_path):
+    out = tmp_path / "check_cuda.json"
+    script = ROOT / "benchmarks" / "gpu" / "check_cuda.py"
+    args = ["--smoke-cpu", "--tokenizer", str(smollm2_hf_dir), "--json", str(out)]
+    run = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "rollout/kv_cache_equals_recompute_greedy" in out.read_text()
+    passed = [line for line in run.stdout.splitlines() if line.endswith("checks passed")]
+    n = passed[-1].split()[0].split("/")
+    assert n[0] == n[1] and int(n[0]) >= 25, passed
