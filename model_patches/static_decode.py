@@ -7,7 +7,9 @@ same math as a pure tensor function whose shapes depend only on the bucket (batc
 columns), so it can be compiled whole or captured as one CUDA graph:
 
 - one preallocated KV cache per layer, [B, groups, L, head_dim]; a step writes its keys and
-  values in place at the columns held in a device tensor (`index_copy_`);
+  values in place at the columns held in a device tensor (`index_copy_`); a step of b <= B
+  rows uses the cache's first b rows, and fewer rows move there in place (`keep_rows`), so
+  the cache, and a graph captured on it, outlive a shrink;
 - the attention mask (left padding, future columns) and the RoPE angles are derived on the
   device from each row's pad length and the current column;
 - linears are `F.linear` on the Megatron modules' weights (the same tensors the trainer
@@ -160,12 +162,15 @@ class StaticDecoder:
 
     @property
     def batch(self) -> int:
+        """The rows the cache holds (a step may use its first rows only)."""
         return self.keys[0].shape[0] if self.keys else 0
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        """Move to a smaller batch: the cache rows `rows` (once, when the bucket changes)."""
-        self.keys = [k[rows].contiguous() for k in self.keys]
-        self.values = [v[rows].contiguous() for v in self.values]
+        """Continue with the cache rows `rows` as rows 0..len(rows)-1, moved in place (the
+        gather reads before it writes), so nothing is reallocated."""
+        n = len(rows)
+        for cache in (*self.keys, *self.values):
+            cache[:n] = cache[rows]
 
     def embed(self, mix_ids, mix_weights, offset=None) -> torch.Tensor:
         """The mixture input [B, q, h] (first stage): sum_k w_k E[ids_k], all-reduced over TP."""
@@ -203,9 +208,10 @@ class StaticDecoder:
         qkv = qkv.view(b, q, self.groups, r + 2, self.head_dim).permute(0, 2, 3, 1, 4)
         query, key, value = qkv[:, :, :r], qkv[:, :, r], qkv[:, :, r + 1]
         query, key = _rope(query, cos, sin), _rope(key, cos, sin)
-        self.keys[i].index_copy_(2, columns, key)
-        self.values[i].index_copy_(2, columns, value)
-        keys, values = self.keys[i][:, :, :length], self.values[i][:, :, :length]
+        keys, values = self.keys[i][:b], self.values[i][:b]  # this step's rows
+        keys.index_copy_(2, columns, key)
+        values.index_copy_(2, columns, value)
+        keys, values = keys[:, :, :length], values[:, :, :length]
         if q > 1:  # prefill: SDPA's fused kernels keep memory linear in the prompt length
             context = F.scaled_dot_product_attention(
                 query.reshape(b, self.heads, q, self.head_dim), keys, values, mask, enable_gqa=True

@@ -282,7 +282,8 @@ def test_a_marker_the_model_writes_switches_phase_as_in_the_reference(tiny_dir, 
 
 def test_shrinking_to_a_smaller_bucket_keeps_every_record(tiny_dir, tokenizer):
     """18 rows (a 24-row bucket), most ending by step 4: the engine moves to an 8-row bucket
-    (one cache copy) and the records are the reference's, as without shrinking."""
+    (rows moved to the front of the same cache) and the records are the reference's, as
+    without shrinking."""
     model, shard, parallel = build64(tiny_dir)
     kwargs = dict(max_new_tokens=10)
     first = _both(model, shard, parallel, tokenizer, g=6, **kwargs)[0]
@@ -297,10 +298,16 @@ def test_shrinking_to_a_smaller_bucket_keeps_every_record(tiny_dir, tokenizer):
     )
     for shrink in (True, False):
         engine = static_engine(model, tokenizer, shard, s, parallel, shrink=shrink)
+        rows, step = [], engine.backend.step
+        engine.backend.step = lambda records, offset: (
+            rows.append(len(records.tokens)),
+            step(records, offset),
+        )[1]
         seed_noise_rng(7)
         progress = reports.setdefault(shrink, []).append
         assert_same_records(ref, engine.generate(PROMPTS, 6, lambda *r: progress(r)))
-        assert engine.backend.decoder.batch == (8 if shrink else 24)
+        assert engine.backend.decoder.batch == 24  # moved within the one cache
+        assert rows[-1] == 8 < rows[0] if shrink else set(rows) == {24}
     assert (ref.response_lengths <= 4).sum() >= 10 and ref.response_lengths.max() == 10
     # progress: (rows finished, steps done) after every step, the same from both engines
     ended = [int(((ref.response_lengths <= t) & ~ref.truncated).sum()) for t in range(1, 10)]

@@ -108,9 +108,9 @@ def run_case(case: str, sampler: str, dtype: str, tokenizer, model_dir) -> dict:
     shrinks, captures = [], []
 
     class Counted(static_backend._GraphedStep):  # which (rows, length bucket) were captured
-        def __init__(self, step, x, columns, pad, length):
+        def __init__(self, step, x, columns, pad, length, pool):
             captures.append((x.shape[0], length))
-            super().__init__(step, x, columns, pad, length)
+            super().__init__(step, x, columns, pad, length, pool)
 
     def decode(kind, s):
         seed_noise_rng(7)

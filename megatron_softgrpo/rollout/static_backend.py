@@ -1,8 +1,9 @@
 """The decode backend on the fixed-shape step (`model_patches.static_decode`): eager, compiled
 (`torch.compile(fullgraph=True)`) or captured as a CUDA graph.
 
-Shapes depend only on the bucket (rows, cache columns), so decoders (and their compiled code or
-graphs) are reused across passes and RL steps. Weights are the model's own tensors, updated in
+Shapes depend only on the bucket (rows, cache columns), so the cache, the compiled code and the
+graphs (one per (rows, length) bucket, in one memory pool) are reused across shrinks, passes and
+RL steps: a shrink moves the rows still decoding to the front of the same cache. Weights are the model's own tensors, updated in
 place by the trainer, so nothing needs refreshing. Not for FP8 or sequence parallelism
 (`static_decode.unsupported`; `config/checks.py` refuses them).
 """
@@ -35,13 +36,14 @@ class StaticBackend(DecodeBackend):
         self.compile = compile
         self.cuda_graphs = cuda_graphs  # on a GPU only
         self.decoder: static_decode.StaticDecoder | None = None
-        self.graphs: dict[int, _GraphedStep] = {}  # by length bucket, for the current rows
+        self.graphs: dict[tuple[int, int], _GraphedStep] = {}  # by (rows, length bucket)
+        self.pool = None  # the graphs' shared memory pool
         self.column, self.pad = 0, None
 
     def start(self, rows: int, max_len: int) -> None:
         max_len = -(-max_len // static_decode.MIN_LENGTH_BUCKET) * static_decode.MIN_LENGTH_BUCKET
         dec = self.decoder
-        if dec is None or (dec.batch, dec.max_len) != (rows, max_len):  # else reuse it, graphs too
+        if dec is None or dec.max_len != max_len or dec.batch < rows:  # else reuse, graphs too
             self.decoder = None  # one cache allocation at a time
             self.graphs.clear()
             self.decoder = static_decode.StaticDecoder(
@@ -69,9 +71,8 @@ class StaticBackend(DecodeBackend):
         )
 
     def keep_rows(self, index: torch.Tensor) -> None:
-        self.decoder.keep_rows(index)  # one cache copy
+        self.decoder.keep_rows(index)  # one cache copy, in place
         self.pad = self.pad[index]
-        self.graphs.clear()  # captured for the larger batch
 
     def _run(self, records: MixtureRecord, offset) -> torch.Tensor | None:
         """Feed positions [column, column + q) of every row (records [B, q])."""
@@ -90,9 +91,14 @@ class StaticBackend(DecodeBackend):
         elif not (self.cuda_graphs and dec.device.type == "cuda"):
             out = self.step_fn(x, columns, self.pad, length)
         else:
-            if length not in self.graphs:
-                self.graphs[length] = _GraphedStep(self.step_fn, x, columns, self.pad, length)
-            out = self.graphs[length](x, columns, self.pad)
+            key = (b, length)
+            if key not in self.graphs:
+                if self.pool is None:
+                    self.pool = torch.cuda.graph_pool_handle()
+                self.graphs[key] = _GraphedStep(
+                    self.step_fn, x, columns, self.pad, length, self.pool
+                )
+            out = self.graphs[key](x, columns, self.pad)
         if not dec.last_stage:
             send_to_next_stage(self.parallel, out)
             return None
@@ -104,7 +110,7 @@ class _GraphedStep:
     the captured kernels (TP all-reduces included) replay. The cache and weights are the same
     tensors at every replay, so a weight update in place needs no recapture."""
 
-    def __init__(self, step, x, columns, pad, length: int):
+    def __init__(self, step, x, columns, pad, length: int, pool):
         self.x, self.columns, self.pad = x.clone(), columns.clone(), pad.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -114,7 +120,7 @@ class _GraphedStep:
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: NCCL's watchdog thread polls its events during a capture of the TP
         # all-reduces, which the default (global) mode would turn into a capture error
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.out = step(self.x, self.columns, self.pad, length)
 
     def __call__(self, x, columns, pad) -> torch.Tensor:
