@@ -204,7 +204,7 @@ def timed_worker_updates(
     """Best seconds of one update step of a new PolicyWorker (run in its own process)."""
     from megatron_softgrpo.distributed import ParallelLayout, init_distributed
     from megatron_softgrpo.models.arch import ModelArch
-    from megatron_softgrpo.train.loop import build_worker
+    from megatron_softgrpo.train.setup import build_worker
 
     warnings.filterwarnings("ignore")
     parallel = init_distributed(ParallelLayout(1, 1), seed=0)

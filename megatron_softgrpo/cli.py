@@ -81,7 +81,7 @@ def cmd_check(ns) -> int:
 
 
 def cmd_train(ns) -> int:
-    from megatron_softgrpo.train.loop import train
+    from megatron_softgrpo.train.setup import train
 
     return train(_load_checked(ns.recipe, ns.overrides, training=True))
 

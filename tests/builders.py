@@ -87,7 +87,7 @@ def recipe(
 def new_worker(cfg, tp=1, pp=1):
     """The recipe's worker, with `recipe_loss`: the loss the trainer would hand its updates."""
     from megatron_softgrpo.algorithms.loss import PolicyLoss
-    from megatron_softgrpo.train.loop import build_worker
+    from megatron_softgrpo.train.setup import build_worker
 
     worker = build_worker(cfg, init_distributed(ParallelLayout(tp, pp)))
     worker.recipe_loss = PolicyLoss(cfg.loss_fn)

@@ -354,7 +354,7 @@ def test_check_refuses_what_train_refuses_before_any_model_loads(
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setattr(
-        "megatron_softgrpo.train.loop.train", lambda loaded: pytest.fail("train started")
+        "megatron_softgrpo.train.setup.train", lambda loaded: pytest.fail("train started")
     )
     assert main(["train", str(GPU_RECIPE), *overrides]) == 2
     assert expected in capsys.readouterr().err

@@ -212,20 +212,20 @@ def test_signal_during_start_up_exits_for_requeue(
     sig, tmp_path, tiny_model, smollm2_hf_dir, monkeypatch, capsys
 ):
     """A preemption signal while the model loads: no step runs, nothing is saved, the requeue exit code."""
-    import megatron_softgrpo.train.loop as loop
+    import megatron_softgrpo.train.setup as setup
 
     received = []
     previous = signal.signal(
         sig, lambda signum, frame: received.append(signum)
     )  # stands in for "killed"
     try:
-        build_worker = loop.build_worker
+        build_worker = setup.build_worker
 
         def signalled_while_loading(cfg, parallel):
             os.kill(os.getpid(), sig)
             return build_worker(cfg, parallel)
 
-        monkeypatch.setattr(loop, "build_worker", signalled_while_loading)
+        monkeypatch.setattr(setup, "build_worker", signalled_while_loading)
         recipe = write_recipe(tmp_path, tiny_model, smollm2_hf_dir)
         assert main(["train", str(recipe)]) == REQUEUE_EXIT_CODE
         assert received == []  # the trainer's handler took it
@@ -565,10 +565,10 @@ STOP_EARLY = {"generation": {"max_new_tokens": 8, "stop_strings": ["e"]}}
 def test_dynamic_sampling_resumes_exactly_and_counts_every_prompt_drawn(
     tmp_path, tiny_model, smollm2_hf_dir, monkeypatch
 ):
-    import megatron_softgrpo.train.loop as loop
+    import megatron_softgrpo.train.setup as setup
     from megatron_softgrpo.models.checkpoint import read_meta
 
-    monkeypatch.setattr(loop, "get_reward", lambda *args, **kwargs: _spread_reward)
+    monkeypatch.setattr(setup, "get_reward", lambda *args, **kwargs: _spread_reward)
     sections = {
         "policy": STOP_EARLY,
         "grpo": {"dynamic_sampling": DYNAMIC_SAMPLING},
@@ -595,9 +595,9 @@ def test_dynamic_sampling_resumes_exactly_and_counts_every_prompt_drawn(
 
 
 def _train_with_spread_reward(rank, recipe, overrides):
-    import megatron_softgrpo.train.loop as loop
+    import megatron_softgrpo.train.setup as setup
 
-    loop.get_reward = lambda *args, **kwargs: _spread_reward
+    setup.get_reward = lambda *args, **kwargs: _spread_reward
     return main(["train", recipe, *overrides])
 
 

@@ -227,3 +227,27 @@ def resume(ckpt_cfg: CheckpointingCfg, worker: PolicyWorker) -> RestoredCheckpoi
         return None
     path = latest_checkpoint(ckpt_cfg.checkpoint_dir)
     return None if path is None else restore_training_checkpoint(worker, path)
+
+
+# ------------------------------------------------------------------ the training loop's state
+
+
+def save_run(
+    ckpt_cfg: CheckpointingCfg, worker: PolicyWorker, step: int, sampler, tokenizer
+) -> Path:
+    """The loop's checkpoint: the worker's state and the prompt sampler's position (collective)."""
+    extra = {"data": sampler.state_dict()}
+    return save_training_checkpoint(ckpt_cfg, worker, step, extra, tokenizer=tokenizer)
+
+
+def resume_run(ckpt_cfg: CheckpointingCfg, worker: PolicyWorker, sampler, log) -> int:
+    """The step to continue from: 0, or the latest checkpoint's, restored into the worker and the
+    prompt sampler, with the metrics log cut back to it (collective)."""
+    restored = resume(ckpt_cfg, worker) if ckpt_cfg.enabled else None
+    if restored is None:
+        return 0
+    sampler.load_state_dict(restored.extra["data"])
+    log.truncate_after(restored.step)
+    if worker.parallel.main:
+        print(f"[softgrpo] resumed from {restored.path} (step {restored.step})", flush=True)
+    return restored.step

@@ -7,7 +7,9 @@
             -> metrics, periodic validation and checkpoints
 
 At the end the held-out accuracy before and after training goes to `final_validation.json` in
-`logger.log_dir` (metrics.jsonl keeps exactly one line per step).
+`logger.log_dir` (metrics.jsonl keeps exactly one line per step). The parts are built by
+`train/setup.py`; resuming and saving are `train/checkpointing.py`'s, the end of the run
+`train/summary.py`'s.
 
 The algorithm only changes how the thinking phase is sampled and scored (the sampler and
 scorer built from `softgrpo.*`); everything else is shared.
@@ -16,122 +18,53 @@ scorer built from `softgrpo.*`); everything else is shared.
 from __future__ import annotations
 
 import math
-import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from megatron_softgrpo.algorithms.advantages import broadcast_to_positions, group_advantages
 from megatron_softgrpo.algorithms.filtering import group_rows, informative_groups
 from megatron_softgrpo.algorithms.loss import PolicyLoss
-from megatron_softgrpo.algorithms.registry import training_algorithm
 from megatron_softgrpo.batch import Batch
-from megatron_softgrpo.config.recipe import LoadedRecipe
 from megatron_softgrpo.config.schema import RecipeCfg
-from megatron_softgrpo.data.datasets import PromptDataset, load_split
+from megatron_softgrpo.data.datasets import PromptDataset
 from megatron_softgrpo.data.prompts import encode_prompt
 from megatron_softgrpo.data.sampler import PromptSampler
-from megatron_softgrpo.distributed import (
-    ParallelLayout,
-    ParallelState,
-    gather_data_parallel,
-    init_distributed,
-)
-from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
+from megatron_softgrpo.distributed import ParallelState, gather_data_parallel
 from megatron_softgrpo.rewards.answers import extract_answer
-from megatron_softgrpo.rewards.registry import get_reward
 from megatron_softgrpo.rewards.shaping import shaped_rewards
-from megatron_softgrpo.rollout.engine import make_engine
-from megatron_softgrpo.rollout.settings import RolloutSettings
-from megatron_softgrpo.soft import noise_seed, seed_noise_rng
-from megatron_softgrpo.train.checkpointing import resume, save_training_checkpoint
-from megatron_softgrpo.train.metrics_log import (
-    FINAL_VALIDATION,
-    MetricsLog,
-    ProgressLine,
-    Timings,
-)
-from megatron_softgrpo.train.plots import TRAINING_CURVES, plot_runs
+from megatron_softgrpo.rollout.engine import RolloutEngine
+from megatron_softgrpo.train.checkpointing import resume_run, save_run
+from megatron_softgrpo.train.metrics_log import MetricsLog, ProgressLine, Timings
 from megatron_softgrpo.train.policy import PolicyWorker
 from megatron_softgrpo.train.preemption import REQUEUE_EXIT_CODE, PreemptionWatcher
+from megatron_softgrpo.train.summary import summarize_run
 
 
+@dataclass
 class Trainer:
-    """Built and run on every rank; `watcher` is installed by the caller before construction so that
-    a preemption signal during start-up (model loading) still ends in a requeue."""
+    """The RL loop over the parts `train/setup.py` builds; every rank runs it."""
 
-    def __init__(self, loaded: LoadedRecipe, watcher: PreemptionWatcher):
-        cfg = self.cfg = loaded.cfg
-        self.watcher = watcher
-        mcfg = cfg.policy.megatron_cfg  # the recipe passed config.checks.validate (the CLI's job)
-        parallel = self.parallel = init_distributed(
-            ParallelLayout(mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size),
-            seed=cfg.grpo.seed,
-        )
-        seed_noise_rng(noise_seed(cfg.grpo.seed, parallel.dp_rank))
-        # data first: a bad data file fails in seconds, before the minutes of model loading
-        self.tokenizer = load_tokenizer(
-            resolve_model_source(cfg.policy.model_name), cfg.policy.tokenizer.name
-        )
-        self.train_data = self._load("train")
-        self.val_data = self._load("validation") if cfg.data.validation is not None else None
-        self.worker = build_worker(cfg, parallel)
-        self.loss = PolicyLoss(cfg.loss_fn)  # handed to every update: the worker knows no loss
-        self.sampler = PromptSampler(
-            self.train_data.problems,
-            cfg.grpo.num_prompts_per_step,
-            seed=cfg.grpo.seed,
-            shuffle=cfg.data.shuffle,
-        )
-        settings = RolloutSettings.from_recipe(
-            cfg, self.tokenizer, self.worker.source.arch.hidden_size
-        )
-        self.engine = make_engine(
-            cfg.policy.generation,
-            self.worker.model,
-            self.tokenizer,
-            self.worker.vocab,
-            settings,
-            parallel,
-        )
-        self.reward = get_reward(
-            cfg.env.reward,
-            answer_format=cfg.env.answer_format,
-            num_workers=cfg.env.num_workers,
-            timeout_s=cfg.env.timeout_s,
-        )
-        self.log = MetricsLog(cfg.logger, loaded.raw, enabled=parallel.main)
-        self.step = 0
-        self._last_val: tuple[int, dict] | None = None  # (step, result) of the latest validation
-        if parallel.launch.launcher != "single" and parallel.main:
-            print(
-                f"[softgrpo] {parallel.launch.world_size} ranks: TP={parallel.tp} "
-                f"PP={parallel.pp} DP={parallel.dp}",
-                flush=True,
-            )
-
-    def _load(self, split: str) -> PromptDataset:
-        data = load_split(self.cfg.data, split, self.tokenizer)
-        if self.parallel.main:
-            print(f"[softgrpo] {split}: {data.summary()}", flush=True)
-        return data
+    cfg: RecipeCfg
+    parallel: ParallelState
+    tokenizer: object
+    val_data: PromptDataset | None
+    worker: PolicyWorker
+    loss: PolicyLoss  # handed to every update: the worker knows no loss
+    sampler: PromptSampler
+    engine: RolloutEngine
+    reward: object  # texts, answers, metadata -> rewards (rewards/registry.py)
+    log: MetricsLog
+    watcher: PreemptionWatcher
+    step: int = 0
+    _last_val: tuple[int, dict] | None = None  # (step, result) of the latest validation
 
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> int:
         cfg, watcher = self.cfg, self.watcher
         try:
-            restored = (
-                resume(cfg.checkpointing, self.worker)
-                if cfg.checkpointing.enabled and cfg.checkpointing.resume
-                else None
-            )
-            if restored is not None:
-                self.step = restored.step
-                self.sampler.load_state_dict(restored.extra["data"])
-                self.log.truncate_after(self.step)
-                if self.parallel.main:
-                    print(f"[softgrpo] resumed from {restored.path} (step {self.step})", flush=True)
+            self.step = resume_run(cfg.checkpointing, self.worker, self.sampler, self.log)
             if watcher.should_stop(self.parallel):  # signalled during start-up: nothing new to save
                 return self._requeue()
             first_val = (
@@ -179,14 +112,10 @@ class Trainer:
         return REQUEUE_EXIT_CODE
 
     def _save(self) -> None:
-        extra = {"data": self.sampler.state_dict()}
-        save_training_checkpoint(
-            self.cfg.checkpointing, self.worker, self.step, extra, tokenizer=self.tokenizer
-        )
+        save_run(self.cfg.checkpointing, self.worker, self.step, self.sampler, self.tokenizer)
 
     def _finish(self, first_val: dict | None) -> None:
-        """Held-out accuracy after training (and before it, from step 1's line after a resume)
-        to final_validation.json and the console; the training curves."""
+        """The held-out summary and the training curves."""
         final = None
         if self.val_data is not None:
             # the last step's own validation when it had one; else a fresh one (a collective: every rank)
@@ -195,21 +124,9 @@ class Trainer:
                 if self._last_val is not None and self._last_val[0] == self.step
                 else self._validate()
             )
-        if not self.parallel.main:
-            return
-        if final is not None:
-            if first_val is None:
-                first_val = self.log.at_start_validation()
-            record = FinalValidation(self.step, len(self.val_data.problems), first_val, final)
-            self.log.write_json(FINAL_VALIDATION, asdict(record))
-            before = f"{first_val['accuracy']:.3f} -> " if first_val is not None else ""
-            print(
-                f"[softgrpo] held-out accuracy: {before}{final['accuracy']:.3f} ({record.num_problems} problems)",
-                flush=True,
-            )
-        log_dir = self.cfg.logger.log_dir
-        out = plot_runs([log_dir], f"{log_dir}/{TRAINING_CURVES}")
-        print(f"[softgrpo] curves: {out}", flush=True)
+        if self.parallel.main:
+            val_size = 0 if self.val_data is None else len(self.val_data.problems)
+            summarize_run(self.cfg.logger, self.log, self.step, val_size, first_val, final)
 
     # ------------------------------------------------------------------ one RL step
 
@@ -379,17 +296,6 @@ class Trainer:
         return result
 
 
-@dataclass(frozen=True)
-class FinalValidation:
-    """`final_validation.json`: held-out results after the last step, and before the first (None
-    without `grpo.val_at_start`)."""
-
-    step: int
-    num_problems: int
-    at_start: dict | None  # {"accuracy", "answer_rate", "response_length"}
-    final: dict
-
-
 def _print_samples(problems, texts: list[str], rewards: list[float], count: int) -> None:
     """The first `count` validation responses of this rank (logger.num_val_samples_to_print)."""
     for i, (p, text, reward) in enumerate(list(zip(problems, texts, rewards))[:count]):
@@ -451,30 +357,3 @@ def _trim(batch: Batch) -> Batch:
     used = batch.loss_mask.any(dim=0).nonzero()
     length = int(used.max()) + 1 if len(used) else 1
     return batch.positions(lambda t: t[:, :length])
-
-
-def build_worker(cfg: RecipeCfg, parallel: ParallelState) -> PolicyWorker:
-    """The policy worker of a recipe: handed the training algorithm's scorer, never the recipe."""
-    hidden_size = resolve_model_source(cfg.policy.model_name).arch.hidden_size
-    scorer = training_algorithm(cfg.softgrpo).scorer(
-        cfg.softgrpo, cfg.policy.generation, hidden_size
-    )
-    return PolicyWorker(
-        cfg.policy,
-        parallel,
-        scorer,
-        reference=cfg.loss_fn.reference_policy_kl_penalty > 0,
-        planned_steps=cfg.planned_optimizer_steps(),
-    )
-
-
-def train(loaded: LoadedRecipe) -> int:
-    # installed first: SIGTERM/SIGUSR1 during start-up (model loading) must still end in a requeue
-    watcher = PreemptionWatcher()
-    try:
-        return Trainer(loaded, watcher).run()
-    except KeyboardInterrupt:
-        print("[softgrpo] interrupted", file=sys.stderr)
-        return 130
-    finally:
-        watcher.restore()
