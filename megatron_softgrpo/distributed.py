@@ -286,6 +286,13 @@ def sum_data_parallel(parallel: ParallelState, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def max_data_parallel_(parallel: ParallelState, x: torch.Tensor) -> torch.Tensor:
+    """`x` replaced by its elementwise maximum over the data-parallel ranks, in place."""
+    if parallel.dp > 1:
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX, group=parallel.groups.dp)
+    return x
+
+
 def max_data_parallel(parallel: ParallelState, value: int, device) -> int:
     """The largest `value` of any data-parallel rank."""
     if parallel.dp == 1:

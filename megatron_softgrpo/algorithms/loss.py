@@ -6,6 +6,10 @@ aggregation, so the algorithms differ only in how `logp` was computed. Per posit
     r      = exp(logp - old_logp)
     policy = max(-A r, -A clip(r, 1 - ratio_clip_min, 1 + ratio_clip_max))
              and, for A < 0 with dual clip c: min(that, -A c)
+             (use_cispo: -A sg(clip(r, 1 - ratio_clip_min, 1 + ratio_clip_max)) logp)
+             times, with use_importance_sampling_correction, the detached rollout-correction
+             weight w = exp(old_logp - rollout_logp), truncated as the loss says
+             (`rollout_correction`)
     kl     = clamp(exp(ref - logp) - (ref - logp) - 1, -kl_clamp, kl_clamp)        (k3)
     loss   = policy + reference_policy_kl_penalty * kl - entropy_coef * entropy
 
@@ -20,13 +24,17 @@ positions is not counted as a sequence (seq_mean_token_mean), a micro-batch with
 per-position weights. `PolicyLoss` is what the policy worker is handed (NeMo-RL's
 `policy.train(data, loss_fn)`): per micro-batch, a per-position objective that the worker's fused
 chunked pass sums as it scores positions (`soft.objective_from_hidden`), and the step's metrics
-as named sums that the worker adds up by key without knowing what they are. `policy_loss` is
-the same loss on one [B, S] batch, whose metrics have the same names (`position_metrics`).
+as named sums that the worker adds up by key without knowing what they are (or, for a name
+ending in /min or /max, reduces by that: `metric_reduction`). `policy_loss` is the same loss on
+one [B, S] batch, whose metrics have the same names and values (`position_metrics`,
+`correction_metrics`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import math
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -34,6 +42,7 @@ from torch import Tensor
 from megatron_softgrpo.config.schema import LossCfg
 
 LOG_RATIO_LIMIT = 20.0
+F64 = torch.float64
 
 
 @dataclass(frozen=True)
@@ -71,8 +80,10 @@ class TokenTerms:
     kl: Tensor | None  # None when reference_policy_kl_penalty = 0
     entropy: Tensor | None
     ratio: Tensor
-    ratio_bound: Tensor  # the clipped ratio bounds the loss
+    ratio_bound: Tensor  # the clipped ratio bounds the loss (CISPO: the IS weight is clipped)
     dual_bound: Tensor  # A < 0 and -A c bounds the loss
+    clip_low: Tensor  # the bound 1 - ratio_clip_min is the one that binds
+    clip_high: Tensor  # the bound 1 + ratio_clip_max is the one that binds
 
     def objective(self, cfg: LossCfg) -> Tensor:
         """policy + reference_policy_kl_penalty * kl - entropy_coef * entropy, per position."""
@@ -93,25 +104,37 @@ def token_terms(
     *,
     ref_logp: Tensor | None = None,
     entropy: Tensor | None = None,
+    is_weight: Tensor | None = None,
 ) -> TokenTerms:
     """Each position's terms; tensors of one shape, `mask` marking the scored positions. Only `logp`
-    and `entropy` carry gradient."""
+    and `entropy` carry gradient. `is_weight`: the rollout correction's weight of each position
+    (`rollout_correction`), a factor of its policy term."""
     mask = mask.bool()
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     logp = torch.where(mask, logp, zero)
     old_logp, advantages = (torch.where(mask, t.detach(), zero) for t in (old_logp, advantages))
 
     ratio = torch.exp(torch.clamp(logp - old_logp, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - cfg.ratio_clip_min, 1 + cfg.ratio_clip_max)
-    policy = torch.maximum(unclipped, clipped)
-    ratio_bound = clipped > unclipped
+    low, high = 1 - cfg.ratio_clip_min, 1 + cfg.ratio_clip_max
     dual_bound = torch.zeros_like(mask)
-    if cfg.ratio_clip_c is not None:
-        negative = advantages < 0
-        dual = -advantages * cfg.ratio_clip_c
-        dual_bound = negative & (policy > dual)
-        policy = torch.where(negative, torch.minimum(policy, dual), policy)
+    if cfg.use_cispo:
+        # the IS weight is clipped and detached, never the term: every position keeps the
+        # gradient -A sg(clip(r)) grad(logp) (MiniMax-M1's CISPO)
+        policy = -advantages * torch.clamp(ratio, low, high).detach() * logp
+        clip_low, clip_high = ratio < low, ratio > high
+    else:
+        unclipped = -advantages * ratio
+        clipped = -advantages * torch.clamp(ratio, low, high)
+        policy = torch.maximum(unclipped, clipped)
+        bound = clipped > unclipped
+        clip_low, clip_high = bound & (advantages < 0), bound & (advantages > 0)
+        if cfg.ratio_clip_c is not None:
+            negative = advantages < 0
+            dual = -advantages * cfg.ratio_clip_c
+            dual_bound = negative & (policy > dual)
+            policy = torch.where(negative, torch.minimum(policy, dual), policy)
+    if is_weight is not None:
+        policy = policy * torch.where(mask, is_weight.detach(), zero)
 
     kl = None
     if cfg.reference_policy_kl_penalty > 0:
@@ -124,8 +147,16 @@ def token_terms(
         raise ValueError("entropy_coef > 0 needs the per-position entropy")
     if entropy is not None:
         entropy = torch.where(mask, entropy, zero)
+    clip_low, clip_high = clip_low & mask, clip_high & mask
     return TokenTerms(
-        torch.where(mask, policy, zero), kl, entropy, ratio, ratio_bound & mask, dual_bound & mask
+        torch.where(mask, policy, zero),
+        kl,
+        entropy,
+        ratio,
+        clip_low | clip_high,
+        dual_bound & mask,
+        clip_low,
+        clip_high,
     )
 
 
@@ -138,36 +169,58 @@ def policy_loss(
     *,
     ref_logp: Tensor | None = None,
     entropy: Tensor | None = None,
+    rollout_logp: Tensor | None = None,
+    is_soft: Tensor | None = None,
     scale: LossScale = LossScale(),
 ) -> PolicyLossResult:
-    """All tensors [B, S]; `mask` marks the scored (generated) positions. Only `logp` and `entropy` carry gradient."""
+    """All tensors [B, S] (a row is one response); `mask` marks the scored (generated) positions.
+    Only `logp` and `entropy` carry gradient. `rollout_logp` is needed with the rollout correction;
+    `is_soft` (the records' flag; default: none soft) splits its metrics by the kind of step."""
     mask = mask.bool()
-    terms = token_terms(logp, old_logp, advantages, mask, cfg, ref_logp=ref_logp, entropy=entropy)
-    pg = aggregate(terms.policy, mask, cfg.aggregation, scale)
+    correction = _correction(old_logp, rollout_logp, mask, cfg)
+    terms = token_terms(
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        cfg,
+        ref_logp=ref_logp,
+        entropy=entropy,
+        is_weight=None if correction is None else correction.weight,
+    )
+    agg = functools.partial(
+        aggregate, mask=mask, mode=cfg.aggregation, scale=scale, norm=cfg.loss_scale_factor
+    )
+    pg = agg(terms.policy)
     loss = pg
 
     kl_loss = None
     if terms.kl is not None:
-        kl_loss = aggregate(terms.kl, mask, cfg.aggregation, scale)
+        kl_loss = agg(terms.kl)
         loss = loss + cfg.reference_policy_kl_penalty * kl_loss
 
     entropy_loss = None
     if terms.entropy is not None:
-        entropy_loss = aggregate(terms.entropy, mask, cfg.aggregation, scale)
+        entropy_loss = agg(terms.entropy)
         loss = loss - cfg.entropy_coef * entropy_loss
 
     advantages = torch.where(mask, advantages.detach(), 0.0)
-    metrics = {k: masked_mean(v, mask) for k, v in position_metrics(terms, advantages).items()}
+    values = position_metrics(terms, advantages)
+    if correction is not None:
+        soft = torch.zeros_like(mask) if is_soft is None else is_soft.bool()
+        values |= correction_metrics(correction, soft)
+    sums = {k: reduced(v, mask, metric_reduction(k)) for k, v in values.items()}
+    metrics = {k: torch.tensor(v, dtype=F64) for k, v in normalised(sums, int(mask.sum())).items()}
     return PolicyLossResult(loss, pg.detach(), _detached(kl_loss), _detached(entropy_loss), metrics)
 
 
 def position_metrics(terms: TokenTerms, advantages: Tensor) -> dict[str, Tensor]:
     """The per-position values behind each reported mean, under its `metrics.jsonl` name."""
-    bound = terms.ratio_bound
+    moving = advantages != 0  # a bound only matters where the term has a gradient to stop
     metrics = {
-        "clip_fraction": bound & (advantages != 0),
-        "clip_fraction/low": bound & (advantages < 0),  # r < 1 - ratio_clip_min bounds the loss
-        "clip_fraction/high": bound & (advantages > 0),  # r > 1 + ratio_clip_max bounds it
+        "clip_fraction": terms.ratio_bound & moving,
+        "clip_fraction/low": terms.clip_low & moving,  # r < 1 - ratio_clip_min bounds the loss
+        "clip_fraction/high": terms.clip_high & moving,  # r > 1 + ratio_clip_max bounds it
         "dual_clip_fraction": terms.dual_bound,  # A < 0 and -A c bounds it
         "ratio/mean": terms.ratio,
     }
@@ -176,6 +229,139 @@ def position_metrics(terms: TokenTerms, advantages: Tensor) -> dict[str, Tensor]
     if terms.entropy is not None:
         metrics["entropy/mean"] = terms.entropy
     return metrics
+
+
+# ---------------------------------------------------------------- rollout correction
+
+
+@dataclass(frozen=True)
+class RolloutCorrection:
+    """The rollout correction of each position ([B, S], or the scored positions [n]), detached."""
+
+    weight: Tensor  # the factor of the policy term: w after truncation
+    raw: Tensor  # w = exp(old_logp - rollout_logp)
+    log_ratio: Tensor  # old_logp - rollout_logp
+    truncated: Tensor  # bool: the truncation changed w (clamped, or zeroed with its row)
+
+    def at(self, index) -> RolloutCorrection:
+        """The positions `index` (e.g. a micro-batch's scored ones, flattened)."""
+        return RolloutCorrection(*(getattr(self, f.name)[index] for f in fields(self)))
+
+
+def rollout_correction(
+    old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, cfg: LossCfg
+) -> RolloutCorrection:
+    """w = exp(old_logp - rollout_logp) of every position of `mask` in [B, S] (rows are responses;
+    0 elsewhere), truncated to [truncated_importance_sampling_ratio_min,
+    truncated_importance_sampling_ratio] as `truncated_importance_sampling_type` says when the
+    upper bound is set: tis clamps w, icepop zeroes the positions outside, seq-mask-tis zeroes
+    the rows whose geometric-mean w (over their positions of `mask`) is outside."""
+    mask = mask.bool()
+    zero = torch.zeros((), dtype=old_logp.dtype, device=old_logp.device)
+    log_ratio = torch.where(mask, (old_logp - rollout_logp).detach(), zero)
+    raw = torch.where(mask, _exp(log_ratio), zero)
+    hi, lo = cfg.truncated_importance_sampling_ratio, cfg.truncated_importance_sampling_ratio_min
+    kind = cfg.truncated_importance_sampling_type
+    if hi is None:
+        return RolloutCorrection(raw, raw, log_ratio, torch.zeros_like(mask))
+    if kind == "tis":
+        weight = torch.clamp(raw, lo, hi)
+        truncated = (raw < lo) | (raw > hi)
+    elif kind == "icepop":
+        truncated = (raw < lo) | (raw > hi)
+        weight = torch.where(truncated, zero, raw)
+    elif kind == "seq-mask-tis":
+        count = mask.sum(dim=-1, keepdim=True)
+        geo_mean = _exp(log_ratio.sum(dim=-1, keepdim=True) / count.clamp(min=1))
+        truncated = ((geo_mean < lo) | (geo_mean > hi)).expand_as(mask)
+        weight = torch.where(truncated, zero, raw)
+    else:
+        raise ValueError(f"unknown truncated_importance_sampling_type {kind!r}")
+    return RolloutCorrection(torch.where(mask, weight, zero), raw, log_ratio, truncated & mask)
+
+
+def _exp(log_ratio: Tensor) -> Tensor:
+    return torch.exp(torch.clamp(log_ratio, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+
+
+def _correction(
+    old_logp: Tensor, rollout_logp: Tensor | None, mask: Tensor, cfg: LossCfg
+) -> RolloutCorrection | None:
+    if not cfg.use_importance_sampling_correction:
+        return None
+    if rollout_logp is None:
+        raise ValueError("loss_fn.use_importance_sampling_correction needs the rollout's logp")
+    return rollout_correction(old_logp, rollout_logp, mask, cfg)
+
+
+STEP_KINDS = ("soft", "discrete")  # the correction's metrics, also by the kind of step
+
+
+def correction_metrics(c: RolloutCorrection, is_soft: Tensor) -> dict[str, Tensor]:
+    """The per-position values behind the correction's metrics, over every scored position and
+    over its soft and discrete ones (`/soft`, `/discrete`; positions/<kind> counts them). A value
+    outside its kind is the reduction's identity. gen_kl is the k3 estimate of KL(rollout || old)
+    (NeMo-RL's), exp(d) - d - 1 with d = old_logp - rollout_logp: >= 0, and 0 iff they agree."""
+    gen_kl = c.raw - c.log_ratio - 1
+    out: dict[str, Tensor] = {}
+    for kind, keep in (("", torch.ones_like(is_soft)), ("/soft", is_soft), ("/discrete", ~is_soft)):
+        out[f"is_weight{kind}/mean"] = torch.where(keep, c.raw, 0.0)
+        out[f"is_weight{kind}/min"] = torch.where(keep, c.raw, math.inf)
+        out[f"is_weight{kind}/max"] = torch.where(keep, c.raw, -math.inf)
+        out[f"is_weight{kind}/truncated_fraction"] = c.truncated & keep
+        out[f"gen_kl{kind}"] = torch.where(keep, gen_kl, 0.0)
+        if kind:
+            out[f"positions{kind}"] = keep
+    return out
+
+
+# ---------------------------------------------------------------- metric reductions
+
+
+def metric_reduction(name: str) -> str:
+    """How a metric combines over positions, micro-batches and ranks, by its name: "min" and
+    "max" for names ending so, else "sum" (a mean once `normalised`)."""
+    last = name.rsplit("/", 1)[-1]
+    return last if last in ("min", "max") else "sum"
+
+
+def reduced(values: Tensor, mask: Tensor, how: str) -> Tensor:
+    """The float64 sum, min or max of `values` over `mask` (min over nothing: +inf; max: -inf)."""
+    identity = {"sum": 0.0, "min": math.inf, "max": -math.inf}[how]
+    picked = torch.where(mask.bool(), values.detach().double(), identity).flatten()
+    if how == "sum":
+        return picked.sum()
+    picked = torch.cat([picked, picked.new_full((1,), identity)])  # defined for no positions
+    return picked.amin() if how == "min" else picked.amax()
+
+
+_LOSS_TERMS = ("loss", "policy_loss")  # aggregated by the loss's weights; the rest are means
+
+
+def normalised(sums: dict, num_tokens: int, loss_divisor: float = 1.0) -> dict[str, float]:
+    """The reported metrics from their reductions over a step's (or batch's) scored positions: the
+    loss terms divided by `loss_divisor`, other sums by the number of positions they run over (of
+    their kind, for a /soft or /discrete name; positions/<kind> is that count and not reported),
+    a min or max over no position as NaN (null in metrics.jsonl)."""
+    out = {}
+    for name, value in sums.items():
+        value = float(value)
+        parts = name.split("/")
+        if parts[0] == "positions":
+            continue
+        how = metric_reduction(name)
+        if how != "sum":
+            out[name] = value if math.isfinite(value) else math.nan
+        elif name in _LOSS_TERMS:
+            out[name] = value / loss_divisor
+        else:
+            kind = next((k for k in STEP_KINDS if k in parts), None)
+            count = num_tokens if kind is None else float(sums[f"positions/{kind}"])
+            out[name] = value / max(count, 1)
+    return out
+
+
+# ---------------------------------------------------------------- the loss the worker is handed
 
 
 @dataclass(frozen=True)
@@ -194,12 +380,26 @@ class PolicyLoss:
     """The policy loss as the policy worker takes it (LossCfg decides everything)."""
 
     def __init__(self, cfg: LossCfg):
+        if cfg.aggregation == "seq_mean_token_sum_norm" and cfg.loss_scale_factor is None:
+            raise ValueError("aggregation seq_mean_token_sum_norm needs loss_fn.loss_scale_factor")
         self.cfg = cfg
 
     @property
     def needs_entropy(self) -> bool:
         """The objective reads each scored position's entropy (the worker computes it)."""
         return self.cfg.entropy_coef > 0
+
+    @property
+    def batch_fields(self) -> tuple[str, ...]:
+        """The per-position batch fields `micro_batch` reads (the worker hands them over)."""
+        names = ["advantages", "old_logp"]
+        if self.cfg.reference_policy_kl_penalty > 0:
+            names.append("ref_logp")
+        if self.cfg.use_importance_sampling_correction:
+            names.append("rollout_logp")
+        return tuple(names)
+
+    metric_reduction = staticmethod(metric_reduction)
 
     def micro_batch(
         self,
@@ -209,45 +409,62 @@ class PolicyLoss:
         advantages: Tensor,
         ref_logp: Tensor | None,
         step: StepShape,
+        *,
+        rollout_logp: Tensor | None = None,
+        is_soft: Tensor | None = None,
     ) -> MicroBatchLoss:
         """The objective of one micro-batch's scored positions `at` (indices into its [b, s]
-        `loss_mask` and the record-aligned tensors)."""
+        `loss_mask` and the record-aligned tensors; a row is one whole response)."""
         scale = LossScale(
             global_num_tokens=step.num_tokens, data_parallel_size=step.data_parallel_size
         )
-        weights = aggregation_weights(loss_mask, self.cfg.aggregation, scale)[at].float()
-        if self.cfg.aggregation == "token_mean_global":
+        cfg = self.cfg
+        weights = aggregation_weights(loss_mask, cfg.aggregation, scale, cfg.loss_scale_factor)
+        weights = weights[at].float()
+        if cfg.aggregation == "token_mean_global":
             # normalised over the whole mini-batch already: undo the schedule's division
             weights = weights * step.num_micro_batches
         ref = None if ref_logp is None else ref_logp[at]
-        return MicroBatchLoss(self.cfg, weights, old_logp[at], advantages[at], ref)
+        # w reads old and rollout log-densities only, so it is fixed before any forward pass; a
+        # response's geometric mean (seq-mask-tis) needs its whole row, which a micro-batch holds
+        correction = _correction(old_logp, rollout_logp, loss_mask, cfg)
+        if correction is not None:
+            correction = correction.at(at)
+            is_soft = torch.zeros_like(loss_mask) if is_soft is None else is_soft.bool()
+            is_soft = is_soft[at]
+        return MicroBatchLoss(
+            cfg, weights, old_logp[at], advantages[at], ref, correction=correction, is_soft=is_soft
+        )
 
     def report(self, sums: dict[str, float], step: StepShape) -> dict[str, float]:
-        """The step's metrics from `MicroBatchLoss.metrics` summed over its micro-batches and
-        ranks: the loss terms as the update descends them (the schedule's mean over micro-batches,
-        DDP's over ranks), the rest as means over the step's scored positions."""
-        per_step = step.num_micro_batches * step.data_parallel_size
-        tokens = max(step.num_tokens, 1)
-        return {k: v / (per_step if k in _LOSS_TERMS else tokens) for k, v in sums.items()}
+        """The step's metrics from `MicroBatchLoss.metrics` reduced over its micro-batches and
+        ranks (`metric_reduction`): the loss terms as the update descends them (the schedule's
+        mean over micro-batches, DDP's over ranks), the rest as means over the step's scored
+        positions (or min and max)."""
+        return normalised(sums, step.num_tokens, step.num_micro_batches * step.data_parallel_size)
 
     def zero_metrics(self, device) -> dict[str, Tensor]:
-        """Every metric this loss reports, at zero (a micro-batch that scores nothing)."""
+        """Every metric this loss reports, at its reduction's identity (a micro-batch that scores
+        nothing)."""
         empty = torch.zeros(0, device=device)
         ref = empty if self.cfg.reference_policy_kl_penalty > 0 else None
-        return MicroBatchLoss(self.cfg, empty, empty, empty, ref).metrics
-
-
-_LOSS_TERMS = ("loss", "policy_loss")  # aggregated by the loss's weights; the rest are means
+        correction = None
+        if self.cfg.use_importance_sampling_correction:
+            correction = RolloutCorrection(empty, empty, empty, empty.bool())
+        return MicroBatchLoss(
+            self.cfg, empty, empty, empty, ref, correction=correction, is_soft=empty.bool()
+        ).metrics
 
 
 class MicroBatchLoss:
     """One micro-batch's scored positions [n], called chunk by chunk by the fused pass: returns each
     position's weighted objective, and adds the chunk's detached terms to `metrics`.
 
-    A metric is a sum over this micro-batch's positions (detached, float64), which the worker adds
-    up over the step's micro-batches and ranks and `PolicyLoss.report` normalises: the loss terms
-    by the step's shape, the rest by its scored positions. A new metric is one entry in
-    `position_metrics`."""
+    A metric is a reduction over this micro-batch's positions (detached, float64: a sum, or a min
+    or max by its name, `metric_reduction`), which the worker reduces the same way over the step's
+    micro-batches and ranks and `PolicyLoss.report` normalises: the loss terms by the step's
+    shape, the other sums by their positions. A new metric is one entry in `position_metrics`
+    (or `correction_metrics`)."""
 
     def __init__(
         self,
@@ -256,12 +473,22 @@ class MicroBatchLoss:
         old_logp: Tensor,
         advantages: Tensor,
         ref_logp: Tensor | None,
+        *,
+        correction: RolloutCorrection | None = None,
+        is_soft: Tensor | None = None,
     ):
         self.cfg, self.weights = cfg, weights
         self.old_logp, self.advantages, self.ref_logp = old_logp, advantages, ref_logp
-        none = slice(0, 0)  # the metrics' names, at zero: the same sums over no positions
+        self.correction = correction
+        none = slice(
+            0, 0
+        )  # the metrics' names, at their identity: the same reductions over nothing
         entropy = old_logp[none] if cfg.entropy_coef > 0 else None
         self.metrics: dict[str, Tensor] = self._sums(old_logp[none], entropy, none)[1]
+        if correction is not None:  # fixed by the old and rollout log-densities: counted once
+            every = torch.ones_like(correction.truncated)
+            values = correction_metrics(correction, is_soft)
+            self.metrics |= {k: reduced(v, every, metric_reduction(k)) for k, v in values.items()}
 
     def __call__(self, logp: Tensor, entropy: Tensor | None, positions: slice) -> Tensor:
         weighted, sums = self._sums(logp, entropy, positions)
@@ -279,6 +506,7 @@ class MicroBatchLoss:
             self.cfg,
             ref_logp=None if self.ref_logp is None else self.ref_logp[positions],
             entropy=entropy,
+            is_weight=None if self.correction is None else self.correction.weight[positions],
         )
         weights = self.weights[positions]
         weighted = weights * terms.objective(self.cfg)
@@ -296,9 +524,12 @@ def k3_kl(logp: Tensor, ref_logp: Tensor, clamp: float) -> Tensor:
     return torch.clamp(torch.exp(log_ratio) - log_ratio - 1, -clamp, clamp)
 
 
-def aggregation_weights(mask: Tensor, mode: str, scale: LossScale = LossScale()) -> Tensor:
+def aggregation_weights(
+    mask: Tensor, mode: str, scale: LossScale = LossScale(), norm: int | None = None
+) -> Tensor:
     """Each position's weight in the aggregate [B, S] (float64, 0 outside the mask): `aggregate(v)` is
-    sum(weights * v), so a caller can also sum per-position terms as it computes them."""
+    sum(weights * v), so a caller can also sum per-position terms as it computes them. `norm`:
+    seq_mean_token_sum_norm's constant (LossCfg.loss_scale_factor)."""
     mask = mask.bool()
     valid = mask.double()
     if mode == "token_mean_microbatch":
@@ -307,31 +538,38 @@ def aggregation_weights(mask: Tensor, mode: str, scale: LossScale = LossScale())
         if scale.global_num_tokens is None:
             raise ValueError("token_mean_global needs LossScale.global_num_tokens")
         return valid * scale.data_parallel_size / max(scale.global_num_tokens, 1)
-    if mode == "seq_mean_token_mean":
+    if mode in ("seq_mean_token_mean", "seq_mean_token_sum_norm"):
         per_row = mask.sum(dim=1, keepdim=True)
+        if mode == "seq_mean_token_sum_norm":
+            if norm is None:
+                raise ValueError("seq_mean_token_sum_norm needs its constant (loss_scale_factor)")
+            # Dr. GRPO: a constant instead of the response's length, so that no length bias
+            # enters the gradient
+            per_row = torch.full_like(per_row, norm)
         return (
             valid
             / per_row.clamp(min=1)
-            / (per_row > 0).sum().clamp(min=1)
+            / (mask.sum(dim=1, keepdim=True) > 0).sum().clamp(min=1)
             / scale.num_micro_batches
         )
     raise ValueError(f"unknown aggregation {mode!r}")
 
 
-def aggregate(values: Tensor, mask: Tensor, mode: str, scale: LossScale = LossScale()) -> Tensor:
-    """Reduce [B, S] per-position values to this micro-batch's share of the loss (`mode`: LossCfg.aggregation)."""
+def aggregate(
+    values: Tensor,
+    mask: Tensor,
+    mode: str,
+    scale: LossScale = LossScale(),
+    norm: int | None = None,
+) -> Tensor:
+    """Reduce [B, S] per-position values to this micro-batch's share of the loss (`mode`:
+    LossCfg.aggregation; `norm`: LossCfg.loss_scale_factor)."""
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
     return (
-        aggregation_weights(mask, mode, scale).to(values.dtype)
+        aggregation_weights(mask, mode, scale, norm).to(values.dtype)
         * torch.where(mask.bool(), values, zero)
     ).sum()
 
 
 def _detached(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach()
-
-
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Detached mean over the valid positions (0 when there are none)."""
-    values = values.detach().float()
-    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)

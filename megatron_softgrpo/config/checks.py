@@ -229,7 +229,51 @@ def _check_training(loaded: LoadedRecipe, arch: ModelArch) -> None:
             "env.reward=math_reference grades the last box as the reference does, so it needs "
             "answer_format boxed",
         )
+    _check_loss(loaded)
     _check_optimizer(loaded)
+
+
+def _check_loss(loaded: LoadedRecipe) -> None:
+    """The rollout correction, CISPO and the aggregation (algorithms/loss.py)."""
+    loss = loaded.cfg.loss_fn
+    key = "loss_fn.truncated_importance_sampling"
+    hi, lo = loss.truncated_importance_sampling_ratio, loss.truncated_importance_sampling_ratio_min
+    if hi is None:
+        if loss.truncated_importance_sampling_type != "tis":
+            raise loaded.error(
+                f"{key}_type", f"truncates only with {key}_ratio set (the upper bound); it is null"
+            )
+        if lo:
+            raise loaded.error(
+                f"{key}_ratio_min",
+                f"bounds only with {key}_ratio set (the upper bound); it is null",
+            )
+    elif not loss.use_importance_sampling_correction:
+        raise loaded.error(
+            f"{key}_ratio",
+            "truncates the rollout correction, which is off: set "
+            "loss_fn.use_importance_sampling_correction=true, or this null",
+        )
+    elif lo > hi:
+        raise loaded.error(f"{key}_ratio_min", f"exceeds {key}_ratio={hi}")
+    elif not lo <= 1 <= hi:
+        # w = 1 where rollout and trainer agree: an interval without it truncates every position
+        raise loaded.error(
+            f"{key}_ratio" if hi < 1 else f"{key}_ratio_min",
+            f"[{key}_ratio_min, {key}_ratio] = [{lo}, {hi}] must contain 1, the weight of a "
+            "position whose rollout and trainer log-densities agree",
+        )
+    if loss.use_cispo and loss.ratio_clip_c is not None:
+        raise loaded.error(
+            "loss_fn.ratio_clip_c",
+            "CISPO (loss_fn.use_cispo=true) clips the IS weight, and its term -A w logp has no "
+            "surrogate for a dual clip to bound; set null",
+        )
+    if loss.loss_scale_factor is not None and loss.aggregation != "seq_mean_token_sum_norm":
+        raise loaded.error(
+            "loss_fn.loss_scale_factor",
+            f"only divides with loss_fn.aggregation=seq_mean_token_sum_norm (it is {loss.aggregation})",
+        )
 
 
 def _check_optimizer(loaded: LoadedRecipe) -> None:

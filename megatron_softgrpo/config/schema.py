@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 
 class Section(BaseModel):
@@ -151,12 +151,30 @@ class LossCfg(Section):
     )  # dual clip for negative advantages; null disables
     kl_clamp: float = Field(10.0, gt=0)
     entropy_coef: float = Field(0.0, ge=0)
-    aggregation: Literal["token_mean_microbatch", "token_mean_global", "seq_mean_token_mean"] = (
-        "token_mean_microbatch"
-    )
+    # seq_mean_token_sum_norm: Dr. GRPO's, each response's sum divided by loss_scale_factor
+    aggregation: Literal[
+        "token_mean_microbatch",
+        "token_mean_global",
+        "seq_mean_token_mean",
+        "seq_mean_token_sum_norm",
+    ] = "token_mean_microbatch"
+    # seq_mean_token_sum_norm's constant divisor (verl's name); null: policy.generation.max_new_tokens,
+    # filled in by RecipeCfg
+    loss_scale_factor: int | None = Field(None, ge=1)
     # responses stopped by the length limit (finish reason "length") are left out of the loss; they
     # still count in their group's mean and std (DAPO's overlong filtering)
     overlong_filtering: bool = False
+    # rollout correction (docs/algorithm.md section 3, "Rollout correction"): each policy term times
+    # the detached w = exp(old_logp - rollout_logp) of its position (soft steps: of their stored noise)
+    use_importance_sampling_correction: bool = False
+    # truncation of w, on when truncated_importance_sampling_ratio (the upper bound) is set: tis clamps
+    # w to [min, max], icepop zeroes positions with w outside it, seq-mask-tis zeroes whole responses
+    # whose geometric-mean w is outside it (token-level w otherwise)
+    truncated_importance_sampling_type: Literal["tis", "icepop", "seq-mask-tis"] = "tis"
+    truncated_importance_sampling_ratio: float | None = Field(None, gt=0)  # null: w untruncated
+    truncated_importance_sampling_ratio_min: float = Field(0.0, ge=0)
+    # CISPO (MiniMax-M1): policy term -A sg(clip(r, 1 - ratio_clip_min, 1 + ratio_clip_max)) logp
+    use_cispo: bool = False
 
 
 class ThinkingCfg(Section):
@@ -327,6 +345,17 @@ class RecipeCfg(Section):
     checkpointing: CheckpointingCfg = Field(default_factory=CheckpointingCfg)
     cluster: ClusterCfg = Field(default_factory=ClusterCfg)
     eval: EvalCfg = Field(default_factory=EvalCfg)
+
+    @model_validator(mode="after")
+    def _loss_scale_factor(self) -> RecipeCfg:
+        """Dr. GRPO's divisor defaults to the generation limit: filled in here, so that the loss
+        built from `loss_fn` alone has it (the policy worker never sees the recipe)."""
+        loss = self.loss_fn
+        if loss.aggregation == "seq_mean_token_sum_norm" and loss.loss_scale_factor is None:
+            # a copy: the LossCfg handed in may be shared with other recipes
+            limit = self.policy.generation.max_new_tokens
+            self.loss_fn = loss.model_copy(update={"loss_scale_factor": limit})
+        return self
 
     def planned_optimizer_steps(self) -> int:
         """Optimizer steps of the whole run: RL steps x mini-batches per rollout batch."""

@@ -110,6 +110,16 @@ OPTIONAL_KEYS = {
     ),
     "loss_fn.overlong_filtering": ("overlong/filtered_fraction",),  # trained responses left out
     "env.overlong_penalty": ("overlong/penalty_mean", "overlong/penalized_fraction"),
+    # algorithms/loss.py `correction_metrics`: over every scored position, then its soft and its
+    # discrete ones; a /min or /max over no position is null
+    "loss_fn.use_importance_sampling_correction": tuple(
+        name
+        for part in ("", "/soft", "/discrete")
+        for name in (
+            *(f"is_weight{part}/{s}" for s in ("mean", "min", "max", "truncated_fraction")),
+            f"gen_kl{part}",
+        )
+    ),
 }
 
 # key in metrics.jsonl -> label in the progress line (and its format)

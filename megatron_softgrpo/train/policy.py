@@ -29,8 +29,10 @@ way:
 - The loss is handed in: `train_step(batch, loss)` (NeMo-RL's `policy.train(data, loss_fn)`). The
   worker tells it the step's shape (`StepShape`: Megatron divides each micro-batch's loss by the
   number of micro-batches, DDP averages over ranks, the mini-batch's scored positions), sums the
-  per-position objective it returns in the fused chunked pass, and adds up its named metrics over
-  micro-batches and data-parallel ranks without knowing what they are. With the loss's
+  per-position objective it returns in the fused chunked pass, and reduces its named metrics over
+  micro-batches and data-parallel ranks without knowing what they are (summed, or a min or max
+  where the loss's `metric_reduction` says so). It hands the loss the batch fields the loss
+  names (`PolicyLoss.batch_fields`) and each position's `is_soft` flag. With the loss's
   normalisation, one step at any TP/PP/DP gives the update of one rank on the same mini-batch,
   provided the micro-batches hold the same rows (global rows / micro-batch size alike).
 """
@@ -51,6 +53,7 @@ from megatron_softgrpo.distributed import (
     ParallelState,
     broadcast_from_last_stage,
     gather_data_parallel,
+    max_data_parallel_,
     sum_data_parallel,
 )
 from megatron_softgrpo.models.build import token_alignment
@@ -164,14 +167,13 @@ class PolicyWorker:
     def train_step(self, batch: Batch, loss: PolicyLoss) -> TrainStepResult:
         """One optimizer step of `loss` on the mini-batch `batch` (gradient accumulation over
         micro-batches)."""
-        if batch.advantages is None or batch.old_logp is None:
-            raise ValueError("train_step needs advantages and old_logp")
-        if self.reference is not None and batch.ref_logp is None:
-            raise ValueError("train_step needs ref_logp: loss_fn.reference_policy_kl_penalty > 0")
+        missing = [name for name in loss.batch_fields if getattr(batch, name) is None]
+        if missing:
+            raise ValueError(f"train_step needs {', '.join(missing)}: the loss reads them")
         dp, dp_rank = self.parallel.dp, self.parallel.dp_rank
         micro = self.policy.train_micro_batch_size
         per_rank = batch.num_rows // dp
-        local = batch.only("advantages", "old_logp", "ref_logp")
+        local = batch.only(*loss.batch_fields)
         local = self._aligned(local.row_slice(dp_rank * per_rank, (dp_rank + 1) * per_rank))
         local = local.to(self.device)
         micro_batches = [local.row_slice(i, i + micro) for i in range(0, per_rank, micro)]
@@ -181,7 +183,10 @@ class PolicyWorker:
         self.optimizer.zero_grad()
         output_fn = functools.partial(self._loss_output, loss, step)
         outputs = self._run(self.ddp, micro_batches, output_fn, forward_only=False)
-        metrics = loss.report(self._reduce_metrics(outputs, loss.zero_metrics(self.device)), step)
+        reduced = self._reduce_metrics(
+            outputs, loss.zero_metrics(self.device), loss.metric_reduction
+        )
+        metrics = loss.report(reduced, step)
         outcome = guarded_step(self.optimizer, self.scheduler)
         if outcome.updated:
             self.optimizer_steps += 1
@@ -301,6 +306,8 @@ class PolicyWorker:
             micro_batch.advantages,
             micro_batch.ref_logp,
             step,
+            rollout_logp=micro_batch.rollout_logp,
+            is_soft=micro_batch.records.is_soft,
         )
         if at[0].numel() == 0:  # nothing scored: a zero on the graph the schedule backpropagates
             value = 0 * output.sum()
@@ -318,13 +325,25 @@ class PolicyWorker:
         return value, {"metrics": objective.metrics}
 
     def _reduce_metrics(
-        self, outputs: list[dict], zeros: dict[str, torch.Tensor]
+        self, outputs: list[dict], zeros: dict[str, torch.Tensor], reduction
     ) -> dict[str, float]:
-        """Each named metric summed over micro-batches and data-parallel ranks, on every rank
-        (`zeros`: every name, for the stages that hold no outputs)."""
+        """Each named metric reduced over micro-batches and data-parallel ranks as the loss's
+        `reduction(name)` says ("sum", "min" or "max"), on every rank (`zeros`: every name at its
+        reduction's identity, for the stages that hold no outputs)."""
         names = list(zeros)
         per_micro = [o["metrics"] for o in outputs] or [zeros]
-        sums = torch.stack([torch.stack([m[n] for n in names]) for m in per_micro]).sum(dim=0)
+        values = torch.stack([torch.stack([m[n] for n in names]) for m in per_micro])
+        how = [reduction(n) for n in names]
+        summed = torch.tensor([h == "sum" for h in how], device=values.device)
+        # a min is the max of the negated values: one SUM and one MAX all-reduce cover all three
+        sign = torch.tensor([-1.0 if h == "min" else 1.0 for h in how], dtype=values.dtype)
+        values = values * sign.to(values.device)
+        sums, maxima = values[:, summed].sum(dim=0), values[:, ~summed].amax(dim=0)
         broadcast_from_last_stage(self.parallel, sums)
         sum_data_parallel(self.parallel, sums)
-        return dict(zip(names, sums.tolist()))
+        if maxima.numel():
+            broadcast_from_last_stage(self.parallel, maxima)
+            max_data_parallel_(self.parallel, maxima)
+        out = torch.empty_like(values[0])
+        out[summed], out[~summed] = sums, maxima
+        return dict(zip(names, (out * sign.to(out.device)).tolist()))
