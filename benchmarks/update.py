@@ -4,10 +4,13 @@
   GRPO update step (every row scored by log_softmax): target ratio <= 1.15 (the reference
   implementation's soft trainer was about 3x slower than its discrete one);
 - training forward+backward throughput (tokens/s) and model FLOPs utilisation on GPU;
+- `--loss-variants`: SofT-GRPO's update step with each loss option of issue 28 (rollout
+  correction tis / icepop / seq-mask-tis, CISPO, Dr. GRPO's aggregation) against plain SofT-GRPO,
+  side by side: target ratio <= 1.05;
 - `--rl-step`: where the time of one RL step of the embedded default goes (rollout, reward,
   old/ref log-probs, update), from a short `softgrpo train` of that recipe.
 
-    .venv/bin/python benchmarks/update.py [--quick] [--model tiny|smollm2-shaped|qwen2-1.5b-shaped] [--seq-len N]
+    .venv/bin/python benchmarks/update.py [--quick] [--model tiny|smollm2-shaped|qwen2-1.5b-shaped] [--seq-len N] [--loss-variants]
     .venv/bin/python benchmarks/update.py --rl-step [--steps 3]
 
 Random weights (written once to a temporary Hugging Face directory): only timing matters.
@@ -119,7 +122,35 @@ def write_random_model(shape: dict, path: Path) -> None:
     (path / "config.json").write_text(json.dumps(config))
 
 
-def recipe(model_dir: Path, rows: int, micro: int, precision: str, algorithm: str, megatron: dict):
+# loss_fn options timed against plain SofT-GRPO (--loss-variants), by the name in the results
+LOSS_VARIANTS = {
+    "tis": {"use_importance_sampling_correction": True, "truncated_importance_sampling_ratio": 2.0},
+    "icepop": {
+        "use_importance_sampling_correction": True,
+        "truncated_importance_sampling_type": "icepop",
+        "truncated_importance_sampling_ratio": 5.0,
+        "truncated_importance_sampling_ratio_min": 0.5,
+    },
+    "seq_mask_tis": {
+        "use_importance_sampling_correction": True,
+        "truncated_importance_sampling_type": "seq-mask-tis",
+        "truncated_importance_sampling_ratio": 1.002,
+        "truncated_importance_sampling_ratio_min": 0.999,
+    },
+    "cispo": {"use_cispo": True, "ratio_clip_c": None},
+    "dr_grpo": {"aggregation": "seq_mean_token_sum_norm"},
+}
+
+
+def recipe(
+    model_dir: Path,
+    rows: int,
+    micro: int,
+    precision: str,
+    algorithm: str,
+    megatron: dict,
+    loss_fn: dict | None = None,
+):
     from megatron_softgrpo.config.schema import RecipeCfg
 
     return RecipeCfg.model_validate(
@@ -134,7 +165,7 @@ def recipe(model_dir: Path, rows: int, micro: int, precision: str, algorithm: st
                 "megatron_cfg": megatron,
             },
             "grpo": {"num_prompts_per_step": rows, "num_generations_per_prompt": 1},
-            "loss_fn": {"reference_policy_kl_penalty": 0.0},
+            "loss_fn": {"reference_policy_kl_penalty": 0.0, **(loss_fn or {})},
             "softgrpo": {"algorithm": algorithm},
         }
     )
@@ -187,6 +218,9 @@ def sync():
 
 def timed_updates(worker, batch, repeats: int, loss: PolicyLoss) -> float:
     batch.old_logp = worker.compute_logprobs(batch)  # ratio 1 at the first step, as in training
+    # a rollout that scored slightly differently, for the rollout correction's weights
+    noise = torch.randn(batch.old_logp.shape, generator=torch.Generator().manual_seed(1))
+    batch.rollout_logp = batch.old_logp - 0.01 * noise.to(batch.old_logp.device)
     worker.train_step(batch, loss)  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -199,7 +233,7 @@ def timed_updates(worker, batch, repeats: int, loss: PolicyLoss) -> float:
 
 
 def timed_worker_updates(
-    model_dir: Path, rows, seq, precision, algorithm, megatron, reps, profile
+    model_dir: Path, rows, seq, precision, algorithm, megatron, reps, profile, loss_fn=None
 ) -> float:
     """Best seconds of one update step of a new PolicyWorker (run in its own process)."""
     from megatron_softgrpo.distributed import ParallelLayout, init_distributed
@@ -208,7 +242,7 @@ def timed_worker_updates(
 
     warnings.filterwarnings("ignore")
     parallel = init_distributed(ParallelLayout(1, 1), seed=0)
-    cfg = recipe(model_dir, rows, 1, precision, algorithm, megatron)
+    cfg = recipe(model_dir, rows, 1, precision, algorithm, megatron, loss_fn)
     worker = build_worker(cfg, parallel)
     batch = synthetic_batch(
         rows, seq, ModelArch.from_hf_dir(model_dir).vocab_size, soft=algorithm == "softgrpo"
@@ -303,6 +337,11 @@ def main():
         help="a policy.megatron_cfg setting (YAML value), e.g. bias_activation_fusion=true; repeatable",
     )
     p.add_argument(
+        "--loss-variants",
+        action="store_true",
+        help="also time SofT-GRPO's update with each loss option (LOSS_VARIANTS)",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="also print the GPU kernels taking most of one GRPO update step",
@@ -339,9 +378,12 @@ def main():
         # reference cycle through C++), and two 1.5B workers with optimizer states do not fit in 80 GB
         spawn = multiprocessing.get_context("spawn")
         times = {}
-        for algorithm in ("grpo", "softgrpo"):
+        runs = [("grpo", "grpo", None), ("softgrpo", "softgrpo", None)]
+        if args.loss_variants:
+            runs += [(f"softgrpo+{name}", "softgrpo", opts) for name, opts in LOSS_VARIANTS.items()]
+        for name, algorithm, loss_fn in runs:
             with spawn.Pool(1) as pool:
-                times[algorithm] = pool.apply(
+                times[name] = pool.apply(
                     timed_worker_updates,
                     (
                         Path(tmp) / "model",
@@ -351,13 +393,17 @@ def main():
                         algorithm,
                         megatron,
                         reps,
-                        args.profile and algorithm == "grpo",
+                        args.profile and name == "grpo",
+                        loss_fn,
                     ),
                 )
     tokens = rows * seq
     results["update/grpo_step_s"] = times["grpo"]
     results["update/softgrpo_step_s"] = times["softgrpo"]
     results["ratio/softgrpo_over_grpo_update_step"] = times["softgrpo"] / times["grpo"]
+    for name in (n for n in times if n.startswith("softgrpo+")):
+        results[f"update/{name}_step_s"] = times[name]
+        results[f"ratio/{name}_over_softgrpo_update_step"] = times[name] / times["softgrpo"]
     results["update/train_tokens_per_s"] = tokens / times["grpo"]
     flops = (
         6 * arch.num_parameters() * tokens + 12 * arch.num_layers * arch.hidden_size * seq * tokens
