@@ -745,3 +745,14 @@ def test_validation_progress_line_bounds_the_time_left_and_is_rate_limited(capsy
     quiet = ProgressLine("validation", 128, 32, enabled=False, every_s=0.0)
     quiet(1, 1)  # not the main rank
     assert capsys.readouterr().out == ""
+
+
+def test_a_step_reports_the_min_and_max_over_its_updates_and_means_the_rest():
+    """With several optimizer steps per RL step, `is_weight/min` is the smallest of any update
+    (not the mean of their minima); an update without positions to take it over is skipped."""
+    import megatron_softgrpo.train.loop as loop
+
+    assert loop._combined("is_weight/min", [0.5, None, 0.2]) == 0.2
+    assert loop._combined("is_weight/soft/max", [1.5, 3.0]) == 3.0
+    assert loop._combined("is_weight/max", [None, None]) is None
+    assert loop._combined("loss/policy", [1.0, 2.0, 6.0]) == 3.0

@@ -310,9 +310,14 @@ def _prefixed(prefix: str, d: dict) -> dict:
     return {prefix + k: v for k, v in d.items()}
 
 
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
+def _combined(name: str, values: list) -> float | None:
+    """A metric over the step's updates: a min or max by its name (`PolicyLoss.metric_reduction`;
+    None where an update had no position to take it over), else the mean."""
+    how = PolicyLoss.metric_reduction(name)
+    if how == "sum":
+        return sum(values) / len(values)
+    present = [v for v in values if v is not None]
+    return (min if how == "min" else max)(present) if present else None
 
 
 def step_metrics(rolled: Batch, trained: Batch, updates: list, worker, times: Timings) -> dict:
@@ -340,14 +345,14 @@ def _update_metrics(batch: Batch, updates: list) -> dict:
     mask = batch.loss_mask
     if not updates:
         return {}
-    means = {k: _mean(u.metrics[k] for u in updates) for k in updates[0].metrics}
+    means = {k: _combined(k, [u.metrics[k] for u in updates]) for k in updates[0].metrics}
     return {
         "soft_fraction": float((batch.records.is_soft & mask).sum() / mask.sum().clamp(min=1)),
         "rollout_logp_mismatch": float(
             ((batch.rollout_logp.exp() - batch.old_logp.exp()).abs() * mask).sum()
             / mask.sum().clamp(min=1)
         ),
-        **means,  # the loss's metrics and grad_norm, averaged over the step's updates
+        **means,  # the loss's metrics and grad_norm over the step's updates
         "lr": updates[-1].metrics["lr"],
     }
 
