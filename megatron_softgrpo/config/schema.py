@@ -91,13 +91,14 @@ class GenerationCfg(Section):
     # decode a step's rows in passes of at most this many: the KV cache is allocated for one pass
     # (long responses of a large batch); null: all rows at once
     max_rows_per_pass: int | None = Field(None, ge=1)
-    # static: fixed-shape decode steps with the phase machine on the device (rollout/static_engine.py);
-    # eager: the reference engine (rollout/engine.py), which also serves FP8 and Dirichlet noise
+    # the rollout engine's decode backend: static, the fixed-shape step (rollout/static_backend.py);
+    # eager, Megatron's own forward (rollout/megatron_backend.py), which also serves FP8 and
+    # Dirichlet noise
     engine: Literal["static", "eager"] = "static"
-    # static engine: torch.compile each decode step (one compile per cache-length bucket, about a
+    # static: torch.compile each decode step (one compile per cache-length bucket, about a
     # minute each for a 30-layer model on a CPU; pays off for long responses)
     compile_decode: bool = False
-    # static engine on a GPU: replay each decode step as a captured CUDA graph
+    # static on a GPU: replay each decode step as a captured CUDA graph
     cuda_graphs: bool = True
 
 
