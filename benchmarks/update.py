@@ -139,6 +139,8 @@ LOSS_VARIANTS = {
     },
     "cispo": {"use_cispo": True, "ratio_clip_c": None},
     "dr_grpo": {"aggregation": "seq_mean_token_sum_norm"},
+    # GSPO's ratio couples a response's positions: the autograd path, not the fused pass
+    "gspo": {"sequence_level_importance_ratios": True, "aggregation": "seq_mean_token_mean"},
 }
 
 

@@ -330,6 +330,44 @@ def test_dr_grpo_divisor_defaults_to_the_generation_limit():
         PolicyLoss(shared)
 
 
+@pytest.mark.parametrize("c", [3.0, None], ids=["dual-clip", "no-dual-clip"])
+def test_gspo_takes_one_clipped_ratio_per_response(c):
+    """s_b = exp(mean over response b of (logp - old)), soft and discrete positions alike; the term
+    max(-A s_b, -A clip(s_b)) (and the dual clip) per response, averaged over the responses; its
+    gradient -A s_b / |b| on every position of an unclipped response, 0 on a clipped one."""
+    logp, old, adv, mask, _, _ = batch()
+    # log-ratios tripled, so that response 0 is clipped (s > 1.2, A > 0) and the others are not
+    logp = (old + 3 * (logp.detach() - old)).requires_grad_()
+    cfg = LossCfg(
+        reference_policy_kl_penalty=0.0,
+        aggregation="seq_mean_token_mean",
+        sequence_level_importance_ratios=True,
+        ratio_clip_c=c,
+    )
+    out = policy_loss(logp, old, adv, mask, cfg)
+    out.loss.backward()
+    loss, grad, ratios = 0.0, {}, []
+    for b, rows in SCORED.items():
+        s_b = math.exp(sum(3 * dr for (_, _, _, dr, _) in rows) / len(rows))
+        term, g = ref_term(s_b, ADVANTAGE[b], c=c)  # g: d term / d log s_b
+        loss += term / len(SCORED)
+        for j, *_ in rows:
+            grad[b, j] = g / len(rows) / len(SCORED)
+        ratios += [s_b] * len(rows)
+    assert float(out.loss) == pytest.approx(loss, rel=1e-12)
+    assert_gradient(logp, grad)
+    assert float(out.metrics["ratio/mean"]) == pytest.approx(sum(ratios) / len(ratios), rel=1e-12)
+    assert all(grad[0, j] == 0 for j, *_ in SCORED[0]) and all(g != 0 for g in grad.values() if g)
+    assert sum(g != 0 for g in grad.values()) == len(SCORED[1]) + len(SCORED[2])
+
+
+def test_gspo_is_not_a_sum_of_per_position_terms():
+    """The worker's fused chunked pass needs an objective it can sum chunk by chunk; GSPO's ratio
+    reads a whole response, so the loss says so and the worker takes the other path."""
+    gspo = LossCfg(aggregation="seq_mean_token_mean", sequence_level_importance_ratios=True)
+    assert PolicyLoss(LossCfg()).per_position and not PolicyLoss(gspo).per_position
+
+
 # ---------------------------------------------------------------- the loss as the worker takes it
 
 
@@ -338,6 +376,7 @@ def worker_report(cfg: LossCfg, micro_rows, data, num_chunks=2):
     chunks, metrics reduced by name (sum, min, max) and reported. Returns (step loss, report)."""
     logp, old, adv, mask, rollout, soft = data
     loss = PolicyLoss(cfg)
+    num_chunks = num_chunks if loss.per_position else 1  # GSPO: every position at once
     step = StepShape(len(micro_rows), 1, int(mask.sum()))
     value, reduced = 0.0, None
     for rows in micro_rows:
@@ -379,11 +418,16 @@ COMBINATIONS = [
         aggregation="seq_mean_token_sum_norm",
         loss_scale_factor=16,
     ),
+    dict(
+        truncated_importance_sampling_ratio=2.0,
+        aggregation="seq_mean_token_mean",
+        sequence_level_importance_ratios=True,
+    ),
 ]
 
 
 @pytest.mark.parametrize(
-    "options", COMBINATIONS, ids=["seq-mask-tis", "icepop+cispo", "tis+dr-grpo"]
+    "options", COMBINATIONS, ids=["seq-mask-tis", "icepop+cispo", "tis+dr-grpo", "tis+gspo"]
 )
 def test_the_workers_loss_reports_what_policy_loss_computes(options):
     data = batch()
@@ -399,8 +443,9 @@ def test_the_workers_loss_reports_what_policy_loss_computes(options):
         for r in micro_rows
     ]
     want = sum(float(p.loss) for p in parts) / len(parts)
-    assert value == pytest.approx(want, rel=1e-6)
-    assert reported["loss"] == pytest.approx(want, rel=1e-6)
+    # the worker's aggregation weights are fp32: terms of ~0.5 summing to ~0.01 lose a few ulps
+    assert value == pytest.approx(want, rel=1e-6, abs=1e-7)
+    assert reported["loss"] == pytest.approx(want, rel=1e-6, abs=1e-7)
     whole = policy_loss(logp, old, adv, mask, cfg, **kw)
     assert set(reported) - {"loss", "policy_loss"} == set(whole.metrics)
     for name, metric in whole.metrics.items():  # min and max included: reduced by name
@@ -473,6 +518,8 @@ def run_check(capsys, *overrides):
 
 
 ON = "loss_fn.use_importance_sampling_correction=true"
+GSPO = "loss_fn.sequence_level_importance_ratios=true"
+SEQ_MEAN = "loss_fn.aggregation=seq_mean_token_mean"
 REFUSALS = [
     (
         [ON, "loss_fn.truncated_importance_sampling_type=clip"],
@@ -534,6 +581,14 @@ REFUSALS = [
         ["loss_fn.aggregation=seq_mean_token_sum"],
         ["loss_fn.aggregation=seq_mean_token_sum", "'seq_mean_token_sum_norm'"],
     ),
+    (
+        [GSPO],
+        ["loss_fn.aggregation=token_mean_microbatch", "GSPO", "seq_mean_token_mean"],
+    ),
+    (
+        [GSPO, SEQ_MEAN, "loss_fn.use_cispo=true", "loss_fn.ratio_clip_c=null"],
+        ["loss_fn.sequence_level_importance_ratios=true", "loss_fn.use_cispo"],
+    ),
 ]
 
 
@@ -551,6 +606,8 @@ REFUSALS = [
         "cispo-dual-clip",
         "scale-without-dr-grpo",
         "unknown-aggregation",
+        "gspo-token-mean",
+        "gspo-cispo",
     ],
 )
 def test_check_refuses_what_the_loss_cannot_honour_in_one_line_naming_the_keys(
@@ -580,13 +637,25 @@ ACCEPTED = [
     ["loss_fn.use_cispo=true", "loss_fn.ratio_clip_c=null", "loss_fn.ratio_clip_max=4"],
     ["loss_fn.aggregation=seq_mean_token_sum_norm", "grpo.normalize_rewards=false"],
     ["loss_fn.aggregation=seq_mean_token_sum_norm", "loss_fn.loss_scale_factor=4096"],
+    [GSPO, SEQ_MEAN],
+    [GSPO, SEQ_MEAN, ON, "loss_fn.truncated_importance_sampling_ratio=2"],
 ]
 
 
 @pytest.mark.parametrize(
     "overrides",
     ACCEPTED,
-    ids=["is", "tis", "icepop", "seq-mask-tis", "cispo", "dr-grpo", "dr-grpo-scale"],
+    ids=[
+        "is",
+        "tis",
+        "icepop",
+        "seq-mask-tis",
+        "cispo",
+        "dr-grpo",
+        "dr-grpo-scale",
+        "gspo",
+        "gspo-tis",
+    ],
 )
 def test_check_accepts_every_option_it_can_honour(overrides, capsys):
     assert run_check(capsys, *overrides) == (0, f"# {GPU_RECIPE}: valid")
@@ -647,6 +716,49 @@ def test_corrected_step_on_two_ranks_matches_one_rank(tp, tmp_path):
         assert metrics.keys() == expected.keys()
         for name, value in expected.items():
             assert metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+class _Unfused(PolicyLoss):
+    """The same loss declared as coupling positions: the worker takes the autograd path."""
+
+    @property
+    def per_position(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("entropy", [0.0, 0.01], ids=["plain", "entropy"])
+def test_the_autograd_path_updates_as_the_fused_pass(tmp_path, entropy):
+    """The path a per-response (GSPO) or per-slot loss takes, every log-density of a micro-batch
+    with its graph and then the loss, gives a per-position loss the update of the fused chunked
+    pass (values and gradients equal up to float rounding)."""
+    make_hf_model("qwen2", tmp_path)
+    runs = []
+    for loss_type in (PolicyLoss, _Unfused):
+        cfg = recipe(str(tmp_path), micro=2, kl=0.0, entropy=entropy)
+        worker = new_worker(cfg)
+        batch = with_old_logprobs(worker, make_batch(7))
+        before = [p.detach().clone() for p in worker.model.parameters()]
+        result = worker.train_step(batch, loss_type(cfg.loss_fn))
+        runs.append(([p.detach().clone() for p in worker.model.parameters()], result.metrics))
+    (fused, expected), (unfused, metrics) = runs
+    assert sum(not torch.equal(a, b) for a, b in zip(before, fused)) > len(before) // 2
+    for a, b in zip(fused, unfused, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for name in ("loss", "grad_norm", *(("entropy/mean",) if entropy else ())):
+        assert metrics[name] == pytest.approx(expected[name], rel=1e-5), name
+
+
+@pytest.mark.slow
+def test_the_embedded_model_trains_two_steps_with_gspo(tmp_path, tiny_model, smollm2_hf_dir):
+    recipe_file = write_recipe(tmp_path, tiny_model, smollm2_hf_dir, grpo={"max_num_steps": 2})
+    options = [GSPO, SEQ_MEAN, ON, "loss_fn.truncated_importance_sampling_ratio=2"]
+    assert main(["train", str(recipe_file), *options]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["optimizer_steps"] == 2 * row["step"]
+        # the first update of a step starts at ratio 1; clipping binds whole responses
+        assert 0.5 < row["ratio/mean"] < 2 and 0 <= row["clip_fraction"] <= 1
 
 
 # ---------------------------------------------------------------- training

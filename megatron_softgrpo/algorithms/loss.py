@@ -105,16 +105,23 @@ def token_terms(
     ref_logp: Tensor | None = None,
     entropy: Tensor | None = None,
     is_weight: Tensor | None = None,
+    response: Tensor | None = None,
 ) -> TokenTerms:
     """Each position's terms; tensors of one shape, `mask` marking the scored positions. Only `logp`
     and `entropy` carry gradient. `is_weight`: the rollout correction's weight of each position
-    (`rollout_correction`), a factor of its policy term."""
+    (`rollout_correction`), a factor of its policy term. `response`: each position's response
+    (an integer id) for GSPO's ratio, which then reads every position of a response."""
     mask = mask.bool()
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     logp = torch.where(mask, logp, zero)
     old_logp, advantages = (torch.where(mask, t.detach(), zero) for t in (old_logp, advantages))
 
-    ratio = torch.exp(torch.clamp(logp - old_logp, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+    log_ratio = torch.clamp(logp - old_logp, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    if cfg.sequence_level_importance_ratios:  # GSPO: the geometric mean over the response
+        if response is None:
+            raise ValueError("sequence_level_importance_ratios needs each position's response")
+        log_ratio = _response_mean(log_ratio, response, mask)
+    ratio = torch.exp(log_ratio)
     low, high = 1 - cfg.ratio_clip_min, 1 + cfg.ratio_clip_max
     dual_bound = torch.zeros_like(mask)
     if cfg.use_cispo:
@@ -160,6 +167,17 @@ def token_terms(
     )
 
 
+def _response_mean(values: Tensor, response: Tensor, mask: Tensor) -> Tensor:
+    """Each position's value replaced by the mean of `values` over its response's positions of
+    `mask` (differentiable in `values`)."""
+    ids, keep = response.flatten().long(), mask.flatten()
+    n = int(ids.max()) + 1 if ids.numel() else 0
+    flat = torch.where(keep, values.flatten(), 0.0)
+    sums = flat.new_zeros(n).index_add(0, ids, flat)
+    counts = flat.new_zeros(n).index_add(0, ids, keep.to(flat.dtype))
+    return (sums / counts.clamp(min=1))[ids].view(values.shape)
+
+
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -187,6 +205,7 @@ def policy_loss(
         ref_logp=ref_logp,
         entropy=entropy,
         is_weight=None if correction is None else correction.weight,
+        response=torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask),
     )
     agg = functools.partial(
         aggregate, mask=mask, mode=cfg.aggregation, scale=scale, norm=cfg.loss_scale_factor
@@ -390,6 +409,13 @@ class PolicyLoss:
         return self.cfg.entropy_coef > 0
 
     @property
+    def per_position(self) -> bool:
+        """The objective is a sum of per-position terms, so the worker's fused chunked pass may
+        compute it chunk by chunk; else (GSPO: a ratio per response) the worker hands it every
+        scored log-density of a micro-batch at once, and autograd takes the gradient."""
+        return not self.cfg.sequence_level_importance_ratios
+
+    @property
     def batch_fields(self) -> tuple[str, ...]:
         """The per-position batch fields `micro_batch` reads (the worker hands them over)."""
         names = ["advantages", "old_logp"]
@@ -433,7 +459,14 @@ class PolicyLoss:
             is_soft = torch.zeros_like(loss_mask) if is_soft is None else is_soft.bool()
             is_soft = is_soft[at]
         return MicroBatchLoss(
-            cfg, weights, old_logp[at], advantages[at], ref, correction=correction, is_soft=is_soft
+            cfg,
+            weights,
+            old_logp[at],
+            advantages[at],
+            ref,
+            correction=correction,
+            is_soft=is_soft,
+            response=at[0],
         )
 
     def report(self, sums: dict[str, float], step: StepShape) -> dict[str, float]:
@@ -452,7 +485,14 @@ class PolicyLoss:
         if self.cfg.use_importance_sampling_correction:
             correction = RolloutCorrection(empty, empty, empty, empty.bool())
         return MicroBatchLoss(
-            self.cfg, empty, empty, empty, ref, correction=correction, is_soft=empty.bool()
+            self.cfg,
+            empty,
+            empty,
+            empty,
+            ref,
+            correction=correction,
+            is_soft=empty.bool(),
+            response=empty.long(),
         ).metrics
 
 
@@ -476,8 +516,10 @@ class MicroBatchLoss:
         *,
         correction: RolloutCorrection | None = None,
         is_soft: Tensor | None = None,
+        response: Tensor | None = None,
     ):
         self.cfg, self.weights = cfg, weights
+        self.response = response  # each position's row of the micro-batch
         self.old_logp, self.advantages, self.ref_logp = old_logp, advantages, ref_logp
         self.correction = correction
         none = slice(
@@ -507,6 +549,7 @@ class MicroBatchLoss:
             ref_logp=None if self.ref_logp is None else self.ref_logp[positions],
             entropy=entropy,
             is_weight=None if self.correction is None else self.correction.weight[positions],
+            response=None if self.response is None else self.response[positions],
         )
         weights = self.weights[positions]
         weighted = weights * terms.objective(self.cfg)

@@ -269,6 +269,19 @@ def _check_loss(loaded: LoadedRecipe) -> None:
             "CISPO (loss_fn.use_cispo=true) clips the IS weight, and its term -A w logp has no "
             "surrogate for a dual clip to bound; set null",
         )
+    if loss.sequence_level_importance_ratios:
+        if loss.use_cispo:
+            raise loaded.error(
+                "loss_fn.sequence_level_importance_ratios",
+                "GSPO's per-response ratio and CISPO's per-position weight are two policy terms; "
+                "set one of it and loss_fn.use_cispo",
+            )
+        if loss.aggregation != "seq_mean_token_mean":
+            raise loaded.error(
+                "loss_fn.aggregation",
+                f"{loss.aggregation}: GSPO (loss_fn.sequence_level_importance_ratios=true) "
+                "averages one term per response; set seq_mean_token_mean",
+            )
     if loss.loss_scale_factor is not None and loss.aggregation != "seq_mean_token_sum_norm":
         raise loaded.error(
             "loss_fn.loss_scale_factor",

@@ -176,6 +176,9 @@ class LossCfg(Section):
     truncated_importance_sampling_ratio_min: float = Field(0.0, ge=0)
     # CISPO (MiniMax-M1): policy term -A sg(clip(r, 1 - ratio_clip_min, 1 + ratio_clip_max)) logp
     use_cispo: bool = False
+    # GSPO: one ratio per response, the geometric mean of its positions' density ratios (soft and
+    # discrete alike), clipped per response; needs aggregation seq_mean_token_mean
+    sequence_level_importance_ratios: bool = False
 
 
 class ThinkingCfg(Section):

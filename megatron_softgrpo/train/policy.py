@@ -29,7 +29,9 @@ way:
 - The loss is handed in: `train_step(batch, loss)` (NeMo-RL's `policy.train(data, loss_fn)`). The
   worker tells it the step's shape (`StepShape`: Megatron divides each micro-batch's loss by the
   number of micro-batches, DDP averages over ranks, the mini-batch's scored positions), sums the
-  per-position objective it returns in the fused chunked pass, and reduces its named metrics over
+  per-position objective it returns in the fused chunked pass (or, for a loss whose terms couple
+  positions, `per_position` False, takes every scored log-density of a micro-batch with its
+  graph and lets autograd differentiate the loss's sum), and reduces its named metrics over
   micro-batches and data-parallel ranks without knowing what they are (summed, or a min or max
   where the loss's `metric_reduction` says so). It hands the loss the batch fields the loss
   names (`PolicyLoss.batch_fields`) and each position's `is_soft` flag. With the loss's
@@ -64,6 +66,7 @@ from megatron_softgrpo.soft import (
     InputEmbedding,
     Scorer,
     VocabShard,
+    log_density_and_entropy_from_hidden,
     log_density_from_hidden,
     objective_from_hidden,
 )
@@ -311,6 +314,23 @@ class PolicyWorker:
         )
         if at[0].numel() == 0:  # nothing scored: a zero on the graph the schedule backpropagates
             value = 0 * output.sum()
+        elif not loss.per_position:  # terms coupling positions: every log-density, then autograd
+            score = (
+                log_density_and_entropy_from_hidden
+                if loss.needs_entropy
+                else log_density_from_hidden
+            )
+            scored = score(
+                inputs,
+                self._output_weight(gpt),
+                records,
+                self.scorer,
+                self.vocab,
+                embedding=self._input_embedding(gpt),
+            )
+            logp, entropy = scored if loss.needs_entropy else (scored, None)
+            n = logp.shape[1]
+            value = objective(logp[0], None if entropy is None else entropy[0], slice(0, n)).sum()
         else:
             value = objective_from_hidden(
                 inputs,
