@@ -25,7 +25,7 @@ from tiny_models import make_hf_model
 from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
 from megatron_softgrpo.rollout.engine import RolloutEngine
 from megatron_softgrpo.rollout.megatron_backend import MegatronBackend
-from megatron_softgrpo.rollout.static_backend import StaticBackend
+from megatron_softgrpo.rollout.static_backend import BATCH_BUCKET, StaticBackend
 from megatron_softgrpo.soft import (
     DiscreteSampler,
     EmbeddingNoise,
@@ -124,11 +124,11 @@ def build64(tiny_dir, tp=1, pp=1):
     return model.double(), shard, parallel
 
 
-def static_engine(model, tokenizer, shard, s, parallel, **kwargs):
-    """The engine on the fixed-shape backend."""
-    return RolloutEngine(
-        model, tokenizer, shard, s, parallel, StaticBackend(model, parallel), **kwargs
-    )
+def static_engine(model, tokenizer, shard, s, parallel, row_bucket=BATCH_BUCKET, **kwargs):
+    """The engine on the fixed-shape backend, with the row buckets of a GPU's graphs (on the CPU
+    an eager step's own default is 1)."""
+    backend = StaticBackend(model, parallel, row_bucket=row_bucket)
+    return RolloutEngine(model, tokenizer, shard, s, parallel, backend, **kwargs)
 
 
 def _both(model, shard, parallel, tokenizer, prompts=PROMPTS, g=2, seed=7, **overrides):
@@ -283,7 +283,8 @@ def test_a_marker_the_model_writes_switches_phase_as_in_the_reference(tiny_dir, 
 def test_shrinking_to_a_smaller_bucket_keeps_every_record(tiny_dir, tokenizer):
     """18 rows (a 24-row bucket), most ending by step 4: the engine moves to an 8-row bucket
     (rows moved to the front of the same cache) and the records are the reference's, as
-    without shrinking."""
+    without shrinking; with 1-row buckets (an eager step on the CPU) each step decodes exactly
+    the rows still decoding, as on Megatron's forward."""
     model, shard, parallel = build64(tiny_dir)
     kwargs = dict(max_new_tokens=10)
     first = _both(model, shard, parallel, tokenizer, g=6, **kwargs)[0]
@@ -296,20 +297,24 @@ def test_shrinking_to_a_smaller_bucket_keeps_every_record(tiny_dir, tokenizer):
     ref = RolloutEngine(model, tokenizer, shard, s, parallel).generate(
         PROMPTS, 6, lambda *r: reports["ref"].append(r)
     )
-    for shrink in (True, False):
-        engine = static_engine(model, tokenizer, shard, s, parallel, shrink=shrink)
+    decoding = [int((ref.response_lengths > t).sum()) for t in range(1, 10)]
+    for shrink, bucket in ((True, 8), (False, 8), (True, 1)):
+        engine = static_engine(model, tokenizer, shard, s, parallel, bucket, shrink=shrink)
         rows, step = [], engine.backend.step
         engine.backend.step = lambda records, offset: (
             rows.append(len(records.tokens)),
             step(records, offset),
         )[1]
         seed_noise_rng(7)
-        progress = reports.setdefault(shrink, []).append
+        progress = reports.setdefault((shrink, bucket), []).append
         assert_same_records(ref, engine.generate(PROMPTS, 6, lambda *r: progress(r)))
-        assert engine.backend.decoder.batch == 24  # moved within the one cache
-        assert rows[-1] == 8 < rows[0] if shrink else set(rows) == {24}
+        assert engine.backend.decoder.batch == (24 if bucket == 8 else 18)  # one cache
+        if bucket == 1:
+            assert rows == decoding
+        else:
+            assert rows[-1] == 8 < rows[0] if shrink else set(rows) == {24}
     assert (ref.response_lengths <= 4).sum() >= 10 and ref.response_lengths.max() == 10
     # progress: (rows finished, steps done) after every step, the same from both engines
     ended = [int(((ref.response_lengths <= t) & ~ref.truncated).sum()) for t in range(1, 10)]
     ended.append(18)  # the last step ends every row, at the length limit
-    assert reports["ref"] == reports[True] == reports[False] == list(zip(ended, range(1, 11)))
+    assert all(r == list(zip(ended, range(1, 11))) for r in reports.values())

@@ -116,7 +116,9 @@ def run_case(case: str, sampler: str, dtype: str, tokenizer, model_dir) -> dict:
         seed_noise_rng(7)
         if kind == "reference":
             return RolloutEngine(model, tokenizer, shard, s, parallel).generate(prompts, g)
-        backend = static_backend.StaticBackend(model, parallel, cuda_graphs=kind == "graphs_on")
+        backend = static_backend.StaticBackend(  # a GPU's row buckets, also on the CPU
+            model, parallel, cuda_graphs=kind == "graphs_on", row_bucket=static_backend.BATCH_BUCKET
+        )
         engine = RolloutEngine(model, tokenizer, shard, s, parallel, backend, flag_lag=GPU_FLAG_LAG)
         shrink = engine._shrink
 

@@ -149,7 +149,6 @@ class RolloutEngine:
                     break
                 origin = torch.where(kept.valid, origin[kept.index], rows)
                 feed = feed.map(lambda x: x[kept.index])
-                logits = None if logits is None else logits[kept.index]
             logits = backend.step(feed, self._input_offset(feed))
 
         outcome[:, origin] = state.outcome()

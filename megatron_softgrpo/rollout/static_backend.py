@@ -25,12 +25,22 @@ BATCH_BUCKET = 8  # rows are padded to a multiple of this
 
 
 class StaticBackend(DecodeBackend):
-    row_bucket = BATCH_BUCKET
-
     def __init__(
-        self, model, parallel: ParallelState, compile: bool = False, cuda_graphs: bool = False
+        self,
+        model,
+        parallel: ParallelState,
+        compile: bool = False,
+        cuda_graphs: bool = False,
+        row_bucket: int | None = None,
     ):
+        """`row_bucket`: None is BATCH_BUCKET where a new row count costs a compile or a capture
+        (compiled, or graphs on a GPU), else 1: an eager step takes any shape for free, so
+        finished rows leave at once, as on Megatron's forward."""
         super().__init__(model)
+        if row_bucket is None:
+            shapes_cost = compile or (cuda_graphs and self.device.type == "cuda")
+            row_bucket = BATCH_BUCKET if shapes_cost else 1
+        self.row_bucket = row_bucket
         self.parallel = parallel
         self.step_fn = None  # the decode step: compiled on first use when asked for
         self.compile = compile
