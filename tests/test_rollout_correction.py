@@ -690,14 +690,19 @@ def _corrected_step(rank, hf_dir, tp, options):
 
 
 @pytest.mark.multiproc
+@pytest.mark.parametrize("gspo", [False, True], ids=["token", "gspo"])
 @pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "dp2"])
-def test_corrected_step_on_two_ranks_matches_one_rank(tp, tmp_path):
+def test_corrected_step_on_two_ranks_matches_one_rank(tp, gspo, tmp_path):
+    """icepop, per position (the fused pass) or under GSPO's per-response ratio (the autograd
+    path), at TP=2 and DP=2 against one rank."""
     make_hf_model("qwen2", tmp_path)
     options = dict(
         truncated_importance_sampling_type="icepop",
         truncated_importance_sampling_ratio=2.0,
         truncated_importance_sampling_ratio_min=0.5,
     )
+    if gspo:
+        options |= dict(sequence_level_importance_ratios=True, aggregation="seq_mean_token_mean")
     expected, old, mask, soft = _corrected_step(0, str(tmp_path), 1, options)
     mask, soft = torch.from_numpy(mask), torch.from_numpy(soft)
     # the closed form of the metrics that do not depend on the model: w = exp(shift)
@@ -748,10 +753,25 @@ def test_the_autograd_path_updates_as_the_fused_pass(tmp_path, entropy):
         assert metrics[name] == pytest.approx(expected[name], rel=1e-5), name
 
 
+ICEPOP = [
+    ON,
+    "loss_fn.truncated_importance_sampling_type=icepop",
+    "loss_fn.truncated_importance_sampling_ratio=5",
+    "loss_fn.truncated_importance_sampling_ratio_min=0.5",
+]
+
+
 @pytest.mark.slow
-def test_the_embedded_model_trains_two_steps_with_gspo(tmp_path, tiny_model, smollm2_hf_dir):
+@pytest.mark.parametrize(
+    "options",
+    [[GSPO, SEQ_MEAN, ON, "loss_fn.truncated_importance_sampling_ratio=2"], ICEPOP],
+    ids=["gspo+tis", "icepop"],
+)
+def test_the_embedded_model_trains_two_steps_with_gspo_and_icepop(
+    tmp_path, tiny_model, smollm2_hf_dir, options
+):
+    """With `test_the_embedded_model_trains_two_steps_with_every_option`: every option trains."""
     recipe_file = write_recipe(tmp_path, tiny_model, smollm2_hf_dir, grpo={"max_num_steps": 2})
-    options = [GSPO, SEQ_MEAN, ON, "loss_fn.truncated_importance_sampling_ratio=2"]
     assert main(["train", str(recipe_file), *options]) == 0
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
