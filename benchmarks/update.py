@@ -5,8 +5,9 @@
   implementation's soft trainer was about 3x slower than its discrete one);
 - training forward+backward throughput (tokens/s) and model FLOPs utilisation on GPU;
 - `--loss-variants`: SofT-GRPO's update step with each loss option of issue 28 (rollout
-  correction tis / icepop / seq-mask-tis, CISPO, Dr. GRPO's aggregation) against plain SofT-GRPO,
-  side by side: target ratio <= 1.05;
+  correction tis / icepop / seq-mask-tis, GSPO, CISPO, Dr. GRPO's aggregation) against plain
+  SofT-GRPO, on one worker and batch, the losses alternating within each round (medians):
+  target ratio <= 1.05;
 - `--rl-step`: where the time of one RL step of the embedded default goes (rollout, reward,
   old/ref log-probs, update), from a short `softgrpo train` of that recipe.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import statistics
 import tempfile
 import time
 import warnings
@@ -218,41 +220,50 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed_updates(worker, batch, repeats: int, loss: PolicyLoss) -> float:
+def timed_updates(worker, batch, repeats: int, losses: dict[str, PolicyLoss]) -> dict[str, float]:
+    """Median seconds of one update step with each loss, the losses alternating within a round
+    (one worker and batch: the worker is handed its loss and knows no other)."""
     batch.old_logp = worker.compute_logprobs(batch)  # ratio 1 at the first step, as in training
     # a rollout that scored slightly differently, for the rollout correction's weights
     noise = torch.randn(batch.old_logp.shape, generator=torch.Generator().manual_seed(1))
     batch.rollout_logp = batch.old_logp - 0.01 * noise.to(batch.old_logp.device)
-    worker.train_step(batch, loss)  # warm-up
-    best = float("inf")
+    samples: dict[str, list[float]] = {name: [] for name in losses}
+    for loss in losses.values():
+        worker.train_step(batch, loss)  # warm-up
     for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        worker.train_step(batch, loss)
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return best
+        for name, loss in losses.items():
+            sync()
+            t = time.perf_counter()
+            worker.train_step(batch, loss)
+            sync()
+            samples[name].append(time.perf_counter() - t)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def timed_worker_updates(
-    model_dir: Path, rows, seq, precision, algorithm, megatron, reps, profile, loss_fn=None
-) -> float:
-    """Best seconds of one update step of a new PolicyWorker (run in its own process)."""
+    model_dir: Path, rows, seq, precision, algorithm, megatron, reps, profile, variants=None
+) -> dict[str, float]:
+    """Seconds of one update step of a new PolicyWorker (run in its own process): with the
+    algorithm's loss (key `algorithm`), and with each of `variants` ({name: loss_fn options},
+    key `algorithm+name`) on the same worker, alternating."""
     from megatron_softgrpo.distributed import ParallelLayout, init_distributed
     from megatron_softgrpo.models.arch import ModelArch
     from megatron_softgrpo.train.setup import build_worker
 
     warnings.filterwarnings("ignore")
     parallel = init_distributed(ParallelLayout(1, 1), seed=0)
-    cfg = recipe(model_dir, rows, 1, precision, algorithm, megatron, loss_fn)
+    cfg = recipe(model_dir, rows, 1, precision, algorithm, megatron, None)
     worker = build_worker(cfg, parallel)
     batch = synthetic_batch(
         rows, seq, ModelArch.from_hf_dir(model_dir).vocab_size, soft=algorithm == "softgrpo"
     )
-    loss = PolicyLoss(cfg.loss_fn)
-    seconds = timed_updates(worker, batch, reps, loss)
+    losses = {algorithm: PolicyLoss(cfg.loss_fn)}
+    for name, options in (variants or {}).items():
+        variant = recipe(model_dir, rows, 1, precision, algorithm, megatron, options)
+        losses[f"{algorithm}+{name}"] = PolicyLoss(variant.loss_fn)
+    seconds = timed_updates(worker, batch, reps, losses)
     if profile and torch.cuda.is_available():
-        print_top_kernels(worker, batch, loss)
+        print_top_kernels(worker, batch, losses[algorithm])
     return seconds
 
 
@@ -361,7 +372,7 @@ def main():
     seq = args.seq_len or (4096 if gpu else (256 if args.quick else 512))
     rows = args.rows or (8 if gpu else 4)
     precision = "bfloat16" if gpu else "float32"
-    reps = 1 if args.quick else 3
+    reps = 1 if args.quick else 5
     try:  # the recipe loader's own KEY=VALUE parsing
         megatron = apply_overrides({}, args.megatron, {})
     except ConfigError as err:
@@ -380,12 +391,10 @@ def main():
         # reference cycle through C++), and two 1.5B workers with optimizer states do not fit in 80 GB
         spawn = multiprocessing.get_context("spawn")
         times = {}
-        runs = [("grpo", "grpo", None), ("softgrpo", "softgrpo", None)]
-        if args.loss_variants:
-            runs += [(f"softgrpo+{name}", "softgrpo", opts) for name, opts in LOSS_VARIANTS.items()]
-        for name, algorithm, loss_fn in runs:
+        variants = LOSS_VARIANTS if args.loss_variants else None
+        for algorithm in ("grpo", "softgrpo"):
             with spawn.Pool(1) as pool:
-                times[name] = pool.apply(
+                times |= pool.apply(
                     timed_worker_updates,
                     (
                         Path(tmp) / "model",
@@ -395,8 +404,8 @@ def main():
                         algorithm,
                         megatron,
                         reps,
-                        args.profile and name == "grpo",
-                        loss_fn,
+                        args.profile and algorithm == "grpo",
+                        variants if algorithm == "softgrpo" else None,
                     ),
                 )
     tokens = rows * seq

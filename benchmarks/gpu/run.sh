@@ -4,10 +4,11 @@
 # (builds the git-ignored .whl/ and .gpu_assets/). Then on the device, carrying both:
 #   run(command="bash benchmarks/gpu/run.sh [STEP...]", carry=[".whl", ".gpu_assets"], timeout_s=600)
 # Steps, most important first (no STEP: all of them, in this order, while the budget lasts):
-#   graphs               CUDA-graph replay = no graphs = the reference engine (tiny model, ~30 s)
-#   rollout_static       the static engine with graphs (as training runs it), then without;
+#   graphs               CUDA-graph replay = no graphs = Megatron's forward (tiny model, ~30 s)
+#   rollout_static       the fixed-shape backend with graphs (as training runs it), then without;
 #                        step vs roofline, 1.5B shape, batch 64 (each number written when measured)
 #   check_cuda logprob update rollout_batch64 update_fused_swiglu   (the earlier sessions' set)
+#   update_losses        SofT-GRPO's update with each issue-28 loss option, alternating (1.5B shape)
 # Each step starts only if its time limit fits in what is left of RUN_BUDGET_S (default 540 s,
 # under the device's 600 s a command), so a call never runs over; skipped steps are named at
 # the end for the next call. Output is unbuffered and unfiltered; $OUT/log.txt gets every line
@@ -66,6 +67,8 @@ step rollout_batch64 120 python3 benchmarks/rollout.py --throughput-only --new-t
   --model qwen2-1.5b-random "${TOK[@]}" --json "$OUT/rollout_batch64.json"
 step update_fused_swiglu 100 python3 benchmarks/update.py --rows 4 --seq-len 4096 \
   --megatron bias_activation_fusion=true --json "$OUT/update_fused_swiglu.json"
+step update_losses 150 python3 benchmarks/update.py --rows 4 --seq-len 4096 --loss-variants \
+  --json "$OUT/update_losses.json"
 if ((${#SKIPPED[@]})); then
   echo "== not run (budget): next call: bash benchmarks/gpu/run.sh ${SKIPPED[*]}" | tee -a "$LOG"
 fi
