@@ -262,7 +262,13 @@ class PolicyWorker:
         logp = torch.zeros(micro_batch.loss_mask.shape, dtype=torch.float32, device=output.device)
         if at[0].numel() == 0:
             return logp
-        scored = log_density_from_hidden(
+        scored, _ = self._log_densities(gpt, inputs, records)
+        return logp.index_put(at, scored[0].float())
+
+    def _log_densities(self, gpt, inputs, records, with_entropy: bool = False):
+        """(logp [1, n], entropy [1, n] or None) of the scored records, differentiable."""
+        score = log_density_and_entropy_from_hidden if with_entropy else log_density_from_hidden
+        out = score(
             inputs,
             self._output_weight(gpt),
             records,
@@ -270,7 +276,7 @@ class PolicyWorker:
             self.vocab,
             embedding=self._input_embedding(gpt),
         )
-        return logp.index_put(at, scored[0].float())
+        return out if with_entropy else (out, None)
 
     @staticmethod
     def _output_weight(gpt) -> torch.Tensor:
@@ -315,20 +321,7 @@ class PolicyWorker:
         if at[0].numel() == 0:  # nothing scored: a zero on the graph the schedule backpropagates
             value = 0 * output.sum()
         elif not loss.per_position:  # terms coupling positions: every log-density, then autograd
-            score = (
-                log_density_and_entropy_from_hidden
-                if loss.needs_entropy
-                else log_density_from_hidden
-            )
-            scored = score(
-                inputs,
-                self._output_weight(gpt),
-                records,
-                self.scorer,
-                self.vocab,
-                embedding=self._input_embedding(gpt),
-            )
-            logp, entropy = scored if loss.needs_entropy else (scored, None)
+            logp, entropy = self._log_densities(gpt, inputs, records, loss.needs_entropy)
             n = logp.shape[1]
             value = objective(logp[0], None if entropy is None else entropy[0], slice(0, n)).sum()
         else:
