@@ -318,3 +318,19 @@ def test_shrinking_to_a_smaller_bucket_keeps_every_record(tiny_dir, tokenizer):
     ended = [int(((ref.response_lengths <= t) & ~ref.truncated).sum()) for t in range(1, 10)]
     ended.append(18)  # the last step ends every row, at the length limit
     assert all(r == list(zip(ended, range(1, 11))) for r in reports.values())
+
+
+def test_load_weights_copies_in_place_and_names_an_unknown_parameter(tiny_dir, tokenizer):
+    """New weights reach the tensors every backend decodes on (no copy to refresh), and a name
+    the model lacks is refused before anything is copied."""
+    model, shard, parallel = build64(tiny_dir)
+    engine = static_engine(model, tokenizer, shard, settings(), parallel)
+    name, param = next(iter(model.named_parameters()))
+    storage = param.data_ptr()
+    new = param.detach() + 0.25
+    engine.load_weights({name: new})
+    assert param.data_ptr() == storage and torch.equal(param.detach(), new)
+    before = param.detach().clone()
+    with pytest.raises(KeyError, match="no parameter named 'nope'"):
+        engine.load_weights({name: new + 1, "nope": new})
+    assert torch.equal(param.detach(), before)
