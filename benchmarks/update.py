@@ -355,6 +355,12 @@ def main():
         help="also time SofT-GRPO's update with each loss option (LOSS_VARIANTS)",
     )
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="timed steps per loss, alternating (default 5; 1 with --quick): medians",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="also print the GPU kernels taking most of one GRPO update step",
@@ -372,7 +378,7 @@ def main():
     seq = args.seq_len or (4096 if gpu else (256 if args.quick else 512))
     rows = args.rows or (8 if gpu else 4)
     precision = "bfloat16" if gpu else "float32"
-    reps = 1 if args.quick else 5
+    reps = args.rounds or (1 if args.quick else 5)
     try:  # the recipe loader's own KEY=VALUE parsing
         megatron = apply_overrides({}, args.megatron, {})
     except ConfigError as err:
