@@ -4,6 +4,8 @@
 
 - per position ([B, S], `records` included: a `MixtureRecord` whose mixture fields are per slot,
   [B, S, K]);
+- per scored unit: the log-densities, [B, S], or [B, S, K] where the scorer scores each slot
+  (`Scorer.per_slot`, Multiplex Thinking; `Scorer.scored_units` says which);
 - per row ([B] tensors, or lists of B items such as the decoded texts).
 
 Select, slice, pad, concatenate and the data-parallel gather are written once, over the declared
@@ -35,7 +37,7 @@ import torch
 from megatron_softgrpo.distributed import ParallelState, gather_data_parallel, max_data_parallel
 from megatron_softgrpo.soft import MixtureRecord
 
-ROW, POSITION = "row", "position"
+ROW, POSITION, UNIT = "row", "position", "unit"
 
 
 def _per(shape: str):
@@ -48,10 +50,10 @@ class Batch:
 
     records: MixtureRecord  # [B, S]: record j is the model's input at position j
     loss_mask: torch.Tensor = _per(POSITION)  # bool
-    rollout_logp: torch.Tensor | None = _per(POSITION)
+    rollout_logp: torch.Tensor | None = _per(UNIT)
     advantages: torch.Tensor | None = _per(POSITION)
-    old_logp: torch.Tensor | None = _per(POSITION)
-    ref_logp: torch.Tensor | None = _per(POSITION)
+    old_logp: torch.Tensor | None = _per(UNIT)
+    ref_logp: torch.Tensor | None = _per(UNIT)
     # per row: the rollout's
     prompt_lengths: torch.Tensor | None = _per(ROW)
     response_lengths: torch.Tensor | None = _per(ROW)
@@ -77,8 +79,9 @@ class Batch:
             if value is None:
                 continue
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else (len(value),)
-            want = shape if kind == POSITION else shape[:1]
-            if got[: len(want)] != want or (kind == POSITION and len(got) != 2):
+            want = shape[:1] if kind == ROW else shape
+            dims = {POSITION: (2,), UNIT: (2, 3)}.get(kind)  # a unit may be a slot: [B, S, K]
+            if got[: len(want)] != want or (dims and len(got) not in dims):
                 raise ValueError(f"{name} has shape {got}; the records are {shape}")
         if self.loss_mask is not None:
             if self.loss_mask.dtype != torch.bool:
@@ -96,7 +99,7 @@ class Batch:
 
     def _apply(self, rows: Callable | None, positions: Callable | None) -> Batch:
         """`rows` on every per-row field (tensors and lists), `positions` on every per-position
-        one and the records; None leaves those fields as they are."""
+        or per-unit one and the records; None leaves those fields as they are."""
         changed = {}
         for name, kind in _SHAPES.items():
             fn, value = (rows if kind == ROW else positions), getattr(self, name)

@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from megatron_softgrpo.algorithms.registry import training_algorithm
 from megatron_softgrpo.config.checks import cluster_world_size, validate
 from megatron_softgrpo.config.loader import load_recipe
 from megatron_softgrpo.config.schema import RecipeCfg
@@ -125,7 +126,7 @@ class Workload:
             rollout_prompt_len=cfg.data.max_input_seq_length,
             rollout_len=cfg.data.max_input_seq_length + policy.generation.max_new_tokens,
             batch_rows=grpo.num_prompts_per_step * grpo.num_generations_per_prompt,
-            mixture_size=cfg.softgrpo.mixture_size,
+            mixture_size=training_algorithm(cfg.softgrpo).width(cfg.softgrpo),  # record slots
             padded_vocab=arch.padded_vocab_size(mcfg.make_vocab_size_divisible_by),
             sequence_parallel=mcfg.sequence_parallel,
             te_spec=mcfg.transformer_impl == "transformer_engine",

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         "--decodings",
         type=_names,
         default=["hard", "soft"],
-        help="comma-separated names: hard, soft, ref-soft, ref-hard, ref-soft-k30, or --decodings-file's",
+        help="comma-separated names: hard, soft, multiplex, ref-soft, ref-hard, ref-soft-k30, or --decodings-file's",
     )
     p.add_argument("--decodings-file", help="YAML: NAME: {overrides: [...], models: [...]}")
     p.add_argument(

@@ -54,6 +54,7 @@ def recipe(
     keep=3,
     distributed=True,
     entropy=0.0,
+    algorithm="softgrpo",
 ):
     return RecipeCfg(
         policy=PolicyCfg(
@@ -77,7 +78,7 @@ def recipe(
         loss_fn=LossCfg(
             reference_policy_kl_penalty=kl, aggregation=aggregation, entropy_coef=entropy
         ),
-        softgrpo=SoftGRPOCfg(algorithm="softgrpo", mixture_size=K),
+        softgrpo=SoftGRPOCfg(algorithm=algorithm, mixture_size=K, multiplex_width=K),
         checkpointing=CheckpointingCfg(checkpoint_dir=str(ckpt), keep_top_k=keep)
         if ckpt
         else CheckpointingCfg(),

@@ -338,10 +338,12 @@ def test_every_shipped_recipe_passes_its_own_plan(recipe, capsys):
 
 @functools.cache
 def _gpu_recipes() -> dict[tuple[str, int, bool], RecipeCfg]:
-    """(model_arch, nodes, FP8) -> recipe."""
+    """(model_arch, nodes, FP8) -> SofT-GRPO recipe."""
     found = {}
     for path in GPU_RECIPES:
         cfg = load_recipe(path).cfg
+        if cfg.softgrpo.algorithm != "softgrpo":
+            continue
         found[
             (cfg.policy.model_arch, cfg.cluster.num_nodes, cfg.policy.megatron_cfg.fp8_cfg.enabled)
         ] = cfg
@@ -412,6 +414,29 @@ def test_reference_models_keep_the_reference_hyperparameters(model):
             cfg.policy.megatron_cfg.optimizer.lr == 1e-6
             and cfg.loss_fn.reference_policy_kl_penalty == 0.001
         )
+
+
+def test_the_multiplex_recipe_keeps_the_released_settings():
+    """docs/algorithm.md section 8.4: Multiplex Thinking's settings (GMLR-Penn/Multiplex-Thinking
+    scripts/train.sh) on the SofT-GRPO 7B recipe's layout."""
+    recipes = {
+        name: load_recipe(ROOT / "recipes" / f"{name}-r1-distill-qwen-7b-1n8g.yaml").cfg
+        for name in ("softgrpo", "multiplex")
+    }
+    cfg, twin = recipes["multiplex"], recipes["softgrpo"]
+    s = cfg.softgrpo
+    assert (s.algorithm, s.multiplex_width, s.multiplex_weighting) == ("multiplex", 3, "weighted")
+    for phase in (s.thinking, cfg.policy.generation):  # the released fast path: one sampler
+        assert (phase.temperature, phase.top_k, phase.top_p, phase.min_p) == (1.0, None, 1.0, 0.0)
+    assert (cfg.grpo.num_generations_per_prompt, cfg.loss_fn.reference_policy_kl_penalty) == (8, 0)
+    assert cfg.policy.train_global_batch_size == 8 * cfg.grpo.num_prompts_per_step
+    assert cfg.policy.megatron_cfg.optimizer.lr == 1e-6
+    assert (cfg.loss_fn.ratio_clip_min, cfg.loss_fn.ratio_clip_max) == (0.2, 0.2)
+    m, t = cfg.policy.megatron_cfg, twin.policy.megatron_cfg
+    assert (m.tensor_model_parallel_size, m.pipeline_model_parallel_size) == (
+        t.tensor_model_parallel_size,
+        t.pipeline_model_parallel_size,
+    )
 
 
 def test_rows_per_pass_bounds_the_rollout_kv_cache_to_whole_groups():

@@ -30,6 +30,7 @@ from megatron_softgrpo.soft import (
     DiscreteSampler,
     EmbeddingNoise,
     MixtureRecord,
+    MultiplexSampler,
     SoftSampler,
     Truncation,
     seed_noise_rng,
@@ -168,7 +169,7 @@ def test_greedy_decoding_is_token_for_token_the_reference(tiny_dir, tokenizer):
     assert not ref.records.is_soft.any()
 
 
-@pytest.mark.parametrize("noise", ["gumbel", "gaussian", "embedding_noise"])
+@pytest.mark.parametrize("noise", ["gumbel", "gaussian", "embedding_noise", "multiplex"])
 def test_seeded_soft_decoding_gives_the_reference_records(tiny_dir, tokenizer, noise):
     """Rows finishing at three different steps (EOS ids found on the reference), a forced marker
     after a thinking budget, and a stop string: every record as the reference engine's."""
@@ -177,6 +178,7 @@ def test_seeded_soft_decoding_gives_the_reference_records(tiny_dir, tokenizer, n
         "gumbel": gumbel(),
         "gaussian": SoftSampler(Truncation(1.0, 5, 0.95), 5, GaussianNoise(0.05)),
         "embedding_noise": SoftSampler(Truncation(1.0, 5, 0.95), 5, EmbeddingNoise(0.01, 64)),
+        "multiplex": MultiplexSampler(Truncation(1.0, None, 0.95), 5),
     }[noise]
     marker = tokenizer("</think>", add_special_tokens=False)["input_ids"]
     kwargs = dict(thinking_sampler=sampler, max_thinking_tokens=4, max_new_tokens=14)

@@ -764,13 +764,18 @@ ICEPOP = [
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "options",
-    [[GSPO, SEQ_MEAN, ON, "loss_fn.truncated_importance_sampling_ratio=2"], ICEPOP],
-    ids=["gspo+tis", "icepop"],
+    [
+        [GSPO, SEQ_MEAN, ON, "loss_fn.truncated_importance_sampling_ratio=2"],
+        ICEPOP,
+        ["softgrpo.algorithm=multiplex", *ICEPOP],
+    ],
+    ids=["gspo+tis", "icepop", "multiplex+icepop"],
 )
 def test_the_embedded_model_trains_two_steps_with_gspo_and_icepop(
     tmp_path, tiny_model, smollm2_hf_dir, options
 ):
-    """With `test_the_embedded_model_trains_two_steps_with_every_option`: every option trains."""
+    """With `test_the_embedded_model_trains_two_steps_with_every_option`: every option trains, and
+    Multiplex Thinking's per-slot correction too."""
     recipe_file = write_recipe(tmp_path, tiny_model, smollm2_hf_dir, grpo={"max_num_steps": 2})
     assert main(["train", str(recipe_file), *options]) == 0
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -779,6 +784,10 @@ def test_the_embedded_model_trains_two_steps_with_gspo_and_icepop(
         assert row["optimizer_steps"] == 2 * row["step"]
         # the first update of a step starts at ratio 1; clipping binds whole responses
         assert 0.5 < row["ratio/mean"] < 2 and 0 <= row["clip_fraction"] <= 1
+        # the rollout and the float32 trainer score every unit alike (per slot for multiplex)
+        assert row["is_weight/min"] == pytest.approx(1.0, abs=1e-3)
+        assert row["is_weight/max"] == pytest.approx(1.0, abs=1e-3)
+        assert row["rollout_logp_mismatch"] < 1e-4
 
 
 # ---------------------------------------------------------------- training

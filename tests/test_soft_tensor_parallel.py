@@ -1,4 +1,4 @@
-"""TP=2 (two CPU ranks, gloo) equals TP=1: samplers, log-densities, the entropy term's entropies, the
+"""TP=2 (two CPU ranks, gloo) equals TP=1: samplers (Multiplex Thinking's too), log-densities, the entropy term's entropies, the
 fused per-position objective and their gradients (also under sequence parallelism)."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from megatron_softgrpo.soft import (
     GumbelNoise,
     InputEmbedding,
     MixtureRecord,
+    MultiplexSampler,
     Scorer,
     SoftSampler,
     Truncation,
@@ -48,6 +49,8 @@ SAMPLERS = {
     "gaussian": SoftSampler(Truncation(top_k=5, top_p=0.95), 5, NOISES["gaussian"]),
     "dirichlet": SoftSampler(Truncation(top_k=5, top_p=0.95), 5, NOISES["dirichlet"]),
     "embedding_noise": SoftSampler(Truncation(top_k=8, top_p=0.9), 5, NOISES["embedding_noise"]),
+    "multiplex": MultiplexSampler(Truncation(temperature=0.8, top_p=0.9), 3),  # candidates
+    "multiplex_whole": MultiplexSampler(Truncation(), 4, uniform=True),  # sharded inverse CDF
 }
 
 

@@ -82,7 +82,7 @@ def assert_same_runs(straight, resumed) -> tuple[list[dict], list[dict]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "algorithm", ["softgrpo", "grpo", "gaussian", "dirichlet", "embedding_noise"]
+    "algorithm", ["softgrpo", "grpo", "gaussian", "dirichlet", "embedding_noise", "multiplex"]
 )
 def test_every_algorithm_trains_and_logs_the_documented_keys(
     algorithm, tmp_path, tiny_model, smollm2_hf_dir
@@ -124,13 +124,18 @@ def test_grpo_and_softgrpo_share_data_and_differ_in_the_thinking_phase(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("validation", [False, True], ids=["plain", "with-validation"])
+@pytest.mark.parametrize(
+    "validation,algorithm",
+    [(False, "softgrpo"), (True, "softgrpo"), (False, "multiplex")],
+    ids=["plain", "with-validation", "multiplex"],
+)
 def test_exact_resume_gives_the_same_metrics_and_weights(
-    validation, tmp_path, tiny_model, smollm2_hf_dir
+    validation, algorithm, tmp_path, tiny_model, smollm2_hf_dir
 ):
     sections = (
         {"data": VALIDATION, "grpo": {"val_at_start": True, "val_period": 2}} if validation else {}
     )
+    sections["softgrpo"] = {"algorithm": algorithm}
     straight = write_recipe(tmp_path / "straight", tiny_model, smollm2_hf_dir, **sections)
     assert main(["train", str(straight)]) == 0
     resumed = write_recipe(tmp_path / "resumed", tiny_model, smollm2_hf_dir, **sections)

@@ -274,7 +274,14 @@ def rollout_correction(
     0 elsewhere), truncated to [truncated_importance_sampling_ratio_min,
     truncated_importance_sampling_ratio] as `truncated_importance_sampling_type` says when the
     upper bound is set: tis clamps w, icepop zeroes the positions outside, seq-mask-tis zeroes
-    the rows whose geometric-mean w (over their positions of `mask`) is outside."""
+    the rows whose geometric-mean w (over their positions of `mask`) is outside. Per-slot
+    log-densities [B, S, K] count each slot of `mask` [B, S, K] as a position of its row."""
+    if old_logp.dim() > 2:
+        rows = old_logp.shape[0]
+        flat = rollout_correction(
+            *(t.reshape(rows, -1) for t in (old_logp, rollout_logp, mask)), cfg
+        )
+        return RolloutCorrection(*(getattr(flat, f.name).view(mask.shape) for f in fields(flat)))
     mask = mask.bool()
     zero = torch.zeros((), dtype=old_logp.dtype, device=old_logp.device)
     log_ratio = torch.where(mask, (old_logp - rollout_logp).detach(), zero)
@@ -388,11 +395,14 @@ class StepShape:
     """How the policy worker runs one optimizer step, which the loss normalises for: the schedule
     divides each micro-batch's returned loss by `num_micro_batches` and DDP averages the gradients
     over `data_parallel_size` ranks; `num_tokens` counts the scored positions of the whole
-    mini-batch (all ranks)."""
+    mini-batch (all ranks), and `num_units` its scored units, over which the metrics are means:
+    where a position has several log-densities (one per scored slot, Multiplex Thinking); None:
+    one per position."""
 
     num_micro_batches: int
     data_parallel_size: int
     num_tokens: int
+    num_units: int | None = None
 
 
 class PolicyLoss:
@@ -439,30 +449,35 @@ class PolicyLoss:
         rollout_logp: Tensor | None = None,
         is_soft: Tensor | None = None,
     ) -> MicroBatchLoss:
-        """The objective of one micro-batch's scored positions `at` (indices into its [b, s]
-        `loss_mask` and the record-aligned tensors; a row is one whole response)."""
+        """The objective of one micro-batch's scored units `at`: indices (row, position) into its
+        [b, s] `loss_mask` and the record-aligned tensors, or (row, position, slot) where the
+        log-densities are per slot [b, s, K] (each slot a term of its own, weighted as its
+        position: a position's slots sum). A row is one whole response."""
         scale = LossScale(
             global_num_tokens=step.num_tokens, data_parallel_size=step.data_parallel_size
         )
         cfg = self.cfg
+        positions = at[:2]
         weights = aggregation_weights(loss_mask, cfg.aggregation, scale, cfg.loss_scale_factor)
-        weights = weights[at].float()
+        weights = weights[positions].float()
         if cfg.aggregation == "token_mean_global":
             # normalised over the whole mini-batch already: undo the schedule's division
             weights = weights * step.num_micro_batches
         ref = None if ref_logp is None else ref_logp[at]
         # w reads old and rollout log-densities only, so it is fixed before any forward pass; a
         # response's geometric mean (seq-mask-tis) needs its whole row, which a micro-batch holds
-        correction = _correction(old_logp, rollout_logp, loss_mask, cfg)
+        scored = torch.zeros(old_logp.shape, dtype=torch.bool, device=old_logp.device)
+        scored[at] = True  # loss_mask, or its scored slots
+        correction = _correction(old_logp, rollout_logp, scored, cfg)
         if correction is not None:
             correction = correction.at(at)
             is_soft = torch.zeros_like(loss_mask) if is_soft is None else is_soft.bool()
-            is_soft = is_soft[at]
+            is_soft = is_soft[positions]
         return MicroBatchLoss(
             cfg,
             weights,
             old_logp[at],
-            advantages[at],
+            advantages[positions],
             ref,
             correction=correction,
             is_soft=is_soft,
@@ -474,7 +489,8 @@ class PolicyLoss:
         ranks (`metric_reduction`): the loss terms as the update descends them (the schedule's
         mean over micro-batches, DDP's over ranks), the rest as means over the step's scored
         positions (or min and max)."""
-        return normalised(sums, step.num_tokens, step.num_micro_batches * step.data_parallel_size)
+        units = step.num_tokens if step.num_units is None else step.num_units
+        return normalised(sums, units, step.num_micro_batches * step.data_parallel_size)
 
     def zero_metrics(self, device) -> dict[str, Tensor]:
         """Every metric this loss reports, at its reduction's identity (a micro-batch that scores

@@ -9,7 +9,8 @@ temperature, and the other discrete rows at the answer temperature: the temperat
 sampled at.
 
 Adding an ablation is one `Algorithm` entry here plus its noise class in `soft/noises.py`
-(docs/architecture.md, "Adding an algorithm").
+(docs/architecture.md, "Adding an algorithm"). Multiplex Thinking has no noise density: its
+`MultiplexAlgorithm` draws K tokens and scores each slot as a token.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from megatron_softgrpo.soft.noises import (
     GumbelNoise,
     SoftNoise,
 )
-from megatron_softgrpo.soft.samplers import DiscreteSampler, SoftSampler
+from megatron_softgrpo.soft.samplers import DiscreteSampler, MultiplexSampler, Sampler, SoftSampler
 from megatron_softgrpo.soft.truncation import Truncation
 
 
@@ -52,6 +53,15 @@ class Algorithm:
         """Its noise can be drawn before the logits are known (the static engine needs this)."""
         return self.noise_kind is None or self.noise_kind.draws_ahead
 
+    @property
+    def soft(self) -> bool:
+        """It has a soft thinking phase (all but GRPO)."""
+        return self.noise_kind is not None
+
+    def width(self, soft: SoftGRPOCfg) -> int:
+        """K, the slots of every record: the mixture's support size."""
+        return soft.mixture_size
+
     def noise(self, soft: SoftGRPOCfg, hidden_size: int) -> SoftNoise | None:
         if self.noise_kind is None:
             return None
@@ -60,7 +70,7 @@ class Algorithm:
             kwargs["hidden_size"] = hidden_size
         return self.noise_kind(**kwargs)
 
-    def thinking_sampler(self, soft: SoftGRPOCfg, hidden_size: int) -> SoftSampler | None:
+    def thinking_sampler(self, soft: SoftGRPOCfg, hidden_size: int) -> Sampler | None:
         """The sampler of the thinking phase; None without one (GRPO)."""
         noise = self.noise(soft, hidden_size)
         if noise is None:
@@ -73,6 +83,27 @@ class Algorithm:
         )
 
 
+@dataclass(frozen=True)
+class MultiplexAlgorithm(Algorithm):
+    """Multiplex Thinking: K = softgrpo.multiplex_width independent draws mixed by their
+    probabilities (`MultiplexSampler`); the trainer scores each slot's token at the thinking
+    temperature, so the loss has one term per slot (`Scorer.per_slot`)."""
+
+    @property
+    def soft(self) -> bool:
+        return True
+
+    def width(self, soft: SoftGRPOCfg) -> int:
+        return soft.multiplex_width
+
+    def thinking_sampler(self, soft: SoftGRPOCfg, hidden_size: int) -> MultiplexSampler:
+        uniform = soft.multiplex_weighting == "uniform"
+        return MultiplexSampler(_truncation(soft.thinking), soft.multiplex_width, uniform)
+
+    def scorer(self, soft: SoftGRPOCfg, generation: GenerationCfg, hidden_size: int) -> Scorer:
+        return Scorer(None, soft.thinking.temperature, generation.temperature, per_slot=True)
+
+
 ALGORITHMS: dict[str, Algorithm] = {
     a.name: a
     for a in (
@@ -83,6 +114,7 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm(
             "embedding_noise", "embedding_noise", EmbeddingNoise, {"sigma": "embedding_noise_sigma"}
         ),
+        MultiplexAlgorithm("multiplex", "multiplex", params={"weighting": "multiplex_weighting"}),
     )
 }
 BY_SAMPLER: dict[str, Algorithm] = {a.sampler: a for a in ALGORITHMS.values()}
@@ -98,7 +130,7 @@ def decoding_algorithm(soft: SoftGRPOCfg) -> Algorithm:
 
 
 def answer_sampler(soft: SoftGRPOCfg, generation: GenerationCfg) -> DiscreteSampler:
-    return DiscreteSampler(_truncation(generation), soft.mixture_size)
+    return DiscreteSampler(_truncation(generation), decoding_algorithm(soft).width(soft))
 
 
 def decoding_spec(soft: SoftGRPOCfg, generation: GenerationCfg) -> dict:
@@ -107,10 +139,10 @@ def decoding_spec(soft: SoftGRPOCfg, generation: GenerationCfg) -> dict:
     the marker under `answer`; a discrete decoding is one phase (`answer`: null)."""
     algorithm = decoding_algorithm(soft)
     answer = _phase("discrete", generation)
-    if algorithm.noise_kind is None:
+    if not algorithm.soft:
         return answer | {"answer": None}
     noise = {key: getattr(soft, key) for key in algorithm.params.values()}  # by recipe key
-    thinking = _phase(algorithm.sampler, soft.thinking) | {"mixture_size": soft.mixture_size}
+    thinking = _phase(algorithm.sampler, soft.thinking) | {"mixture_size": algorithm.width(soft)}
     return thinking | noise | {"answer": answer}
 
 

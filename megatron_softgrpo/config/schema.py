@@ -199,11 +199,20 @@ class ThinkingCfg(Section):
 
 class SoftGRPOCfg(Section):
     # the names of algorithms/registry.py's entries and their samplers (a test keeps them in step)
-    algorithm: Literal["softgrpo", "grpo", "gaussian", "dirichlet", "embedding_noise"] = "softgrpo"
+    algorithm: Literal[
+        "softgrpo", "grpo", "gaussian", "dirichlet", "embedding_noise", "multiplex"
+    ] = "softgrpo"
     # decoding of the thinking phase for generate/eval; null: the algorithm's own
     # (softgrpo -> gumbel, grpo -> discrete, an ablation -> its noise). Training requires null or the algorithm's.
-    sampler: Literal["gumbel", "discrete", "gaussian", "dirichlet", "embedding_noise"] | None = None
-    mixture_size: int = Field(5, ge=1)  # K: support size of a soft token
+    sampler: (
+        Literal["gumbel", "discrete", "gaussian", "dirichlet", "embedding_noise", "multiplex"]
+        | None
+    ) = None
+    mixture_size: int = Field(5, ge=1)  # K: support size of a soft token (not multiplex's)
+    # Multiplex Thinking: K independent draws per thinking step, mixed by their probabilities
+    # (weighted) or equally (uniform, the released code's enable_unweighting)
+    multiplex_width: int = Field(3, ge=1)
+    multiplex_weighting: Literal["weighted", "uniform"] = "weighted"
     gumbel_tau: float = Field(0.1, gt=0)
     noise_scale: float = Field(1.0, ge=0)  # c
     # gaussian ablation: N(pt, sigma^2) on the in-support weights only, a deliberate deviation: the

@@ -14,7 +14,7 @@ Modules (each owns one concept):
 - `records`: `MixtureRecord` (the per-position record) and `SampledStep`.
 - `noises`: the soft noise kinds `GumbelNoise`, `GaussianNoise`, `DirichletNoise`,
   `EmbeddingNoise`: mixture weights, stored noise and log-density of each.
-- `samplers`: `DiscreteSampler`, `SoftSampler`.
+- `samplers`: `DiscreteSampler`, `SoftSampler`, `MultiplexSampler` (Multiplex Thinking).
 - `logprob`: `Scorer`, `log_density_from_logits`, `log_density_from_hidden` (chunked),
   `log_density_and_entropy_from_hidden` (chunked, with the entropy term's entropies),
   `objective_from_hidden` (chunked, a per-position loss and its gradient in one pass: training).
@@ -36,6 +36,8 @@ Samplers (`sample(logits [N, W], shard) -> SampledStep`), by `name`:
     gaussian          x = pt + sigma * N(0, 1) on the support, w = x / sum(x)
     dirichlet         x ~ Gamma(pt, 1) on the support, w = x / sum(x)
     embedding_noise   w = pt; the input gets + sigma * N(0, I_h) drawn from a per-row seed
+    multiplex         K independent draws from the truncated p; w_k = p(i_k) / sum_j p(i_j)
+                      (or 1 / K); slots in draw order, noise = log p(i_k) (scored per slot)
 Soft steps sort slots by weight descending (out-of-support last); slot 0 is the
 transcript token. Noise is drawn for the K selected slots after the global selection,
 from the tracker state, identically on every TP rank: same seed, same step at any TP.
@@ -84,6 +86,7 @@ from megatron_softgrpo.soft.records import MixtureRecord, SampledStep
 from megatron_softgrpo.soft.rng import noise_rng, noise_seed, seed_noise_rng
 from megatron_softgrpo.soft.samplers import (
     DiscreteSampler,
+    MultiplexSampler,
     Sampler,
     SoftSampler,
 )
@@ -98,6 +101,7 @@ __all__ = [
     "GumbelNoise",
     "InputEmbedding",
     "MixtureRecord",
+    "MultiplexSampler",
     "SampledStep",
     "Sampler",
     "Scorer",

@@ -55,11 +55,31 @@ DEFAULT_CHUNK_SIZE = (
 
 @dataclass(frozen=True)
 class Scorer:
-    """How positions are scored: the soft positions' noise kind and each phase's temperature."""
+    """How positions are scored: the soft positions' noise kind and each phase's temperature.
 
-    noise: SoftNoise | None  # None: no soft positions (discrete GRPO)
+    `per_slot` (Multiplex Thinking): a soft position is not scored as one density; each of its
+    slots is scored as a token drawn at the thinking temperature, so the log-densities are per
+    scored slot ([B, S, K], `scored_units`) and the loss has one term per slot."""
+
+    noise: SoftNoise | None  # None: no soft positions (discrete GRPO), or per_slot
     soft_temperature: float = 1.0  # the thinking sampler's: soft positions and the marker step
     discrete_temperature: float = 1.0  # the answer sampler's: the other discrete positions
+    per_slot: bool = False
+
+    def scored_units(self, loss_mask: torch.Tensor, records: MixtureRecord) -> torch.Tensor:
+        """What is scored, one log-density each: the positions of `loss_mask` [B, S], or per_slot
+        their slots [B, S, K]: every slot of a soft step (its K draws, duplicates included), slot 0
+        of a discrete one (its in-support slot)."""
+        return loss_mask.unsqueeze(-1) & records.support if self.per_slot else loss_mask
+
+    def rollout_units(self, rollout_logp: torch.Tensor, records: MixtureRecord) -> torch.Tensor:
+        """The rollout's log-density of each scored unit: `rollout_logp` [B, S] itself, or per_slot
+        [B, S, K]: a soft slot's stored log-probability (its noise), a discrete step's in slot 0."""
+        if not self.per_slot:
+            return rollout_logp
+        k = records.mixture_size
+        discrete = torch.nn.functional.pad(rollout_logp.unsqueeze(-1), (0, k - 1))  # slot 0
+        return torch.where(records.is_soft.unsqueeze(-1), records.noise, discrete)
 
     def discrete_temperatures(self, thinking: torch.Tensor) -> float | torch.Tensor:
         """The scoring temperature of discrete positions whose `thinking` flags [n] are given: the

@@ -67,18 +67,20 @@ def _check_mixture_size(mixture_size: int) -> None:
 
 
 def _draw_from_candidates(found: Candidates, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw among the in-support candidates (identical on every rank)."""
+    """Inverse-CDF draws among the in-support candidates (identical on every rank): one token
+    [N, D] per uniform u [N, D]."""
     mass = torch.exp(found.scaled - found.scaled[:, :1]) * found.support
     cdf = mass.cumsum(dim=-1)
-    slot = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True)
+    slot = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
     slot = torch.minimum(slot, found.support.sum(dim=-1, keepdim=True) - 1)
-    return found.ids.gather(-1, slot).squeeze(-1)
+    return found.ids.gather(-1, slot)
 
 
 def _draw_from_shards(
     scaled: torch.Tensor, log_norm: torch.Tensor, u: torch.Tensor, shard: VocabShard
 ):
-    """Inverse-CDF draw over the whole sharded vocabulary in id order, without gathering it.
+    """Inverse-CDF draws over the whole sharded vocabulary in id order, without gathering it: one
+    token [N, D] per uniform u [N, D].
 
     Each rank's probability mass is all-gathered; the rank whose id range holds the
     target u * total finds the token in its own cumulative sum and shares the id.
@@ -90,16 +92,25 @@ def _draw_from_shards(
     cdf = probs.cumsum(dim=-1)
     masses = gather_tensor_parallel(cdf[:, -1:], shard.group)  # [N, TP]
     ends = masses.cumsum(dim=-1)
-    target = u * ends[:, -1]
-    last = (ends < ends[:, -1:]).sum(dim=-1)  # the last rank with mass
-    owner = torch.minimum((ends <= target.unsqueeze(-1)).sum(dim=-1), last)
+    target = u * ends[:, -1:]
+    last = (ends < ends[:, -1:]).sum(dim=-1, keepdim=True)  # the last rank with mass
+    owner = torch.minimum((ends.unsqueeze(1) <= target.unsqueeze(-1)).sum(dim=-1), last)
     starts = torch.nn.functional.pad(ends[:, :-1], (1, 0))  # the mass of the ranks before
-    local_target = target - starts.gather(-1, owner.unsqueeze(-1)).squeeze(-1)
-    column = torch.searchsorted(cdf, local_target.unsqueeze(-1), right=True).squeeze(-1)
-    column = torch.minimum(column, (cdf < cdf[:, -1:]).sum(dim=-1))  # the last column with mass
+    local_target = target - starts.gather(-1, owner)
+    column = torch.searchsorted(cdf, local_target, right=True)
+    # the last column with mass
+    column = torch.minimum(column, (cdf < cdf[:, -1:]).sum(dim=-1, keepdim=True))
     token = column + shard.start
     token = torch.where(owner == shard.rank, token, torch.zeros_like(token))
     return sum_tensor_parallel_(token, shard.group)  # only the owner's is non-zero
+
+
+def _draw(scaled, log_norm, found: Candidates | None, u: torch.Tensor, shard: VocabShard):
+    """Tokens [N, D] drawn by inverse CDF from the truncated distribution: among the candidates
+    when it truncates (`found`), else over the whole sharded vocabulary."""
+    if found is not None:
+        return _draw_from_candidates(found, u)
+    return _draw_from_shards(scaled, log_norm, u, shard)
 
 
 @dataclass(frozen=True)
@@ -135,12 +146,7 @@ class DiscreteSampler:
             if raw is None:
                 with rng.noise_rng():
                     raw = self.draw_ahead(1, logits.shape[0], logits.device)[0]
-            u = raw
-            token = (
-                _draw_from_candidates(found, u)
-                if found is not None
-                else _draw_from_shards(scaled, log_norm, u, shard)
-            )
+            token = _draw(scaled, log_norm, found, raw.unsqueeze(-1), shard).squeeze(-1)
         log_density = gather_logits(scaled, token.unsqueeze(-1), shard).squeeze(-1) - log_norm
         return _step(MixtureRecord.discrete(token, self.mixture_size), log_density)
 
@@ -202,3 +208,63 @@ class SoftSampler:
             thinking=torch.ones_like(ids[:, 0], dtype=torch.bool),
         )
         return _step(records, self.noise.rollout_log_density(scaled, records))
+
+
+# ------------------------------------------------------------------ multiplex
+
+
+@dataclass(frozen=True)
+class MultiplexSampler:
+    """Multiplex Thinking (Tang et al. 2026): K = `mixture_size` tokens drawn independently, with
+    replacement, from the truncated distribution; the input mixes their embeddings by
+    w_k = p(i_k) / sum_j p(i_j), p the whole-vocabulary softmax(l / T) (a token drawn twice counts
+    twice), or by 1 / K (`uniform`). Slots keep the draw order: slot 0, the first draw, is the
+    transcript token. The stored noise of slot k is its log-probability log p(i_k), the quantity the
+    trainer scores per slot; the step's log-density is their sum (the K draws' joint, up to the
+    truncation's renormalisation, as the trainer scores it)."""
+
+    truncation: Truncation
+    mixture_size: int
+    uniform: bool = False
+    name: ClassVar[str] = "multiplex"
+    draws_ahead: ClassVar[bool] = True
+
+    def __post_init__(self):
+        _check_mixture_size(self.mixture_size)
+
+    def draw_ahead(self, steps: int, rows: int, device) -> torch.Tensor:
+        """Uniforms [steps, rows, K]: one inverse-CDF draw per slot."""
+        return rng.uniform((steps, rows, self.mixture_size), device)
+
+    def input_offset(self, records: MixtureRecord) -> None:
+        return None
+
+    def sample(
+        self, logits: torch.Tensor, shard: VocabShard, raw: torch.Tensor | None = None
+    ) -> SampledStep:
+        trunc = self.truncation
+        scaled = shard.scaled(logits, trunc.temperature)
+        log_norm = log_normalizer(scaled, shard)
+        found = full_support(logits, shard, trunc, log_norm) if trunc.truncates else None
+        if raw is None:
+            with rng.noise_rng():
+                raw = self.draw_ahead(1, logits.shape[0], logits.device)[0]
+        ids = _draw(scaled, log_norm, found, raw, shard)  # [N, K]
+        slot_logp = gather_logits(scaled, ids, shard) - log_norm.unsqueeze(-1)
+        weights = (
+            torch.full_like(slot_logp, 1.0 / self.mixture_size)
+            if self.uniform
+            else torch.softmax(slot_logp, dim=-1)  # p(i_k) / sum_j p(i_j)
+        )
+        soft = torch.ones_like(ids[:, 0], dtype=torch.bool)
+        records = MixtureRecord(
+            tokens=ids[:, 0],
+            mix_ids=ids,
+            mix_weights=weights.float(),
+            noise=slot_logp.float(),
+            support=torch.ones_like(ids, dtype=torch.bool),  # every draw is a scored slot
+            is_soft=soft,
+            noise_seed=torch.zeros_like(ids[:, 0]),
+            thinking=soft,
+        )
+        return _step(records, slot_logp.sum(dim=-1))

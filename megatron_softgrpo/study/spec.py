@@ -50,6 +50,10 @@ _REFERENCE = "reference evaluation, Soft-Thinking+noise+loss-main/"
 BUILTIN_DECODINGS: dict[str, Decoding] = {
     "hard": Decoding(("softgrpo.sampler=discrete",), source="the recipe's policy.generation"),
     "soft": Decoding(("softgrpo.sampler=gumbel",), source="the recipe's softgrpo.thinking"),
+    "multiplex": Decoding(
+        ("softgrpo.sampler=multiplex",),
+        source="the recipe's softgrpo.thinking, softgrpo.multiplex_width draws",
+    ),
     "ref-soft": Decoding(
         (
             "softgrpo.sampler=gumbel",

@@ -201,10 +201,14 @@ class Trainer:
         """Old- and reference-policy log-densities of the scored positions (no grad)."""
         if not batch.num_rows:
             return batch
-        old = self.worker.compute_logprobs(batch)
-        reference = self.worker.reference is not None
-        ref = self.worker.compute_logprobs(batch, reference=True) if reference else None
-        return replace(batch, old_logp=old, ref_logp=ref)
+        worker = self.worker
+        old = worker.compute_logprobs(batch)
+        ref = (
+            worker.compute_logprobs(batch, reference=True) if worker.reference is not None else None
+        )
+        # the rollout's log-densities of the same units (per slot for a per-slot scorer)
+        rollout = worker.scorer.rollout_units(batch.rollout_logp, batch.records)
+        return replace(batch, old_logp=old, ref_logp=ref, rollout_logp=rollout)
 
     def _update(self, batch: Batch) -> list:
         """One optimizer step per `train_global_batch_size` rows; a short last mini-batch gets
@@ -333,24 +337,25 @@ def step_metrics(rolled: Batch, trained: Batch, updates: list, worker, times: Ti
         "response_length/max": int(lengths.max()),
         "think_length/mean": float(rolled.think_lengths.float().mean()),
         "truncated_fraction": float(rolled.truncated.float().mean()),
-        **_update_metrics(trained, updates),
+        **_update_metrics(trained, updates, worker.scorer),
         "optimizer_steps": worker.optimizer_steps,
         "skipped_steps": worker.skipped_steps,
         "tokens_per_second": int(lengths.sum()) / times["time/step"],
     }
 
 
-def _update_metrics(batch: Batch, updates: list) -> dict:
+def _update_metrics(batch: Batch, updates: list, scorer) -> dict:
     """Statistics of the trained rows and their optimizer steps (none when nothing was trained)."""
     mask = batch.loss_mask
     if not updates:
         return {}
     means = {k: _combined(k, [u.metrics[k] for u in updates]) for k in updates[0].metrics}
+    units = scorer.scored_units(mask, batch.records)
     return {
         "soft_fraction": float((batch.records.is_soft & mask).sum() / mask.sum().clamp(min=1)),
-        "rollout_logp_mismatch": float(
-            ((batch.rollout_logp.exp() - batch.old_logp.exp()).abs() * mask).sum()
-            / mask.sum().clamp(min=1)
+        "rollout_logp_mismatch": float(  # per scored unit: position, or slot (per-slot scores)
+            ((batch.rollout_logp.exp() - batch.old_logp.exp()).abs() * units).sum()
+            / units.sum().clamp(min=1)
         ),
         **means,  # the loss's metrics and grad_norm over the step's updates
         "lr": updates[-1].metrics["lr"],

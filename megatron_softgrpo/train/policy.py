@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
@@ -64,6 +64,7 @@ from megatron_softgrpo.models.loading import load_model
 from megatron_softgrpo.models.source import resolve_model_source
 from megatron_softgrpo.soft import (
     InputEmbedding,
+    MixtureRecord,
     Scorer,
     VocabShard,
     log_density_and_entropy_from_hidden,
@@ -142,7 +143,8 @@ class PolicyWorker:
     @torch.no_grad()
     def compute_logprobs(self, batch: Batch, *, reference: bool = False) -> torch.Tensor:
         """Record-aligned log-densities [B, S] (fp32, 0 where loss_mask is False) under the
-        current policy, or under the frozen reference model; the same on every rank."""
+        current policy, or under the frozen reference model; the same on every rank. A per-slot
+        scorer's are [B, S, K], 0 outside its `scored_units`."""
         model = self.reference if reference else self.ddp
         if model is None:
             raise ValueError("no reference model: loss_fn.reference_policy_kl_penalty is 0")
@@ -162,7 +164,7 @@ class PolicyWorker:
         if parallel.last_stage:
             logp = torch.cat([o["logp"] for o in outputs]).float()
         else:
-            logp = torch.empty(per_rank, local.seq_len, device=self.device)
+            logp = torch.empty(self._units_shape(local), device=self.device)
         broadcast_from_last_stage(parallel, logp)
         logp = gather_data_parallel(parallel, logp)
         return logp[: batch.num_rows, : batch.seq_len]
@@ -180,7 +182,8 @@ class PolicyWorker:
         local = self._aligned(local.row_slice(dp_rank * per_rank, (dp_rank + 1) * per_rank))
         local = local.to(self.device)
         micro_batches = [local.row_slice(i, i + micro) for i in range(0, per_rank, micro)]
-        step = StepShape(len(micro_batches), dp, int(batch.loss_mask.sum()))
+        units = int(self.scorer.scored_units(batch.loss_mask, batch.records).sum())
+        step = StepShape(len(micro_batches), dp, int(batch.loss_mask.sum()), units)
 
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -242,24 +245,37 @@ class PolicyWorker:
         # a leaf that requires grad, so activation recomputation still builds a graph; no weight sees it
         return x.requires_grad_()
 
+    def _units_shape(self, batch: Batch) -> tuple[int, ...]:
+        """The shape of the batch's log-densities: [B, S], or [B, S, K] for a per-slot scorer."""
+        slots = (batch.records.mixture_size,) if self.scorer.per_slot else ()
+        return (batch.num_rows, batch.seq_len, *slots)
+
     def _scored_inputs(self, gpt, output: torch.Tensor, micro_batch: Batch):
-        """(hidden [n, 1, h] scoring each record, the records [1, n], their (row, position) indices) from
-        the model output [b, s(/TP), h], for the n positions of `loss_mask`."""
+        """(hidden [n, 1, h] scoring each unit, the units' records [1, n], their indices) from the
+        model output [b, s(/TP), h]. A unit is a position of `loss_mask`, indexed (row, position),
+        or for a per-slot scorer one of its scored slots, indexed (row, position, slot): scored as
+        that slot's token, one-hot, drawn by the sampler of its position."""
         hidden = output.transpose(0, 1)  # [s, b, h]
         if gpt.config.sequence_parallel and self.vocab.distributed:
             # backward only splits: the scorers sum the TP ranks' gradients themselves
             hidden = gather_from_sequence_parallel_region(
                 hidden, tensor_parallel_output_grad=False, group=self.vocab.group
             )
-        b_idx, j_idx = micro_batch.loss_mask.nonzero(as_tuple=True)
+        records = micro_batch.records
+        at = self.scorer.scored_units(micro_batch.loss_mask, records).nonzero(as_tuple=True)
+        if self.scorer.per_slot:
+            slots = MixtureRecord.discrete(records.mix_ids[at], records.mixture_size)
+            scored = replace(slots, thinking=records.thinking[at[:2]])
+        else:
+            scored = records.map(lambda t: t[at])
+        b_idx, j_idx = at[:2]
         inputs = hidden[j_idx - 1, b_idx].unsqueeze(1)  # the output at j - 1 scores record j
-        records = micro_batch.records.map(lambda t: t[b_idx, j_idx].unsqueeze(0))
-        return inputs, records, (b_idx, j_idx)
+        return inputs, scored.map(lambda t: t.unsqueeze(0)), at
 
     def _scores(self, gpt, output: torch.Tensor, micro_batch: Batch) -> torch.Tensor:
-        """Record-aligned logp [b, s] of the scored records (0 at unscored positions), no gradient needed."""
+        """Record-aligned logp of the scored units (0 elsewhere), no gradient needed."""
         inputs, records, at = self._scored_inputs(gpt, output, micro_batch)
-        logp = torch.zeros(micro_batch.loss_mask.shape, dtype=torch.float32, device=output.device)
+        logp = torch.zeros(self._units_shape(micro_batch), device=output.device)
         if at[0].numel() == 0:
             return logp
         scored, _ = self._log_densities(gpt, inputs, records)
