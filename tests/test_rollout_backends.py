@@ -225,33 +225,48 @@ def test_odd_batches_reuse_the_decoder_bucket(tiny_dir, tokenizer):
     assert_same_records(ref, static)
 
 
-def _rank_static(rank, tiny_dir, tp, pp, tokenizer_dir):
+# a bounded support, as the answer sampler's (builders.settings)
+THINKING = {"gumbel": None, "multiplex": MultiplexSampler(Truncation(1.0, 20, 0.9), 5)}
+
+
+def _tp_settings(thinking: str):
+    extra = {} if THINKING[thinking] is None else {"thinking_sampler": THINKING[thinking]}
+    return settings(max_thinking_tokens=5, **extra)
+
+
+def _rank_static(rank, tiny_dir, tp, pp, tokenizer_dir, thinking):
     model, shard, parallel = build64(tiny_dir, tp, pp)
     tokenizer = load_tokenizer(resolve_model_source(tokenizer_dir))
     seed_noise_rng(7)
-    return static_engine(
-        model, tokenizer, shard, settings(max_thinking_tokens=5), parallel
-    ).generate(PROMPTS, 2)
+    return static_engine(model, tokenizer, shard, _tp_settings(thinking), parallel).generate(
+        PROMPTS, 2
+    )
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+@pytest.mark.parametrize(
+    "tp,pp,thinking",
+    [(2, 1, "gumbel"), (1, 2, "gumbel"), (2, 1, "multiplex"), (1, 2, "multiplex")],
+    ids=["tp2", "pp2", "tp2-multiplex", "pp2-multiplex"],
+)
 def test_static_engine_at_tp2_and_pp2_gives_the_tp1_reference(
-    tiny_dir, tokenizer, smollm2_hf_dir, tp, pp
+    tiny_dir, tokenizer, smollm2_hf_dir, tp, pp, thinking
 ):
     model, shard, parallel = build64(tiny_dir)
     seed_noise_rng(7)
-    ref = RolloutEngine(
-        model, tokenizer, shard, settings(max_thinking_tokens=5), parallel
-    ).generate(PROMPTS, 2)
-    for result in run_ranks(tp * pp, _rank_static, tiny_dir, tp, pp, str(smollm2_hf_dir)):
+    ref = RolloutEngine(model, tokenizer, shard, _tp_settings(thinking), parallel).generate(
+        PROMPTS, 2
+    )
+    runs = run_ranks(tp * pp, _rank_static, tiny_dir, tp, pp, str(smollm2_hf_dir), thinking)
+    for result in runs:
         # the TP sampler reduces its fp32 candidates across ranks: weights within a few ulps
         assert_same_records(ref, result, atol=1e-5)
 
 
-@pytest.mark.parametrize("algorithm", ["softgrpo", "gaussian", "grpo"])
+@pytest.mark.parametrize("algorithm", ["softgrpo", "gaussian", "grpo", "multiplex"])
 def test_trainer_rescores_the_static_rollout(tiny_dir, tokenizer, algorithm):
-    """The trainer's full-sequence log-probs reproduce the static rollout's densities to 1e-5."""
+    """The trainer's full-sequence log-probs reproduce the static rollout's densities to 1e-5
+    (Multiplex Thinking's per slot)."""
 
     from megatron_softgrpo.batch import Batch
     from megatron_softgrpo.rollout.settings import RolloutSettings
@@ -265,9 +280,11 @@ def test_trainer_rescores_the_static_rollout(tiny_dir, tokenizer, algorithm):
     engine = static_engine(worker.model, tokenizer, worker.vocab, s, worker.parallel)
     result = engine.generate(PROMPTS[:2], 2)
     logp = worker.compute_logprobs(Batch(result.records, result.loss_mask))
-    mask = result.loss_mask
+    mask, scorer = result.loss_mask, worker.scorer
     assert bool((mask & result.records.is_soft).any()) == (algorithm != "grpo")
-    assert (logp - result.rollout_logp)[mask].abs().max() <= 1e-5
+    units = scorer.scored_units(mask, result.records)
+    error = logp - scorer.rollout_units(result.rollout_logp, result.records)
+    assert error[units].abs().max() <= 1e-5 and (logp[~units] == 0).all()
 
 
 def test_a_marker_the_model_writes_switches_phase_as_in_the_reference(tiny_dir, tokenizer):
