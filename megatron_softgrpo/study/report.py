@@ -309,27 +309,42 @@ def write_report(spec: StudySpec, out: Path) -> Path:
 
 
 def plot_pass_at_k(rows: Sequence[Row], out: Path) -> None:
-    """pass@k against log2 k per (training, decoding), with a band of one standard error."""
+    """pass@k against log2 k with a band of one standard error: one panel per decoding, one colour
+    per training (the same in every panel), so a panel compares models under one decoding."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5.5), constrained_layout=True)
-    for row in rows:
-        ks = sorted(int(k.split("@")[1]) for k in row.values if k.startswith("pass@"))
-        stats = [row.values[f"pass@{k}"] for k in ks]
-        style = "--" if row.decoding.endswith("hard") else "-"
-        (line,) = ax.plot(
-            ks,
-            [100 * e.value for e in stats],
-            style,
-            marker="o",
-            markersize=3,
-            label=f"{row.training}, {row.decoding}",
-        )
-        _band(ax, ks, [(e.value, e.se) for e in stats], line.get_color())
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("k")
-    ax.set_ylabel("pass@k (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    decodings = list(dict.fromkeys(r.decoding for r in rows))
+    trainings = list(dict.fromkeys(r.training for r in rows))
+    colours = {t: f"C{i}" for i, t in enumerate(trainings)}
+    cols = min(4, len(decodings))
+    nrows = -(-len(decodings) // cols)
+    fig, axes = plt.subplots(
+        nrows,
+        cols,
+        figsize=(3.2 * cols, 2.8 * nrows + 0.6),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+        constrained_layout=True,
+    )
+    for ax, decoding in zip(axes.flat, decodings):
+        for row in (r for r in rows if r.decoding == decoding):
+            ks = sorted(int(k.split("@")[1]) for k in row.values if k.startswith("pass@"))
+            stats = [row.values[f"pass@{k}"] for k in ks]
+            colour = colours[row.training]
+            ax.plot(ks, [100 * e.value for e in stats], color=colour, marker="o", markersize=3)
+            _band(ax, ks, [(e.value, e.se) for e in stats], colour)
+        ax.set_title(decoding, fontsize=9)
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(decodings) :]:
+        ax.set_visible(False)
+    for ax in axes.flat[max(0, len(decodings) - cols) : len(decodings)]:  # lowest in its column
+        ax.xaxis.set_tick_params(labelbottom=True)
+        ax.set_xlabel("k")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("pass@k (%)")
+    handles = [plt.Line2D([], [], color=colours[t], marker="o", markersize=3) for t in trainings]
+    fig.legend(handles, trainings, loc="outside upper center", ncols=len(trainings), fontsize=8)
     _save(plt, fig, out)
 
 
