@@ -6,6 +6,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,15 @@ from megatron_softgrpo.eval.metrics import summarize
 from megatron_softgrpo.eval.report import EvalSummary, write_summary
 from megatron_softgrpo.eval.runner import plan_eval
 from megatron_softgrpo.eval.samples import SampleFile, SampleRecord, sample_table
-from megatron_softgrpo.study.jobs import eval_dir, plan_jobs, submit_slurm, train_dir
+from megatron_softgrpo.study.jobs import (
+    CODE_LINE,
+    code_version,
+    eval_dir,
+    job_code,
+    plan_jobs,
+    submit_slurm,
+    train_dir,
+)
 from megatron_softgrpo.study.report import moving_average, write_report
 from megatron_softgrpo.study.spec import BUILTIN_DECODINGS, StudySpec, check_manifest
 from megatron_softgrpo.study.stats import estimate
@@ -383,6 +392,34 @@ def test_a_whole_study_on_a_tiny_model_runs_resumes_and_reports(tmp_path, smollm
     )
     assert summary["decoding"] == "gumbel" and "seed1/checkpoints" in summary["model"]
     assert len(list((out / "logs").iterdir())) == 8  # 2 trainings, 3 models x 2 decodings
+    assert list(report["code"]) == sorted(p.stem for p in (out / "logs").iterdir())
+    assert set(report["code"].values()) == {code_version()}  # every job says what it ran
+    assert f"| {code_version()} |" in (out / "report.md").read_text()
     capsys.readouterr()
     assert main(args) == 0  # a rerun finds every job done and only rewrites the report
     assert "8 of 8 jobs done; 0 to run" in capsys.readouterr().out
+
+
+def test_code_version_names_the_package_a_job_imports_and_its_commit(tmp_path):
+    """`python -m` imports the working directory's package first: a snapshot's, by its commit,
+    with '+' for uncommitted changes to tracked files."""
+    package = tmp_path / "megatron_softgrpo"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    assert code_version(tmp_path) == f"{tmp_path} at no git commit"
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "snapshot")
+    head = subprocess.run(
+        ["git", "-C", str(tmp_path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    assert code_version(tmp_path) == f"{tmp_path} at {head}"
+    (package / "__init__.py").write_text("x = 1\n")
+    assert code_version(tmp_path) == f"{tmp_path} at {head}+"
+    log = tmp_path / "job.log"
+    log.write_text(f"# softgrpo train\n{CODE_LINE}first\n# again\n{CODE_LINE}second\n")
+    assert job_code(log) == "second" and job_code(tmp_path / "none.log") is None

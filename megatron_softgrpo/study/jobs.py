@@ -44,6 +44,37 @@ class Job:
         return set(self.benchmarks) <= set(read_summary(self.log_dir).benchmarks)
 
 
+CODE_LINE = "# code: "  # a job log's line naming the code the job ran
+
+
+def code_version(cwd: Path | None = None) -> str:
+    """The package a job started here imports (`python -m` takes the working directory's first)
+    and its git commit, '+' when the tree has uncommitted changes."""
+    cwd = Path.cwd() if cwd is None else cwd
+    if (cwd / "megatron_softgrpo" / "__init__.py").is_file():
+        root = cwd
+    else:
+        import megatron_softgrpo
+
+        root = Path(megatron_softgrpo.__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "no git commit"
+    dirty = "+" if git("status", "--porcelain", "--untracked-files=no") else ""
+    return f"{root} at {commit}{dirty}"
+
+
+def job_code(log: Path) -> str | None:
+    """The code a job's last run logged (None: a log from before the driver logged it)."""
+    if not log.is_file():
+        return None
+    lines = [x for x in log.read_text().splitlines() if x.startswith(CODE_LINE)]
+    return lines[-1][len(CODE_LINE) :] if lines else None
+
+
 def train_dir(out: Path, algorithm: str, seed: int) -> Path:
     return out / "train" / algorithm / f"seed{seed}"
 
@@ -95,12 +126,14 @@ def run_local(
         f"[study] {len(jobs) - len(todo)} of {len(jobs)} jobs done; {len(todo)} to run", flush=True
     )
     start = time.monotonic()
+    code = code_version()
+    print(f"[study] code: {code}", flush=True)
     for index, job in enumerate(todo):
         argv = [python, "-m", "megatron_softgrpo", job.command, spec.recipe, *job.args]
         log = logs / f"{job.name}.log"
         print(f"[study] ({index + 1}/{len(todo)}) {job.name}: log {log}", flush=True)
         with log.open("a") as f:
-            f.write(f"# {' '.join(argv)}\n")
+            f.write(f"# {' '.join(argv)}\n{CODE_LINE}{code}\n")
             f.flush()
             rc = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT)
         if rc != 0:

@@ -19,7 +19,7 @@ from megatron_softgrpo.eval.metrics import problem_scores
 from megatron_softgrpo.eval.report import read_summary, summary_path
 from megatron_softgrpo.eval.samples import SampleFile, sample_table
 from megatron_softgrpo.plotting import save_png
-from megatron_softgrpo.study.jobs import eval_dir, train_dir
+from megatron_softgrpo.study.jobs import eval_dir, job_code, train_dir
 from megatron_softgrpo.study.spec import StudySpec
 from megatron_softgrpo.study.stats import Estimate, Scores, estimate
 from megatron_softgrpo.train.metrics_log import read_metrics
@@ -275,6 +275,26 @@ def markdown_report(
     return "\n".join(lines) + "\n"
 
 
+def code_section(code: dict[str, str | None]) -> str:
+    """Which code each job ran (its log's `# code:` line), grouped by version."""
+    if not code:
+        return ""
+    versions: dict[str, list[str]] = {}
+    for job, version in code.items():
+        versions.setdefault(
+            version or "not logged (a job run before the driver logged it)", []
+        ).append(job)
+    lines = [
+        "",
+        "## Code",
+        "",
+        "| code (package, commit; + uncommitted changes) | jobs |",
+        "|---|---|",
+    ]
+    lines += [f"| {v} | {', '.join(jobs)} |" for v, jobs in versions.items()]
+    return "\n".join(lines) + "\n"
+
+
 def _seed_cell(values: Sequence[float]) -> str:
     mean, sd = _mean_sd(values)
     return f"{100 * mean:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
@@ -288,6 +308,7 @@ def write_report(spec: StudySpec, out: Path) -> Path:
         )
     training = training_summary(spec, out)
     arms, evals = spec.arm_decodings(), spec.eval_decodings()
+    code = {log.stem: job_code(log) for log in sorted((out / "logs").glob("*.log"))}
     report = {
         "allow_mismatched_exploration": spec.allow_mismatched_exploration,
         "exploration_mismatches": spec.exploration_mismatches(arms),
@@ -296,9 +317,11 @@ def write_report(spec: StudySpec, out: Path) -> Path:
         "rows": [asdict(r) for r in rows],
         "differences": [asdict(d) for d in differences],
         "training": training,
+        "code": code,
     }
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "report.md").write_text(markdown_report(spec, rows, differences, training, arms, evals))
+    markdown = markdown_report(spec, rows, differences, training, arms, evals)
+    (out / "report.md").write_text(markdown + code_section(code))
     plot_pass_at_k(rows, out / "pass_at_k.png")
     if training:
         plot_training(spec, out, training, out / "training.png")
