@@ -8,11 +8,16 @@
   correction tis / icepop / seq-mask-tis, GSPO, CISPO, Dr. GRPO's aggregation) against plain
   SofT-GRPO, on one worker and batch, the losses alternating within each round (medians):
   target ratio <= 1.05;
+- `--vs-hf`: our GRPO update step against the same step in plain `transformers` + torch AdamW
+  on the CPU (same weights, rows, lengths, loss and optimizer settings), micro-batch 1 and the
+  embedded recipe's 8: target ratio >= 1.0 (ours at least as fast); `--profile` adds the top
+  CPU operators of each;
 - `--rl-step`: where the time of one RL step of the embedded default goes (rollout, reward,
   old/ref log-probs, update), from a short `softgrpo train` of that recipe.
 
     .venv/bin/python benchmarks/update.py [--quick] [--model tiny|smollm2-shaped|qwen2-1.5b-shaped] [--seq-len N] [--loss-variants]
     .venv/bin/python benchmarks/update.py --rl-step [--steps 3]
+    .venv/bin/python benchmarks/update.py --vs-hf [--rounds 3] [--profile]
 
 Random weights (written once to a temporary Hugging Face directory): only timing matters.
 MFU counts 6 * N_params * tokens + 12 * layers * hidden * seq * tokens (causal attention,
@@ -293,6 +298,126 @@ def matmul_peak_tflops() -> float:
     return 10 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12
 
 
+# ------------------------------------------------------------------ --vs-hf
+
+
+def hf_grpo_step(model, optimizer, tokens, mask, advantages, old_logp, micro, cfg) -> tuple:
+    """One GRPO update in plain PyTorch on a `transformers` model, written from the loss's
+    definition (docs/algorithm.md section 3) rather than from our code: per micro-batch the
+    clipped surrogate with dual clip, token mean over the micro-batch's scored positions, divided
+    by the number of micro-batches; grad-norm clipping and torch AdamW. (loss, grad norm before
+    clipping)."""
+    loss_cfg, opt_cfg = cfg.loss_fn, cfg.policy.megatron_cfg.optimizer
+    temperature = cfg.policy.generation.temperature
+    optimizer.zero_grad(set_to_none=True)
+    starts = range(0, tokens.shape[0], micro)
+    total = 0.0
+    for i in starts:
+        rows = slice(i, i + micro)
+        logits = model(tokens[rows]).logits[:, :-1].float() / temperature
+        logp = torch.log_softmax(logits, -1).gather(-1, tokens[rows, 1:, None]).squeeze(-1)
+        m, a = mask[rows, 1:], advantages[rows, 1:]
+        ratio = torch.exp(logp - old_logp[rows, 1:])
+        low, high = 1 - loss_cfg.ratio_clip_min, 1 + loss_cfg.ratio_clip_max
+        term = torch.maximum(-a * ratio, -a * ratio.clamp(low, high))
+        if loss_cfg.ratio_clip_c is not None:
+            term = torch.where(a < 0, torch.minimum(term, -a * loss_cfg.ratio_clip_c), term)
+        loss = (term * m).sum() / m.sum() / len(starts)
+        loss.backward()
+        total += float(loss)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(trained, opt_cfg.clip_grad)
+    optimizer.step()
+    return total, float(norm)
+
+
+def hf_old_logp(model, tokens, temperature, micro) -> torch.Tensor:
+    out = torch.zeros(tokens.shape, dtype=torch.float32)
+    with torch.no_grad():
+        for i in range(0, tokens.shape[0], micro):
+            logits = model(tokens[i : i + micro]).logits[:, :-1].float() / temperature
+            logp = torch.log_softmax(logits, -1).gather(-1, tokens[i : i + micro, 1:, None])
+            out[i : i + micro, 1:] = logp.squeeze(-1)
+    return out
+
+
+def versus_hf(model_dir: Path, rows: int, seq: int, micro: int, reps: int, profile: bool) -> dict:
+    """Our GRPO update step (PolicyWorker, Megatron-Core, distributed AdamW) against the same
+    step in plain `transformers` + torch AdamW: same weights, rows, lengths, loss and optimizer
+    settings, alternating within each round (medians); the first step's loss and grad norm of
+    both, as a check that they do the same work."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_softgrpo.distributed import ParallelLayout, init_distributed
+    from megatron_softgrpo.models.arch import ModelArch
+    from megatron_softgrpo.train.setup import build_worker
+
+    parallel = init_distributed(ParallelLayout(1, 1), seed=0)
+    cfg = recipe(model_dir, rows, micro, "float32", "grpo", {}, None)
+    worker = build_worker(cfg, parallel)
+    loss = PolicyLoss(cfg.loss_fn)
+    batch = synthetic_batch(rows, seq, ModelArch.from_hf_dir(model_dir).vocab_size, soft=False)
+    batch.old_logp = worker.compute_logprobs(batch)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hf.train()
+    # the trainer reads its inputs as detached mixtures (docs/algorithm.md section 2): no gradient
+    # reaches the input embedding through the lookup, so the same step leaves it out here
+    hf.get_input_embeddings().weight.requires_grad_(False)
+    o = cfg.policy.megatron_cfg.optimizer
+    adam = torch.optim.AdamW(
+        [p for p in hf.parameters() if p.requires_grad],
+        lr=o.lr,
+        betas=(o.adam_beta1, o.adam_beta2),
+        eps=o.adam_eps,
+        weight_decay=o.weight_decay,
+    )
+    tokens, mask = batch.records.tokens, batch.loss_mask
+    advantages = batch.advantages.float()
+    temperature = cfg.policy.generation.temperature
+    old = hf_old_logp(hf, tokens, temperature, micro)
+
+    def ours():
+        return worker.train_step(batch, loss).metrics
+
+    def theirs():
+        return hf_grpo_step(hf, adam, tokens, mask, advantages, old, micro, cfg)
+
+    first, (hf_loss, hf_norm) = ours(), theirs()
+    results = {
+        f"vs_hf/mb{micro}/first_loss": first["loss"],
+        f"vs_hf/mb{micro}/first_loss_hf": hf_loss,
+        f"vs_hf/mb{micro}/first_grad_norm": first["grad_norm"],
+        f"vs_hf/mb{micro}/first_grad_norm_hf": hf_norm,
+        f"vs_hf/mb{micro}/old_logp_max_abs_diff": float((batch.old_logp - old)[mask].abs().max()),
+    }
+    samples = {"ours": [], "hf": []}
+    for _ in range(reps):
+        for name, step in (("ours", ours), ("hf", theirs)):
+            t = time.perf_counter()
+            step()
+            samples[name].append(time.perf_counter() - t)
+    ours_s, hf_s = (statistics.median(samples[n]) for n in ("ours", "hf"))
+    results |= {
+        f"vs_hf/mb{micro}/ours_step_s": ours_s,
+        f"vs_hf/mb{micro}/hf_step_s": hf_s,
+        f"ratio/mb{micro}/hf_over_ours_update_step": hf_s / ours_s,  # >= 1: ours is faster
+    }
+    if profile:
+        for name, step in (("ours", ours), ("hf", theirs)):
+            print_top_cpu_ops(name, step)
+    return results
+
+
+def print_top_cpu_ops(name: str, step, count: int = 25) -> None:
+    """The operators taking most of one update step on the CPU (self time), to see where it goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    print(f"--- {name}: one update step, top operators by self CPU time")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=count))
+
+
 RL_PHASES = ("time/rollout", "time/reward", "time/logprob", "time/update")
 
 
@@ -321,6 +446,24 @@ def rl_step_breakdown(steps: int) -> dict:
         mean = sum(r[key] for r in rows) / len(rows)
         results[f"rl_step/{key.split('/')[1]}_s"] = mean
         results[f"ratio/{key.split('/')[1]}_share_of_step"] = mean / step
+    return results
+
+
+def vs_hf(args) -> dict:
+    """`--vs-hf`: each micro-batch size in its own process (Megatron's state is per process)."""
+    model = args.model or "smollm2-shaped"
+    seq, reps = args.seq_len or 128, args.rounds or 3
+    results: dict = {"device": "cpu", "model": model, "seq_len": seq}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_random_model(SHAPES[model], Path(tmp) / "model")
+        spawn = multiprocessing.get_context("spawn")
+        # the issue's case (4 rows, micro-batch 1) and the embedded recipe's micro-batch of 8
+        for rows, micro in ((args.rows or 4, 1), (max(args.rows or 8, 8), 8)):
+            with spawn.Pool(1) as pool:
+                results[f"vs_hf/mb{micro}/rows"] = rows
+                results |= pool.apply(
+                    versus_hf, (Path(tmp) / "model", rows, seq, micro, reps, args.profile)
+                )
     return results
 
 
@@ -355,6 +498,12 @@ def main():
         help="also time SofT-GRPO's update with each loss option (LOSS_VARIANTS)",
     )
     p.add_argument(
+        "--vs-hf",
+        action="store_true",
+        help="our GRPO update step against transformers + torch AdamW (CPU, fp32), micro-batch 1 "
+        "and 8; with --profile, the top CPU operators of each",
+    )
+    p.add_argument(
         "--rounds",
         type=int,
         default=None,
@@ -368,6 +517,8 @@ def main():
     args = p.parse_args()
     if args.rl_step:
         return report(rl_step_breakdown(max(2, args.steps)), args.json)
+    if args.vs_hf:
+        return report(vs_hf(args), args.json)
 
     from megatron_softgrpo.config.loader import apply_overrides
     from megatron_softgrpo.errors import ConfigError
