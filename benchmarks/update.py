@@ -325,8 +325,11 @@ def hf_grpo_step(model, optimizer, tokens, mask, advantages, old_logp, micro, cf
         loss = (term * m).sum() / m.sum() / len(starts)
         loss.backward()
         total += float(loss)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    norm = torch.nn.utils.clip_grad_norm_(trained, opt_cfg.clip_grad)
+    # the trainer reads its inputs as detached mixtures (docs/algorithm.md section 2): the input
+    # table gets no gradient through the lookup, but stays in the optimizer (weight decay)
+    if not model.config.tie_word_embeddings:  # (tied, it is the output layer's and trained)
+        model.get_input_embeddings().weight.grad.zero_()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.clip_grad)
     optimizer.step()
     return total, float(norm)
 
@@ -360,12 +363,9 @@ def versus_hf(model_dir: Path, rows: int, seq: int, micro: int, reps: int, profi
     batch.old_logp = worker.compute_logprobs(batch)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     hf.train()
-    # the trainer reads its inputs as detached mixtures (docs/algorithm.md section 2): no gradient
-    # reaches the input embedding through the lookup, so the same step leaves it out here
-    hf.get_input_embeddings().weight.requires_grad_(False)
     o = cfg.policy.megatron_cfg.optimizer
     adam = torch.optim.AdamW(
-        [p for p in hf.parameters() if p.requires_grad],
+        hf.parameters(),
         lr=o.lr,
         betas=(o.adam_beta1, o.adam_beta2),
         eps=o.adam_eps,
