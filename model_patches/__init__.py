@@ -1,6 +1,7 @@
 """The only code that reaches into Megatron-Core internals.
 
 - `cpu_compat`: run Megatron on machines without CUDA (gloo, CPU tensors).
+- `grad_sync`: no gradient collective over a one-rank data-parallel group.
 - `mixture_embedding`: sum_k w_k E[ids_k] on the vocabulary-parallel embedding table, fed as `decoder_input`.
 - `output_layer`: vocab-sharded logits during decoding; final hidden states for the chunked log-densities.
 - `sdpa_attention`: the core attention of both layer specs on torch SDPA (flash on GPU; honours the decoding mask).
@@ -10,9 +11,10 @@
 - `rope`: a model's exact RoPE frequencies (Megatron hard-codes Llama 3.1's llama3 scaling).
 """
 
-from model_patches import cpu_compat
+from model_patches import cpu_compat, grad_sync
 
 
 def apply_all() -> None:
     """Apply every patch this machine needs; call before building a Megatron model."""
     cpu_compat.apply()
+    grad_sync.apply()

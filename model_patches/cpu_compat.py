@@ -113,3 +113,19 @@ def apply() -> None:
     cpu_torch = _CpuTorch()
     for name in _MODULES_WITH_CUDA_TENSORS:
         importlib.import_module(name).torch = cpu_torch
+
+    # clip_grads.py scales clipped gradients with Megatron's fallback for Apex's fused kernel
+    # (no Apex or TE without CUDA), `dst.copy_(src * scale)` with src and dst the same tensors:
+    # a full-size temporary and copy per gradient. The same product, in place.
+    importlib.import_module(
+        "megatron.core.optimizer.clip_grads"
+    ).multi_tensor_scale_impl = _scale_in_place
+
+
+def _scale_in_place(chunk_size, noop_flag, tensor_lists, scale):
+    """megatron.core.utils.local_multi_tensor_scale, without the temporary where src is dst."""
+    for src, dst in zip(tensor_lists[0], tensor_lists[1]):
+        if src is dst:
+            dst.mul_(scale)
+        else:
+            dst.copy_(src * scale)
