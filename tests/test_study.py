@@ -66,12 +66,37 @@ def test_jobs_train_each_algorithm_and_seed_then_evaluate_base_and_every_checkpo
     )
 
 
-def test_a_rerun_with_other_settings_is_refused(tmp_path):
+def test_a_rerun_may_grow_the_study_but_not_change_it(tmp_path):
     check_manifest(SPEC, tmp_path)
     check_manifest(SPEC, tmp_path)  # the same settings continue the study
-    other = StudySpec(RECIPE, SPEC.algorithms, (1, 2, 3), SPEC.decodings, SPEC.overrides)
-    with pytest.raises(UserError, match=r"study.json: this study ran with seeds=\[1, 2\]"):
-        check_manifest(other, tmp_path)
+    # a third arm and a seed join it (issue 30's Multiplex Thinking beside GRPO and SofT-GRPO)
+    grown = StudySpec(
+        RECIPE, (*SPEC.algorithms, "multiplex"), (1, 2, 3), SPEC.decodings, SPEC.overrides
+    )
+    check_manifest(grown, tmp_path)
+    stored = json.loads((tmp_path / "study.json").read_text())
+    assert stored["algorithms"] == ["grpo", "softgrpo", "multiplex"] and stored["seeds"] == [
+        1,
+        2,
+        3,
+    ]
+    check_manifest(grown, tmp_path)
+    with pytest.raises(
+        UserError, match=r"ran with seeds=\[1, 2, 3\], now \[1, 2\]; a rerun may add"
+    ):
+        # dropping a seed
+        check_manifest(
+            StudySpec(RECIPE, grown.algorithms, (1, 2), overrides=SPEC.overrides), tmp_path
+        )
+    changed = dict(SPEC.decodings, soft=BUILTIN_DECODINGS["hard"])
+    with pytest.raises(UserError, match="ran with decodings="):
+        check_manifest(
+            StudySpec(RECIPE, grown.algorithms, (1, 2, 3), changed, SPEC.overrides), tmp_path
+        )
+    with pytest.raises(UserError, match="ran with overrides=.*use another --out"):
+        check_manifest(
+            StudySpec(RECIPE, grown.algorithms, (1, 2, 3), SPEC.decodings, ("a=1",)), tmp_path
+        )
 
 
 def test_bad_study_arguments_exit_2_with_one_line(tmp_path, capsys):

@@ -1,7 +1,7 @@
 """The jobs of a study and how they run: `softgrpo train` and `softgrpo eval` commands, locally one
 after another or as Slurm jobs through slurm/softgrpo.sbatch. Layout under OUT:
 
-    study.json                   the study's settings; a rerun with other settings is refused
+    study.json                   the study's settings; a rerun may add arms, seeds or decodings, not change them
     train/<algorithm>/seed<S>/   a training run's log_dir (metrics.jsonl, checkpoints/, ...)
     eval/<model>/<decoding>/     an evaluation's log_dir (eval/summary.json and eval/<benchmark>/samples.jsonl);
                                  model: base or <algorithm>-seed<S>; decoding: a name of StudySpec.decodings

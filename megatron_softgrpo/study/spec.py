@@ -223,18 +223,39 @@ def _spec(recipe: str, overrides: Sequence[str]) -> dict:
     return decoding_spec(cfg.softgrpo, cfg.policy.generation)
 
 
+GROWING = ("algorithms", "seeds", "decodings")  # a rerun may add to these (a third arm, a seed)
+
+
 def check_manifest(spec: StudySpec, out: Path) -> None:
-    """Write study.json, or refuse a rerun whose settings differ from the first run's."""
+    """Write study.json, or check a rerun against it: the same recipe and overrides, and every
+    algorithm, seed and decoding it ran (with the same definition); new ones join the study, and
+    its jobs that are done are kept."""
     path = out / "study.json"
     asked = spec.manifest()
     if path.is_file():
         stored = json.loads(path.read_text())
         for key, value in asked.items():
-            if stored.get(key) != value:
-                raise UserError(
-                    f"{path}: this study ran with {key}={json.dumps(stored.get(key))}, now "
-                    f"{json.dumps(value)}; use another --out, or the same settings to continue it"
+            kept = stored.get(key)
+            if key in GROWING and _extends(kept, value):
+                continue
+            if kept != value:
+                rule = (
+                    "a rerun may add to it, not change or drop what ran"
+                    if key in GROWING
+                    else "use another --out, or the same settings to continue it"
                 )
-        return
+                raise UserError(
+                    f"{path}: this study ran with {key}={json.dumps(kept)}, now "
+                    f"{json.dumps(value)}; {rule}"
+                )
+        if asked == stored:
+            return
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(asked, indent=1) + "\n")
+
+
+def _extends(kept, asked) -> bool:
+    """`asked` holds everything of `kept` (a list's items; a mapping's entries, unchanged)."""
+    if isinstance(kept, dict) and isinstance(asked, dict):
+        return all(name in asked and asked[name] == value for name, value in kept.items())
+    return isinstance(kept, list) and isinstance(asked, list) and set(kept) <= set(asked)
