@@ -105,11 +105,12 @@ def _draw_from_shards(
     return sum_tensor_parallel_(token, shard.group)  # only the owner's is non-zero
 
 
-def _draw(scaled, log_norm, found: Candidates | None, u: torch.Tensor, shard: VocabShard):
-    """Tokens [N, D] drawn by inverse CDF from the truncated distribution: among the candidates
-    when it truncates (`found`), else over the whole sharded vocabulary."""
-    if found is not None:
-        return _draw_from_candidates(found, u)
+def _draw(logits, scaled, log_norm, truncation: Truncation, u: torch.Tensor, shard: VocabShard):
+    """Tokens [N, D] drawn by inverse CDF from the truncated distribution, one per uniform u
+    [N, D]: among candidates holding its whole support when it truncates, else over the whole
+    sharded vocabulary (`scaled`, `log_norm`: the logits at its temperature, their normaliser)."""
+    if truncation.truncates:
+        return _draw_from_candidates(full_support(logits, shard, truncation, log_norm), u)
     return _draw_from_shards(scaled, log_norm, u, shard)
 
 
@@ -142,11 +143,10 @@ class DiscreteSampler:
         if trunc.top_k == 1:  # greedy: no randomness consumed
             token = top_logits(logits, shard, 1)[0][:, 0]
         else:
-            found = full_support(logits, shard, trunc, log_norm) if trunc.truncates else None
             if raw is None:
                 with rng.noise_rng():
                     raw = self.draw_ahead(1, logits.shape[0], logits.device)[0]
-            token = _draw(scaled, log_norm, found, raw.unsqueeze(-1), shard).squeeze(-1)
+            token = _draw(logits, scaled, log_norm, trunc, raw.unsqueeze(-1), shard).squeeze(-1)
         log_density = gather_logits(scaled, token.unsqueeze(-1), shard).squeeze(-1) - log_norm
         return _step(MixtureRecord.discrete(token, self.mixture_size), log_density)
 
@@ -245,11 +245,10 @@ class MultiplexSampler:
         trunc = self.truncation
         scaled = shard.scaled(logits, trunc.temperature)
         log_norm = log_normalizer(scaled, shard)
-        found = full_support(logits, shard, trunc, log_norm) if trunc.truncates else None
         if raw is None:
             with rng.noise_rng():
                 raw = self.draw_ahead(1, logits.shape[0], logits.device)[0]
-        ids = _draw(scaled, log_norm, found, raw, shard)  # [N, K]
+        ids = _draw(logits, scaled, log_norm, trunc, raw, shard)  # [N, K]
         slot_logp = gather_logits(scaled, ids, shard) - log_norm.unsqueeze(-1)
         weights = (
             torch.full_like(slot_logp, 1.0 / self.mixture_size)
