@@ -17,6 +17,7 @@ def test_the_cuda_check_runs_to_the_end_on_the_cpu(smollm2_hf_dir, tmp_path):
     run = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "rollout/kv_cache_equals_recompute_greedy" in out.read_text()
+    assert "sampler/multiplex_whole_ids" in out.read_text()
     passed = [line for line in run.stdout.splitlines() if line.endswith("checks passed")]
     n = passed[-1].split()[0].split("/")
     assert n[0] == n[1] and int(n[0]) >= 25, passed

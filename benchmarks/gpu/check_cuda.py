@@ -55,6 +55,7 @@ def check_samplers():
     from megatron_softgrpo.soft import (
         DiscreteSampler,
         GumbelNoise,
+        MultiplexSampler,
         SoftSampler,
         Truncation,
         VocabShard,
@@ -86,6 +87,23 @@ def check_samplers():
             f"sampler/gumbel_c0_weights/{dtype}",
             float((cpu_s.mix_weights - gpu_s.mix_weights.cpu()).abs().max()),
             tol,
+        )
+    # Multiplex Thinking: the same uniforms on both devices give the same K draws, by candidates
+    # (top-k) and by the sharded inverse CDF (no truncation); a draw whose uniform falls within
+    # rounding of a CDF step may flip, so a few in N x K are tolerated
+    u = torch.rand(N, K, generator=torch.Generator().manual_seed(2))
+    for name, trunc in (("top_k", Truncation(1.0, 20)), ("whole", Truncation(0.8))):
+        multiplex = MultiplexSampler(trunc, K)
+        cpu_m, gpu_m = (
+            multiplex.sample(logits, shard, u),
+            multiplex.sample(logits.to(DEV), shard, u.to(DEV)),
+        )
+        same = cpu_m.mix_ids == gpu_m.mix_ids.cpu()
+        record(f"sampler/multiplex_{name}_ids", float((~same).sum()), 0.005 * N * K)
+        record(
+            f"sampler/multiplex_{name}_slot_logp",
+            float((cpu_m.noise - gpu_m.noise.cpu())[same].abs().max()),
+            1e-4,
         )
     seed_noise_rng(7)
     a = noisy.sample(logits.to(DEV), shard)
