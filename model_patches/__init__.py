@@ -2,6 +2,7 @@
 
 - `cpu_compat`: run Megatron on machines without CUDA (gloo, CPU tensors).
 - `grad_sync`: no gradient collective over a one-rank data-parallel group.
+- `wgrad_accumulation`: linear layers add their weight gradient into DDP's buffer in the GEMM.
 - `mixture_embedding`: sum_k w_k E[ids_k] on the vocabulary-parallel embedding table, fed as `decoder_input`.
 - `output_layer`: vocab-sharded logits during decoding; final hidden states for the chunked log-densities.
 - `sdpa_attention`: the core attention of both layer specs on torch SDPA (flash on GPU; honours the decoding mask).

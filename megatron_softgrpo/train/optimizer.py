@@ -27,6 +27,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_softgrpo.config.schema import MegatronCfg
 from megatron_softgrpo.distributed import ParallelState
 from megatron_softgrpo.models.build import DTYPES
+from model_patches import wgrad_accumulation
 
 
 def wrap_ddp(model, mcfg: MegatronCfg, parallel: ParallelState):
@@ -40,6 +41,8 @@ def wrap_ddp(model, mcfg: MegatronCfg, parallel: ParallelState):
         pg_collection=parallel.groups,
     )
     model.config.finalize_model_grads_func = finalize_model_grads
+    if wgrad_accumulation.available():  # weight gradients straight into DDP's buffers
+        wgrad_accumulation.enable(model)
     return ddp
 
 
