@@ -18,6 +18,7 @@ from distributed_helpers import run_ranks
 from tiny_models import make_hf_model
 
 from megatron_softgrpo.cli import main
+from megatron_softgrpo.soft import Scorer
 from megatron_softgrpo.train.metrics_log import (
     OPTIONAL_KEYS,
     STEP_KEYS,
@@ -380,6 +381,7 @@ class _RecordingWorker:
     """Stands in for PolicyWorker: records what the loop hands it (the loss is the worker's own)."""
 
     reference = None
+    scorer = Scorer(None)  # one log-density per position
 
     def __init__(self):
         self.batches, self.logprob_calls = [], 0
