@@ -95,6 +95,19 @@ def new_worker(cfg, tp=1, pp=1):
     return worker
 
 
+def mixture_logits64(hf_model, records):
+    """[B, S, V] float64 logits of `transformers`' model fed the records' mixtures sum_k w_k E[ids_k]
+    (docs/algorithm.md section 2): the independent reference the worker's scores are held to; the
+    output at j - 1 scores record j."""
+    import torch
+
+    model = hf_model.double()
+    table = model.get_input_embeddings().weight
+    inputs = (records.mix_weights.double().unsqueeze(-1) * table[records.mix_ids]).sum(dim=2)
+    with torch.no_grad():
+        return model(inputs_embeds=inputs).logits
+
+
 # ------------------------------------------------------------------ softgrpo train
 
 

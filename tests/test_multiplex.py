@@ -10,7 +10,7 @@ import math
 import pytest
 import soft_reference as ref
 import torch
-from builders import ANSWER_T, THINKING_T, K, new_worker, recipe
+from builders import ANSWER_T, THINKING_T, K, mixture_logits64, new_worker, recipe
 from distributed_helpers import run_ranks
 from tiny_models import make_hf_model
 
@@ -183,12 +183,8 @@ def reference_slot_logprobs(hf_model, batch: Batch) -> torch.Tensor:
     """[B, S, K] float64 with transformers: inputs sum_k w_k E[ids_k]; the output at j - 1 scores
     each scored slot of record j as log_softmax(l / T)[id], T the thinking temperature on thinking
     records (soft steps, the marker step), the answer temperature elsewhere."""
-    model = hf_model.double()
     records = batch.records
-    table = model.get_input_embeddings().weight
-    inputs = (records.mix_weights.double().unsqueeze(-1) * table[records.mix_ids]).sum(dim=2)
-    with torch.no_grad():
-        logits = model(inputs_embeds=inputs).logits
+    logits = mixture_logits64(hf_model, records)
     out = torch.zeros(records.mix_ids.shape, dtype=torch.float64)
     for b, j in batch.loss_mask.nonzero().tolist():
         t = THINKING_T if records.thinking[b, j] else ANSWER_T

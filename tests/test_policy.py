@@ -11,7 +11,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from builders import ANSWER_T, THINKING_T, K, new_worker, recipe
+from builders import ANSWER_T, THINKING_T, K, mixture_logits64, new_worker, recipe
 from distributed_helpers import run_ranks
 from tiny_models import make_hf_model
 
@@ -52,12 +52,8 @@ def make_batch(seed: int, rows: int = 4, seq: int = 12) -> Batch:
 
 def reference_logprobs(hf_model, batch: Batch) -> torch.Tensor:
     """docs/algorithm.md section 2 in float64 with transformers: inputs sum_k w_k E[ids_k], logits j-1 score record j."""
-    model = hf_model.double()
     records = batch.records
-    table = model.get_input_embeddings().weight
-    inputs = (records.mix_weights.double().unsqueeze(-1) * table[records.mix_ids]).sum(dim=2)
-    with torch.no_grad():
-        logits = model(inputs_embeds=inputs).logits
+    logits = mixture_logits64(hf_model, records)
     out = torch.zeros(batch.loss_mask.shape, dtype=torch.float64)
     for b, j in batch.loss_mask.nonzero().tolist():
         lj = logits[b, j - 1]
