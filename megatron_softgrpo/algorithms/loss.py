@@ -466,11 +466,11 @@ class PolicyLoss:
         ref = None if ref_logp is None else ref_logp[at]
         # w reads old and rollout log-densities only, so it is fixed before any forward pass; a
         # response's geometric mean (seq-mask-tis) needs its whole row, which a micro-batch holds
-        scored = torch.zeros(old_logp.shape, dtype=torch.bool, device=old_logp.device)
-        scored[at] = True  # loss_mask, or its scored slots
-        correction = _correction(old_logp, rollout_logp, scored, cfg)
-        if correction is not None:
-            correction = correction.at(at)
+        correction = None
+        if cfg.use_importance_sampling_correction:
+            scored = torch.zeros(old_logp.shape, dtype=torch.bool, device=old_logp.device)
+            scored[at] = True  # loss_mask, or its scored slots
+            correction = _correction(old_logp, rollout_logp, scored, cfg).at(at)
             is_soft = torch.zeros_like(loss_mask) if is_soft is None else is_soft.bool()
             is_soft = is_soft[positions]
         return MicroBatchLoss(
