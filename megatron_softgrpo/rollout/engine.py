@@ -110,13 +110,18 @@ class RolloutEngine:
         rows = _bucket(b, backend.row_bucket)
         backend.start(rows, plen + max_new)
 
-        tokens = torch.full((rows, plen), self.pad_id, dtype=torch.long, device=device)
-        pad = torch.full((rows,), plen - 1, dtype=torch.long, device=device)  # fillers: 1 token
-        for i, p in enumerate(prompt_rows):
+        # each prompt is prefilled once and its rows copy its cache: a group's G rows share it
+        tokens = torch.full((len(prompts), plen), self.pad_id, dtype=torch.long, device=device)
+        pad = torch.empty(len(prompts), dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
             tokens[i, plen - len(p) :] = torch.tensor(p, device=device)
             pad[i] = plen - len(p)
         prompt = MixtureRecord.discrete(tokens, self.mixture_size)
         logits = backend.prefill(prompt, pad, self._input_offset(prompt))
+        group = torch.arange(rows, device=device).clamp(max=b - 1) // num_generations
+        if rows > len(prompts):  # fillers of the bucket copy the last row, as a shrink's do
+            backend.keep_rows(group)
+            logits = None if logits is None else logits[group]
 
         # one spare buffer row (index `rows`) takes the records of fillers added by a shrink
         out = _ResponseBuffer(rows + 1, max_new, self.mixture_size, device)
