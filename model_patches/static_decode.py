@@ -14,7 +14,10 @@ columns), so it can be compiled whole or captured as one CUDA graph:
   device from each row's pad length and the current column;
 - linears are `F.linear` on the Megatron modules' weights (the same tensors the trainer
   updates in place, so nothing needs refreshing after an update); the two row-parallel
-  outputs of a layer are all-reduced over the TP group passed in;
+  outputs of a layer are all-reduced over the TP group passed in. On an x86 CPU in fp32 they
+  run instead on oneDNN copies of the weights packed for its GEMM (`pack=True`; repacked by
+  `pack_weights()` before every pass): MKL's GEMM packs the weight again on every call, which
+  at a decode step's few rows costs ~1.5x the pass over the weights (benchmarks/RESULTS.md);
 - the last stage returns this TP rank's vocabulary shard of the logits (the samplers select
   across shards themselves). The pipeline hand-off stays outside the step.
 
@@ -30,7 +33,8 @@ layernorm, interleaved RoPE.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import platform
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +85,29 @@ class _Layer:
             fc2_bias=_bias(mlp.linear_fc2),
         )
 
+    def packed(self, batch: int) -> _Layer:
+        """The layer with its GEMM weights packed by oneDNN for `batch` rows (copies)."""
+        pack = lambda w: torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch)  # noqa: E731
+        return replace(
+            self, qkv=pack(self.qkv), proj=pack(self.proj), fc1=pack(self.fc1), fc2=pack(self.fc2)
+        )
+
+
+def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether oneDNN's packed GEMM serves this decoder (`StaticDecoder(pack=True)`)."""
+    return (
+        device.type == "cpu"
+        and dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and platform.machine().lower() in ("x86_64", "amd64")
+    )
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    if weight.is_mkldnn:  # a packed copy (StaticDecoder.pack_weights)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
 
 def _norm_weight(linear, norm) -> torch.Tensor:
     # TE's spec fuses the norm into the next linear (layer_norm_weight); the local spec has a module
@@ -118,7 +145,9 @@ class StaticDecoder:
     shard [B, V/TP] (fp32) of the last position.
     """
 
-    def __init__(self, model, batch: int, max_len: int, tp_group=None):
+    def __init__(self, model, batch: int, max_len: int, tp_group=None, pack: bool = False):
+        """`pack`: GEMMs on packed copies of the weights (`can_pack`); call `pack_weights()`
+        after the weights change."""
         cfg = model.config
         bad = unsupported(cfg)
         if bad:
@@ -136,7 +165,9 @@ class StaticDecoder:
         self.softmax_dtype = torch.promote_types(self.dtype, torch.float32)  # bf16: in fp32
         self.device = next(model.parameters()).device
         self.first_stage, self.last_stage = model.pre_process, model.post_process
-        self.layers = [_Layer.of(layer) for layer in model.decoder.layers]
+        self.params = [_Layer.of(layer) for layer in model.decoder.layers]
+        self.layers = self.params  # what the step multiplies by: the parameters, or packed copies
+        self.pack = pack
         if self.first_stage:
             emb = model.embedding.word_embeddings
             self.table, self.vocab_start, self.vocab_end = (
@@ -146,11 +177,12 @@ class StaticDecoder:
             )
         if self.last_stage:
             self.final_norm = model.decoder.final_layernorm.weight
-            self.output = (
+            self.output_param = (
                 model.shared_embedding_or_output_weight()
                 if model.share_embeddings_and_output_weights
                 else model.output_layer.weight
             )
+            self.output = self.output_param
         # the same angles as Megatron's RotaryEmbedding (fp32, cast to the activations' dtype)
         angles = model.rotary_pos_emb.get_freqs_non_repeated(max_len).to(self.device)
         angles = torch.cat([angles, angles], dim=-1)  # [L, head_dim], non-interleaved halves
@@ -159,6 +191,18 @@ class StaticDecoder:
         shape = (batch, self.groups, max_len, self.head_dim)
         self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.values = [torch.zeros_like(k) for k in self.keys]
+        self.pack_weights()
+
+    def pack_weights(self) -> None:
+        """Pack the GEMM weights again from the parameters (with `pack`; else nothing to do):
+        the packed copies do not follow the trainer's in-place updates."""
+        if not self.pack:
+            return
+        self.layers = [layer.packed(self.batch) for layer in self.params]
+        if self.last_stage:
+            self.output = torch.ops.mkldnn._reorder_linear_weight(
+                self.output_param.detach(), self.batch
+            )
 
     @property
     def batch(self) -> int:
@@ -197,13 +241,13 @@ class StaticDecoder:
         if not self.last_stage:
             return x
         x = F.rms_norm(x[:, -1], (self.hidden,), self.final_norm, self.eps)
-        return F.linear(x, self.output).float()
+        return _linear(x, self.output).float()
 
     def _attention(self, i, layer: _Layer, x, columns, cos, sin, mask, length):
         b, q, _ = x.shape
         r = self.heads // self.groups
         h = F.rms_norm(x, (self.hidden,), layer.attn_norm, self.eps)
-        qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+        qkv = _linear(h, layer.qkv, layer.qkv_bias)
         # Megatron's layout: per query group, its r query heads, then one key and one value head
         qkv = qkv.view(b, q, self.groups, r + 2, self.head_dim).permute(0, 2, 3, 1, 4)
         query, key, value = qkv[:, :, :r], qkv[:, :, r], qkv[:, :, r + 1]
@@ -224,14 +268,14 @@ class StaticDecoder:
             scores = query @ keys.transpose(-1, -2) + mask
             probs = torch.softmax(scores, dim=-1, dtype=self.softmax_dtype).to(self.dtype)
             context = (probs @ values).view(b, 1, self.groups, r, self.head_dim)
-        out = F.linear(context.reshape(b, q, self.heads * self.head_dim), layer.proj)
+        out = _linear(context.reshape(b, q, self.heads * self.head_dim), layer.proj)
         out = self._all_reduce(out)
         return out if layer.proj_bias is None else out + layer.proj_bias
 
     def _mlp(self, layer: _Layer, x):
         h = F.rms_norm(x, (self.hidden,), layer.mlp_norm, self.eps)
-        gate, up = F.linear(h, layer.fc1, layer.fc1_bias).chunk(2, dim=-1)
-        out = self._all_reduce(F.linear(F.silu(gate) * up, layer.fc2))
+        gate, up = _linear(h, layer.fc1, layer.fc1_bias).chunk(2, dim=-1)
+        out = self._all_reduce(_linear(F.silu(gate) * up, layer.fc2))
         return out if layer.fc2_bias is None else out + layer.fc2_bias
 
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:

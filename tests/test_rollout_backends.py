@@ -16,6 +16,8 @@ from builders import (
     gumbel,
     new_worker,
     rescoring_recipe,
+    response_tokens,
+    run,
     settings,
     staggered_eos,
 )
@@ -36,7 +38,7 @@ from megatron_softgrpo.soft import (
     seed_noise_rng,
 )
 from megatron_softgrpo.soft.noises import GaussianNoise
-from model_patches.static_decode import StaticDecoder, length_bucket
+from model_patches.static_decode import StaticDecoder, can_pack, length_bucket
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +56,26 @@ def _prompt_batch(b=3, plen=6, seed=0):
     return tokens, pad
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama"])
-def test_static_step_matches_megatron_cached_forward(kind, tiny_dir, llama_dir):
+PACKS = can_pack(torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "kind,pack",
+    [
+        ("qwen2", False),
+        ("llama", False),
+        pytest.param("qwen2", True, marks=pytest.mark.skipif(not PACKS, reason="not x86 oneDNN")),
+    ],
+)
+def test_static_step_matches_megatron_cached_forward(kind, pack, tiny_dir, llama_dir):
     """Prefill and decode steps over left-padded rows: the logit shard of Megatron's own cached
-    forward (MegatronBackend, itself held to full recomputation) to fp32 rounding."""
+    forward (MegatronBackend, itself held to full recomputation) to fp32 rounding; also with
+    the GEMMs on oneDNN-packed copies of the weights (the default on an x86 CPU in fp32)."""
     model, _, parallel = build(tiny_dir if kind == "qwen2" else llama_dir)
     tokens, pad = _prompt_batch()
     b, plen = tokens.shape
-    runner, static = MegatronBackend(model, parallel), StaticDecoder(model, b, 16)
+    runner, static = MegatronBackend(model, parallel), StaticDecoder(model, b, 16, pack=pack)
+    assert static.layers[0].fc1.is_mkldnn == static.output.is_mkldnn == pack
     runner.start(b, 16)
     records = MixtureRecord.discrete(tokens, 5)
     with torch.no_grad():
@@ -339,9 +353,52 @@ def test_shrinking_to_a_smaller_bucket_keeps_every_record(tiny_dir, tokenizer):
     assert all(r == list(zip(ended, range(1, 11))) for r in reports.values())
 
 
+@pytest.mark.parametrize("kind", ["megatron", "static"])
+def test_each_prompt_is_prefilled_once_for_its_group(tiny_dir, tokenizer, kind):
+    """G rows of one prompt share its prefill (one row per prompt, then cache copies): the
+    records are those of prefilling every row on its own (the prompts repeated, G = 1)."""
+    model, shard, parallel = build64(tiny_dir)
+    make = {"megatron": MegatronBackend, "static": lambda m, p: StaticBackend(m, p, row_bucket=4)}
+    prefilled = []
+
+    def backend(model, parallel):
+        b = make[kind](model, parallel)
+        prefill = b.prefill
+        b.prefill = lambda records, *a: (prefilled.append(len(records.tokens)), prefill(records, *a))[1]  # fmt: skip
+        return b
+
+    shared = run(model, shard, parallel, tokenizer, g=3, backend=backend)
+    rows = [p for p in PROMPTS for _ in range(3)]
+    alone = run(model, shard, parallel, tokenizer, rows, 1, backend=backend)
+    assert prefilled == [len(PROMPTS), 3 * len(PROMPTS)]
+    assert_same_records(alone, shared)
+    assert len(set(map(tuple, response_tokens(shared)))) > len(PROMPTS)  # the rows differ
+
+
+@pytest.mark.skipif(not PACKS, reason="packed GEMM weights: x86 oneDNN only")
+def test_packed_weights_follow_an_update_at_the_next_pass(tiny_dir, tokenizer):
+    """In fp32 on an x86 CPU the fixed-shape step multiplies by packed copies of the weights:
+    after the weights change in place (as the optimizer changes them), the next pass decodes
+    with the new ones, as a new engine on them does."""
+    model, shard, parallel = build(tiny_dir)
+    engine = static_engine(model, tokenizer, shard, settings(), parallel)
+    seed_noise_rng(7)
+    before = engine.generate(PROMPTS, 2)
+    assert engine.backend.decoder.layers[0].qkv.is_mkldnn
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    seed_noise_rng(7)
+    after = engine.generate(PROMPTS, 2)
+    seed_noise_rng(7)
+    fresh = static_engine(model, tokenizer, shard, settings(), parallel).generate(PROMPTS, 2)
+    assert_same_records(fresh, after)
+    assert response_tokens(after) != response_tokens(before)
+
+
 def test_load_weights_copies_in_place_and_names_an_unknown_parameter(tiny_dir, tokenizer):
-    """New weights reach the tensors every backend decodes on (no copy to refresh), and a name
-    the model lacks is refused before anything is copied."""
+    """New weights reach the tensors every backend decodes on, and a name the model lacks is
+    refused before anything is copied."""
     model, shard, parallel = build64(tiny_dir)
     engine = static_engine(model, tokenizer, shard, settings(), parallel)
     name, param = next(iter(model.named_parameters()))

@@ -3,9 +3,11 @@
 
 Shapes depend only on the bucket (rows, cache columns), so the cache, the compiled code and the
 graphs (one per (rows, length) bucket, in one memory pool) are reused across shrinks, passes and
-RL steps: a shrink moves the rows still decoding to the front of the same cache. Weights are the model's own tensors, updated in
-place by the trainer, so nothing needs refreshing. Not for FP8 or sequence parallelism
-(`static_decode.unsupported`; `config/checks.py` refuses them).
+RL steps: a shrink moves the rows still decoding to the front of the same cache. Weights are the
+model's own tensors, updated in place by the trainer, so nothing needs refreshing, except on an
+x86 CPU in fp32, where the step multiplies by packed copies, packed again at every pass's start.
+Not for FP8 or sequence parallelism (`static_decode.unsupported`; `config/checks.py` refuses
+them).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class StaticBackend(DecodeBackend):
             shapes_cost = compile or (cuda_graphs and self.device.type == "cuda")
             row_bucket = BATCH_BUCKET if shapes_cost else 1
         self.row_bucket = row_bucket
+        self.dtype = next(model.parameters()).dtype
         self.parallel = parallel
         self.step_fn = None  # the decode step: compiled on first use when asked for
         self.compile = compile
@@ -56,8 +59,9 @@ class StaticBackend(DecodeBackend):
         if dec is None or dec.max_len != max_len or dec.batch < rows:  # else reuse, graphs too
             self.decoder = None  # one cache allocation at a time
             self.graphs.clear()
+            pack = not self.compile and static_decode.can_pack(self.dtype, self.device)
             self.decoder = static_decode.StaticDecoder(
-                self.model, rows, max_len, self.parallel.groups.tp
+                self.model, rows, max_len, self.parallel.groups.tp, pack
             )
             self.step_fn = self.decoder.forward
             if self.compile:
@@ -68,6 +72,8 @@ class StaticBackend(DecodeBackend):
                     torch._dynamo.config.cache_size_limit, 64
                 )
                 self.step_fn = torch.compile(self.decoder.forward, fullgraph=True, dynamic=False)
+        else:
+            self.decoder.pack_weights()  # the trainer may have updated the weights since
 
     @torch.no_grad()
     def prefill(self, records, pad, offset):
