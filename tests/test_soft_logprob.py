@@ -452,3 +452,33 @@ def test_fused_objective_gradient_scales_with_the_output_gradient_and_passes_gra
     )  # a loss scale, a division by micro-batches
     for a, b in zip(once, scaled):
         assert torch.allclose(-2.5 * a, b, rtol=1e-12, atol=0)
+
+
+def test_fused_objective_adds_its_weight_gradient_into_ddp_main_grad():
+    """A weight wrapped by Megatron's DDP (a `main_grad`, and the `grad_added_to_main_grad`
+    flag its hook reads) takes the scaled weight gradient in main_grad, accumulating over
+    micro-batches, as Megatron's own linear layers do under gradient_accumulation_fusion; a
+    weight tied to the input embedding (`zero_out_wgrad`) takes it in `.grad`."""
+    gen = torch.Generator().manual_seed(12)
+    hidden = torch.randn(6, 2, HIDDEN, generator=gen, requires_grad=True)
+    weight = (torch.randn(PADDED, HIDDEN, generator=gen) * 0.5).requires_grad_()
+    _, rows = mixed_rows("gumbel", (hidden.transpose(0, 1) @ weight.t()).detach(), drift=0.5)
+    objective = _objective(*torch.randn(3, 2, 6, generator=gen))
+
+    def value(w):
+        return objective_from_hidden(hidden, w, rows, scorer("gumbel"), SHARD, objective, True)
+
+    (want,) = torch.autograd.grad(-0.5 * value(weight).value, weight)
+    wrapped = weight.detach().clone().requires_grad_()
+    wrapped.main_grad, wrapped.grad_added_to_main_grad = torch.ones_like(wrapped), False
+    for _ in range(2):  # two micro-batches
+        (-0.5 * value(wrapped).value).backward()
+    assert wrapped.grad_added_to_main_grad  # DDP's hook then skips the placeholder in .grad
+    torch.testing.assert_close(wrapped.main_grad, 1 + 2 * want, rtol=1e-6, atol=1e-6)
+    # tied to the input embedding on this stage: DDP's hook adds .grad, so the gradient is there
+    tied = weight.detach().clone().requires_grad_()
+    tied.main_grad, tied.grad_added_to_main_grad = torch.ones_like(tied), False
+    tied.zero_out_wgrad = True
+    (-0.5 * value(tied).value).backward()
+    assert not tied.grad_added_to_main_grad and torch.equal(tied.main_grad, torch.ones_like(tied))
+    torch.testing.assert_close(tied.grad, want, rtol=1e-6, atol=1e-6)

@@ -472,7 +472,7 @@ class _ChunkedObjective(torch.autograd.Function):
             logps.append(logp.detach())
             entropies.append(None if entropy is None else entropy.detach())
             values.append(value.detach())
-        ctx.grads = (grad_hidden, grad_weight, hidden.dtype, weight.dtype)
+        ctx.grads = (grad_hidden, grad_weight, hidden.dtype, weight)
         logp = torch.cat(logps)
         entropy = torch.cat(entropies) if plan.with_entropy else None
         ctx.mark_non_differentiable(*(t for t in (logp, entropy) if t is not None))
@@ -480,13 +480,30 @@ class _ChunkedObjective(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_value, *_):
-        grad_hidden, grad_weight, hidden_dtype, weight_dtype = ctx.grads
+        grad_hidden, grad_weight, hidden_dtype, weight = ctx.grads
         return (
             _times(grad_hidden, grad_value, hidden_dtype),
-            _times(grad_weight, grad_value, weight_dtype),
+            _weight_gradient(weight, grad_weight, grad_value),
             None,
             None,
         )
+
+
+def _weight_gradient(weight: torch.Tensor, total: torch.Tensor, scale: torch.Tensor):
+    """The output weight's gradient, total * scale. A weight wrapped by Megatron's DDP takes it
+    in its fp32 `main_grad` in one pass, as Megatron's own linear layers do under
+    gradient_accumulation_fusion: the placeholder returned is then skipped by DDP's hook. Not a
+    weight tied to the input embedding on the same stage (`zero_out_wgrad`): DDP's hook adds
+    its `.grad`, which another path may feed, so the gradient goes there as usual."""
+    if (
+        getattr(weight, "main_grad", None) is None
+        or not hasattr(weight, "grad_added_to_main_grad")
+        or getattr(weight, "zero_out_wgrad", False)
+    ):
+        return _times(total, scale, weight.dtype)
+    weight.main_grad.addcmul_(total, scale)  # scale: 0-dim, no host sync
+    weight.grad_added_to_main_grad = True
+    return torch.empty_like(weight)  # never read
 
 
 def _times(total: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
