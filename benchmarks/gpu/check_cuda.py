@@ -288,6 +288,17 @@ def check_policy_objective(scorer, shard, hidden, weight, records):
             .transpose(0, 1)
         )
         tag = f"fused_objective/{dtype}"
+        # an untied weight under Megatron's DDP: the same gradient lands in its fp32 main_grad
+        wm = weight.to(DEV, dtype, copy=True).requires_grad_()
+        wm.main_grad, wm.grad_added_to_main_grad = torch.zeros_like(wm, dtype=torch.float32), False
+        hm = hd.detach().requires_grad_()
+        objective_from_hidden(hm, wm, picked, scorer, shard, objective, True).value.backward()
+        record(
+            f"{tag}/main_grad_vs_grad",
+            float((wm.main_grad - wt.grad.float()).abs().max() / wt.grad.float().abs().max()),
+            tol,
+            "(relative)",
+        )
         record(
             f"{tag}/value",
             abs(float(fused.value.detach().cpu() - want)) / max(1.0, abs(float(want))),
@@ -351,6 +362,14 @@ def check_model_path(tokenizer_dir: str):
         engine = RolloutEngine(model, tokenizer, shard, settings, parallel, backend)
         out[cache] = engine.generate(prompts, 1).records.tokens.cpu()
     record("rollout/kv_cache_equals_recompute_greedy", float((out[True] != out[False]).sum()), 0)
+    # a group's rows copy its prompt's prefilled cache: as prefilling each row, with CUDA graphs
+    from megatron_softgrpo.rollout.static_backend import StaticBackend
+
+    backend = StaticBackend(model, parallel, cuda_graphs=True)
+    engine = RolloutEngine(model, tokenizer, shard, settings, parallel, backend)
+    shared = engine.generate(prompts, 3).records.tokens.cpu()
+    alone = engine.generate([p for p in prompts for _ in range(3)], 1).records.tokens.cpu()
+    record("rollout/shared_prompt_prefill_equals_per_row_greedy", float((shared != alone).sum()), 0)
 
 
 def main():
