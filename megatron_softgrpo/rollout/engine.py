@@ -1,9 +1,9 @@
 """The rollout engine: batched generation with a soft thinking phase and a discrete answer phase
 (docs/algorithm.md section 1), on any decode backend.
 
-One decoding pass: the prompts are prefilled, then every step the phase machine
-(`phases.py`) draws each row's step from the logits and the pass's noise tapes (`tapes.py`),
-and the backend (`backend.py`) feeds it. Sampling and phase bookkeeping run on the last pipeline
+One decoding pass: each prompt is prefilled once (its G rows copy its cache), then every step
+the phase machine (`phases.py`) draws each row's step from the logits and the pass's noise
+tapes (`tapes.py`), and the backend (`backend.py`) feeds it. Sampling and phase bookkeeping run on the last pipeline
 stage (identically on its TP ranks); each step is broadcast to every stage, so all ranks hold
 the same records.
 
