@@ -182,6 +182,21 @@ def tp_slice(
     return full.chunk(tp_size, dim=dim)[tp_rank]
 
 
+def tp_gather(shard: torch.Tensor, param: torch.nn.Parameter, name: str, group) -> torch.Tensor:
+    """The full tensor of this rank's TP slice `shard` (the inverse of `tp_slice`), gathered
+    over the tensor-parallel `group` (every rank of it calls this): the layout a refit to
+    another TP size re-slices (the vocabulary stays padded as on this layout)."""
+    size = 1 if group is None else group.size()
+    if size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return shard
+    parts = [torch.empty_like(shard) for _ in range(size)]
+    torch.distributed.all_gather(parts, shard.contiguous(), group=group)
+    if name.endswith("mlp.linear_fc1.weight"):  # each rank holds [gate_r; up_r]
+        halves = [part.chunk(2) for part in parts]
+        return torch.cat([gate for gate, _ in halves] + [up for _, up in halves])
+    return torch.cat(parts, dim=param.partition_dim)
+
+
 @torch.no_grad()
 def load_hf_weights(model, reader: HFCheckpointReader, arch: ModelArch, padded_vocab: int) -> None:
     """Fill this rank's model shard from a Hugging Face checkpoint."""
