@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -185,7 +185,8 @@ def tp_slice(
 def tp_gather(shard: torch.Tensor, param: torch.nn.Parameter, name: str, group) -> torch.Tensor:
     """The full tensor of this rank's TP slice `shard` (the inverse of `tp_slice`), gathered
     over the tensor-parallel `group` (every rank of it calls this): the layout a refit to
-    another TP size re-slices (the vocabulary stays padded as on this layout)."""
+    another TP size re-slices (the vocabulary stays padded). A tensor TP does not split is
+    returned as it is, not copied."""
     size = 1 if group is None else group.size()
     if size == 1 or not getattr(param, "tensor_model_parallel", False):
         return shard
@@ -200,16 +201,33 @@ def tp_gather(shard: torch.Tensor, param: torch.nn.Parameter, name: str, group) 
 @torch.no_grad()
 def load_hf_weights(model, reader: HFCheckpointReader, arch: ModelArch, padded_vocab: int) -> None:
     """Fill this rank's model shard from a Hugging Face checkpoint."""
-    tp = model.pg_collection.tp  # the group the model was built on
-    tp_rank, tp_size = tp.rank(), tp.size()
     for name, _, param in named_model_tensors(model):
         full = full_megatron_tensor(name, arch, padded_vocab, reader.get)
-        shard = tp_slice(full, param, name, tp_rank, tp_size)
-        if shard.shape != param.shape:
-            raise UserError(
-                f"{reader.dir}: {name}: shape {tuple(shard.shape)} does not fit the model's {tuple(param.shape)}"
-            )
-        param.copy_(shard.to(param.dtype))
+        _copy_slice(model, name, param, full, str(reader.dir))
+
+
+@torch.no_grad()
+def load_full_weights(model, named: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+    """Copy full-layout tensors (canonical names, as `tp_gather` builds them) into this rank's
+    shards in place, at any TP size: what a refit receives. Tensors of layers this pipeline
+    stage does not hold are skipped; every parameter it holds must arrive (else an error
+    naming `source` and the parameter, after the stream has been read to its end)."""
+    params = {name: param for name, _, param in named_model_tensors(model)}
+    for name, full in named:
+        if name in params:
+            _copy_slice(model, name, params.pop(name), full, source)
+    if params:
+        raise UserError(f"{source}: {next(iter(params))}: not sent ({len(params)} missing)")
+
+
+def _copy_slice(model, name: str, param, full: torch.Tensor, source: str) -> None:
+    tp = model.pg_collection.tp  # the group the model was built on
+    shard = tp_slice(full, param, name, tp.rank(), tp.size())
+    if shard.shape != param.shape:
+        raise UserError(
+            f"{source}: {name}: shape {tuple(shard.shape)} does not fit the model's {tuple(param.shape)}"
+        )
+    param.copy_(shard.to(param.dtype))
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:

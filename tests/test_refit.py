@@ -1,0 +1,94 @@
+"""Refit pieces: bucketing, the broadcast of full-layout tensors over a process group, and
+loading them into a model at another tensor-parallel layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from distributed_helpers import run_ranks
+from tiny_models import make_hf_model
+
+from megatron_softgrpo.errors import UserError
+from megatron_softgrpo.train.refit import buckets, receive_weights, send_weights
+
+
+def _named():
+    g = torch.Generator().manual_seed(0)
+    return [
+        ("a", torch.randn(5, 7, generator=g)),  # 140 bytes
+        ("b", torch.randn(3, generator=g)),  # 12
+        ("c", torch.randn(2, 2, generator=g).to(torch.bfloat16)),  # another dtype
+        ("d", torch.randn(40, generator=g)),  # 160: alone past the 150-byte bucket
+        ("e", torch.arange(6).view(2, 3)),  # int64
+    ]
+
+
+def test_buckets_close_at_the_byte_bound_and_at_a_dtype_change():
+    got = [[name for name, _ in bucket] for bucket in buckets(_named(), bucket_bytes=150)]
+    assert got == [["a"], ["b"], ["c"], ["d"], ["e"]]
+    got = [[name for name, _ in bucket] for bucket in buckets(_named(), bucket_bytes=1000)]
+    assert got == [["a", "b"], ["c"], ["d"], ["e"]]
+
+
+def _rank_transport(rank):
+    from megatron_softgrpo.distributed import ParallelLayout, init_distributed
+
+    init_distributed(ParallelLayout(1, 1))
+    group = torch.distributed.new_group([0, 2])  # every rank creates it; rank 1 stays out
+    if rank == 0:
+        stats = send_weights(_named(), group, src=0, bucket_bytes=150)
+        return stats.tensors, stats.bytes, stats.buckets
+    if rank == 2:
+        return {name: t.clone() for name, t in receive_weights(group, src=0)}
+    return None
+
+
+@pytest.mark.multiproc
+def test_weights_reach_the_receiving_group_bucket_by_bucket():
+    sent, idle, received = run_ranks(3, _rank_transport)
+    named = dict(_named())
+    assert sent == (5, sum(t.nbytes for t in named.values()), 5) and idle is None
+    assert received.keys() == named.keys()
+    for name, tensor in named.items():
+        assert received[name].dtype == tensor.dtype and torch.equal(received[name], tensor)
+
+
+def _rank_refit_round_trip(rank, model_dir):
+    from megatron_softgrpo.config.schema import MegatronCfg
+    from megatron_softgrpo.distributed import ParallelLayout, init_distributed
+    from megatron_softgrpo.models.hf_mapping import (
+        load_full_weights,
+        named_model_tensors,
+        tp_gather,
+    )
+    from megatron_softgrpo.models.loading import load_model
+    from megatron_softgrpo.models.source import resolve_model_source
+
+    parallel = init_distributed(ParallelLayout(2, 1))
+    source = resolve_model_source(model_dir)
+    model, _ = load_model(source, MegatronCfg(tensor_model_parallel_size=2), parallel)
+    mine = {name: p.detach().clone() for name, _, p in named_model_tensors(model)}
+    tp = parallel.groups.tp
+    full = [(n, tp_gather(p.detach().clone(), p, n, tp)) for n, _, p in named_model_tensors(model)]
+    world = torch.distributed.group.WORLD
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    if rank == 0:  # the sender; rank 1 receives and reloads its own slices
+        send_weights(full, world, src=0, bucket_bytes=4096)
+        send_weights(full[:-1], world, src=0, bucket_bytes=4096)
+        return None
+    load_full_weights(model, receive_weights(world, src=0), "refit from rank 0")
+    restored = all(torch.equal(p.detach(), mine[n]) for n, _, p in named_model_tensors(model))
+    with pytest.raises(UserError, match=f"refit from rank 0: {full[-1][0]}: not sent"):
+        load_full_weights(model, receive_weights(world, src=0), "refit from rank 0")
+    return restored
+
+
+@pytest.mark.multiproc
+def test_a_tp2_rank_reloads_its_slices_from_the_full_tensors_sent(tmp_path):
+    """Gathered to the full layout over TP=2, sent in buckets, and cut again by the receiving
+    rank: its shards come back bit for bit; a refit that leaves one parameter out is refused
+    with the parameter's name."""
+    make_hf_model("qwen2", tmp_path)
+    assert run_ranks(2, _rank_refit_round_trip, str(tmp_path))[1] is True
