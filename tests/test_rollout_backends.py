@@ -364,7 +364,12 @@ def test_each_prompt_is_prefilled_once_for_its_group(tiny_dir, tokenizer, kind):
     def backend(model, parallel):
         b = make[kind](model, parallel)
         prefill = b.prefill
-        b.prefill = lambda records, *a: (prefilled.append(len(records.tokens)), prefill(records, *a))[1]  # fmt: skip
+
+        def counted(records, *args):
+            prefilled.append(len(records.tokens))
+            return prefill(records, *args)
+
+        b.prefill = counted
         return b
 
     shared = run(model, shard, parallel, tokenizer, g=3, backend=backend)
