@@ -15,9 +15,10 @@ columns), so it can be compiled whole or captured as one CUDA graph:
 - linears are `F.linear` on the Megatron modules' weights (the same tensors the trainer
   updates in place, so nothing needs refreshing after an update); the two row-parallel
   outputs of a layer are all-reduced over the TP group passed in. On an x86 CPU in fp32 they
-  run instead on oneDNN copies of the weights packed for its GEMM (`pack=True`; repacked by
-  `pack_weights()` before every pass): MKL's GEMM packs the weight again on every call, which
-  at a decode step's few rows costs ~1.5x the pass over the weights (benchmarks/RESULTS.md);
+  run instead on oneDNN copies of the weights packed for its GEMM (`pack=True`, steps of >=
+  PACKED_MIN_ROWS rows; repacked by `pack_weights()` before every pass): MKL's GEMM packs the
+  weight again on every call, which at a decode step's few rows costs ~1.5x the pass over the
+  weights (benchmarks/RESULTS.md);
 - the last stage returns this TP rank's vocabulary shard of the logits (the samplers select
   across shards themselves). The pipeline hand-off stays outside the step.
 
@@ -44,6 +45,7 @@ from model_patches.mixture_embedding import local_mixture
 from model_patches.sdpa_attention import MASKED_SCORE
 
 MIN_LENGTH_BUCKET = 64  # attention reads the cache up to a power of two >= this
+PACKED_MIN_ROWS = 4  # below, the packed GEMM is slower than MKL's (a pass's last rows)
 
 
 def length_bucket(columns: int, max_len: int) -> int:
@@ -85,12 +87,20 @@ class _Layer:
             fc2_bias=_bias(mlp.linear_fc2),
         )
 
-    def packed(self, batch: int) -> _Layer:
-        """The layer with its GEMM weights packed by oneDNN for `batch` rows (copies)."""
-        pack = lambda w: torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch)  # noqa: E731
+    def packed(self, rows: int) -> _Layer:
+        """The layer with its GEMM weights packed for `rows` rows (copies)."""
         return replace(
-            self, qkv=pack(self.qkv), proj=pack(self.proj), fc1=pack(self.fc1), fc2=pack(self.fc2)
+            self,
+            qkv=_pack(self.qkv, rows),
+            proj=_pack(self.proj, rows),
+            fc1=_pack(self.fc1, rows),
+            fc2=_pack(self.fc2, rows),
         )
+
+
+def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """A oneDNN copy of `weight` laid out for its GEMM at `rows` rows (an mkldnn tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -166,7 +176,7 @@ class StaticDecoder:
         self.device = next(model.parameters()).device
         self.first_stage, self.last_stage = model.pre_process, model.post_process
         self.params = [_Layer.of(layer) for layer in model.decoder.layers]
-        self.layers = self.params  # what the step multiplies by: the parameters, or packed copies
+        self.layers = self.params  # what a step of >= PACKED_MIN_ROWS rows multiplies by
         self.pack = pack
         if self.first_stage:
             emb = model.embedding.word_embeddings
@@ -200,9 +210,7 @@ class StaticDecoder:
             return
         self.layers = [layer.packed(self.batch) for layer in self.params]
         if self.last_stage:
-            self.output = torch.ops.mkldnn._reorder_linear_weight(
-                self.output_param.detach(), self.batch
-            )
+            self.output = _pack(self.output_param, self.batch)
 
     @property
     def batch(self) -> int:
@@ -235,13 +243,14 @@ class StaticDecoder:
         )
         mask = torch.where(visible, 0.0, MASKED_SCORE).to(self.dtype)[:, None]
         cos, sin = self.cos[columns], self.sin[columns]  # [q, head_dim]
-        for i, layer in enumerate(self.layers):
+        packed = x.shape[0] >= PACKED_MIN_ROWS
+        for i, layer in enumerate(self.layers if packed else self.params):
             x = x + self._attention(i, layer, x, columns, cos, sin, mask, length)
             x = x + self._mlp(layer, x)
         if not self.last_stage:
             return x
         x = F.rms_norm(x[:, -1], (self.hidden,), self.final_norm, self.eps)
-        return _linear(x, self.output).float()
+        return _linear(x, self.output if packed else self.output_param).float()
 
     def _attention(self, i, layer: _Layer, x, columns, cos, sin, mask, length):
         b, q, _ = x.shape

@@ -38,7 +38,7 @@ from megatron_softgrpo.soft import (
     seed_noise_rng,
 )
 from megatron_softgrpo.soft.noises import GaussianNoise
-from model_patches.static_decode import StaticDecoder, can_pack, length_bucket
+from model_patches.static_decode import PACKED_MIN_ROWS, StaticDecoder, can_pack, length_bucket
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_static_step_matches_megatron_cached_forward(kind, pack, tiny_dir, llama
     forward (MegatronBackend, itself held to full recomputation) to fp32 rounding; also with
     the GEMMs on oneDNN-packed copies of the weights (the default on an x86 CPU in fp32)."""
     model, _, parallel = build(tiny_dir if kind == "qwen2" else llama_dir)
-    tokens, pad = _prompt_batch()
+    tokens, pad = _prompt_batch(b=PACKED_MIN_ROWS if pack else 3)
     b, plen = tokens.shape
     runner, static = MegatronBackend(model, parallel), StaticDecoder(model, b, 16, pack=pack)
     assert static.layers[0].fc1.is_mkldnn == static.output.is_mkldnn == pack

@@ -3,9 +3,9 @@
 
 One decoding pass: each prompt is prefilled once (its G rows copy its cache), then every step
 the phase machine (`phases.py`) draws each row's step from the logits and the pass's noise
-tapes (`tapes.py`), and the backend (`backend.py`) feeds it. Sampling and phase bookkeeping run on the last pipeline
-stage (identically on its TP ranks); each step is broadcast to every stage, so all ranks hold
-the same records.
+tapes (`tapes.py`), and the backend (`backend.py`) feeds it. Sampling and phase bookkeeping
+run on the last pipeline stage (identically on its TP ranks); each step is broadcast to every
+stage, so all ranks hold the same records.
 
 Finished rows stay in the batch, masked (their steps are computed and never recorded), until a
 whole row bucket of the backend has finished; then the rows still decoding move to a smaller
