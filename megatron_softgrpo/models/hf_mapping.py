@@ -1,7 +1,7 @@
 """Weights between Hugging Face Qwen2/Llama checkpoints and Megatron GPTModel shards.
 
 Every Megatron tensor is first expressed in its full (TP=1) layout, then cut to this rank's
-tensor-parallel slice. Import therefore needs one HF tensor at a time per rank (no full model
+tensor-parallel slice; a refit sends the same layout (`tp_gather`, `load_full_weights`). Import therefore needs one HF tensor at a time per rank (no full model
 in memory), and export works on a TP=1/PP=1 model, into which dist_checkpointing reshards any
 saved layout.
 
