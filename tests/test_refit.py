@@ -57,6 +57,8 @@ def _rank_refit_round_trip(rank, model_dir):
     from megatron_softgrpo.config.schema import MegatronCfg
     from megatron_softgrpo.distributed import ParallelLayout, init_distributed
     from megatron_softgrpo.models.hf_mapping import (
+        HFCheckpointReader,
+        full_megatron_tensor,
         load_full_weights,
         named_model_tensors,
         tp_gather,
@@ -66,10 +68,17 @@ def _rank_refit_round_trip(rank, model_dir):
 
     parallel = init_distributed(ParallelLayout(2, 1))
     source = resolve_model_source(model_dir)
-    model, _ = load_model(source, MegatronCfg(tensor_model_parallel_size=2), parallel)
+    model, padded = load_model(source, MegatronCfg(tensor_model_parallel_size=2), parallel)
     mine = {name: p.detach().clone() for name, _, p in named_model_tensors(model)}
     tp = parallel.groups.tp
     full = [(n, tp_gather(p.detach().clone(), p, n, tp)) for n, _, p in named_model_tensors(model)]
+    reader = HFCheckpointReader(source.path)
+    ungathered = [  # the full layout is the one built from the HF checkpoint
+        n
+        for n, t in full
+        if not torch.equal(t, full_megatron_tensor(n, source.arch, padded, reader.get))
+    ]
+    sharded = sum(getattr(p, "tensor_model_parallel", False) for p in model.parameters())
     world = torch.distributed.group.WORLD
     with torch.no_grad():
         for p in model.parameters():
@@ -77,18 +86,23 @@ def _rank_refit_round_trip(rank, model_dir):
     if rank == 0:  # the sender; rank 1 receives and reloads its own slices
         send_weights(full, world, src=0, bucket_bytes=4096)
         send_weights(full[:-1], world, src=0, bucket_bytes=4096)
-        return None
+        return ungathered, sharded, None
     load_full_weights(model, receive_weights(world, src=0), "refit from rank 0")
     restored = all(torch.equal(p.detach(), mine[n]) for n, _, p in named_model_tensors(model))
     with pytest.raises(UserError, match=f"refit from rank 0: {full[-1][0]}: not sent"):
         load_full_weights(model, receive_weights(world, src=0), "refit from rank 0")
-    return restored
+    return ungathered, sharded, restored
 
 
 @pytest.mark.multiproc
 def test_a_tp2_rank_reloads_its_slices_from_the_full_tensors_sent(tmp_path):
-    """Gathered to the full layout over TP=2, sent in buckets, and cut again by the receiving
-    rank: its shards come back bit for bit; a refit that leaves one parameter out is refused
-    with the parameter's name."""
+    """Gathered over TP=2 (`tp_gather`), every parameter is the full tensor built from the HF
+    checkpoint, [gate; up] and grouped QKV included; sent in buckets and cut again by the
+    receiving rank, its shards come back bit for bit; a refit that leaves one parameter out is
+    refused with the parameter's name."""
     make_hf_model("qwen2", tmp_path)
-    assert run_ranks(2, _rank_refit_round_trip, str(tmp_path))[1] is True
+    (ungathered0, sharded, _), (ungathered1, _, restored) = run_ranks(
+        2, _rank_refit_round_trip, str(tmp_path)
+    )
+    assert ungathered0 == ungathered1 == [] and sharded >= 8  # qkv, proj, fc1, fc2 x 2, vocab
+    assert restored is True

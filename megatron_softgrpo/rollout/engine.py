@@ -118,8 +118,8 @@ class RolloutEngine:
             pad[i] = plen - len(p)
         prompt = MixtureRecord.discrete(tokens, self.mixture_size)
         logits = backend.prefill(prompt, pad, self._input_offset(prompt))
-        group = torch.arange(rows, device=device).clamp(max=b - 1) // num_generations
         if rows > len(prompts):  # fillers of the bucket copy the last row, as a shrink's do
+            group = torch.arange(rows, device=device).clamp(max=b - 1) // num_generations
             backend.keep_rows(group)
             logits = None if logits is None else logits[group]
 
