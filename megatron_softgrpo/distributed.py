@@ -9,22 +9,30 @@ One entry point, `init_distributed`, serves three launchers:
 gloo on CPU, NCCL on GPU. It returns a `ParallelState`, this rank's place in the job, which the
 trainer, the policy worker, the rollout engines and the eval runner are handed; every collective
 they run is a function of it here.
+
+With dedicated generation ranks (`GenerationLayout`: the job's last ranks) the job has two
+roles, each with a default world of its own (Megatron-Core builds its groups over the default
+world), joined by two `Bridge`s: `control` (the training main rank and the generation ranks:
+requests and their results) and `refit` (each training pipeline stage's first rank and the
+generation ranks: weights).
 """
 
 from __future__ import annotations
 
 import datetime
 import itertools
+import json
 import os
 import re
 import socket
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from megatron_softgrpo.bridge import Bridge
 from megatron_softgrpo.errors import UserError
 
 
@@ -48,6 +56,27 @@ class ParallelLayout:
 
 
 @dataclass(frozen=True)
+class GenerationLayout:
+    """The job's last `ranks` ranks decode for the trainer on a copy of the model of their own,
+    at tensor-parallel size `tensor_parallel` (policy.generation.colocated.enabled: false)."""
+
+    ranks: int
+    tensor_parallel: int = 1
+
+
+@dataclass(frozen=True)
+class Bridges:
+    """The two roles' meeting points (see the module docstring), on both roles' ranks."""
+
+    # None on a rank outside it
+    control: Bridge | None  # bridge rank 0: the training main rank; 1..: the generation ranks
+    refit: (
+        Bridge | None
+    )  # bridge ranks 0..PP-1: the training stages' first ranks; then the generation ranks
+    stages: int  # training pipeline stages (the refit's senders)
+
+
+@dataclass(frozen=True)
 class ParallelState:
     """This rank's place in the job: sizes, ranks and process groups of tensor (tp), pipeline (pp)
     and data (dp) parallelism. Our code is handed this object; Megatron-Core's model, DDP wrapper
@@ -64,7 +93,11 @@ class ParallelState:
     pp_prev_rank: int  # global ranks of the previous, next and last stage of this rank's pipeline
     pp_next_rank: int
     pp_last_rank: int
-    cpu_group: Any  # all ranks, gloo even under NCCL: for Python objects and small flags
+    cpu_group: (
+        Any  # all ranks of the role, gloo even under NCCL: for Python objects and small flags
+    )
+    role: str = "train"  # "train" | "generation" (dedicated generation ranks)
+    bridges: Bridges | None = None  # with dedicated generation ranks
 
     @property
     def first_stage(self) -> bool:
@@ -76,7 +109,8 @@ class ParallelState:
 
     @property
     def main(self) -> bool:
-        """Global rank 0: reads and writes the job's files and prints its progress."""
+        """Rank 0 of its role; the training one reads and writes the job's files and prints its
+        progress."""
         return self.launch.rank == 0
 
     @property
@@ -93,7 +127,7 @@ class ParallelState:
         }
 
     @classmethod
-    def current(cls, launch: LaunchEnv, cpu_group) -> ParallelState:
+    def current(cls, launch: LaunchEnv, cpu_group, role: str = "train") -> ParallelState:
         """Read once from Megatron's initialised parallel_state (init_distributed's last step)."""
         from megatron.core import parallel_state as mpu
         from megatron.core.process_groups_config import ProcessGroupCollection
@@ -111,6 +145,7 @@ class ParallelState:
             mpu.get_pipeline_model_parallel_next_rank(),
             mpu.get_pipeline_model_parallel_last_rank(),
             cpu_group,
+            role,
         )
 
 
@@ -183,24 +218,45 @@ def detect_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
     return LaunchEnv("single", 0, 1, 0, "127.0.0.1", _free_port())
 
 
-def validate_layout(world_size: int, layout: ParallelLayout) -> None:
+def validate_layout(
+    world_size: int, layout: ParallelLayout, generation: GenerationLayout | None = None
+) -> None:
     """Refuse a layout the process count cannot hold (model-dependent rules: ModelArch.layout_problem)."""
     tp, pp = layout.tensor_parallel, layout.pipeline_parallel
     if tp < 1 or pp < 1:
         raise UserError(f"tensor/pipeline parallel sizes must be >= 1, got TP={tp} PP={pp}")
-    if world_size % (tp * pp):
+    training = world_size
+    if generation is not None:
+        training -= generation.ranks
+        if training < 1:
+            raise UserError(
+                f"{world_size} processes leave no training rank beside {generation.ranks} "
+                "generation ranks (policy.generation.colocated.resources)"
+            )
+        if generation.ranks % generation.tensor_parallel:
+            raise UserError(
+                f"{generation.ranks} generation ranks cannot hold "
+                f"policy.generation.tensor_model_parallel_size={generation.tensor_parallel}"
+            )
+    if training % (tp * pp):
         raise UserError(
-            f"{world_size} processes cannot hold TP*PP = {tp}*{pp} = {tp * pp}; TP*PP must divide it"
+            f"{training} training processes cannot hold TP*PP = {tp}*{pp} = {tp * pp}; TP*PP must divide it"
         )
 
 
 _CPU_GROUP = None
+_BRIDGES = None
 
 
 def init_distributed(
-    layout: ParallelLayout, seed: int = 1234, timeout_minutes: int = 30
+    layout: ParallelLayout,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+    generation: GenerationLayout | None = None,
 ) -> ParallelState:
-    """Initialise torch.distributed and Megatron's parallel_state (idempotent per process).
+    """Initialise torch.distributed and Megatron's parallel_state (idempotent per process) for
+    this rank's role: training at `layout`, or, on the last `generation.ranks` ranks, generation
+    at TP `generation.tensor_parallel` (PP 1).
 
     Seeds the default generators and Megatron's model-parallel RNG tracker, so noise drawn
     inside `get_cuda_rng_tracker().fork()` is reproducible per tensor-parallel rank.
@@ -211,19 +267,36 @@ def init_distributed(
 
     model_patches.apply_all()
     env = detect_launch_env()
-    validate_layout(env.world_size, layout)
+    validate_layout(env.world_size, layout, generation)
+    training = env.world_size - (generation.ranks if generation else 0)
+    role = "train" if env.rank < training else "generation"
+    if role == "generation":
+        layout = ParallelLayout(generation.tensor_parallel, 1)
+    role_rank, role_size = (
+        (env.rank, training) if role == "train" else (env.rank - training, generation.ranks)
+    )
     use_cuda = torch.cuda.is_available()
+    global _CPU_GROUP, _BRIDGES
+    store = None
     if not torch.distributed.is_initialized():
         if use_cuda:
             torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-        torch.distributed.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        store, _, _ = next(
+            torch.distributed.rendezvous(
+                f"tcp://{env.master_addr}:{env.master_port}",
+                env.rank,
+                env.world_size,
+                timeout=timeout,
+            )
         )
-    global _CPU_GROUP
+        torch.distributed.init_process_group(  # the role's own world
+            backend="nccl" if use_cuda else "gloo",
+            store=torch.distributed.PrefixStore(f"{role}/", store),
+            rank=role_rank,
+            world_size=role_size,
+            timeout=timeout,
+        )
     if _CPU_GROUP is None:
         _CPU_GROUP = (
             torch.distributed.new_group(backend="gloo")
@@ -239,7 +312,36 @@ def init_distributed(
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
-    return ParallelState.current(env, _CPU_GROUP)
+    launch = replace(env, rank=role_rank, world_size=role_size)
+    state = ParallelState.current(launch, _CPU_GROUP, role)
+    if generation is not None and _BRIDGES is None and store is not None:
+        _BRIDGES = _bridges(store, state, env, training, 60.0 * timeout_minutes)
+    return replace(state, bridges=_BRIDGES)
+
+
+def _bridges(store, state: ParallelState, env: LaunchEnv, training: int, timeout_s: float):
+    """Both bridges (every rank of the job calls this once, after its role's initialisation).
+    The training stages' first ranks are published on the store: the generation ranks cannot
+    know Megatron's rank order."""
+    key, global_rank = "roles/stage_leads", env.rank
+    if state.role == "train":
+        lead = (state.pp_rank, global_rank) if state.tp_rank == state.dp_rank == 0 else None
+        leads = [None] * state.launch.world_size
+        torch.distributed.all_gather_object(leads, lead, group=state.cpu_group)
+        if state.main:
+            store.set(key, json.dumps([rank for _, rank in sorted(x for x in leads if x)]))
+    store.wait([key])
+    stage_leads = json.loads(store.get(key))
+    generators = list(range(training, env.world_size))
+    return Bridges(
+        control=Bridge(store, "control", [0, *generators], global_rank, timeout_s)
+        if global_rank == 0 or global_rank >= training
+        else None,
+        refit=Bridge(store, "refit", [*stage_leads, *generators], global_rank, timeout_s)
+        if global_rank in stage_leads or global_rank >= training
+        else None,
+        stages=len(stage_leads),
+    )
 
 
 # ------------------------------------------------------------------ collectives
@@ -409,8 +511,8 @@ def gather_tensor_parallel(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def destroy_distributed() -> None:
-    global _CPU_GROUP
-    _CPU_GROUP = None
+    global _CPU_GROUP, _BRIDGES
+    _CPU_GROUP = _BRIDGES = None
     parallel_state = sys.modules.get("megatron.core.parallel_state")
     if parallel_state is not None and parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -1,4 +1,4 @@
-"""Refit pieces: bucketing, the broadcast of full-layout tensors over a process group, and
+"""Refit pieces: bucketing, the broadcast of full-layout tensors over a bridge between ranks, and
 loading them into a model at another tensor-parallel layout."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import torch
 from distributed_helpers import run_ranks
 from tiny_models import make_hf_model
 
+from megatron_softgrpo.bridge import Bridge
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.train.refit import buckets, receive_weights, send_weights
 
@@ -30,17 +31,23 @@ def test_buckets_close_at_the_byte_bound_and_at_a_dtype_change():
     assert got == [["a", "b"], ["c"], ["d"], ["e"]]
 
 
+def _bridge(rank: int, members: list[int]) -> Bridge:
+    """A bridge over the default world's store (dedicated generation builds its own)."""
+    store = torch.distributed.distributed_c10d._get_default_store()
+    return Bridge(store, "test", members, rank, timeout_s=60)
+
+
 def _rank_transport(rank):
     from megatron_softgrpo.distributed import ParallelLayout, init_distributed
 
     init_distributed(ParallelLayout(1, 1))
-    group = torch.distributed.new_group([0, 2])  # every rank creates it; rank 1 stays out
+    if rank == 1:  # outside the bridge
+        return None
+    bridge = _bridge(rank, [0, 2])
     if rank == 0:
-        stats = send_weights(_named(), group, src=0, bucket_bytes=150)
+        stats = send_weights(_named(), bridge, src=0, bucket_bytes=150)
         return stats.tensors, stats.bytes, stats.buckets
-    if rank == 2:
-        return {name: t.clone() for name, t in receive_weights(group, src=0)}
-    return None
+    return {name: t.clone() for name, t in receive_weights(bridge, src=0)}
 
 
 @pytest.mark.multiproc
@@ -79,18 +86,18 @@ def _rank_refit_round_trip(rank, model_dir):
         if not torch.equal(t, full_megatron_tensor(n, source.arch, padded, reader.get))
     ]
     sharded = sum(getattr(p, "tensor_model_parallel", False) for p in model.parameters())
-    world = torch.distributed.group.WORLD
+    bridge = _bridge(rank, [0, 1])
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
     if rank == 0:  # the sender; rank 1 receives and reloads its own slices
-        send_weights(full, world, src=0, bucket_bytes=4096)
-        send_weights(full[:-1], world, src=0, bucket_bytes=4096)
+        send_weights(full, bridge, src=0, bucket_bytes=4096)
+        send_weights(full[:-1], bridge, src=0, bucket_bytes=4096)
         return ungathered, sharded, None
-    load_full_weights(model, receive_weights(world, src=0), "refit from rank 0")
+    load_full_weights(model, receive_weights(bridge, src=0), "refit from rank 0")
     restored = all(torch.equal(p.detach(), mine[n]) for n, _, p in named_model_tensors(model))
     with pytest.raises(UserError, match=f"refit from rank 0: {full[-1][0]}: not sent"):
-        load_full_weights(model, receive_weights(world, src=0), "refit from rank 0")
+        load_full_weights(model, receive_weights(bridge, src=0), "refit from rank 0")
     return ungathered, sharded, restored
 
 

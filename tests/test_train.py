@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -359,9 +360,10 @@ def test_validation_gathers_on_the_model_device_and_prints_samples(monkeypatch, 
     trainer.parallel = SimpleNamespace(dp=2, dp_rank=1, main=True)
     trainer.step, trainer.tokenizer = 0, None
     trainer.worker = SimpleNamespace(device=torch.device("meta"))
-    trainer.engine = SimpleNamespace(
-        generate=lambda prompts, g, progress=None: SimpleNamespace(
-            texts=["\\boxed{3}"] * len(prompts), response_lengths=torch.full((len(prompts),), 5)
+    trainer.generation = SimpleNamespace(
+        generate=lambda blocks, g, progress=None: SimpleNamespace(
+            texts=["\\boxed{3}"] * len(blocks[1]),
+            response_lengths=torch.full((len(blocks[1]),), 5),
         )
     )
     trainer.reward = lambda texts, answers, metadata: [1.0] * len(texts)
@@ -452,6 +454,12 @@ def _trainer_with_rounds(rounds, *, dp=1, items=100, **sections):
         return queue.pop(0)
 
     trainer._rollout = rollout
+    # the step's first round as submitted ahead: decoded by `rollout`, with the sampler's epoch
+    trainer._ahead = deque([loop.Ahead(None, 0, 0, 0)])
+    trainer._graded = lambda problems, local, times, version: local
+    trainer.generation = SimpleNamespace(
+        collect=lambda: rollout(trainer.sampler.next_batch(), None)
+    )
     return trainer
 
 
@@ -655,8 +663,8 @@ def test_rollout_rewards_include_the_soft_overlong_penalty(monkeypatch):
     trainer.parallel = SimpleNamespace(dp=1, dp_rank=0, main=True)
     trainer.tokenizer = None
     lengths = torch.tensor([2, 5, 7, 8])
-    trainer.engine = SimpleNamespace(
-        generate=lambda prompts, g: Batch(
+    trainer.generation = SimpleNamespace(
+        generate=lambda blocks, g: Batch(
             records=MixtureRecord.discrete(torch.ones(4, 10, dtype=torch.long), 2),
             loss_mask=torch.zeros(4, 10, dtype=torch.bool),
             rollout_logp=torch.zeros(4, 10),

@@ -42,6 +42,34 @@ def check_recipe(loaded: LoadedRecipe) -> None:
             "Megatron cannot keep layers in bf16 under fp8_recipe=delayed; use tensorwise, blockwise or mxfp8",
         )
     gen = cfg.policy.generation
+    if not gen.colocated.enabled and gen.colocated.resources.gpus_per_node is None:
+        raise loaded.error(
+            "policy.generation.colocated.resources.gpus_per_node",
+            "required when policy.generation.colocated.enabled is false (generation ranks per node)",
+        )
+    if gen.colocated.enabled and gen.tensor_model_parallel_size is not None:
+        raise loaded.error(
+            "policy.generation.tensor_model_parallel_size",
+            "only for dedicated generation ranks (policy.generation.colocated.enabled: false)",
+        )
+    asynchronous = cfg.grpo.async_grpo
+    if asynchronous.enabled and gen.colocated.enabled:
+        raise loaded.error(
+            "grpo.async_grpo.enabled",
+            "needs dedicated generation ranks (policy.generation.colocated.enabled: false)",
+        )
+    if asynchronous.enabled and not cfg.loss_fn.use_importance_sampling_correction:
+        raise loaded.error(
+            "grpo.async_grpo.enabled",
+            "needs loss_fn.use_importance_sampling_correction: true (the rows come from an older "
+            "policy; the loss weighs them by the density their decoder recorded)",
+        )
+    if asynchronous.max_trajectory_age_steps > 1:
+        raise loaded.error(
+            "grpo.async_grpo.max_trajectory_age_steps",
+            "at most 1 for now: a refit waits for every request in flight, so a larger bound "
+            "would only add staleness",
+        )
     if gen.engine == "static":
         decoding = decoding_algorithm(cfg.softgrpo)
         if mcfg.fp8_cfg.enabled:
@@ -186,11 +214,43 @@ def validate(loaded: LoadedRecipe, world_size: int | None, training: bool) -> Mo
     """Every rule of a job of `world_size` processes (None: one CPU process) that `load_recipe` did
     not already check; `training`: also those of `softgrpo train`. Returns the model's architecture."""
     arch, padded = recipe_model(loaded)
+    world_size = _check_generation_ranks(loaded, arch, padded, world_size)
     _check_model_fit(loaded, arch, padded, world_size)
     if training:
         _check_data_parallel(loaded, world_size)
         _check_training(loaded, arch)
     return arch
+
+
+def _check_generation_ranks(
+    loaded: LoadedRecipe, arch: ModelArch, padded: int | None, world_size: int | None
+) -> int | None:
+    """The dedicated generation ranks' layout; returns the processes left to train."""
+    gen = loaded.cfg.policy.generation
+    ranks = gen.generation_ranks()
+    if not ranks:
+        return world_size
+    key = "policy.generation.tensor_model_parallel_size"
+    tp = gen.tensor_model_parallel_size or loaded.cfg.policy.megatron_cfg.tensor_model_parallel_size
+    problem = arch.layout_problem(tp, 1)
+    if problem:
+        raise loaded.error(key, problem[1])
+    vocab = padded or arch.padded_vocab_size(
+        loaded.cfg.policy.megatron_cfg.make_vocab_size_divisible_by
+    )
+    if ranks % tp or vocab % tp:
+        raise loaded.error(
+            key,
+            f"TP={tp} must divide the {ranks} generation ranks and the padded vocabulary ({vocab})",
+        )
+    if world_size is None:
+        return None
+    if world_size <= ranks:
+        raise loaded.error(
+            "policy.generation.colocated.resources",
+            f"{ranks} generation ranks leave none of the job's {world_size} processes to train",
+        )
+    return world_size - ranks
 
 
 def _check_training(loaded: LoadedRecipe, arch: ModelArch) -> None:

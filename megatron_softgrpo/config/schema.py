@@ -79,6 +79,21 @@ class TokenizerCfg(Section):
     chat_template: str | None = None  # default: the tokenizer's own
 
 
+class GenerationResourcesCfg(Section):
+    """Dedicated generation ranks: the job's last num_nodes x gpus_per_node ranks (on a CPU job,
+    processes per node)."""
+
+    num_nodes: int = Field(1, ge=1)
+    gpus_per_node: int | None = Field(None, ge=1)  # required when colocated.enabled is false
+
+
+class ColocatedCfg(Section):
+    # true: rollouts decode on the training model; false: on dedicated generation ranks holding a
+    # copy of their own, refit with the new weights before they decode (train/generation.py)
+    enabled: bool = True
+    resources: GenerationResourcesCfg = Field(default_factory=GenerationResourcesCfg)
+
+
 class GenerationCfg(Section):
     """Discrete decoding: the answer phase of soft thinking, and the whole response for GRPO."""
 
@@ -100,6 +115,14 @@ class GenerationCfg(Section):
     compile_decode: bool = False
     # static on a GPU: replay each decode step as a captured CUDA graph
     cuda_graphs: bool = True
+    colocated: ColocatedCfg = Field(default_factory=ColocatedCfg)
+    # the generation ranks' TP size (colocated.enabled false); null: the training one
+    tensor_model_parallel_size: int | None = Field(None, ge=1)
+
+    def generation_ranks(self) -> int:
+        """Processes of the job that only generate (0: rollouts on the training ranks)."""
+        res = self.colocated.resources
+        return 0 if self.colocated.enabled else res.num_nodes * (res.gpus_per_node or 0)
 
 
 class PolicyCfg(Section):
@@ -131,6 +154,15 @@ class DynamicSamplingCfg(Section):
     max_gen_rounds: int = Field(4, ge=0)  # extra generation rounds per step; 0: filter only
 
 
+class AsyncGRPOCfg(Section):
+    """Dedicated generation ranks decode the next step's prompts while the trainer trains
+    (NeMo-RL's grpo.async_grpo; train/generation.py). A trajectory's age: RL steps between the
+    policy that decoded it and the one it updates."""
+
+    enabled: bool = False
+    max_trajectory_age_steps: int = Field(1, ge=0)  # 0: synchronous
+
+
 class GRPOCfg(Section):
     num_prompts_per_step: int = Field(64, ge=1)
     num_generations_per_prompt: int = Field(8, ge=1)
@@ -140,6 +172,7 @@ class GRPOCfg(Section):
     val_period: int = Field(0, ge=0)  # 0: no periodic validation
     val_at_start: bool = False
     seed: int = 42
+    async_grpo: AsyncGRPOCfg = Field(default_factory=AsyncGRPOCfg)
     dynamic_sampling: DynamicSamplingCfg = Field(default_factory=DynamicSamplingCfg)
 
 

@@ -86,11 +86,12 @@ def save_checkpoint(
     meta: CheckpointMeta,
     parallel: ParallelState,
     tokenizer=None,
+    files: dict[str, bytes] | None = None,
 ) -> Path:
     """Collectively save `{"model": model.sharded_state_dict(), ...}` with metadata, atomically.
 
-    Every rank calls this; the main rank writes the files around the shards. An existing
-    `out_dir` is replaced only after the new one is complete.
+    Every rank calls this; the main rank writes the files around the shards (and `files`, by
+    name). An existing `out_dir` is replaced only after the new one is complete.
     """
     from megatron.core import dist_checkpointing
 
@@ -111,6 +112,8 @@ def save_checkpoint(
         meta.saved_layout = parallel.layout()
         if tokenizer is not None:
             tokenizer.save_pretrained(str(partial / "tokenizer"))
+        for name, data in (files or {}).items():
+            (partial / name).write_bytes(data)
         (partial / META_FILE).write_text(json.dumps(asdict(meta), indent=2, sort_keys=True))
         _fsync_tree(partial)
         if out_dir.exists():

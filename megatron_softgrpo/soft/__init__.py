@@ -10,7 +10,7 @@ Modules (each owns one concept):
 - `truncation`: `Truncation` (temperature -> top-k -> top-p on the truncated
   distribution -> min-p), exact cross-shard top candidates (ties: lower id wins).
 - `rng`: the sampling-noise state in Megatron's RNG tracker (`seed_noise_rng`,
-  `noise_rng`, `noise_seed`) and seed-recomputable Gaussian vectors.
+  `noise_rng`, `noise_seed`, `noise_state`) and seed-recomputable Gaussian vectors.
 - `records`: `MixtureRecord` (the per-position record) and `SampledStep`.
 - `noises`: the soft noise kinds `GumbelNoise`, `GaussianNoise`, `DirichletNoise`,
   `EmbeddingNoise`: mixture weights, stored noise and log-density of each.
@@ -83,7 +83,13 @@ from megatron_softgrpo.soft.noises import (
     SoftNoise,
 )
 from megatron_softgrpo.soft.records import MixtureRecord, SampledStep
-from megatron_softgrpo.soft.rng import noise_rng, noise_seed, seed_noise_rng
+from megatron_softgrpo.soft.rng import (
+    noise_rng,
+    noise_seed,
+    noise_state,
+    seed_noise_rng,
+    set_noise_state,
+)
 from megatron_softgrpo.soft.samplers import (
     DiscreteSampler,
     MultiplexSampler,
@@ -117,5 +123,7 @@ __all__ = [
     "objective_from_hidden",
     "noise_rng",
     "noise_seed",
+    "noise_state",
     "seed_noise_rng",
+    "set_noise_state",
 ]

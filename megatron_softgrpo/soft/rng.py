@@ -57,6 +57,19 @@ def seed_noise_rng(seed: int) -> None:
     tracker.set_states(states)
 
 
+def noise_state() -> torch.Tensor:
+    """The noise state now (a copy): what `set_noise_state` takes back, on this or another
+    process (dedicated generation ranks continue a training rank's stream)."""
+    return _tracker().get_states()[NOISE_RNG].clone()
+
+
+def set_noise_state(state: torch.Tensor) -> None:
+    tracker = _tracker()
+    states = tracker.get_states()
+    states[NOISE_RNG] = state.clone()
+    tracker.set_states(states)
+
+
 @contextlib.contextmanager
 def noise_rng():
     """Draw sampling noise inside this block (the device's default generator is the noise state)."""

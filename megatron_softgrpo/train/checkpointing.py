@@ -9,6 +9,7 @@ Layout under `checkpointing.checkpoint_dir`:
       optimizer/             DistributedOptimizer state, "fully_reshardable" (reloads at any TP/PP/DP)
       rng/                   per-rank RNG states: Python, numpy, torch CPU (+CUDA), Megatron's RNG tracker
       tokenizer/             when the caller passes one
+      ahead.pt               the loop's requests submitted ahead of their steps (prompts, rows)
     latest                   the name of the newest complete checkpoint, replaced atomically
 
 A save writes `step_N.partial/`, renames it into place, then rewrites `latest`, then deletes
@@ -20,6 +21,7 @@ saved at (TP, PP, world size); elsewhere they are left as seeded and a note is p
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -48,6 +50,7 @@ from megatron_softgrpo.train.policy import PolicyWorker
 from model_patches.optimizer_step import load_optimizer_state, optimizer_sharded_state
 
 LATEST = "latest"
+AHEAD_FILE = "ahead.pt"  # the loop's requests submitted ahead of their steps
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
@@ -66,9 +69,15 @@ def step_dir_name(step: int) -> str:
 
 
 def save_training_checkpoint(
-    ckpt_cfg: CheckpointingCfg, worker: PolicyWorker, step: int, extra: dict, tokenizer=None
+    ckpt_cfg: CheckpointingCfg,
+    worker: PolicyWorker,
+    step: int,
+    extra: dict,
+    tokenizer=None,
+    files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Collectively save the worker's full training state at `step`; every rank calls this."""
+    """Collectively save the worker's full training state at `step`; every rank calls this
+    (`files`: the main rank's further files, by name)."""
     meta = CheckpointMeta(
         arch=worker.source.arch.to_dict(),
         padded_vocab_size=worker.padded_vocab_size,
@@ -88,7 +97,7 @@ def save_training_checkpoint(
         "optimizer": optimizer_sharded_state(worker.optimizer, model_sd),
         "rng": _rng_sharded(_rng_state(), parallel),
     }
-    out = save_checkpoint(root / step_dir_name(step), states, meta, parallel, tokenizer=tokenizer)
+    out = save_checkpoint(root / step_dir_name(step), states, meta, parallel, tokenizer, files)
     if parallel.main:
         _write_latest(root, out.name)
         _prune(root, ckpt_cfg.keep_top_k, keep=out.name)
@@ -233,21 +242,33 @@ def resume(ckpt_cfg: CheckpointingCfg, worker: PolicyWorker) -> RestoredCheckpoi
 
 
 def save_run(
-    ckpt_cfg: CheckpointingCfg, worker: PolicyWorker, step: int, sampler, tokenizer
+    ckpt_cfg: CheckpointingCfg, worker: PolicyWorker, step: int, sampler, tokenizer, ahead
 ) -> Path:
-    """The loop's checkpoint: the worker's state and the prompt sampler's position (collective)."""
+    """The loop's checkpoint: the worker's state, the prompt sampler's position and the
+    requests submitted ahead of their steps (`ahead`, the main rank's, pickled: the prompts in
+    flight and, decoded, their rows) (collective)."""
     extra = {"data": sampler.state_dict()}
-    return save_training_checkpoint(ckpt_cfg, worker, step, extra, tokenizer=tokenizer)
+    files = {}
+    if worker.parallel.main:
+        buffer = io.BytesIO()
+        torch.save(ahead, buffer)
+        files[AHEAD_FILE] = buffer.getvalue()
+    return save_training_checkpoint(ckpt_cfg, worker, step, extra, tokenizer, files)
 
 
-def resume_run(ckpt_cfg: CheckpointingCfg, worker: PolicyWorker, sampler, log) -> int:
-    """The step to continue from: 0, or the latest checkpoint's, restored into the worker and the
-    prompt sampler, with the metrics log cut back to it (collective)."""
+def resume_run(
+    ckpt_cfg: CheckpointingCfg, worker: PolicyWorker, sampler, log
+) -> tuple[int, object]:
+    """(the step to continue from, the requests submitted ahead then): (0, None), or the latest
+    checkpoint's, restored into the worker and the prompt sampler, with the metrics log cut back
+    to it (collective)."""
     restored = resume(ckpt_cfg, worker) if ckpt_cfg.enabled else None
     if restored is None:
-        return 0
+        return 0, None
     sampler.load_state_dict(restored.extra["data"])
     log.truncate_after(restored.step)
+    ahead_file = restored.path / AHEAD_FILE
+    ahead = torch.load(ahead_file, weights_only=False) if ahead_file.is_file() else None
     if worker.parallel.main:
         print(f"[softgrpo] resumed from {restored.path} (step {restored.step})", flush=True)
-    return restored.step
+    return restored.step, ahead

@@ -18,7 +18,8 @@ scorer built from `softgrpo.*`); everything else is shared.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from collections import deque
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -33,12 +34,23 @@ from megatron_softgrpo.data.sampler import PromptSampler
 from megatron_softgrpo.distributed import ParallelState, gather_data_parallel
 from megatron_softgrpo.rewards.answers import extract_answer
 from megatron_softgrpo.rewards.shaping import shaped_rewards
-from megatron_softgrpo.rollout.engine import RolloutEngine
 from megatron_softgrpo.train.checkpointing import resume_run, save_run
+from megatron_softgrpo.train.generation import Colocated, Dedicated
 from megatron_softgrpo.train.metrics_log import MetricsLog, ProgressLine, Timings
 from megatron_softgrpo.train.policy import PolicyWorker
 from megatron_softgrpo.train.preemption import REQUEUE_EXIT_CODE, PreemptionWatcher
 from megatron_softgrpo.train.summary import summarize_run
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """A request submitted before its step (grpo.async_grpo: up to max_trajectory_age_steps
+    ahead; else just before it)."""
+
+    problems: list
+    epoch: int  # the sampler's epoch after drawing them: the step's metrics.jsonl "epoch"
+    step: int  # RL steps completed when it was submitted: its trajectories' age counts from here
+    version: int  # optimizer steps of the policy that decodes it
 
 
 @dataclass
@@ -52,19 +64,23 @@ class Trainer:
     worker: PolicyWorker
     loss: PolicyLoss  # handed to every update: the worker knows no loss
     sampler: PromptSampler
-    engine: RolloutEngine
+    generation: Colocated | Dedicated  # where rollouts are decoded (train/generation.py)
     reward: object  # texts, answers, metadata -> rewards (rewards/registry.py)
     log: MetricsLog
     watcher: PreemptionWatcher
     step: int = 0
     _last_val: tuple[int, dict] | None = None  # (step, result) of the latest validation
+    _ahead: deque[Ahead] = field(default_factory=deque)  # submitted, not yet trained on
 
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> int:
         cfg, watcher = self.cfg, self.watcher
         try:
-            self.step = resume_run(cfg.checkpointing, self.worker, self.sampler, self.log)
+            self.step, ahead = resume_run(cfg.checkpointing, self.worker, self.sampler, self.log)
+            if ahead is not None:  # the requests in flight when the checkpoint was saved
+                self._ahead = deque(ahead["ahead"])
+                self.generation.restore(ahead["generation"])
             if watcher.should_stop(self.parallel):  # signalled during start-up: nothing new to save
                 return self._requeue()
             first_val = (
@@ -72,10 +88,13 @@ class Trainer:
                 if self.val_data is not None and cfg.grpo.val_at_start and self.step == 0
                 else None
             )
-            while (
-                self.step < cfg.grpo.max_num_steps and self.sampler.epoch < cfg.grpo.max_num_epochs
-            ):
-                metrics = self._rl_step()
+            while self.step < cfg.grpo.max_num_steps:
+                times = Timings()
+                with times("time/step"), times("time/rollout"):
+                    self._submit_ahead()  # (dedicated: after the rows in flight came back)
+                if not self._ahead:  # the epochs ran out
+                    break
+                metrics = self._rl_step(times)
                 self.step += 1
                 if (
                     self.val_data is not None
@@ -85,6 +104,7 @@ class Trainer:
                     metrics.update(_prefixed("val/", self._validate()))
                 if self.step == 1 and first_val is not None:
                     metrics.update(_prefixed("val_at_start/", first_val))
+                metrics.update(self.generation.metrics())
                 self.log.log(self.step, metrics, cfg.grpo.max_num_steps)
                 stop = watcher.should_stop(self.parallel)
                 if cfg.checkpointing.enabled and (
@@ -98,6 +118,7 @@ class Trainer:
             self._finish(first_val)
             return 0
         finally:
+            self.generation.close()
             self.log.close()
             close = getattr(getattr(self.reward, "grader", None), "close", None)
             if close is not None:
@@ -112,7 +133,10 @@ class Trainer:
         return REQUEUE_EXIT_CODE
 
     def _save(self) -> None:
-        save_run(self.cfg.checkpointing, self.worker, self.step, self.sampler, self.tokenizer)
+        ahead = {"ahead": list(self._ahead), "generation": self.generation.ahead_state()}
+        save_run(
+            self.cfg.checkpointing, self.worker, self.step, self.sampler, self.tokenizer, ahead
+        )
 
     def _finish(self, first_val: dict | None) -> None:
         """The held-out summary and the training curves."""
@@ -130,12 +154,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ one RL step
 
-    def _rl_step(self) -> dict:
-        """rollout (+ rewards) -> advantages -> scoring -> update -> metrics."""
-        times = Timings()
+    def _rl_step(self, times: Timings | None = None) -> dict:
+        """rollout (+ rewards) -> advantages -> scoring -> update -> metrics (`times`: the
+        step's so far)."""
+        times = Timings() if times is None else times
         with times("time/step"):
-            generated = [self._rollout(self.sampler.next_batch(), times)]
-            epoch = self.sampler.epoch
+            ahead = self._ahead.popleft()
+            with times("time/rollout"):
+                local = self.generation.collect()
+            generated = [self._graded(ahead.problems, local, times, ahead.version)]
             batch, extra = generated[0], {}
             if self.cfg.grpo.dynamic_sampling.enabled:
                 batch, extra = self._dynamic_sampling(generated, times)
@@ -145,8 +172,15 @@ class Trainer:
             with times("time/update"):
                 updates = self._update(batch)
         rolled = Batch.cat(generated)  # rollout statistics cover every response of the step
-        metrics = {"epoch": epoch, **step_metrics(rolled, batch, updates, self.worker, times)}
+        metrics = {"epoch": ahead.epoch, **step_metrics(rolled, batch, updates, self.worker, times)}
         metrics |= {**extra, **times}
+        if self.cfg.grpo.async_grpo.enabled:  # extra rounds (dynamic sampling) are decoded now
+            ages = [self.step - ahead.step] + [0] * (len(generated) - 1)
+            metrics["async/trajectory_age_mean"] = sum(
+                a * b.num_rows for a, b in zip(ages, generated)
+            ) / max(1, rolled.num_rows)
+            metrics["async/trajectory_age_max"] = max(ages)
+            metrics["async/training_idle_fraction"] = times["time/rollout"] / times["time/step"]
         if self.cfg.env.overlong_penalty is not None:
             metrics["overlong/penalty_mean"] = float(rolled.penalty.mean())
             metrics["overlong/penalized_fraction"] = float((rolled.penalty < 0).float().mean())
@@ -154,14 +188,38 @@ class Trainer:
 
     # ------------------------------------------------------------------ the stages
 
+    def _submit_ahead(self) -> None:
+        """Draw and submit the prompts of the steps to come, up to the trajectory-age bound (0:
+        the next step's), never past the run's steps or epochs."""
+        grpo = self.cfg.grpo
+        depth = grpo.async_grpo.max_trajectory_age_steps if grpo.async_grpo.enabled else 0
+        while (
+            len(self._ahead) <= depth
+            and self.step + len(self._ahead) < grpo.max_num_steps
+            and self.sampler.epoch < grpo.max_num_epochs
+        ):
+            problems = self.sampler.next_batch()
+            self.generation.submit(self._requests(problems), grpo.num_generations_per_prompt)
+            version = self.worker.optimizer_steps
+            self._ahead.append(Ahead(problems, self.sampler.epoch, self.step, version))
+
+    def _requests(self, problems) -> list[list[list[int]]]:
+        """Each data-parallel rank's block of prompts, encoded."""
+        dp = self.parallel.dp
+        return [self._prompts(b) for b in _blocks(problems, len(problems) // dp, dp)]
+
     def _rollout(self, problems, times: Timings) -> Batch:
-        """This rank's block of prompts decoded and graded, then every rank's rows on every
-        rank, with their shaped rewards."""
-        g, parallel = self.cfg.grpo.num_generations_per_prompt, self.parallel
-        block = len(problems) // parallel.dp
-        mine = problems[parallel.dp_rank * block : (parallel.dp_rank + 1) * block]
+        """`problems` decoded now (after any request submitted ahead) and graded."""
+        g = self.cfg.grpo.num_generations_per_prompt
         with times("time/rollout"):
-            local = self.engine.generate(self._prompts(mine), g)
+            local = self.generation.generate(self._requests(problems), g)
+        return self._graded(problems, local, times, self.worker.optimizer_steps)
+
+    def _graded(self, problems, local: Batch, times: Timings, version: int) -> Batch:
+        """This rank's block of rows graded, then every rank's rows on every rank, with their
+        shaped rewards; `version`: the policy that decoded them."""
+        g, parallel = self.cfg.grpo.num_generations_per_prompt, self.parallel
+        mine = _blocks(problems, len(problems) // parallel.dp, parallel.dp)[parallel.dp_rank]
         with times("time/reward"):
             correct, answered = self._grade(local.texts, [p for p in mine for _ in range(g)])
         batch = replace(local, correct=correct, answered=answered).gather_data_parallel(parallel)
@@ -173,7 +231,6 @@ class Trainer:
             self.cfg.env,
             self.cfg.policy.generation.max_new_tokens,
         )
-        version = self.worker.optimizer_steps  # the policy that decoded these rows
         return replace(batch, rewards=rewards, penalty=penalty, policy_version=version)
 
     def _advantages(self, batch: Batch, metrics: dict) -> Batch:
@@ -268,17 +325,19 @@ class Trainer:
 
     def _validate(self) -> dict:
         """One sample per validation problem with the training decoding; accuracy and mean reward."""
-        problems = self.val_data.problems
-        rank, per_rank = self.parallel.dp_rank, math.ceil(len(problems) / self.parallel.dp)
-        mine = problems[rank * per_rank : (rank + 1) * per_rank]
+        problems, dp = self.val_data.problems, self.parallel.dp
+        per_rank = math.ceil(len(problems) / dp)
+        blocks = _blocks(problems, per_rank, dp)
+        mine = blocks[self.parallel.dp_rank]
         # on the model's device: the data-parallel group is NCCL on GPU
         correct, answered, lengths, valid = (
             torch.zeros(per_rank, device=self.worker.device) for _ in range(4)
         )
+        steps = self.cfg.policy.generation.max_new_tokens
+        progress = ProgressLine("validation", len(mine), steps, self.parallel.main)
+        # every rank calls it (dedicated generation ranks serve all blocks in one request)
+        traj = self.generation.generate([self._prompts(b) for b in blocks], 1, progress)
         if mine:
-            steps = self.cfg.policy.generation.max_new_tokens
-            progress = ProgressLine("validation", len(mine), steps, self.parallel.main)
-            traj = self.engine.generate(self._prompts(mine), 1, progress)
             got, has = self._grade(traj.texts, mine)
             correct[: len(mine)], answered[: len(mine)] = got, has.float()
             lengths[: len(mine)] = traj.response_lengths.float()
@@ -308,6 +367,11 @@ def _print_samples(problems, texts: list[str], rewards: list[float], count: int)
             f"  problem: {p.problem}\n  response: {text}",
             flush=True,
         )
+
+
+def _blocks(problems: list, size: int, dp: int) -> list[list]:
+    """Each data-parallel rank's consecutive `size` problems (the last ones may be short or empty)."""
+    return [problems[r * size : (r + 1) * size] for r in range(dp)]
 
 
 def _prefixed(prefix: str, d: dict) -> dict:

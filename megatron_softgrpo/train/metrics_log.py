@@ -110,6 +110,21 @@ OPTIONAL_KEYS = {
     ),
     "loss_fn.overlong_filtering": ("overlong/filtered_fraction",),  # trained responses left out
     "env.overlong_penalty": ("overlong/penalty_mean", "overlong/penalized_fraction"),
+    # dedicated generation ranks (train/generation.py), since the last step's line: the refits'
+    # seconds (within time/rollout or a validation) and bytes (the first pipeline stage's), and
+    # the fraction of the wall time the generation ranks were neither decoding nor loading weights
+    "policy.generation.colocated.enabled": (
+        "time/refit",
+        "refit/bytes",
+        "async/generation_idle_fraction",
+    ),
+    # the step's trajectories' age in RL steps (extra dynamic-sampling rounds: 0), and the
+    # fraction of the step the trainer waited for its rows (time/rollout / time/step)
+    "grpo.async_grpo.enabled": (
+        "async/trajectory_age_mean",
+        "async/trajectory_age_max",
+        "async/training_idle_fraction",
+    ),
     # algorithms/loss.py `correction_metrics`: over every scored position, then its soft and its
     # discrete ones; a /min or /max over no position is null
     "loss_fn.use_importance_sampling_correction": tuple(

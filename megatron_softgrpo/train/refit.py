@@ -4,8 +4,8 @@ own copy of the model, possibly at another tensor-parallel size.
 Weights travel in their full (TP=1) layout: the sender gathers each of its shards
 (`hf_mapping.tp_gather`), a receiver cuts its own slice (`hf_mapping.tp_slice`), so the two
 sides' TP sizes are independent. Tensors go in buckets of about `bucket_bytes`, each one dtype:
-per bucket one broadcast of a header (names, shapes, dtype) and one of the packed bytes, over a
-process group that joins the sender to the receivers. A header of None ends the refit.
+per bucket one broadcast of a header (names, shapes, dtype) and one of the packed bytes, over the
+`Bridge` that joins the sender to the receivers. A header of None ends the refit.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+
+from megatron_softgrpo.bridge import Bridge
 
 BUCKET_BYTES = (
     256 << 20
@@ -47,33 +48,34 @@ def buckets(named: Iterable[Named], bucket_bytes: int = BUCKET_BYTES) -> Iterato
 
 
 def send_weights(
-    named: Iterable[Named], group, src: int = 0, bucket_bytes: int = BUCKET_BYTES
+    named: Iterable[Named], bridge: Bridge, src: int = 0, bucket_bytes: int = BUCKET_BYTES
 ) -> RefitStats:
-    """Broadcast full-layout tensors from rank `src` of `group` (a group rank) to its others,
-    which call `receive_weights` meanwhile."""
+    """Broadcast full-layout tensors from bridge rank `src` to the bridge's other ranks, which
+    call `receive_weights` meanwhile."""
     tensors = nbytes = count = 0
     for bucket in buckets(named, bucket_bytes):
         dtype = bucket[0][1].dtype
         header = [(name, tuple(t.shape)) for name, t in bucket]
-        dist.broadcast_object_list([(header, str(dtype))], group=group, group_src=src)
+        bridge.broadcast_object((header, str(dtype)), src)
         flat = torch.cat([t.detach().reshape(-1) for _, t in bucket])
-        dist.broadcast(flat, group=group, group_src=src)
+        bridge.broadcast(flat, src)
         tensors, nbytes, count = tensors + len(bucket), nbytes + flat.nbytes, count + 1
-    dist.broadcast_object_list([None], group=group, group_src=src)
+    bridge.broadcast_object(None, src)
     return RefitStats(tensors, nbytes, count)
 
 
-def receive_weights(group, src: int = 0, device: torch.device | str = "cpu") -> Iterator[Named]:
+def receive_weights(
+    bridge: Bridge, src: int = 0, device: torch.device | str = "cpu"
+) -> Iterator[Named]:
     """The tensors `send_weights` broadcasts, one bucket at a time (views of its buffer: copy
     them before the next bucket arrives if they must outlive it)."""
     while True:
-        message = [None]
-        dist.broadcast_object_list(message, group=group, group_src=src)
-        if message[0] is None:
+        message = bridge.broadcast_object(None, src)
+        if message is None:
             return
-        header, dtype = message[0]
+        header, dtype = message
         sizes = [math.prod(shape) for _, shape in header]
         flat = torch.empty(sum(sizes), dtype=getattr(torch, dtype.split(".")[-1]), device=device)
-        dist.broadcast(flat, group=group, group_src=src)
+        bridge.broadcast(flat, src)
         for (name, shape), part in zip(header, flat.split(sizes), strict=True):
             yield name, part.view(shape)

@@ -1,0 +1,72 @@
+"""A process group that joins ranks of two roles (training and generation), each of which runs
+its own default world (`distributed.init_distributed`).
+
+Megatron-Core 0.16 builds its groups over the default world, so each role gets a world of its
+own and a bridge spans the two: a gloo backend on the job's rendezvous store under its own
+prefix, outside torch's registry of groups. It therefore speaks through the backend's own
+methods (torch's `dist.send(group=...)` refuses an unregistered group), and its timeout bounds
+every wait: a peer that died raises instead of hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pickle
+
+import torch
+import torch.distributed as dist
+
+
+class Bridge:
+    """Ranks `members` (global ranks, in bridge-rank order) of the job; the caller is one."""
+
+    def __init__(self, store, name: str, members: list[int], global_rank: int, timeout_s: float):
+        self.members = list(members)
+        self.rank = self.members.index(global_rank)
+        self.size = len(self.members)
+        self._pg = dist.ProcessGroupGloo(
+            dist.PrefixStore(f"bridge/{name}/", store),
+            self.rank,
+            self.size,
+            datetime.timedelta(seconds=timeout_s),
+        )
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """`tensor` filled in place from bridge rank `src` (gloo: through host memory)."""
+        host = tensor if tensor.device.type == "cpu" else tensor.cpu()
+        options = dist.BroadcastOptions()
+        options.rootRank = src
+        self._pg.broadcast([host], options).wait()
+        if host is not tensor:
+            tensor.copy_(host)
+        return tensor
+
+    def broadcast_object(self, obj, src: int):
+        """Bridge rank `src`'s picklable `obj`, on every member."""
+        size = torch.zeros(1, dtype=torch.int64)
+        payload = _pickled(obj) if self.rank == src else None
+        if payload is not None:
+            size[0] = len(payload)
+        self.broadcast(size, src)
+        payload = payload if payload is not None else torch.empty(int(size), dtype=torch.uint8)
+        return _unpickled(self.broadcast(payload, src))
+
+    def send_object(self, obj, dst: int) -> None:
+        payload = _pickled(obj)
+        self._pg.send([torch.tensor([len(payload)])], dst, 0).wait()
+        self._pg.send([payload], dst, 1).wait()
+
+    def recv_object(self, src: int):
+        size = torch.zeros(1, dtype=torch.int64)
+        self._pg.recv([size], src, 0).wait()
+        payload = torch.empty(int(size), dtype=torch.uint8)
+        self._pg.recv([payload], src, 1).wait()
+        return _unpickled(payload)
+
+
+def _pickled(obj) -> torch.Tensor:
+    return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+
+
+def _unpickled(payload: torch.Tensor):
+    return pickle.loads(payload.numpy().tobytes())

@@ -1,0 +1,238 @@
+"""Where the trainer's rollouts are decoded: on the training model (`Colocated`), or by dedicated
+generation ranks that hold a copy of their own (`Dedicated` on the training ranks,
+`GenerationServer` on the generation ranks; policy.generation.colocated.enabled: false).
+
+The trainer hands either one every training data-parallel rank's block of prompts and gets its
+own block's rows back; it never knows which one decodes them. Both decode with the one rollout
+engine (`rollout/engine.py`). A request is `submit`ted and its rows `collect`ed in order, so
+dedicated ranks can decode the next step's prompts while the trainer trains (grpo.async_grpo);
+`generate` is one request decoded now, after every earlier one (validation, extra rounds).
+
+Before a request, the generation ranks are refit (`train/refit.py`) when the policy changed since
+their last weights, the version being the trainer's optimizer-step count. Block i is decoded with
+training data-parallel rank i's noise stream: the first request carries each rank's state, the
+generation ranks continue the streams from there, and every result brings the states back, so
+the training ranks hold the latest ones (`drain` before a checkpoint) and, with nothing decoded
+ahead, a run writes the colocated run's metrics.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+
+from megatron_softgrpo.distributed import ParallelState, gather_to_main, share_from_main
+from megatron_softgrpo.models.hf_mapping import load_full_weights, named_model_tensors, tp_gather
+from megatron_softgrpo.rollout.engine import Progress, RolloutEngine
+from megatron_softgrpo.soft import noise_state, set_noise_state
+from megatron_softgrpo.train.refit import receive_weights, send_weights
+
+Blocks = list[list[list[int]]]  # per training data-parallel rank: its prompts' token ids
+GENERATION_MAIN = 1  # the generation ranks' first, on the control bridge
+
+
+class Colocated:
+    """Rollouts on the training model itself, decoded when collected."""
+
+    def __init__(self, engine: RolloutEngine):
+        self.engine = engine
+        self._requests: deque = deque()
+
+    def submit(self, blocks: Blocks, num_generations: int) -> None:
+        self._requests.append((blocks, num_generations))
+
+    def collect(self):
+        """The oldest request's rows of this data-parallel rank (None for an empty block); every
+        training rank calls it."""
+        return self.generate(*self._requests.popleft())
+
+    def generate(self, blocks: Blocks, num_generations: int, progress: Progress | None = None):
+        mine = blocks[self.engine.parallel.dp_rank]
+        return self.engine.generate(mine, num_generations, progress) if mine else None
+
+    def drain(self) -> None:
+        pass
+
+    def ahead_state(self) -> list:
+        """What restores the requests not yet collected (decoded when collected)."""
+        return list(self._requests)
+
+    def restore(self, state: list) -> None:
+        self._requests = deque(state)
+
+    def metrics(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class Dedicated:
+    """The training ranks' side of dedicated generation: requests, refits and their metrics."""
+
+    def __init__(self, worker, parallel: ParallelState):
+        self.worker, self.parallel, self.bridges = worker, parallel, parallel.bridges
+        self.version: int | None = None  # of the generation ranks' weights (None: as loaded)
+        self.ready: deque = deque()  # main rank: results received ahead of their collection
+        self.in_flight = 0  # main rank: requests submitted and not yet received
+        self._streams_sent = False
+        self._states: dict | None = None  # main rank: each block's latest noise state
+        self._refit_s = self._busy_s = 0.0
+        self._refit_bytes = 0
+        self._clock = time.perf_counter()
+
+    def submit(self, blocks: Blocks, num_generations: int) -> None:
+        """Send a request (after a refit if the policy changed), once the generation ranks are
+        idle: they send each result before they read the next message, so every request in
+        flight is received first. They decode one request at a time, so this costs no overlap."""
+        self._receive_in_flight()
+        self._refit()
+        parallel = self.parallel
+        # the last pipeline stage draws the noise: its state is the stream to continue
+        mine = [(parallel.dp_rank, noise_state())] * parallel.last_stage
+        states = None if self._streams_sent else gather_to_main(parallel, mine)
+        self._streams_sent = True
+        if parallel.main:
+            request = (num_generations, blocks, None if states is None else dict(states))
+            self.bridges.control.broadcast_object(("generate", *request), 0)
+            self.in_flight += 1
+
+    def collect(self):
+        """The oldest request's rows of this data-parallel rank (None for an empty block)."""
+        results = None
+        if self.parallel.main:
+            results = self.ready.popleft() if self.ready else self._receive()
+        return self._share(results)
+
+    def generate(self, blocks: Blocks, num_generations: int, progress: Progress | None = None):
+        """One request decoded after every earlier one (`progress`: the generation ranks decode
+        without reporting)."""
+        self.submit(blocks, num_generations)
+        return self._share(self._receive() if self.parallel.main else None)
+
+    def drain(self) -> None:
+        """Receive every request in flight (kept for `collect`), and give each training rank its
+        stream's latest noise state (a checkpoint then holds it). Every training rank calls it."""
+        self._receive_in_flight()
+        self._share(None)
+
+    def ahead_state(self) -> list | None:
+        """What restores the requests not yet collected: their results (main rank; drains)."""
+        self.drain()
+        return list(self.ready) if self.parallel.main else None
+
+    def restore(self, state: list | None) -> None:
+        if self.parallel.main:
+            self.ready = deque(state)
+
+    def _receive_in_flight(self) -> None:
+        while self.parallel.main and self.in_flight:
+            self.ready.append(self._receive())
+
+    def _receive(self) -> list:
+        results, states, busy_s = self.bridges.control.recv_object(GENERATION_MAIN)
+        self.in_flight -= 1
+        self._states = {**(self._states or {}), **states}
+        self._busy_s += busy_s
+        return results
+
+    def _share(self, results):
+        """The main rank's results and latest noise states on every training rank; this rank's block."""
+        parallel = self.parallel
+        results, states = share_from_main(parallel, (results, self._states))
+        if parallel.last_stage and states is not None and parallel.dp_rank in states:
+            set_noise_state(states[parallel.dp_rank])
+        if results is None:
+            return None
+        batch = results[parallel.dp_rank]
+        return None if batch is None else batch.to(self.worker.device)
+
+    def _refit(self) -> None:
+        """Send the policy's weights when they changed since the generation ranks' last ones."""
+        version, parallel, bridges = self.worker.optimizer_steps, self.parallel, self.bridges
+        if version == self.version:
+            return
+        start = time.perf_counter()
+        if parallel.main:
+            bridges.control.broadcast_object(("refit", version), 0)
+        model, tp = self.worker.model, parallel.groups.tp
+        full = ((n, tp_gather(p.detach(), p, n, tp)) for n, _, p in named_model_tensors(model))
+        if bridges.refit is None:  # not a stage's first rank: it only helps gather
+            for _ in full:
+                pass
+        else:  # stage by stage; the other stages' first ranks pass over what they receive
+            for stage in range(bridges.stages):
+                if stage == parallel.pp_rank:
+                    self._refit_bytes += send_weights(full, bridges.refit, src=stage).bytes
+                else:
+                    for _ in receive_weights(bridges.refit, src=stage):
+                        pass
+        self._refit_s += time.perf_counter() - start
+        self.version = version
+
+    def metrics(self) -> dict:
+        """Since the last call: the refits (`time/refit`, `refit/bytes`: the main rank's stage),
+        and the fraction of the time the generation ranks were not decoding or loading weights."""
+        now = time.perf_counter()
+        out = {
+            "time/refit": self._refit_s,
+            "refit/bytes": self._refit_bytes,
+            "async/generation_idle_fraction": max(0.0, 1 - self._busy_s / (now - self._clock)),
+        }
+        self._refit_s = self._busy_s = 0.0
+        self._refit_bytes, self._clock = 0, now
+        return out
+
+    def close(self) -> None:
+        """Let the generation ranks exit (every training rank calls it; the main one sends)."""
+        if self.parallel.main:
+            self._receive_in_flight()  # their results come before they read a stop
+            self.bridges.control.broadcast_object(("stop",), 0)
+
+
+class GenerationServer:
+    """A generation rank's loop: refits and requests from the trainer, in order, until stop."""
+
+    def __init__(self, engine: RolloutEngine, parallel: ParallelState):
+        self.engine, self.parallel, self.bridges = engine, parallel, parallel.bridges
+        self.states: dict = {}  # block -> its noise stream's state
+        self.busy_s = 0.0  # decoding and loading weights since the last result
+
+    def run(self) -> int:
+        while True:
+            message = self.bridges.control.broadcast_object(None, 0)
+            start = time.perf_counter()
+            if message[0] == "stop":
+                return 0
+            if message[0] == "refit":
+                self._refit()
+                self.busy_s += time.perf_counter() - start
+            else:
+                self._generate(*message[1:], start)
+
+    def _refit(self) -> None:
+        bridges = self.bridges
+        streams = (receive_weights(bridges.refit, src=s) for s in range(bridges.stages))
+        load_full_weights(self.engine.model, itertools.chain.from_iterable(streams), "refit")
+
+    def _generate(self, num_generations: int, blocks: Blocks, states: dict | None, start) -> None:
+        """Block i goes to generation data-parallel rank i mod DP and continues stream i."""
+        parallel = self.parallel
+        self.states.update(states or {})
+        out = []
+        for i, prompts in enumerate(blocks):
+            if i % parallel.dp != parallel.dp_rank or not prompts:
+                continue
+            set_noise_state(self.states[i])
+            batch = self.engine.generate(prompts, num_generations).to("cpu")
+            self.states[i] = noise_state()
+            out.append((i, batch, self.states[i]))
+        gathered = gather_to_main(parallel, out if parallel.replica_lead else [])
+        if parallel.main:
+            results, latest = [None] * len(blocks), {}
+            for i, batch, state in gathered:
+                results[i], latest[i] = batch, state
+            self.busy_s += time.perf_counter() - start
+            self.bridges.control.send_object((results, latest, self.busy_s), 0)
+            self.busy_s = 0.0

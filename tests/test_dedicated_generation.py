@@ -1,0 +1,212 @@
+"""Dedicated generation ranks (policy.generation.colocated.enabled: false): the recipe rules, the
+bridge between the two roles, and a synchronous run that writes the colocated run's metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from builders import ROOT, TRAIN_DATA, write_recipe
+from distributed_helpers import run_ranks
+from tiny_models import make_hf_model
+
+from megatron_softgrpo.cli import main
+from megatron_softgrpo.train.metrics_log import OPTIONAL_KEYS, STEP_KEYS
+
+DEDICATED = [
+    "policy.generation.colocated.enabled=false",
+    "policy.generation.colocated.resources.gpus_per_node=1",
+]
+VALIDATION = {"validation": {**TRAIN_DATA, "size": 3, "seed": 2}}
+# wall times differ from run to run; everything else must be equal
+TIMING_KEYS = {"tokens_per_second", *(k for k in STEP_KEYS if k.startswith("time/"))}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    make_hf_model("qwen2", path, vocab_size=49152)
+    return path
+
+
+def _train(rank, recipe, overrides):
+    return main(["train", recipe, *overrides])
+
+
+def _metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.parametrize(
+    "trainers,training",
+    [(1, []), (2, []), (2, ["policy.megatron_cfg.pipeline_model_parallel_size=2"])],
+    ids=["one-training-rank", "dp2", "pp2"],
+)
+def test_dedicated_generation_at_age_0_writes_the_colocated_runs_metrics(
+    trainers, training, tmp_path, tiny_model, smollm2_hf_dir
+):
+    """One generation rank decodes for 1 or 2 training ranks (DP=2: both blocks, each with its
+    rank's noise stream; PP=2: weights from both stages). Every metric but the wall times equals
+    the colocated run's exactly: same kernels, same thread count (one), and weights refit bit
+    for bit, so no value may differ even in rounding."""
+    runs = {}
+    for name, ranks, extra in [("colocated", trainers, []), ("dedicated", trainers + 1, DEDICATED)]:
+        recipe = write_recipe(
+            tmp_path / name,
+            tiny_model,
+            smollm2_hf_dir,
+            data=VALIDATION,
+            grpo={"max_num_steps": 3, "val_period": 2, "val_at_start": True},
+        )
+        assert run_ranks(ranks, _train, str(recipe), [*training, *extra]) == [0] * ranks
+        runs[name] = _metrics(tmp_path / name / "run")
+    colocated, dedicated = runs["colocated"], runs["dedicated"]
+    refit = set(OPTIONAL_KEYS["policy.generation.colocated.enabled"])
+    assert [r["step"] for r in dedicated] == [1, 2, 3]
+    for a, b in zip(colocated, dedicated, strict=True):
+        assert refit <= set(b) and not refit & set(a)
+        assert {k: v for k, v in a.items() if k not in TIMING_KEYS} == {
+            k: v for k, v in b.items() if k not in TIMING_KEYS | refit
+        }
+    # a refit whenever the policy changed before a decode: the first validation's (as loaded),
+    # step 2's rollout and validation, none in step 3 (its update reaches the final validation)
+    sent = [r["refit/bytes"] for r in dedicated]
+    assert sent[0] > 0 and sent[1:] == [2 * sent[0], 0]
+
+
+ASYNC = [
+    *DEDICATED,
+    "grpo.async_grpo.enabled=true",
+    "loss_fn.use_importance_sampling_correction=true",
+]
+
+
+def _train_preempted_after_step_2(rank, recipe, overrides):
+    """`softgrpo train`, with a SIGTERM noticed after step 2 (the next request is in flight)."""
+    import signal
+
+    from megatron_softgrpo.train.loop import Trainer
+
+    rl_step = Trainer._rl_step
+
+    def step_then_signal(self, times=None):
+        metrics = rl_step(self, times)
+        if self.step == 1:  # step 2 ran (the loop counts it after this returns)
+            self.watcher.received = signal.SIGTERM
+        return metrics
+
+    Trainer._rl_step = step_then_signal
+    return main(["train", recipe, *overrides])
+
+
+def _data_position(run) -> dict:
+    latest = (run / "ckpt" / "latest").read_text().strip()
+    meta = json.loads((run / "ckpt" / latest / "softgrpo_checkpoint.json").read_text())
+    return meta["extra"]["loop"]["data"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_async_generation_at_age_1_resumes_exactly_with_a_request_in_flight(
+    tmp_path, tiny_model, smollm2_hf_dir
+):
+    """Step n's rows were decoded by the policy of step n - 1 (age 1; step 1: age 0) while the
+    trainer trained step n - 1. Preempted after step 2, with step 3's rows in flight, and
+    resumed, the run writes the uninterrupted run's metrics and draws no prompt twice or never."""
+    runs = {}
+    for name in ("straight", "resumed"):
+        recipe = str(write_recipe(tmp_path / name, tiny_model, smollm2_hf_dir, data=VALIDATION))
+        if name == "resumed":
+            assert run_ranks(2, _train_preempted_after_step_2, recipe, ASYNC) == [75, 0]
+        assert run_ranks(2, _train, recipe, ASYNC) == [0, 0]
+        runs[name] = _metrics(tmp_path / name / "run")
+    straight, resumed = runs["straight"], runs["resumed"]
+    assert [r["async/trajectory_age_max"] for r in straight] == [0, 1, 1, 1]
+    assert [r["async/trajectory_age_mean"] for r in straight] == [0, 1, 1, 1]
+    # the rows of an older policy: their recorded densities differ from the trained policy's
+    assert all(
+        r["rollout_logp_mismatch"] > 10 * straight[0]["rollout_logp_mismatch"] for r in straight[1:]
+    )
+    unequal = (
+        TIMING_KEYS
+        | set(OPTIONAL_KEYS["policy.generation.colocated.enabled"])
+        | {"async/training_idle_fraction"}
+    )
+    for a, b in zip(straight, resumed, strict=True):
+        assert {k: v for k, v in a.items() if k not in unequal} == {
+            k: v for k, v in b.items() if k not in unequal
+        }
+    # 4 steps of 2 prompts: every prompt drawn once, none ahead of the last step
+    position = _data_position(tmp_path / "straight" / "run")
+    assert position == _data_position(tmp_path / "resumed" / "run") and position["index"] == 8
+
+
+GPU_RECIPE = ROOT / "recipes" / "softgrpo-r1-distill-qwen-1.5b-1n8g.yaml"  # 12 heads, 2 KV heads
+
+
+def _check(capsys, *overrides) -> tuple[int, str]:
+    code = main(["check", str(GPU_RECIPE), *overrides])
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["policy.generation.colocated.enabled=false"],
+            "policy.generation.colocated.resources.gpus_per_node=null (the default): required when",
+        ),
+        (
+            ["policy.generation.tensor_model_parallel_size=2"],
+            "policy.generation.tensor_model_parallel_size=2: only for dedicated generation ranks",
+        ),
+        (
+            [*DEDICATED[:1], "policy.generation.colocated.resources.gpus_per_node=8"],
+            "8 generation ranks leave none of the job's 8 processes to train",
+        ),
+        (
+            [*DEDICATED, "policy.generation.tensor_model_parallel_size=4"],
+            "policy.generation.tensor_model_parallel_size=4: must divide the model's 2 key/value heads",
+        ),
+        (
+            [*DEDICATED[:1], "policy.generation.colocated.resources.gpus_per_node=3"],
+            "base.yaml: grpo.num_prompts_per_step=64: must be divisible by the 5 data-parallel ranks",
+        ),
+        (
+            ["grpo.async_grpo.enabled=true", "loss_fn.use_importance_sampling_correction=true"],
+            "grpo.async_grpo.enabled=true: needs dedicated generation ranks",
+        ),
+        (
+            [*DEDICATED, "grpo.async_grpo.enabled=true"],
+            "grpo.async_grpo.enabled=true: needs loss_fn.use_importance_sampling_correction: true",
+        ),
+        (
+            [*ASYNC, "grpo.async_grpo.max_trajectory_age_steps=2"],
+            "max_trajectory_age_steps=2: at most 1 for now",
+        ),
+    ],
+    ids=[
+        "no-resources",
+        "tp-colocated",
+        "no-training-rank",
+        "tp-heads",
+        "training-dp",
+        "async-colocated",
+        "async-uncorrected",
+        "async-age-2",
+    ],
+)
+def test_check_refuses_a_generation_split_the_job_cannot_hold(capsys, overrides, expected):
+    code, err = _check(capsys, *overrides)
+    assert code == 2 and expected in err and "\n" not in err
+
+
+def test_check_accepts_half_the_gpus_generating_at_their_own_tp(capsys):
+    split = [
+        *ASYNC,
+        "policy.generation.colocated.resources.gpus_per_node=4",
+        "policy.generation.tensor_model_parallel_size=2",
+    ]
+    assert _check(capsys, *split)[0] == 0
