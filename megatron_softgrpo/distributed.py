@@ -244,6 +244,18 @@ def validate_layout(
         )
 
 
+def role_of(
+    rank: int, world_size: int, generation: GenerationLayout | None
+) -> tuple[str, int, int]:
+    """(role, rank in the role's world, the role's world size) of a global rank: the last
+    `generation.ranks` ranks generate. Launchers number ranks node by node (torchrun, Slurm's
+    default block distribution), so whole generation nodes are the job's last nodes."""
+    training = world_size - (generation.ranks if generation else 0)
+    if rank < training:
+        return "train", rank, training
+    return "generation", rank - training, world_size - training
+
+
 _CPU_GROUP = None
 _BRIDGES = None
 
@@ -268,13 +280,10 @@ def init_distributed(
     model_patches.apply_all()
     env = detect_launch_env()
     validate_layout(env.world_size, layout, generation)
+    role, role_rank, role_size = role_of(env.rank, env.world_size, generation)
     training = env.world_size - (generation.ranks if generation else 0)
-    role = "train" if env.rank < training else "generation"
     if role == "generation":
         layout = ParallelLayout(generation.tensor_parallel, 1)
-    role_rank, role_size = (
-        (env.rank, training) if role == "train" else (env.rank - training, generation.ranks)
-    )
     use_cuda = torch.cuda.is_available()
     global _CPU_GROUP, _BRIDGES
     store = None

@@ -73,8 +73,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SAMPLING_LOGIT_COPIES = 4  # fp32 logits and the sampler's temporaries (scaled, sorted, masked)
 FP32 = 4
 
-RESIDENT, ROLLOUT, LOGPROB, UPDATE = "resident", "rollout", "logprob", "update"
-TRANSIENT_PHASES = (ROLLOUT, LOGPROB, UPDATE)
+RESIDENT, ROLLOUT, LOGPROB, UPDATE, REFIT = "resident", "rollout", "logprob", "update", "refit"
+TRANSIENT_PHASES = (ROLLOUT, LOGPROB, UPDATE, REFIT)
+REFIT_BUCKET_BYTES = 256 << 20  # train/refit.py BUCKET_BYTES (not imported: plan stays torch-free)
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,9 @@ class Plan:
     workload: Workload
     stages: tuple[StagePlan, ...]
     gpu_mem_bytes: int
+    generation: StagePlan | None = None  # one dedicated generation rank
+    generation_tp: int = 1
+    generation_ranks: int = 0
 
     @property
     def fullest(self) -> StagePlan:
@@ -182,7 +186,8 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.fullest.peak <= self.gpu_mem_bytes
+        gen = 0 if self.generation is None else self.generation.peak
+        return max(self.fullest.peak, gen) <= self.gpu_mem_bytes
 
 
 # ------------------------------------------------------------------ parameters
@@ -385,23 +390,68 @@ def _update(
     )
 
 
-def stage_plan(arch: ModelArch, w: Workload, layout: Layout, stage: int) -> StagePlan:
-    """Every memory item of one GPU of pipeline stage `stage`."""
+def stage_plan(
+    arch: ModelArch, w: Workload, layout: Layout, stage: int, dedicated: bool = False
+) -> StagePlan:
+    """Every memory item of one GPU of pipeline stage `stage` (`dedicated`: generation ranks
+    decode, and this stage's first GPU sends them its weights instead)."""
     layers = arch.num_layers // layout.pp
     last = stage == layout.pp - 1
     out = _Items()
     _resident(
         out, w, layout.dp, stage_parameters(arch, layout.tp, layout.pp, stage, w.padded_vocab)
     )
-    _rollout(out, arch, w, layout.tp, layers, last)
+    if dedicated:
+        out.add(
+            "refit bucket (send)",
+            (REFIT,),
+            2 * REFIT_BUCKET_BYTES,
+            "the gathered full tensors of one bucket and their packed copy",
+        )
+    else:
+        _rollout(out, arch, w, layout.tp, layers, last)
     _logprob(out, arch, w, layout.tp, last)
     _update(out, arch, w, layout, stage, layers, last)
     return StagePlan(stage, tuple(out.items))
 
 
-def plan_memory(arch: ModelArch, workload: Workload, layout: Layout, gpu_mem_gib: float) -> Plan:
-    stages = tuple(stage_plan(arch, workload, layout, s) for s in range(layout.pp))
-    return Plan(arch.num_parameters(), layout, workload, stages, int(gpu_mem_gib * GIB))
+def generation_plan(arch: ModelArch, w: Workload, tp: int) -> StagePlan:
+    """One dedicated generation rank: its copy of the model (TP `tp`, PP 1, no gradients or
+    optimizer), one training block's rows decoded at a time (`w.rollout_rows`), one refit
+    bucket received between requests."""
+    out = _Items()
+    params = stage_parameters(arch, tp, 1, 0, w.padded_vocab)
+    out.add(
+        "weights", (RESIDENT,), params * w.dtype_bytes, f"{params:,} params x {w.dtype_bytes} B"
+    )
+    out.add("overhead", (RESIDENT,), OVERHEAD_GIB * GIB, "CUDA context, NCCL/cuBLAS workspaces")
+    _rollout(out, arch, w, tp, arch.num_layers, last=True)
+    out.add("refit bucket (receive)", (REFIT,), REFIT_BUCKET_BYTES, "one bucket of full tensors")
+    return StagePlan(0, tuple(out.items))
+
+
+def plan_memory(
+    arch: ModelArch,
+    workload: Workload,
+    layout: Layout,
+    gpu_mem_gib: float,
+    generation_ranks: int = 0,
+    generation_tp: int = 1,
+) -> Plan:
+    """The training ranks' plan, and with `generation_ranks` dedicated ones, theirs."""
+    dedicated = generation_ranks > 0
+    stages = tuple(stage_plan(arch, workload, layout, s, dedicated) for s in range(layout.pp))
+    generation = generation_plan(arch, workload, generation_tp) if dedicated else None
+    return Plan(
+        arch.num_parameters(),
+        layout,
+        workload,
+        stages,
+        int(gpu_mem_gib * GIB),
+        generation,
+        generation_tp,
+        generation_ranks,
+    )
 
 
 def _gib(n: float) -> str:
@@ -437,20 +487,35 @@ def format_plan(plan: Plan, arch: ModelArch, recipe: str, cfg: RecipeCfg) -> str
         lines.append(
             f"  {item.name:<26} {'+'.join(item.phases):<16} {_gib(item.bytes):>8}  {item.formula}"
         )
-    totals = {p: fullest.phase_bytes(p) for p in (RESIDENT, *TRANSIENT_PHASES)}
-    lines.append(
-        f"total: {_gib(fullest.peak)} GiB = resident {_gib(totals[RESIDENT])} + max(rollout {_gib(totals[ROLLOUT])}, "
-        f"logprob {_gib(totals[LOGPROB])}, update {_gib(totals[UPDATE])})"
-    )
+    lines.append(_total(fullest))
     if lay.pp > 1:
         lines.append(
             "stage totals: " + ", ".join(f"{s.stage}: {_gib(s.peak)}" for s in plan.stages) + " GiB"
         )
+    peak = fullest.peak
+    if plan.generation is not None:
+        lines.append(
+            f"per-GPU memory of a generation rank ({plan.generation_ranks} at TP "
+            f"{plan.generation_tp}, PP 1; {w.rollout_rows} rows at a time), GiB:"
+        )
+        for item in plan.generation.items:
+            lines.append(
+                f"  {item.name:<26} {'+'.join(item.phases):<16} {_gib(item.bytes):>8}  {item.formula}"
+            )
+        lines.append(_total(plan.generation))
+        peak = max(peak, plan.generation.peak)
     lines.append(
-        f"gpu memory: {_gib(plan.gpu_mem_bytes)} GiB (headroom {_gib(plan.gpu_mem_bytes - fullest.peak)} GiB)"
+        f"gpu memory: {_gib(plan.gpu_mem_bytes)} GiB (headroom {_gib(plan.gpu_mem_bytes - peak)} GiB)"
     )
     lines.append(f"fits: {'yes' if plan.fits else 'no'}")
     return "\n".join(lines)
+
+
+def _total(stage: StagePlan) -> str:
+    """The peak as resident + the largest phase (the phases with items)."""
+    phases = [p for p in TRANSIENT_PHASES if any(p in item.phases for item in stage.items)]
+    largest = ", ".join(f"{p} {_gib(stage.phase_bytes(p))}" for p in phases)
+    return f"total: {_gib(stage.peak)} GiB = resident {_gib(stage.phase_bytes(RESIDENT))} + max({largest})"
 
 
 def run_plan(
@@ -465,15 +530,18 @@ def run_plan(
     cfg = loaded.cfg
     mcfg = cfg.policy.megatron_cfg
     tp, pp = mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size
+    generating = cfg.policy.generation.generation_ranks()
     # CPU recipes (gpus_per_node: 0) plan one model replica unless --gpus says otherwise
-    world = gpus or cluster_world_size(cfg.cluster) or tp * pp
+    world = gpus or cluster_world_size(cfg.cluster) or tp * pp + generating
     arch = validate(loaded, world, training=True)
-    layout = Layout(tp, pp, world // (tp * pp))
+    layout = Layout(tp, pp, (world - generating) // (tp * pp))
     plan = plan_memory(
         arch,
         Workload.from_recipe(cfg, arch, layout),
         layout,
         gpu_mem_gib or cfg.cluster.gpu_mem_gib,
+        generating,
+        cfg.policy.generation.tensor_model_parallel_size or tp,
     )
     print(format_plan(plan, arch, recipe, cfg))
     return 0 if plan.fits else 1

@@ -183,6 +183,10 @@ def _check(capsys, *overrides) -> tuple[int, str]:
             "grpo.async_grpo.enabled=true: needs loss_fn.use_importance_sampling_correction: true",
         ),
         (
+            [*DEDICATED[:1], "policy.generation.colocated.resources.gpus_per_node=6"],
+            "6 generation replicas (ranks / TP 1) for 2 training data-parallel ranks",
+        ),
+        (
             [*ASYNC, "grpo.async_grpo.max_trajectory_age_steps=2"],
             "max_trajectory_age_steps=2: at most 1 for now",
         ),
@@ -195,6 +199,7 @@ def _check(capsys, *overrides) -> tuple[int, str]:
         "training-dp",
         "async-colocated",
         "async-uncorrected",
+        "idle-replicas",
         "async-age-2",
     ],
 )

@@ -206,3 +206,26 @@ def test_collectives_take_the_parallel_state_they_run_on():
     for rank, got in enumerate((pp0, pp1)):
         assert got[1] == [[rank, 10 + rank]]  # DP=1: a rank's own rows
         assert got[5] == [101, 1]  # the last stage's values on both stages
+
+
+def test_generation_ranks_are_the_last_node_of_a_two_node_slurm_job():
+    """The async 7B recipe's split (8 generation ranks of 16): Slurm's block distribution puts
+    tasks 8-15 on the second node, and those are the generation ranks, numbered 0-7 there."""
+    from megatron_softgrpo.distributed import GenerationLayout, role_of
+
+    split = GenerationLayout(ranks=8, tensor_parallel=4)
+    roles = []
+    for task in range(16):
+        env = detect_launch_env(
+            {
+                "SLURM_PROCID": str(task),
+                "SLURM_NTASKS": "16",
+                "SLURM_LOCALID": str(task % 8),
+                "SLURM_JOB_NODELIST": "gpu[07-08]",
+                "SLURM_JOB_ID": "7",
+            }
+        )
+        roles.append(role_of(env.rank, env.world_size, split))
+    assert roles[:8] == [("train", t, 8) for t in range(8)]
+    assert roles[8:] == [("generation", t, 8) for t in range(8)]
+    assert role_of(3, 4, None) == ("train", 3, 4)  # colocated: one role

@@ -324,6 +324,38 @@ def test_peak_is_resident_plus_the_largest_phase_and_no_reference_without_kl():
     )
 
 
+def test_dedicated_generation_ranks_decode_and_the_training_ranks_send_weights():
+    """The training stage loses its rollout items and gains a refit bucket; a generation rank
+    holds its model copy (no gradients, no optimizer) and one block's KV cache; the plan fits
+    only when both kinds of rank do."""
+    w = workload()
+    plan = plan_memory(ARCH_7B, w, Layout(4, 1, 2), 80, generation_ranks=8, generation_tp=2)
+    training = {i.name: i.bytes for i in plan.stages[0].items}
+    assert "rollout KV cache" not in training and training["refit bucket (send)"] == 512 << 20
+    big = workload(rollout_rows=512)  # a rollout larger than the update: it set the peak
+    assert (
+        plan_memory(ARCH_7B, big, Layout(4, 1, 2), 80, 8, 2).stages[0].peak
+        == (plan.stages[0].peak)
+        < plan_memory(ARCH_7B, big, Layout(4, 1, 2), 80).stages[0].peak
+    )
+    generating = {i.name: i.bytes for i in plan.generation.items}
+    assert set(generating) == {
+        "weights",
+        "overhead",
+        "rollout KV cache",
+        "rollout working memory",
+        "refit bucket (receive)",
+    }
+    assert generating["weights"] == stage_parameters(ARCH_7B, 2, 1, 0, 152064) * 2
+    assert generating["rollout KV cache"] == kv_cache_bytes(ARCH_7B, 2, 28, 64, 9216, 2)
+    assert plan.generation.peak == generating["weights"] + generating["overhead"] + (
+        generating["rollout KV cache"] + generating["rollout working memory"]
+    )
+    # 512 rows at a time: the training ranks fit in 80 GB, a generation rank does not
+    tight = plan_memory(ARCH_7B, big, Layout(4, 1, 2), 80, generation_ranks=8, generation_tp=2)
+    assert tight.stages[0].peak <= 80 * GIB < tight.generation.peak and not tight.fits
+
+
 # ------------------------------------------------------------------ the command and the recipes
 
 

@@ -250,6 +250,17 @@ def _check_generation_ranks(
             "policy.generation.colocated.resources",
             f"{ranks} generation ranks leave none of the job's {world_size} processes to train",
         )
+    mcfg = loaded.cfg.policy.megatron_cfg
+    training_dp = (world_size - ranks) // (
+        mcfg.tensor_model_parallel_size * mcfg.pipeline_model_parallel_size
+    )
+    if ranks // tp > training_dp:
+        raise loaded.error(
+            "policy.generation.colocated.resources",
+            f"{ranks // tp} generation replicas (ranks / TP {tp}) for {training_dp} training "
+            "data-parallel ranks: a replica decodes whole training blocks, so some would idle; "
+            "use fewer generation ranks or a larger policy.generation.tensor_model_parallel_size",
+        )
     return world_size - ranks
 
 
