@@ -5,23 +5,27 @@ Megatron-Core 0.16 builds its groups over the default world, so each role gets a
 own and a bridge spans the two: a gloo backend on the job's rendezvous store under its own
 prefix, outside torch's registry of groups. It therefore speaks through the backend's own
 methods (torch's `dist.send(group=...)` refuses an unregistered group), and its timeout bounds
-every wait: a peer that died raises instead of hanging.
+every wait: a peer that died (its connection closes) or stopped answering raises `PeerLost`,
+one line naming it, instead of hanging.
 """
 
 from __future__ import annotations
 
 import datetime
 import pickle
+import re
 
 import torch
 import torch.distributed as dist
+
+from megatron_softgrpo.errors import PeerLost
 
 
 class Bridge:
     """Ranks `members` (global ranks, in bridge-rank order) of the job; the caller is one."""
 
     def __init__(self, store, name: str, members: list[int], global_rank: int, timeout_s: float):
-        self.members = list(members)
+        self.name, self.members, self.timeout_s = name, list(members), timeout_s
         self.rank = self.members.index(global_rank)
         self.size = len(self.members)
         self._pg = dist.ProcessGroupGloo(
@@ -36,7 +40,8 @@ class Bridge:
         host = tensor if tensor.device.type == "cpu" else tensor.cpu()
         options = dist.BroadcastOptions()
         options.rootRank = src
-        self._pg.broadcast([host], options).wait()
+        others = [r for i, r in enumerate(self.members) if i != self.rank]
+        self._wait(self._pg.broadcast([host], options), f"one of global ranks {others}")
         if host is not tensor:
             tensor.copy_(host)
         return tensor
@@ -52,16 +57,26 @@ class Bridge:
         return _unpickled(self.broadcast(payload, src))
 
     def send_object(self, obj, dst: int) -> None:
-        payload = _pickled(obj)
-        self._pg.send([torch.tensor([len(payload)])], dst, 0).wait()
-        self._pg.send([payload], dst, 1).wait()
+        payload, peer = _pickled(obj), f"global rank {self.members[dst]}"
+        self._wait(self._pg.send([torch.tensor([len(payload)])], dst, 0), peer)
+        self._wait(self._pg.send([payload], dst, 1), peer)
 
     def recv_object(self, src: int):
-        size = torch.zeros(1, dtype=torch.int64)
-        self._pg.recv([size], src, 0).wait()
+        size, peer = torch.zeros(1, dtype=torch.int64), f"global rank {self.members[src]}"
+        self._wait(self._pg.recv([size], src, 0), peer)
         payload = torch.empty(int(size), dtype=torch.uint8)
-        self._pg.recv([payload], src, 1).wait()
+        self._wait(self._pg.recv([payload], src, 1), peer)
         return _unpickled(payload)
+
+    def _wait(self, work, peer: str) -> None:
+        try:
+            work.wait()
+        except RuntimeError as e:  # gloo: a closed connection, or the timeout
+            what = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip()).split(". ")[0]  # no file:line
+            raise PeerLost(
+                f"{self.name} bridge: {peer} died or did not answer within {self.timeout_s:.0f} s "
+                f"({what})"
+            ) from None
 
 
 def _pickled(obj) -> torch.Tensor:

@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from megatron_softgrpo.errors import UserError
+from megatron_softgrpo.errors import OneLineError, UserError
 
 
 def _split_overrides(items: list[str], known: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         ns.overrides = [*ns.overrides, *extra]
     try:
         return ns.func(ns)
-    except UserError as e:
+    except OneLineError as e:
         print(f"softgrpo {ns.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     finally:

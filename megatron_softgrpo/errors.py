@@ -1,11 +1,21 @@
-"""User-facing errors: the CLI prints them as one line and exits with their code."""
+"""Errors the CLI prints as one line and exits with their code."""
 
 
-class UserError(Exception):
-    """Bad input from the user (recipe, file, flag). Printed as one line; exit code 2."""
+class OneLineError(Exception):
+    """Printed as one line; exit code 1 (a failure of the job, not of its input)."""
+
+    exit_code = 1
+
+
+class UserError(OneLineError):
+    """Bad input from the user (recipe, file, flag). Exit code 2."""
 
     exit_code = 2
 
 
 class ConfigError(UserError):
     """A recipe that cannot be loaded, merged or validated."""
+
+
+class PeerLost(OneLineError):
+    """A rank of the other role died or stopped answering within the timeout."""

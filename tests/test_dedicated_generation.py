@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from builders import ROOT, TRAIN_DATA, write_recipe
 from distributed_helpers import run_ranks
 from tiny_models import make_hf_model
@@ -215,3 +216,30 @@ def test_check_accepts_half_the_gpus_generating_at_their_own_tp(capsys):
         "policy.generation.tensor_model_parallel_size=2",
     ]
     assert _check(capsys, *split)[0] == 0
+
+
+def _rank_left_or_waiting(rank):
+    import time
+
+    from megatron_softgrpo.bridge import Bridge
+    from megatron_softgrpo.distributed import ParallelLayout, init_distributed
+    from megatron_softgrpo.errors import PeerLost
+
+    init_distributed(ParallelLayout(1, 1))
+    store = torch.distributed.distributed_c10d._get_default_store()
+    bridge = Bridge(store, "control", [0, 1], rank, timeout_s=600)
+    if rank == 1:
+        return None  # exits: its connections close
+    start = time.monotonic()
+    try:
+        bridge.recv_object(1)
+    except PeerLost as e:
+        return str(e), time.monotonic() - start
+    return "received", 0.0
+
+
+@pytest.mark.multiproc
+def test_a_peer_that_dies_is_named_in_one_line_long_before_the_timeout():
+    (message, waited), _ = run_ranks(2, _rank_left_or_waiting)
+    assert message.startswith("control bridge: global rank 1 died or did not answer within 600 s")
+    assert "\n" not in message and "pair.cc" not in message and waited < 60
