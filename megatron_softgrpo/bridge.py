@@ -41,7 +41,8 @@ class Bridge:
         options = dist.BroadcastOptions()
         options.rootRank = src
         others = [r for i, r in enumerate(self.members) if i != self.rank]
-        self._wait(self._pg.broadcast([host], options), f"one of global ranks {others}")
+        peer = f"global rank {others[0]}" if len(others) == 1 else f"one of global ranks {others}"
+        self._wait(self._pg.broadcast([host], options), peer)
         if host is not tensor:
             tensor.copy_(host)
         return tensor

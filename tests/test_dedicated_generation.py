@@ -121,6 +121,8 @@ def test_async_generation_at_age_1_resumes_exactly_with_a_request_in_flight(
         recipe = str(write_recipe(tmp_path / name, tiny_model, smollm2_hf_dir, data=VALIDATION))
         if name == "resumed":
             assert run_ranks(2, _train_preempted_after_step_2, recipe, ASYNC) == [75, 0]
+            # the rows decoded ahead cannot be resumed without the generation ranks
+            assert run_ranks(1, _train, recipe, []) == [2]
         assert run_ranks(2, _train, recipe, ASYNC) == [0, 0]
         runs[name] = _metrics(tmp_path / name / "run")
     straight, resumed = runs["straight"], runs["resumed"]
@@ -243,3 +245,77 @@ def test_a_peer_that_dies_is_named_in_one_line_long_before_the_timeout():
     (message, waited), _ = run_ranks(2, _rank_left_or_waiting)
     assert message.startswith("control bridge: global rank 1 died or did not answer within 600 s")
     assert "\n" not in message and "pair.cc" not in message and waited < 60
+
+
+def _rank_silent_or_waiting(rank):
+    import time
+
+    from megatron_softgrpo.bridge import Bridge
+    from megatron_softgrpo.distributed import ParallelLayout, init_distributed
+    from megatron_softgrpo.errors import PeerLost
+
+    init_distributed(ParallelLayout(1, 1))
+    store = torch.distributed.distributed_c10d._get_default_store()
+    bridge = Bridge(store, "refit", [0, 1], rank, timeout_s=2)
+    if rank == 1:
+        time.sleep(8)  # alive, never answering
+        return None
+    try:
+        bridge.broadcast(torch.zeros(3), src=1)
+    except PeerLost as e:
+        return str(e)
+    return "received"
+
+
+@pytest.mark.multiproc
+def test_a_peer_that_stops_answering_fails_the_wait_at_the_timeout():
+    message, _ = run_ranks(2, _rank_silent_or_waiting)
+    assert message.startswith("refit bridge: global rank 1 died or did not answer within 2 s")
+
+
+@pytest.mark.slow
+def test_killing_the_generation_process_mid_run_ends_training_with_one_line(
+    tmp_path, tiny_model, smollm2_hf_dir
+):
+    """Two processes started as torchrun would, without its agent (which would stop the trainer
+    itself): the generation process is killed after step 1; the trainer's next request fails at
+    once, naming it, and the run exits 1 with the completed step's line kept."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from distributed_helpers import _free_port
+
+    recipe = str(write_recipe(tmp_path, tiny_model, smollm2_hf_dir))
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "megatron_softgrpo", "train", recipe, *DEDICATED],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    trainer, generator = procs
+    seen = []
+    for line in trainer.stdout:
+        seen.append(line)
+        if line.startswith("step 1/"):
+            generator.send_signal(signal.SIGKILL)
+            break
+    killed = time.monotonic()
+    rest = trainer.communicate(timeout=120)[0]
+    generator.wait()
+    errors = [line for line in rest.splitlines() if "error" in line]
+    assert trainer.returncode == 1, "".join(seen) + rest
+    assert time.monotonic() - killed < 60
+    assert errors and errors[-1].startswith("softgrpo train: error: ")
+    assert "bridge: global rank 1 died or did not answer" in errors[-1]
+    assert [r["step"] for r in _metrics(tmp_path / "run")] == [1]

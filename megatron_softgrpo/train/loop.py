@@ -32,6 +32,7 @@ from megatron_softgrpo.data.datasets import PromptDataset
 from megatron_softgrpo.data.prompts import encode_prompt
 from megatron_softgrpo.data.sampler import PromptSampler
 from megatron_softgrpo.distributed import ParallelState, gather_data_parallel
+from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.rewards.answers import extract_answer
 from megatron_softgrpo.rewards.shaping import shaped_rewards
 from megatron_softgrpo.train.checkpointing import resume_run, save_run
@@ -78,7 +79,14 @@ class Trainer:
         cfg, watcher = self.cfg, self.watcher
         try:
             self.step, ahead = resume_run(cfg.checkpointing, self.worker, self.sampler, self.log)
-            if ahead is not None:  # the requests in flight when the checkpoint was saved
+            if ahead is not None and ahead["ahead"]:  # requests in flight at the save
+                kind = type(self.generation).__name__
+                if ahead["kind"] != kind:
+                    raise UserError(
+                        f"{cfg.checkpointing.checkpoint_dir}: the latest checkpoint holds "
+                        f"requests decoded ahead by {ahead['kind']} generation; resume with "
+                        "its policy.generation.colocated and grpo.async_grpo settings"
+                    )
                 self._ahead = deque(ahead["ahead"])
                 self.generation.restore(ahead["generation"])
             if watcher.should_stop(self.parallel):  # signalled during start-up: nothing new to save
@@ -133,7 +141,11 @@ class Trainer:
         return REQUEUE_EXIT_CODE
 
     def _save(self) -> None:
-        ahead = {"ahead": list(self._ahead), "generation": self.generation.ahead_state()}
+        ahead = {
+            "ahead": list(self._ahead),
+            "generation": self.generation.ahead_state(),
+            "kind": type(self.generation).__name__,
+        }
         save_run(
             self.cfg.checkpointing, self.worker, self.step, self.sampler, self.tokenizer, ahead
         )
