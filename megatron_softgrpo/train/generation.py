@@ -26,6 +26,7 @@ from megatron_softgrpo.distributed import ParallelState, gather_to_main, share_f
 from megatron_softgrpo.models.hf_mapping import load_full_weights, named_model_tensors, tp_gather
 from megatron_softgrpo.rollout.engine import Progress, RolloutEngine
 from megatron_softgrpo.soft import noise_state, set_noise_state
+from megatron_softgrpo.train.metrics_log import ProgressLine
 from megatron_softgrpo.train.refit import receive_weights, send_weights
 
 Blocks = list[list[list[int]]]  # per training data-parallel rank: its prompts' token ids
@@ -82,10 +83,11 @@ class Dedicated:
         self._refit_bytes = 0
         self._clock = time.perf_counter()
 
-    def submit(self, blocks: Blocks, num_generations: int) -> None:
+    def submit(self, blocks: Blocks, num_generations: int, report: str | None = None) -> None:
         """Send a request (after a refit if the policy changed), once the generation ranks are
         idle: they send each result before they read the next message, so every request in
-        flight is received first. They decode one request at a time, so this costs no overlap."""
+        flight is received first. They decode one request at a time, so this costs no overlap.
+        `report`: the generation ranks' first prints the progress under this name."""
         self._receive_in_flight()
         self._refit()
         parallel = self.parallel
@@ -94,7 +96,7 @@ class Dedicated:
         states = None if self._streams_sent else gather_to_main(parallel, mine)
         self._streams_sent = True
         if parallel.main:
-            request = (num_generations, blocks, None if states is None else dict(states))
+            request = (num_generations, blocks, None if states is None else dict(states), report)
             self.bridges.control.broadcast_object(("generate", *request), 0)
             self.in_flight += 1
 
@@ -106,9 +108,10 @@ class Dedicated:
         return self._share(results)
 
     def generate(self, blocks: Blocks, num_generations: int, progress: Progress | None = None):
-        """One request decoded after every earlier one (`progress`: the generation ranks decode
-        without reporting)."""
-        self.submit(blocks, num_generations)
+        """One request decoded after every earlier one; with a `progress`, the generation ranks'
+        first prints its own progress line, under the progress line's name."""
+        report = None if progress is None else getattr(progress, "name", "decoding")
+        self.submit(blocks, num_generations, report)
         return self._share(self._receive() if self.parallel.main else None)
 
     def drain(self) -> None:
@@ -216,7 +219,9 @@ class GenerationServer:
         streams = (receive_weights(bridges.refit, src=s) for s in range(bridges.stages))
         load_full_weights(self.engine.model, itertools.chain.from_iterable(streams), "refit")
 
-    def _generate(self, num_generations: int, blocks: Blocks, states: dict | None, start) -> None:
+    def _generate(
+        self, num_generations: int, blocks: Blocks, states: dict | None, report, start
+    ) -> None:
         """Block i goes to generation data-parallel rank i mod DP and continues stream i."""
         parallel = self.parallel
         self.states.update(states or {})
@@ -225,7 +230,12 @@ class GenerationServer:
             if i % parallel.dp != parallel.dp_rank or not prompts:
                 continue
             set_noise_state(self.states[i])
-            batch = self.engine.generate(prompts, num_generations).to("cpu")
+            progress = None
+            if report is not None:
+                name = f"{report} (generation ranks, block {i})"
+                steps = self.engine.settings.max_new_tokens
+                progress = ProgressLine(name, len(prompts), steps, parallel.main)
+            batch = self.engine.generate(prompts, num_generations, progress).to("cpu")
             self.states[i] = noise_state()
             out.append((i, batch, self.states[i]))
         gathered = gather_to_main(parallel, out if parallel.replica_lead else [])
