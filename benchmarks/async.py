@@ -162,7 +162,8 @@ def main() -> None:
             for arm in results:
                 s = summary(run_arm(arm, args.steps, Path(tmp) / f"{arm}{r}"))
                 results[arm].append(s)
-                print(f"round {r + 1} {arm}: " + ", ".join(f"{k} {v:.3g}" for k, v in s.items()))
+                line = ", ".join(f"{k} {v:.3g}" for k, v in s.items())
+                print(f"round {r + 1} {arm}: {line}", flush=True)
     for arm, runs in results.items():
         print(f"{arm}/steps_per_hour: {statistics.mean(s['steps_per_hour'] for s in runs):.1f}")
     for r, (c, a) in enumerate(zip(results["colocated"], results["async"], strict=True)):

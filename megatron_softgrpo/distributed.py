@@ -68,11 +68,11 @@ class GenerationLayout:
 class Bridges:
     """The two roles' meeting points (see the module docstring), on both roles' ranks."""
 
-    # None on a rank outside it
-    control: Bridge | None  # bridge rank 0: the training main rank; 1..: the generation ranks
-    refit: (
-        Bridge | None
-    )  # bridge ranks 0..PP-1: the training stages' first ranks; then the generation ranks
+    # None on a rank outside it. control: bridge rank 0 is the training main rank, then the
+    # generation ranks; refit: bridge ranks 0..PP-1 are the training stages' first ranks, then
+    # the generation ranks
+    control: Bridge | None
+    refit: Bridge | None
     stages: int  # training pipeline stages (the refit's senders)
 
 
@@ -93,9 +93,7 @@ class ParallelState:
     pp_prev_rank: int  # global ranks of the previous, next and last stage of this rank's pipeline
     pp_next_rank: int
     pp_last_rank: int
-    cpu_group: (
-        Any  # all ranks of the role, gloo even under NCCL: for Python objects and small flags
-    )
+    cpu_group: Any  # the role's ranks, gloo even under NCCL: Python objects and small flags
     role: str = "train"  # "train" | "generation" (dedicated generation ranks)
     bridges: Bridges | None = None  # with dedicated generation ranks
 
@@ -281,7 +279,6 @@ def init_distributed(
     env = detect_launch_env()
     validate_layout(env.world_size, layout, generation)
     role, role_rank, role_size = role_of(env.rank, env.world_size, generation)
-    training = env.world_size - (generation.ranks if generation else 0)
     if role == "generation":
         layout = ParallelLayout(generation.tensor_parallel, 1)
     use_cuda = torch.cuda.is_available()
@@ -324,11 +321,11 @@ def init_distributed(
     launch = replace(env, rank=role_rank, world_size=role_size)
     state = ParallelState.current(launch, _CPU_GROUP, role)
     if generation is not None and _BRIDGES is None and store is not None:
-        _BRIDGES = _bridges(store, state, env, training, 60.0 * timeout_minutes)
+        _BRIDGES = _bridges(store, state, env, generation.ranks, 60.0 * timeout_minutes)
     return replace(state, bridges=_BRIDGES)
 
 
-def _bridges(store, state: ParallelState, env: LaunchEnv, training: int, timeout_s: float):
+def _bridges(store, state: ParallelState, env: LaunchEnv, generating: int, timeout_s: float):
     """Both bridges (every rank of the job calls this once, after its role's initialisation).
     The training stages' first ranks are published on the store: the generation ranks cannot
     know Megatron's rank order."""
@@ -341,6 +338,7 @@ def _bridges(store, state: ParallelState, env: LaunchEnv, training: int, timeout
             store.set(key, json.dumps([rank for _, rank in sorted(x for x in leads if x)]))
     store.wait([key])
     stage_leads = json.loads(store.get(key))
+    training = env.world_size - generating
     generators = list(range(training, env.world_size))
     return Bridges(
         control=Bridge(store, "control", [0, *generators], global_rank, timeout_s)

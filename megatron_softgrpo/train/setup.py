@@ -78,11 +78,10 @@ def setup(loaded: LoadedRecipe, watcher: PreemptionWatcher) -> Trainer | Generat
             )
         )
     if parallel.launch.launcher != "single" and parallel.main:
-        dedicated = cfg.policy.generation.generation_ranks()
+        dedicated, world = cfg.policy.generation.generation_ranks(), parallel.launch.world_size
         print(
-            f"[softgrpo] {parallel.launch.world_size} ranks: TP={parallel.tp} "
-            f"PP={parallel.pp} DP={parallel.dp}"
-            + (f", and {dedicated} generation ranks" if dedicated else ""),
+            f"[softgrpo] {_ranks(world)}: TP={parallel.tp} PP={parallel.pp} DP={parallel.dp}"
+            + (f", and {_ranks(dedicated)} generating" if dedicated else ""),
             flush=True,
         )
     return Trainer(
@@ -108,6 +107,10 @@ def setup(loaded: LoadedRecipe, watcher: PreemptionWatcher) -> Trainer | Generat
         log=MetricsLog(cfg.logger, loaded.raw, enabled=parallel.main),
         watcher=watcher,
     )
+
+
+def _ranks(n: int) -> str:
+    return f"{n} rank" + ("s" if n != 1 else "")
 
 
 def generation_layout(cfg: RecipeCfg) -> GenerationLayout | None:
