@@ -212,6 +212,19 @@ def test_check_refuses_a_generation_split_the_job_cannot_hold(capsys, overrides,
     assert code == 2 and expected in err and "\n" not in err
 
 
+def test_only_training_splits_off_the_generation_ranks():
+    """`softgrpo eval` of a recipe whose training would leave no rank to train runs on them all."""
+    from megatron_softgrpo.config.checks import validate
+    from megatron_softgrpo.config.loader import load_recipe
+    from megatron_softgrpo.errors import UserError
+
+    every_gpu = [*DEDICATED[:1], "policy.generation.colocated.resources.gpus_per_node=8"]
+    loaded = load_recipe(GPU_RECIPE, every_gpu)
+    assert validate(loaded, 8, training=False).num_layers == 28
+    with pytest.raises(UserError, match="leave none of the job's 8 processes to train"):
+        validate(loaded, 8, training=True)
+
+
 def test_check_accepts_half_the_gpus_generating_at_their_own_tp(capsys):
     split = [
         *ASYNC,

@@ -214,7 +214,8 @@ def validate(loaded: LoadedRecipe, world_size: int | None, training: bool) -> Mo
     """Every rule of a job of `world_size` processes (None: one CPU process) that `load_recipe` did
     not already check; `training`: also those of `softgrpo train`. Returns the model's architecture."""
     arch, padded = recipe_model(loaded)
-    world_size = _check_generation_ranks(loaded, arch, padded, world_size)
+    if training:  # only `train` splits off generation ranks; eval and generate use every rank
+        world_size = _check_generation_ranks(loaded, arch, padded, world_size)
     _check_model_fit(loaded, arch, padded, world_size)
     if training:
         _check_data_parallel(loaded, world_size)
