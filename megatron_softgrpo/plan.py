@@ -66,6 +66,7 @@ from megatron_softgrpo.config.schema import RecipeCfg
 from megatron_softgrpo.errors import UserError
 from megatron_softgrpo.models.arch import ModelArch
 from megatron_softgrpo.soft.logprob import DEFAULT_CHUNK_SIZE
+from megatron_softgrpo.train.refit import BUCKET_BYTES as REFIT_BUCKET_BYTES
 
 GIB = 2**30
 OVERHEAD_GIB = 5.0
@@ -75,7 +76,6 @@ FP32 = 4
 
 RESIDENT, ROLLOUT, LOGPROB, UPDATE, REFIT = "resident", "rollout", "logprob", "update", "refit"
 TRANSIENT_PHASES = (ROLLOUT, LOGPROB, UPDATE, REFIT)
-REFIT_BUCKET_BYTES = 256 << 20  # train/refit.py BUCKET_BYTES (not imported: plan stays torch-free)
 
 
 @dataclass(frozen=True)
@@ -483,11 +483,7 @@ def format_plan(plan: Plan, arch: ModelArch, recipe: str, cfg: RecipeCfg) -> str
         f"({'the only stage' if lay.pp == 1 else f'the fullest of {lay.pp}'}), GiB:",
         f"  {'item':<26} {'phase':<16} {'GiB':>8}  formula",
     ]
-    for item in fullest.items:
-        lines.append(
-            f"  {item.name:<26} {'+'.join(item.phases):<16} {_gib(item.bytes):>8}  {item.formula}"
-        )
-    lines.append(_total(fullest))
+    lines += _stage_lines(fullest)
     if lay.pp > 1:
         lines.append(
             "stage totals: " + ", ".join(f"{s.stage}: {_gib(s.peak)}" for s in plan.stages) + " GiB"
@@ -498,11 +494,7 @@ def format_plan(plan: Plan, arch: ModelArch, recipe: str, cfg: RecipeCfg) -> str
             f"per-GPU memory of a generation rank ({plan.generation_ranks} at TP "
             f"{plan.generation_tp}, PP 1; {w.rollout_rows} rows at a time), GiB:"
         )
-        for item in plan.generation.items:
-            lines.append(
-                f"  {item.name:<26} {'+'.join(item.phases):<16} {_gib(item.bytes):>8}  {item.formula}"
-            )
-        lines.append(_total(plan.generation))
+        lines += _stage_lines(plan.generation)
         peak = max(peak, plan.generation.peak)
     lines.append(
         f"gpu memory: {_gib(plan.gpu_mem_bytes)} GiB (headroom {_gib(plan.gpu_mem_bytes - peak)} GiB)"
@@ -511,11 +503,17 @@ def format_plan(plan: Plan, arch: ModelArch, recipe: str, cfg: RecipeCfg) -> str
     return "\n".join(lines)
 
 
-def _total(stage: StagePlan) -> str:
-    """The peak as resident + the largest phase (the phases with items)."""
+def _stage_lines(stage: StagePlan) -> list[str]:
+    """One line per memory item, then the peak as resident + the largest phase (of those with
+    items)."""
+    lines = [
+        f"  {i.name:<26} {'+'.join(i.phases):<16} {_gib(i.bytes):>8}  {i.formula}"
+        for i in stage.items
+    ]
     phases = [p for p in TRANSIENT_PHASES if any(p in item.phases for item in stage.items)]
     largest = ", ".join(f"{p} {_gib(stage.phase_bytes(p))}" for p in phases)
-    return f"total: {_gib(stage.peak)} GiB = resident {_gib(stage.phase_bytes(RESIDENT))} + max({largest})"
+    resident = _gib(stage.phase_bytes(RESIDENT))
+    return [*lines, f"total: {_gib(stage.peak)} GiB = resident {resident} + max({largest})"]
 
 
 def run_plan(
@@ -541,7 +539,7 @@ def run_plan(
         layout,
         gpu_mem_gib or cfg.cluster.gpu_mem_gib,
         generating,
-        cfg.policy.generation.tensor_model_parallel_size or tp,
+        cfg.policy.generation_tensor_parallel(),
     )
     print(format_plan(plan, arch, recipe, cfg))
     return 0 if plan.fits else 1

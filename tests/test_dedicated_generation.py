@@ -129,10 +129,10 @@ def test_async_generation_at_age_1_resumes_exactly_with_a_request_in_flight(
     straight, resumed = runs["straight"], runs["resumed"]
     assert [r["async/trajectory_age_max"] for r in straight] == [0, 1, 1, 1]
     assert [r["async/trajectory_age_mean"] for r in straight] == [0, 1, 1, 1]
-    # the rows of an older policy: their recorded densities differ from the trained policy's
-    assert all(
-        r["rollout_logp_mismatch"] > 10 * straight[0]["rollout_logp_mismatch"] for r in straight[1:]
-    )
+    # rows of an older policy: their recorded densities differ from the trained policy's by far
+    # more than the engine and the trainer disagree on the same weights (<= 1e-5, step 1's case)
+    mismatch = [r["rollout_logp_mismatch"] for r in straight]
+    assert mismatch[0] < 1e-5 < min(mismatch[1:])
     unequal = (
         TIMING_KEYS
         | set(OPTIONAL_KEYS["policy.generation.colocated.enabled"])

@@ -232,7 +232,7 @@ def _check_generation_ranks(
     if not ranks:
         return world_size
     key = "policy.generation.tensor_model_parallel_size"
-    tp = gen.tensor_model_parallel_size or loaded.cfg.policy.megatron_cfg.tensor_model_parallel_size
+    tp = loaded.cfg.policy.generation_tensor_parallel()
     problem = arch.layout_problem(tp, 1)
     if problem:
         raise loaded.error(key, problem[1])

@@ -141,6 +141,13 @@ class PolicyCfg(Section):
     generation: GenerationCfg = Field(default_factory=GenerationCfg)
     megatron_cfg: MegatronCfg = Field(default_factory=MegatronCfg)
 
+    def generation_tensor_parallel(self) -> int:
+        """The dedicated generation ranks' TP size: their own, else the training one."""
+        return (
+            self.generation.tensor_model_parallel_size
+            or self.megatron_cfg.tensor_model_parallel_size
+        )
+
 
 # ---------------------------------------------------------------- algorithm
 

@@ -12,7 +12,7 @@ Before a request, the generation ranks are refit (`train/refit.py`) when the pol
 their last weights, the version being the trainer's optimizer-step count. Block i is decoded with
 training data-parallel rank i's noise stream: the first request carries each rank's state, the
 generation ranks continue the streams from there, and every result brings the states back, so
-the training ranks hold the latest ones (`drain` before a checkpoint) and, with nothing decoded
+the training ranks hold the latest ones (`ahead_state` before a checkpoint) and, with nothing decoded
 ahead, a run writes the colocated run's metrics.
 """
 
@@ -51,9 +51,6 @@ class Colocated:
     def generate(self, blocks: Blocks, num_generations: int, progress: Progress | None = None):
         mine = blocks[self.engine.parallel.dp_rank]
         return self.engine.generate(mine, num_generations, progress) if mine else None
-
-    def drain(self) -> None:
-        pass
 
     def ahead_state(self) -> list:
         """What restores the requests not yet collected (decoded when collected)."""
@@ -114,15 +111,12 @@ class Dedicated:
         self.submit(blocks, num_generations, report)
         return self._share(self._receive() if self.parallel.main else None)
 
-    def drain(self) -> None:
-        """Receive every request in flight (kept for `collect`), and give each training rank its
-        stream's latest noise state (a checkpoint then holds it). Every training rank calls it."""
+    def ahead_state(self) -> list | None:
+        """What restores the requests not yet collected: their results (main rank). Receives
+        every request in flight first, and gives each training rank its stream's latest noise
+        state, so the checkpoint holds it. Every training rank calls it."""
         self._receive_in_flight()
         self._share(None)
-
-    def ahead_state(self) -> list | None:
-        """What restores the requests not yet collected: their results (main rank; drains)."""
-        self.drain()
         return list(self.ready) if self.parallel.main else None
 
     def restore(self, state: list | None) -> None:

@@ -118,8 +118,7 @@ def generation_layout(cfg: RecipeCfg) -> GenerationLayout | None:
     gen = cfg.policy.generation
     if gen.colocated.enabled:
         return None
-    tp = gen.tensor_model_parallel_size or cfg.policy.megatron_cfg.tensor_model_parallel_size
-    return GenerationLayout(gen.generation_ranks(), tp)
+    return GenerationLayout(gen.generation_ranks(), cfg.policy.generation_tensor_parallel())
 
 
 def _generation_server(cfg: RecipeCfg, parallel: ParallelState, tokenizer) -> GenerationServer:
