@@ -7,6 +7,11 @@ prefix, outside torch's registry of groups. It therefore speaks through the back
 methods (torch's `dist.send(group=...)` refuses an unregistered group), and its timeout bounds
 every wait: a peer that died (its connection closes) or stopped answering raises `PeerLost`,
 one line naming it, instead of hanging.
+
+On GPUs (`device` cuda) a bridge also holds an NCCL backend on the same store, and tensors on
+the device travel over it without passing through host memory (the refit's buckets); objects
+still go over gloo. NCCL's waits are the stream's, not the host's: a lost peer surfaces as
+NCCL's watchdog timeout, not as `PeerLost`.
 """
 
 from __future__ import annotations
@@ -20,26 +25,44 @@ import torch.distributed as dist
 
 from megatron_softgrpo.errors import PeerLost
 
+CPU = torch.device("cpu")
+
 
 class Bridge:
     """Ranks `members` (global ranks, in bridge-rank order) of the job; the caller is one."""
 
-    def __init__(self, store, name: str, members: list[int], global_rank: int, timeout_s: float):
+    def __init__(
+        self,
+        store,
+        name: str,
+        members: list[int],
+        global_rank: int,
+        timeout_s: float,
+        device: torch.device = CPU,
+    ):
         self.name, self.members, self.timeout_s = name, list(members), timeout_s
         self.rank = self.members.index(global_rank)
         self.size = len(self.members)
-        self._pg = dist.ProcessGroupGloo(
-            dist.PrefixStore(f"bridge/{name}/", store),
-            self.rank,
-            self.size,
-            datetime.timedelta(seconds=timeout_s),
-        )
+        self.device = device  # where the tensors it broadcasts are received
+        timeout = datetime.timedelta(seconds=timeout_s)
+        prefixed = dist.PrefixStore(f"bridge/{name}/", store)
+        self._pg = dist.ProcessGroupGloo(prefixed, self.rank, self.size, timeout)
+        self._nccl = None
+        if device.type == "cuda":  # untested here: no machine with two GPUs
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            nccl_store = dist.PrefixStore("nccl/", prefixed)
+            self._nccl = dist.ProcessGroupNCCL(nccl_store, self.rank, self.size, options)
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
-        """`tensor` filled in place from bridge rank `src` (gloo: through host memory)."""
-        host = tensor if tensor.device.type == "cpu" else tensor.cpu()
+        """`tensor` filled in place from bridge rank `src` (over NCCL when both are on the GPU,
+        else through host memory)."""
         options = dist.BroadcastOptions()
         options.rootRank = src
+        if self._nccl is not None and tensor.is_cuda:
+            self._nccl.broadcast([tensor], options).wait()  # the stream waits, not the host
+            return tensor
+        host = tensor if tensor.device.type == "cpu" else tensor.cpu()
         others = [r for i, r in enumerate(self.members) if i != self.rank]
         peer = f"global rank {others[0]}" if len(others) == 1 else f"one of global ranks {others}"
         self._wait(self._pg.broadcast([host], options), peer)

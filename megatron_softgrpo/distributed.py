@@ -12,9 +12,10 @@ they run is a function of it here.
 
 With dedicated generation ranks (`GenerationLayout`: the job's last ranks) the job has two
 roles, each with a default world of its own (Megatron-Core builds its groups over the default
-world), joined by two `Bridge`s: `control` (the training main rank and the generation ranks:
-requests and their results) and `refit` (each training pipeline stage's first rank and the
-generation ranks: weights).
+world), joined by three `Bridge`s: `control` (the training main rank and the generation ranks:
+requests and refits), `results` (the generation ranks' first to the training main rank) and
+`refit` (each training pipeline stage's first rank and the generation ranks: weights; NCCL
+for tensors on GPUs). Each direction has its own, so neither side's send waits on the other's.
 """
 
 from __future__ import annotations
@@ -69,9 +70,11 @@ class Bridges:
     """The two roles' meeting points (see the module docstring), on both roles' ranks."""
 
     # None on a rank outside it. control: bridge rank 0 is the training main rank, then the
-    # generation ranks; refit: bridge ranks 0..PP-1 are the training stages' first ranks, then
-    # the generation ranks
+    # generation ranks; results: the generation ranks' first (0) and the training main rank
+    # (1); refit: bridge ranks 0..PP-1 are the training stages' first ranks, then the
+    # generation ranks
     control: Bridge | None
+    results: Bridge | None
     refit: Bridge | None
     stages: int  # training pipeline stages (the refit's senders)
 
@@ -326,7 +329,7 @@ def init_distributed(
 
 
 def _bridges(store, state: ParallelState, env: LaunchEnv, generating: int, timeout_s: float):
-    """Both bridges (every rank of the job calls this once, after its role's initialisation).
+    """The bridges (every rank of the job calls this once, after its role's initialisation).
     The training stages' first ranks are published on the store: the generation ranks cannot
     know Megatron's rank order."""
     key, global_rank = "roles/stage_leads", env.rank
@@ -340,11 +343,19 @@ def _bridges(store, state: ParallelState, env: LaunchEnv, generating: int, timeo
     stage_leads = json.loads(store.get(key))
     training = env.world_size - generating
     generators = list(range(training, env.world_size))
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
     return Bridges(
         control=Bridge(store, "control", [0, *generators], global_rank, timeout_s)
         if global_rank == 0 or global_rank >= training
         else None,
-        refit=Bridge(store, "refit", [*stage_leads, *generators], global_rank, timeout_s)
+        results=Bridge(store, "results", [training, 0], global_rank, timeout_s)
+        if global_rank in (0, training)
+        else None,
+        refit=Bridge(store, "refit", [*stage_leads, *generators], global_rank, timeout_s, device)
         if global_rank in stage_leads or global_rank >= training
         else None,
         stages=len(stage_leads),

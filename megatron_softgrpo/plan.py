@@ -112,6 +112,7 @@ class Workload:
     distributed_optimizer: bool
     master_weights: bool  # a separate fp32 copy (bf16/fp16 training)
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    refits_waiting: int = 1  # dedicated generation: refits received ahead of their requests
 
     @classmethod
     def from_recipe(cls, cfg: RecipeCfg, arch: ModelArch, layout: Layout) -> Workload:
@@ -136,6 +137,10 @@ class Workload:
             reference_model=cfg.loss_fn.reference_policy_kl_penalty > 0,
             distributed_optimizer=mcfg.optimizer.use_distributed_optimizer,
             master_weights=policy.precision != "float32",
+            # the trainer runs up to the trajectory-age bound ahead, each request after a refit
+            refits_waiting=max(
+                1, grpo.async_grpo.max_trajectory_age_steps * grpo.async_grpo.enabled
+            ),
         )
 
 
@@ -417,8 +422,8 @@ def stage_plan(
 
 def generation_plan(arch: ModelArch, w: Workload, tp: int) -> StagePlan:
     """One dedicated generation rank: its copy of the model (TP `tp`, PP 1, no gradients or
-    optimizer), one training block's rows decoded at a time (`w.rollout_rows`), one refit
-    bucket received between requests."""
+    optimizer), one training block's rows decoded at a time (`w.rollout_rows`), and the refits
+    received while it decodes: a bucket, and the shards of each refit waiting for its request."""
     out = _Items()
     params = stage_parameters(arch, tp, 1, 0, w.padded_vocab)
     out.add(
@@ -426,7 +431,15 @@ def generation_plan(arch: ModelArch, w: Workload, tp: int) -> StagePlan:
     )
     out.add("overhead", (RESIDENT,), OVERHEAD_GIB * GIB, "CUDA context, NCCL/cuBLAS workspaces")
     _rollout(out, arch, w, tp, arch.num_layers, last=True)
-    out.add("refit bucket (receive)", (REFIT,), REFIT_BUCKET_BYTES, "one bucket of full tensors")
+    out.add(
+        "refit bucket (receive)", (ROLLOUT, REFIT), REFIT_BUCKET_BYTES, "one bucket of full tensors"
+    )
+    out.add(
+        "refits waiting",
+        (ROLLOUT, REFIT),
+        w.refits_waiting * params * w.dtype_bytes,
+        f"{w.refits_waiting} x its weights (NCCL: on the GPU)",
+    )
     return StagePlan(0, tuple(out.items))
 
 

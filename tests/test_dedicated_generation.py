@@ -111,24 +111,33 @@ def _data_position(run) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-def test_async_generation_at_age_1_resumes_exactly_with_a_request_in_flight(
-    tmp_path, tiny_model, smollm2_hf_dir
+@pytest.mark.parametrize("bound", [1, 2])
+def test_async_generation_resumes_exactly_with_requests_in_flight(
+    bound, tmp_path, tiny_model, smollm2_hf_dir
 ):
-    """Step n's rows were decoded by the policy of step n - 1 (age 1; step 1: age 0) while the
-    trainer trained step n - 1. Preempted after step 2, with step 3's rows in flight, and
-    resumed, the run writes the uninterrupted run's metrics and draws no prompt twice or never."""
-    runs = {}
+    """Step n's rows were decoded by the policy of step n - `bound` (the first steps': as
+    loaded) while the trainer trained the steps between; at bound 2 two requests and a refit
+    wait on the generation rank. Stopped with the next `bound` steps' rows in flight (bound 1:
+    SIGTERM after step 2; bound 2: SIGKILL of both processes after step 3, back to step 2's
+    checkpoint) and resumed, the run writes the uninterrupted run's metrics and draws no prompt
+    twice or never."""
+    runs, overrides = {}, [*ASYNC, f"grpo.async_grpo.max_trajectory_age_steps={bound}"]
     for name in ("straight", "resumed"):
         recipe = str(write_recipe(tmp_path / name, tiny_model, smollm2_hf_dir, data=VALIDATION))
+        if name == "resumed" and bound == 1:
+            assert run_ranks(2, _train_preempted_after_step_2, recipe, overrides) == [75, 0]
+        elif name == "resumed":
+            _killed_after_step_3(recipe, overrides)
+            assert [r["step"] for r in _metrics(tmp_path / name / "run")] == [1, 2, 3]
         if name == "resumed":
-            assert run_ranks(2, _train_preempted_after_step_2, recipe, ASYNC) == [75, 0]
             # the rows decoded ahead cannot be resumed without the generation ranks
             assert run_ranks(1, _train, recipe, []) == [2]
-        assert run_ranks(2, _train, recipe, ASYNC) == [0, 0]
+        assert run_ranks(2, _train, recipe, overrides) == [0, 0]
         runs[name] = _metrics(tmp_path / name / "run")
     straight, resumed = runs["straight"], runs["resumed"]
-    assert [r["async/trajectory_age_max"] for r in straight] == [0, 1, 1, 1]
-    assert [r["async/trajectory_age_mean"] for r in straight] == [0, 1, 1, 1]
+    ages = [min(step, bound) for step in range(4)]
+    assert [r["async/trajectory_age_max"] for r in straight] == ages
+    assert [r["async/trajectory_age_mean"] for r in straight] == ages
     # rows of an older policy: their recorded densities differ from the trained policy's by far
     # more than the engine and the trainer disagree on the same weights (<= 1e-5, step 1's case)
     mismatch = [r["rollout_logp_mismatch"] for r in straight]
@@ -190,10 +199,6 @@ def _check(capsys, *overrides) -> tuple[int, str]:
             [*DEDICATED[:1], "policy.generation.colocated.resources.gpus_per_node=6"],
             "6 generation replicas (ranks / TP 1) for 2 training data-parallel ranks",
         ),
-        (
-            [*ASYNC, "grpo.async_grpo.max_trajectory_age_steps=2"],
-            "max_trajectory_age_steps=2: at most 1 for now",
-        ),
     ],
     ids=[
         "no-resources",
@@ -204,7 +209,6 @@ def _check(capsys, *overrides) -> tuple[int, str]:
         "async-colocated",
         "async-uncorrected",
         "idle-replicas",
-        "async-age-2",
     ],
 )
 def test_check_refuses_a_generation_split_the_job_cannot_hold(capsys, overrides, expected):
@@ -290,6 +294,42 @@ def test_a_peer_that_stops_answering_fails_the_wait_at_the_timeout():
     assert message.startswith("refit bridge: global rank 1 died or did not answer within 2 s")
 
 
+def _two_processes(recipe, overrides):
+    """`softgrpo train` as two processes started as torchrun would, without its agent (which
+    would stop the others itself): the trainer and the generation rank."""
+    import os
+    import subprocess
+    import sys
+
+    from distributed_helpers import _free_port
+
+    port, procs = str(_free_port()), []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+        command = [sys.executable, "-m", "megatron_softgrpo", "train", str(recipe), *overrides]
+        procs.append(
+            subprocess.Popen(
+                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    return procs
+
+
+def _killed_after_step_3(recipe, overrides) -> None:
+    """Both processes SIGKILLed once the trainer reports step 3 (step 2's checkpoint holds the
+    requests then in flight), as when a node is lost."""
+    import signal
+
+    trainer, generator = _two_processes(recipe, overrides)
+    for line in trainer.stdout:
+        if line.startswith("step 3/"):
+            break
+    for proc in (trainer, generator):
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.mark.slow
 def test_killing_the_generation_process_mid_run_ends_training_with_one_line(
     tmp_path, tiny_model, smollm2_hf_dir
@@ -297,30 +337,12 @@ def test_killing_the_generation_process_mid_run_ends_training_with_one_line(
     """Two processes started as torchrun would, without its agent (which would stop the trainer
     itself): the generation process is killed after step 1; the trainer's next request fails at
     once, naming it, and the run exits 1 with the completed step's line kept."""
-    import os
     import signal
-    import subprocess
-    import sys
     import time
 
-    from distributed_helpers import _free_port
-
-    recipe = str(write_recipe(tmp_path, tiny_model, smollm2_hf_dir))
-    port = str(_free_port())
-    procs = []
-    for rank in (0, 1):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
-        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "megatron_softgrpo", "train", recipe, *DEDICATED],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    trainer, generator = procs
+    trainer, generator = _two_processes(
+        write_recipe(tmp_path, tiny_model, smollm2_hf_dir), DEDICATED
+    )
     seen = []
     for line in trainer.stdout:
         seen.append(line)

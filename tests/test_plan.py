@@ -326,7 +326,8 @@ def test_peak_is_resident_plus_the_largest_phase_and_no_reference_without_kl():
 
 def test_dedicated_generation_ranks_decode_and_the_training_ranks_send_weights():
     """The training stage loses its rollout items and gains a refit bucket; a generation rank
-    holds its model copy (no gradients, no optimizer) and one block's KV cache; the plan fits
+    holds its model copy (no gradients, no optimizer), one block's KV cache and, while it
+    decodes, the refits received ahead (one per step of the trajectory-age bound); the plan fits
     only when both kinds of rank do."""
     w = workload()
     plan = plan_memory(ARCH_7B, w, Layout(4, 1, 2), 80, generation_ranks=8, generation_tp=2)
@@ -345,12 +346,14 @@ def test_dedicated_generation_ranks_decode_and_the_training_ranks_send_weights()
         "rollout KV cache",
         "rollout working memory",
         "refit bucket (receive)",
+        "refits waiting",
     }
     assert generating["weights"] == stage_parameters(ARCH_7B, 2, 1, 0, 152064) * 2
     assert generating["rollout KV cache"] == kv_cache_bytes(ARCH_7B, 2, 28, 64, 9216, 2)
-    assert plan.generation.peak == generating["weights"] + generating["overhead"] + (
-        generating["rollout KV cache"] + generating["rollout working memory"]
-    )
+    assert generating["refits waiting"] == generating["weights"]
+    assert plan.generation.peak == sum(generating.values())
+    bound_2 = plan_memory(ARCH_7B, replace(w, refits_waiting=2), Layout(4, 1, 2), 80, 8, 2)
+    assert bound_2.generation.peak == plan.generation.peak + generating["weights"]
     # 512 rows at a time: the training ranks fit in 80 GB, a generation rank does not
     tight = plan_memory(ARCH_7B, big, Layout(4, 1, 2), 80, generation_ranks=8, generation_tp=2)
     assert tight.stages[0].peak <= 80 * GIB < tight.generation.peak and not tight.fits

@@ -66,7 +66,8 @@ def _rank_refit_round_trip(rank, model_dir):
     from megatron_softgrpo.models.hf_mapping import (
         HFCheckpointReader,
         full_megatron_tensor,
-        load_full_weights,
+        full_to_shards,
+        load_shards,
         named_model_tensors,
         tp_gather,
     )
@@ -94,10 +95,10 @@ def _rank_refit_round_trip(rank, model_dir):
         send_weights(full, bridge, src=0, bucket_bytes=4096)
         send_weights(full[:-1], bridge, src=0, bucket_bytes=4096)
         return ungathered, sharded, None
-    load_full_weights(model, receive_weights(bridge, src=0), "refit from rank 0")
+    load_shards(model, full_to_shards(model, receive_weights(bridge, src=0), "refit from rank 0"))
     restored = all(torch.equal(p.detach(), mine[n]) for n, _, p in named_model_tensors(model))
     with pytest.raises(UserError, match=f"refit from rank 0: {full[-1][0]}: not sent"):
-        load_full_weights(model, receive_weights(bridge, src=0), "refit from rank 0")
+        full_to_shards(model, receive_weights(bridge, src=0), "refit from rank 0")
     return ungathered, sharded, restored
 
 

@@ -64,12 +64,6 @@ def check_recipe(loaded: LoadedRecipe) -> None:
             "needs loss_fn.use_importance_sampling_correction: true (the rows come from an older "
             "policy; the loss weighs them by the density their decoder recorded)",
         )
-    if asynchronous.max_trajectory_age_steps > 1:
-        raise loaded.error(
-            "grpo.async_grpo.max_trajectory_age_steps",
-            "at most 1 for now: a refit waits for every request in flight, so a larger bound "
-            "would only add staleness",
-        )
     if gen.engine == "static":
         decoding = decoding_algorithm(cfg.softgrpo)
         if mcfg.fp8_cfg.enabled:

@@ -1,8 +1,8 @@
 """Weights between Hugging Face Qwen2/Llama checkpoints and Megatron GPTModel shards.
 
 Every Megatron tensor is first expressed in its full (TP=1) layout, then cut to this rank's
-tensor-parallel slice; a refit sends the same layout (`tp_gather`, `load_full_weights`). Import therefore needs one HF tensor at a time per rank (no full model
-in memory), and export works on a TP=1/PP=1 model, into which dist_checkpointing reshards any
+tensor-parallel slice; a refit sends the same layout (`tp_gather`, `full_to_shards`). Import
+therefore needs one HF tensor at a time per rank (no full model in memory), and export works on a TP=1/PP=1 model, into which dist_checkpointing reshards any
 saved layout.
 
 Full-layout conventions (Megatron local spec names):
@@ -203,31 +203,45 @@ def load_hf_weights(model, reader: HFCheckpointReader, arch: ModelArch, padded_v
     """Fill this rank's model shard from a Hugging Face checkpoint."""
     for name, _, param in named_model_tensors(model):
         full = full_megatron_tensor(name, arch, padded_vocab, reader.get)
-        _copy_slice(model, name, param, full, str(reader.dir))
+        param.copy_(_shard(model, name, param, full, str(reader.dir)))
 
 
 @torch.no_grad()
-def load_full_weights(model, named: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
-    """Copy full-layout tensors (canonical names, as `tp_gather` builds them) into this rank's
-    shards in place, at any TP size: what a refit receives. Tensors of layers this pipeline
-    stage does not hold are skipped; every parameter it holds must arrive (else an error
-    naming `source` and the parameter, after the stream has been read to its end)."""
+def full_to_shards(
+    model, named: Iterable[tuple[str, torch.Tensor]], source: str
+) -> dict[str, torch.Tensor]:
+    """This rank's shards, at any TP size, of full-layout tensors (canonical names, as
+    `tp_gather` builds them): what a refit receives, copied in the model's dtypes, for
+    `load_shards`. The model is only read, so another thread may decode with it meanwhile.
+    Tensors of layers this pipeline stage does not hold are skipped; every parameter it holds
+    must arrive (else an error naming `source` and the parameter, after the stream has been read
+    to its end)."""
     params = {name: param for name, _, param in named_model_tensors(model)}
+    shards = {}
     for name, full in named:
         if name in params:
-            _copy_slice(model, name, params.pop(name), full, source)
+            param = params.pop(name)
+            shards[name] = _shard(model, name, param, full, source).to(param.dtype, copy=True)
     if params:
         raise UserError(f"{source}: {next(iter(params))}: not sent ({len(params)} missing)")
+    return shards
 
 
-def _copy_slice(model, name: str, param, full: torch.Tensor, source: str) -> None:
+@torch.no_grad()
+def load_shards(model, shards: dict[str, torch.Tensor]) -> None:
+    """Copy `full_to_shards`' tensors into the model's parameters in place."""
+    for name, _, param in named_model_tensors(model):
+        param.copy_(shards[name])
+
+
+def _shard(model, name: str, param, full: torch.Tensor, source: str) -> torch.Tensor:
     tp = model.pg_collection.tp  # the group the model was built on
     shard = tp_slice(full, param, name, tp.rank(), tp.size())
     if shard.shape != param.shape:
         raise UserError(
             f"{source}: {name}: shape {tuple(shard.shape)} does not fit the model's {tuple(param.shape)}"
         )
-    param.copy_(shard.to(param.dtype))
+    return shard
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:

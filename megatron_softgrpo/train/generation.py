@@ -9,7 +9,11 @@ dedicated ranks can decode the next step's prompts while the trainer trains (grp
 `generate` is one request decoded now, after every earlier one (validation, extra rounds).
 
 Before a request, the generation ranks are refit (`train/refit.py`) when the policy changed since
-their last weights, the version being the trainer's optimizer-step count. Block i is decoded with
+their last weights, the version being the trainer's optimizer-step count. Neither side waits for
+the other's work to send: a generation rank's reader thread takes every message as it comes (a
+refit's weights into a buffer of its shards, loaded when the requests before it are decoded), and
+the training main rank's receiver thread takes every result as it comes, so up to
+grpo.async_grpo.max_trajectory_age_steps requests can queue while the trainer trains. Block i is decoded with
 training data-parallel rank i's noise stream: the first request carries each rank's state, the
 generation ranks continue the streams from there, and every result brings the states back, so
 the training ranks hold the latest ones (`ahead_state` before a checkpoint) and, with nothing decoded
@@ -19,18 +23,25 @@ ahead, a run writes the colocated run's metrics.
 from __future__ import annotations
 
 import itertools
+import queue
+import threading
 import time
 from collections import deque
 
 from megatron_softgrpo.distributed import ParallelState, gather_to_main, share_from_main
-from megatron_softgrpo.models.hf_mapping import load_full_weights, named_model_tensors, tp_gather
+from megatron_softgrpo.models.hf_mapping import (
+    full_to_shards,
+    load_shards,
+    named_model_tensors,
+    tp_gather,
+)
 from megatron_softgrpo.rollout.engine import Progress, RolloutEngine
 from megatron_softgrpo.soft import noise_state, set_noise_state
 from megatron_softgrpo.train.metrics_log import ProgressLine
 from megatron_softgrpo.train.refit import receive_weights, send_weights
 
 Blocks = list[list[list[int]]]  # per training data-parallel rank: its prompts' token ids
-GENERATION_MAIN = 1  # the generation ranks' first, on the control bridge
+RESULTS_SENDER, RESULTS_RECEIVER = 0, 1  # the generation and training main ranks, on `results`
 
 
 class Colocated:
@@ -79,13 +90,15 @@ class Dedicated:
         self._refit_s = self._busy_s = 0.0
         self._refit_bytes = 0
         self._clock = time.perf_counter()
+        if parallel.main:
+            self._expected: queue.SimpleQueue = queue.SimpleQueue()  # one True per request
+            self._arrived: queue.SimpleQueue = queue.SimpleQueue()  # results, or the error
+            threading.Thread(target=self._receiver, name="results", daemon=True).start()
 
     def submit(self, blocks: Blocks, num_generations: int, report: str | None = None) -> None:
-        """Send a request (after a refit if the policy changed), once the generation ranks are
-        idle: they send each result before they read the next message, so every request in
-        flight is received first. They decode one request at a time, so this costs no overlap.
-        `report`: the generation ranks' first prints the progress under this name."""
-        self._receive_in_flight()
+        """Send a request (after a refit if the policy changed); the generation ranks decode
+        requests in order. `report`: the generation ranks' first prints the progress under this
+        name."""
         self._refit()
         parallel = self.parallel
         # the last pipeline stage draws the noise: its state is the stream to continue
@@ -96,6 +109,7 @@ class Dedicated:
             request = (num_generations, blocks, None if states is None else dict(states), report)
             self.bridges.control.broadcast_object(("generate", *request), 0)
             self.in_flight += 1
+            self._expected.put(True)
 
     def collect(self):
         """The oldest request's rows of this data-parallel rank (None for an empty block)."""
@@ -109,7 +123,8 @@ class Dedicated:
         first prints its own progress line, under the progress line's name."""
         report = None if progress is None else getattr(progress, "name", "decoding")
         self.submit(blocks, num_generations, report)
-        return self._share(self._receive() if self.parallel.main else None)
+        self._receive_in_flight()  # the earlier requests' results wait in `ready`
+        return self._share(self.ready.pop() if self.parallel.main else None)
 
     def ahead_state(self) -> list | None:
         """What restores the requests not yet collected: their results (main rank). Receives
@@ -127,8 +142,21 @@ class Dedicated:
         while self.parallel.main and self.in_flight:
             self.ready.append(self._receive())
 
+    def _receiver(self) -> None:
+        """Main rank's thread: each request's result received as soon as it is sent, so the
+        generation ranks never wait for the trainer to collect it."""
+        while self._expected.get():
+            try:
+                self._arrived.put(self.bridges.results.recv_object(RESULTS_SENDER))
+            except BaseException as e:  # raised where the result is collected
+                self._arrived.put(e)
+                return
+
     def _receive(self) -> list:
-        results, states, busy_s = self.bridges.control.recv_object(GENERATION_MAIN)
+        arrived = self._arrived.get()
+        if isinstance(arrived, BaseException):
+            raise arrived
+        results, states, busy_s = arrived
         self.in_flight -= 1
         self._states = {**(self._states or {}), **states}
         self._busy_s += busy_s
@@ -184,12 +212,16 @@ class Dedicated:
     def close(self) -> None:
         """Let the generation ranks exit (every training rank calls it; the main one sends)."""
         if self.parallel.main:
-            self._receive_in_flight()  # their results come before they read a stop
+            self._receive_in_flight()  # a stop is read after every request
+            self._expected.put(False)
             self.bridges.control.broadcast_object(("stop",), 0)
 
 
 class GenerationServer:
-    """A generation rank's loop: refits and requests from the trainer, in order, until stop."""
+    """A generation rank's loop: refits and requests from the trainer, in order, until stop. A
+    reader thread takes each message as it is sent, receiving a refit's weights into a buffer of
+    this rank's shards (the model is only read meanwhile); the main thread loads them and
+    decodes, in order."""
 
     def __init__(self, engine: RolloutEngine, parallel: ParallelState):
         self.engine, self.parallel, self.bridges = engine, parallel, parallel.bridges
@@ -197,21 +229,37 @@ class GenerationServer:
         self.busy_s = 0.0  # decoding and loading weights since the last result
 
     def run(self) -> int:
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._reader, args=(inbox,), name="control", daemon=True).start()
         while True:
-            message = self.bridges.control.broadcast_object(None, 0)
+            message = inbox.get()
+            if isinstance(message, BaseException):
+                raise message
             start = time.perf_counter()
             if message[0] == "stop":
                 return 0
             if message[0] == "refit":
-                self._refit()
+                load_shards(self.engine.model, message[1])
                 self.busy_s += time.perf_counter() - start
             else:
                 self._generate(*message[1:], start)
 
-    def _refit(self) -> None:
+    def _reader(self, inbox: queue.SimpleQueue) -> None:
+        """The trainer's messages as they come, a refit with its weights as this rank's shards
+        (as many wait as the trainer runs ahead: the trajectory-age bound, one at least)."""
         bridges = self.bridges
-        streams = (receive_weights(bridges.refit, src=s) for s in range(bridges.stages))
-        load_full_weights(self.engine.model, itertools.chain.from_iterable(streams), "refit")
+        try:
+            while True:
+                message = bridges.control.broadcast_object(None, 0)
+                if message[0] == "refit":
+                    streams = (receive_weights(bridges.refit, src=s) for s in range(bridges.stages))
+                    named = itertools.chain.from_iterable(streams)
+                    message = ("refit", full_to_shards(self.engine.model, named, "refit"))
+                inbox.put(message)
+                if message[0] == "stop":
+                    return
+        except BaseException as e:  # raised by the main thread, in order
+            inbox.put(e)
 
     def _generate(
         self, num_generations: int, blocks: Blocks, states: dict | None, report, start
@@ -238,5 +286,5 @@ class GenerationServer:
             for i, batch, state in gathered:
                 results[i], latest[i] = batch, state
             self.busy_s += time.perf_counter() - start
-            self.bridges.control.send_object((results, latest, self.busy_s), 0)
+            self.bridges.results.send_object((results, latest, self.busy_s), RESULTS_RECEIVER)
             self.busy_s = 0.0

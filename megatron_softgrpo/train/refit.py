@@ -64,18 +64,18 @@ def send_weights(
     return RefitStats(tensors, nbytes, count)
 
 
-def receive_weights(
-    bridge: Bridge, src: int = 0, device: torch.device | str = "cpu"
-) -> Iterator[Named]:
-    """The tensors `send_weights` broadcasts, one bucket at a time (views of its buffer: copy
-    them before the next bucket arrives if they must outlive it)."""
+def receive_weights(bridge: Bridge, src: int = 0) -> Iterator[Named]:
+    """The tensors `send_weights` broadcasts, one bucket at a time, on the bridge's device
+    (views of its buffer: copy them before the next bucket arrives if they must outlive it)."""
     while True:
         message = bridge.broadcast_object(None, src)
         if message is None:
             return
         header, dtype = message
         sizes = [math.prod(shape) for _, shape in header]
-        flat = torch.empty(sum(sizes), dtype=getattr(torch, dtype.split(".")[-1]), device=device)
+        flat = torch.empty(
+            sum(sizes), dtype=getattr(torch, dtype.split(".")[-1]), device=bridge.device
+        )
         bridge.broadcast(flat, src)
         for (name, shape), part in zip(header, flat.split(sizes), strict=True):
             yield name, part.view(shape)
