@@ -1,6 +1,7 @@
 """Dedicated generation ranks (policy.generation.colocated.enabled: false): a synchronous run
-writes the colocated run's metrics; an asynchronous one (age 1) resumes exactly with a request in
-flight; a dead or silent generation rank ends the run with one line; `check`'s rules."""
+writes the colocated run's metrics; an asynchronous one (bounds 1 and 2) resumes exactly with
+requests in flight; requests and refits queue on a busy generation rank; a dead or silent
+generation rank ends the run with one line; `check`'s rules."""
 
 from __future__ import annotations
 
@@ -247,6 +248,66 @@ def _bridge_of_two(rank: int, name: str, timeout_s: float):
     port = int(os.environ["MASTER_PORT"])
     store = torch.distributed.TCPStore("127.0.0.1", port, 2, is_master=rank == 0)
     return Bridge(store, name, [0, 1], rank, timeout_s)
+
+
+def _queued(rank, release):
+    """Rank 0: a trainer's `Dedicated` with a one-weight model, which submits three requests,
+    stepping the weights to 0, 1, 2 before each; it releases the decoding only once all three
+    were sent. Rank 1: a `GenerationServer` whose decode waits for the release and returns the
+    weight it ends with."""
+    import os
+    import time
+    from types import SimpleNamespace as NS
+
+    from megatron_softgrpo.bridge import Bridge
+    from megatron_softgrpo.distributed import Bridges
+    from megatron_softgrpo.soft.rng import seed_noise_rng
+    from megatron_softgrpo.train.generation import Dedicated, GenerationServer
+
+    seed_noise_rng(0)
+    store = torch.distributed.TCPStore("127.0.0.1", int(os.environ["MASTER_PORT"]), 2, rank == 0)
+    bridges = Bridges(
+        *(Bridge(store, name, members, rank, 60) for name, members in BRIDGES), stages=1
+    )
+    model = torch.nn.Linear(1, 1, bias=False).requires_grad_(False)
+    model.pg_collection = NS(tp=NS(rank=lambda: 0, size=lambda: 1))
+    one = NS(world_size=1)
+    parallel = NS(main=True, replica_lead=True, last_stage=True, launch=one, groups=NS(tp=None))
+    parallel.__dict__.update(dp=1, dp_rank=0, pp_rank=0, bridges=bridges)
+    if rank == 1:
+
+        def generate(prompts, num_generations, progress):
+            deadline = time.monotonic() + 60
+            while not release.exists():
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the trainer waited for a decode before it sent")
+                time.sleep(0.05)
+            return model.weight.clone()
+
+        engine = NS(model=model, generate=generate, settings=NS(max_new_tokens=1))
+        return GenerationServer(engine, parallel).run()
+    worker = NS(optimizer_steps=0, model=model, device="cpu")
+    dedicated = Dedicated(worker, parallel)
+    for version in range(3):
+        worker.optimizer_steps = version
+        model.weight.fill_(version)
+        dedicated.submit([[[version]]], 1)
+    release.touch()
+    decoded = [dedicated.collect().item() for _ in range(3)]
+    dedicated.close()
+    return decoded
+
+
+BRIDGES = [("control", [0, 1]), ("results", [1, 0]), ("refit", [0, 1])]
+
+
+@pytest.mark.multiproc
+def test_requests_and_refits_queue_on_a_busy_generation_rank_and_load_in_order(tmp_path):
+    """The trainer sends three requests, each after a refit, while the generation rank is still
+    decoding the first (its decode waits until all were sent); each request is decoded with the
+    weights of the refit before it, not with the newest one received."""
+    decoded, served = run_ranks(2, _queued, tmp_path / "release")
+    assert decoded == [0.0, 1.0, 2.0] and served == 0
 
 
 def _rank_left_or_waiting(rank):
