@@ -21,8 +21,9 @@ def test_the_cuda_check_runs_to_the_end_on_the_cpu(smollm2_hf_dir, tmp_path):
         "sampler/multiplex_whole_ids",
         "rollout/shared_prompt_prefill_equals_per_row_greedy",
         "fused_objective/torch.bfloat16/main_grad_vs_grad",
+        "refit/bridge_broadcasts_on_the_device",
     ):
         assert name in out.read_text()
     passed = [line for line in run.stdout.splitlines() if line.endswith("checks passed")]
     n = passed[-1].split()[0].split("/")
-    assert n[0] == n[1] and int(n[0]) >= 32, passed
+    assert n[0] == n[1] and int(n[0]) >= 33, passed

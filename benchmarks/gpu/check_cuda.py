@@ -12,7 +12,9 @@ Each check computes the same thing on the CPU (fp32, the tested reference) and o
   value and gradients on the GPU (fp32, and bf16 weights) vs scores-then-autograd on the CPU;
 - the mixture embedding on a Megatron model: one-hot equals the model's own embedding and a
   soft mixture equals sum_k w_k E[ids_k] computed on the CPU;
-- KV-cached greedy decoding equals full recomputation on the GPU.
+- KV-cached greedy decoding equals full recomputation on the GPU;
+- the refit bridge's NCCL backend builds and broadcasts a device tensor (one member: the
+  device has one GPU, and NCCL refuses two ranks on one; two GPUs are untested).
 
 Noise is drawn from the device's generator, so noisy samples are compared for
 reproducibility on the GPU, not against the CPU's stream.
@@ -372,6 +374,19 @@ def check_model_path(tokenizer_dir: str):
     record("rollout/shared_prompt_prefill_equals_per_row_greedy", float((shared != alone).sum()), 0)
 
 
+def check_refit_bridge():
+    from megatron_softgrpo.bridge import Bridge
+
+    bridge = Bridge(torch.distributed.HashStore(), "refit", [0], 0, 60, torch.device(DEV))
+    sent = torch.arange(1000, dtype=torch.bfloat16, device=DEV)
+    got = bridge.broadcast(sent.clone(), src=0)
+    header = bridge.broadcast_object(([("w", (1000,))], "torch.bfloat16"), src=0)
+    diff = float((got.float() - sent.float()).abs().max()) + (header[1] != "torch.bfloat16")
+    record(
+        "refit/bridge_broadcasts_on_the_device", diff, 0, f"({'NCCL' if bridge._nccl else 'gloo'})"
+    )
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--json")
@@ -387,6 +402,7 @@ def main():
     noisy, shard, logits = check_samplers()
     check_log_densities(noisy, shard, logits)
     check_model_path(args.tokenizer)
+    check_refit_bridge()
     failed = [k for k, v in results.items() if not v["ok"]]
     print(
         f"{len(results) - len(failed)}/{len(results)} checks passed"

@@ -28,6 +28,8 @@ import threading
 import time
 from collections import deque
 
+import torch
+
 from megatron_softgrpo.distributed import ParallelState, gather_to_main, share_from_main
 from megatron_softgrpo.models.hf_mapping import (
     full_to_shards,
@@ -248,13 +250,19 @@ class GenerationServer:
         """The trainer's messages as they come, a refit with its weights as this rank's shards
         (as many wait as the trainer runs ahead: the trajectory-age bound, one at least)."""
         bridges = self.bridges
+        # NCCL receives beside the decode's stream (None: on the CPU, no stream)
+        side = torch.cuda.Stream() if bridges.refit.device.type == "cuda" else None
         try:
             while True:
                 message = bridges.control.broadcast_object(None, 0)
                 if message[0] == "refit":
                     streams = (receive_weights(bridges.refit, src=s) for s in range(bridges.stages))
                     named = itertools.chain.from_iterable(streams)
-                    message = ("refit", full_to_shards(self.engine.model, named, "refit"))
+                    with torch.cuda.stream(side):
+                        shards = full_to_shards(self.engine.model, named, "refit")
+                    if side is not None:
+                        side.synchronize()  # complete before the main thread loads them
+                    message = ("refit", shards)
                 inbox.put(message)
                 if message[0] == "stop":
                     return
