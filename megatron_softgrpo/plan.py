@@ -57,7 +57,7 @@ FP8 (Transformer Engine) is counted as bf16: an upper bound (FP8 only narrows GE
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from megatron_softgrpo.algorithms.registry import training_algorithm
 from megatron_softgrpo.config.checks import cluster_world_size, validate
@@ -99,6 +99,7 @@ class Workload:
     micro_batches: int  # per DP rank per optimizer step
     logprob_batch: int
     rollout_rows: int  # decoded at once by one DP rank
+    generation_rows: int  # decoded at once by one dedicated generation replica (if any)
     rollout_prompt_len: int
     rollout_len: int  # prompt + max_new_tokens: the KV cache length
     batch_rows: int  # responses per step, held by every rank
@@ -125,6 +126,8 @@ class Workload:
             // (layout.dp * policy.train_micro_batch_size),
             logprob_batch=policy.logprob_batch_size,
             rollout_rows=rollout_rows_per_pass(cfg, layout.dp),
+            # more replicas than training blocks decode a block in parts
+            generation_rows=rollout_rows_per_pass(cfg, max(layout.dp, generation_replicas(cfg))),
             rollout_prompt_len=cfg.data.max_input_seq_length,
             rollout_len=cfg.data.max_input_seq_length + policy.generation.max_new_tokens,
             batch_rows=grpo.num_prompts_per_step * grpo.num_generations_per_prompt,
@@ -142,6 +145,11 @@ class Workload:
                 1, grpo.async_grpo.max_trajectory_age_steps * grpo.async_grpo.enabled
             ),
         )
+
+
+def generation_replicas(cfg: RecipeCfg) -> int:
+    """Dedicated generation ranks / their TP (0: colocated)."""
+    return cfg.policy.generation.generation_ranks() // cfg.policy.generation_tensor_parallel()
 
 
 def rollout_rows_per_pass(cfg: RecipeCfg, dp: int) -> int:
@@ -422,8 +430,9 @@ def stage_plan(
 
 def generation_plan(arch: ModelArch, w: Workload, tp: int) -> StagePlan:
     """One dedicated generation rank: its copy of the model (TP `tp`, PP 1, no gradients or
-    optimizer), one training block's rows decoded at a time (`w.rollout_rows`), and the refits
-    received while it decodes: a bucket, and the shards of each refit waiting for its request."""
+    optimizer), `w.generation_rows` decoded at a time, and the refits received while it decodes:
+    a bucket, and the shards of each refit waiting for its request."""
+    w = replace(w, rollout_rows=w.generation_rows)
     out = _Items()
     params = stage_parameters(arch, tp, 1, 0, w.padded_vocab)
     out.add(
@@ -505,7 +514,7 @@ def format_plan(plan: Plan, arch: ModelArch, recipe: str, cfg: RecipeCfg) -> str
     if plan.generation is not None:
         lines.append(
             f"per-GPU memory of a generation rank ({plan.generation_ranks} at TP "
-            f"{plan.generation_tp}, PP 1; {w.rollout_rows} rows at a time), GiB:"
+            f"{plan.generation_tp}, PP 1; {w.generation_rows} rows at a time), GiB:"
         )
         lines += _stage_lines(plan.generation)
         peak = max(peak, plan.generation.peak)

@@ -79,6 +79,32 @@ def test_dedicated_generation_at_age_0_writes_the_colocated_runs_metrics(
     assert sent[0] > 0 and sent[1] == 2 * sent[0]
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_two_generation_replicas_split_one_training_block_in_order(
+    tmp_path, tiny_model, smollm2_hf_dir
+):
+    """One training rank, two generation ranks: each decodes one of the block's two prompts.
+    Greedy decoding does not depend on the noise streams, so the rows, rewards and lengths are
+    the colocated run's; the floats agree to rounding (the parts decode as smaller batches)."""
+    greedy = ["softgrpo.algorithm=grpo", "policy.generation.top_k=1"]
+    runs = {}
+    for name, ranks, extra in [("colocated", 1, []), ("split", 3, DEDICATED_2)]:
+        recipe = write_recipe(
+            tmp_path / name, tiny_model, smollm2_hf_dir, grpo={"max_num_steps": 2}
+        )
+        assert run_ranks(ranks, _train, str(recipe), [*greedy, *extra]) == [0] * ranks
+        runs[name] = _metrics(tmp_path / name / "run")
+    refit = set(OPTIONAL_KEYS["policy.generation.colocated.enabled"])
+    for a, b in zip(runs["colocated"], runs["split"], strict=True):
+        assert set(a) == set(b) - refit
+        for key in set(a) - TIMING_KEYS:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+DEDICATED_2 = [DEDICATED[0], "policy.generation.colocated.resources.gpus_per_node=2"]
+
+
 ASYNC = [
     *DEDICATED,
     "grpo.async_grpo.enabled=true",
@@ -197,8 +223,9 @@ def _check(capsys, *overrides) -> tuple[int, str]:
             "grpo.async_grpo.enabled=true: needs loss_fn.use_importance_sampling_correction: true",
         ),
         (
-            [*DEDICATED[:1], "policy.generation.colocated.resources.gpus_per_node=6"],
-            "6 generation replicas (ranks / TP 1) for 2 training data-parallel ranks",
+            [*DEDICATED[:1], "policy.generation.colocated.resources.gpus_per_node=5"],
+            "5 generation replicas (ranks / TP 1) for 3 training data-parallel ranks: expected at "
+            "most as many, or a multiple",
         ),
     ],
     ids=[
@@ -209,7 +236,7 @@ def _check(capsys, *overrides) -> tuple[int, str]:
         "training-dp",
         "async-colocated",
         "async-uncorrected",
-        "idle-replicas",
+        "uneven-replicas",
     ],
 )
 def test_check_refuses_a_generation_split_the_job_cannot_hold(capsys, overrides, expected):
@@ -284,7 +311,8 @@ def _queued(rank, release):
                 time.sleep(0.05)
             return model.weight.clone()
 
-        engine = NS(model=model, generate=generate, settings=NS(max_new_tokens=1))
+        engine = NS(model=model, generate=generate, joined=lambda parts: parts[0])
+        engine.settings = NS(max_new_tokens=1)
         return GenerationServer(engine, parallel).run()
     worker = NS(optimizer_steps=0, model=model, device="cpu")
     dedicated = Dedicated(worker, parallel)
@@ -308,6 +336,88 @@ def test_requests_and_refits_queue_on_a_busy_generation_rank_and_load_in_order(t
     weights of the refit before it, not with the newest one received."""
     decoded, served = run_ranks(2, _queued, tmp_path / "release")
     assert decoded == [0.0, 1.0, 2.0] and served == 0
+
+
+@pytest.mark.parametrize(
+    "sizes,replicas",
+    [([3, 2], 1), ([3, 2], 2), ([3, 0, 2], 2), ([3, 2], 4), ([5], 4), ([1, 4], 6)],
+)
+def test_replicas_share_the_blocks_whole_or_in_ordered_parts(sizes, replicas):
+    """Every prompt goes to one replica; joined in (block, part) order each block is itself; with
+    more replicas than blocks each replica holds one part of one block."""
+    from megatron_softgrpo.train.generation import replica_parts
+
+    blocks = [[[b, p] for p in range(n)] for b, n in enumerate(sizes)]
+    held = {r: list(replica_parts(blocks, replicas, r)) for r in range(replicas)}
+    parts = sorted((i, j, tuple(map(tuple, prompts))) for r in held for i, j, _, prompts in held[r])
+    for b, block in enumerate(blocks):
+        assert [list(p) for i, _, ps in parts if i == b for p in ps] == block
+    if replicas > len(blocks):
+        assert all(len(h) == 1 for h in held.values()) and len(parts) == replicas
+        assert {k for h in held.values() for _, _, k, _ in h} == {replicas // len(blocks)}
+
+
+def test_a_block_split_into_parts_draws_their_seeds_from_its_stream():
+    """Every replica holding a part of a block draws the same seeds and leaves the block's
+    stream in the same state; the parts' streams differ from each other and from the block's."""
+    from megatron_softgrpo.soft import (
+        noise_rng,
+        noise_state,
+        seed_noise_rng,
+        set_noise_state,
+        split_noise,
+    )
+
+    seed_noise_rng(11)
+    block = noise_state()
+    seeds, after = [], []
+    for _ in range(2):  # two replicas
+        set_noise_state(block)
+        seeds.append(split_noise(3, "cpu"))
+        after.append(noise_state())
+    assert seeds[0] == seeds[1] and len(set(seeds[0])) == 3
+    assert torch.equal(after[0], after[1]) and not torch.equal(after[0], block)
+
+    def first_draw():
+        with noise_rng():
+            return torch.rand(8)
+
+    set_noise_state(block)
+    draws = [first_draw()]
+    for seed in seeds[0]:
+        seed_noise_rng(seed)
+        draws.append(first_draw())
+    assert all(not torch.equal(a, b) for n, a in enumerate(draws) for b in draws[n + 1 :])
+
+
+def test_a_blocks_parts_come_back_joined_in_order(monkeypatch):
+    """Two replicas decode a block's two parts; the first replica joins them in part order,
+    whatever order they were gathered in (here the second replica's first), and returns the
+    block's advanced noise state, which both replicas agree on."""
+    from types import SimpleNamespace as NS
+
+    from megatron_softgrpo.soft import noise_state, seed_noise_rng
+    from megatron_softgrpo.train import generation
+
+    seed_noise_rng(5)
+    gathered, sent = [], []
+
+    def gather(parallel, items):
+        gathered.extend(items)
+        return list(gathered) if parallel.main else []
+
+    monkeypatch.setattr(generation, "gather_to_main", gather)
+    engine = NS(device="cpu", settings=NS(max_new_tokens=1), joined=torch.cat)
+    engine.generate = lambda prompts, num_generations, progress: torch.tensor(prompts)
+    blocks, state = [[[1], [2], [3]]], noise_state()
+    for replica in (1, 0):
+        parallel = NS(dp=2, dp_rank=replica, main=replica == 0, replica_lead=True)
+        parallel.bridges = NS(results=NS(send_object=lambda obj, dst: sent.append(obj)))
+        generation.GenerationServer(engine, parallel)._generate(1, blocks, {0: state}, None, 0.0)
+    ((results, states, _),) = sent
+    assert results[0].tolist() == [[1], [2], [3]]
+    assert [i for i, *_ in gathered] == [0, 0] and torch.equal(gathered[0][3], states[0])
+    assert torch.equal(gathered[1][3], states[0]) and not torch.equal(states[0], state)
 
 
 def _rank_left_or_waiting(rank):

@@ -84,6 +84,7 @@ def workload(**overrides) -> Workload:
         micro_batches=32,
         logprob_batch=4,
         rollout_rows=64,
+        generation_rows=64,
         rollout_prompt_len=1024,
         rollout_len=9216,
         batch_rows=512,
@@ -333,7 +334,7 @@ def test_dedicated_generation_ranks_decode_and_the_training_ranks_send_weights()
     plan = plan_memory(ARCH_7B, w, Layout(4, 1, 2), 80, generation_ranks=8, generation_tp=2)
     training = {i.name: i.bytes for i in plan.stages[0].items}
     assert "rollout KV cache" not in training and training["refit bucket (send)"] == 512 << 20
-    big = workload(rollout_rows=512)  # a rollout larger than the update: it set the peak
+    big = workload(rollout_rows=512, generation_rows=512)  # a rollout larger than the update
     assert (
         plan_memory(ARCH_7B, big, Layout(4, 1, 2), 80, 8, 2).stages[0].peak
         == (plan.stages[0].peak)
@@ -354,12 +355,29 @@ def test_dedicated_generation_ranks_decode_and_the_training_ranks_send_weights()
     assert plan.generation.peak == sum(generating.values())
     bound_2 = plan_memory(ARCH_7B, replace(w, refits_waiting=2), Layout(4, 1, 2), 80, 8, 2)
     assert bound_2.generation.peak == plan.generation.peak + generating["weights"]
+    halves = plan_memory(ARCH_7B, replace(w, generation_rows=32), Layout(4, 1, 2), 80, 8, 2)
+    assert {i.name: i.bytes for i in halves.generation.items}["rollout KV cache"] == (
+        kv_cache_bytes(ARCH_7B, 2, 28, 32, 9216, 2)
+    )
     # 512 rows at a time: the training ranks fit in 80 GB, a generation rank does not
     tight = plan_memory(ARCH_7B, big, Layout(4, 1, 2), 80, generation_ranks=8, generation_tp=2)
     assert tight.stages[0].peak <= 80 * GIB < tight.generation.peak and not tight.fits
 
 
 # ------------------------------------------------------------------ the command and the recipes
+
+
+@pytest.mark.parametrize("generation_tp,rows", [(4, 128), (2, 128), (1, 64)])
+def test_more_generation_replicas_than_training_blocks_decode_fewer_rows_each(
+    capsys, generation_tp, rows
+):
+    """The async 7B recipe trains at DP 2 with 8 generation ranks: 2, 4 or 8 replicas decode a
+    block of 256 rows whole (in passes of max_rows_per_pass 128), in halves or in quarters."""
+    recipe = ROOT / "recipes" / "softgrpo-r1-distill-qwen-7b-2n8g-async.yaml"
+    tp = f"policy.generation.tensor_model_parallel_size={generation_tp}"
+    code, out, err = plan_cli(capsys, recipe, tp)
+    assert code == 0, err
+    assert f"({8} at TP {generation_tp}, PP 1; {rows} rows at a time)" in out
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)

@@ -249,12 +249,13 @@ def _check_generation_ranks(
     training_dp = (world_size - ranks) // (
         mcfg.tensor_model_parallel_size * mcfg.pipeline_model_parallel_size
     )
-    if ranks // tp > training_dp:
+    replicas = ranks // tp
+    if replicas > training_dp and replicas % training_dp:
         raise loaded.error(
             "policy.generation.colocated.resources",
-            f"{ranks // tp} generation replicas (ranks / TP {tp}) for {training_dp} training "
-            "data-parallel ranks: a replica decodes whole training blocks, so some would idle; "
-            "use fewer generation ranks or a larger policy.generation.tensor_model_parallel_size",
+            f"{replicas} generation replicas (ranks / TP {tp}) for {training_dp} training "
+            "data-parallel ranks: expected at most as many, or a multiple (each training block "
+            "is then cut into equal parts, one per replica)",
         )
     return world_size - ranks
 

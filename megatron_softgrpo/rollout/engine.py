@@ -92,9 +92,13 @@ class RolloutEngine:
                 )
                 for i in range(0, len(prompts), per_pass)
             ]
-            return passes[0] if len(passes) == 1 else Batch.cat(passes, self._padded_pass)
+            return self.joined(passes)
         finally:
             self.model.train(was_training)
+
+    def joined(self, parts: list[Batch]) -> Batch:
+        """Rows decoded in parts (passes, or one block's parts on several replicas), in order."""
+        return parts[0] if len(parts) == 1 else Batch.cat(parts, self._padded_pass)
 
     def load_weights(self, weights) -> None:
         """New policy weights (this rank's shards, by parameter name), for the next pass."""

@@ -10,7 +10,8 @@ Modules (each owns one concept):
 - `truncation`: `Truncation` (temperature -> top-k -> top-p on the truncated
   distribution -> min-p), exact cross-shard top candidates (ties: lower id wins).
 - `rng`: the sampling-noise state in Megatron's RNG tracker (`seed_noise_rng`,
-  `noise_rng`, `noise_seed`, `noise_state`) and seed-recomputable Gaussian vectors.
+  `noise_rng`, `noise_seed`, `noise_state`, `split_noise`) and seed-recomputable Gaussian
+  vectors.
 - `records`: `MixtureRecord` (the per-position record) and `SampledStep`.
 - `noises`: the soft noise kinds `GumbelNoise`, `GaussianNoise`, `DirichletNoise`,
   `EmbeddingNoise`: mixture weights, stored noise and log-density of each.
@@ -89,6 +90,7 @@ from megatron_softgrpo.soft.rng import (
     noise_state,
     seed_noise_rng,
     set_noise_state,
+    split_noise,
 )
 from megatron_softgrpo.soft.samplers import (
     DiscreteSampler,
@@ -126,4 +128,5 @@ __all__ = [
     "noise_state",
     "seed_noise_rng",
     "set_noise_state",
+    "split_noise",
 ]

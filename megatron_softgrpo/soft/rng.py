@@ -70,6 +70,14 @@ def set_noise_state(state: torch.Tensor) -> None:
     tracker.set_states(states)
 
 
+def split_noise(parts: int, device) -> list[int]:
+    """Seeds of `parts` noise streams drawn from the noise state, which advances by the draw:
+    one stream's prompts decoded in parts by several replicas, each part on a stream of its own
+    (every replica draws the same seeds and leaves the state where the others do)."""
+    with noise_rng():
+        return torch.randint(0, 2**62, (parts,), device=device).tolist()
+
+
 @contextlib.contextmanager
 def noise_rng():
     """Draw sampling noise inside this block (the device's default generator is the noise state)."""

@@ -13,11 +13,14 @@ their last weights, the version being the trainer's optimizer-step count. Neithe
 the other's work to send: a generation rank's reader thread takes every message as it comes (a
 refit's weights into a buffer of its shards, loaded when the requests before it are decoded), and
 the training main rank's receiver thread takes every result as it comes, so up to
-grpo.async_grpo.max_trajectory_age_steps requests can queue while the trainer trains. Block i is decoded with
-training data-parallel rank i's noise stream: the first request carries each rank's state, the
-generation ranks continue the streams from there, and every result brings the states back, so
-the training ranks hold the latest ones (`ahead_state` before a checkpoint) and, with nothing decoded
-ahead, a run writes the colocated run's metrics.
+grpo.async_grpo.max_trajectory_age_steps requests can queue while the trainer trains.
+
+Block i is decoded with training data-parallel rank i's noise stream: the first request carries
+each rank's state, the generation ranks continue the streams from there, and every result brings
+the states back, so the training ranks hold the latest ones (`ahead_state` before a checkpoint)
+and, with nothing decoded ahead and no more generation replicas than blocks, a run writes the
+colocated run's metrics. More replicas decode each block in parts (`replica_parts`), each part on
+a stream seeded from the block's.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from megatron_softgrpo.models.hf_mapping import (
     tp_gather,
 )
 from megatron_softgrpo.rollout.engine import Progress, RolloutEngine
-from megatron_softgrpo.soft import noise_state, set_noise_state
+from megatron_softgrpo.soft import noise_state, seed_noise_rng, set_noise_state, split_noise
 from megatron_softgrpo.train.metrics_log import ProgressLine
 from megatron_softgrpo.train.refit import receive_weights, send_weights
 
@@ -219,6 +222,19 @@ class Dedicated:
             self.bridges.control.broadcast_object(("stop",), 0)
 
 
+def replica_parts(blocks: Blocks, replicas: int, replica: int):
+    """(block i, part j, parts k, its prompts) that generation replica `replica` of `replicas`
+    decodes: with at most as many replicas as blocks, the whole blocks i = replica mod
+    `replicas`; with more (a multiple: `check`), each non-empty block cut into k = replicas /
+    blocks parts of its prompts, in order (a part may be empty), part j on replica i k + j."""
+    parts = max(1, replicas // len(blocks))
+    for i, prompts in enumerate(blocks):
+        for j in range(parts):
+            if prompts and (i * parts + j) % replicas == replica:
+                n = len(prompts)
+                yield i, j, parts, prompts[j * n // parts : (j + 1) * n // parts]
+
+
 class GenerationServer:
     """A generation rank's loop: refits and requests from the trainer, in order, until stop. A
     reader thread takes each message as it is sent, receiving a refit's weights into a buffer of
@@ -272,27 +288,39 @@ class GenerationServer:
     def _generate(
         self, num_generations: int, blocks: Blocks, states: dict | None, report, start
     ) -> None:
-        """Block i goes to generation data-parallel rank i mod DP and continues stream i."""
-        parallel = self.parallel
+        """This replica's parts (`replica_parts`); block i continues noise stream i, and a block
+        cut into parts decodes each on a stream seeded from block i's (`split_noise`)."""
+        parallel, engine = self.parallel, self.engine
         self.states.update(states or {})
         out = []
-        for i, prompts in enumerate(blocks):
-            if i % parallel.dp != parallel.dp_rank or not prompts:
-                continue
+        for i, j, parts, prompts in replica_parts(blocks, parallel.dp, parallel.dp_rank):
             set_noise_state(self.states[i])
-            progress = None
-            if report is not None:
-                name = f"{report} (generation ranks, block {i})"
-                steps = self.engine.settings.max_new_tokens
-                progress = ProgressLine(name, len(prompts), steps, parallel.main)
-            batch = self.engine.generate(prompts, num_generations, progress).to("cpu")
-            self.states[i] = noise_state()
-            out.append((i, batch, self.states[i]))
+            if parts > 1:
+                seeds = split_noise(parts, engine.device)
+                self.states[i] = noise_state()
+                seed_noise_rng(seeds[j])
+            batch = None
+            if prompts:
+                progress = None
+                if report is not None:
+                    part = f", part {j + 1}/{parts}" if parts > 1 else ""
+                    name = f"{report} (generation ranks, block {i}{part})"
+                    steps = engine.settings.max_new_tokens
+                    progress = ProgressLine(name, len(prompts), steps, parallel.main)
+                batch = engine.generate(prompts, num_generations, progress).to("cpu")
+            if parts == 1:
+                self.states[i] = noise_state()
+            out.append((i, j, batch, self.states[i]))
         gathered = gather_to_main(parallel, out if parallel.replica_lead else [])
         if parallel.main:
-            results, latest = [None] * len(blocks), {}
-            for i, batch, state in gathered:
-                results[i], latest[i] = batch, state
+            decoded, latest = {}, {}
+            for i, _, batch, state in sorted(gathered, key=lambda part: part[:2]):
+                latest[i] = state
+                if batch is not None:
+                    decoded.setdefault(i, []).append(batch)
+            results = [
+                engine.joined(decoded[i]) if i in decoded else None for i in range(len(blocks))
+            ]
             self.busy_s += time.perf_counter() - start
             self.bridges.results.send_object((results, latest, self.busy_s), RESULTS_RECEIVER)
             self.busy_s = 0.0
