@@ -106,7 +106,8 @@ PROJECTION = {
     # MFU; the old log-probs cost one forward (1/3 of an update's FLOPs)
     "update_tokens_per_s_per_gpu": 22380 / (7.6 / 1.78),
     "logprob_share": 1 / 3,
-    # refit: 15.2 GB of bf16 weights; the bridge is gloo through host memory, assumed 2 GB/s
+    # refit: 15.2 GB of bf16 weights; assumed 2 GB/s, as through host memory (the refit's NCCL
+    # path, device to device, has not run)
     "refit_bytes": 15.2e9,
     "refit_bytes_per_s": 2e9,
 }
@@ -114,8 +115,8 @@ PROJECTION = {
 
 def project(p: dict = PROJECTION) -> dict:
     """Seconds per RL step of the 7B recipe: colocated (all GPUs decode, then all train) and
-    asynchronous at age 1 for each split of the GPUs (a step then takes the longer side, plus
-    the refit, during which neither side works)."""
+    asynchronous at age 1 for each split of the GPUs (a step then takes the longer side; the
+    refit is the trainer's: the generation ranks receive it while they decode)."""
     tokens = p["rows"] * (p["prompt_tokens"] + p["mean_new_tokens"])
 
     def decode_s(gpus: int) -> float:
@@ -130,7 +131,7 @@ def project(p: dict = PROJECTION) -> dict:
     for generating in (p["gpus"] // 4, p["gpus"] // 2, 3 * p["gpus"] // 4):
         training = p["gpus"] - generating
         gen, train = decode_s(generating), train_s(training)
-        out[f"async_{training}t_{generating}g_s"] = max(gen, train) + refit
+        out[f"async_{training}t_{generating}g_s"] = max(gen, train + refit)
     return out
 
 

@@ -2,8 +2,8 @@
 
 Every Megatron tensor is first expressed in its full (TP=1) layout, then cut to this rank's
 tensor-parallel slice; a refit sends the same layout (`tp_gather`, `full_to_shards`). Import
-therefore needs one HF tensor at a time per rank (no full model in memory), and export works on a TP=1/PP=1 model, into which dist_checkpointing reshards any
-saved layout.
+therefore needs one HF tensor at a time per rank (no full model in memory), and export works on
+a TP=1/PP=1 model, into which dist_checkpointing reshards any saved layout.
 
 Full-layout conventions (Megatron local spec names):
 - linear_qkv rows are grouped per key/value head: [q (heads_per_group*hd), k (hd), v (hd)] x groups;

@@ -267,7 +267,8 @@ class GenerationServer:
         (as many wait as the trainer runs ahead: the trajectory-age bound, one at least)."""
         bridges = self.bridges
         # NCCL receives beside the decode's stream (None: on the CPU, no stream)
-        side = torch.cuda.Stream() if bridges.refit.device.type == "cuda" else None
+        device = bridges.refit.device  # explicit: a thread starts on CUDA's device 0
+        side = torch.cuda.Stream(device) if device.type == "cuda" else None
         try:
             while True:
                 message = bridges.control.broadcast_object(None, 0)
