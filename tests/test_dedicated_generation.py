@@ -502,30 +502,34 @@ def _killed_after_step_3(recipe, overrides) -> None:
 
 
 @pytest.mark.slow
-def test_killing_the_generation_process_mid_run_ends_training_with_one_line(
-    tmp_path, tiny_model, smollm2_hf_dir
+@pytest.mark.parametrize("victim", ["generation", "trainer"])
+def test_killing_either_process_mid_run_ends_the_other_with_one_line(
+    victim, tmp_path, tiny_model, smollm2_hf_dir
 ):
-    """Two processes started as torchrun would, without its agent (which would stop the trainer
-    itself): the generation process is killed after step 1; the trainer's next request fails at
-    once, naming it, and the run exits 1 with the completed step's line kept."""
+    """Two processes started as torchrun would, without its agent (which would stop the other
+    itself): one is killed after step 1; the other's next wait on it fails at once, naming it,
+    and it exits 1 (the generation rank's reader thread hands the error to its main thread), with
+    the completed step's line kept."""
     import signal
     import time
 
     trainer, generator = _two_processes(
         write_recipe(tmp_path, tiny_model, smollm2_hf_dir), DEDICATED
     )
+    killed, survivor = (generator, trainer) if victim == "generation" else (trainer, generator)
     seen = []
     for line in trainer.stdout:
         seen.append(line)
         if line.startswith("step 1/"):
-            generator.send_signal(signal.SIGKILL)
+            killed.send_signal(signal.SIGKILL)
             break
-    killed = time.monotonic()
-    rest = trainer.communicate(timeout=120)[0]
-    generator.wait()
+    start = time.monotonic()
+    rest = survivor.communicate(timeout=120)[0]
+    killed.wait()
     errors = [line for line in rest.splitlines() if "error" in line]
-    assert trainer.returncode == 1, "".join(seen) + rest
-    assert time.monotonic() - killed < 60
+    assert survivor.returncode == 1, "".join(seen) + rest
+    assert time.monotonic() - start < 60
     assert errors and errors[-1].startswith("softgrpo train: error: ")
-    assert "bridge: global rank 1 died or did not answer" in errors[-1]
+    dead = 1 if victim == "generation" else 0
+    assert f"bridge: global rank {dead} died or did not answer" in errors[-1]
     assert [r["step"] for r in _metrics(tmp_path / "run")] == [1]
