@@ -197,6 +197,28 @@ def test_first_update_ratio_is_exactly_one_and_kl_zero(tmp_path):
     assert not torch.equal(worker.compute_logprobs(batch), batch.ref_logp)
 
 
+@pytest.mark.parametrize("kind,taken", [("qwen2", True), ("llama", False)])
+def test_the_output_weight_gradient_goes_to_ddp_main_grad_unless_tied(
+    kind, taken, tmp_path, monkeypatch
+):
+    """The worker hands the fused objective Megatron DDP's sink: the untied output weight (the
+    tiny Qwen2) takes its gradient in main_grad in one pass; the tied one (the tiny Llama) in
+    `.grad`, which its input-embedding use also feeds."""
+    from megatron_softgrpo.train import policy
+
+    sink, calls = policy.add_to_main_grad, []
+
+    def spy(weight, total, scale):
+        calls.append(sink(weight, total, scale))
+        return calls[-1]
+
+    monkeypatch.setattr(policy, "add_to_main_grad", spy)
+    make_hf_model(kind, tmp_path)
+    worker = new_worker(recipe(tmp_path, micro=2))
+    assert train(worker, with_old_logprobs(worker, make_batch(seed=2))).updated
+    assert calls and set(calls) == {taken}
+
+
 def test_fp8_token_alignment_pads_positions_without_changing_logprobs_or_the_update(tmp_path):
     """FP8 GEMMs need tokens in multiples of 16 (32 for MXFP8): the worker appends unscored
     zero positions after every record, which causal attention never lets the real ones see."""

@@ -455,18 +455,23 @@ def test_fused_objective_gradient_scales_with_the_output_gradient_and_passes_gra
 
 
 def test_fused_objective_adds_its_weight_gradient_into_ddp_main_grad():
-    """A weight wrapped by Megatron's DDP (a `main_grad`, and the `grad_added_to_main_grad`
-    flag its hook reads) takes the scaled weight gradient in main_grad, accumulating over
-    micro-batches, as Megatron's own linear layers do under gradient_accumulation_fusion; a
-    weight tied to the input embedding (`zero_out_wgrad`) takes it in `.grad`."""
+    """With the trainer's sink (`add_to_main_grad`), a weight wrapped by Megatron's DDP (a
+    `main_grad`, and the `grad_added_to_main_grad` flag its hook reads) takes the scaled weight
+    gradient in main_grad, accumulating over micro-batches, as Megatron's own linear layers do
+    under gradient_accumulation_fusion; a weight tied to the input embedding (`zero_out_wgrad`)
+    takes it in `.grad`; without a sink the soft core knows nothing of DDP: `.grad` too."""
+    from model_patches.wgrad_accumulation import add_to_main_grad
+
     gen = torch.Generator().manual_seed(12)
     hidden = torch.randn(6, 2, HIDDEN, generator=gen, requires_grad=True)
     weight = (torch.randn(PADDED, HIDDEN, generator=gen) * 0.5).requires_grad_()
     _, rows = mixed_rows("gumbel", (hidden.transpose(0, 1) @ weight.t()).detach(), drift=0.5)
     objective = _objective(*torch.randn(3, 2, 6, generator=gen))
 
-    def value(w):
-        return objective_from_hidden(hidden, w, rows, scorer("gumbel"), SHARD, objective, True)
+    def value(w, sink=add_to_main_grad):
+        return objective_from_hidden(
+            hidden, w, rows, scorer("gumbel"), SHARD, objective, True, weight_gradient=sink
+        )
 
     (want,) = torch.autograd.grad(-0.5 * value(weight).value, weight)
     wrapped = weight.detach().clone().requires_grad_()
@@ -482,3 +487,10 @@ def test_fused_objective_adds_its_weight_gradient_into_ddp_main_grad():
     (-0.5 * value(tied).value).backward()
     assert not tied.grad_added_to_main_grad and torch.equal(tied.main_grad, torch.ones_like(tied))
     torch.testing.assert_close(tied.grad, want, rtol=1e-6, atol=1e-6)
+    plain = weight.detach().clone().requires_grad_()
+    plain.main_grad, plain.grad_added_to_main_grad = torch.ones_like(plain), False
+    (-0.5 * value(plain, sink=None).value).backward()
+    assert not plain.grad_added_to_main_grad and torch.equal(
+        plain.main_grad, torch.ones_like(plain)
+    )
+    torch.testing.assert_close(plain.grad, want, rtol=1e-6, atol=1e-6)

@@ -203,6 +203,7 @@ def check_policy_objective(scorer, shard, hidden, weight, records):
     )
     from megatron_softgrpo.config.schema import LossCfg
     from megatron_softgrpo.soft import log_density_and_entropy_from_hidden, objective_from_hidden
+    from model_patches.wgrad_accumulation import add_to_main_grad
 
     cfg = LossCfg(
         ratio_clip_c=3.0,
@@ -294,7 +295,10 @@ def check_policy_objective(scorer, shard, hidden, weight, records):
         wm = weight.to(DEV, dtype, copy=True).requires_grad_()
         wm.main_grad, wm.grad_added_to_main_grad = torch.zeros_like(wm, dtype=torch.float32), False
         hm = hd.detach().requires_grad_()
-        objective_from_hidden(hm, wm, picked, scorer, shard, objective, True).value.backward()
+        fused_m = objective_from_hidden(
+            hm, wm, picked, scorer, shard, objective, True, weight_gradient=add_to_main_grad
+        )
+        fused_m.value.backward()
         record(
             f"{tag}/main_grad_vs_grad",
             float((wm.main_grad - wt.grad.float()).abs().max() / wt.grad.float().abs().max()),

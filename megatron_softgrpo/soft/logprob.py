@@ -445,12 +445,18 @@ class _ChunkedScores(torch.autograd.Function):
         return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None
 
 
+# (weight, total, scale) -> whether it took the output weight's gradient total * scale (a 0-dim
+# scale: no host sync) into a buffer of the trainer's; autograd then gets a placeholder, else the
+# gradient itself
+WeightGradientSink = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], bool]
+
+
 class _ChunkedObjective(torch.autograd.Function):
     """hidden [N, h], weight [W, h] -> (sum of the objective, logp [N], entropy [N] or None), the
     objective's gradient taken chunk by chunk in the forward from the logits just computed."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, plan: _Chunking, objective: TokenObjective):
+    def forward(ctx, hidden, weight, plan: _Chunking, objective: TokenObjective, sink):
         grad_hidden = torch.zeros(
             hidden.shape, dtype=_accumulation_dtype(hidden), device=hidden.device
         )
@@ -472,7 +478,7 @@ class _ChunkedObjective(torch.autograd.Function):
             logps.append(logp.detach())
             entropies.append(None if entropy is None else entropy.detach())
             values.append(value.detach())
-        ctx.grads = (grad_hidden, grad_weight, hidden.dtype, weight)
+        ctx.grads = (grad_hidden, grad_weight, hidden.dtype, weight, sink)
         logp = torch.cat(logps)
         entropy = torch.cat(entropies) if plan.with_entropy else None
         ctx.mark_non_differentiable(*(t for t in (logp, entropy) if t is not None))
@@ -480,30 +486,12 @@ class _ChunkedObjective(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_value, *_):
-        grad_hidden, grad_weight, hidden_dtype, weight = ctx.grads
-        return (
-            _times(grad_hidden, grad_value, hidden_dtype),
-            _weight_gradient(weight, grad_weight, grad_value),
-            None,
-            None,
-        )
-
-
-def _weight_gradient(weight: torch.Tensor, total: torch.Tensor, scale: torch.Tensor):
-    """The output weight's gradient, total * scale. A weight wrapped by Megatron's DDP takes it
-    in its fp32 `main_grad` in one pass, as Megatron's own linear layers do under
-    gradient_accumulation_fusion: the placeholder returned is then skipped by DDP's hook. Not a
-    weight tied to the input embedding on the same stage (`zero_out_wgrad`): DDP's hook adds
-    its `.grad`, which another path may feed, so the gradient goes there as usual."""
-    if (
-        getattr(weight, "main_grad", None) is None
-        or not hasattr(weight, "grad_added_to_main_grad")
-        or getattr(weight, "zero_out_wgrad", False)
-    ):
-        return _times(total, scale, weight.dtype)
-    weight.main_grad.addcmul_(total, scale)  # scale: 0-dim, no host sync
-    weight.grad_added_to_main_grad = True
-    return torch.empty_like(weight)  # never read
+        grad_hidden, grad_weight, hidden_dtype, weight, sink = ctx.grads
+        if sink is not None and sink(weight, grad_weight, grad_value):
+            grad_weight = torch.empty_like(weight)  # the sink took it: never read
+        else:
+            grad_weight = _times(grad_weight, grad_value, weight.dtype)
+        return _times(grad_hidden, grad_value, hidden_dtype), grad_weight, None, None, None
 
 
 def _times(total: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -632,6 +620,7 @@ def objective_from_hidden(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     embedding: InputEmbedding | None = None,
     sequence_parallel: bool = False,
+    weight_gradient: WeightGradientSink | None = None,
 ) -> ScoredObjective:
     """sum_j objective_j(logp_j, H_j) over `records` [b, s] scored by the hidden states
     [s, b, h], for a loss that is a sum of per-position terms (the policy loss is).
@@ -643,10 +632,13 @@ def objective_from_hidden(
     the output weight's gradient held from this forward to the backward. Values and gradients
     equal `log_density_from_hidden` (or `log_density_and_entropy_from_hidden`) followed by the
     objective, up to float rounding; `logp` and `entropy` are their values bitwise.
-    Arguments as `log_density_from_hidden`.
+    Arguments as `log_density_from_hidden`; `weight_gradient` may take the output weight's
+    gradient where the trainer accumulates it (`WeightGradientSink`).
     """
     flat_hidden = _flat_inputs(hidden, records, shard, chunk_size, sequence_parallel)
     plan = _Chunking(records.flatten(), scorer, shard, chunk_size, embedding, with_entropy)
-    value, logp, entropy = _ChunkedObjective.apply(flat_hidden, output_weight, plan, objective)
+    value, logp, entropy = _ChunkedObjective.apply(
+        flat_hidden, output_weight, plan, objective, weight_gradient
+    )
     b, s = records.tokens.shape
     return ScoredObjective(value, logp.view(b, s), None if entropy is None else entropy.view(b, s))

@@ -75,6 +75,7 @@ from megatron_softgrpo.train.optimizer import build_optimizer, build_scheduler, 
 from model_patches.mixture_embedding import mixture_embedding
 from model_patches.optimizer_step import guarded_step
 from model_patches.output_layer import final_hidden_states
+from model_patches.wgrad_accumulation import add_to_main_grad
 
 
 @dataclass(frozen=True)
@@ -350,6 +351,7 @@ class PolicyWorker:
                 objective,
                 loss.needs_entropy,
                 embedding=self._input_embedding(gpt),
+                weight_gradient=add_to_main_grad,
             ).value
         return value, {"metrics": objective.metrics}
 
