@@ -1,11 +1,17 @@
-"""Builders the test modules share: a PolicyWorker recipe on a tiny model, a `softgrpo train`
-recipe file, and a rollout engine with its settings on a tiny SmolLM2-vocabulary model."""
+"""Builders the test modules share: a PolicyWorker recipe on a tiny model and batches for it, a
+`softgrpo train` recipe file, a rollout engine with its settings on a tiny SmolLM2-vocabulary
+model, and the fixed-shape backend's engine with the comparison of two engines' records."""
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import fields
 from pathlib import Path
 
+import torch
+
+from megatron_softgrpo.batch import Batch
 from megatron_softgrpo.config.schema import (
     CheckpointingCfg,
     GenerationCfg,
@@ -22,9 +28,11 @@ from megatron_softgrpo.models.loading import load_model
 from megatron_softgrpo.models.source import resolve_model_source
 from megatron_softgrpo.rollout.engine import RolloutEngine
 from megatron_softgrpo.rollout.settings import RolloutSettings
+from megatron_softgrpo.rollout.static_backend import BATCH_BUCKET, StaticBackend
 from megatron_softgrpo.soft import (
     DiscreteSampler,
     GumbelNoise,
+    MixtureRecord,
     SoftSampler,
     Truncation,
     VocabShard,
@@ -302,3 +310,106 @@ def rescoring_recipe(tiny_dir, algorithm):
             )
         }
     )
+
+
+# ------------------------------------------------------------------ policy worker batches
+
+TINY_VOCAB = 1000  # tiny_models' real vocabulary (padded to 1024)
+
+
+def make_batch(seed: int, rows: int = 4, seq: int = 12) -> Batch:
+    """Right-padded rows of different lengths: a discrete prompt, then soft and discrete steps."""
+    g = torch.Generator().manual_seed(seed)
+    records = MixtureRecord.discrete(torch.randint(0, TINY_VOCAB, (rows, seq), generator=g), K)
+    loss_mask = torch.zeros(rows, seq, dtype=torch.bool)
+    for b in range(rows):
+        prompt, length = 3 + b % 2, seq - b % 3
+        loss_mask[b, prompt:length] = True
+        for j in range(length, seq):  # right padding: zero records
+            for f in ("tokens", "mix_ids", "mix_weights", "noise", "support"):
+                getattr(records, f)[b, j] = 0
+        for j in range(prompt, length):
+            if torch.rand((), generator=g) < 0.5:
+                continue  # a discrete step
+            ids = torch.randperm(TINY_VOCAB, generator=g)[:K]
+            support = torch.arange(K) < int(torch.randint(1, K + 1, (), generator=g))
+            noise = torch.where(support, torch.randn(K, generator=g) * 2 - 2, torch.zeros(K))
+            weights = torch.softmax((noise / 0.1).masked_fill(~support, -math.inf), dim=-1)
+            (
+                records.mix_ids[b, j],
+                records.support[b, j],
+                records.noise[b, j],
+                records.mix_weights[b, j],
+            ) = ids, support, noise, weights
+            records.tokens[b, j], records.is_soft[b, j] = ids[0], True
+    advantages = torch.randn(rows, 1, generator=g) * loss_mask
+    return Batch(records, loss_mask, advantages=advantages)
+
+
+def with_old_logprobs(worker, batch: Batch) -> Batch:
+    batch.old_logp = worker.compute_logprobs(batch)
+    if worker.reference is not None:
+        batch.ref_logp = worker.compute_logprobs(batch, reference=True)
+    return batch
+
+
+def sharded_pieces(model) -> list[tuple]:
+    """(key, global shape, global offset, prepended axes, data) of every tensor this rank holds."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    sd = model.sharded_state_dict()
+    apply_factories(sd)
+    return [
+        (t.key, t.global_shape, t.global_offset, t.prepend_axis_num, t.data.detach().clone())
+        for t in nested_values(sd)
+        if isinstance(t, ShardedTensor)
+    ]
+
+
+def assemble(per_rank_pieces) -> dict[str, torch.Tensor]:
+    """The full (layout-independent) tensors from every rank's pieces."""
+    full: dict[str, torch.Tensor] = {}
+    for pieces in per_rank_pieces:
+        for key, shape, offset, prepend, data in pieces:
+            t = full.setdefault(key, torch.full(shape, math.nan))
+            index = tuple(offset[:prepend]) + tuple(
+                slice(o, o + n) for o, n in zip(offset[prepend:], data.shape)
+            )
+            t[index] = torch.as_tensor(data)
+    for key, t in full.items():
+        assert not t.isnan().any(), f"{key}: not covered by the ranks' shards"
+    return full
+
+
+# ------------------------------------------------------------------ the fixed-shape backend
+
+
+def build64(tiny_dir, tp=1, pp=1):
+    model, shard, parallel = build(tiny_dir, tp, pp)
+    return model.double(), shard, parallel
+
+
+def static_engine(model, tokenizer, shard, s, parallel, row_bucket=BATCH_BUCKET, **kwargs):
+    """The engine on the fixed-shape backend, with the row buckets of a GPU's graphs (on the CPU
+    an eager step's own default is 1)."""
+    backend = StaticBackend(model, parallel, row_bucket=row_bucket)
+    return RolloutEngine(model, tokenizer, shard, s, parallel, backend, **kwargs)
+
+
+def assert_same_records(a, b, atol=1e-6):
+    """Identical ids, flags, lengths and texts; float records within rounding (the sampler
+    reduces another number of rows than the reference: fp32 sums in another order)."""
+    for f in fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if f.name == "records":
+            for name in ("tokens", "mix_ids", "support", "is_soft", "noise_seed", "thinking"):
+                assert torch.equal(getattr(x, name), getattr(y, name)), name
+            for name in ("mix_weights", "noise"):
+                torch.testing.assert_close(getattr(y, name), getattr(x, name), atol=atol, rtol=1e-5)
+        elif isinstance(x, torch.Tensor) and x.is_floating_point():
+            torch.testing.assert_close(y, x, atol=atol, rtol=1e-5)
+        elif isinstance(x, torch.Tensor):
+            assert torch.equal(x, y), f.name
+        else:
+            assert x == y, f.name

@@ -276,7 +276,7 @@ def test_per_slot_loss_and_gradient_match_the_closed_form():
 
 
 def _first_step(rank, hf_dir, tp, pp):
-    from test_policy import sharded_pieces
+    from builders import sharded_pieces
 
     worker = new_worker(recipe(hf_dir, tp, pp, micro=2, algorithm="multiplex"), tp, pp)
     batch = multiplex_batch(seed=3)
@@ -292,7 +292,7 @@ def _first_step(rank, hf_dir, tp, pp):
 @pytest.mark.multiproc
 @pytest.mark.parametrize("kind,tp,pp", [("qwen2", 2, 1), ("llama", 1, 2)], ids=["tp2", "pp2"])
 def test_one_step_on_two_ranks_matches_one_rank(kind, tp, pp, tmp_path):
-    from test_policy import assemble
+    from builders import assemble
 
     make_hf_model(kind, tmp_path)
     expected_result, expected_logp, expected_pieces = _first_step(0, str(tmp_path), 1, 1)

@@ -11,43 +11,21 @@ import random
 import numpy as np
 import pytest
 import torch
-from builders import ANSWER_T, THINKING_T, K, mixture_logits64, new_worker, recipe
+from builders import (
+    ANSWER_T,
+    THINKING_T,
+    assemble,
+    make_batch,
+    mixture_logits64,
+    new_worker,
+    recipe,
+    sharded_pieces,
+    with_old_logprobs,
+)
 from distributed_helpers import run_ranks
 from tiny_models import make_hf_model
 
 from megatron_softgrpo.batch import Batch
-from megatron_softgrpo.soft import MixtureRecord
-
-VOCAB = 1000  # tiny_models' real vocabulary (padded to 1024)
-
-
-def make_batch(seed: int, rows: int = 4, seq: int = 12) -> Batch:
-    """Right-padded rows of different lengths: a discrete prompt, then soft and discrete steps."""
-    g = torch.Generator().manual_seed(seed)
-    records = MixtureRecord.discrete(torch.randint(0, VOCAB, (rows, seq), generator=g), K)
-    loss_mask = torch.zeros(rows, seq, dtype=torch.bool)
-    for b in range(rows):
-        prompt, length = 3 + b % 2, seq - b % 3
-        loss_mask[b, prompt:length] = True
-        for j in range(length, seq):  # right padding: zero records
-            for f in ("tokens", "mix_ids", "mix_weights", "noise", "support"):
-                getattr(records, f)[b, j] = 0
-        for j in range(prompt, length):
-            if torch.rand((), generator=g) < 0.5:
-                continue  # a discrete step
-            ids = torch.randperm(VOCAB, generator=g)[:K]
-            support = torch.arange(K) < int(torch.randint(1, K + 1, (), generator=g))
-            noise = torch.where(support, torch.randn(K, generator=g) * 2 - 2, torch.zeros(K))
-            weights = torch.softmax((noise / 0.1).masked_fill(~support, -math.inf), dim=-1)
-            (
-                records.mix_ids[b, j],
-                records.support[b, j],
-                records.noise[b, j],
-                records.mix_weights[b, j],
-            ) = ids, support, noise, weights
-            records.tokens[b, j], records.is_soft[b, j] = ids[0], True
-    advantages = torch.randn(rows, 1, generator=g) * loss_mask
-    return Batch(records, loss_mask, advantages=advantages)
 
 
 def reference_logprobs(hf_model, batch: Batch) -> torch.Tensor:
@@ -91,13 +69,6 @@ def reference_entropies(hf_model, batch: Batch) -> torch.Tensor:
     )
 
 
-def with_old_logprobs(worker, batch: Batch) -> Batch:
-    batch.old_logp = worker.compute_logprobs(batch)
-    if worker.reference is not None:
-        batch.ref_logp = worker.compute_logprobs(batch, reference=True)
-    return batch
-
-
 def weights(worker) -> list[torch.Tensor]:
     return [p.detach().clone() for p in worker.model.parameters()]
 
@@ -112,35 +83,6 @@ def adam_state(worker) -> list[torch.Tensor]:
                 s = inner.state[p]
                 out += [s["exp_avg"].clone(), s["exp_avg_sq"].clone(), s["step"].clone().reshape(1)]
     return out
-
-
-def sharded_pieces(model) -> list[tuple]:
-    """(key, global shape, global offset, prepended axes, data) of every tensor this rank holds."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-
-    sd = model.sharded_state_dict()
-    apply_factories(sd)
-    return [
-        (t.key, t.global_shape, t.global_offset, t.prepend_axis_num, t.data.detach().clone())
-        for t in nested_values(sd)
-        if isinstance(t, ShardedTensor)
-    ]
-
-
-def assemble(per_rank_pieces) -> dict[str, torch.Tensor]:
-    """The full (layout-independent) tensors from every rank's pieces."""
-    full: dict[str, torch.Tensor] = {}
-    for pieces in per_rank_pieces:
-        for key, shape, offset, prepend, data in pieces:
-            t = full.setdefault(key, torch.full(shape, math.nan))
-            index = tuple(offset[:prepend]) + tuple(
-                slice(o, o + n) for o, n in zip(offset[prepend:], data.shape)
-            )
-            t[index] = torch.as_tensor(data)
-    for key, t in full.items():
-        assert not t.isnan().any(), f"{key}: not covered by the ranks' shards"
-    return full
 
 
 def portable(tensors) -> list[np.ndarray]:

@@ -4,15 +4,15 @@ Megatron's forward (the reference), at TP=1, TP=2 and PP=2."""
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 import pytest
 import torch
 from builders import (
     EOS,
     PROMPTS,
     VOCAB,
+    assert_same_records,
     build,
+    build64,
     gumbel,
     new_worker,
     rescoring_recipe,
@@ -20,6 +20,7 @@ from builders import (
     run,
     settings,
     staggered_eos,
+    static_engine,
 )
 from distributed_helpers import run_ranks
 from tiny_models import make_hf_model
@@ -27,7 +28,7 @@ from tiny_models import make_hf_model
 from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
 from megatron_softgrpo.rollout.engine import RolloutEngine
 from megatron_softgrpo.rollout.megatron_backend import MegatronBackend
-from megatron_softgrpo.rollout.static_backend import BATCH_BUCKET, StaticBackend
+from megatron_softgrpo.rollout.static_backend import StaticBackend
 from megatron_softgrpo.soft import (
     DiscreteSampler,
     EmbeddingNoise,
@@ -134,18 +135,6 @@ def test_compiled_step_equals_eager_one_compile_per_bucket(tiny_dir):
 # the same fp32 logits, so every record can be compared tightly on any CPU.
 
 
-def build64(tiny_dir, tp=1, pp=1):
-    model, shard, parallel = build(tiny_dir, tp, pp)
-    return model.double(), shard, parallel
-
-
-def static_engine(model, tokenizer, shard, s, parallel, row_bucket=BATCH_BUCKET, **kwargs):
-    """The engine on the fixed-shape backend, with the row buckets of a GPU's graphs (on the CPU
-    an eager step's own default is 1)."""
-    backend = StaticBackend(model, parallel, row_bucket=row_bucket)
-    return RolloutEngine(model, tokenizer, shard, s, parallel, backend, **kwargs)
-
-
 def _both(model, shard, parallel, tokenizer, prompts=PROMPTS, g=2, seed=7, **overrides):
     s = settings(**overrides)
     seed_noise_rng(seed)
@@ -153,24 +142,6 @@ def _both(model, shard, parallel, tokenizer, prompts=PROMPTS, g=2, seed=7, **ove
     seed_noise_rng(seed)
     static = static_engine(model, tokenizer, shard, s, parallel).generate(prompts, g)
     return reference, static
-
-
-def assert_same_records(a, b, atol=1e-6):
-    """Identical ids, flags, lengths and texts; float records within rounding (the sampler
-    reduces another number of rows than the reference: fp32 sums in another order)."""
-    for f in fields(a):
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        if f.name == "records":
-            for name in ("tokens", "mix_ids", "support", "is_soft", "noise_seed", "thinking"):
-                assert torch.equal(getattr(x, name), getattr(y, name)), name
-            for name in ("mix_weights", "noise"):
-                torch.testing.assert_close(getattr(y, name), getattr(x, name), atol=atol, rtol=1e-5)
-        elif isinstance(x, torch.Tensor) and x.is_floating_point():
-            torch.testing.assert_close(y, x, atol=atol, rtol=1e-5)
-        elif isinstance(x, torch.Tensor):
-            assert torch.equal(x, y), f.name
-        else:
-            assert x == y, f.name
 
 
 def test_greedy_decoding_is_token_for_token_the_reference(tiny_dir, tokenizer):

@@ -13,9 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from builders import new_worker, recipe, write_recipe
+from builders import make_batch, new_worker, recipe, with_old_logprobs, write_recipe
 from distributed_helpers import run_ranks
-from test_policy import make_batch, with_old_logprobs
 from tiny_models import make_hf_model
 
 from megatron_softgrpo.algorithms.loss import (

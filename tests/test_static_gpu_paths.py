@@ -6,8 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from builders import PROMPTS, SAMPLERS, eos_ending_within, settings
-from test_rollout_backends import assert_same_records, build64, static_engine
+from builders import (
+    PROMPTS,
+    SAMPLERS,
+    assert_same_records,
+    build64,
+    eos_ending_within,
+    settings,
+    static_engine,
+)
 
 from megatron_softgrpo.rollout.engine import GPU_FLAG_LAG, RolloutEngine
 from megatron_softgrpo.soft import DiscreteSampler, Truncation, VocabShard, seed_noise_rng
