@@ -285,9 +285,23 @@ class _Items:
         self.items.append(MemoryItem(name, phases, int(math.ceil(nbytes)), formula))
 
 
-def _resident(out: _Items, w: Workload, dp: int, params: int) -> None:
+def _resident(out: _Items, w: Workload, dp: int | None, params: int) -> None:
+    """A training rank's (`dp`: its data-parallel size) or, dp None, a generation rank's copy
+    of the model: weights only, no gradients, optimizer or reference model."""
     D = w.dtype_bytes
     out.add("weights", (RESIDENT,), params * D, f"{params:,} params x {D} B")
+    if dp is not None:
+        _training_state(out, w, dp, params)
+    out.add(
+        "overhead",
+        (RESIDENT,),
+        OVERHEAD_GIB * GIB,
+        "CUDA context, NCCL/cuBLAS workspaces, fragmentation",
+    )
+
+
+def _training_state(out: _Items, w: Workload, dp: int, params: int) -> None:
+    D = w.dtype_bytes
     out.add("gradients", (RESIDENT,), params * FP32, f"{params:,} x 4 B (fp32 main grads)")
     state = 12 if w.master_weights else 8
     shards = dp if w.distributed_optimizer else 1
@@ -299,12 +313,6 @@ def _resident(out: _Items, w: Workload, dp: int, params: int) -> None:
     )
     if w.reference_model:
         out.add("reference model", (RESIDENT,), params * D, f"{params:,} x {D} B (KL penalty > 0)")
-    out.add(
-        "overhead",
-        (RESIDENT,),
-        OVERHEAD_GIB * GIB,
-        "CUDA context, NCCL/cuBLAS workspaces, fragmentation",
-    )
 
 
 def _rollout(out: _Items, arch: ModelArch, w: Workload, tp: int, layers: int, last: bool) -> None:
@@ -435,10 +443,7 @@ def generation_plan(arch: ModelArch, w: Workload, tp: int) -> StagePlan:
     w = replace(w, rollout_rows=w.generation_rows)
     out = _Items()
     params = stage_parameters(arch, tp, 1, 0, w.padded_vocab)
-    out.add(
-        "weights", (RESIDENT,), params * w.dtype_bytes, f"{params:,} params x {w.dtype_bytes} B"
-    )
-    out.add("overhead", (RESIDENT,), OVERHEAD_GIB * GIB, "CUDA context, NCCL/cuBLAS workspaces")
+    _resident(out, w, None, params)
     _rollout(out, arch, w, tp, arch.num_layers, last=True)
     out.add(
         "refit bucket (receive)", (ROLLOUT, REFIT), REFIT_BUCKET_BYTES, "one bucket of full tensors"
