@@ -40,7 +40,7 @@ from megatron_softgrpo.models.hf_mapping import (
     named_model_tensors,
     tp_gather,
 )
-from megatron_softgrpo.rollout.engine import Progress, RolloutEngine
+from megatron_softgrpo.rollout.engine import RolloutEngine
 from megatron_softgrpo.soft import noise_state, seed_noise_rng, set_noise_state, split_noise
 from megatron_softgrpo.train.metrics_log import ProgressLine
 from megatron_softgrpo.train.refit import receive_weights, send_weights
@@ -64,7 +64,7 @@ class Colocated:
         training rank calls it."""
         return self.generate(*self._requests.popleft())
 
-    def generate(self, blocks: Blocks, num_generations: int, progress: Progress | None = None):
+    def generate(self, blocks: Blocks, num_generations: int, progress: ProgressLine | None = None):
         mine = blocks[self.engine.parallel.dp_rank]
         return self.engine.generate(mine, num_generations, progress) if mine else None
 
@@ -123,10 +123,10 @@ class Dedicated:
             results = self.ready.popleft() if self.ready else self._receive()
         return self._share(results)
 
-    def generate(self, blocks: Blocks, num_generations: int, progress: Progress | None = None):
+    def generate(self, blocks: Blocks, num_generations: int, progress: ProgressLine | None = None):
         """One request decoded after every earlier one; with a `progress`, the generation ranks'
         first prints its own progress line, under the progress line's name."""
-        report = None if progress is None else getattr(progress, "name", "decoding")
+        report = None if progress is None else progress.name
         self.submit(blocks, num_generations, report)
         self._receive_in_flight()  # the earlier requests' results wait in `ready`
         return self._share(self.ready.pop() if self.parallel.main else None)
