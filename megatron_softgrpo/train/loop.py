@@ -215,10 +215,11 @@ class Trainer:
             version = self.worker.optimizer_steps
             self._ahead.append(Ahead(problems, self.sampler.epoch, self.step, version))
 
-    def _requests(self, problems) -> list[list[list[int]]]:
-        """Each data-parallel rank's block of prompts, encoded."""
+    def _requests(self, problems, per_rank: int | None = None) -> list[list[list[int]]]:
+        """Each data-parallel rank's block of prompts, encoded (`per_rank` each, the last ones
+        possibly fewer; default: equal shares)."""
         dp = self.parallel.dp
-        return [self._prompts(b) for b in _blocks(problems, len(problems) // dp, dp)]
+        return [self._prompts(b) for b in _blocks(problems, per_rank or len(problems) // dp, dp)]
 
     def _rollout(self, problems, times: Timings) -> Batch:
         """`problems` decoded now (after any request submitted ahead) and graded."""
@@ -339,8 +340,7 @@ class Trainer:
         """One sample per validation problem with the training decoding; accuracy and mean reward."""
         problems, dp = self.val_data.problems, self.parallel.dp
         per_rank = math.ceil(len(problems) / dp)
-        blocks = _blocks(problems, per_rank, dp)
-        mine = blocks[self.parallel.dp_rank]
+        mine = _blocks(problems, per_rank, dp)[self.parallel.dp_rank]
         # on the model's device: the data-parallel group is NCCL on GPU
         correct, answered, lengths, valid = (
             torch.zeros(per_rank, device=self.worker.device) for _ in range(4)
@@ -348,7 +348,7 @@ class Trainer:
         steps = self.cfg.policy.generation.max_new_tokens
         progress = ProgressLine("validation", len(mine), steps, self.parallel.main)
         # every rank calls it (dedicated generation ranks serve all blocks in one request)
-        traj = self.generation.generate([self._prompts(b) for b in blocks], 1, progress)
+        traj = self.generation.generate(self._requests(problems, per_rank), 1, progress)
         if mine:
             got, has = self._grade(traj.texts, mine)
             correct[: len(mine)], answered[: len(mine)] = got, has.float()
