@@ -313,7 +313,7 @@ def _queued(rank, release):
 
         engine = NS(model=model, generate=generate, joined=lambda parts: parts[0])
         engine.settings = NS(max_new_tokens=1)
-        return GenerationServer(engine, parallel).run()
+        return GenerationServer(engine, parallel).run(), _threads()
     worker = NS(optimizer_steps=0, model=model, device="cpu")
     dedicated = Dedicated(worker, parallel)
     for version in range(3):
@@ -323,7 +323,14 @@ def _queued(rank, release):
     release.touch()
     decoded = [dedicated.collect().item() for _ in range(3)]
     dedicated.close()
-    return decoded
+    return decoded, _threads()
+
+
+def _threads() -> list[str]:
+    """Threads left besides the main one: a thread still ending as the process exits aborts it."""
+    import threading
+
+    return [t.name for t in threading.enumerate() if t is not threading.main_thread()]
 
 
 BRIDGES = [("control", [0, 1]), ("results", [1, 0]), ("refit", [0, 1])]
@@ -333,9 +340,11 @@ BRIDGES = [("control", [0, 1]), ("results", [1, 0]), ("refit", [0, 1])]
 def test_requests_and_refits_queue_on_a_busy_generation_rank_and_load_in_order(tmp_path):
     """The trainer sends three requests, each after a refit, while the generation rank is still
     decoding the first (its decode waits until all were sent); each request is decoded with the
-    weights of the refit before it, not with the newest one received."""
-    decoded, served = run_ranks(2, _queued, tmp_path / "release")
+    weights of the refit before it, not with the newest one received. Both sides' threads have
+    ended when the trainer closes and the server returns."""
+    (decoded, left_training), (served, left_generation) = run_ranks(2, _queued, tmp_path / "r")
     assert decoded == [0.0, 1.0, 2.0] and served == 0
+    assert left_training == left_generation == []
 
 
 @pytest.mark.parametrize(

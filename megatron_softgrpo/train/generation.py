@@ -98,7 +98,8 @@ class Dedicated:
         if parallel.main:
             self._expected: queue.SimpleQueue = queue.SimpleQueue()  # one True per request
             self._arrived: queue.SimpleQueue = queue.SimpleQueue()  # results, or the error
-            threading.Thread(target=self._receiver, name="results", daemon=True).start()
+            self._thread = threading.Thread(target=self._receiver, name="results", daemon=True)
+            self._thread.start()
 
     def submit(self, blocks: Blocks, num_generations: int, report: str | None = None) -> None:
         """Send a request (after a refit if the policy changed); the generation ranks decode
@@ -160,6 +161,7 @@ class Dedicated:
     def _receive(self) -> list:
         arrived = self._arrived.get()
         if isinstance(arrived, BaseException):
+            self._thread.join()  # its last act (see close)
             raise arrived
         results, states, busy_s = arrived
         self.in_flight -= 1
@@ -219,6 +221,7 @@ class Dedicated:
         if self.parallel.main:
             self._receive_in_flight()  # a stop is read after every request
             self._expected.put(False)
+            self._thread.join()  # a thread still ending as the process exits aborts it (SIGABRT)
             self.bridges.control.broadcast_object(("stop",), 0)
 
 
@@ -248,9 +251,12 @@ class GenerationServer:
 
     def run(self) -> int:
         inbox: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._reader, args=(inbox,), name="control", daemon=True).start()
+        reader = threading.Thread(target=self._reader, args=(inbox,), name="control", daemon=True)
+        reader.start()
         while True:
             message = inbox.get()
+            if isinstance(message, BaseException) or message[0] == "stop":
+                reader.join()  # its last message; a thread still ending at exit aborts the process
             if isinstance(message, BaseException):
                 raise message
             start = time.perf_counter()
