@@ -94,7 +94,7 @@ def engine(
     eos=frozenset(),
     cuda_graphs: bool = True,
 ):
-    """kind: static | compiled (its step compiled) | masked (never shrinks) | eager (Megatron's
+    """kind: static | compiled (its token step compiled) | masked (never shrinks) | eager (Megatron's
     forward, the reference). cuda_graphs: as training runs the fixed-shape backend
     (policy.generation.cuda_graphs, default on); ignored on the CPU."""
     from megatron_softgrpo.rollout.engine import RolloutEngine
@@ -276,8 +276,9 @@ def decode_step_seconds(
 def static_step_seconds(
     model, parallel, position: int, batch: int, steps: int, graphs: bool = True
 ) -> Callable[[], float]:
-    """A measurement: mean time of one static decode step at ~`position` (a replayed CUDA graph
-    with `graphs` on a GPU)."""
+    """A measurement: mean time of one static decode step (the model's part of a token step) at
+    ~`position` (a replayed CUDA graph with `graphs` on a GPU)."""
+    from megatron_softgrpo.rollout.replay import Replays
     from megatron_softgrpo.rollout.static_backend import StaticBackend
     from megatron_softgrpo.soft import MixtureRecord
 
@@ -289,13 +290,18 @@ def static_step_seconds(
         MixtureRecord.discrete(torch.full((batch, position), 7, device=device), 5), pad, None
     )
     step = MixtureRecord.discrete(torch.full((batch,), 9, device=device), 5)
+    replays = Replays(backend.capture)
+
+    def decode() -> None:
+        backend.decode(step, None)
 
     def measure() -> float:
         sync()
         t = time.perf_counter()
         backend.column = position  # the same columns every round: the cache stays at `position`
+        backend.columns.fill_(position)
         for _ in range(steps):
-            backend.step(step, None)
+            replays.run(backend.advance(), lambda: decode)
         sync()
         return (time.perf_counter() - t) / steps
 

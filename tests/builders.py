@@ -390,10 +390,12 @@ def build64(tiny_dir, tp=1, pp=1):
     return model.double(), shard, parallel
 
 
-def static_engine(model, tokenizer, shard, s, parallel, row_bucket=BATCH_BUCKET, **kwargs):
+def static_engine(
+    model, tokenizer, shard, s, parallel, row_bucket=BATCH_BUCKET, compile=False, **kwargs
+):
     """The engine on the fixed-shape backend, with the row buckets of a GPU's graphs (on the CPU
-    an eager step's own default is 1)."""
-    backend = StaticBackend(model, parallel, row_bucket=row_bucket)
+    an eager step's own default is 1); `compile`: its token steps replayed compiled."""
+    backend = StaticBackend(model, parallel, compile, row_bucket=row_bucket)
     return RolloutEngine(model, tokenizer, shard, s, parallel, backend, **kwargs)
 
 

@@ -30,11 +30,11 @@ def test_the_graph_check_passes_with_shrinks_on_the_late_count(tiny_dir, tokeniz
 
 
 def test_the_graph_check_reports_a_token_that_differs(tiny_dir, tokenizer, monkeypatch):
-    backend_step, phase_step, graphs = StaticBackend.step, PhaseMachine.step, [False]
+    backend_init, phase_step, graphs = StaticBackend.__init__, PhaseMachine.step, [False]
 
-    def noting_graphs(self, records, offset):  # whether this pass replays graphs
-        graphs[0] = self.cuda_graphs
-        return backend_step(self, records, offset)
+    def noting_graphs(self, model, parallel, compile=False, cuda_graphs=False, **kwargs):
+        graphs[0] = cuda_graphs  # whether this engine would replay graphs (on a GPU)
+        backend_init(self, model, parallel, compile, cuda_graphs, **kwargs)
 
     def wrong_on_replay(self, logits, st, t, tapes, origin):
         out, scored = phase_step(self, logits, st, t, tapes, origin)
@@ -43,7 +43,7 @@ def test_the_graph_check_reports_a_token_that_differs(tiny_dir, tokenizer, monke
             out.tokens[3] += 1
         return out, scored
 
-    monkeypatch.setattr(StaticBackend, "step", noting_graphs)
+    monkeypatch.setattr(StaticBackend, "__init__", noting_graphs)
     monkeypatch.setattr(PhaseMachine, "step", wrong_on_replay)
     (result,) = check_graphs.run(tokenizer, tiny_dir, ["within_lag"], ["greedy"], ["float32"])
     assert not result["ok"] and result["compared"] == "graphs_off = graphs_on"

@@ -138,7 +138,7 @@ def test_thinking_ends_only_when_slot_0_is_the_marker(tokenizer):
     thinking = torch.tensor([[[below, above, below], [above, below, below]]])  # [step, row, K]
     tapes = NoiseTapes(thinking, answer=torch.full((1, 2), 0.5))
     state = machine.start(2, 2)
-    step, scored = machine.step(logits, state, 0, tapes, torch.arange(2))
+    step, scored = machine.step(logits, state, torch.tensor(0), tapes, torch.arange(2))
     assert step.mix_ids.tolist() == [[other, marker, other], [marker, 0, 0]]
     assert step.is_soft.tolist() == [True, False] and step.thinking.tolist() == [True, True]
     assert step.support.tolist() == [[True, True, True], [True, False, False]]

@@ -26,6 +26,7 @@ from distributed_helpers import run_ranks
 from tiny_models import make_hf_model
 
 from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
+from megatron_softgrpo.rollout import replay
 from megatron_softgrpo.rollout.engine import RolloutEngine
 from megatron_softgrpo.rollout.megatron_backend import MegatronBackend
 from megatron_softgrpo.rollout.static_backend import StaticBackend
@@ -38,7 +39,8 @@ from megatron_softgrpo.soft import (
     Truncation,
     seed_noise_rng,
 )
-from megatron_softgrpo.soft.noises import GaussianNoise
+from megatron_softgrpo.soft.noises import DirichletNoise, GaussianNoise
+from megatron_softgrpo.train.generation import Colocated
 from model_patches.static_decode import PACKED_MIN_ROWS, StaticDecoder, can_pack, length_bucket
 
 
@@ -154,14 +156,18 @@ def test_greedy_decoding_is_token_for_token_the_reference(tiny_dir, tokenizer):
     assert not ref.records.is_soft.any()
 
 
-@pytest.mark.parametrize("noise", ["gumbel", "gaussian", "embedding_noise", "multiplex"])
+@pytest.mark.parametrize(
+    "noise", ["gumbel", "gaussian", "dirichlet", "embedding_noise", "multiplex"]
+)
 def test_seeded_soft_decoding_gives_the_reference_records(tiny_dir, tokenizer, noise):
     """Rows finishing at three different steps (EOS ids found on the reference), a forced marker
-    after a thinking budget, and a stop string: every record as the reference engine's."""
+    after a thinking budget, and a stop string: every record as the reference engine's.
+    Dirichlet draws at the step, for its live rows only: its token steps are never replayed."""
     model, shard, parallel = build64(tiny_dir)
     sampler = {
         "gumbel": gumbel(),
         "gaussian": SoftSampler(Truncation(1.0, 5, 0.95), 5, GaussianNoise(0.05)),
+        "dirichlet": SoftSampler(Truncation(1.0, 5, 0.95), 5, DirichletNoise()),
         "embedding_noise": SoftSampler(Truncation(1.0, 5, 0.95), 5, EmbeddingNoise(0.01, 64)),
         "multiplex": MultiplexSampler(Truncation(1.0, None, 0.95), 5),
     }[noise]
@@ -194,6 +200,27 @@ def test_entropy_cold_stop_and_stop_strings_as_the_reference(tiny_dir, tokenizer
     assert "stop" in ref.finish_reasons
 
 
+@pytest.mark.parametrize("backend", ["static", "megatron"])
+def test_a_training_rank_frees_the_cache_after_each_rollout(tiny_dir, tokenizer, backend):
+    """Colocated rollouts release the engine's cache and step tensors after decoding (the
+    update needs the memory); the next pass allocates them again and decodes the same records.
+    Without a release (a dedicated generation rank) they stay for the next pass."""
+    model, shard, parallel = build64(tiny_dir)
+    s = settings(thinking_sampler=gumbel())
+    if backend == "static":
+        engine = static_engine(model, tokenizer, shard, s, parallel)
+        held = lambda: engine.backend.decoder  # noqa: E731
+    else:
+        engine = RolloutEngine(model, tokenizer, shard, s, parallel)
+        held = lambda: engine.backend.cache  # noqa: E731
+    seed_noise_rng(7)
+    first = Colocated(engine).generate([PROMPTS], 2)
+    assert held() is None and engine._live is None
+    seed_noise_rng(7)
+    assert_same_records(first, engine.generate(PROMPTS, 2))
+    assert held() is not None and engine._live is not None
+
+
 def test_odd_batches_reuse_the_decoder_bucket(tiny_dir, tokenizer):
     """3 prompts x 2 rows pad to an 8-row bucket: the padding rows leave no trace, and a second
     call of another batch size in the same bucket reuses the decoder (and its compiled code)."""
@@ -219,30 +246,38 @@ def _tp_settings(thinking: str):
     return settings(max_thinking_tokens=5, **extra)
 
 
-def _rank_static(rank, tiny_dir, tp, pp, tokenizer_dir, thinking):
+def _rank_static(rank, tiny_dir, tp, pp, tokenizer_dir, thinking, compile):
     model, shard, parallel = build64(tiny_dir, tp, pp)
     tokenizer = load_tokenizer(resolve_model_source(tokenizer_dir))
+    replay.COMPILE_BACKEND = "eager"  # traced whole (fullgraph), run as traced
     seed_noise_rng(7)
-    return static_engine(model, tokenizer, shard, _tp_settings(thinking), parallel).generate(
-        PROMPTS, 2
-    )
+    s = _tp_settings(thinking)
+    return static_engine(model, tokenizer, shard, s, parallel, compile=compile).generate(PROMPTS, 2)
 
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize(
-    "tp,pp,thinking",
-    [(2, 1, "gumbel"), (1, 2, "gumbel"), (2, 1, "multiplex"), (1, 2, "multiplex")],
-    ids=["tp2", "pp2", "tp2-multiplex", "pp2-multiplex"],
+    "tp,pp,thinking,compile",
+    [
+        (2, 1, "gumbel", False),
+        (1, 2, "gumbel", False),
+        (2, 1, "multiplex", True),
+        (1, 2, "multiplex", True),
+    ],
+    ids=["tp2", "pp2", "tp2-multiplex-replayed", "pp2-multiplex-replayed"],
 )
 def test_static_engine_at_tp2_and_pp2_gives_the_tp1_reference(
-    tiny_dir, tokenizer, smollm2_hf_dir, tp, pp, thinking
+    tiny_dir, tokenizer, smollm2_hf_dir, tp, pp, thinking, compile
 ):
+    """Replayed: at TP=2 the whole token step (its all-reduces and gathers inside), at PP=2 each
+    stage's layers between the hand-offs, traced with fullgraph=True."""
     model, shard, parallel = build64(tiny_dir)
     seed_noise_rng(7)
     ref = RolloutEngine(model, tokenizer, shard, _tp_settings(thinking), parallel).generate(
         PROMPTS, 2
     )
-    runs = run_ranks(tp * pp, _rank_static, tiny_dir, tp, pp, str(smollm2_hf_dir), thinking)
+    args = (tiny_dir, tp, pp, str(smollm2_hf_dir), thinking, compile)
+    runs = run_ranks(tp * pp, _rank_static, *args)
     for result in runs:
         # the TP sampler reduces its fp32 candidates across ranks: weights within a few ulps
         assert_same_records(ref, result, atol=1e-5)
@@ -304,10 +339,10 @@ def test_shrinking_to_a_smaller_bucket_keeps_every_record(tiny_dir, tokenizer):
     decoding = [int((ref.response_lengths > t).sum()) for t in range(1, 10)]
     for shrink, bucket in ((True, 8), (False, 8), (True, 1)):
         engine = static_engine(model, tokenizer, shard, s, parallel, bucket, shrink=shrink)
-        rows, step = [], engine.backend.step
-        engine.backend.step = lambda records, offset: (
+        rows, decode = [], engine.backend.decode
+        engine.backend.decode = lambda records, offset: (
             rows.append(len(records.tokens)),
-            step(records, offset),
+            decode(records, offset),
         )[1]
         seed_noise_rng(7)
         progress = reports.setdefault((shrink, bucket), []).append

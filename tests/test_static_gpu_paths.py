@@ -16,15 +16,17 @@ from builders import (
     static_engine,
 )
 
+from megatron_softgrpo.rollout import replay
 from megatron_softgrpo.rollout.engine import GPU_FLAG_LAG, RolloutEngine
 from megatron_softgrpo.soft import DiscreteSampler, Truncation, VocabShard, seed_noise_rng
 from megatron_softgrpo.soft import truncation as trunc_module
 from megatron_softgrpo.soft.truncation import full_support, top_logits
 
 
-def _lagged_run(tiny_dir, tokenizer, sampler, prompts, g, choices, max_new):
+def _lagged_run(tiny_dir, tokenizer, sampler, prompts, g, choices, max_new, compile=False):
     """(reference, static engine with the GPU's lag, its result, what each shrink kept): rows
-    ending within the first windows of `choices` EOS ids can give (row i: windows[i // g])."""
+    ending within the first windows of `choices` EOS ids can give (row i: windows[i // g]);
+    `compile`: the engine's token steps replayed compiled."""
     model, shard, parallel = build64(tiny_dir)
     base = settings(max_new_tokens=max_new, **SAMPLERS[sampler])
     seed_noise_rng(7)
@@ -38,7 +40,9 @@ def _lagged_run(tiny_dir, tokenizer, sampler, prompts, g, choices, max_new):
     for i, n in enumerate(ref.response_lengths.tolist()):
         lo, hi = windows[i // g]
         assert lo <= n <= hi and ref.finish_reasons[i] == "eos"
-    engine = static_engine(model, tokenizer, shard, s, parallel, flag_lag=GPU_FLAG_LAG)
+    engine = static_engine(
+        model, tokenizer, shard, s, parallel, compile=compile, flag_lag=GPU_FLAG_LAG
+    )
     shrinks, shrink = [], engine._shrink
 
     def counted(*args):  # the rows each shrink keeps (None: it found none)
@@ -89,6 +93,51 @@ def test_staggered_ends_shrink_at_each_group_on_the_late_count(tiny_dir, tokeniz
     assert_same_records(ref, static)
     assert [(len(k.index), int(k.valid.sum())) for k in shrinks] == [(24, 24), (16, 16), (8, 8)]
     assert engine.backend.decoder.batch == 32  # the rows moved within the one cache
+
+
+@pytest.mark.parametrize("sampler", ["greedy", "gumbel"])
+def test_the_whole_token_step_is_traced_once_per_bucket_and_replayed(
+    tiny_dir, tokenizer, sampler, monkeypatch
+):
+    """The token step (embedding, model, truncation, sampler, phase machine, record writes) as
+    one graph, traced with fullgraph=True: a host read anywhere in it would raise, as it would
+    break a CUDA graph capture. 4 prompts x 8 rows (one prompt crossing from the 64-column length
+    bucket to the 128 one) end by groups on the GPU's late count: each (rows, length bucket) is
+    traced once and replayed on the rows moved within the same tensors; a second pass, on
+    weights updated in place, traces only buckets it had not met."""
+    traces = []
+
+    def counting(gm, inputs):
+        traces.append(len(gm.graph.nodes))
+        return gm.forward
+
+    monkeypatch.setattr(replay, "COMPILE_BACKEND", counting)
+    prompts = [*PROMPTS, list(range(9, 69))]
+    windows = [
+        [(2, 3), (7, 9), (14, 16), (21, 23)],
+        [(2, 4), (8, 11), (15, 18), (22, 24)],
+        [(3, 5), (9, 12), (16, 19), (22, 24)],
+        [(2, 5), (8, 12), (15, 19), (21, 26)],
+    ]  # tried in turn: the first some EOS ids can give
+    ref, engine, static, shrinks = _lagged_run(
+        tiny_dir, tokenizer, sampler, prompts, 8, windows, max_new=28, compile=True
+    )
+    assert_same_records(ref, static)
+    keys = set(engine._live.replays.steps)
+    assert len(traces) == len(keys)  # nothing traced twice: no host value baked in
+    assert {n for n, _ in keys} == {32, 24, 16, 8} and {n for _, n in keys} == {64, 128}
+    with torch.no_grad():  # as the trainer updates them: in place
+        for p in engine.model.parameters():
+            p.mul_(1.05)
+    seed_noise_rng(7)
+    again = engine.generate(prompts, 8)
+    seed_noise_rng(7)
+    fresh = RolloutEngine(
+        engine.model, tokenizer, engine.phases.shard, engine.settings, engine.parallel
+    )
+    assert_same_records(fresh.generate(prompts, 8), again)
+    assert not torch.equal(again.records.tokens, static.records.tokens)  # the new weights decoded
+    assert len(traces) == len(engine._live.replays.steps)  # only new buckets traced
 
 
 # ------------------------------------------------------------------ truncation without host reads

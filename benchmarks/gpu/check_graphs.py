@@ -1,4 +1,5 @@
-"""CUDA-graph replay gives the records of no graphs and of Megatron's forward (issue 32).
+"""CUDA-graph replay of the whole token step gives the records of no graphs and of Megatron's
+forward (issue 32).
 
 A tiny random Qwen2 on SmolLM2's vocabulary (seconds on a GPU). Rows end at staggered steps, by
 EOS ids found on this device from a run without them, and the engine reads its count of
@@ -107,11 +108,6 @@ def run_case(case: str, sampler: str, dtype: str, tokenizer, model_dir) -> dict:
     exact = dtype == "float64"  # float32: graphs on vs off only (see the module docstring)
     shrinks, captures = [], []
 
-    class Counted(static_backend._GraphedStep):  # which (rows, length bucket) were captured
-        def __init__(self, step, x, columns, pad, length, pool):
-            captures.append((x.shape[0], length))
-            super().__init__(step, x, columns, pad, length, pool)
-
     def decode(kind, s):
         seed_noise_rng(7)
         if kind == "reference":
@@ -128,12 +124,12 @@ def run_case(case: str, sampler: str, dtype: str, tokenizer, model_dir) -> dict:
                 shrinks.append(None if kept is None else len(kept.index))
             return kept
 
-        engine._shrink, plain = counted, static_backend._GraphedStep
-        static_backend._GraphedStep = Counted
-        try:
-            return engine.generate(prompts, g)
-        finally:
-            static_backend._GraphedStep = plain
+        engine._shrink = counted
+        out = engine.generate(prompts, g)
+        replays = engine._live.replays
+        if replays.mode == "graph":  # the token steps captured, by (rows, length bucket)
+            captures.extend(replays.steps)
+        return out
 
     base = "reference" if exact else "graphs_off"
     free = decode(base, settings(max_new_tokens=max_new, **SAMPLERS[sampler]))

@@ -107,13 +107,12 @@ class GenerationCfg(Section):
     # (long responses of a large batch); null: all rows at once
     max_rows_per_pass: int | None = Field(None, ge=1)
     # the rollout engine's decode backend: static, the fixed-shape step (rollout/static_backend.py);
-    # eager, Megatron's own forward (rollout/megatron_backend.py), which also serves FP8 and
-    # Dirichlet noise
+    # eager, Megatron's own forward (rollout/megatron_backend.py), which also serves FP8
     engine: Literal["static", "eager"] = "static"
-    # static: torch.compile each decode step (one compile per cache-length bucket, about a
-    # minute each for a 30-layer model on a CPU; pays off for long responses)
+    # static at PP=1: torch.compile the whole token step (one compile per (rows, cache-length)
+    # bucket, a minute or more each for a 30-layer model on a CPU; pays off for long responses)
     compile_decode: bool = False
-    # static on a GPU: replay each decode step as a captured CUDA graph
+    # static on a GPU at PP=1: replay each whole token step as one captured CUDA graph
     cuda_graphs: bool = True
     colocated: ColocatedCfg = Field(default_factory=ColocatedCfg)
     # the generation ranks' TP size (colocated.enabled false); null: the training one

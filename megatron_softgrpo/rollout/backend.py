@@ -3,7 +3,7 @@
 A backend owns the model side of a decoding pass: its KV cache, the rows' left padding, the
 mixture input embedding and the pipeline hand-off. The engine owns everything else (sampling,
 the phase machine, records), so a backend never sees a sampler or a phase. Adding one: subclass
-`DecodeBackend`, implement the four abstract methods, and name it in `engine.make_engine`; the
+`DecodeBackend`, implement the abstract methods, and name it in `engine.make_engine`; the
 backend-against-backend equality tests (tests/test_rollout_backends.py) then hold it to the
 others.
 """
@@ -20,14 +20,16 @@ from megatron_softgrpo.soft import MixtureRecord
 
 class DecodeBackend(ABC):
     row_bucket: int = 1  # the engine pads a pass's rows, and shrinks them, to multiples of this
+    capture: str | None = None  # how the engine replays a token step (`replay.Replays`' modes)
 
     def __init__(self, model):
         self.model = model
         self.device = next(model.parameters()).device
 
     @abstractmethod
-    def start(self, rows: int, max_len: int) -> None:
-        """Begin a pass of `rows` rows and at most `max_len` positions (prompt included)."""
+    def start(self, rows: int, max_len: int) -> bool:
+        """Begin a pass of `rows` rows and at most `max_len` positions (prompt included); True
+        when it allocated a new cache (a step captured on the old one is stale)."""
 
     @abstractmethod
     def prefill(
@@ -37,9 +39,24 @@ class DecodeBackend(ABC):
         returns this TP rank's logit shard of the last position [B, V/TP] on the last pipeline
         stage, None elsewhere. `offset` [B, P, h] (or None) is added to the mixed input."""
 
+    def advance(self) -> int | None:
+        """The host's part of the next step; the step's shape key (the same key: the same
+        kernels on the same tensors), or None: `decode` cannot be captured."""
+        return None
+
     @abstractmethod
+    def decode(self, records: MixtureRecord, offset: torch.Tensor | None) -> torch.Tensor | None:
+        """Feed one new position per row (records [B]) after `advance`; the next logits, as
+        `prefill`."""
+
     def step(self, records: MixtureRecord, offset: torch.Tensor | None) -> torch.Tensor | None:
-        """Feed one new position per row (records [B]); the next logits, as `prefill`."""
+        """One whole step: `advance`, then `decode`."""
+        self.advance()
+        return self.decode(records, offset)
+
+    @abstractmethod
+    def release(self) -> None:
+        """Free the cache (the next `start` allocates it again)."""
 
     @abstractmethod
     def keep_rows(self, index: torch.Tensor) -> None:

@@ -1,19 +1,25 @@
 """The rollout engine: batched generation with a soft thinking phase and a discrete answer phase
 (docs/algorithm.md section 1), on any decode backend.
 
-One decoding pass: each prompt is prefilled once (its G rows copy its cache), then every step
-the phase machine (`phases.py`) draws each row's step from the logits and the pass's noise
-tapes (`tapes.py`), and the backend (`backend.py`) feeds it. Sampling and phase bookkeeping
-run on the last pipeline stage (identically on its TP ranks); each step is broadcast to every
-stage, so all ranks hold the same records.
+One decoding pass: each prompt is prefilled once (its G rows copy its cache), then every token
+step the backend (`backend.py`) feeds the last step and the phase machine (`phases.py`) draws
+each row's next step from the logits and the pass's noise tapes (`tapes.py`), recorded by
+(row, position). Sampling and phase bookkeeping run on the last pipeline stage (identically on
+its TP ranks); each step is broadcast to every stage, so all ranks hold the same records.
+
+A token step reads and writes only tensors kept across passes (`_Live`: the row state, the
+step to feed, the step index t on the device, the records, the tapes), in place, so that it can
+be replayed (`replay.py`) at PP=1 on a backend whose step can be: one CUDA graph per token
+(or, on the CPU, one compiled graph), per (rows, length bucket), kept across shrinks and passes
+until `release()` (a training rank's update needs the memory).
 
 Finished rows stay in the batch, masked (their steps are computed and never recorded), until a
-whole row bucket of the backend has finished; then the rows still decoding move to a smaller
-batch, one cache copy per shrink (`shrink=False`: they stay to the end of the pass). The host
-reads one count of rows still decoding per step, copied without blocking and read a few steps
-later on a GPU (the extra steps are discarded; `flag_lag` sets the lag, so the CPU tests run
-the GPU's). A late count is an upper bound: a shrink that finds no row still decoding ends the
-pass.
+whole row bucket of the backend has finished; then the rows still decoding move to the front,
+a smaller batch of the same tensors, one cache copy per shrink (`shrink=False`: they stay to
+the end of the pass). The host reads one count of rows still decoding per step, copied without
+blocking and read a few steps later on a GPU (the extra steps are discarded; `flag_lag` sets
+the lag, so the CPU tests run the GPU's). A late count is an upper bound: a shrink that finds
+no row still decoding ends the pass.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from megatron_softgrpo.distributed import ParallelState, broadcast_from_last_sta
 from megatron_softgrpo.rollout.backend import DecodeBackend
 from megatron_softgrpo.rollout.megatron_backend import MegatronBackend
 from megatron_softgrpo.rollout.phases import REASONS, PhaseMachine, RowState
+from megatron_softgrpo.rollout.replay import Replays
 from megatron_softgrpo.rollout.settings import RolloutSettings
 from megatron_softgrpo.rollout.static_backend import StaticBackend
 from megatron_softgrpo.rollout.tapes import NoiseTapes
@@ -42,6 +49,30 @@ Progress = Callable[[int, int], None]  # (rows finished, decode steps done)
 class Kept:
     index: torch.Tensor  # [B'] batch positions kept (fillers repeat one)
     valid: torch.Tensor  # [B'] False for fillers
+
+
+@dataclass
+class _Live:
+    """What a token step reads and writes, in place, at the pass's row count (the batch: the
+    first n rows, moved to the front at a shrink), so that a replayed step finds its tensors
+    where it was captured; reused by the next pass of the same shape."""
+
+    state: RowState
+    feed: MixtureRecord  # the step drawn last: what the next step feeds
+    origin: torch.Tensor  # [rows + 1] batch position -> buffer (= original) row; last: spare
+    t: torch.Tensor  # () the step to draw
+    count: torch.Tensor  # () rows still decoding
+    out: _ResponseBuffer  # [rows + 1, max_new]: the spare row takes the fillers' records
+    tapes: NoiseTapes  # [max_new, rows + 1, ...]
+    replays: Replays  # token steps by (rows, the backend's shape key)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.state.alive), self.out.scored.shape[1]
+
+    def rows(self, n: int) -> tuple[RowState, torch.Tensor, MixtureRecord]:
+        """The batch of the first n rows, as views: (state, origin, feed)."""
+        return self.state.rows(n), self.origin[:n], self.feed.map(lambda x: x[:n])
 
 
 class RolloutEngine:
@@ -71,6 +102,7 @@ class RolloutEngine:
         self.flag_lag = flag_lag
         self.mixture_size = settings.answer_sampler.mixture_size
         self.phases = PhaseMachine(tokenizer, shard, settings, self.device)
+        self._live: _Live | None = None  # the last pass's tensors, reused by the next
 
     @torch.no_grad()
     def generate(
@@ -100,6 +132,12 @@ class RolloutEngine:
         """Rows decoded in parts (passes, or one block's parts on several replicas), in order."""
         return parts[0] if len(parts) == 1 else Batch.cat(parts, self._padded_pass)
 
+    def release(self) -> None:
+        """Free the cache, the step tensors and what was captured on them (the next pass makes
+        them again): a training rank's update needs the memory."""
+        self.backend.release()
+        self._live = None
+
     def load_weights(self, weights) -> None:
         """New policy weights (this rank's shards, by parameter name), for the next pass."""
         self.backend.load_weights(weights)
@@ -107,12 +145,12 @@ class RolloutEngine:
     # ------------------------------------------------------------------ one decoding pass
 
     def _generate(self, prompts: list[list[int]], num_generations: int, progress) -> Batch:
-        device, backend, last_stage = self.device, self.backend, self.parallel.last_stage
+        device, backend = self.device, self.backend
         prompt_rows = [p for p in prompts for _ in range(num_generations)]
         b, plen = len(prompt_rows), max(len(p) for p in prompt_rows)
         max_new = self.settings.max_new_tokens
         rows = _bucket(b, backend.row_bucket)
-        backend.start(rows, plen + max_new)
+        live = self._live_for(rows, b, backend.start(rows, plen + max_new))
 
         # each prompt is prefilled once and its rows copy its cache: a group's G rows share it
         tokens = torch.full((len(prompts), plen), self.pad_id, dtype=torch.long, device=device)
@@ -127,57 +165,114 @@ class RolloutEngine:
             backend.keep_rows(group)
             logits = None if logits is None else logits[group]
 
-        # one spare buffer row (index `rows`) takes the records of fillers added by a shrink
-        out = _ResponseBuffer(rows + 1, max_new, self.mixture_size, device)
-        tapes = (
-            NoiseTapes.draw(self.settings, max_new, b, device).padded(rows + 1)
-            if last_stage
-            else None
-        )
-        state = self.phases.start(rows, b)
-        origin = torch.arange(rows, device=device)  # batch position -> buffer (= original) row
-        outcome = state.outcome()[:, :1].repeat(1, rows + 1)  # by original row, across shrinks
+        n = rows  # the batch: the first n rows of `live`
+        outcome = live.state.outcome()[:, :1].repeat(1, rows + 1)  # by original row
         flags = _FinishedFlags(device, self.flag_lag)
-        for t in range(max_new):
-            if last_stage:
-                step, scored = self.phases.step(logits, state, t, tapes, origin)
-            else:
-                step, scored = self.phases.empty_step(len(origin)), state.alive.clone()
-            broadcast_from_last_stage(self.parallel, *_step_tensors(step), scored, state.alive)
-            out.record(origin, t, step, scored)
-            alive = flags.alive_rows(state.alive)
+        self._draw(logits, live, *live.rows(n))  # step 0, from the prefill's logits
+        for t in range(max_new):  # step t is drawn and recorded
+            alive = flags.alive_rows(live.count, n)
             if progress is not None:
                 progress(b - min(alive, b), t + 1)  # the lagged count: finished rows, or fewer
             if t == max_new - 1 or alive == 0:
                 break
-            feed = MixtureRecord(**{f.name: getattr(step, f.name) for f in fields(MixtureRecord)})
-            if self.shrink and _bucket(alive, backend.row_bucket) < len(origin):
-                outcome[:, origin] = state.outcome()  # the rows about to leave keep theirs
-                kept = self._shrink(state)
+            if self.shrink and _bucket(alive, backend.row_bucket) < n:
+                # the rows about to leave keep their outcome
+                outcome[:, live.origin[:n]] = live.state.rows(n).outcome()
+                kept = self._shrink(live, n)
                 if kept is None:  # the late count was stale: every row has finished
                     break
-                origin = torch.where(kept.valid, origin[kept.index], rows)
-                feed = feed.map(lambda x: x[kept.index])
-            logits = backend.step(feed, self._input_offset(feed))
+                n = len(kept.index)
+            key = backend.advance()
+            live.replays.run((n, key), lambda n=n: self._token_step(live, n))
 
-        outcome[:, origin] = state.outcome()
+        outcome[:, live.origin[:n]] = live.state.rows(n).outcome()
         outcome = outcome[:, :b].contiguous()
         broadcast_from_last_stage(self.parallel, outcome)  # other stages only saw the steps
-        out.keep_first(b)
-        return self._assemble(prompt_rows, out, outcome)
+        return self._assemble(prompt_rows, live.out, outcome)
 
-    def _shrink(self, state: RowState) -> Kept | None:
-        """Move the rows still decoding to the smallest bucket that holds them (one cache copy);
-        None, and nothing moved, when no row is still decoding."""
-        index = state.alive.nonzero().squeeze(-1)  # one host sync per shrink, not per step
-        n = len(index)
-        if n == 0:
+    def _live_for(self, rows: int, real: int, new_cache: bool) -> _Live:
+        """This pass's tensors, reset in place (or made anew, forgetting every replay, where their
+        shapes or the backend's cache changed)."""
+        s, device = self.settings, self.device
+        tapes = (
+            NoiseTapes.draw(s, s.max_new_tokens, real, device).padded(rows + 1)
+            if self.parallel.last_stage
+            else NoiseTapes(None, None)
+        )
+        state = self.phases.start(rows, real)
+        live = self._live
+        if new_cache or live is None or live.shape != (rows, s.max_new_tokens):
+            capture = self.backend.capture if self._capturable() else None
+            self._live = live = _Live(
+                state=state,
+                feed=MixtureRecord.discrete(
+                    torch.zeros(rows, dtype=torch.long, device=device), self.mixture_size
+                ),
+                origin=torch.arange(rows + 1, device=device),
+                t=torch.zeros((), dtype=torch.long, device=device),
+                count=torch.zeros((), dtype=torch.long, device=device),
+                out=_ResponseBuffer(rows + 1, s.max_new_tokens, self.mixture_size, device),
+                tapes=tapes,
+                replays=Replays(capture),
+            )
+            return live
+        live.state.assign(state)
+        live.tapes.assign(tapes)
+        live.origin.copy_(torch.arange(rows + 1, device=device))
+        live.t.zero_()
+        live.out.zero_()
+        return live
+
+    def _capturable(self) -> bool:
+        """A token step can be replayed: one pipeline stage (no hand-off between steps), and noise
+        drawn ahead (no generator, no draw for a row subset)."""
+        samplers = [self.settings.thinking_sampler, self.settings.answer_sampler]
+        return self.parallel.pp == 1 and all(s is None or s.draws_ahead for s in samplers)
+
+    def _token_step(self, live: _Live, n: int) -> Callable[[], None]:
+        """One token step of the first n rows: feed the last step, then draw the next."""
+        st, origin, feed = live.rows(n)
+
+        def token() -> None:
+            logits = self.backend.decode(feed, self._input_offset(feed))
+            self._draw(logits, live, st, origin, feed)
+
+        return token
+
+    def _draw(self, logits, live: _Live, st: RowState, origin, feed: MixtureRecord) -> None:
+        """Step `live.t` of the batch (`live.rows(n)`) from `logits`, recorded, and kept in
+        `feed` to feed next."""
+        n = len(origin)
+        work = replace(st)  # the phase machine makes new tensors: written back in place below
+        if self.parallel.last_stage:
+            step, scored = self.phases.step(logits, work, live.t, live.tapes, origin)
+        else:
+            step, scored = self.phases.empty_step(n), work.alive.clone()
+        broadcast_from_last_stage(self.parallel, *_tensors(step), scored, work.alive)
+        live.out.record(origin, live.t, step, scored)
+        st.assign(work)
+        for f in fields(feed):
+            getattr(feed, f.name).copy_(getattr(step, f.name))
+        live.count.copy_(work.alive.sum())
+        live.t.add_(1)
+
+    def _shrink(self, live: _Live, n: int) -> Kept | None:
+        """Move the rows still decoding to the front, in the smallest bucket that holds them (one
+        cache copy); None, and nothing moved, when no row is still decoding."""
+        index = live.state.alive[:n].nonzero().squeeze(-1)  # one host sync per shrink
+        k = len(index)
+        if k == 0:
             return None
-        size = _bucket(n, self.backend.row_bucket)
-        valid = torch.arange(size, device=index.device) < n
-        index = torch.cat([index, index[:1].expand(size - n)])  # fillers: a kept row's cache
+        size = _bucket(k, self.backend.row_bucket)
+        valid = torch.arange(size, device=index.device) < k
+        index = torch.cat([index, index[:1].expand(size - k)])  # fillers: a kept row's cache
         self.backend.keep_rows(index)
-        state.select(index, valid)
+        live.state.select(index, valid)
+        for f in fields(live.feed):
+            x = getattr(live.feed, f.name)
+            x[:size] = x[index]
+        spare = len(live.origin) - 1  # the buffer row fillers record into
+        live.origin[:size] = torch.where(valid, live.origin[index], spare)
         return Kept(index, valid)
 
     def _input_offset(self, records: MixtureRecord) -> torch.Tensor | None:
@@ -258,8 +353,9 @@ def _offset(progress: Progress | None, rows: int) -> Progress | None:
     return None if progress is None else lambda done, step: progress(rows + done, step)
 
 
-def _step_tensors(step: SampledStep) -> list[torch.Tensor]:
-    return [getattr(step, f.name) for f in fields(step)]
+def _tensors(record: MixtureRecord) -> list[torch.Tensor]:
+    """Every field of a record (or step), in order."""
+    return [getattr(record, f.name) for f in fields(record)]
 
 
 class _ResponseBuffer:
@@ -272,17 +368,20 @@ class _ResponseBuffer:
         self.scored = torch.zeros(b, max_new, dtype=torch.bool, device=device)
         self.log_density = torch.zeros(b, max_new, device=device)
 
-    def keep_first(self, b: int) -> None:
-        """Only rows [0, b) (the real rows of a padded batch)."""
-        self.records = self.records.map(lambda x: x[:b])
-        self.scored, self.log_density = self.scored[:b], self.log_density[:b]
+    def zero_(self) -> None:
+        for x in (*_tensors(self.records), self.scored, self.log_density):
+            x.zero_()
 
-    def record(self, rows: torch.Tensor, t: int, step: SampledStep, scored: torch.Tensor) -> None:
+    def record(
+        self, rows: torch.Tensor, t: torch.Tensor, step: SampledStep, scored: torch.Tensor
+    ) -> None:
+        """Step t (0-dim, read on the device) of the batch's rows, at their buffer rows."""
+        at = (rows, t.expand(len(rows)))
         for f in fields(self.records):
             dst = getattr(self.records, f.name)
-            dst[rows, t] = getattr(step, f.name).to(dst.dtype)
-        self.scored[rows, t] = scored
-        self.log_density[rows, t] = step.log_density.float()
+            dst.index_put_(at, getattr(step, f.name).to(dst.dtype))
+        self.scored.index_put_(at, scored)
+        self.log_density.index_put_(at, step.log_density.float())
 
 
 class _FinishedFlags:
@@ -298,18 +397,21 @@ class _FinishedFlags:
         self.lag, self.cuda = lag, device.type == "cuda"
         self.pending: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
 
-    def alive_rows(self, alive: torch.Tensor) -> int:
-        """Rows still decoding `lag` steps ago: an upper bound of those decoding now."""
+    def alive_rows(self, count: torch.Tensor, rows: int) -> int:
+        """Rows still decoding `lag` steps ago (count: now, 0-dim, rewritten by the next step;
+        rows: the batch's): an upper bound of those decoding now."""
         if not self.lag:
-            return int(alive.sum())
-        flag, event = alive.sum(), None
-        if self.cuda:
-            flag = torch.empty((), dtype=torch.long, pin_memory=True).copy_(flag, non_blocking=True)
+            return int(count)
+        if self.cuda:  # copied before the next step rewrites it: the same stream
+            flag = torch.empty((), dtype=torch.long, pin_memory=True)
+            flag.copy_(count, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
+        else:
+            flag, event = count.clone(), None
         self.pending.append((flag, event))
         if len(self.pending) <= self.lag:
-            return len(alive)
+            return rows
         flag, event = self.pending.pop(0)
         if event is not None:
             event.synchronize()  # recorded `lag` steps ago: normally long complete

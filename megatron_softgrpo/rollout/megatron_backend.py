@@ -50,10 +50,11 @@ class MegatronBackend(DecodeBackend):
     def length(self) -> int:
         return 0 if self.key_pad is None else self.key_pad.shape[1]
 
-    def start(self, rows: int, max_len: int) -> None:
+    def start(self, rows: int, max_len: int) -> bool:
         self.max_len = max_len
         if self.use_kv_cache:
             self.cache = KVCache(_aligned(rows, self.row_alignment), max_len)
+        return True
 
     @torch.no_grad()
     def prefill(self, records, pad, offset):
@@ -67,7 +68,7 @@ class MegatronBackend(DecodeBackend):
         return self._real(self._run(records, offset, queries=width))
 
     @torch.no_grad()
-    def step(self, records, offset):
+    def decode(self, records, offset):  # grows the host's padding mask: never captured
         if self.length >= self.max_len:
             raise RuntimeError(f"decoding past the KV cache length {self.max_len}")
         b = self.key_pad.shape[0]
@@ -83,6 +84,9 @@ class MegatronBackend(DecodeBackend):
             return self._real(self._run(*self.history, queries=self.length))
         self.cache.decode_mode()
         return self._real(self._run(new, offset, queries=1))
+
+    def release(self) -> None:
+        self.cache, self.history, self.key_pad = None, None, None
 
     def keep_rows(self, index: torch.Tensor) -> None:
         self.ghosts = _aligned(len(index), self.row_alignment) - len(index)

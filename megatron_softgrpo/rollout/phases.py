@@ -48,11 +48,22 @@ class RowState:
     marker: torch.Tensor  # marker automaton state
     stops: torch.Tensor  # stop-string automaton state
 
-    def select(self, index: torch.Tensor, valid: torch.Tensor) -> None:
-        """Keep the rows `index` (a smaller batch); rows where `valid` is False are fillers."""
+    def rows(self, n: int) -> RowState:
+        """The first n rows, as views: written in place, they write this state."""
+        return RowState(**{f.name: getattr(self, f.name)[:n] for f in fields(self)})
+
+    def assign(self, other: RowState) -> None:
+        """Take `other`'s values, in place."""
         for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name)[index])
-        self.alive = self.alive & valid
+            getattr(self, f.name).copy_(getattr(other, f.name))
+
+    def select(self, index: torch.Tensor, valid: torch.Tensor) -> None:
+        """Keep the rows `index` as the first len(index) rows, in place (rows where `valid` is
+        False are fillers)."""
+        for f in fields(self):
+            x = getattr(self, f.name)
+            x[: len(index)] = x[index]  # the gather reads before it writes
+        self.alive[: len(index)] &= valid
 
     def outcome(self) -> torch.Tensor:
         """[3, B]: each row's length, think length and finish reason."""
@@ -94,10 +105,15 @@ class PhaseMachine:
         )
 
     def step(
-        self, logits: torch.Tensor, st: RowState, t: int, tapes: NoiseTapes, origin: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        st: RowState,
+        t: torch.Tensor,
+        tapes: NoiseTapes,
+        origin: torch.Tensor,
     ) -> tuple[SampledStep, torch.Tensor]:
-        """Step t of every row (row i draws the noise of original row origin[i]) and whether it
-        is scored; advances `st`."""
+        """Step t (a 0-dim tensor: no host read) of every row (row i draws the noise of original
+        row origin[i]) and whether it is scored; advances `st` (new tensors, not in place)."""
         s = self.settings
         think, force, answer = st.phase == THINK, st.phase == FORCE, st.phase == ANSWER
         forced = self.marker_tokens[st.forced_pos.clamp(max=len(self.marker_tokens) - 1)]

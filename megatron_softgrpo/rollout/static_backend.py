@@ -1,13 +1,15 @@
-"""The decode backend on the fixed-shape step (`model_patches.static_decode`): eager, compiled
-(`torch.compile(fullgraph=True)`) or captured as a CUDA graph.
+"""The decode backend on the fixed-shape step (`model_patches.static_decode`).
 
-Shapes depend only on the bucket (rows, cache columns), so the cache, the compiled code and the
-graphs (one per (rows, length) bucket, in one memory pool) are reused across shrinks, passes and
-RL steps: a shrink moves the rows still decoding to the front of the same cache. Weights are the
-model's own tensors, updated in place by the trainer, so nothing needs refreshing, except on an
-x86 CPU in fp32, where the step multiplies by packed copies, packed again at every pass's start.
-Not for FP8 or sequence parallelism (`static_decode.unsupported`; `config/checks.py` refuses
-them).
+Shapes depend only on the bucket (rows, cache columns), and a step reads its cache column from
+the device, so the engine can replay a whole token step around `decode` (`replay.py`): captured
+as a CUDA graph on a GPU (`cuda_graphs`), or compiled (`compile`), once per (rows, length
+bucket), reused across shrinks and passes until `release()`: a shrink moves the rows still
+decoding to the front of the same cache. At PP > 1 the token step hands off between stages, so
+only each stage's layers are replayed, from a static input.
+Weights are the model's own tensors, updated in place by the trainer, so nothing needs
+refreshing, except on an x86 CPU in fp32 (uncompiled), where the step multiplies by packed
+copies, packed again at every pass's start. Not for FP8 or sequence parallelism
+(`static_decode.unsupported`; `config/checks.py` refuses them).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from megatron_softgrpo.distributed import (
     send_to_next_stage,
 )
 from megatron_softgrpo.rollout.backend import DecodeBackend
+from megatron_softgrpo.rollout.replay import Replays
 from megatron_softgrpo.soft import MixtureRecord
 from model_patches import static_decode
 
@@ -35,113 +38,120 @@ class StaticBackend(DecodeBackend):
         cuda_graphs: bool = False,
         row_bucket: int | None = None,
     ):
-        """`row_bucket`: None is BATCH_BUCKET where a new row count costs a compile or a capture
-        (compiled, or graphs on a GPU), else 1: an eager step takes any shape for free, so
-        finished rows leave at once, as on Megatron's forward."""
+        """`compile`, `cuda_graphs` (on a GPU): how the engine replays a token step at PP=1.
+        `row_bucket`: None is BATCH_BUCKET where a new row count costs a compile or a capture,
+        else 1: an eager step takes any shape for free, so finished rows leave at once, as on
+        Megatron's forward."""
         super().__init__(model)
+        mode = (
+            "graph"
+            if cuda_graphs and self.device.type == "cuda"
+            else "compile"
+            if compile
+            else None
+        )
+        self.capture = mode if parallel.pp == 1 else None  # the engine's, of whole token steps
+        # between pipeline stages' hand-offs: this stage's layers alone, from a static input
+        self.stage_steps = Replays(mode if parallel.pp > 1 else None)
         if row_bucket is None:
-            shapes_cost = compile or (cuda_graphs and self.device.type == "cuda")
-            row_bucket = BATCH_BUCKET if shapes_cost else 1
+            row_bucket = 1 if mode is None else BATCH_BUCKET
         self.row_bucket = row_bucket
         self.dtype = next(model.parameters()).dtype
         self.parallel = parallel
-        self.step_fn = None  # the decode step: compiled on first use when asked for
-        self.compile = compile
-        self.cuda_graphs = cuda_graphs  # on a GPU only
         self.decoder: static_decode.StaticDecoder | None = None
-        self.graphs: dict[tuple[int, int], _GraphedStep] = {}  # by (rows, length bucket)
-        self.pool = None  # the graphs' shared memory pool
-        self.column, self.pad = 0, None
+        self.column, self.length = 0, 0  # the host's next cache column, its length bucket
+        self.columns: torch.Tensor | None = None  # [1] the same column, on the device
+        self.pad: torch.Tensor | None = None  # [rows] each row's left padding, in place
+        self.x = self.out = None  # a replayed stage step's input and output
 
-    def start(self, rows: int, max_len: int) -> None:
+    def start(self, rows: int, max_len: int) -> bool:
         max_len = -(-max_len // static_decode.MIN_LENGTH_BUCKET) * static_decode.MIN_LENGTH_BUCKET
         dec = self.decoder
-        if dec is None or dec.max_len != max_len or dec.batch < rows:  # else reuse, graphs too
-            self.decoder = None  # one cache allocation at a time
-            self.graphs.clear()
-            pack = not self.compile and static_decode.can_pack(self.dtype, self.device)
-            self.decoder = static_decode.StaticDecoder(
-                self.model, rows, max_len, self.parallel.groups.tp, pack
+        if dec is not None and dec.max_len == max_len and dec.batch >= rows:
+            dec.pack_weights()  # the trainer may have updated the weights since
+            return False
+        self.decoder = None  # one cache allocation at a time
+        replayed = self.capture or self.stage_steps.mode  # packed copies: eager steps only
+        pack = not replayed and static_decode.can_pack(self.dtype, self.device)
+        self.decoder = static_decode.StaticDecoder(
+            self.model, rows, max_len, self.parallel.groups.tp, pack
+        )
+        dec = self.decoder
+        self.columns = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.pad = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.stage_steps.clear()
+        if self.stage_steps.mode is not None:
+            self.x = torch.zeros(rows, 1, dec.hidden, dtype=dec.dtype, device=self.device)
+            self.out = (
+                torch.zeros(rows, dec.output_param.shape[0], device=self.device)  # fp32 logits
+                if dec.last_stage
+                else torch.zeros_like(self.x)
             )
-            self.step_fn = self.decoder.forward
-            if self.compile:
-                import torch._dynamo
-
-                # one compiled graph per length bucket (powers of two): more than dynamo's default 8
-                torch._dynamo.config.cache_size_limit = max(
-                    torch._dynamo.config.cache_size_limit, 64
-                )
-                self.step_fn = torch.compile(self.decoder.forward, fullgraph=True, dynamic=False)
-        else:
-            self.decoder.pack_weights()  # the trainer may have updated the weights since
+        return True
 
     @torch.no_grad()
     def prefill(self, records, pad, offset):
-        self.pad, self.column = pad, 0
-        return self._run(records, offset)
+        q = records.tokens.shape[1]
+        self.pad[: len(pad)] = pad
+        self.column, self.length = 0, 0
+        x = self._input(records, offset)
+        columns = torch.arange(q, device=self.device)
+        out = self.decoder.forward(x, columns, self.pad[: len(pad)], self._advance(q))
+        self.columns.fill_(q)
+        return self._output(out)
+
+    def advance(self) -> int:
+        return self._advance(1)
 
     @torch.no_grad()
-    def step(self, records, offset):
-        return self._run(
-            records.map(lambda x: x[:, None]), None if offset is None else offset[:, None]
+    def decode(self, records, offset):
+        b = records.tokens.shape[0]
+        x = self._input(
+            records.map(lambda t: t[:, None]), None if offset is None else offset[:, None]
         )
+        if self.stage_steps.mode is None:
+            out = self.decoder.forward(x, self.columns, self.pad[:b], self.length)
+        else:
+            self.x[:b] = x
+            self.stage_steps.run((b, self.length), lambda: self._stage_step(b, self.length))
+            out = self.out[:b]  # rewritten by the next step: consumed before it
+        self.columns.add_(1)  # on the device: a replayed step moves on by itself
+        return self._output(out)
+
+    def release(self) -> None:
+        self.decoder = self.columns = self.pad = self.x = self.out = None
+        self.stage_steps.clear()
+
+    def _stage_step(self, b: int, length: int):
+        x, out, pad = self.x[:b], self.out[:b], self.pad[:b]
+
+        def step() -> None:
+            out.copy_(self.decoder.forward(x, self.columns, pad, length))
+
+        return step
 
     def keep_rows(self, index: torch.Tensor) -> None:
         self.decoder.keep_rows(index)  # one cache copy, in place
-        self.pad = self.pad[index]
+        self.pad[: len(index)] = self.pad[index]
 
-    def _run(self, records: MixtureRecord, offset) -> torch.Tensor | None:
-        """Feed positions [column, column + q) of every row (records [B, q])."""
-        dec = self.decoder
-        b, q = records.tokens.shape
-        if dec.first_stage:
-            x = dec.embed(records.mix_ids, records.mix_weights, offset)
-        else:
-            x = torch.empty(b, q, dec.hidden, dtype=dec.dtype, device=dec.device)
-            receive_from_previous_stage(self.parallel, x)
-        columns = torch.arange(self.column, self.column + q, device=dec.device)
+    def _advance(self, q: int) -> int:
+        """The host's bookkeeping of q new positions: the length bucket attention reads."""
         self.column += q
-        length = static_decode.length_bucket(self.column, dec.max_len)
-        if q > 1:  # prefill: eager (one shape per prompt length)
-            out = dec.forward(x, columns, self.pad, length)
-        elif not (self.cuda_graphs and dec.device.type == "cuda"):
-            out = self.step_fn(x, columns, self.pad, length)
-        else:
-            key = (b, length)
-            if key not in self.graphs:
-                if self.pool is None:
-                    self.pool = torch.cuda.graph_pool_handle()
-                self.graphs[key] = _GraphedStep(
-                    self.step_fn, x, columns, self.pad, length, self.pool
-                )
-            out = self.graphs[key](x, columns, self.pad)
-        if not dec.last_stage:
+        self.length = static_decode.length_bucket(self.column, self.decoder.max_len)
+        return self.length
+
+    def _input(self, records: MixtureRecord, offset) -> torch.Tensor:
+        """This stage's input [B, q, h]: the mixed embedding, or the previous stage's output."""
+        dec = self.decoder
+        if dec.first_stage:
+            return dec.embed(records.mix_ids, records.mix_weights, offset)
+        b, q = records.tokens.shape
+        x = torch.empty(b, q, dec.hidden, dtype=dec.dtype, device=dec.device)
+        receive_from_previous_stage(self.parallel, x)
+        return x
+
+    def _output(self, out: torch.Tensor) -> torch.Tensor | None:
+        if not self.decoder.last_stage:
             send_to_next_stage(self.parallel, out)
             return None
         return out
-
-
-class _GraphedStep:
-    """One length bucket's decode step as a CUDA graph: inputs are copied into static buffers and
-    the captured kernels (TP all-reduces included) replay. The cache and weights are the same
-    tensors at every replay, so a weight update in place needs no recapture."""
-
-    def __init__(self, step, x, columns, pad, length: int, pool):
-        self.x, self.columns, self.pad = x.clone(), columns.clone(), pad.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture (allocations, autotuning)
-            step(self.x, self.columns, self.pad, length)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: NCCL's watchdog thread polls its events during a capture of the TP
-        # all-reduces, which the default (global) mode would turn into a capture error
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.out = step(self.x, self.columns, self.pad, length)
-
-    def __call__(self, x, columns, pad) -> torch.Tensor:
-        self.x.copy_(x)
-        self.columns.copy_(columns)
-        self.pad.copy_(pad)
-        self.graph.replay()
-        return self.out.clone()  # the next replay overwrites the graph's output

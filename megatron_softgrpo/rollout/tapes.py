@@ -31,9 +31,16 @@ class NoiseTapes:
                     tapes[name] = sampler.draw_ahead(steps, rows, device)
         return cls(**tapes)
 
-    def at(self, name: str, t: int, rows: torch.Tensor) -> torch.Tensor | None:
+    def at(self, name: str, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """Step t's noise (t: a 0-dim tensor, read on the device) of the rows `rows`."""
         tape = getattr(self, name)
-        return None if tape is None else tape[t][rows]
+        return None if tape is None else tape.index_select(0, t.view(1))[0, rows]
+
+    def assign(self, other: NoiseTapes) -> None:
+        """Take `other`'s noise (of the same shapes), in place."""
+        for mine, theirs in ((self.thinking, other.thinking), (self.answer, other.answer)):
+            if mine is not None:
+                mine.copy_(theirs)
 
     def padded(self, rows: int) -> NoiseTapes:
         """Zero-extended to `rows` rows (a bucket's padding rows, and rows never recorded)."""

@@ -45,7 +45,7 @@ class Sampler(Protocol):
         self, logits: torch.Tensor, shard: VocabShard, raw: torch.Tensor | None = None
     ) -> SampledStep: ...
 
-    draws_ahead: bool  # its randomness can be drawn before the logits are known
+    draws_ahead: bool  # its randomness (if any) can be drawn before the logits are known
 
     def draw_ahead(self, steps: int, rows: int, device) -> torch.Tensor | None: ...
 
@@ -123,9 +123,7 @@ class DiscreteSampler:
     def __post_init__(self):
         _check_mixture_size(self.mixture_size)
 
-    @property
-    def draws_ahead(self) -> bool:
-        return self.truncation.top_k != 1  # greedy consumes no randomness
+    draws_ahead: ClassVar[bool] = True  # uniforms; greedy: none at all
 
     def draw_ahead(self, steps: int, rows: int, device) -> torch.Tensor | None:
         """Uniforms [steps, rows] for the inverse-CDF draw (None: greedy consumes none)."""

@@ -11,7 +11,7 @@ lower token id, exactly and identically at every TP size: where a plain top-k co
 choose among tied values, the choice is made on a unique 64-bit key (order-preserving
 bits of the fp32 logit, then the complemented id).
 
-On a GPU nothing here waits for the device (a decode step must be capturable as a CUDA
+On a GPU (and compiled) nothing here waits for the device (a decode step must be capturable as a CUDA
 graph): the top-k is taken on the keys directly, and a support bounded only by top-p or
 min-p is found among all tokens. On the CPU, where a host check costs nothing, a plain
 top-k is redone on keys only for rows with a tie at the boundary, and the candidate count
@@ -91,10 +91,11 @@ def _decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _host_checks(x: torch.Tensor) -> bool:
-    """Whether a data-dependent branch may read `x` on the host (free on the CPU only).
+    """Whether a data-dependent branch may read `x` on the host (free on the CPU only, and not
+    in a compiled step, which reads nothing on the host either).
 
     The one switch between the two branches: patched to False, the CPU runs the GPU's."""
-    return x.device.type == "cpu"
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _top_by_key(

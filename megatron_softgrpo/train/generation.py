@@ -66,7 +66,11 @@ class Colocated:
 
     def generate(self, blocks: Blocks, num_generations: int, progress: ProgressLine | None = None):
         mine = blocks[self.engine.parallel.dp_rank]
-        return self.engine.generate(mine, num_generations, progress) if mine else None
+        if not mine:
+            return None
+        batch = self.engine.generate(mine, num_generations, progress)
+        self.engine.release()  # the update needs the memory: graphs are captured again next time
+        return batch
 
     def ahead_state(self) -> list:
         """What restores the requests not yet collected (decoded when collected)."""
