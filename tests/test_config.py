@@ -133,12 +133,6 @@ def run_cli(capsys, *args) -> tuple[int, str]:
             [],
             ["policy.megatron_cfg.sequence_parallel=true", "not supported"],
         ),
-        # the static engine draws noise ahead, which Dirichlet noise cannot
-        (
-            "policy: {model_name: m}\nsoftgrpo: {algorithm: dirichlet}\n",
-            [],
-            ["policy.generation.engine=static", "dirichlet", "set it to eager"],
-        ),
         # a file source names exactly one file
         (
             "policy: {model_name: m}\ndata: {train: {kind: json}}\n",

@@ -91,8 +91,6 @@ def test_every_algorithm_trains_and_logs_the_documented_keys(
 ):
     recipe = write_recipe(tmp_path, tiny_model, smollm2_hf_dir, grpo={"max_num_steps": 2})
     args = ["train", str(recipe), f"softgrpo.algorithm={algorithm}", "loss_fn.entropy_coef=0.001"]
-    if algorithm == "dirichlet":  # Gamma(pt) noise cannot be drawn ahead: the eager engine
-        args.append("policy.generation.engine=eager")
     assert main(args) == 0
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2]

@@ -49,11 +49,6 @@ class Algorithm:
         return self.noise_kind is not None and self.noise_kind.needs_input_table
 
     @property
-    def draws_ahead(self) -> bool:
-        """Its noise can be drawn before the logits are known (the static engine needs this)."""
-        return self.noise_kind is None or self.noise_kind.draws_ahead
-
-    @property
     def soft(self) -> bool:
         """It has a soft thinking phase (all but GRPO)."""
         return self.noise_kind is not None

@@ -64,19 +64,11 @@ def check_recipe(loaded: LoadedRecipe) -> None:
             "needs loss_fn.use_importance_sampling_correction: true (the rows come from an older "
             "policy; the loss weighs them by the density their decoder recorded)",
         )
-    if gen.engine == "static":
-        decoding = decoding_algorithm(cfg.softgrpo)
-        if mcfg.fp8_cfg.enabled:
-            raise loaded.error(
-                "policy.generation.engine",
-                "static decodes in bf16, but the FP8 trainer scores in FP8; set it to eager",
-            )
-        if not decoding.draws_ahead:
-            raise loaded.error(
-                "policy.generation.engine",
-                f"static draws noise ahead, which {decoding.name}'s noise cannot (it depends on "
-                "pt); set it to eager",
-            )
+    if gen.engine == "static" and mcfg.fp8_cfg.enabled:
+        raise loaded.error(
+            "policy.generation.engine",
+            "static decodes in bf16, but the FP8 trainer scores in FP8; set it to eager",
+        )
     arch_name = cfg.policy.model_arch
     if arch_name is not None and arch_name not in KNOWN_HF_CONFIGS:
         raise loaded.error(
