@@ -24,6 +24,9 @@ rollout (each DP rank decodes R = prompts per step / DP x G rows at once, or who
 at most policy.generation.max_rows_per_pass rows per pass)
 - KV cache: 2 x L_s x (g/t) x d x R x (data.max_input_seq_length + max_new_tokens) x D,
   what Megatron's StaticInferenceContext allocates for this stage's layers.
+- step tensors: the records and noise tapes of R + 1 rows x max_new_tokens, (27 + 21K) B each.
+  A training rank frees both after its rollout (the update needs the memory); a dedicated
+  generation rank keeps them, and the CUDA graphs captured on them, from one rollout to the next.
 - working memory: one layer of the prefill (R x prompt x (2h + ((a + 2g) d + m f)/t) x D),
   a copy of one layer's cache (finished rows are compacted), on the last stage the
   sampling logits (R x V/t x 4 B x 4 copies).
@@ -315,15 +318,26 @@ def _training_state(out: _Items, w: Workload, dp: int, params: int) -> None:
         out.add("reference model", (RESIDENT,), params * D, f"{params:,} x {D} B (KL penalty > 0)")
 
 
-def _rollout(out: _Items, arch: ModelArch, w: Workload, tp: int, layers: int, last: bool) -> None:
+def _rollout(
+    out: _Items, arch: ModelArch, w: Workload, tp: int, layers: int, last: bool, kept: bool
+) -> None:
+    """`kept`: the cache and step tensors stay from one rollout to the next (a generation rank)."""
     D, rows, prompt = w.dtype_bytes, w.rollout_rows, w.rollout_prompt_len
     kv = kv_cache_bytes(arch, tp, layers, rows, w.rollout_len, D)
+    kept = (RESIDENT,) if kept else (ROLLOUT,)
     out.add(
         "rollout KV cache",
-        (ROLLOUT,),
+        kept,
         kv,
         f"2 x {layers} layers x {arch.num_key_value_heads // tp} kv heads x "
         f"{arch.head_dim} x {rows} rows x {w.rollout_len} x {D} B",
+    )
+    new, per = w.rollout_len - prompt, 27 + 21 * w.mixture_size
+    out.add(
+        "rollout step tensors",
+        kept,
+        (rows + 1) * new * per,
+        f"{rows + 1} rows x {new} new tokens x {per} B (records, noise tapes)",
     )
     q_kv = (arch.num_attention_heads + 2 * arch.num_key_value_heads) * arch.head_dim
     mlp = swiglu_factor(w.fused_swiglu) * arch.ffn_hidden_size
@@ -430,7 +444,7 @@ def stage_plan(
             "the gathered full tensors of one bucket and their packed copy",
         )
     else:
-        _rollout(out, arch, w, layout.tp, layers, last)
+        _rollout(out, arch, w, layout.tp, layers, last, kept=False)
     _logprob(out, arch, w, layout.tp, last)
     _update(out, arch, w, layout, stage, layers, last)
     return StagePlan(stage, tuple(out.items))
@@ -444,7 +458,7 @@ def generation_plan(arch: ModelArch, w: Workload, tp: int) -> StagePlan:
     out = _Items()
     params = stage_parameters(arch, tp, 1, 0, w.padded_vocab)
     _resident(out, w, None, params)
-    _rollout(out, arch, w, tp, arch.num_layers, last=True)
+    _rollout(out, arch, w, tp, arch.num_layers, last=True, kept=True)
     out.add(
         "refit bucket (receive)", (ROLLOUT, REFIT), REFIT_BUCKET_BYTES, "one bucket of full tensors"
     )

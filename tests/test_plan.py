@@ -345,6 +345,7 @@ def test_dedicated_generation_ranks_decode_and_the_training_ranks_send_weights()
         "weights",
         "overhead",
         "rollout KV cache",
+        "rollout step tensors",
         "rollout working memory",
         "refit bucket (receive)",
         "refits waiting",
@@ -372,11 +373,13 @@ def test_more_generation_replicas_than_training_blocks_decode_fewer_rows_each(
     capsys, generation_tp, rows
 ):
     """The async 7B recipe trains at DP 2 with 8 generation ranks: 2, 4 or 8 replicas decode a
-    block of 256 rows whole (in passes of max_rows_per_pass 128), in halves or in quarters."""
+    block of 256 rows whole (in passes of max_rows_per_pass 128), in halves or in quarters. (At
+    generation TP 1 a whole 7B model and its 64-row cache fill a GPU to within 0.1 GiB.)"""
     recipe = ROOT / "recipes" / "softgrpo-r1-distill-qwen-7b-2n8g-async.yaml"
     tp = f"policy.generation.tensor_model_parallel_size={generation_tp}"
     code, out, err = plan_cli(capsys, recipe, tp)
-    assert code == 0, err
+    fits = generation_tp > 1
+    assert code == (0 if fits else 1) and f"fits: {'yes' if fits else 'no'}" in out, err
     assert f"({8} at TP {generation_tp}, PP 1; {rows} rows at a time)" in out
 
 
@@ -613,3 +616,18 @@ def test_a_readable_model_wins_over_the_registry(tmp_path):
         f"policy: {{model_name: {tmp_path / 'absent'}, model_arch: llama-3.1-70b-instruct}}\n"
     )
     assert recipe_model(load_recipe(recipe))[0] == known_arch("llama-3.1-70b-instruct")
+
+
+def test_a_generation_rank_keeps_its_cache_and_a_training_rank_frees_it_for_the_update():
+    """A dedicated generation rank keeps its KV cache and step tensors (and the CUDA graphs
+    captured on them) from one rollout to the next; a training rank frees them after its
+    rollout (RolloutEngine.release), so they count in the rollout phase only."""
+    w = workload()
+    colocated = plan_memory(ARCH_7B, w, Layout(4, 1, 2), 80).stages[0]
+    dedicated = plan_memory(ARCH_7B, w, Layout(4, 1, 2), 80, 8, 2).generation
+    for plan, phases in ((colocated, ("rollout",)), (dedicated, ("resident",))):
+        items = {i.name: i for i in plan.items}
+        for name in ("rollout KV cache", "rollout step tensors"):
+            assert items[name].phases == phases, (name, plan)
+        # records and tapes of 65 rows x 8192 new tokens: 27 + 21 K bytes each, K = 5
+        assert items["rollout step tensors"].bytes == 65 * 8192 * (27 + 21 * 5)
