@@ -44,13 +44,13 @@ def _metrics(run) -> list[dict]:
 @pytest.mark.multiproc
 @pytest.mark.parametrize(
     "trainers,training",
-    [(1, []), (2, []), (2, ["policy.megatron_cfg.pipeline_model_parallel_size=2"])],
-    ids=["one-training-rank", "dp2", "pp2"],
+    [(2, []), (2, ["policy.megatron_cfg.pipeline_model_parallel_size=2"])],
+    ids=["dp2", "pp2"],  # each DP=2 block is the one-training-rank case, with its own stream
 )
 def test_dedicated_generation_at_age_0_writes_the_colocated_runs_metrics(
     trainers, training, tmp_path, tiny_model, smollm2_hf_dir
 ):
-    """One generation rank decodes for 1 or 2 training ranks (DP=2: both blocks, each with its
+    """One generation rank decodes for 2 training ranks (DP=2: both blocks, each with its
     rank's noise stream; PP=2: weights from both stages). Every metric but the wall times equals
     the colocated run's exactly: same kernels, same thread count (one), and weights refit bit
     for bit, so no value may differ even in rounding."""
