@@ -184,6 +184,7 @@ class ScriptedSampler:
     name: str = "scripted"
     t: int = 0
     draws_ahead: bool = False  # scripted: consumes no randomness
+    draws_at_step: bool = False
 
     def sample(self, logits, shard, raw=None):
         n = logits.shape[0]

@@ -227,7 +227,7 @@ class RolloutEngine:
         """A token step can be replayed: one pipeline stage (no hand-off between steps), and noise
         drawn ahead (no generator, no draw for a row subset)."""
         samplers = [self.settings.thinking_sampler, self.settings.answer_sampler]
-        return self.parallel.pp == 1 and all(s is None or s.draws_ahead for s in samplers)
+        return self.parallel.pp == 1 and not any(s and s.draws_at_step for s in samplers)
 
     def _token_step(self, live: _Live, n: int) -> Callable[[], None]:
         """One token step of the first n rows: feed the last step, then draw the next."""

@@ -45,7 +45,8 @@ class Sampler(Protocol):
         self, logits: torch.Tensor, shard: VocabShard, raw: torch.Tensor | None = None
     ) -> SampledStep: ...
 
-    draws_ahead: bool  # its randomness (if any) can be drawn before the logits are known
+    draws_ahead: bool  # draws its randomness before the logits are known (on the noise tapes)
+    draws_at_step: bool  # draws it once the logits are known, for the rows it samples only
 
     def draw_ahead(self, steps: int, rows: int, device) -> torch.Tensor | None: ...
 
@@ -123,7 +124,11 @@ class DiscreteSampler:
     def __post_init__(self):
         _check_mixture_size(self.mixture_size)
 
-    draws_ahead: ClassVar[bool] = True  # uniforms; greedy: none at all
+    draws_at_step: ClassVar[bool] = False
+
+    @property
+    def draws_ahead(self) -> bool:
+        return self.truncation.top_k != 1  # greedy draws nothing at all
 
     def draw_ahead(self, steps: int, rows: int, device) -> torch.Tensor | None:
         """Uniforms [steps, rows] for the inverse-CDF draw (None: greedy consumes none)."""
@@ -168,6 +173,10 @@ class SoftSampler:
     @property
     def draws_ahead(self) -> bool:
         return self.noise.draws_ahead
+
+    @property
+    def draws_at_step(self) -> bool:
+        return not self.noise.draws_ahead  # Dirichlet: Gamma(pt)
 
     def draw_ahead(self, steps: int, rows: int, device) -> torch.Tensor:
         return self.noise.draw_ahead((steps, rows), self.mixture_size, device)
@@ -226,6 +235,7 @@ class MultiplexSampler:
     uniform: bool = False
     name: ClassVar[str] = "multiplex"
     draws_ahead: ClassVar[bool] = True
+    draws_at_step: ClassVar[bool] = False
 
     def __post_init__(self):
         _check_mixture_size(self.mixture_size)
