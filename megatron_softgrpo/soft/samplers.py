@@ -120,11 +120,10 @@ class DiscreteSampler:
     truncation: Truncation
     mixture_size: int
     name: ClassVar[str] = "discrete"
+    draws_at_step: ClassVar[bool] = False
 
     def __post_init__(self):
         _check_mixture_size(self.mixture_size)
-
-    draws_at_step: ClassVar[bool] = False
 
     @property
     def draws_ahead(self) -> bool:

@@ -11,9 +11,9 @@ lower token id, exactly and identically at every TP size: where a plain top-k co
 choose among tied values, the choice is made on a unique 64-bit key (order-preserving
 bits of the fp32 logit, then the complemented id).
 
-On a GPU (and compiled) nothing here waits for the device (a decode step must be capturable as a CUDA
-graph): the top-k is taken on the keys directly, and a support bounded only by top-p or
-min-p is found among all tokens. On the CPU, where a host check costs nothing, a plain
+On a GPU, and in a compiled step, nothing here waits for the device (a token step must be
+capturable as a CUDA graph): the top-k is taken on the keys directly, and a support bounded
+only by top-p or min-p is found among all tokens. On the CPU, where a host check costs nothing, a plain
 top-k is redone on keys only for rows with a tie at the boundary, and the candidate count
 grows adaptively: both several times faster there, with the same results. `_host_checks`
 picks the branch; the tests patch it to run the GPU's branch on the CPU.
