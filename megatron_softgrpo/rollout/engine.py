@@ -219,13 +219,12 @@ class RolloutEngine:
         live.state.assign(state)
         live.tapes.assign(tapes)
         live.origin.copy_(torch.arange(rows + 1, device=device))
-        live.t.zero_()
-        live.out.zero_()
+        live.t.zero_()  # records need no reset: each row writes every position up to its length
         return live
 
     def _capturable(self) -> bool:
-        """A token step can be replayed: one pipeline stage (no hand-off between steps), and noise
-        drawn ahead (no generator, no draw for a row subset)."""
+        """A token step can be replayed: one pipeline stage (no hand-off between steps), and no
+        sampler that draws at the step (a generator, and a draw for a row subset)."""
         samplers = [self.settings.thinking_sampler, self.settings.answer_sampler]
         return self.parallel.pp == 1 and not any(s and s.draws_at_step for s in samplers)
 
@@ -367,10 +366,6 @@ class _ResponseBuffer:
         )
         self.scored = torch.zeros(b, max_new, dtype=torch.bool, device=device)
         self.log_density = torch.zeros(b, max_new, device=device)
-
-    def zero_(self) -> None:
-        for x in (*_tensors(self.records), self.scored, self.log_density):
-            x.zero_()
 
     def record(
         self, rows: torch.Tensor, t: torch.Tensor, step: SampledStep, scored: torch.Tensor
