@@ -536,3 +536,5 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    if "model_patches" in sys.modules:  # models built since hold their groups no longer
+        sys.modules["model_patches"].lifetime.forget()

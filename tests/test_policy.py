@@ -5,8 +5,10 @@ training checkpoint from TP=2 to TP=1."""
 
 from __future__ import annotations
 
+import gc
 import math
 import random
+import weakref
 
 import numpy as np
 import pytest
@@ -205,6 +207,26 @@ def test_kl_coefficient_zero_builds_no_reference_model(tmp_path):
     batch.old_logp = worker.compute_logprobs(batch)  # no ref_logp needed without a reference model
     result = train(worker, batch)
     assert result.updated and "kl/mean" not in result.metrics
+
+
+def test_a_dropped_worker_is_freed_with_its_process_groups(tmp_path):
+    """Megatron's DDP gradient hooks (a cycle through C++ the collector cannot see) and RoPE's
+    cache kept every dropped model alive, and its process groups with it: by the end of the
+    suite a thousand gloo groups whose threads took half the CPU. After an update and a
+    save-free teardown, the worker's models and their groups are gone."""
+    from megatron_softgrpo.distributed import destroy_distributed
+
+    make_hf_model("qwen2", tmp_path)
+    worker = new_worker(recipe(tmp_path, micro=2))
+    result = train(worker, with_old_logprobs(worker, make_batch(seed=2)))
+    assert result.updated  # the hooks ran: the gradient reached DDP's buffer
+    gone = [weakref.ref(x) for x in (worker.ddp, worker.model, worker.reference, worker.vocab)]
+    groups = weakref.WeakSet(g for g in vars(worker.parallel.groups).values() if g is not None)
+    del worker, result
+    destroy_distributed()
+    gc.collect()
+    assert [r() is None for r in gone] == [True] * 4
+    assert len(groups) == 0
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean_global", "seq_mean_token_mean"])
