@@ -97,7 +97,7 @@ def test_capability_flags_match_what_the_noise_does(name):
             sampler.noise.log_density(scaled, step)
     else:
         assert bool(torch.isfinite(sampler.noise.log_density(scaled, step)).all())
-    if sampler.draws_ahead:
+    if sampler.draws == "ahead":
         assert sampler.draw_ahead(2, 6, "cpu").shape[:2] == (2, 6)
     else:
         with pytest.raises(NotImplementedError, match="drawn per step"):

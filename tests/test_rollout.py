@@ -183,8 +183,7 @@ class ScriptedSampler:
     mixture_size: int = 5
     name: str = "scripted"
     t: int = 0
-    draws_ahead: bool = False  # scripted: consumes no randomness
-    draws_at_step: bool = False
+    draws: str = "never"  # scripted: consumes no randomness
 
     def sample(self, logits, shard, raw=None):
         n = logits.shape[0]

@@ -226,7 +226,7 @@ class RolloutEngine:
         """A token step can be replayed: one pipeline stage (no hand-off between steps), and no
         sampler that draws at the step (a generator, and a draw for a row subset)."""
         samplers = [self.settings.thinking_sampler, self.settings.answer_sampler]
-        return self.parallel.pp == 1 and not any(s and s.draws_at_step for s in samplers)
+        return self.parallel.pp == 1 and not any(s and s.draws == "at_step" for s in samplers)
 
     def _token_step(self, live: _Live, n: int) -> Callable[[], None]:
         """One token step of the first n rows: feed the last step, then draw the next."""

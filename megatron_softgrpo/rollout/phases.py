@@ -165,7 +165,7 @@ class PhaseMachine:
 
     def _draw(self, sampler: Sampler, logits, rows, tape, step: SampledStep) -> SampledStep:
         """`step` with the rows `rows` drawn by `sampler`."""
-        if not sampler.draws_at_step:  # noise on the tape, or none: every row, selected after
+        if sampler.draws != "at_step":  # noise on the tape, or none: every row, selected after
             return sampler.sample(logits, self.shard, tape).where(rows, step)
         index = rows.nonzero().squeeze(-1)  # drawn now: for these rows only (one host sync)
         if not len(index):

@@ -23,7 +23,7 @@ class NoiseTapes:
     @classmethod
     def draw(cls, settings: RolloutSettings, steps: int, rows: int, device) -> NoiseTapes:
         samplers = {"thinking": settings.thinking_sampler, "answer": settings.answer_sampler}
-        ahead = {name: s for name, s in samplers.items() if s is not None and s.draws_ahead}
+        ahead = {name: s for name, s in samplers.items() if s is not None and s.draws == "ahead"}
         tapes = dict.fromkeys(samplers)
         if ahead:
             with rng.noise_rng():

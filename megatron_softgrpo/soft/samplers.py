@@ -19,7 +19,7 @@ embedding (None: nothing). Which sampler a recipe runs is `algorithms/registry.p
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import ClassVar, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import torch
 
@@ -36,6 +36,10 @@ from megatron_softgrpo.soft.truncation import (
 )
 from megatron_softgrpo.soft.vocab import NEG_INF, VocabShard, gather_logits, log_normalizer
 
+# when a sampler draws its randomness: never (greedy); "ahead", before the logits are known (the
+# rollout's noise tapes); or "at_step", once they are, for the rows it samples (Dirichlet: Gamma(pt))
+Draws = Literal["never", "ahead", "at_step"]
+
 
 class Sampler(Protocol):
     name: str
@@ -45,8 +49,7 @@ class Sampler(Protocol):
         self, logits: torch.Tensor, shard: VocabShard, raw: torch.Tensor | None = None
     ) -> SampledStep: ...
 
-    draws_ahead: bool  # draws its randomness before the logits are known (on the noise tapes)
-    draws_at_step: bool  # draws it once the logits are known, for the rows it samples only
+    draws: Draws
 
     def draw_ahead(self, steps: int, rows: int, device) -> torch.Tensor | None: ...
 
@@ -120,14 +123,13 @@ class DiscreteSampler:
     truncation: Truncation
     mixture_size: int
     name: ClassVar[str] = "discrete"
-    draws_at_step: ClassVar[bool] = False
 
     def __post_init__(self):
         _check_mixture_size(self.mixture_size)
 
     @property
-    def draws_ahead(self) -> bool:
-        return self.truncation.top_k != 1  # greedy draws nothing at all
+    def draws(self) -> Draws:
+        return "never" if self.truncation.top_k == 1 else "ahead"
 
     def draw_ahead(self, steps: int, rows: int, device) -> torch.Tensor | None:
         """Uniforms [steps, rows] for the inverse-CDF draw (None: greedy consumes none)."""
@@ -170,12 +172,8 @@ class SoftSampler:
         return self.noise.name
 
     @property
-    def draws_ahead(self) -> bool:
-        return self.noise.draws_ahead
-
-    @property
-    def draws_at_step(self) -> bool:
-        return not self.noise.draws_ahead  # Dirichlet: Gamma(pt)
+    def draws(self) -> Draws:
+        return "ahead" if self.noise.draws_ahead else "at_step"
 
     def draw_ahead(self, steps: int, rows: int, device) -> torch.Tensor:
         return self.noise.draw_ahead((steps, rows), self.mixture_size, device)
@@ -233,8 +231,7 @@ class MultiplexSampler:
     mixture_size: int
     uniform: bool = False
     name: ClassVar[str] = "multiplex"
-    draws_ahead: ClassVar[bool] = True
-    draws_at_step: ClassVar[bool] = False
+    draws: ClassVar[Draws] = "ahead"
 
     def __post_init__(self):
         _check_mixture_size(self.mixture_size)
