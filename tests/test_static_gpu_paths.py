@@ -45,9 +45,10 @@ def _lagged_run(tiny_dir, tokenizer, sampler, prompts, g, choices, max_new, comp
     )
     shrinks, shrink = [], engine._shrink
 
-    def counted(*args):  # the rows each shrink keeps (None: it found none)
-        shrinks.append(shrink(*args))
-        return shrinks[-1]
+    def counted(live, n):  # (batch size, rows still decoding) after each shrink
+        size = shrink(live, n)
+        shrinks.append((size, int(live.state.alive[:size].sum())))
+        return size
 
     engine._shrink = counted
     seed_noise_rng(7)
@@ -63,7 +64,7 @@ def test_last_rows_ending_within_the_lag(tiny_dir, tokenizer, sampler):
         tiny_dir, tokenizer, sampler, PROMPTS[:2], 8, [[(2, 3), (4, 6)]], max_new=12
     )
     assert_same_records(ref, static)
-    assert shrinks == [None]  # the shrink was reached, with no row left to move
+    assert shrinks == [(0, 0)]  # the shrink was reached, with no row left to move
 
 
 @pytest.mark.parametrize("sampler", ["greedy", "gumbel"])
@@ -91,7 +92,7 @@ def test_staggered_ends_shrink_at_each_group_on_the_late_count(tiny_dir, tokeniz
         max_new=24,
     )
     assert_same_records(ref, static)
-    assert [(len(k.index), int(k.valid.sum())) for k in shrinks] == [(24, 24), (16, 16), (8, 8)]
+    assert shrinks == [(24, 24), (16, 16), (8, 8)]
     assert engine.backend.decoder.batch == 32  # the rows moved within the one cache
 
 

@@ -46,12 +46,6 @@ Progress = Callable[[int, int], None]  # (rows finished, decode steps done)
 
 
 @dataclass
-class Kept:
-    index: torch.Tensor  # [B'] batch positions kept (fillers repeat one)
-    valid: torch.Tensor  # [B'] False for fillers
-
-
-@dataclass
 class _Live:
     """What a token step reads and writes, in place, at the pass's row count (the batch: the
     first n rows, moved to the front at a shrink), so that a replayed step finds its tensors
@@ -178,10 +172,9 @@ class RolloutEngine:
             if self.shrink and _bucket(alive, backend.row_bucket) < n:
                 # the rows about to leave keep their outcome
                 outcome[:, live.origin[:n]] = live.state.rows(n).outcome()
-                kept = self._shrink(live, n)
-                if kept is None:  # the late count was stale: every row has finished
+                n = self._shrink(live, n)
+                if n == 0:  # the late count was stale: every row has finished
                     break
-                n = len(kept.index)
             key = backend.advance()
             live.replays.run((n, key), lambda n=n: self._token_step(live, n))
 
@@ -255,13 +248,13 @@ class RolloutEngine:
         live.count.copy_(work.alive.sum())
         live.t.add_(1)
 
-    def _shrink(self, live: _Live, n: int) -> Kept | None:
+    def _shrink(self, live: _Live, n: int) -> int:
         """Move the rows still decoding to the front, in the smallest bucket that holds them (one
-        cache copy); None, and nothing moved, when no row is still decoding."""
+        cache copy): the new batch size (0, and nothing moved, when no row is still decoding)."""
         index = live.state.alive[:n].nonzero().squeeze(-1)  # one host sync per shrink
         k = len(index)
         if k == 0:
-            return None
+            return 0
         size = _bucket(k, self.backend.row_bucket)
         valid = torch.arange(size, device=index.device) < k
         index = torch.cat([index, index[:1].expand(size - k)])  # fillers: a kept row's cache
@@ -272,7 +265,7 @@ class RolloutEngine:
             x[:size] = x[index]
         spare = len(live.origin) - 1  # the buffer row fillers record into
         live.origin[:size] = torch.where(valid, live.origin[index], spare)
-        return Kept(index, valid)
+        return size
 
     def _input_offset(self, records: MixtureRecord) -> torch.Tensor | None:
         """What the first stage adds to the mixed input embedding (the thinking noise's)."""
