@@ -106,13 +106,15 @@ class StaticBackend(DecodeBackend):
     @torch.no_grad()
     def decode(self, records, offset):
         b = records.tokens.shape[0]
+        replayed = self.stage_steps.mode is not None
         x = self._input(
-            records.map(lambda t: t[:, None]), None if offset is None else offset[:, None]
+            records.map(lambda t: t[:, None]),
+            None if offset is None else offset[:, None],
+            self.x[:b] if replayed else None,  # the replayed stage step's static input
         )
-        if self.stage_steps.mode is None:
+        if not replayed:
             out = self.decoder.forward(x, self.columns, self.pad[:b], self.length)
         else:
-            self.x[:b] = x
             self.stage_steps.run((b, self.length), lambda: self._stage_step(b, self.length))
             out = self.out[:b]  # rewritten by the next step: consumed before it
         self.columns.add_(1)  # on the device: a replayed step moves on by itself
@@ -140,15 +142,18 @@ class StaticBackend(DecodeBackend):
         self.length = static_decode.length_bucket(self.column, self.decoder.max_len)
         return self.length
 
-    def _input(self, records: MixtureRecord, offset) -> torch.Tensor:
-        """This stage's input [B, q, h]: the mixed embedding, or the previous stage's output."""
+    def _input(self, records: MixtureRecord, offset, into: torch.Tensor | None = None):
+        """This stage's input [B, q, h]: the mixed embedding, or the previous stage's output
+        (received straight into `into`, where given)."""
         dec = self.decoder
         if dec.first_stage:
-            return dec.embed(records.mix_ids, records.mix_weights, offset)
+            x = dec.embed(records.mix_ids, records.mix_weights, offset)
+            return x if into is None else into.copy_(x)
         b, q = records.tokens.shape
-        x = torch.empty(b, q, dec.hidden, dtype=dec.dtype, device=dec.device)
-        receive_from_previous_stage(self.parallel, x)
-        return x
+        if into is None:
+            into = torch.empty(b, q, dec.hidden, dtype=dec.dtype, device=dec.device)
+        receive_from_previous_stage(self.parallel, into)
+        return into
 
     def _output(self, out: torch.Tensor) -> torch.Tensor | None:
         if not self.decoder.last_stage:
