@@ -130,7 +130,9 @@ class Workload:
             logprob_batch=policy.logprob_batch_size,
             rollout_rows=rollout_rows_per_pass(cfg, layout.dp),
             # more replicas than training blocks decode a block in parts
-            generation_rows=rollout_rows_per_pass(cfg, max(layout.dp, generation_replicas(cfg))),
+            generation_rows=rollout_rows_per_pass(
+                cfg, max(layout.dp, cfg.policy.generation_replicas())
+            ),
             rollout_prompt_len=cfg.data.max_input_seq_length,
             rollout_len=cfg.data.max_input_seq_length + policy.generation.max_new_tokens,
             batch_rows=grpo.num_prompts_per_step * grpo.num_generations_per_prompt,
@@ -148,11 +150,6 @@ class Workload:
                 1, grpo.async_grpo.max_trajectory_age_steps * grpo.async_grpo.enabled
             ),
         )
-
-
-def generation_replicas(cfg: RecipeCfg) -> int:
-    """Dedicated generation ranks / their TP (0: colocated)."""
-    return cfg.policy.generation.generation_ranks() // cfg.policy.generation_tensor_parallel()
 
 
 def rollout_rows_per_pass(cfg: RecipeCfg, dp: int) -> int:

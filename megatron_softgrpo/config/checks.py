@@ -241,7 +241,7 @@ def _check_generation_ranks(
     training_dp = (world_size - ranks) // (
         mcfg.tensor_model_parallel_size * mcfg.pipeline_model_parallel_size
     )
-    replicas = ranks // tp
+    replicas = loaded.cfg.policy.generation_replicas()
     if replicas > training_dp and replicas % training_dp:
         raise loaded.error(
             "policy.generation.colocated.resources",

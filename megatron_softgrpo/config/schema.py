@@ -147,6 +147,10 @@ class PolicyCfg(Section):
             or self.megatron_cfg.tensor_model_parallel_size
         )
 
+    def generation_replicas(self) -> int:
+        """Dedicated generation replicas: their ranks / their TP (0: colocated)."""
+        return self.generation.generation_ranks() // self.generation_tensor_parallel()
+
 
 # ---------------------------------------------------------------- algorithm
 
