@@ -1,3 +1,4 @@
+import gc
 import sys
 import warnings
 from pathlib import Path
@@ -23,9 +24,14 @@ def _single_process_env(monkeypatch):
     ):
         monkeypatch.delenv(var, raising=False)
     yield
+    import torch.distributed
+
     from megatron_softgrpo.distributed import destroy_distributed
 
+    initialized = torch.distributed.is_initialized()
     destroy_distributed()
+    if initialized:  # free the test's models now: cyclic garbage holding its gloo groups,
+        gc.collect()  # whose threads poll (a few hundred of them between collections)
 
 
 @pytest.fixture(scope="session")
