@@ -536,5 +536,5 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    if "model_patches" in sys.modules:  # models built since hold their groups no longer
+    if "model_patches" in sys.modules:  # Megatron's globals let go of the dropped models
         sys.modules["model_patches"].lifetime.forget()

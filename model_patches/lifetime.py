@@ -6,7 +6,7 @@ ran a thousand of them, and spent half its CPU time there).
   gradient accumulator and keeps the accumulators in `self.grad_accs`; each hook closes over the
   DDP. The accumulator holds its hooks on the C++ side, where the garbage collector cannot see
   them, so the cycle DDP -> accumulator -> hook -> DDP is never collected (about 17 groups a
-  model). `apply` makes the hook reach the DDP through a weak reference.
+  model). `apply` builds Megatron's own hook on a weak proxy of the DDP.
 - `RotaryEmbedding.forward` is an `lru_cache` of 32 entries keyed by the module itself (and so
   its context-parallel group), and `parallel_state.destroy_model_parallel` leaves its two
   intra-partial data-parallel groups set. `forget` empties and unsets them;
@@ -27,14 +27,7 @@ def apply() -> None:
         return
 
     def _make_backward_post_hook(self, param):
-        ddp = weakref.ref(self)
-
-        def hook(*unused):
-            owner = ddp()
-            if owner is not None:  # gone: its model, and the gradient it collects, with it
-                original(owner, param)(*unused)
-
-        return hook
+        return original(weakref.proxy(self), param)  # Megatron's hook, built once, on a proxy
 
     _make_backward_post_hook.weak = True
     DistributedDataParallel._make_backward_post_hook = _make_backward_post_hook

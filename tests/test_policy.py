@@ -212,8 +212,8 @@ def test_kl_coefficient_zero_builds_no_reference_model(tmp_path):
 def test_a_dropped_worker_is_freed_with_its_process_groups(tmp_path):
     """Megatron's DDP gradient hooks (a cycle through C++ the collector cannot see) and RoPE's
     cache kept every dropped model alive, and its process groups with it: by the end of the
-    suite a thousand gloo groups whose threads took half the CPU. After an update and a
-    save-free teardown, the worker's models and their groups are gone."""
+    suite a thousand gloo groups whose threads took half the CPU. After an update and the
+    teardown, the worker's models and their groups are gone."""
     from megatron_softgrpo.distributed import destroy_distributed
 
     make_hf_model("qwen2", tmp_path)
