@@ -36,7 +36,7 @@ import torch
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
-V, PADDED, N, K = 151_936, 152_064, 64, 5
+V, PADDED, N, K = 151_936, 152_064, 64, 5  # Qwen2's vocabulary: bf16 rounding at its real width
 DEV = "cuda"  # --smoke-cpu runs every check CPU-vs-CPU, to test this script without a GPU
 results: dict[str, dict] = {}
 JSON_PATH: str | None = None  # rewritten after each check: a run cut short keeps what it checked
@@ -397,10 +397,10 @@ def main():
     p.add_argument("--tokenizer", required=True, help="SmolLM2's tokenizer directory")
     p.add_argument("--smoke-cpu", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    global DEV, JSON_PATH
+    global DEV, JSON_PATH, V, PADDED
     JSON_PATH = args.json
-    if args.smoke_cpu:
-        DEV = "cpu"
+    if args.smoke_cpu:  # the same code paths at 1/38 of the width (chunks split positions only)
+        DEV, V, PADDED = "cpu", 3_968, 4_096
     else:
         assert torch.cuda.is_available(), "needs a GPU"
     noisy, shard, logits = check_samplers()
