@@ -1,5 +1,9 @@
 """Run a function on N CPU ranks (gloo), the way torchrun would, and collect each rank's result.
 
+Ranks are forked from a forkserver that imported the package's heavy modules once (Megatron-Core,
+torch, transformers: ~8 s a rank, two ranks on two cores, on every call under "spawn"); the
+server runs no torch op before forking, so a rank starts as clean as a spawned one.
+
 A rank's result crosses the queue as bytes (`torch.save`), never as a tensor: a tensor is sent
 as a shared-memory file descriptor that the parent fetches from the rank later, and a rank that
 has exited by then leaves the parent a `FileNotFoundError` (a race under load).
@@ -14,6 +18,14 @@ import socket
 import traceback
 
 import torch
+
+# by package name: Python 3.11's forkserver ignores the parent's sys.path, so tests/ is not on it
+PRELOAD = [
+    "pytest",
+    "transformers",
+    "megatron_softgrpo.train.loop",
+    "megatron_softgrpo.eval.runner",
+]
 
 
 def _free_port() -> int:
@@ -45,8 +57,9 @@ def _child(fn, rank, world_size, port, args, queue):
 
 
 def run_ranks(world_size: int, fn, *args, timeout: float = 600.0) -> list:
-    """fn(rank, *args) on `world_size` spawned processes; returns results ordered by rank."""
-    ctx = mp.get_context("spawn")
+    """fn(rank, *args) on `world_size` new processes; returns results ordered by rank."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
     queue = ctx.Queue()
     port = _free_port()
     procs = [
