@@ -40,6 +40,7 @@ from megatron_softgrpo.soft import (
     seed_noise_rng,
 )
 from megatron_softgrpo.soft.logprob import discrete_log_density
+from megatron_softgrpo.soft.samplers import Draws
 from model_patches.mixture_embedding import mixture_embedding
 
 
@@ -183,7 +184,7 @@ class ScriptedSampler:
     mixture_size: int = 5
     name: str = "scripted"
     t: int = 0
-    draws: str = "never"  # scripted: consumes no randomness
+    draws: Draws = "never"  # scripted: consumes no randomness
 
     def sample(self, logits, shard, raw=None):
         n = logits.shape[0]
