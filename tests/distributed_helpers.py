@@ -34,8 +34,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(fn, rank, world_size, port, args, queue):
+def _child(fn, rank, world_size, port, args, queue, env):
+    """fn in the caller's environment, as a spawned rank has it (the server's is from its start;
+    multiprocessing already moves the rank to the caller's directory)."""
+    os.environ.clear()
     os.environ.update(
+        env,
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
@@ -63,7 +67,10 @@ def run_ranks(world_size: int, fn, *args, timeout: float = 600.0) -> list:
     queue = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_child, args=(fn, r, world_size, port, args, queue))
+        ctx.Process(
+            target=_child,
+            args=(fn, r, world_size, port, args, queue, dict(os.environ)),
+        )
         for r in range(world_size)
     ]
     for p in procs:

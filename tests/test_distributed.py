@@ -160,6 +160,23 @@ def test_two_ranks_from_slurm_variables():
     assert results == [("slurm", 0, 2, 0, "localhost", port), ("slurm", 1, 2, 1, "localhost", port)]
 
 
+def _where_a_rank_runs(rank):
+    import os
+
+    return os.getcwd(), os.environ.get("SOFTGRPO_TEST_PROBE"), os.environ["RANK"]
+
+
+@pytest.mark.multiproc
+def test_ranks_run_in_the_callers_directory_and_environment(tmp_path, monkeypatch):
+    """run_ranks forks from a server started earlier: a rank must still see what a spawned one
+    would, the caller's directory and variables as they are at the call."""
+    from distributed_helpers import run_ranks
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SOFTGRPO_TEST_PROBE", "set")
+    assert run_ranks(2, _where_a_rank_runs) == [(str(tmp_path), "set", r) for r in "01"]
+
+
 def _collectives(rank, layout):
     from megatron_softgrpo.distributed import (
         any_rank,
