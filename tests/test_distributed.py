@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -116,8 +118,6 @@ def test_init_single_process_sets_megatron_state():
 
 
 def _slurm_rank(rank, job_id):
-    import os
-
     from megatron.core import parallel_state
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -161,8 +161,6 @@ def test_two_ranks_from_slurm_variables():
 
 
 def _where_a_rank_runs(rank):
-    import os
-
     return os.getcwd(), os.environ.get("SOFTGRPO_TEST_PROBE"), os.environ["RANK"]
 
 
