@@ -10,10 +10,11 @@ import sys
 from builders import ROOT
 
 
-def test_the_cuda_check_runs_to_the_end_on_the_cpu(smollm2_hf_dir, tmp_path):
+def test_the_cuda_check_runs_to_the_end_on_the_cpu(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path / "tokenizer")  # tokenizer files only, as prepare.sh writes
     out = tmp_path / "check_cuda.json"
     script = ROOT / "benchmarks" / "gpu" / "check_cuda.py"
-    args = ["--smoke-cpu", "--tokenizer", str(smollm2_hf_dir), "--json", str(out)]
+    args = ["--smoke-cpu", "--tokenizer", str(tmp_path / "tokenizer"), "--json", str(out)]
     run = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "rollout/kv_cache_equals_recompute_greedy" in out.read_text()

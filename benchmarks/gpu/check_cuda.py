@@ -327,11 +327,12 @@ def check_policy_objective(scorer, shard, hidden, weight, records):
 
 def check_model_path(tokenizer_dir: str):
     from tiny_models import make_hf_model
+    from transformers import AutoTokenizer
 
     from megatron_softgrpo.config.schema import MegatronCfg
     from megatron_softgrpo.distributed import ParallelLayout, init_distributed
     from megatron_softgrpo.models.loading import load_model
-    from megatron_softgrpo.models.source import load_tokenizer, resolve_model_source
+    from megatron_softgrpo.models.source import resolve_model_source
     from megatron_softgrpo.rollout.engine import RolloutEngine
     from megatron_softgrpo.rollout.megatron_backend import MegatronBackend
     from megatron_softgrpo.rollout.settings import RolloutSettings
@@ -357,7 +358,8 @@ def check_model_path(tokenizer_dir: str):
     record("mixture_embedding/soft_vs_cpu", float((got - expected).abs().max()), 1e-5)
 
     shard = VocabShard.whole(padded, 1000)
-    tokenizer = load_tokenizer(resolve_model_source(tokenizer_dir))  # the engine's string automata
+    # the engine's string automata; tokenizer files only, as benchmarks/gpu/prepare.sh writes them
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     prompts = [[5, 17, 999, 3, 42], [7, 8]]
     out = {}
     for cache in (True, False):
