@@ -18,6 +18,7 @@ set -o pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-benchmarks/gpu/out}"
 BUDGET="${RUN_BUDGET_S:-540}"
+SITE="${RUN_SITE:-/tmp/site}"  # where the wheels install (the tests point it into their own folder)
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore  # Megatron's import warnings: noise, not results
@@ -28,12 +29,12 @@ fi
 # offline, into a separate target: the image's torch, numpy and transformers stay as they are;
 # a warm machine that has installed these wheels already skips it
 stamp=$(ls .whl | sha1sum | cut -c1-12)
-if [ "$(cat /tmp/site/.wheels 2>/dev/null)" != "$stamp" ]; then
+if [ "$(cat "$SITE/.wheels" 2>/dev/null)" != "$stamp" ]; then
   python3 -m pip install -q --no-index --find-links .whl --no-deps --no-compile --no-cache-dir \
-    --root-user-action=ignore --upgrade --target /tmp/site .whl/*.whl 2>&1 | tee -a "$LOG" || exit 1
-  mkdir -p /tmp/site && echo "$stamp" >/tmp/site/.wheels
+    --root-user-action=ignore --upgrade --target "$SITE" .whl/*.whl 2>&1 | tee -a "$LOG" || exit 1
+  mkdir -p "$SITE" && echo "$stamp" >"$SITE/.wheels"
 fi
-export PYTHONPATH="/tmp/site:$PWD"
+export PYTHONPATH="$SITE:$PWD"
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
