@@ -11,9 +11,11 @@
 #   update_losses        SofT-GRPO's update with each issue-28 loss option, alternating (1.5B shape)
 # Each step starts only if its time limit fits in what is left of RUN_BUDGET_S (default 540 s,
 # under the device's 600 s a command), so a call never runs over; skipped steps are named at
-# the end for the next call. Output is unbuffered and unfiltered; $OUT/log.txt gets every line
-# as it is printed, and each step that writes JSON writes $OUT/STEP.json as results come
-# (the device returns at most 8 files: log.txt + one per step).
+# the end for the next call. Give that call a RUN_BUDGET_S under the device time then left (with
+# 270 s left: RUN_BUDGET_S=240 bash benchmarks/gpu/run.sh STEP...): the device stops a command
+# there, and a step stopped loses its last numbers. Output is unbuffered and unfiltered;
+# $OUT/log.txt gets every line as it is printed, and each step that writes JSON writes
+# $OUT/STEP.json as results come (the device returns at most 8 files: log.txt + one per step).
 set -o pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-benchmarks/gpu/out}"
