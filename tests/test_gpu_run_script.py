@@ -40,8 +40,8 @@ def run_sh(tmp_path, *steps, budget=None, prepared=True):
     (bin_ / "nvidia-smi").write_text("#!/bin/sh\necho 'name, driver_version'\n")
     for shim in bin_.iterdir():
         shim.chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}", OUT=str(out))
-    env.update(RUN_SITE=str(tmp_path / "site"))
+    path = f"{bin_}:{os.environ['PATH']}"
+    env = dict(os.environ, PATH=path, OUT=str(out), RUN_SITE=str(tmp_path / "site"))
     env.pop("RUN_BUDGET_S", None)  # None: run.sh's default
     if budget is not None:
         env["RUN_BUDGET_S"] = str(budget)
